@@ -1,0 +1,477 @@
+//! The consumer: one multiplexed connection to a provider, kept alive.
+//!
+//! A [`Client`] is `Clone + Send + Sync`; every clone shares one connection.
+//! Requests are encoded and responses decoded on the caller's thread; the
+//! caller usually writes its request to the socket itself, and the event loop
+//! hands it the response. When the connection dies (heartbeat timeout, EOF,
+//! reset, a Close of any status) calls in flight fail at once with
+//! `ConnectionLost`, and the client reconnects with backoff until it is
+//! dropped; calls made meanwhile wait for the new connection up to their
+//! timeout.
+//!
+//! ```no_run
+//! use pulse::{Client, ClientConfig};
+//! let client = Client::connect("127.0.0.1:7000", ClientConfig::default())?;
+//! let n: u64 = client.call("demo", "ping", &7u64)?;
+//! assert_eq!(n, 7);
+//! # Ok::<(), pulse::Error>(())
+//! ```
+
+use std::marker::PhantomData;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::ClientConfig;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink};
+use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request};
+use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Runtime, SendError};
+
+/// Names a service: `name` plus `version` and `group` (both may be empty).
+///
+/// A plain `&str` converts to a service with empty version and group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceRef<'a> {
+    /// The service name.
+    pub name: &'a str,
+    /// The service version ("" when unversioned).
+    pub version: &'a str,
+    /// The service group ("" when ungrouped).
+    pub group: &'a str,
+}
+
+impl<'a> ServiceRef<'a> {
+    /// A service with all three parts.
+    pub fn new(name: &'a str, version: &'a str, group: &'a str) -> ServiceRef<'a> {
+        ServiceRef { name, version, group }
+    }
+}
+
+impl<'a> From<&'a str> for ServiceRef<'a> {
+    fn from(name: &'a str) -> ServiceRef<'a> {
+        ServiceRef::new(name, "", "")
+    }
+}
+
+/// Where a client's connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connecting or waiting to reconnect; `attempt` counts since the last
+    /// healthy connection.
+    Connecting {
+        /// Attempts made so far.
+        attempt: u32,
+    },
+    /// Connected and answering.
+    Ready,
+    /// Gave up after `BackoffConfig::max_attempts`.
+    Failed,
+    /// The client was shut down.
+    Shutdown,
+}
+
+/// A link's state as its event loop publishes it to callers.
+pub(crate) enum LinkState {
+    Connecting { attempt: u32, last_error: Option<String> },
+    Ready(Arc<ConnShared>),
+    Failed(String),
+    Shutdown,
+}
+
+/// One provider a consumer keeps connected. Its event loop owns the
+/// connection and its backoff; callers only read the published state.
+pub(crate) struct Link {
+    id: u64,
+    addr: SocketAddr,
+    config: ClientConfig,
+    events: EventSink,
+    state: Mutex<LinkState>,
+    changed: Condvar,
+    srtt_nanos: AtomicU64,
+}
+
+impl Link {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    pub(crate) fn events(&self) -> &EventSink {
+        &self.events
+    }
+
+    /// Publishes a new state and wakes callers waiting for a connection.
+    pub(crate) fn set_state(&self, state: LinkState) {
+        *self.state.lock() = state;
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn set_srtt(&self, srtt: Duration) {
+        let nanos = u64::try_from(srtt.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.srtt_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The ready connection, waiting for one until `deadline`.
+    fn ready_conn(&self, deadline: Instant, started: Instant) -> Result<Arc<ConnShared>> {
+        let mut state = self.state.lock();
+        loop {
+            match &*state {
+                LinkState::Ready(conn) => return Ok(conn.clone()),
+                LinkState::Shutdown => return Err(Error::Shutdown),
+                LinkState::Failed(why) => {
+                    return Err(Error::NotConnected {
+                        peer: self.addr,
+                        waited: started.elapsed(),
+                        detail: why.clone(),
+                    });
+                }
+                LinkState::Connecting { .. } => {
+                    if self.changed.wait_until(&mut state, deadline).timed_out() {
+                        let detail = match &*state {
+                            LinkState::Connecting {
+                                last_error: Some(e), ..
+                            } => format!("last attempt: {e}"),
+                            _ => "still connecting".to_string(),
+                        };
+                        return Err(Error::NotConnected {
+                            peer: self.addr,
+                            waited: started.elapsed(),
+                            detail,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct ClientInner {
+    link: Arc<Link>,
+    owner: LoopHandle,
+    runtime: Mutex<Runtime>,
+    next_id: AtomicU64,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.owner.send(Command::RemoveLink { link_id: self.link.id });
+        self.runtime.lock().shutdown(None);
+    }
+}
+
+/// A consumer of one provider; clones share one multiplexed connection.
+///
+/// Dropping the last clone closes the connection with Close(Normal) and stops
+/// the client's threads (one event loop and one timer thread).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+impl Client {
+    /// Connects to `addr` and waits until the provider answers (up to
+    /// `config.connect_timeout`, retrying with backoff meanwhile).
+    ///
+    /// # Errors
+    /// `InvalidConfig`, `Io` when the address does not resolve, or
+    /// `NotConnected` (with the last attempt's error) when no connection was
+    /// ready in time.
+    pub fn connect(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
+        let wait = config.connect_timeout;
+        let client = Client::connect_lazy(addr, config)?;
+        let started = Instant::now();
+        client.inner.link.ready_conn(started + wait, started)?;
+        Ok(client)
+    }
+
+    /// Starts connecting to `addr` in the background and returns at once.
+    /// Calls wait for the connection up to their own timeout.
+    ///
+    /// # Errors
+    /// `InvalidConfig`, or `Io` when the address does not resolve or the
+    /// client's threads cannot start.
+    pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
+        config.validate().map_err(Error::InvalidConfig)?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::io("resolve the provider address", e))?
+            .next()
+            .ok_or_else(|| Error::InvalidConfig("the provider address resolved to nothing".into()))?;
+        let runtime = Runtime::start("pulse-client", 1, config.connection.timer_tick)?;
+        let owner = runtime.loops()[0].clone();
+        let link = Arc::new(Link {
+            id: crate::next_id(),
+            addr,
+            events: EventSink::new(config.connection.event_capacity, "client"),
+            config,
+            state: Mutex::new(LinkState::Connecting {
+                attempt: 0,
+                last_error: None,
+            }),
+            changed: Condvar::new(),
+            srtt_nanos: AtomicU64::new(0),
+        });
+        owner.send(Command::AddLink(link.clone()));
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                link,
+                owner,
+                runtime: Mutex::new(runtime),
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Calls `method` of `service` with `args` and waits for the result, up
+    /// to `ClientConfig::call_timeout`.
+    ///
+    /// # Errors
+    /// `Timeout`, `ConnectionLost`, `NotConnected`, `Remote` (the provider's
+    /// status and message), `Overloaded`, `Codec`, `Shutdown`.
+    pub fn call<'s, A, R>(&self, service: impl Into<ServiceRef<'s>>, method: &str, args: &A) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let timeout = self.inner.link.config.call_timeout;
+        self.call_timeout(service, method, args, timeout)
+    }
+
+    /// [`Client::call`] with an explicit timeout.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn call_timeout<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.start_timeout(service, method, args, timeout)?.wait()
+    }
+
+    /// Sends the request now and returns a handle to wait on later, with the
+    /// default call timeout counted from now. Many calls can be outstanding
+    /// at once on one connection (up to `max_inflight`).
+    ///
+    /// # Errors
+    /// As [`Client::call`], for what fails before the request is sent.
+    pub fn start<'s, A, R>(&self, service: impl Into<ServiceRef<'s>>, method: &str, args: &A) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let timeout = self.inner.link.config.call_timeout;
+        self.start_timeout(service, method, args, timeout)
+    }
+
+    /// [`Client::start`] with an explicit timeout.
+    ///
+    /// # Errors
+    /// As [`Client::call`], for what fails before the request is sent.
+    pub fn start_timeout<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let service = service.into();
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_request(
+            Kind::Request,
+            id,
+            service.name,
+            service.version,
+            service.group,
+            method,
+            args,
+        )
+        .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
+        let link = &self.inner.link;
+        let conn = link.ready_conn(deadline, started)?;
+        let slot = CallSlot::new();
+        conn.calls.register(id, slot.clone(), link.config.max_inflight, conn.peer)?;
+        if let Err(e) = conn.send(frame, Class::Data) {
+            conn.calls.remove(id);
+            return Err(send_error(&conn, e));
+        }
+        Ok(PendingCall {
+            conn,
+            slot,
+            id,
+            deadline,
+            timeout,
+            waited: false,
+            _result: PhantomData,
+        })
+    }
+
+    /// Sends a one-way call: no response, no result. Returns once the request
+    /// is queued on a ready connection (waiting for one up to the call timeout).
+    ///
+    /// # Errors
+    /// `NotConnected`, `ConnectionLost`, `Overloaded`, `Codec`, `Shutdown`.
+    pub fn send_one_way<'s, A>(&self, service: impl Into<ServiceRef<'s>>, method: &str, args: &A) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        let started = Instant::now();
+        let link = &self.inner.link;
+        let service = service.into();
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_request(
+            Kind::OneWay,
+            id,
+            service.name,
+            service.version,
+            service.group,
+            method,
+            args,
+        )
+        .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
+        let conn = link.ready_conn(started + link.config.call_timeout, started)?;
+        conn.send(frame, Class::Data).map(|_| ()).map_err(|e| send_error(&conn, e))
+    }
+
+    /// The provider's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.link.addr
+    }
+
+    /// Where the connection is right now.
+    pub fn state(&self) -> ConnectionState {
+        match &*self.inner.link.state.lock() {
+            LinkState::Connecting { attempt, .. } => ConnectionState::Connecting { attempt: *attempt },
+            LinkState::Ready(_) => ConnectionState::Ready,
+            LinkState::Failed(_) => ConnectionState::Failed,
+            LinkState::Shutdown => ConnectionState::Shutdown,
+        }
+    }
+
+    /// Smoothed round-trip time of heartbeat pings, once one was answered.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.inner.link.srtt_nanos.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Calls waiting for a response on the current connection.
+    pub fn inflight(&self) -> usize {
+        match &*self.inner.link.state.lock() {
+            LinkState::Ready(conn) => conn.calls.len(),
+            _ => 0,
+        }
+    }
+
+    /// Liveness events: connected, heartbeat missed, disconnected, reconnecting.
+    pub fn events(&self) -> Receiver<Event> {
+        self.inner.link.events.receiver()
+    }
+}
+
+fn send_error(conn: &ConnShared, error: SendError) -> Error {
+    match error {
+        SendError::Closed => Error::ConnectionLost {
+            peer: conn.peer,
+            reason: "connection closed while sending".into(),
+        },
+        SendError::Overloaded => Error::Overloaded(format!(
+            "more than max_write_queue_bytes are queued for {}",
+            conn.peer
+        )),
+    }
+}
+
+/// A call whose request is sent; [`PendingCall::wait`] returns its result.
+///
+/// Dropping it without waiting abandons the call (its slot is freed; a late
+/// response is discarded).
+pub struct PendingCall<R> {
+    conn: Arc<ConnShared>,
+    slot: Arc<CallSlot>,
+    id: u64,
+    deadline: Instant,
+    timeout: Duration,
+    waited: bool,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> PendingCall<R> {
+    /// Blocks until the response arrives, the connection dies, or the call's
+    /// timeout passes.
+    ///
+    /// # Errors
+    /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`.
+    pub fn wait(mut self) -> Result<R> {
+        self.waited = true;
+        let outcome = match self.slot.wait(self.deadline) {
+            Some(outcome) => outcome,
+            None => {
+                self.conn.calls.remove(self.id);
+                // The response may have been delivered between the timeout and
+                // the removal: take it rather than lose it.
+                match self.slot.wait(Instant::now()) {
+                    Some(outcome) => outcome,
+                    None => return Err(Error::Timeout(self.timeout)),
+                }
+            }
+        };
+        decode_response(outcome?)
+    }
+}
+
+impl<R> Drop for PendingCall<R> {
+    fn drop(&mut self) {
+        if !self.waited {
+            self.conn.calls.remove(self.id);
+        }
+    }
+}
+
+fn decode_response<R: DeserializeOwned>(frame: Frame) -> Result<R> {
+    match ResponseStatus::from_u8(frame.header.status) {
+        Some(ResponseStatus::Ok) => rmp_serde::from_slice(&frame.body).map_err(|e| {
+            Error::Codec(format!(
+                "the result does not decode as {}: {e}",
+                std::any::type_name::<R>()
+            ))
+        }),
+        Some(status) => Err(Error::Remote {
+            status,
+            message: decode_text_body(&frame.body),
+        }),
+        None => Err(Error::Protocol(format!(
+            "response with unknown status {}: {}",
+            frame.header.status,
+            decode_text_body(&frame.body)
+        ))),
+    }
+}

@@ -1,0 +1,36 @@
+//! A process-wide monotonic origin so instants can be stored in atomics.
+//!
+//! Threads other than a connection's event loop (callers, workers) record when
+//! they last wrote to it; an `AtomicU64` of nanoseconds since [`origin`] is the
+//! cheapest way to share that, and the loop turns it back into an `Instant`.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static ORIGIN: OnceLock<Instant> = OnceLock::new();
+
+/// The first instant pulse looked at in this process.
+pub(crate) fn origin() -> Instant {
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Nanoseconds from [`origin`] to `at` (0 for instants before it).
+pub(crate) fn to_nanos(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(origin()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The instant `nanos` after [`origin`].
+pub(crate) fn from_nanos(nanos: u64) -> Instant {
+    origin() + std::time::Duration::from_nanos(nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_to_the_nanosecond() {
+        let now = Instant::now();
+        assert_eq!(from_nanos(to_nanos(now)), now);
+    }
+}

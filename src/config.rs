@@ -1,0 +1,217 @@
+//! Configuration of clients and servers, with documented defaults.
+//!
+//! Every bound pulse enforces has a name, a default and a doc line here. Build a
+//! config from `Default` and change the fields you care about; `validate` is
+//! called by `Client::connect` and `ServerBuilder::bind`.
+
+use std::time::Duration;
+
+pub use crate::liveness::{BackoffConfig, HeartbeatConfig, HeartbeatMode};
+use crate::protocol::DEFAULT_MAX_FRAME_LEN;
+
+/// Default resolution of the timer wheel: deadlines are rounded up to a
+/// multiple of it, so detection can be late by at most one tick, never early.
+pub const DEFAULT_TIMER_TICK: Duration = Duration::from_millis(5);
+
+/// Settings shared by both sides of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Heartbeat interval, miss limit and mode (defaults: 1 s, 3, fixed).
+    pub heartbeat: HeartbeatConfig,
+    /// Largest frame body this side accepts; larger frames close the
+    /// connection with Close(ProtocolError). Default 16 MiB.
+    pub max_frame_len: u32,
+    /// Bytes of frames queued for writing on one connection before new
+    /// requests or responses are refused as overloaded. Default 64 MiB
+    /// (room for several maximum-size frames).
+    pub max_write_queue_bytes: usize,
+    /// Resolution of the timer wheel. Default 5 ms.
+    pub timer_tick: Duration,
+    /// Capacity of the event channel returned by `events()`; events past it
+    /// are dropped (and logged at debug level) rather than blocking a loop.
+    /// Default 1,024.
+    pub event_capacity: usize,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            heartbeat: HeartbeatConfig::default(),
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            max_write_queue_bytes: 64 * 1024 * 1024,
+            timer_tick: DEFAULT_TIMER_TICK,
+            event_capacity: 1024,
+        }
+    }
+}
+
+impl ConnectionConfig {
+    /// Checks every field; the error names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        self.heartbeat.validate().map_err(|e| format!("heartbeat: {e}"))?;
+        if self.max_frame_len < 64 {
+            return Err(format!("max_frame_len must be at least 64 bytes, got {}", self.max_frame_len));
+        }
+        if self.max_write_queue_bytes < self.max_frame_len as usize {
+            return Err("max_write_queue_bytes must be at least max_frame_len".into());
+        }
+        if self.timer_tick < Duration::from_millis(1) {
+            return Err("timer_tick must be at least 1 ms".into());
+        }
+        if self.timer_tick * 2 > self.heartbeat.interval {
+            return Err(format!(
+                "timer_tick ({:?}) must be at most half the heartbeat interval ({:?})",
+                self.timer_tick, self.heartbeat.interval
+            ));
+        }
+        if self.event_capacity == 0 {
+            return Err("event_capacity must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Configuration of a consumer ([`crate::Client`]).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Heartbeat, frame and queue settings.
+    pub connection: ConnectionConfig,
+    /// Delays between reconnect attempts. Defaults: 100 ms initial, ×2, 5 s
+    /// max, ±20 % jitter, unlimited attempts, 2 s probation.
+    pub backoff: BackoffConfig,
+    /// Timeout of `call` when none is given. Default 5 s.
+    pub call_timeout: Duration,
+    /// How long one TCP connect attempt may take. Default 3 s.
+    pub connect_attempt_timeout: Duration,
+    /// How long `Client::connect` waits for the first connection before it
+    /// fails with `NotConnected`. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Calls waiting for a response on one connection; past it a new call
+    /// fails at once with `Overloaded`. Default 4,096.
+    pub max_inflight: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connection: ConnectionConfig::default(),
+            backoff: BackoffConfig::default(),
+            call_timeout: Duration::from_secs(5),
+            connect_attempt_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(5),
+            max_inflight: 4096,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Checks every field; the error names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        self.connection.validate()?;
+        self.backoff.validate().map_err(|e| format!("backoff: {e}"))?;
+        if self.call_timeout.is_zero() || self.connect_attempt_timeout.is_zero() {
+            return Err("call_timeout and connect_attempt_timeout must be positive".into());
+        }
+        if self.max_inflight == 0 {
+            return Err("max_inflight must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a method's handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HandlerMode {
+    /// On the worker pool (the default): a slow or blocking handler never
+    /// delays heartbeats or other connections on the same event loop.
+    #[default]
+    Pool,
+    /// On the event loop that read the request: the lowest latency, but the
+    /// handler must be short and never block, since the loop serves every
+    /// connection it owns (and answers their pings) only between handlers.
+    Inline,
+}
+
+/// Configuration of a provider ([`crate::Server`]).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Heartbeat, frame and queue settings.
+    pub connection: ConnectionConfig,
+    /// Number of event loops. Default: the number of cores.
+    pub event_loops: usize,
+    /// Threads of the worker pool that runs [`HandlerMode::Pool`] handlers.
+    /// Default 32, so a few blocking handlers never starve the others.
+    pub worker_threads: usize,
+    /// Requests queued for the worker pool; past it a request is answered
+    /// with status Overloaded. Default 65,536.
+    pub worker_queue: usize,
+    /// Requests of one connection being handled at once; past it a request is
+    /// answered with status Overloaded. Default 4,096.
+    pub max_inflight: usize,
+    /// Open consumer connections; a connection past it gets Close(Overloaded)
+    /// and is closed. Default 10,000.
+    pub max_connections: usize,
+    /// How long `shutdown` waits for queued writes (responses, the final
+    /// Close) to reach each peer. Default 1 s.
+    pub linger: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            connection: ConnectionConfig::default(),
+            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            worker_threads: 32,
+            worker_queue: 65_536,
+            max_inflight: 4096,
+            max_connections: 10_000,
+            linger: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks every field; the error names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        self.connection.validate()?;
+        if self.event_loops == 0 || self.event_loops > 1024 {
+            return Err(format!("event_loops must be in 1..=1024, got {}", self.event_loops));
+        }
+        if self.worker_threads == 0 || self.worker_queue == 0 {
+            return Err("worker_threads and worker_queue must be at least 1".into());
+        }
+        if self.max_inflight == 0 || self.max_connections == 0 {
+            return Err("max_inflight and max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ClientConfig::default().validate().unwrap();
+        ServerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn tick_must_be_finer_than_the_interval() {
+        let mut c = ClientConfig::default();
+        c.connection.heartbeat.interval = Duration::from_millis(8);
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("timer_tick"), "{err}");
+    }
+
+    #[test]
+    fn zero_bounds_are_rejected() {
+        let mut s = ServerConfig::default();
+        s.event_loops = 0;
+        assert!(s.validate().unwrap_err().contains("event_loops"));
+        let mut c = ClientConfig::default();
+        c.max_inflight = 0;
+        assert!(c.validate().unwrap_err().contains("max_inflight"));
+    }
+}

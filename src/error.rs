@@ -1,0 +1,110 @@
+//! The one error type of pulse.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::protocol::ResponseStatus;
+
+/// Shorthand for `Result<T, pulse::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a call, a connection or a configuration.
+///
+/// Each message says what happened and, where it helps, what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The call got no response within its timeout. The request may or may not
+    /// have run on the provider.
+    #[error("call timed out after {0:?} without a response")]
+    Timeout(Duration),
+    /// The connection the call was sent on died before the response came.
+    /// The request may or may not have run on the provider; the client is
+    /// already reconnecting.
+    #[error("connection to {peer} lost before the response arrived: {reason}")]
+    ConnectionLost {
+        /// The provider the call was sent to.
+        peer: SocketAddr,
+        /// Why the connection ended (e.g. `heartbeat_timeout`, `peer_shutdown`).
+        reason: String,
+    },
+    /// No connection became ready within the call's timeout.
+    #[error("not connected to {peer} (waited {waited:?} for a connection; {detail})")]
+    NotConnected {
+        /// The provider the client is trying to reach.
+        peer: SocketAddr,
+        /// How long the call waited for a connection.
+        waited: Duration,
+        /// What the last connect attempt saw, e.g. `io_error (Connection refused)`.
+        detail: String,
+    },
+    /// The provider answered with a non-Ok status.
+    #[error("remote error {status:?}: {message}")]
+    Remote {
+        /// The status byte of the response.
+        status: ResponseStatus,
+        /// The provider's human-readable message.
+        message: String,
+    },
+    /// A local bound was reached (in-flight calls or queued bytes); retry later
+    /// or raise the bound in the config.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The peer broke the wire protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// What pulse was doing, e.g. `bind 127.0.0.1:7000`.
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A value could not be encoded or a response could not be decoded into the
+    /// requested type.
+    #[error("codec error: {0}")]
+    Codec(String),
+    /// The client or server was shut down.
+    #[error("shut down")]
+    Shutdown,
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+impl Error {
+    /// Wraps an `io::Error` with the operation that failed.
+    pub fn io(op: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            op: op.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_what_happened() {
+        let e = Error::ConnectionLost {
+            peer: "127.0.0.1:9".parse().unwrap(),
+            reason: "heartbeat_timeout".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "connection to 127.0.0.1:9 lost before the response arrived: heartbeat_timeout"
+        );
+        let e = Error::io("bind 127.0.0.1:1", io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(e.to_string().starts_with("bind 127.0.0.1:1 failed"));
+        let e = Error::Remote {
+            status: ResponseStatus::MethodNotFound,
+            message: "no method x".into(),
+        };
+        assert_eq!(e.to_string(), "remote error MethodNotFound: no method x");
+    }
+}

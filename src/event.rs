@@ -1,0 +1,219 @@
+//! Liveness events: what happened to a connection, as typed values.
+//!
+//! Both [`crate::Client`] and [`crate::Server`] publish every change of a
+//! connection as an [`Event`] on a bounded channel (`events()`), and log it
+//! through the `log` crate. A full channel drops the event rather than stall
+//! an event loop.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::protocol::CloseStatus;
+
+/// One change in the life of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A connection is up. For a consumer: the provider answered its first
+    /// ping (or sent any frame), so calls can flow.
+    Connected {
+        /// The other end.
+        peer: SocketAddr,
+    },
+    /// `missed` consecutive heartbeat intervals passed with nothing read
+    /// from the peer (fewer than `max_missed`; at `max_missed` the
+    /// connection is closed and a `Disconnected` follows).
+    HeartbeatMissed {
+        /// The other end.
+        peer: SocketAddr,
+        /// Consecutive silent intervals so far.
+        missed: u32,
+    },
+    /// A connection ended.
+    Disconnected {
+        /// The other end.
+        peer: SocketAddr,
+        /// Why it ended.
+        reason: DisconnectReason,
+    },
+    /// The consumer will try to connect again after `delay`.
+    Reconnecting {
+        /// The provider being reconnected to.
+        peer: SocketAddr,
+        /// Attempt number since the last healthy connection, from 1.
+        attempt: u32,
+        /// Delay before this attempt (backoff with jitter).
+        delay: Duration,
+    },
+}
+
+impl Event {
+    /// The event's name as printed by the examples: `connected`,
+    /// `heartbeat_missed`, `disconnected` or `reconnecting`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Connected { .. } => "connected",
+            Event::HeartbeatMissed { .. } => "heartbeat_missed",
+            Event::Disconnected { .. } => "disconnected",
+            Event::Reconnecting { .. } => "reconnecting",
+        }
+    }
+
+    /// The peer the event is about.
+    pub fn peer(&self) -> SocketAddr {
+        match self {
+            Event::Connected { peer }
+            | Event::HeartbeatMissed { peer, .. }
+            | Event::Disconnected { peer, .. }
+            | Event::Reconnecting { peer, .. } => *peer,
+        }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Connected { peer } => write!(f, "connected to {peer}"),
+            Event::HeartbeatMissed { peer, missed } => {
+                write!(f, "{peer}: {missed} heartbeat interval(s) with nothing read")
+            }
+            Event::Disconnected { peer, reason } => write!(f, "disconnected from {peer}: {reason}"),
+            Event::Reconnecting { peer, attempt, delay } => {
+                write!(f, "reconnecting to {peer}: attempt {attempt} in {delay:?}")
+            }
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// This side heard nothing for `max_missed` heartbeat intervals.
+    HeartbeatTimeout,
+    /// The peer sent Close with a status other than Normal, or closed the
+    /// socket without a Close frame.
+    PeerClosed {
+        /// The Close status, `None` when the socket closed without one.
+        status: Option<CloseStatus>,
+        /// The peer's reason text, or what we saw.
+        detail: String,
+    },
+    /// The peer sent Close(Normal): a graceful shutdown, not a failure.
+    PeerShutdown,
+    /// A socket error (reset, refused, timed out).
+    Io(String),
+    /// The peer broke the protocol; this side sent Close(ProtocolError).
+    Protocol(String),
+    /// This side is shutting down.
+    Shutdown,
+    /// This side closed the peer for breaking one of its bounds (queued bytes,
+    /// connection count).
+    Overloaded(String),
+}
+
+impl DisconnectReason {
+    /// The reason's name as printed by the examples, e.g. `heartbeat_timeout`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+            DisconnectReason::PeerClosed { .. } => "peer_closed",
+            DisconnectReason::PeerShutdown => "peer_shutdown",
+            DisconnectReason::Io(_) => "io_error",
+            DisconnectReason::Protocol(_) => "protocol_error",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::Overloaded(_) => "overloaded",
+        }
+    }
+
+    /// Extra text: the peer's Close reason or the error seen, if any.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            DisconnectReason::PeerClosed { detail, .. }
+            | DisconnectReason::Io(detail)
+            | DisconnectReason::Protocol(detail)
+            | DisconnectReason::Overloaded(detail) => Some(detail),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.detail() {
+            Some(detail) => write!(f, "{} ({detail})", self.as_str()),
+            None => f.write_str(self.as_str()),
+        }
+    }
+}
+
+/// Where a side publishes its events: a bounded channel, plus the log.
+#[derive(Clone)]
+pub(crate) struct EventSink {
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    /// Which side publishes, for log lines ("client" or "server").
+    side: &'static str,
+}
+
+impl EventSink {
+    pub(crate) fn new(capacity: usize, side: &'static str) -> EventSink {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        EventSink { tx, rx, side }
+    }
+
+    /// A receiver for users; clones share the same stream of events.
+    pub(crate) fn receiver(&self) -> Receiver<Event> {
+        self.rx.clone()
+    }
+
+    /// Logs the event and offers it to the channel without blocking.
+    pub(crate) fn emit(&self, event: Event) {
+        match &event {
+            Event::Connected { .. } => log::info!("{}: {event}", self.side),
+            Event::HeartbeatMissed { .. } | Event::Reconnecting { .. } => log::warn!("{}: {event}", self.side),
+            Event::Disconnected { reason, .. } => match reason {
+                DisconnectReason::PeerShutdown | DisconnectReason::Shutdown => log::info!("{}: {event}", self.side),
+                _ => log::warn!("{}: {event}", self.side),
+            },
+        }
+        if let Err(TrySendError::Full(event)) = self.tx.try_send(event) {
+            log::debug!("{}: event channel full, dropped: {event}", self.side);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_the_examples_vocabulary() {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let closed = DisconnectReason::PeerClosed {
+            status: Some(CloseStatus::HeartbeatTimeout),
+            detail: "no pong".into(),
+        };
+        assert_eq!(closed.as_str(), "peer_closed");
+        assert_eq!(closed.detail(), Some("no pong"));
+        assert_eq!(DisconnectReason::PeerShutdown.as_str(), "peer_shutdown");
+        assert_eq!(DisconnectReason::Io("reset".into()).as_str(), "io_error");
+        let e = Event::Disconnected { peer, reason: closed };
+        assert_eq!(e.name(), "disconnected");
+        assert_eq!(e.to_string(), "disconnected from 127.0.0.1:1: peer_closed (no pong)");
+    }
+
+    #[test]
+    fn a_full_channel_drops_instead_of_blocking() {
+        let sink = EventSink::new(1, "test");
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        sink.emit(Event::Connected { peer });
+        sink.emit(Event::HeartbeatMissed { peer, missed: 1 });
+        let rx = sink.receiver();
+        assert_eq!(rx.try_recv(), Ok(Event::Connected { peer }));
+        assert!(rx.try_recv().is_err());
+    }
+}

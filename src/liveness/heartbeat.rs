@@ -1,0 +1,1279 @@
+//! One connection's heartbeat state machine, used by both the consumer and the
+//! provider. The rules, with a timeline, are documented on [`Heartbeat`] (this
+//! module is private; its items are re-exported from [`crate::liveness`]).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How many of the most recent pings [`Heartbeat::on_pong`] can match.
+const PING_HISTORY: usize = 8;
+
+/// The smallest accepted [`HeartbeatConfig::interval`] and
+/// [`HeartbeatConfig::stall_threshold`].
+const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+/// When a side sends pings. See the [`Heartbeat` docs](Heartbeat#pings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeartbeatMode {
+    /// A ping every interval, whatever the traffic. The default.
+    #[default]
+    Fixed,
+    /// A ping only when nothing was written or nothing was read for an
+    /// interval (Netty's all-idle), at most once per interval.
+    Idle,
+}
+
+/// Settings of a [`Heartbeat`].
+///
+/// All fields are public; check a hand-built value with
+/// [`HeartbeatConfig::validate`].
+#[derive(Debug, Clone)]
+pub struct HeartbeatConfig {
+    /// The ping period and the length of one "missed" interval. Default 1 s,
+    /// at least 1 ms.
+    pub interval: Duration,
+    /// Consecutive intervals with nothing read before the peer is declared
+    /// dead. Default 3, at least 1.
+    pub max_missed: u32,
+    /// When pings are sent. Default [`HeartbeatMode::Fixed`].
+    pub mode: HeartbeatMode,
+    /// Whether this side sends pings. Default `true`; with `false` the side
+    /// relies on the peer's pings but still detects silence.
+    pub send_pings: bool,
+    /// How late a due deadline must be for the machine to conclude that this
+    /// side stalled (see the [`Heartbeat` docs](Heartbeat#own-stalls)). `None`, the
+    /// default, means [`interval`](Self::interval). Must exceed the timer tick.
+    pub stall_threshold: Option<Duration>,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval: Duration::from_secs(1),
+            max_missed: 3,
+            mode: HeartbeatMode::Fixed,
+            send_pings: true,
+            stall_threshold: None,
+        }
+    }
+}
+
+impl HeartbeatConfig {
+    /// Checks that the settings make sense.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message naming the offending field if `interval` is below
+    /// 1 ms, `max_missed` is 0, or `stall_threshold` is `Some` and below 1 ms.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval < MIN_INTERVAL {
+            return Err(format!(
+                "heartbeat interval must be at least 1ms, got {:?}",
+                self.interval
+            ));
+        }
+        if self.max_missed == 0 {
+            return Err("heartbeat max_missed must be at least 1".into());
+        }
+        if let Some(threshold) = self.stall_threshold
+            && threshold < MIN_INTERVAL
+        {
+            return Err(format!(
+                "heartbeat stall_threshold must be at least 1ms, got {threshold:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `interval × max_missed`: how long a peer may stay silent before it is
+    /// declared dead (the shell adds up to one timer tick).
+    pub fn bound(&self) -> Duration {
+        self.interval.saturating_mul(self.max_missed)
+    }
+
+    /// The effective stall threshold: `stall_threshold`, or `interval` if
+    /// `None`.
+    fn effective_stall_threshold(&self) -> Duration {
+        self.stall_threshold.unwrap_or(self.interval)
+    }
+}
+
+/// What the shell must do, drained with [`Heartbeat::poll_action`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatAction {
+    /// Write a Ping frame with this id; the peer answers a Pong with the same
+    /// id, to be passed to [`Heartbeat::on_pong`].
+    SendPing {
+        /// The ping id, 1 for the first ping and then increasing.
+        seq: u64,
+    },
+    /// `count` consecutive intervals went by with nothing read from the peer
+    /// (1 to `max_missed - 1`). Informational: report it as an event.
+    Missed {
+        /// Consecutive missed intervals so far.
+        count: u32,
+    },
+    /// The peer missed `max_missed` intervals: close the connection with a
+    /// heartbeat timeout. Emitted once, and nothing after it.
+    Dead {
+        /// The missed intervals counted (at least `max_missed`).
+        missed: u32,
+        /// Time since the last byte was read from the peer (it includes any
+        /// stall of this side that was forgiven before).
+        silent_for: Duration,
+    },
+    /// This side ran late by `late_by` (paused process, stalled machine,
+    /// blocked loop); the unobserved intervals were not counted against the
+    /// peer. For logging.
+    Stalled {
+        /// How late the earliest due deadline was handled.
+        late_by: Duration,
+    },
+}
+
+/// One connection's heartbeat: when to ping, when the peer has gone silent.
+///
+/// [`Heartbeat`] is a pure state machine, the same on the consumer and the
+/// provider side. It never reads a clock: every input carries `now`, and the
+/// shell asks [`Heartbeat::next_deadline`] when to call
+/// [`Heartbeat::handle_timeout`] again, then drains what to do with
+/// [`Heartbeat::poll_action`]. See the [`liveness` module](crate::liveness) for the driving
+/// loop.
+///
+/// Below, `I` is [`HeartbeatConfig::interval`] and `M` is
+/// [`HeartbeatConfig::max_missed`].
+///
+/// # Missed intervals
+///
+/// *Evidence* that the peer is alive is the last time any byte was read from
+/// it ([`Heartbeat::on_read`]; bytes of a frame that is not complete yet count
+/// too: progress is life), or the end of this side's last stall (below),
+/// whichever is later. At [`handle_timeout`](Heartbeat::handle_timeout) the
+/// number of missed intervals is `floor((now - evidence) / I)`. When it grows
+/// past the count reported last:
+///
+/// * below `M`, [`HeartbeatAction::Missed`] reports it (1, 2, …, `M - 1`);
+/// * at `M` or more, one [`HeartbeatAction::Dead`] is emitted and the machine
+///   stops: no more actions, [`next_deadline`](Heartbeat::next_deadline) is
+///   `None`. The shell closes the connection (heartbeat timeout).
+///
+/// A read resets the count to 0. The miss deadline is
+/// `evidence + (reported + 1) × I`, so a silent peer last heard at `t` is
+/// declared dead at exactly `t + M × I` if the shell calls `handle_timeout` at
+/// the deadline it was given, and never earlier: a call before a deadline does
+/// nothing at all.
+///
+/// # Pings
+///
+/// Sequence numbers start at 1 and increase by one per
+/// [`HeartbeatAction::SendPing`]. The last 8 pings are
+/// remembered so that [`on_pong`](Heartbeat::on_pong) can measure the round
+/// trip.
+///
+/// * [`HeartbeatMode::Fixed`]: a ping every `I`, the first at creation + `I`,
+///   each next one at the time the previous one was *sent* + `I`. A late call
+///   sends one ping, never a catch-up burst.
+/// * [`HeartbeatMode::Idle`] (Netty's `IdleStateHandler`, all-idle): a ping
+///   when nothing was written *or* nothing was read for `I`, but never more
+///   often than once per `I`:
+///   `next_ping = max(last_ping + I, min(last_read, last_write) + I)`. Under
+///   steady two-way traffic no ping is ever sent; a side that only writes
+///   (one-way calls) still pings, because it reads nothing.
+/// * With [`send_pings`](HeartbeatConfig::send_pings) `false` no ping is sent
+///   (except one right after a stall); silence is still detected, relying on
+///   the peer's pings to keep the connection alive.
+///
+/// # Own stalls
+///
+/// If, at `handle_timeout`, the earliest deadline that was due (ping or miss)
+/// is late by at least [`stall_threshold`](HeartbeatConfig::stall_threshold)
+/// (default `I`), then *this* side did not run when it should have: the
+/// process was paused, the machine stalled, the loop was blocked. The peer's
+/// bytes may be sitting unread in the socket buffer, so the intervals that
+/// went by unobserved are not counted against it. Instead the machine emits
+/// [`HeartbeatAction::Stalled`] (for logging), resets the evidence to `now`
+/// (miss count 0), emits a [`HeartbeatAction::SendPing`] at once to provoke an
+/// answer, and judges the peer on fresh evidence from then on: a peer that
+/// really died is declared dead `M × I` after the stall ended.
+///
+/// The threshold must be larger than the shell's timer tick, since every call
+/// comes up to one tick late; with the default (`I`) that means `I` must be
+/// longer than a tick.
+///
+/// When several things are due in one call they come out in this order:
+/// `Stalled` then `SendPing`; or `Missed`/`Dead` then `SendPing` (nothing
+/// after `Dead`).
+///
+/// # Timeline
+///
+/// `I` = 1 s, `M` = 3, Fixed mode, the peer's last byte is read at 0.4 s:
+///
+/// ```text
+/// t (s)  input              actions                           next_deadline
+/// 0.0    new                                                  1.0
+/// 0.4    on_read                                              1.0
+/// 1.0    handle_timeout     SendPing{seq: 1}                  1.4
+/// 1.4    handle_timeout     Missed{count: 1}                  2.0
+/// 2.0    handle_timeout     SendPing{seq: 2}                  2.4
+/// 2.4    handle_timeout     Missed{count: 2}                  3.0
+/// 3.0    handle_timeout     SendPing{seq: 3}                  3.4
+/// 3.4    handle_timeout     Dead{missed: 3, silent_for: 3 s}  None
+/// ```
+///
+/// Had this process been paused from 0.5 s to 10 s instead, the call at 10 s
+/// would find the ping deadline of 1.0 s late by 9 s and emit
+/// `Stalled{late_by: 9 s}` and `SendPing{seq: 1}`; a still silent peer would
+/// then be missed at 11 s and 12 s and declared dead at 13 s.
+///
+/// The same timeline as code:
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use pulse::liveness::{Heartbeat, HeartbeatAction, HeartbeatConfig};
+///
+/// let ms = Duration::from_millis;
+/// let t0 = Instant::now();
+/// let mut hb = Heartbeat::new(HeartbeatConfig::default(), t0);
+/// hb.on_read(t0 + ms(400));
+/// let mut log = Vec::new();
+/// while let Some(deadline) = hb.next_deadline() {
+///     hb.handle_timeout(deadline);
+///     while let Some(action) = hb.poll_action() {
+///         log.push((deadline - t0, action));
+///     }
+/// }
+/// assert_eq!(log, [
+///     (ms(1000), HeartbeatAction::SendPing { seq: 1 }),
+///     (ms(1400), HeartbeatAction::Missed { count: 1 }),
+///     (ms(2000), HeartbeatAction::SendPing { seq: 2 }),
+///     (ms(2400), HeartbeatAction::Missed { count: 2 }),
+///     (ms(3000), HeartbeatAction::SendPing { seq: 3 }),
+///     (ms(3400), HeartbeatAction::Dead { missed: 3, silent_for: ms(3000) }),
+/// ]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    config: HeartbeatConfig,
+    created: Instant,
+    last_read: Instant,
+    last_write: Instant,
+    /// The end of this side's last stall; evidence of life is never older.
+    stall_reset: Instant,
+    /// The missed count reported last (0 after a read or a stall).
+    reported: u32,
+    /// When the last ping was emitted, if any.
+    last_ping: Option<Instant>,
+    /// The seq of the next ping.
+    next_seq: u64,
+    /// `(seq, sent at)` of the last pings, indexed by `seq % PING_HISTORY`.
+    sent: [Option<(u64, Instant)>; PING_HISTORY],
+    srtt: Option<Duration>,
+    actions: VecDeque<HeartbeatAction>,
+    dead: bool,
+}
+
+impl Heartbeat {
+    /// Starts the heartbeat of a connection established at `now`.
+    ///
+    /// `now` counts as the last read and the last write: a peer that never
+    /// sends anything is declared dead `bound()` after creation.
+    ///
+    /// The config should have passed [`HeartbeatConfig::validate`]; an invalid
+    /// one does not panic but is clamped (interval and stall threshold to at
+    /// least 1 ms, `max_missed` to at least 1), as [`config`](Self::config)
+    /// then shows.
+    pub fn new(mut config: HeartbeatConfig, now: Instant) -> Heartbeat {
+        config.interval = config.interval.max(MIN_INTERVAL);
+        config.max_missed = config.max_missed.max(1);
+        config.stall_threshold = config.stall_threshold.map(|t| t.max(MIN_INTERVAL));
+        Heartbeat {
+            config,
+            created: now,
+            last_read: now,
+            last_write: now,
+            stall_reset: now,
+            reported: 0,
+            last_ping: None,
+            next_seq: 1,
+            sent: [None; PING_HISTORY],
+            srtt: None,
+            actions: VecDeque::new(),
+            dead: false,
+        }
+    }
+
+    /// Records that bytes were read from the peer at `now`: any bytes, also
+    /// part of a frame not complete yet. Resets the missed count to 0.
+    /// Ignored once dead.
+    pub fn on_read(&mut self, now: Instant) {
+        if self.dead {
+            return;
+        }
+        self.last_read = self.last_read.max(now);
+        self.reported = 0;
+    }
+
+    /// Records that bytes were written to the peer at `now` (used by
+    /// [`HeartbeatMode::Idle`]). Call it for the ping frames too. Ignored once
+    /// dead.
+    pub fn on_write(&mut self, now: Instant) {
+        if self.dead {
+            return;
+        }
+        self.last_write = self.last_write.max(now);
+    }
+
+    /// Records a Pong for ping `seq` received at `now`.
+    ///
+    /// Returns the round-trip time if `seq` is one of the last
+    /// 8 pings sent and was not answered before, and folds it
+    /// into the smoothed RTT (the first sample as is, then
+    /// `7/8 × srtt + 1/8 × sample`). Unknown, stale or duplicate ids return
+    /// `None` and change nothing. This does not count as a read: call
+    /// [`on_read`](Self::on_read) for the bytes as usual.
+    pub fn on_pong(&mut self, now: Instant, seq: u64) -> Option<Duration> {
+        let slot = &mut self.sent[(seq % PING_HISTORY as u64) as usize];
+        let sent_at = match *slot {
+            Some((s, at)) if s == seq => at,
+            _ => return None,
+        };
+        *slot = None;
+        let sample = now.saturating_duration_since(sent_at);
+        self.srtt = Some(match self.srtt {
+            None => sample,
+            Some(old) => (old * 7 + sample) / 8,
+        });
+        Some(sample)
+    }
+
+    /// Advances the machine to `now`; queues actions for
+    /// [`poll_action`](Self::poll_action).
+    ///
+    /// May be called at any time: a call before
+    /// [`next_deadline`](Self::next_deadline) does nothing, a late one is
+    /// handled as described in the [`Heartbeat` docs](Heartbeat#own-stalls).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.dead {
+            return;
+        }
+        let ping_due = self.ping_deadline().filter(|&d| d <= now);
+        let miss_due = self.miss_deadline().filter(|&d| d <= now);
+        let earliest = match (ping_due, miss_due) {
+            (Some(p), Some(m)) => p.min(m),
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => return,
+        };
+
+        let late_by = now.saturating_duration_since(earliest);
+        if late_by >= self.config.effective_stall_threshold() {
+            self.actions.push_back(HeartbeatAction::Stalled { late_by });
+            self.stall_reset = self.stall_reset.max(now);
+            self.reported = 0;
+            self.send_ping(now);
+            return;
+        }
+
+        let missed = self.missed_at(now);
+        if missed > self.reported {
+            self.reported = missed;
+            if missed >= self.config.max_missed {
+                self.actions.push_back(HeartbeatAction::Dead {
+                    missed,
+                    silent_for: now.saturating_duration_since(self.last_read),
+                });
+                self.dead = true;
+                return;
+            }
+            self.actions
+                .push_back(HeartbeatAction::Missed { count: missed });
+        }
+
+        if self.ping_deadline().is_some_and(|d| d <= now) {
+            self.send_ping(now);
+        }
+    }
+
+    /// Takes the next queued action, oldest first, or `None` when there is
+    /// nothing to do. Drain it after every `handle_timeout`.
+    pub fn poll_action(&mut self) -> Option<HeartbeatAction> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next: the
+    /// earlier of the next ping and the next miss deadline. `None` once dead.
+    ///
+    /// Inputs only ever move it later (with a non-decreasing `now`), so a
+    /// shell may keep a timer armed for an earlier value: it will fire early,
+    /// the call does nothing, and the shell re-arms with the new deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.dead {
+            return None;
+        }
+        match (self.ping_deadline(), self.miss_deadline()) {
+            (Some(p), Some(m)) => Some(p.min(m)),
+            (p, m) => p.or(m),
+        }
+    }
+
+    /// Consecutive missed intervals reported so far (0 after a read or a
+    /// stall; the final count once dead).
+    pub fn missed(&self) -> u32 {
+        self.reported
+    }
+
+    /// Whether [`HeartbeatAction::Dead`] was emitted.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// When bytes were last read from the peer (creation time if never).
+    pub fn last_read(&self) -> Instant {
+        self.last_read
+    }
+
+    /// The smoothed round-trip time, once a pong was matched.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// The settings in use (after clamping, see [`new`](Self::new)).
+    pub fn config(&self) -> &HeartbeatConfig {
+        &self.config
+    }
+
+    /// The latest time that counts as evidence of the peer's life.
+    fn evidence(&self) -> Instant {
+        self.last_read.max(self.stall_reset)
+    }
+
+    /// `floor((now - evidence) / interval)`, saturating.
+    fn missed_at(&self, now: Instant) -> u32 {
+        let silent = now.saturating_duration_since(self.evidence()).as_nanos();
+        let intervals = silent / self.config.interval.as_nanos();
+        u32::try_from(intervals).unwrap_or(u32::MAX)
+    }
+
+    /// `evidence + (reported + 1) × interval`; `None` only on overflow.
+    fn miss_deadline(&self) -> Option<Instant> {
+        let n = self.reported.saturating_add(1);
+        self.evidence()
+            .checked_add(self.config.interval.checked_mul(n)?)
+    }
+
+    /// When the next ping is due, if this side sends pings.
+    fn ping_deadline(&self) -> Option<Instant> {
+        if !self.config.send_pings {
+            return None;
+        }
+        let interval = self.config.interval;
+        match self.config.mode {
+            HeartbeatMode::Fixed => self.last_ping.unwrap_or(self.created).checked_add(interval),
+            HeartbeatMode::Idle => {
+                let idle = self.last_read.min(self.last_write).checked_add(interval)?;
+                match self.last_ping {
+                    Some(at) => Some(idle.max(at.checked_add(interval)?)),
+                    None => Some(idle),
+                }
+            }
+        }
+    }
+
+    fn send_ping(&mut self, now: Instant) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.sent[(seq % PING_HISTORY as u64) as usize] = Some((seq, now));
+        self.last_ping = Some(now);
+        self.actions.push_back(HeartbeatAction::SendPing { seq });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    use HeartbeatAction::{Dead, Missed, SendPing, Stalled};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn config(mode: HeartbeatMode) -> HeartbeatConfig {
+        HeartbeatConfig {
+            mode,
+            ..HeartbeatConfig::default()
+        }
+    }
+
+    fn drain(hb: &mut Heartbeat) -> Vec<HeartbeatAction> {
+        std::iter::from_fn(|| hb.poll_action()).collect()
+    }
+
+    /// Calls `handle_timeout(at)` and drains.
+    fn step(hb: &mut Heartbeat, at: Instant) -> Vec<HeartbeatAction> {
+        hb.handle_timeout(at);
+        drain(hb)
+    }
+
+    fn pings(actions: &[HeartbeatAction]) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, SendPing { .. }))
+            .count()
+    }
+
+    /// A fake shell: drives `hb` from `from` to `until` (inclusive), calling
+    /// `handle_timeout` at every deadline and `on_write` for every ping sent;
+    /// `traffic(t)` is called for each millisecond step to inject reads and
+    /// writes. Returns `(time, action)` pairs.
+    fn run(
+        hb: &mut Heartbeat,
+        t0: Instant,
+        from_ms: u64,
+        until_ms: u64,
+        mut traffic: impl FnMut(&mut Heartbeat, u64),
+    ) -> Vec<(u64, HeartbeatAction)> {
+        let mut out = Vec::new();
+        for t in from_ms..=until_ms {
+            let now = t0 + ms(t);
+            traffic(hb, t);
+            if hb.next_deadline().is_some_and(|d| d <= now) {
+                hb.handle_timeout(now);
+                for a in drain(hb) {
+                    if matches!(a, SendPing { .. }) {
+                        hb.on_write(now);
+                    }
+                    out.push((t, a));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn config_defaults_and_validate() {
+        let c = HeartbeatConfig::default();
+        assert_eq!(c.interval, ms(1000));
+        assert_eq!(c.max_missed, 3);
+        assert_eq!(c.mode, HeartbeatMode::Fixed);
+        assert!(c.send_pings);
+        assert_eq!(c.stall_threshold, None);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.bound(), ms(3000));
+
+        let bad = [
+            HeartbeatConfig {
+                interval: Duration::from_micros(999),
+                ..c.clone()
+            },
+            HeartbeatConfig {
+                max_missed: 0,
+                ..c.clone()
+            },
+            HeartbeatConfig {
+                stall_threshold: Some(Duration::ZERO),
+                ..c.clone()
+            },
+        ];
+        for b in bad {
+            assert!(b.validate().is_err(), "{b:?} should be rejected");
+        }
+        let edge = HeartbeatConfig {
+            interval: ms(1),
+            max_missed: 1,
+            stall_threshold: Some(ms(1)),
+            ..c
+        };
+        assert_eq!(edge.validate(), Ok(()));
+        assert_eq!(edge.bound(), ms(1));
+    }
+
+    #[test]
+    fn invalid_config_is_clamped_not_panicking() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            interval: Duration::ZERO,
+            max_missed: 0,
+            stall_threshold: Some(Duration::ZERO),
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        assert_eq!(hb.config().interval, ms(1));
+        assert_eq!(hb.config().max_missed, 1);
+        assert_eq!(hb.config().stall_threshold, Some(ms(1)));
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1)));
+        assert_eq!(
+            step(&mut hb, t0 + ms(1)),
+            [Dead {
+                missed: 1,
+                silent_for: ms(1)
+            }]
+        );
+    }
+
+    #[test]
+    fn new_heartbeat_state() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(HeartbeatConfig::default(), t0);
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1000)));
+        assert_eq!(hb.missed(), 0);
+        assert!(!hb.is_dead());
+        assert_eq!(hb.last_read(), t0);
+        assert_eq!(hb.srtt(), None);
+        assert_eq!(hb.poll_action(), None);
+    }
+
+    #[test]
+    fn fixed_pings_every_interval_with_increasing_seq() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        // The peer is chatty (a read every 100 ms): only pings come out.
+        let out = run(&mut hb, t0, 0, 10_000, |hb, t| {
+            if t % 100 == 50 {
+                hb.on_read(t0 + ms(t));
+            }
+        });
+        let expected: Vec<_> = (1..=10).map(|k| (k * 1000, SendPing { seq: k })).collect();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn fixed_pings_regardless_of_two_way_traffic() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        let out = run(&mut hb, t0, 0, 5000, |hb, t| {
+            hb.on_read(t0 + ms(t));
+            hb.on_write(t0 + ms(t));
+        });
+        assert_eq!(
+            pings(&out.into_iter().map(|(_, a)| a).collect::<Vec<_>>()),
+            5
+        );
+    }
+
+    #[test]
+    fn fixed_late_call_sends_one_ping_and_reschedules_from_send_time() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        hb.on_read(t0 + ms(900));
+        // 600 ms late: below the stall threshold (1 s), one ping, no burst.
+        assert_eq!(step(&mut hb, t0 + ms(1600)), [SendPing { seq: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(1600)), []);
+        // Next ping at send time + I, not at 2000.
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1900)));
+        hb.on_read(t0 + ms(1850));
+        assert_eq!(step(&mut hb, t0 + ms(2599)), []);
+        assert_eq!(step(&mut hb, t0 + ms(2600)), [SendPing { seq: 2 }]);
+    }
+
+    #[test]
+    fn early_calls_do_nothing() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        for n in 0..1000 {
+            hb.handle_timeout(t0 + Duration::from_micros(n * 999));
+        }
+        assert_eq!(hb.poll_action(), None);
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1000)));
+        assert_eq!(hb.missed(), 0);
+    }
+
+    #[test]
+    fn silent_peer_missed_then_dead_exactly_at_bound_never_earlier() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        let last = t0 + ms(250);
+        hb.on_read(last);
+        let one_ns = Duration::from_nanos(1);
+        let mut seen = Vec::new();
+        // Hammer handle_timeout just before each deadline; only the deadline
+        // itself may produce anything.
+        while let Some(deadline) = hb.next_deadline() {
+            for back in (1..=50).rev() {
+                hb.handle_timeout(deadline - one_ns * back);
+                assert_eq!(hb.poll_action(), None, "early call produced an action");
+            }
+            hb.handle_timeout(deadline - one_ns);
+            assert!(!hb.is_dead());
+            for a in step(&mut hb, deadline) {
+                seen.push((deadline, a));
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (t0 + ms(1000), SendPing { seq: 1 }),
+                (last + ms(1000), Missed { count: 1 }),
+                (t0 + ms(2000), SendPing { seq: 2 }),
+                (last + ms(2000), Missed { count: 2 }),
+                (t0 + ms(3000), SendPing { seq: 3 }),
+                (
+                    last + ms(3000),
+                    Dead {
+                        missed: 3,
+                        silent_for: ms(3000)
+                    }
+                ),
+            ]
+        );
+        assert!(hb.is_dead());
+        assert_eq!(hb.missed(), 3);
+    }
+
+    #[test]
+    fn dead_is_terminal() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        while let Some(d) = hb.next_deadline() {
+            hb.handle_timeout(d);
+        }
+        assert!(matches!(drain(&mut hb).last(), Some(Dead { .. })));
+        assert_eq!(hb.next_deadline(), None);
+        hb.on_read(t0 + ms(5000));
+        hb.on_write(t0 + ms(5000));
+        assert!(hb.is_dead());
+        assert_eq!(hb.last_read(), t0);
+        for s in 3..100 {
+            hb.handle_timeout(t0 + Duration::from_secs(s));
+        }
+        assert_eq!(hb.poll_action(), None);
+        assert_eq!(hb.next_deadline(), None);
+    }
+
+    #[test]
+    fn read_resets_missed_count() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            send_pings: false,
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        assert_eq!(step(&mut hb, t0 + ms(1000)), [Missed { count: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(2000)), [Missed { count: 2 }]);
+        assert_eq!(hb.missed(), 2);
+        hb.on_read(t0 + ms(2500));
+        assert_eq!(hb.missed(), 0);
+        assert_eq!(hb.last_read(), t0 + ms(2500));
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(3500)));
+        // The old deadline at 3000 no longer counts.
+        assert_eq!(step(&mut hb, t0 + ms(3000)), []);
+        assert_eq!(step(&mut hb, t0 + ms(3500)), [Missed { count: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(4500)), [Missed { count: 2 }]);
+        assert_eq!(
+            step(&mut hb, t0 + ms(5500)),
+            [Dead {
+                missed: 3,
+                silent_for: ms(3000)
+            }]
+        );
+    }
+
+    #[test]
+    fn partial_progress_keeps_alive() {
+        // A slow trickle of bytes (e.g. a huge frame arriving in pieces), read
+        // every I/2 for a long time, never completes a frame yet never misses.
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        let out = run(&mut hb, t0, 0, 600_000, |hb, t| {
+            if t % 500 == 0 {
+                hb.on_read(t0 + ms(t));
+            }
+        });
+        assert!(
+            out.iter().all(|(_, a)| matches!(a, SendPing { .. })),
+            "{out:?}"
+        );
+        assert_eq!(out.len(), 600);
+        assert!(!hb.is_dead());
+    }
+
+    #[test]
+    fn max_missed_one_dies_at_first_silent_interval() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            max_missed: 1,
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        hb.on_read(t0 + ms(10));
+        assert_eq!(step(&mut hb, t0 + ms(1000)), [SendPing { seq: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(1009)), []);
+        assert_eq!(
+            step(&mut hb, t0 + ms(1010)),
+            [Dead {
+                missed: 1,
+                silent_for: ms(1000)
+            }]
+        );
+    }
+
+    #[test]
+    fn miss_and_ping_due_together_come_out_miss_first() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        assert_eq!(
+            step(&mut hb, t0 + ms(1000)),
+            [Missed { count: 1 }, SendPing { seq: 1 }]
+        );
+        assert_eq!(
+            step(&mut hb, t0 + ms(2000)),
+            [Missed { count: 2 }, SendPing { seq: 2 }]
+        );
+        assert_eq!(
+            step(&mut hb, t0 + ms(3000)),
+            [Dead {
+                missed: 3,
+                silent_for: ms(3000)
+            }]
+        );
+    }
+
+    #[test]
+    fn idle_steady_two_way_traffic_sends_no_pings() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Idle), t0);
+        let out = run(&mut hb, t0, 0, 60_000, |hb, t| {
+            if t % 300 == 0 {
+                hb.on_write(t0 + ms(t));
+            }
+            if t % 300 == 150 {
+                hb.on_read(t0 + ms(t));
+            }
+        });
+        assert_eq!(out, []);
+        assert!(!hb.is_dead());
+    }
+
+    #[test]
+    fn idle_writer_only_traffic_still_pings() {
+        // One-way calls: we write all the time and read nothing but the
+        // peer's pongs, 20 ms after each ping.
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Idle), t0);
+        let mut pong_due: Option<(u64, u64)> = None;
+        let mut ping_times = Vec::new();
+        for t in 0..=20_000u64 {
+            let now = t0 + ms(t);
+            if t % 50 == 0 {
+                hb.on_write(now);
+            }
+            if let Some((at, seq)) = pong_due
+                && at == t
+            {
+                hb.on_read(now);
+                assert_eq!(hb.on_pong(now, seq), Some(ms(20)));
+                pong_due = None;
+            }
+            if hb.next_deadline().is_some_and(|d| d <= now) {
+                for a in step(&mut hb, now) {
+                    match a {
+                        SendPing { seq } => {
+                            hb.on_write(now);
+                            ping_times.push(t);
+                            pong_due = Some((t + 20, seq));
+                        }
+                        // The ping goes out when nothing was read for an
+                        // interval, which is also when that interval counts
+                        // as missed; the pong resets the count every time.
+                        Missed { count: 1 } => {}
+                        other => panic!("unexpected {other:?} at {t}"),
+                    }
+                }
+            }
+        }
+        // First ping one interval after creation (nothing read since), then
+        // one interval after each last read (the pong).
+        assert_eq!(ping_times[0], 1000);
+        for w in ping_times.windows(2) {
+            assert_eq!(w[1] - w[0], 1020, "{ping_times:?}");
+        }
+        assert_eq!(ping_times.len(), 19);
+        assert_eq!(hb.srtt(), Some(ms(20)));
+        assert!(!hb.is_dead());
+    }
+
+    #[test]
+    fn idle_reader_only_traffic_pings_once_per_interval() {
+        // The peer streams to us; we write nothing but our pings.
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Idle), t0);
+        let out = run(&mut hb, t0, 0, 10_000, |hb, t| {
+            if t % 100 == 0 {
+                hb.on_read(t0 + ms(t));
+            }
+        });
+        let expected: Vec<_> = (1..=10).map(|k| (k * 1000, SendPing { seq: k })).collect();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn idle_ping_waits_a_full_interval_after_traffic_stops() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            max_missed: 10,
+            ..config(HeartbeatMode::Idle)
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        let out = run(&mut hb, t0, 0, 5000, |hb, t| {
+            if t <= 2300 && t % 100 == 0 {
+                hb.on_read(t0 + ms(t));
+                hb.on_write(t0 + ms(t));
+            }
+        });
+        assert_eq!(
+            out,
+            [
+                (3300, Missed { count: 1 }),
+                (3300, SendPing { seq: 1 }),
+                (4300, Missed { count: 2 }),
+                (4300, SendPing { seq: 2 }),
+            ]
+        );
+    }
+
+    #[test]
+    fn idle_never_pings_more_often_than_once_per_interval() {
+        // Bursty, irregular traffic in both directions, with gaps.
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            max_missed: 1000,
+            ..config(HeartbeatMode::Idle)
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let out = run(&mut hb, t0, 0, 120_000, |hb, t| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match x % 997 {
+                0..=3 => hb.on_read(t0 + ms(t)),
+                4..=7 => hb.on_write(t0 + ms(t)),
+                _ => {}
+            }
+        });
+        let times: Vec<u64> = out
+            .iter()
+            .filter(|(_, a)| matches!(a, SendPing { .. }))
+            .map(|&(t, _)| t)
+            .collect();
+        assert!(times.len() > 10, "{times:?}");
+        for w in times.windows(2) {
+            assert!(w[1] - w[0] >= 1000, "pings too close: {w:?}");
+        }
+    }
+
+    #[test]
+    fn stall_is_not_counted_against_the_peer() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        hb.on_read(t0 + ms(400));
+        // This process is frozen for 3 × bound; the first call after it:
+        let resumed = t0 + ms(400) + hb.config().bound() * 3;
+        assert_eq!(
+            step(&mut hb, resumed),
+            [
+                Stalled {
+                    late_by: resumed - (t0 + ms(1000))
+                },
+                SendPing { seq: 1 }
+            ]
+        );
+        assert!(!hb.is_dead());
+        assert_eq!(hb.missed(), 0);
+        // From now on, fresh evidence: dead only after a full M × I of silence.
+        let mut out = Vec::new();
+        while let Some(d) = hb.next_deadline() {
+            out.extend(step(&mut hb, d).into_iter().map(|a| (d - resumed, a)));
+        }
+        assert_eq!(
+            out,
+            [
+                (ms(1000), Missed { count: 1 }),
+                (ms(1000), SendPing { seq: 2 }),
+                (ms(2000), Missed { count: 2 }),
+                (ms(2000), SendPing { seq: 3 }),
+                (
+                    ms(3000),
+                    Dead {
+                        missed: 3,
+                        silent_for: resumed + ms(3000) - (t0 + ms(400))
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn stall_then_peer_answers_keeps_connection() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        let resumed = t0 + ms(30_000);
+        let actions = step(&mut hb, resumed);
+        assert!(matches!(actions[..], [Stalled { .. }, SendPing { seq: 1 }]));
+        hb.on_read(resumed + ms(5));
+        assert_eq!(hb.on_pong(resumed + ms(5), 1), Some(ms(5)));
+        assert_eq!(step(&mut hb, resumed + ms(1000)), [SendPing { seq: 2 }]);
+        assert_eq!(hb.missed(), 0);
+    }
+
+    #[test]
+    fn stall_detected_from_ping_deadline_when_bytes_were_read_on_resume() {
+        // On resume the shell first drains the socket (buffered bytes), then
+        // the timer fires: the ping deadline still reveals the stall.
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        let resumed = t0 + ms(9000);
+        hb.on_read(resumed);
+        assert_eq!(
+            step(&mut hb, resumed),
+            [Stalled { late_by: ms(8000) }, SendPing { seq: 1 }]
+        );
+    }
+
+    #[test]
+    fn stall_with_send_pings_false_still_sends_one_ping() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            send_pings: false,
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        assert_eq!(
+            step(&mut hb, t0 + ms(20_000)),
+            [
+                Stalled {
+                    late_by: ms(19_000)
+                },
+                SendPing { seq: 1 }
+            ]
+        );
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(21_000)));
+        assert_eq!(step(&mut hb, t0 + ms(21_000)), [Missed { count: 1 }]);
+    }
+
+    #[test]
+    fn lateness_below_threshold_counts_misses() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            send_pings: false,
+            stall_threshold: Some(ms(5000)),
+            max_missed: 5,
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        // 2.5 s late, below the 5 s threshold: the count jumps to 3.
+        assert_eq!(step(&mut hb, t0 + ms(3500)), [Missed { count: 3 }]);
+        // Exactly the threshold late counts as a stall.
+        assert_eq!(
+            step(&mut hb, t0 + ms(9000)),
+            [Stalled { late_by: ms(5000) }, SendPing { seq: 1 }]
+        );
+        assert_eq!(hb.missed(), 0);
+    }
+
+    #[test]
+    fn stall_threshold_below_interval() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            stall_threshold: Some(ms(100)),
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        hb.on_read(t0 + ms(500));
+        assert_eq!(step(&mut hb, t0 + ms(1099)), [SendPing { seq: 1 }]);
+        assert_eq!(
+            step(&mut hb, t0 + ms(1600)),
+            [Stalled { late_by: ms(100) }, SendPing { seq: 2 }]
+        );
+    }
+
+    #[test]
+    fn pong_gives_rtt_and_smoothed_srtt() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        assert_eq!(
+            step(&mut hb, t0 + ms(1000)),
+            [Missed { count: 1 }, SendPing { seq: 1 }]
+        );
+        assert_eq!(hb.on_pong(t0 + ms(1080), 1), Some(ms(80)));
+        assert_eq!(hb.srtt(), Some(ms(80)));
+        hb.on_read(t0 + ms(1080));
+        assert_eq!(step(&mut hb, t0 + ms(2000)), [SendPing { seq: 2 }]);
+        assert_eq!(hb.on_pong(t0 + ms(2160), 2), Some(ms(160)));
+        // 7/8 × 80 + 1/8 × 160 = 90
+        assert_eq!(hb.srtt(), Some(ms(90)));
+        hb.on_read(t0 + ms(2160));
+        assert_eq!(step(&mut hb, t0 + ms(3000)), [SendPing { seq: 3 }]);
+        assert_eq!(hb.on_pong(t0 + ms(3010), 3), Some(ms(10)));
+        // 7/8 × 90 + 1/8 × 10 = 80
+        assert_eq!(hb.srtt(), Some(ms(80)));
+    }
+
+    #[test]
+    fn pong_with_unknown_or_duplicate_seq_is_ignored() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        assert_eq!(hb.on_pong(t0, 1), None);
+        hb.handle_timeout(t0 + ms(1000));
+        drain(&mut hb);
+        assert_eq!(hb.on_pong(t0 + ms(1001), 0), None);
+        assert_eq!(hb.on_pong(t0 + ms(1001), 2), None);
+        assert_eq!(hb.on_pong(t0 + ms(1001), 1 + PING_HISTORY as u64), None);
+        assert_eq!(hb.srtt(), None);
+        assert_eq!(hb.on_pong(t0 + ms(1002), 1), Some(ms(2)));
+        assert_eq!(hb.on_pong(t0 + ms(1003), 1), None, "duplicate pong");
+        assert_eq!(hb.srtt(), Some(ms(2)));
+    }
+
+    #[test]
+    fn pong_ring_remembers_only_the_last_pings() {
+        let t0 = Instant::now();
+        let c = HeartbeatConfig {
+            max_missed: 100,
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(c, t0);
+        for s in 1..=10u64 {
+            hb.handle_timeout(t0 + ms(1000 * s));
+        }
+        assert_eq!(pings(&drain(&mut hb)), 10);
+        let now = t0 + ms(10_500);
+        assert_eq!(hb.on_pong(now, 1), None);
+        assert_eq!(hb.on_pong(now, 2), None);
+        assert_eq!(hb.on_pong(now, 3), Some(ms(7500)));
+        assert_eq!(hb.on_pong(now, 10), Some(ms(500)));
+    }
+
+    #[test]
+    fn send_pings_false_never_pings_but_detects_silence() {
+        for mode in [HeartbeatMode::Fixed, HeartbeatMode::Idle] {
+            let t0 = Instant::now();
+            let c = HeartbeatConfig {
+                send_pings: false,
+                ..config(mode)
+            };
+            let mut hb = Heartbeat::new(c, t0);
+            // Kept alive by the peer's pings, every 900 ms, for a minute.
+            let out = run(&mut hb, t0, 0, 60_000, |hb, t| {
+                if t % 900 == 0 {
+                    hb.on_read(t0 + ms(t));
+                }
+            });
+            assert_eq!(out, [], "{mode:?}");
+            // Then the peer falls silent (last read at 59.4 s).
+            let out = run(&mut hb, t0, 60_001, 70_000, |_, _| {});
+            assert_eq!(
+                out,
+                [
+                    (60_400, Missed { count: 1 }),
+                    (61_400, Missed { count: 2 }),
+                    (
+                        62_400,
+                        Dead {
+                            missed: 3,
+                            silent_for: ms(3000)
+                        }
+                    ),
+                ],
+                "{mode:?}"
+            );
+        }
+    }
+
+    proptest! {
+        /// A silent peer is declared dead within one timer tick after
+        /// `t_silent + M × I`, and never before, when the shell rounds each
+        /// deadline up to its tick (and sometimes fires early).
+        #[test]
+        fn silent_peer_dead_within_one_tick(
+            interval_ms in 21u64..2_000,
+            max_missed in 1u32..6,
+            idle in any::<bool>(),
+            send_pings in any::<bool>(),
+            tick_ms in 1u64..=20,
+            reads in proptest::collection::vec(0u64..10_000, 0..40),
+            early_every in 0u64..5,
+        ) {
+            let t0 = Instant::now();
+            let config = HeartbeatConfig {
+                interval: ms(interval_ms),
+                max_missed,
+                mode: if idle { HeartbeatMode::Idle } else { HeartbeatMode::Fixed },
+                send_pings,
+                stall_threshold: None,
+            };
+            let bound = config.bound();
+            let mut hb = Heartbeat::new(config, t0);
+            let tick = ms(tick_ms);
+            let round_up = |d: Instant| {
+                let n = (d - t0).as_nanos().div_ceil(tick.as_nanos());
+                t0 + tick * u32::try_from(n).unwrap()
+            };
+
+            // Reads from a live peer, in order, each before the miss deadline
+            // so the peer stays alive; the last one is t_silent.
+            let mut reads = reads;
+            reads.sort_unstable();
+            let mut reads = reads.into_iter().map(|r| t0 + ms(r)).peekable();
+            let mut t_silent = t0;
+            let mut timer = round_up(hb.next_deadline().unwrap());
+            let mut calls = 0u64;
+            let mut last_input = t0;
+            let dead_at = loop {
+                if let Some(&r) = reads.peek()
+                    && r < timer
+                {
+                    reads.next();
+                    // A read after the peer should already be dead is dropped.
+                    if r < t_silent + bound {
+                        hb.on_read(r);
+                        t_silent = r;
+                        last_input = r;
+                    }
+                    continue;
+                }
+                // Now and then an extra call 1 ns before the real deadline
+                // (time never going backwards): it must do nothing.
+                calls += 1;
+                let deadline = hb.next_deadline().unwrap();
+                let early = deadline - Duration::from_nanos(1);
+                if early_every > 0 && calls.is_multiple_of(early_every) && early >= last_input {
+                    hb.handle_timeout(early);
+                    prop_assert_eq!(hb.poll_action(), None);
+                }
+                hb.handle_timeout(timer);
+                last_input = timer;
+                let mut died = false;
+                while let Some(a) = hb.poll_action() {
+                    match a {
+                        Stalled { .. } => prop_assert!(false, "false stall at {:?}", timer - t0),
+                        Dead { missed, silent_for } => {
+                            prop_assert_eq!(missed, max_missed);
+                            prop_assert_eq!(silent_for, timer - t_silent);
+                            died = true;
+                        }
+                        Missed { count } => prop_assert!(count < max_missed),
+                        SendPing { .. } => {
+                            prop_assert!(send_pings);
+                            hb.on_write(timer);
+                        }
+                    }
+                }
+                if died {
+                    break timer;
+                }
+                match hb.next_deadline() {
+                    Some(d) => {
+                        prop_assert!(d > timer);
+                        timer = round_up(d);
+                    }
+                    None => prop_assert!(false, "no deadline while alive"),
+                }
+            };
+            prop_assert!(hb.is_dead());
+            prop_assert_eq!(hb.next_deadline(), None);
+            prop_assert!(dead_at >= t_silent + bound, "dead early: {:?}", dead_at - t0);
+            prop_assert!(dead_at <= t_silent + bound + tick, "dead late: {:?}", dead_at - t0);
+        }
+    }
+}

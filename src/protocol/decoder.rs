@@ -1,0 +1,665 @@
+//! Incremental frame decoder for a byte stream.
+//!
+//! # Implementation notes
+//!
+//! Bytes live in one read buffer (`buf`) between a read offset `start` and a
+//! write offset `end`. Returning a frame only moves `start`, so many small
+//! frames received in one read cost one copy each (their body into its own
+//! `Vec`) and no memmove. The unread tail is moved to the front only when the
+//! spare space at the end runs low, or for free when the buffer empties.
+//!
+//! A frame whose body is bigger than [`LARGE_BODY`] and not yet complete leaves
+//! the read buffer: its body `Vec` becomes the destination of the following
+//! reads ([`FrameDecoder::read_from`] reads straight into it), and it grows
+//! geometrically with the bytes actually received, never to the announced
+//! `body_len` up front. A peer that announces 16 MiB and sends 10 bytes costs
+//! at most [`READ_CHUNK`] bytes of body allocation.
+//!
+//! Every header is validated as soon as its 20 bytes are buffered and
+//! [`FrameDecoder::next_frame`] is called, before anything is allocated for
+//! its body.
+
+use std::io;
+
+use super::{FrameError, HEADER_LEN, Header};
+
+/// Size of the read buffer and of one read: 64 KiB.
+const READ_CHUNK: usize = 64 * 1024;
+/// A read into the read buffer is preceded by a compaction when less than this
+/// much space is left at its end.
+const MIN_READ: usize = 8 * 1024;
+/// Incomplete frames with a body above this size get their own body buffer
+/// that the next reads fill directly.
+const LARGE_BODY: usize = READ_CHUNK / 2;
+/// An empty read buffer that grew above this size (by a large `feed` or
+/// frames left undrained) is shrunk back to [`READ_CHUNK`].
+const MAX_IDLE_BUF: usize = 4 * READ_CHUNK;
+
+/// One complete frame: its validated header and its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The validated header; `header.body_len == body.len()`.
+    pub header: Header,
+    /// The raw body bytes (MessagePack for every kind of version 1).
+    pub body: Vec<u8>,
+}
+
+/// A large body being received straight into its own buffer.
+#[derive(Debug)]
+struct Partial {
+    header: Header,
+    /// Zero-initialised space; `body[..filled]` holds received bytes.
+    body: Vec<u8>,
+    filled: usize,
+}
+
+impl Partial {
+    fn body_len(&self) -> usize {
+        self.header.body_len as usize
+    }
+
+    fn is_complete(&self) -> bool {
+        self.filled >= self.body_len()
+    }
+
+    /// Unfilled space for the body, grown (by doubling, at least one
+    /// [`READ_CHUNK`], never past `body_len`) when the current space is full.
+    /// Empty only when the body is complete.
+    fn spare(&mut self) -> &mut [u8] {
+        let target = self.body_len();
+        if self.filled >= self.body.len() && self.body.len() < target {
+            let grown = self
+                .body
+                .len()
+                .saturating_add(self.body.len().max(READ_CHUNK));
+            let new_len = grown.min(target);
+            self.body.reserve_exact(new_len - self.body.len());
+            self.body.resize(new_len, 0);
+        }
+        self.body.get_mut(self.filled..).unwrap_or_default()
+    }
+
+    /// Copies as much of `bytes` as the body still needs; returns how many.
+    fn fill_from(&mut self, mut bytes: &[u8]) -> usize {
+        let mut taken = 0;
+        while !bytes.is_empty() {
+            let spare = self.spare();
+            let n = spare.len().min(bytes.len());
+            if n == 0 {
+                break;
+            }
+            let (now, rest) = bytes.split_at(n);
+            if let Some(dst) = spare.get_mut(..n) {
+                dst.copy_from_slice(now);
+            }
+            self.filled += n;
+            taken += n;
+            bytes = rest;
+        }
+        taken
+    }
+
+    fn into_frame(mut self) -> Frame {
+        self.body.truncate(self.filled);
+        Frame {
+            header: self.header,
+            body: self.body,
+        }
+    }
+}
+
+/// Splits a byte stream into [`Frame`]s, incrementally and with bounded memory.
+///
+/// Bytes go in through [`feed`](Self::feed) (pure callers, tests) or
+/// [`read_from`](Self::read_from) (one `read` on a socket); frames come out of
+/// [`next_frame`](Self::next_frame). The decoder never touches a socket by
+/// itself and never blocks.
+///
+/// After the first error the decoder is poisoned: `next_frame` returns the same
+/// error forever, buffered bytes are dropped and new ones are discarded. The
+/// caller is expected to send Close(ProtocolError) with the error as reason
+/// and close the connection.
+///
+/// # Example
+///
+/// ```
+/// use pulse::protocol::{encode_ping, FrameDecoder, Kind, DEFAULT_MAX_FRAME_LEN};
+///
+/// let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+/// let bytes = encode_ping(7);
+/// decoder.feed(&bytes[..5]);
+/// assert_eq!(decoder.next_frame(), Ok(None)); // header incomplete
+/// decoder.feed(&bytes[5..]);
+/// let frame = decoder.next_frame()?.expect("a whole ping was fed");
+/// assert_eq!((frame.header.kind, frame.header.id), (Kind::Ping, 7));
+/// assert!(!decoder.is_mid_frame());
+/// # Ok::<(), pulse::protocol::FrameError>(())
+/// ```
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame_len: u32,
+    /// Read buffer; allocated lazily, zero-initialised, `buf.len()` is its size.
+    buf: Vec<u8>,
+    /// First unconsumed byte of `buf`.
+    start: usize,
+    /// One past the last received byte of `buf`.
+    end: usize,
+    /// A large incomplete body; while it is set, `start == end`.
+    partial: Option<Partial>,
+    /// Set by the first error; returned by every later `next_frame`.
+    poisoned: Option<FrameError>,
+}
+
+impl FrameDecoder {
+    /// A decoder that rejects any frame whose `body_len` exceeds `max_frame_len`.
+    ///
+    /// Allocates nothing until bytes arrive.
+    pub fn new(max_frame_len: u32) -> Self {
+        FrameDecoder {
+            max_frame_len,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            partial: None,
+            poisoned: None,
+        }
+    }
+
+    /// The largest `body_len` this decoder accepts.
+    pub fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
+    }
+
+    /// Appends received bytes. Nothing is decoded until [`next_frame`](Self::next_frame).
+    ///
+    /// Bytes fed to a poisoned decoder are discarded.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        if self.poisoned.is_some() || bytes.is_empty() {
+            return;
+        }
+        if let Some(partial) = self.partial.as_mut() {
+            let taken = partial.fill_from(bytes);
+            bytes = bytes.get(taken..).unwrap_or_default();
+            if bytes.is_empty() {
+                return;
+            }
+        }
+        self.make_room(bytes.len());
+        if let Some(dst) = self.buf.get_mut(self.end..self.end + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.end += bytes.len();
+        }
+    }
+
+    /// Performs exactly one `reader.read()` into the decoder's spare space and
+    /// returns what it returned: the number of bytes read, `0` meaning end of
+    /// stream.
+    ///
+    /// While a large body is incomplete the read goes straight into that
+    /// body's buffer and never past its end; otherwise into the read buffer,
+    /// up to [`READ_CHUNK`] (64 KiB) at a time. On a poisoned decoder the
+    /// bytes are read and discarded, so a caller can still drain to EOF.
+    ///
+    /// # Errors
+    ///
+    /// Any error of `reader.read()`, including `WouldBlock` and `Interrupted`,
+    /// is returned as is; the decoder is unchanged.
+    pub fn read_from<R: io::Read>(&mut self, mut reader: R) -> io::Result<usize> {
+        if self.poisoned.is_some() {
+            self.start = 0;
+            self.end = 0;
+            self.ensure_buf();
+            return reader.read(&mut self.buf);
+        }
+        if let Some(partial) = self.partial.as_mut() {
+            let spare = partial.spare();
+            let room = spare.len();
+            let n = reader.read(spare)?.min(room);
+            partial.filled += n;
+            return Ok(n);
+        }
+        self.make_room(MIN_READ);
+        let Some(spare) = self.buf.get_mut(self.end..) else {
+            return Ok(0);
+        };
+        let room = spare.len();
+        let n = reader.read(spare)?.min(room);
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Returns the next complete frame, or `None` when more bytes are needed.
+    ///
+    /// # Errors
+    ///
+    /// A [`FrameError`] as soon as a buffered header is invalid (see
+    /// [`Header::decode`]), before anything is allocated for its body. The
+    /// decoder is then poisoned and returns the same error on every call.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(err) = &self.poisoned {
+            return Err(err.clone());
+        }
+        if let Some(partial) = self.partial.take() {
+            if partial.is_complete() {
+                return Ok(Some(partial.into_frame()));
+            }
+            self.partial = Some(partial);
+            return Ok(None);
+        }
+        let pending = self.buf.get(self.start..self.end).unwrap_or_default();
+        let Some(header_bytes) = pending
+            .get(..HEADER_LEN)
+            .and_then(|bytes| <&[u8; HEADER_LEN]>::try_from(bytes).ok())
+        else {
+            return Ok(None);
+        };
+        let header = match Header::decode(header_bytes, self.max_frame_len) {
+            Ok(header) => header,
+            Err(err) => return Err(self.poison(err)),
+        };
+        let body_len = header.body_len as usize;
+        let received = pending.get(HEADER_LEN..).unwrap_or_default();
+        if let Some(body) = received.get(..body_len) {
+            let body = body.to_vec();
+            self.consume(HEADER_LEN + body_len);
+            return Ok(Some(Frame { header, body }));
+        }
+        if body_len > LARGE_BODY {
+            // Move the received part of the body into its own buffer; the
+            // next reads fill it directly.
+            let mut partial = Partial {
+                header,
+                body: Vec::new(),
+                filled: 0,
+            };
+            partial.fill_from(received);
+            self.consume(HEADER_LEN + received.len());
+            self.partial = Some(partial);
+        }
+        Ok(None)
+    }
+
+    /// True when bytes are buffered that do not (yet) form a complete frame,
+    /// i.e. the peer stopped in the middle of a frame if the stream ends now.
+    /// Buffered complete frames that were not yet taken do not count.
+    pub fn is_mid_frame(&self) -> bool {
+        if let Some(partial) = &self.partial {
+            return !partial.is_complete();
+        }
+        let pending = self.buf.get(self.start..self.end).unwrap_or_default();
+        if pending.is_empty() {
+            return false;
+        }
+        // Only the length field matters here; validity is next_frame's business.
+        match pending.get(16..HEADER_LEN) {
+            Some(&[l0, l1, l2, l3]) => {
+                let body_len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+                pending.len() - HEADER_LEN < body_len
+            }
+            _ => true,
+        }
+    }
+
+    /// Bytes received and not yet returned in a frame (including the header
+    /// of a large frame being received).
+    pub fn buffered_len(&self) -> usize {
+        let partial = self
+            .partial
+            .as_ref()
+            .map_or(0, |partial| HEADER_LEN + partial.filled);
+        self.end - self.start + partial
+    }
+
+    /// Bytes currently allocated by the decoder: the read buffer plus the
+    /// buffer of a large body being received.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+            + self
+                .partial
+                .as_ref()
+                .map_or(0, |partial| partial.body.capacity())
+    }
+
+    fn poison(&mut self, err: FrameError) -> FrameError {
+        self.poisoned = Some(err.clone());
+        self.partial = None;
+        self.start = 0;
+        self.end = 0;
+        err
+    }
+
+    fn ensure_buf(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = vec![0; READ_CHUNK];
+        }
+    }
+
+    /// Marks `n` buffered bytes as consumed; an emptied buffer restarts at 0.
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > MAX_IDLE_BUF {
+                self.buf.truncate(READ_CHUNK);
+                self.buf.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Makes at least `want` bytes of spare space after `end`: compacts
+    /// (moves the unread bytes to the front) and grows the buffer only when
+    /// needed.
+    fn make_room(&mut self, want: usize) {
+        self.ensure_buf();
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let needed = self.end.saturating_add(want);
+        if self.buf.len() < needed {
+            let new_len = needed.max(self.buf.len().saturating_mul(2));
+            self.buf.resize(new_len, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DEFAULT_MAX_FRAME_LEN, Kind};
+
+    fn frame_bytes(kind: Kind, id: u64, body: &[u8]) -> Vec<u8> {
+        let mut out = Header::new(kind, 0, id, body.len() as u32)
+            .encode()
+            .to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn drain(decoder: &mut FrameDecoder) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(frame) = decoder.next_frame().expect("valid stream") {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// A reader that hands out its data in fixed-size pieces and counts reads.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        piece: usize,
+        reads: usize,
+    }
+
+    impl io::Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            let n = self.piece.min(buf.len()).min(self.data.len());
+            let (now, rest) = self.data.split_at(n);
+            buf[..n].copy_from_slice(now);
+            self.data = rest;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frame_split_byte_by_byte() {
+        let bytes = frame_bytes(Kind::Request, 5, b"hello");
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        for (i, byte) in bytes.iter().enumerate() {
+            assert_eq!(decoder.next_frame(), Ok(None));
+            decoder.feed(std::slice::from_ref(byte));
+            assert_eq!(decoder.buffered_len(), i + 1);
+            assert_eq!(decoder.is_mid_frame(), i + 1 < bytes.len());
+        }
+        let frame = decoder.next_frame().unwrap().unwrap();
+        assert_eq!(frame.header, Header::new(Kind::Request, 0, 5, 5));
+        assert_eq!(frame.body, b"hello");
+        assert_eq!(decoder.next_frame(), Ok(None));
+        assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    #[test]
+    fn many_frames_in_one_feed() {
+        let mut bytes = Vec::new();
+        for id in 0..1000u64 {
+            bytes.extend(frame_bytes(
+                Kind::Response,
+                id,
+                &id.to_be_bytes()[..(id % 9) as usize],
+            ));
+        }
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        decoder.feed(&bytes);
+        let frames = drain(&mut decoder);
+        assert_eq!(frames.len(), 1000);
+        for (id, frame) in frames.iter().enumerate() {
+            let id = id as u64;
+            assert_eq!(frame.header.id, id);
+            assert_eq!(frame.body, &id.to_be_bytes()[..(id % 9) as usize]);
+        }
+        assert!(!decoder.is_mid_frame());
+        assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    #[test]
+    fn read_offset_advances_instead_of_moving_bytes() {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut bytes = frame_bytes(Kind::Ping, 1, b"");
+        bytes.extend(frame_bytes(Kind::Ping, 2, b"ab"));
+        bytes.extend(&frame_bytes(Kind::Ping, 3, b"")[..7]);
+        decoder.feed(&bytes);
+        assert_eq!(decoder.next_frame().unwrap().unwrap().header.id, 1);
+        assert_eq!(decoder.start, HEADER_LEN);
+        assert_eq!(decoder.next_frame().unwrap().unwrap().header.id, 2);
+        assert_eq!(decoder.start, 2 * HEADER_LEN + 2);
+        assert_eq!(decoder.next_frame(), Ok(None));
+        assert!(decoder.is_mid_frame());
+        assert_eq!(decoder.buffered_len(), 7);
+    }
+
+    #[test]
+    fn zero_length_bodies() {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut bytes = frame_bytes(Kind::Ping, 1, b"");
+        bytes.extend(frame_bytes(Kind::Pong, 1, b""));
+        decoder.feed(&bytes);
+        let frames = drain(&mut decoder);
+        assert_eq!(frames.len(), 2);
+        assert!(
+            frames
+                .iter()
+                .all(|frame| frame.body.is_empty() && frame.header.body_len == 0)
+        );
+        assert_eq!(frames[1].header.kind, Kind::Pong);
+    }
+
+    #[test]
+    fn zero_max_frame_len_accepts_only_empty_bodies() {
+        let mut decoder = FrameDecoder::new(0);
+        decoder.feed(&frame_bytes(Kind::Ping, 1, b""));
+        assert!(decoder.next_frame().unwrap().is_some());
+        decoder.feed(&frame_bytes(Kind::Ping, 2, b"x"));
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::TooLong { len: 1, max: 0 })
+        );
+    }
+
+    #[test]
+    fn four_gib_body_len_rejected_without_allocating() {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut bytes = Header::new(Kind::Request, 0, 1, u32::MAX).encode().to_vec();
+        bytes.extend([0xaa; 10]);
+        decoder.feed(&bytes);
+        let err = FrameError::TooLong {
+            len: u32::MAX,
+            max: DEFAULT_MAX_FRAME_LEN,
+        };
+        assert_eq!(decoder.next_frame(), Err(err.clone()));
+        assert!(
+            decoder.capacity() <= READ_CHUNK,
+            "capacity {}",
+            decoder.capacity()
+        );
+    }
+
+    #[test]
+    fn four_gib_body_len_accepted_allocates_only_what_arrives() {
+        let mut decoder = FrameDecoder::new(u32::MAX);
+        let mut bytes = Header::new(Kind::Request, 0, 1, u32::MAX).encode().to_vec();
+        bytes.extend([0xaa; 10]);
+        decoder.feed(&bytes);
+        assert_eq!(decoder.next_frame(), Ok(None));
+        assert!(decoder.is_mid_frame());
+        assert_eq!(decoder.buffered_len(), 30);
+        assert!(
+            decoder.capacity() <= 2 * READ_CHUNK,
+            "capacity {}",
+            decoder.capacity()
+        );
+    }
+
+    #[test]
+    fn big_claim_small_delivery_grows_progressively() {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let header = Header::new(Kind::Request, 0, 1, DEFAULT_MAX_FRAME_LEN).encode();
+        let mut reader = Chunked {
+            data: &header,
+            piece: usize::MAX,
+            reads: 0,
+        };
+        assert_eq!(decoder.read_from(&mut reader).unwrap(), HEADER_LEN);
+        assert_eq!(decoder.next_frame(), Ok(None));
+        let one_mib = vec![7u8; 1 << 20];
+        let mut reader = Chunked {
+            data: &one_mib,
+            piece: 4096,
+            reads: 0,
+        };
+        while decoder.read_from(&mut reader).unwrap() > 0 {
+            assert_eq!(decoder.next_frame(), Ok(None));
+            let received = decoder.buffered_len();
+            assert!(
+                decoder.capacity() <= 2 * received + 2 * READ_CHUNK,
+                "capacity {} for {received} bytes",
+                decoder.capacity()
+            );
+        }
+        assert_eq!(decoder.buffered_len(), HEADER_LEN + (1 << 20));
+    }
+
+    #[test]
+    fn large_body_is_read_straight_into_its_buffer_and_not_past_it() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut bytes = frame_bytes(Kind::Response, 9, &body);
+        bytes.extend(frame_bytes(Kind::Pong, 10, b""));
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut reader = Chunked {
+            data: &bytes,
+            piece: 10_000,
+            reads: 0,
+        };
+        let mut frames = Vec::new();
+        while decoder.read_from(&mut reader).unwrap() > 0 {
+            frames.extend(drain(&mut decoder));
+            if let Some(partial) = &decoder.partial {
+                assert!(partial.filled <= body.len());
+                assert_eq!(decoder.start, decoder.end);
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].body, body);
+        assert_eq!(frames[0].body.capacity(), body.len());
+        assert_eq!(frames[1].header, Header::new(Kind::Pong, 0, 10, 0));
+        assert!(!decoder.is_mid_frame());
+    }
+
+    #[test]
+    fn read_from_does_one_read_and_passes_errors_through() {
+        struct Failing(io::ErrorKind, usize);
+        impl io::Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                self.1 += 1;
+                Err(self.0.into())
+            }
+        }
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        for kind in [
+            io::ErrorKind::WouldBlock,
+            io::ErrorKind::Interrupted,
+            io::ErrorKind::ConnectionReset,
+        ] {
+            let mut reader = Failing(kind, 0);
+            assert_eq!(decoder.read_from(&mut reader).unwrap_err().kind(), kind);
+            assert_eq!(reader.1, 1);
+        }
+        let data = [1u8; 100_000];
+        let mut reader = Chunked {
+            data: &data,
+            piece: usize::MAX,
+            reads: 0,
+        };
+        assert_eq!(decoder.read_from(&mut reader).unwrap(), READ_CHUNK);
+        assert_eq!(reader.reads, 1);
+        let mut eof = Chunked {
+            data: &[],
+            piece: 1,
+            reads: 0,
+        };
+        assert_eq!(decoder.read_from(&mut eof).unwrap(), 0);
+    }
+
+    #[test]
+    fn poisoned_after_error() {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut bytes = frame_bytes(Kind::Ping, 1, b"");
+        bytes.extend(b"XL\x01\x04\x01\0\0\0\0\0\0\0\0\0\0\x02\0\0\0\0");
+        bytes.extend(frame_bytes(Kind::Ping, 3, b""));
+        decoder.feed(&bytes);
+        assert_eq!(decoder.next_frame().unwrap().unwrap().header.id, 1);
+        let err = FrameError::BadMagic(*b"XL");
+        for _ in 0..3 {
+            assert_eq!(decoder.next_frame(), Err(err.clone()));
+        }
+        decoder.feed(&frame_bytes(Kind::Ping, 4, b""));
+        assert_eq!(decoder.next_frame(), Err(err.clone()));
+        let data = frame_bytes(Kind::Ping, 5, b"");
+        let mut reader = Chunked {
+            data: &data,
+            piece: usize::MAX,
+            reads: 0,
+        };
+        assert_eq!(decoder.read_from(&mut reader).unwrap(), HEADER_LEN);
+        assert_eq!(decoder.next_frame(), Err(err));
+        assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    #[test]
+    fn undrained_reads_grow_the_buffer_instead_of_losing_bytes() {
+        let data: Vec<u8> = (0..10)
+            .flat_map(|id| frame_bytes(Kind::Request, id, &[3; 30_000]))
+            .collect();
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut reader = Chunked {
+            data: &data,
+            piece: usize::MAX,
+            reads: 0,
+        };
+        while decoder.read_from(&mut reader).unwrap() > 0 {}
+        assert_eq!(decoder.buffered_len(), data.len());
+        let frames = drain(&mut decoder);
+        assert_eq!(frames.len(), 10);
+        assert!(frames.iter().all(|frame| frame.body == [3; 30_000]));
+        assert!(
+            decoder.capacity() <= MAX_IDLE_BUF,
+            "shrunk back: {}",
+            decoder.capacity()
+        );
+    }
+}

@@ -1,0 +1,862 @@
+//! One event loop: owns its connections and drives their I/O and liveness.
+//!
+//! Each turn it (1) polls, (2) handles readiness — reads before anything else,
+//! so bytes that arrived are counted as proof of life before any deadline is
+//! judged — and (3) drains its command channel (timers, new sockets, links,
+//! shutdown). It reads every readable socket until `WouldBlock` (edge
+//! triggered), and registers each socket once for both read and write: writes
+//! happen from whichever thread sends (see `outbound`), and the loop only
+//! resumes a write that the socket refused.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crossbeam_channel::Receiver;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use socket2::Socket;
+
+use super::conn::{CallTable, ConnShared};
+use super::outbound::{Class, Flush, Outbound};
+use super::{Command, LISTENER_TOKEN, LoopHandle, PeerInfo, TimerEvent, TimerTarget, WAKER_TOKEN, socket};
+use crate::client::{Link, LinkState};
+use crate::event::{DisconnectReason, Event};
+use crate::liveness::{Backoff, Heartbeat, HeartbeatAction};
+use crate::protocol::{
+    CloseStatus, Frame, FrameDecoder, Kind, ResponseStatus, decode_text_body, encode_close, encode_error_response,
+    encode_ping, encode_pong,
+};
+use crate::server::ServerShared;
+use crate::timer::TimerHandle;
+
+/// Readiness events handled per poll call at most.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Consumer: TCP connect in progress, to finish by the deadline.
+    Connecting { deadline: Instant },
+    /// Consumer: connected, our first Ping sent, waiting for any frame back.
+    Handshaking,
+    /// Calls flow.
+    Ready,
+    /// Our Close frame is queued; the socket closes once it is written or at
+    /// the deadline, whichever comes first. Nothing else is sent or read.
+    Closing { deadline: Instant },
+}
+
+/// Which side of the protocol a connection plays here.
+enum Role {
+    /// We called out; responses go to waiting callers.
+    Consumer { link: Arc<Link> },
+    /// We accepted; requests go to the server's services.
+    Provider { server: Arc<ServerShared> },
+}
+
+/// The loop-owned state of one connection.
+struct Conn {
+    shared: Arc<ConnShared>,
+    decoder: FrameDecoder,
+    heartbeat: Heartbeat,
+    role: Role,
+    phase: Phase,
+    /// The connection reached `Ready` at some point (so its end is a
+    /// disconnect, not a failed attempt).
+    was_ready: bool,
+    /// Why the connection is closing, once it is.
+    closing_reason: Option<DisconnectReason>,
+    /// The deadline the timer thread holds for this connection, if any.
+    armed: Option<Instant>,
+    /// Latest write time already fed to the heartbeat.
+    fed_write: Option<Instant>,
+    connected_since: SystemTime,
+}
+
+/// A consumer link this loop keeps connected.
+struct LinkCtl {
+    link: Arc<Link>,
+    backoff: Backoff,
+    /// Slab token of the link's current connection (any phase).
+    conn: Option<usize>,
+    /// The client is gone: close, do not reconnect.
+    removed: bool,
+}
+
+/// Whether the connection survived handling some input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Open,
+    Closed,
+}
+
+pub(super) struct EventLoop {
+    index: usize,
+    poll: Poll,
+    commands: Receiver<Command>,
+    /// Every loop of the runtime (index = loop index), for handing out
+    /// accepted sockets round-robin and for connections to reach their owner.
+    loops: Vec<LoopHandle>,
+    timer: TimerHandle<TimerEvent>,
+    conns: Slab<Conn>,
+    links: HashMap<u64, LinkCtl>,
+    listener: Option<(Socket, Arc<ServerShared>)>,
+    next_loop: usize,
+    /// Exit once no connection is left.
+    exiting: bool,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        index: usize,
+        poll: Poll,
+        commands: Receiver<Command>,
+        loops: Vec<LoopHandle>,
+        timer: TimerHandle<TimerEvent>,
+    ) -> EventLoop {
+        EventLoop {
+            index,
+            poll,
+            commands,
+            loops,
+            timer,
+            conns: Slab::new(),
+            links: HashMap::new(),
+            listener: None,
+            next_loop: index,
+            exiting: false,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("event loop {}: poll failed, closing its connections: {e}", self.index);
+                self.exit_now();
+                return;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN => {}
+                    LISTENER_TOKEN => self.accept_all(now),
+                    Token(token) => self.on_ready(token, event, now),
+                }
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                self.on_command(command);
+            }
+            if self.exiting && self.conns.is_empty() {
+                log::debug!("event loop {} exits", self.index);
+                return;
+            }
+        }
+    }
+
+    // ----- readiness -----------------------------------------------------------
+
+    fn on_ready(&mut self, token: usize, event: &mio::event::Event, now: Instant) {
+        let Some(conn) = self.conns.get(token) else { return };
+        if let Phase::Connecting { .. } = conn.phase {
+            self.finish_connect(token, now);
+            return;
+        }
+        if (event.is_readable() || event.is_read_closed() || event.is_error())
+            && self.read(token, now) == Flow::Closed
+        {
+            return;
+        }
+        if event.is_writable() || event.is_error() {
+            self.resume_write(token, now);
+        }
+    }
+
+    fn resume_write(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get(token) else { return };
+        let flushed = conn.shared.out.flush(&conn.shared.socket);
+        match (flushed, conn.phase) {
+            (Err(_), Phase::Closing { .. }) => self.finalize(token, now),
+            (Err(_), _) => self.close(token, DisconnectReason::Io("write failed".into()), None, now),
+            (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_empty() => self.finalize(token, now),
+            _ => {}
+        }
+    }
+
+    /// Reads until `WouldBlock`, handling every complete frame.
+    fn read(&mut self, token: usize, now: Instant) -> Flow {
+        loop {
+            let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+            if let Phase::Closing { .. } = conn.phase {
+                // Nothing read matters any more; let the socket buffer absorb it.
+                return Flow::Open;
+            }
+            match conn.decoder.read_from(&conn.shared.socket) {
+                Ok(0) => {
+                    let reason = DisconnectReason::PeerClosed {
+                        status: None,
+                        detail: "connection closed by the peer without a Close frame".into(),
+                    };
+                    self.close(token, reason, None, now);
+                    return Flow::Closed;
+                }
+                Ok(_) => {
+                    // Any bytes, even of an unfinished frame, prove the peer alive.
+                    conn.heartbeat.on_read(now);
+                    loop {
+                        let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+                        match conn.decoder.next_frame() {
+                            Ok(Some(frame)) => {
+                                if self.on_frame(token, frame, now) == Flow::Closed {
+                                    return Flow::Closed;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.protocol_error(token, e.to_string(), now);
+                                return Flow::Closed;
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close(token, DisconnectReason::Io(e.to_string()), None, now);
+                    return Flow::Closed;
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, token: usize, frame: Frame, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+        if conn.phase == Phase::Handshaking {
+            self.on_handshake_done(token, now);
+        }
+        let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+        let id = frame.header.id;
+        log::trace!("{}: {:?} id {id} ({} bytes)", conn.shared.peer, frame.header.kind, frame.body.len());
+        match frame.header.kind {
+            Kind::Ping => {
+                // Answered here, by the loop, never queued behind handlers.
+                let _ = conn.shared.send(encode_pong(id), Class::Control);
+                Flow::Open
+            }
+            Kind::Pong => {
+                if let Some(rtt) = conn.heartbeat.on_pong(now, id)
+                    && let Role::Consumer { link } = &conn.role
+                {
+                    let srtt = conn.heartbeat.srtt().unwrap_or(rtt);
+                    link.set_srtt(srtt);
+                }
+                Flow::Open
+            }
+            Kind::Close => {
+                let reason = match CloseStatus::from_u8(frame.header.status) {
+                    Some(CloseStatus::Normal) => DisconnectReason::PeerShutdown,
+                    status => DisconnectReason::PeerClosed {
+                        status,
+                        detail: decode_text_body(&frame.body),
+                    },
+                };
+                self.close(token, reason, None, now);
+                Flow::Closed
+            }
+            Kind::Response => {
+                if let Role::Consumer { .. } = conn.role {
+                    if !conn.shared.calls.complete(id, Ok(frame)) {
+                        log::debug!("{}: response {id} came after its call gave up", conn.shared.peer);
+                    }
+                } else {
+                    log::debug!("{}: a consumer sent a Response (id {id}); ignored", conn.shared.peer);
+                }
+                Flow::Open
+            }
+            Kind::Request | Kind::OneWay => match &conn.role {
+                Role::Provider { server } => match server.dispatch(&conn.shared, frame) {
+                    Ok(()) => Flow::Open,
+                    Err(violation) => {
+                        self.protocol_error(token, violation, now);
+                        Flow::Closed
+                    }
+                },
+                Role::Consumer { .. } => {
+                    if frame.header.kind == Kind::Request {
+                        let message = "this endpoint is a consumer and serves no services";
+                        let _ = conn.shared.send(
+                            encode_error_response(id, ResponseStatus::ServiceNotFound, message),
+                            Class::Data,
+                        );
+                    }
+                    Flow::Open
+                }
+            },
+        }
+    }
+
+    fn protocol_error(&mut self, token: usize, what: String, now: Instant) {
+        if let Some(conn) = self.conns.get(token) {
+            log::warn!("{}: protocol error, closing: {what}", conn.shared.peer);
+        }
+        let close = Some((CloseStatus::ProtocolError, what.clone()));
+        self.close(token, DisconnectReason::Protocol(what), close, now);
+    }
+
+    // ----- timers ----------------------------------------------------------------
+
+    fn on_timers(&mut self, targets: Vec<TimerTarget>) {
+        let now = Instant::now();
+        for target in targets {
+            match target {
+                TimerTarget::Conn { token, id } => {
+                    let Some(conn) = self.conns.get_mut(token) else { continue };
+                    if conn.shared.id != id {
+                        continue; // the slot was reused by a newer connection
+                    }
+                    conn.armed = None;
+                    self.on_conn_timeout(token, now);
+                }
+                TimerTarget::Link { id } => self.connect_link(id, now),
+            }
+        }
+    }
+
+    fn on_conn_timeout(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        match conn.phase {
+            Phase::Connecting { deadline } if now >= deadline => {
+                let reason = DisconnectReason::Io("connect timed out".into());
+                self.close(token, reason, None, now);
+                return;
+            }
+            Phase::Closing { deadline } if now >= deadline => {
+                self.finalize(token, now);
+                return;
+            }
+            Phase::Connecting { .. } | Phase::Closing { .. } => {}
+            Phase::Handshaking | Phase::Ready => {
+                if let Some(written) = conn.shared.out.last_write()
+                    && conn.fed_write.is_none_or(|fed| written > fed)
+                {
+                    conn.heartbeat.on_write(written);
+                    conn.fed_write = Some(written);
+                }
+                conn.heartbeat.handle_timeout(now);
+                let actions: Vec<HeartbeatAction> = std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
+                for action in actions {
+                    if self.on_heartbeat_action(token, action, now) == Flow::Closed {
+                        return;
+                    }
+                }
+            }
+        }
+        self.rearm(token);
+    }
+
+    fn on_heartbeat_action(&mut self, token: usize, action: HeartbeatAction, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get(token) else { return Flow::Closed };
+        let peer = conn.shared.peer;
+        match action {
+            HeartbeatAction::SendPing { seq } => {
+                let _ = conn.shared.send(encode_ping(seq), Class::Control);
+            }
+            HeartbeatAction::Missed { count } => {
+                // Before the handshake completes there is nobody to miss yet.
+                if conn.was_ready {
+                    self.emit(token, Event::HeartbeatMissed { peer, missed: count });
+                }
+            }
+            HeartbeatAction::Stalled { late_by } => {
+                log::warn!("{peer}: this side ran {late_by:?} late; the missed intervals are not counted against the peer");
+            }
+            HeartbeatAction::Dead { missed, silent_for } => {
+                let text = format!("nothing received for {silent_for:?} ({missed} heartbeat intervals)");
+                let close = Some((CloseStatus::HeartbeatTimeout, text));
+                self.close(token, DisconnectReason::HeartbeatTimeout, close, now);
+                return Flow::Closed;
+            }
+        }
+        Flow::Open
+    }
+
+    /// Makes sure the timer thread will call back by the connection's next deadline.
+    fn rearm(&mut self, token: usize) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        let next = match conn.phase {
+            Phase::Connecting { deadline } | Phase::Closing { deadline } => Some(deadline),
+            Phase::Handshaking | Phase::Ready => conn.heartbeat.next_deadline(),
+        };
+        if let Some(at) = next
+            && conn.armed.is_none_or(|armed| at < armed)
+        {
+            let target = TimerTarget::Conn {
+                token,
+                id: conn.shared.id,
+            };
+            self.timer.arm(
+                conn.shared.id,
+                at,
+                TimerEvent {
+                    loop_index: self.index,
+                    target,
+                },
+            );
+            conn.armed = Some(at);
+        }
+    }
+
+    // ----- opening connections ---------------------------------------------------
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            let Some((listener, server)) = &self.listener else { return };
+            let (socket, addr) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // e.g. EMFILE: log and retry on the next readiness event.
+                    log::error!("accept failed: {e}");
+                    return;
+                }
+            };
+            let server = server.clone();
+            let peer = match socket::std_addr(&addr) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    log::warn!("accepted a socket without an IP peer address: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = socket::tune_accepted(&socket) {
+                log::warn!("{peer}: cannot configure accepted socket: {e}");
+                continue;
+            }
+            if !server.admit_connection() {
+                let text = format!(
+                    "too many connections (max_connections {})",
+                    server.config().max_connections
+                );
+                log::warn!("{peer}: refused: {text}");
+                let _ = (&socket).write_all_nonblocking(&encode_close(CloseStatus::Overloaded, &text));
+                continue;
+            }
+            let target = self.next_loop % self.loops.len();
+            self.next_loop = self.next_loop.wrapping_add(1);
+            if target == self.index {
+                self.adopt(socket, peer, server, now);
+            } else {
+                self.loops[target].send(Command::Adopt { socket, peer, server });
+            }
+        }
+    }
+
+    fn adopt(&mut self, socket: Socket, peer: SocketAddr, server: Arc<ServerShared>, now: Instant) {
+        if self.exiting {
+            server.release_connection();
+            return;
+        }
+        let heartbeat = Heartbeat::new(server.config().connection.heartbeat.clone(), now);
+        let max_frame = server.config().connection.max_frame_len;
+        let max_queue = server.config().connection.max_write_queue_bytes;
+        let role = Role::Provider { server };
+        match self.insert(socket, peer, role, heartbeat, max_frame, max_queue, Phase::Ready) {
+            Ok(token) => {
+                self.emit(token, Event::Connected { peer });
+                self.rearm(token);
+            }
+            Err((e, role)) => {
+                log::warn!("{peer}: cannot register accepted connection: {e}");
+                if let Role::Provider { server } = role {
+                    server.release_connection();
+                }
+            }
+        }
+    }
+
+    /// Registers a socket with the poll and stores the connection.
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        socket: Socket,
+        peer: SocketAddr,
+        role: Role,
+        heartbeat: Heartbeat,
+        max_frame_len: u32,
+        max_write_queue: usize,
+        phase: Phase,
+    ) -> Result<usize, (io::Error, Role)> {
+        let entry = self.conns.vacant_entry();
+        let token = entry.key();
+        let fd = socket.as_raw_fd();
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&fd), Token(token), Interest::READABLE | Interest::WRITABLE)
+        {
+            return Err((e, role));
+        }
+        let shared = Arc::new(ConnShared {
+            id: crate::next_id(),
+            token,
+            peer,
+            socket,
+            out: Outbound::new(max_write_queue),
+            calls: CallTable::new(),
+            handling: Default::default(),
+            owner: self.loops[self.index].clone(),
+        });
+        entry.insert(Conn {
+            shared,
+            decoder: FrameDecoder::new(max_frame_len),
+            heartbeat,
+            role,
+            phase,
+            was_ready: phase == Phase::Ready,
+            closing_reason: None,
+            armed: None,
+            fed_write: None,
+            connected_since: SystemTime::now(),
+        });
+        Ok(token)
+    }
+
+    /// Starts a connect attempt for a consumer link.
+    fn connect_link(&mut self, link_id: u64, now: Instant) {
+        let Some(ctl) = self.links.get(&link_id) else { return };
+        if ctl.removed || ctl.conn.is_some() {
+            return;
+        }
+        let link = ctl.link.clone();
+        let config = link.config();
+        let socket = match socket::start_connect(link.addr()) {
+            Ok(socket) => socket,
+            Err(e) => {
+                self.link_conn_gone(link_id, false, DisconnectReason::Io(e.to_string()), now);
+                return;
+            }
+        };
+        let heartbeat = Heartbeat::new(config.connection.heartbeat.clone(), now);
+        let phase = Phase::Connecting {
+            deadline: now + config.connect_attempt_timeout,
+        };
+        let role = Role::Consumer { link: link.clone() };
+        let (max_frame, max_queue) = (config.connection.max_frame_len, config.connection.max_write_queue_bytes);
+        match self.insert(socket, link.addr(), role, heartbeat, max_frame, max_queue, phase) {
+            Ok(token) => {
+                if let Some(ctl) = self.links.get_mut(&link_id) {
+                    ctl.conn = Some(token);
+                }
+                self.rearm(token);
+            }
+            Err((e, _)) => self.link_conn_gone(link_id, false, DisconnectReason::Io(e.to_string()), now),
+        }
+    }
+
+    fn finish_connect(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        match socket::finish_connect(&conn.shared.socket) {
+            Ok(false) => {}
+            Ok(true) => {
+                // The TCP handshake is done; ours is a Ping answered by any frame.
+                conn.phase = Phase::Handshaking;
+                conn.heartbeat = Heartbeat::new(conn.heartbeat.config().clone(), now);
+                let _ = conn.shared.send(encode_ping(0), Class::Control);
+                conn.armed = None;
+                self.timer.disarm(conn.shared.id);
+                self.rearm(token);
+            }
+            Err(e) => self.close(token, DisconnectReason::Io(e.to_string()), None, now),
+        }
+    }
+
+    fn on_handshake_done(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        conn.phase = Phase::Ready;
+        conn.was_ready = true;
+        let Role::Consumer { link } = &conn.role else { return };
+        let link = link.clone();
+        let shared = conn.shared.clone();
+        if let Some(ctl) = self.links.get_mut(&link.id()) {
+            ctl.backoff.on_connected(now);
+        }
+        link.set_state(LinkState::Ready(shared.clone()));
+        self.emit(token, Event::Connected { peer: shared.peer });
+    }
+
+    // ----- closing connections ---------------------------------------------------
+
+    /// Ends a connection. With `close_frame`, a Close is sent first: where the
+    /// socket takes it at once the connection is finalized now, otherwise it
+    /// lingers (`Closing`) until the frame is written or the linger ends.
+    fn close(
+        &mut self,
+        token: usize,
+        reason: DisconnectReason,
+        close_frame: Option<(CloseStatus, String)>,
+        now: Instant,
+    ) {
+        let Some(conn) = self.conns.get_mut(token) else { return };
+        if let Phase::Closing { .. } = conn.phase {
+            self.finalize(token, now);
+            return;
+        }
+        // Calls in flight fail now, not when the Close has been written.
+        conn.shared.calls.fail_all(conn.shared.peer, reason.as_str());
+        conn.closing_reason = Some(reason);
+        let Some((status, text)) = close_frame else {
+            self.finalize(token, now);
+            return;
+        };
+        let sent = conn.shared.send(encode_close(status, &text), Class::Control);
+        conn.shared.out.seal();
+        let linger = match &conn.role {
+            // A consumer reconnects at once: its peer is gone or going.
+            Role::Consumer { .. } => None,
+            Role::Provider { server } => Some(server.config().linger),
+        };
+        match (sent, linger) {
+            (Ok(Flush::Blocked), Some(linger)) if !conn.shared.out.is_empty() => {
+                conn.phase = Phase::Closing { deadline: now + linger };
+                self.rearm(token);
+            }
+            _ => self.finalize(token, now),
+        }
+    }
+
+    /// Releases everything the connection owns: registration, socket, queued
+    /// frames, waiting calls and its timer; then reports the end.
+    fn finalize(&mut self, token: usize, now: Instant) {
+        if !self.conns.contains(token) {
+            return;
+        }
+        let conn = self.conns.remove(token);
+        let shared = &conn.shared;
+        let fd = shared.socket.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            log::debug!("{}: deregister failed: {e}", shared.peer);
+        }
+        let _ = shared.socket.shutdown(Shutdown::Both);
+        shared.out.close();
+        let reason = conn.closing_reason.unwrap_or(DisconnectReason::Shutdown);
+        shared.calls.fail_all(shared.peer, reason.as_str());
+        if conn.armed.is_some() {
+            self.timer.disarm(shared.id);
+        }
+        match conn.role {
+            Role::Provider { server } => {
+                server.release_connection();
+                server.events().emit(Event::Disconnected {
+                    peer: shared.peer,
+                    reason,
+                });
+            }
+            Role::Consumer { link } => self.link_conn_gone(link.id(), conn.was_ready, reason, now),
+        }
+    }
+
+    /// A link's connection (or connect attempt) ended: report it and schedule
+    /// the next attempt, after the old connection was fully released.
+    fn link_conn_gone(&mut self, link_id: u64, was_ready: bool, reason: DisconnectReason, now: Instant) {
+        let Some(ctl) = self.links.get_mut(&link_id) else { return };
+        ctl.conn = None;
+        let link = ctl.link.clone();
+        let peer = link.addr();
+        if was_ready {
+            ctl.backoff.on_disconnected(now);
+            link.events().emit(Event::Disconnected {
+                peer,
+                reason: reason.clone(),
+            });
+        } else {
+            log::debug!("{peer}: connect attempt failed: {reason}");
+        }
+        if ctl.removed {
+            self.links.remove(&link_id);
+            link.set_state(LinkState::Shutdown);
+            return;
+        }
+        match ctl.backoff.next_delay() {
+            Some(delay) => {
+                let attempt = ctl.backoff.attempt();
+                link.set_state(LinkState::Connecting {
+                    attempt,
+                    last_error: Some(reason.to_string()),
+                });
+                link.events().emit(Event::Reconnecting { peer, attempt, delay });
+                let event = TimerEvent {
+                    loop_index: self.index,
+                    target: TimerTarget::Link { id: link_id },
+                };
+                self.timer.arm(link_id, now + delay, event);
+            }
+            None => {
+                let attempts = ctl.backoff.attempt();
+                log::warn!("{peer}: giving up after {attempts} reconnect attempts");
+                link.set_state(LinkState::Failed(format!(
+                    "gave up after {attempts} reconnect attempts; last error: {reason}"
+                )));
+                self.links.remove(&link_id);
+            }
+        }
+    }
+
+    fn emit(&self, token: usize, event: Event) {
+        if let Some(conn) = self.conns.get(token) {
+            match &conn.role {
+                Role::Consumer { link } => link.events().emit(event),
+                Role::Provider { server } => server.events().emit(event),
+            }
+        }
+    }
+
+    // ----- commands ----------------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Timers(targets) => self.on_timers(targets),
+            Command::Listen { listener, server } => {
+                let fd = listener.as_raw_fd();
+                match self
+                    .poll
+                    .registry()
+                    .register(&mut SourceFd(&fd), LISTENER_TOKEN, Interest::READABLE)
+                {
+                    Ok(()) => {
+                        self.listener = Some((listener, server));
+                        self.accept_all(now);
+                    }
+                    Err(e) => log::error!("cannot register listener: {e}"),
+                }
+            }
+            Command::Adopt { socket, peer, server } => self.adopt(socket, peer, server, now),
+            Command::AddLink(link) => {
+                let id = link.id();
+                let backoff = Backoff::new(link.config().backoff.clone(), id ^ crate::clock::to_nanos(now));
+                self.links.insert(
+                    id,
+                    LinkCtl {
+                        link,
+                        backoff,
+                        conn: None,
+                        removed: false,
+                    },
+                );
+                self.connect_link(id, now);
+            }
+            Command::RemoveLink { link_id } => {
+                let Some(ctl) = self.links.get_mut(&link_id) else { return };
+                ctl.removed = true;
+                match ctl.conn {
+                    Some(token) => {
+                        let close = Some((CloseStatus::Normal, "client shutting down".to_string()));
+                        self.close(token, DisconnectReason::Shutdown, close, now);
+                    }
+                    None => {
+                        self.timer.disarm(link_id);
+                        if let Some(ctl) = self.links.remove(&link_id) {
+                            ctl.link.set_state(LinkState::Shutdown);
+                        }
+                    }
+                }
+            }
+            Command::CloseConn {
+                token,
+                id,
+                status,
+                reason,
+            } => {
+                if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
+                    let text = reason.detail().unwrap_or(reason.as_str()).to_string();
+                    self.close(token, reason, Some((status, text)), now);
+                }
+            }
+            Command::Peers(reply) => {
+                let wall = SystemTime::now();
+                let peers = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| matches!(c.role, Role::Provider { .. }) && c.phase == Phase::Ready)
+                    .map(|(_, c)| PeerInfo {
+                        addr: c.shared.peer,
+                        connected_since: c.connected_since,
+                        last_seen: wall
+                            .checked_sub(now.saturating_duration_since(c.heartbeat.last_read()))
+                            .unwrap_or(wall),
+                        srtt: c.heartbeat.srtt(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::StopAccepting(done) => {
+                if let Some((listener, _)) = self.listener.take() {
+                    let fd = listener.as_raw_fd();
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                let _ = done.send(());
+            }
+            Command::CloseAll { status, reason } => {
+                self.exiting = true;
+                self.listener = None;
+                for ctl in self.links.values_mut() {
+                    ctl.removed = true;
+                }
+                let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+                for token in tokens {
+                    self.close(token, DisconnectReason::Shutdown, Some((status, reason.clone())), now);
+                }
+                // Connections still writing their Close linger at most
+                // `ServerConfig::linger`, then the loop exits.
+            }
+            Command::Exit => self.exit_now(),
+        }
+    }
+
+    fn exit_now(&mut self) {
+        self.exiting = true;
+        self.listener = None;
+        for ctl in self.links.values_mut() {
+            ctl.removed = true;
+        }
+        let now = Instant::now();
+        let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        for token in tokens {
+            if let Some(conn) = self.conns.get_mut(token)
+                && conn.closing_reason.is_none()
+            {
+                conn.closing_reason = Some(DisconnectReason::Shutdown);
+            }
+            self.finalize(token, now);
+        }
+        for (_, ctl) in self.links.drain() {
+            self.timer.disarm(ctl.link.id());
+            ctl.link.set_state(LinkState::Shutdown);
+        }
+    }
+}
+
+/// One best-effort non-blocking write of a whole small frame.
+trait WriteNonblocking {
+    fn write_all_nonblocking(self, bytes: &[u8]) -> io::Result<()>;
+}
+
+impl WriteNonblocking for &Socket {
+    fn write_all_nonblocking(self, bytes: &[u8]) -> io::Result<()> {
+        let written = self.send(bytes)?;
+        if written == bytes.len() {
+            Ok(())
+        } else {
+            Err(io::Error::from(io::ErrorKind::WouldBlock))
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The only code that talks to `mio`: event loops, their commands, and sockets.
+//!
+//! A [`Runtime`] is a set of event-loop threads plus one timer thread. Each loop
+//! owns a `mio::Poll`, the connections registered with it (a `Slab`), a
+//! `crossbeam-channel` command receiver and a `mio::Waker`. Other threads never
+//! touch a loop's state: they send it a [`Command`] and wake it. The timer
+//! thread batches every timer that expired in one wake-up into one
+//! `Command::Timers` per loop, so a loop is woken at most once per tick.
+
+mod conn;
+mod event_loop;
+mod outbound;
+mod socket;
+
+pub(crate) use socket::listen;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::Sender;
+use mio::{Poll, Token, Waker};
+use socket2::Socket;
+
+pub(crate) use conn::{CallSlot, ConnShared};
+pub(crate) use outbound::{Class, SendError};
+
+use crate::error::{Error, Result};
+use crate::event::DisconnectReason;
+use crate::protocol::CloseStatus;
+use crate::timer::{TimerHandle, TimerThread};
+
+/// mio token of each loop's waker.
+const WAKER_TOKEN: Token = Token(usize::MAX);
+/// mio token of the listening socket (on loop 0 of a server).
+const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
+
+/// Work for an event loop, sent by other threads.
+pub(crate) enum Command {
+    /// Timers that expired (from the timer thread).
+    Timers(Vec<TimerTarget>),
+    /// Start accepting on this listener for this server (loop 0 only).
+    Listen {
+        listener: Socket,
+        server: Arc<crate::server::ServerShared>,
+    },
+    /// Take over a socket accepted by another loop.
+    Adopt {
+        socket: Socket,
+        peer: SocketAddr,
+        server: Arc<crate::server::ServerShared>,
+    },
+    /// Start connecting a consumer link and keep it connected.
+    AddLink(Arc<crate::client::Link>),
+    /// Close a link's connection gracefully and stop reconnecting.
+    RemoveLink { link_id: u64 },
+    /// Close one connection with a Close frame (from a worker thread).
+    CloseConn {
+        token: usize,
+        id: u64,
+        status: CloseStatus,
+        reason: DisconnectReason,
+    },
+    /// Reply with a snapshot of this loop's provider connections.
+    Peers(Sender<Vec<PeerInfo>>),
+    /// Stop accepting new connections; reply when done.
+    StopAccepting(Sender<()>),
+    /// Send Close(`status`, `reason`) on every connection, let queued writes
+    /// drain (providers: for up to `ServerConfig::linger`), then exit.
+    CloseAll { status: CloseStatus, reason: String },
+    /// Drop every connection now and exit.
+    Exit,
+}
+
+/// What an expired timer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerTarget {
+    /// A connection's heartbeat, connect or linger deadline.
+    Conn { token: usize, id: u64 },
+    /// A consumer link's next reconnect attempt.
+    Link { id: u64 },
+}
+
+/// A timer's payload: which loop it belongs to and what it is for.
+pub(crate) struct TimerEvent {
+    loop_index: usize,
+    target: TimerTarget,
+}
+
+/// A live consumer connection as seen by a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The consumer's address.
+    pub addr: SocketAddr,
+    /// When the connection was accepted.
+    pub connected_since: SystemTime,
+    /// When bytes were last read from the consumer.
+    pub last_seen: SystemTime,
+    /// Smoothed round-trip time of this side's pings, once one was answered.
+    pub srtt: Option<Duration>,
+}
+
+/// How to reach one event loop from another thread.
+#[derive(Clone)]
+pub(crate) struct LoopHandle {
+    index: usize,
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl LoopHandle {
+    /// Sends a command and wakes the loop. A loop that has exited drops it.
+    pub(crate) fn send(&self, command: Command) {
+        if self.tx.send(command).is_ok()
+            && let Err(e) = self.waker.wake()
+        {
+            log::error!("cannot wake event loop {}: {e}", self.index);
+        }
+    }
+}
+
+/// Event-loop threads plus the timer thread that drives their deadlines.
+pub(crate) struct Runtime {
+    loops: Vec<LoopHandle>,
+    threads: Vec<JoinHandle<()>>,
+    timer: Option<TimerThread<TimerEvent>>,
+}
+
+impl Runtime {
+    /// Starts `loops` event-loop threads named `{name}-loop-{i}` and a timer
+    /// thread with resolution `tick`.
+    pub(crate) fn start(name: &str, loops: usize, tick: Duration) -> Result<Runtime> {
+        let mut polls = Vec::with_capacity(loops);
+        let mut handles = Vec::with_capacity(loops);
+        let mut receivers = Vec::with_capacity(loops);
+        for index in 0..loops {
+            let poll = Poll::new().map_err(|e| Error::io("create mio::Poll", e))?;
+            let waker = Waker::new(poll.registry(), WAKER_TOKEN).map_err(|e| Error::io("create mio::Waker", e))?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            handles.push(LoopHandle {
+                index,
+                tx,
+                waker: Arc::new(waker),
+            });
+            polls.push(poll);
+            receivers.push(rx);
+        }
+
+        let deliver_to = handles.clone();
+        let mut batches: Vec<Vec<TimerTarget>> = vec![Vec::new(); loops];
+        let timer = TimerThread::spawn(tick, move |expired: Vec<TimerEvent>| {
+            for event in expired {
+                if let Some(batch) = batches.get_mut(event.loop_index) {
+                    batch.push(event.target);
+                }
+            }
+            // One command and one wake per loop per batch.
+            for (handle, batch) in deliver_to.iter().zip(batches.iter_mut()) {
+                if !batch.is_empty() {
+                    handle.send(Command::Timers(std::mem::take(batch)));
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn timer thread", e))?;
+
+        let mut runtime = Runtime {
+            loops: handles.clone(),
+            threads: Vec::with_capacity(loops),
+            timer: Some(timer),
+        };
+        for (index, (poll, rx)) in polls.into_iter().zip(receivers).enumerate() {
+            let timer = runtime.timer_handle();
+            let all = handles.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("{name}-loop-{index}"))
+                .spawn(move || event_loop::EventLoop::new(index, poll, rx, all, timer).run());
+            match thread {
+                Ok(thread) => runtime.threads.push(thread),
+                Err(e) => {
+                    runtime.shutdown(None);
+                    return Err(Error::io("spawn event loop thread", e));
+                }
+            }
+        }
+        Ok(runtime)
+    }
+
+    fn timer_handle(&self) -> TimerHandle<TimerEvent> {
+        match &self.timer {
+            Some(timer) => timer.handle(),
+            None => unreachable!("the timer thread lives as long as the runtime's loops"),
+        }
+    }
+
+    /// The loops, in index order.
+    pub(crate) fn loops(&self) -> &[LoopHandle] {
+        &self.loops
+    }
+
+    /// Timers armed right now (for tests that prove timers are released).
+    pub(crate) fn armed_timers(&self) -> usize {
+        self.timer.as_ref().map_or(0, |t| t.handle().armed())
+    }
+
+    /// Stops every loop and joins it, then the timer thread. With `graceful`,
+    /// each connection first gets Close(status, reason) and time to write what
+    /// it has queued. Idempotent.
+    pub(crate) fn shutdown(&mut self, graceful: Option<(CloseStatus, String)>) {
+        for handle in &self.loops {
+            match &graceful {
+                Some((status, reason)) => handle.send(Command::CloseAll {
+                    status: *status,
+                    reason: reason.clone(),
+                }),
+                None => handle.send(Command::Exit),
+            }
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("an event loop thread panicked");
+            }
+        }
+        if let Some(timer) = self.timer.take() {
+            timer.shutdown();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown(None);
+    }
+}

@@ -1,0 +1,304 @@
+//! A connection's outgoing frames: a bounded queue with one writer at a time.
+//!
+//! Any thread may send on a connection: a caller writing its request, a worker
+//! writing a response, the event loop writing a Pong. Whoever enqueues a frame
+//! while nobody is writing becomes the writer and makes the `writev` call
+//! itself, outside the lock, so a call usually costs no hand-off to the loop.
+//! Threads that enqueue while another is writing just leave their frame; the
+//! writer picks it up before it stops (many frames go out in one syscall under
+//! load). When the socket is full the writer stops and the loop resumes writing
+//! on the next writable event.
+//!
+//! # Priority
+//! Control frames (Ping, Pong, Close) jump ahead of queued requests and
+//! responses that have not started to be written; a frame that is partly
+//! written is always finished first, so frames never interleave.
+//!
+//! # Bounds
+//! Requests and responses are refused with [`SendError::Overloaded`] once
+//! `max_bytes` are queued. Control frames get [`CONTROL_ALLOWANCE`] bytes on
+//! top, so a Pong still goes out when the data queue is full.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use socket2::Socket;
+
+use crate::clock;
+
+/// Extra bytes of control frames accepted beyond the data bound.
+pub(crate) const CONTROL_ALLOWANCE: usize = 64 * 1024;
+
+/// Frames handed to one `writev` call at most.
+const MAX_IOV: usize = 64;
+
+/// Which queue a frame goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Ping, Pong, Close: written before queued data frames.
+    Control,
+    /// Request, Response, OneWay.
+    Data,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// The connection is closed or closing.
+    Closed,
+    /// The queue is over its byte bound.
+    Overloaded,
+}
+
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flush {
+    /// Nothing is left queued (or another thread is writing it).
+    Done,
+    /// The socket is full; the rest goes on the next writable event.
+    Blocked,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// A frame of which `offset` bytes are already written.
+    partial: Option<(Vec<u8>, usize)>,
+    control: VecDeque<Vec<u8>>,
+    data: VecDeque<Vec<u8>>,
+    /// Bytes of all queued frames, counting a partial frame whole.
+    bytes: usize,
+    /// A thread is inside `write_batches` (outside the lock).
+    writing: bool,
+    /// The loop saw the socket become writable while someone was writing.
+    writable_hint: bool,
+    /// No new frames are accepted; what is queued is still written.
+    sealed: bool,
+    closed: bool,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.partial.is_none() && self.control.is_empty() && self.data.is_empty()
+    }
+}
+
+/// The outgoing side of one connection.
+pub(crate) struct Outbound {
+    queue: Mutex<Queue>,
+    max_bytes: usize,
+    /// When bytes last left this side, as [`clock::to_nanos`].
+    last_write: AtomicU64,
+}
+
+impl Outbound {
+    pub(crate) fn new(max_bytes: usize) -> Outbound {
+        Outbound {
+            queue: Mutex::new(Queue::default()),
+            max_bytes,
+            last_write: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues `frame` and writes what the socket takes, unless another thread
+    /// is writing already (it will write this frame too).
+    pub(crate) fn send(&self, socket: &Socket, frame: Vec<u8>, class: Class) -> Result<Flush, SendError> {
+        let mut q = self.queue.lock();
+        if q.closed || q.sealed {
+            return Err(SendError::Closed);
+        }
+        let limit = match class {
+            Class::Data => self.max_bytes,
+            Class::Control => self.max_bytes + CONTROL_ALLOWANCE,
+        };
+        if q.bytes + frame.len() > limit {
+            return Err(SendError::Overloaded);
+        }
+        q.bytes += frame.len();
+        match class {
+            Class::Control => q.control.push_back(frame),
+            Class::Data => q.data.push_back(frame),
+        }
+        if q.writing {
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket)
+    }
+
+    /// Called by the loop when the socket is writable: resumes writing.
+    pub(crate) fn flush(&self, socket: &Socket) -> Result<Flush, SendError> {
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Err(SendError::Closed);
+        }
+        if q.writing {
+            q.writable_hint = true;
+            return Ok(Flush::Done);
+        }
+        if q.is_empty() {
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket)
+    }
+
+    /// Refuses further frames and frees the queued ones.
+    pub(crate) fn close(&self) {
+        let mut q = self.queue.lock();
+        q.closed = true;
+        q.partial = None;
+        q.control.clear();
+        q.data.clear();
+        q.bytes = 0;
+    }
+
+    /// Refuses new frames but keeps writing the queued ones: used after a
+    /// final Close frame was queued, which must be the last frame sent.
+    pub(crate) fn seal(&self) {
+        self.queue.lock().sealed = true;
+    }
+
+    /// True when every queued frame has been written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.lock().is_empty()
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
+    }
+
+    /// When this side last wrote bytes (`None` if never).
+    pub(crate) fn last_write(&self) -> Option<Instant> {
+        match self.last_write.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(clock::from_nanos(nanos)),
+        }
+    }
+
+    /// The writer's loop: take frames, write them unlocked, put back the rest.
+    /// Entered with `writing` set; always clears it before returning.
+    fn write_batches<'a>(&'a self, mut q: parking_lot::MutexGuard<'a, Queue>, socket: &Socket) -> Result<Flush, SendError> {
+        let mut batch: Vec<(Vec<u8>, Class)> = Vec::new();
+        loop {
+            // Order: the partial frame, then control frames, then data frames.
+            let mut offset = 0;
+            if let Some((frame, written)) = q.partial.take() {
+                offset = written;
+                batch.push((frame, Class::Data));
+            }
+            while batch.len() < MAX_IOV {
+                match q.control.pop_front() {
+                    Some(frame) => batch.push((frame, Class::Control)),
+                    None => break,
+                }
+            }
+            while batch.len() < MAX_IOV {
+                match q.data.pop_front() {
+                    Some(frame) => batch.push((frame, Class::Data)),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                q.writing = false;
+                return Ok(Flush::Done);
+            }
+            drop(q);
+
+            let outcome = write_all_or_block(socket, &batch, &mut offset);
+            let (done, result) = match outcome {
+                Ok(done) => (done, Ok(())),
+                Err((done, e)) => (done, Err(e)),
+            };
+            if done > 0 || offset > 0 {
+                self.last_write.store(clock::to_nanos(Instant::now()).max(1), Ordering::Relaxed);
+            }
+
+            q = self.queue.lock();
+            let written_bytes: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
+            q.bytes = q.bytes.saturating_sub(written_bytes);
+            // Put back what was not written, ahead of anything queued meanwhile.
+            let mut rest: Vec<(Vec<u8>, Class)> = batch.drain(done..).collect();
+            if offset > 0 && !rest.is_empty() {
+                let (frame, _) = rest.remove(0);
+                q.partial = Some((frame, offset));
+            }
+            requeue_front(&mut q, rest.into_iter());
+            batch.clear();
+
+            match result {
+                Ok(()) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if q.writable_hint {
+                        q.writable_hint = false;
+                        continue;
+                    }
+                    q.writing = false;
+                    return Ok(Flush::Blocked);
+                }
+                Err(e) => {
+                    log::debug!("write failed: {e}");
+                    q.writing = false;
+                    q.closed = true;
+                    q.partial = None;
+                    q.control.clear();
+                    q.data.clear();
+                    q.bytes = 0;
+                    return Err(SendError::Closed);
+                }
+            }
+        }
+    }
+}
+
+/// Puts frames back at the front of their queues, keeping their order.
+fn requeue_front(q: &mut Queue, frames: impl DoubleEndedIterator<Item = (Vec<u8>, Class)>) {
+    for (frame, class) in frames.rev() {
+        match class {
+            Class::Control => q.control.push_front(frame),
+            Class::Data => q.data.push_front(frame),
+        }
+    }
+}
+
+/// Writes `batch` (the first frame from `offset`) until everything is written
+/// or the socket would block. Returns how many frames were written whole;
+/// `offset` is left at the bytes written of the next one.
+fn write_all_or_block(
+    socket: &Socket,
+    batch: &[(Vec<u8>, Class)],
+    offset: &mut usize,
+) -> Result<usize, (usize, io::Error)> {
+    let mut done = 0;
+    while done < batch.len() {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut n_iov = 0;
+        for (i, (frame, _)) in batch[done..].iter().enumerate() {
+            let start = if i == 0 { *offset } else { 0 };
+            iov[n_iov] = IoSlice::new(&frame[start..]);
+            n_iov += 1;
+        }
+        let mut written = match socket.send_vectored(&iov[..n_iov]) {
+            Ok(0) => return Err((done, io::Error::from(io::ErrorKind::WriteZero))),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((done, e)),
+        };
+        // Advance over whole frames, then into the partial one.
+        while done < batch.len() {
+            let left = batch[done].0.len() - *offset;
+            if written >= left {
+                written -= left;
+                *offset = 0;
+                done += 1;
+            } else {
+                *offset += written;
+                break;
+            }
+        }
+    }
+    Ok(done)
+}

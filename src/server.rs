@@ -1,0 +1,350 @@
+//! The provider: binds a port, serves registered services, drops silent consumers.
+//!
+//! ```no_run
+//! use pulse::{Server, ServiceBuilder};
+//! let server = Server::builder()
+//!     .service(ServiceBuilder::new("demo").method("ping", |n: u64| Ok::<_, String>(n)))
+//!     .bind("127.0.0.1:7000")?;
+//! println!("serving on {}", server.local_addr());
+//! server.shutdown(); // Close(Normal) to every consumer
+//! # Ok::<(), pulse::Error>(())
+//! ```
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
+
+use crate::config::{HandlerMode, ServerConfig};
+use crate::error::{Error, Result};
+use crate::event::{DisconnectReason, Event, EventSink};
+use crate::protocol::{CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response};
+use crate::reactor::{Class, Command, ConnShared, PeerInfo, Runtime, SendError};
+use crate::service::{Handler, Lookup, Registry, ServiceBuilder};
+
+/// Configures and starts a [`Server`].
+pub struct ServerBuilder {
+    config: ServerConfig,
+    registry: Registry,
+}
+
+impl ServerBuilder {
+    /// Replaces the configuration (default: [`ServerConfig::default`]).
+    pub fn config(mut self, config: ServerConfig) -> ServerBuilder {
+        self.config = config;
+        self
+    }
+
+    /// Registers a service; one with the same `(name, version, group)` is replaced.
+    pub fn service(mut self, service: ServiceBuilder) -> ServerBuilder {
+        self.registry.add(service);
+        self
+    }
+
+    /// Binds `addr`, starts the event loops, the timer and the worker pool.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a bad configuration, `Io` when the address cannot
+    /// be resolved or bound, or a thread cannot be started.
+    pub fn bind(self, addr: impl ToSocketAddrs) -> Result<Server> {
+        self.config.validate().map_err(Error::InvalidConfig)?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::io("resolve the bind address", e))?
+            .next()
+            .ok_or_else(|| Error::InvalidConfig("the bind address resolved to nothing".into()))?;
+        let listener = crate::reactor::listen(addr).map_err(|e| Error::io(format!("bind {addr}"), e))?;
+        let local_addr = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| Error::InvalidConfig(format!("{addr} is not an IP address")))?;
+
+        let config = self.config;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.worker_queue);
+        let events = EventSink::new(config.connection.event_capacity, "server");
+        let runtime = Runtime::start("pulse-server", config.event_loops, config.connection.timer_tick)?;
+        let shared = Arc::new(ServerShared {
+            registry: self.registry,
+            jobs: jobs_tx,
+            shutting_down: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            config: config.clone(),
+            events,
+        });
+        let mut workers = Vec::with_capacity(config.worker_threads);
+        for i in 0..config.worker_threads {
+            let jobs = jobs_rx.clone();
+            let worker = std::thread::Builder::new()
+                .name(format!("pulse-worker-{i}"))
+                .spawn(move || run_worker(jobs))
+                .map_err(|e| Error::io("spawn worker thread", e))?;
+            workers.push(worker);
+        }
+        runtime.loops()[0].send(Command::Listen {
+            listener,
+            server: shared.clone(),
+        });
+        log::info!("serving on {local_addr} with {} event loop(s)", config.event_loops);
+        Ok(Server {
+            local_addr,
+            shared,
+            state: Mutex::new(Some(Running { runtime, workers })),
+        })
+    }
+}
+
+struct Running {
+    runtime: Runtime,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// A running provider. Dropping it shuts it down gracefully.
+pub struct Server {
+    local_addr: SocketAddr,
+    shared: Arc<ServerShared>,
+    state: Mutex<Option<Running>>,
+}
+
+impl Server {
+    /// Starts configuring a server.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            config: ServerConfig::default(),
+            registry: Registry::default(),
+        }
+    }
+
+    /// The address the server listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The live consumers: address, connected since, last seen, smoothed RTT.
+    /// Empty once the server is shut down.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let state = self.state.lock();
+        let Some(running) = state.as_ref() else { return Vec::new() };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for handle in running.runtime.loops() {
+            handle.send(Command::Peers(tx.clone()));
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut peers = Vec::new();
+        for _ in running.runtime.loops() {
+            match rx.recv_deadline(deadline) {
+                Ok(mut some) => peers.append(&mut some),
+                Err(_) => break,
+            }
+        }
+        peers
+    }
+
+    /// Connection events: connected, heartbeat missed, disconnected.
+    pub fn events(&self) -> Receiver<Event> {
+        self.shared.events.receiver()
+    }
+
+    /// Timers armed in the server's timer wheel (one per live connection at
+    /// most): a test hook proving that dead connections release their timers.
+    pub fn armed_timers(&self) -> usize {
+        self.state.lock().as_ref().map_or(0, |r| r.runtime.armed_timers())
+    }
+
+    /// Consumer connections open right now.
+    pub fn connection_count(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Graceful shutdown: stops accepting, answers new requests with status
+    /// ShuttingDown, lets handlers already running finish and their responses
+    /// go out, then sends Close(Normal) to every consumer and stops every
+    /// thread. Idempotent; also done on drop.
+    pub fn shutdown(&self) {
+        let Some(mut running) = self.state.lock().take() else { return };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
+        let _ = done_rx.recv_timeout(Duration::from_secs(5));
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        // Queued jobs run first: a worker stops at the first Stop it receives.
+        for _ in &running.workers {
+            let _ = self.shared.jobs.send(Job::Stop);
+        }
+        for worker in running.workers.drain(..) {
+            if worker.join().is_err() {
+                log::error!("a worker thread panicked");
+            }
+        }
+        running
+            .runtime
+            .shutdown(Some((CloseStatus::Normal, "server shutting down".to_string())));
+        log::info!("server on {} shut down", self.local_addr);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A request for the worker pool.
+enum Job {
+    Run {
+        conn: Arc<ConnShared>,
+        id: u64,
+        handler: Arc<dyn Handler>,
+        /// The whole request body; the arguments start at `args_at`.
+        body: Vec<u8>,
+        args_at: usize,
+        one_way: bool,
+    },
+    Stop,
+}
+
+fn run_worker(jobs: Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Stop => return,
+            Job::Run {
+                conn,
+                id,
+                handler,
+                body,
+                args_at,
+                one_way,
+            } => {
+                let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
+                finish(&conn, response, one_way);
+            }
+        }
+    }
+}
+
+/// Sends a handler's response (unless one-way) and ends its in-flight count.
+fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
+    conn.handling.fetch_sub(1, Ordering::Relaxed);
+    if !one_way {
+        respond(conn, response);
+    }
+}
+
+fn respond(conn: &ConnShared, response: Vec<u8>) {
+    match conn.send(response, Class::Data) {
+        Ok(_) | Err(SendError::Closed) => {}
+        Err(SendError::Overloaded) => {
+            let detail = format!(
+                "over {} queued bytes: the consumer does not read its responses",
+                conn.out.queued_bytes()
+            );
+            log::warn!("{}: closing: {detail}", conn.peer);
+            conn.request_close(CloseStatus::Overloaded, DisconnectReason::Overloaded(detail));
+        }
+    }
+}
+
+/// What a server's event loops share.
+pub(crate) struct ServerShared {
+    registry: Registry,
+    jobs: Sender<Job>,
+    shutting_down: AtomicBool,
+    connections: AtomicUsize,
+    config: ServerConfig,
+    events: EventSink,
+}
+
+impl ServerShared {
+    pub(crate) fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    pub(crate) fn events(&self) -> &EventSink {
+        &self.events
+    }
+
+    /// Counts a new connection; false when `max_connections` are open.
+    pub(crate) fn admit_connection(&self) -> bool {
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub(crate) fn release_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Handles a Request or OneWay read by an event loop. `Err` is a protocol
+    /// violation (the body is not a request); every other failure is answered
+    /// with a Response status and the connection stays open.
+    pub(crate) fn dispatch(&self, conn: &Arc<ConnShared>, frame: Frame) -> std::result::Result<(), String> {
+        let id = frame.header.id;
+        let one_way = frame.header.kind == Kind::OneWay;
+        let request = decode_request_body(&frame.body).map_err(|e| e.to_string())?;
+        let refuse = |status: ResponseStatus, message: &str| {
+            if !one_way {
+                respond(conn, encode_error_response(id, status, message));
+            }
+        };
+        if self.shutting_down.load(Ordering::Relaxed) {
+            refuse(ResponseStatus::ShuttingDown, "the server is shutting down");
+            return Ok(());
+        }
+        let method = match self
+            .registry
+            .find(request.service, request.version, request.group, request.method)
+        {
+            Lookup::Found(method) => method,
+            Lookup::NoService => {
+                let message = format!(
+                    "no service {:?} with version {:?} and group {:?}",
+                    request.service, request.version, request.group
+                );
+                refuse(ResponseStatus::ServiceNotFound, &message);
+                return Ok(());
+            }
+            Lookup::NoMethod => {
+                let message = format!("service {:?} has no method {:?}", request.service, request.method);
+                refuse(ResponseStatus::MethodNotFound, &message);
+                return Ok(());
+            }
+        };
+        if conn.handling.fetch_add(1, Ordering::Relaxed) >= self.config.max_inflight {
+            conn.handling.fetch_sub(1, Ordering::Relaxed);
+            let message = format!("{} requests of this connection are being handled (max_inflight)", self.config.max_inflight);
+            refuse(ResponseStatus::Overloaded, &message);
+            return Ok(());
+        }
+        match method.mode {
+            HandlerMode::Inline => {
+                let response = method.handler.invoke(id, request.args);
+                finish(conn, response, one_way);
+            }
+            HandlerMode::Pool => {
+                let args_at = request.args.as_ptr() as usize - frame.body.as_ptr() as usize;
+                let job = Job::Run {
+                    conn: conn.clone(),
+                    id,
+                    handler: method.handler.clone(),
+                    body: frame.body,
+                    args_at,
+                    one_way,
+                };
+                if let Err(e) = self.jobs.try_send(job) {
+                    conn.handling.fetch_sub(1, Ordering::Relaxed);
+                    let (status, message) = match e {
+                        TrySendError::Full(_) => (ResponseStatus::Overloaded, "the worker queue is full"),
+                        TrySendError::Disconnected(_) => (ResponseStatus::ShuttingDown, "the server is shutting down"),
+                    };
+                    refuse(status, message);
+                }
+            }
+        }
+        Ok(())
+    }
+}
