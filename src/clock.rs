@@ -29,7 +29,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn instants_before_the_origin_clamp_to_it() {
+        let early = Instant::now();
+        let origin = origin();
+        assert!(from_nanos(to_nanos(early)) >= origin.min(early));
+        assert_eq!(to_nanos(origin), 0);
+    }
+
+    #[test]
     fn round_trips_to_the_nanosecond() {
+        origin();
         let now = Instant::now();
         assert_eq!(from_nanos(to_nanos(now)), now);
     }

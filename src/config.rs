@@ -200,18 +200,25 @@ mod tests {
     #[test]
     fn tick_must_be_finer_than_the_interval() {
         let mut c = ClientConfig::default();
-        c.connection.heartbeat.interval = Duration::from_millis(8);
+        c.connection.heartbeat = HeartbeatConfig {
+            interval: Duration::from_millis(8),
+            ..HeartbeatConfig::default()
+        };
         let err = c.validate().unwrap_err();
         assert!(err.contains("timer_tick"), "{err}");
     }
 
     #[test]
     fn zero_bounds_are_rejected() {
-        let mut s = ServerConfig::default();
-        s.event_loops = 0;
+        let s = ServerConfig {
+            event_loops: 0,
+            ..ServerConfig::default()
+        };
         assert!(s.validate().unwrap_err().contains("event_loops"));
-        let mut c = ClientConfig::default();
-        c.max_inflight = 0;
+        let c = ClientConfig {
+            max_inflight: 0,
+            ..ClientConfig::default()
+        };
         assert!(c.validate().unwrap_err().contains("max_inflight"));
     }
 }

@@ -197,7 +197,7 @@ impl FrameDecoder {
     ///
     /// While a large body is incomplete the read goes straight into that
     /// body's buffer and never past its end; otherwise into the read buffer,
-    /// up to [`READ_CHUNK`] (64 KiB) at a time. On a poisoned decoder the
+    /// up to 64 KiB at a time. On a poisoned decoder the
     /// bytes are read and discarded, so a caller can still drain to EOF.
     ///
     /// # Errors
@@ -566,18 +566,48 @@ mod tests {
             reads: 0,
         };
         let mut frames = Vec::new();
+        let mut reads_into_body = 0;
         while decoder.read_from(&mut reader).unwrap() > 0 {
             frames.extend(drain(&mut decoder));
             if let Some(partial) = &decoder.partial {
+                reads_into_body += 1;
                 assert!(partial.filled <= body.len());
-                assert_eq!(decoder.start, decoder.end);
+                assert_eq!(decoder.start, decoder.end, "read buffer unused meanwhile");
             }
         }
+        assert!(
+            reads_into_body >= 15,
+            "{reads_into_body} reads into the body"
+        );
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[0].body, body);
         assert_eq!(frames[0].body.capacity(), body.len());
         assert_eq!(frames[1].header, Header::new(Kind::Pong, 0, 10, 0));
         assert!(!decoder.is_mid_frame());
+    }
+
+    #[test]
+    fn long_stream_of_small_frames_keeps_one_read_buffer() {
+        // 50,000 frames of 117 bytes, read 1,000 bytes at a time: almost every
+        // read ends mid-frame, so the buffer must compact, not grow.
+        let data: Vec<u8> = (0..50_000u64)
+            .flat_map(|id| frame_bytes(Kind::Request, id, &[5; 97]))
+            .collect();
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut reader = Chunked {
+            data: &data,
+            piece: 1000,
+            reads: 0,
+        };
+        let mut count = 0u64;
+        while decoder.read_from(&mut reader).unwrap() > 0 {
+            for frame in drain(&mut decoder) {
+                assert_eq!(frame.header.id, count);
+                count += 1;
+            }
+        }
+        assert_eq!(count, 50_000);
+        assert_eq!(decoder.capacity(), READ_CHUNK);
     }
 
     #[test]

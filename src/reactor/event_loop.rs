@@ -71,6 +71,9 @@ struct Conn {
     was_ready: bool,
     /// Why the connection is closing, once it is.
     closing_reason: Option<DisconnectReason>,
+    /// The provider already reported this connection's end (at the moment it
+    /// decided to close, not after the Close frame lingered out).
+    reported: bool,
     /// The deadline the timer thread holds for this connection, if any.
     armed: Option<Instant>,
     /// Latest write time already fed to the heartbeat.
@@ -523,6 +526,7 @@ impl EventLoop {
             phase,
             was_ready: phase == Phase::Ready,
             closing_reason: None,
+            reported: false,
             armed: None,
             fed_write: None,
             connected_since: SystemTime::now(),
@@ -612,6 +616,14 @@ impl EventLoop {
         }
         // Calls in flight fail now, not when the Close has been written.
         conn.shared.calls.fail_all(conn.shared.peer, reason.as_str());
+        if let Role::Provider { server } = &conn.role {
+            let peer = conn.shared.peer;
+            server.events().emit(Event::Disconnected {
+                peer,
+                reason: reason.clone(),
+            });
+            conn.reported = true;
+        }
         conn.closing_reason = Some(reason);
         let Some((status, text)) = close_frame else {
             self.finalize(token, now);
@@ -645,7 +657,12 @@ impl EventLoop {
         if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
             log::debug!("{}: deregister failed: {e}", shared.peer);
         }
-        let _ = shared.socket.shutdown(Shutdown::Both);
+        // Shut down our sending side (writers on other threads now fail fast),
+        // then drain what the peer already sent: closing a socket with unread
+        // bytes makes the kernel send a reset, which can destroy our Close
+        // frame before the peer reads it.
+        let _ = shared.socket.shutdown(Shutdown::Write);
+        drain_unread(&shared.socket);
         shared.out.close();
         let reason = conn.closing_reason.unwrap_or(DisconnectReason::Shutdown);
         shared.calls.fail_all(shared.peer, reason.as_str());
@@ -655,10 +672,12 @@ impl EventLoop {
         match conn.role {
             Role::Provider { server } => {
                 server.release_connection();
-                server.events().emit(Event::Disconnected {
-                    peer: shared.peer,
-                    reason,
-                });
+                if !conn.reported {
+                    server.events().emit(Event::Disconnected {
+                        peer: shared.peer,
+                        reason,
+                    });
+                }
             }
             Role::Consumer { link } => self.link_conn_gone(link.id(), conn.was_ready, reason, now),
         }
@@ -841,6 +860,21 @@ impl EventLoop {
         for (_, ctl) in self.links.drain() {
             self.timer.disarm(ctl.link.id());
             ctl.link.set_state(LinkState::Shutdown);
+        }
+    }
+}
+
+/// Bytes read and discarded from a socket being closed, at most.
+const DRAIN_LIMIT: usize = 256 * 1024;
+
+/// Reads and discards what is already buffered on a non-blocking socket.
+fn drain_unread(socket: &Socket) {
+    let mut scratch = [0u8; 16 * 1024];
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        match io::Read::read(&mut &*socket, &mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
         }
     }
 }

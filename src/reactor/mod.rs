@@ -131,6 +131,7 @@ impl Runtime {
     /// Starts `loops` event-loop threads named `{name}-loop-{i}` and a timer
     /// thread with resolution `tick`.
     pub(crate) fn start(name: &str, loops: usize, tick: Duration) -> Result<Runtime> {
+        crate::clock::origin(); // fix the origin before any instant is stored
         let mut polls = Vec::with_capacity(loops);
         let mut handles = Vec::with_capacity(loops);
         let mut receivers = Vec::with_capacity(loops);
