@@ -50,7 +50,11 @@ pub struct ServiceRef<'a> {
 impl<'a> ServiceRef<'a> {
     /// A service with all three parts.
     pub fn new(name: &'a str, version: &'a str, group: &'a str) -> ServiceRef<'a> {
-        ServiceRef { name, version, group }
+        ServiceRef {
+            name,
+            version,
+            group,
+        }
     }
 }
 
@@ -80,7 +84,10 @@ pub enum ConnectionState {
 
 /// A link's state as its event loop publishes it to callers.
 pub(crate) enum LinkState {
-    Connecting { attempt: u32, last_error: Option<String> },
+    Connecting {
+        attempt: u32,
+        last_error: Option<String>,
+    },
     Ready(Arc<ConnShared>),
     Failed(String),
     Shutdown,
@@ -144,7 +151,8 @@ impl Link {
                     if self.changed.wait_until(&mut state, deadline).timed_out() {
                         let detail = match &*state {
                             LinkState::Connecting {
-                                last_error: Some(e), ..
+                                last_error: Some(e),
+                                ..
                             } => format!("last attempt: {e}"),
                             _ => "still connecting".to_string(),
                         };
@@ -169,7 +177,9 @@ struct ClientInner {
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        self.owner.send(Command::RemoveLink { link_id: self.link.id });
+        self.owner.send(Command::RemoveLink {
+            link_id: self.link.id,
+        });
         self.runtime.lock().shutdown(None);
     }
 }
@@ -211,7 +221,9 @@ impl Client {
             .to_socket_addrs()
             .map_err(|e| Error::io("resolve the provider address", e))?
             .next()
-            .ok_or_else(|| Error::InvalidConfig("the provider address resolved to nothing".into()))?;
+            .ok_or_else(|| {
+                Error::InvalidConfig("the provider address resolved to nothing".into())
+            })?;
         let runtime = Runtime::start("pulse-client", 1, config.connection.timer_tick)?;
         let owner = runtime.loops()[0].clone();
         let link = Arc::new(Link {
@@ -243,7 +255,12 @@ impl Client {
     /// # Errors
     /// `Timeout`, `ConnectionLost`, `NotConnected`, `Remote` (the provider's
     /// status and message), `Overloaded`, `Codec`, `Shutdown`.
-    pub fn call<'s, A, R>(&self, service: impl Into<ServiceRef<'s>>, method: &str, args: &A) -> Result<R>
+    pub fn call<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+    ) -> Result<R>
     where
         A: Serialize + ?Sized,
         R: DeserializeOwned,
@@ -276,7 +293,12 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::call`], for what fails before the request is sent.
-    pub fn start<'s, A, R>(&self, service: impl Into<ServiceRef<'s>>, method: &str, args: &A) -> Result<PendingCall<R>>
+    pub fn start<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+    ) -> Result<PendingCall<R>>
     where
         A: Serialize + ?Sized,
         R: DeserializeOwned,
@@ -317,7 +339,8 @@ impl Client {
         let link = &self.inner.link;
         let conn = link.ready_conn(deadline, started)?;
         let slot = CallSlot::new();
-        conn.calls.register(id, slot.clone(), link.config.max_inflight, conn.peer)?;
+        conn.calls
+            .register(id, slot.clone(), link.config.max_inflight, conn.peer)?;
         if let Err(e) = conn.send(frame, Class::Data) {
             conn.calls.remove(id);
             return Err(send_error(&conn, e));
@@ -338,7 +361,12 @@ impl Client {
     ///
     /// # Errors
     /// `NotConnected`, `ConnectionLost`, `Overloaded`, `Codec`, `Shutdown`.
-    pub fn send_one_way<'s, A>(&self, service: impl Into<ServiceRef<'s>>, method: &str, args: &A) -> Result<()>
+    pub fn send_one_way<'s, A>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+    ) -> Result<()>
     where
         A: Serialize + ?Sized,
     {
@@ -357,7 +385,9 @@ impl Client {
         )
         .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
         let conn = link.ready_conn(started + link.config.call_timeout, started)?;
-        conn.send(frame, Class::Data).map(|_| ()).map_err(|e| send_error(&conn, e))
+        conn.send(frame, Class::Data)
+            .map(|_| ())
+            .map_err(|e| send_error(&conn, e))
     }
 
     /// The provider's address.
@@ -368,7 +398,9 @@ impl Client {
     /// Where the connection is right now.
     pub fn state(&self) -> ConnectionState {
         match &*self.inner.link.state.lock() {
-            LinkState::Connecting { attempt, .. } => ConnectionState::Connecting { attempt: *attempt },
+            LinkState::Connecting { attempt, .. } => {
+                ConnectionState::Connecting { attempt: *attempt }
+            }
             LinkState::Ready(_) => ConnectionState::Ready,
             LinkState::Failed(_) => ConnectionState::Failed,
             LinkState::Shutdown => ConnectionState::Shutdown,

@@ -31,6 +31,19 @@ pub struct ConnectionConfig {
     /// are dropped (and logged at debug level) rather than blocking a loop.
     /// Default 1,024.
     pub event_capacity: usize,
+    /// A frame whose first byte arrived must be complete within this time, or
+    /// the connection is closed (Close(ProtocolError), reason
+    /// `frame_timeout`): the defence against slowloris peers. Bytes still
+    /// arriving keep the heartbeat happy, so this is the bound on a frame that
+    /// trickles. Default 30 s; `None` disables it.
+    pub frame_timeout: Option<Duration>,
+    /// Pings from the peer closer together than this are strikes; more than
+    /// `max_ping_strikes` strikes in a row close the connection with
+    /// Close(TooManyPings). Default 10 ms, far below any sane heartbeat
+    /// interval (the default is 1 s), like gRPC's keepalive enforcement.
+    pub min_ping_interval: Duration,
+    /// Consecutive too-early pings tolerated. Default 3.
+    pub max_ping_strikes: u32,
 }
 
 impl Default for ConnectionConfig {
@@ -41,6 +54,9 @@ impl Default for ConnectionConfig {
             max_write_queue_bytes: 64 * 1024 * 1024,
             timer_tick: DEFAULT_TIMER_TICK,
             event_capacity: 1024,
+            frame_timeout: Some(Duration::from_secs(30)),
+            min_ping_interval: Duration::from_millis(10),
+            max_ping_strikes: 3,
         }
     }
 }
@@ -48,9 +64,14 @@ impl Default for ConnectionConfig {
 impl ConnectionConfig {
     /// Checks every field; the error names the field and the allowed range.
     pub fn validate(&self) -> Result<(), String> {
-        self.heartbeat.validate().map_err(|e| format!("heartbeat: {e}"))?;
+        self.heartbeat
+            .validate()
+            .map_err(|e| format!("heartbeat: {e}"))?;
         if self.max_frame_len < 64 {
-            return Err(format!("max_frame_len must be at least 64 bytes, got {}", self.max_frame_len));
+            return Err(format!(
+                "max_frame_len must be at least 64 bytes, got {}",
+                self.max_frame_len
+            ));
         }
         if self.max_write_queue_bytes < self.max_frame_len as usize {
             return Err("max_write_queue_bytes must be at least max_frame_len".into());
@@ -66,6 +87,9 @@ impl ConnectionConfig {
         }
         if self.event_capacity == 0 {
             return Err("event_capacity must be at least 1".into());
+        }
+        if self.frame_timeout.is_some_and(|t| t < self.timer_tick) {
+            return Err("frame_timeout must be at least one timer_tick".into());
         }
         Ok(())
     }
@@ -108,7 +132,9 @@ impl ClientConfig {
     /// Checks every field; the error names the field and the allowed range.
     pub fn validate(&self) -> Result<(), String> {
         self.connection.validate()?;
-        self.backoff.validate().map_err(|e| format!("backoff: {e}"))?;
+        self.backoff
+            .validate()
+            .map_err(|e| format!("backoff: {e}"))?;
         if self.call_timeout.is_zero() || self.connect_attempt_timeout.is_zero() {
             return Err("call_timeout and connect_attempt_timeout must be positive".into());
         }
@@ -154,6 +180,15 @@ pub struct ServerConfig {
     /// How long `shutdown` waits for queued writes (responses, the final
     /// Close) to reach each peer. Default 1 s.
     pub linger: Duration,
+    /// Close a connection that carried no call (request, response or
+    /// one-way) for this long and has none running, with Close(IdleTimeout).
+    /// Pings do not count. Default `None` (never).
+    pub max_idle: Option<Duration>,
+    /// Close a connection this long after it was accepted, gracefully: new
+    /// requests are answered ShuttingDown, running ones finish (for up to
+    /// `linger`), then Close(Normal) — the consumer reconnects. Spreads load
+    /// after providers are added. Default `None` (never).
+    pub max_age: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -166,6 +201,8 @@ impl Default for ServerConfig {
             max_inflight: 4096,
             max_connections: 10_000,
             linger: Duration::from_secs(1),
+            max_idle: None,
+            max_age: None,
         }
     }
 }
@@ -175,7 +212,10 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.connection.validate()?;
         if self.event_loops == 0 || self.event_loops > 1024 {
-            return Err(format!("event_loops must be in 1..=1024, got {}", self.event_loops));
+            return Err(format!(
+                "event_loops must be in 1..=1024, got {}",
+                self.event_loops
+            ));
         }
         if self.worker_threads == 0 || self.worker_queue == 0 {
             return Err("worker_threads and worker_queue must be at least 1".into());

@@ -99,7 +99,10 @@ mod tests {
             e.to_string(),
             "connection to 127.0.0.1:9 lost before the response arrived: heartbeat_timeout"
         );
-        let e = Error::io("bind 127.0.0.1:1", io::Error::from(io::ErrorKind::PermissionDenied));
+        let e = Error::io(
+            "bind 127.0.0.1:1",
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
         assert!(e.to_string().starts_with("bind 127.0.0.1:1 failed"));
         let e = Error::Remote {
             status: ResponseStatus::MethodNotFound,

@@ -78,10 +78,17 @@ impl fmt::Display for Event {
         match self {
             Event::Connected { peer } => write!(f, "connected to {peer}"),
             Event::HeartbeatMissed { peer, missed } => {
-                write!(f, "{peer}: {missed} heartbeat interval(s) with nothing read")
+                write!(
+                    f,
+                    "{peer}: {missed} heartbeat interval(s) with nothing read"
+                )
             }
             Event::Disconnected { peer, reason } => write!(f, "disconnected from {peer}: {reason}"),
-            Event::Reconnecting { peer, attempt, delay } => {
+            Event::Reconnecting {
+                peer,
+                attempt,
+                delay,
+            } => {
                 write!(f, "reconnecting to {peer}: attempt {attempt} in {delay:?}")
             }
         }
@@ -113,6 +120,14 @@ pub enum DisconnectReason {
     /// This side closed the peer for breaking one of its bounds (queued bytes,
     /// connection count).
     Overloaded(String),
+    /// The peer pinged more often than `min_ping_interval` allows.
+    TooManyPings,
+    /// A frame started arriving but did not complete within `frame_timeout`.
+    FrameTimeout,
+    /// The connection carried no call for `max_idle`.
+    IdleTimeout,
+    /// The connection reached `max_age` and was closed gracefully.
+    MaxAge,
 }
 
 impl DisconnectReason {
@@ -126,6 +141,10 @@ impl DisconnectReason {
             DisconnectReason::Protocol(_) => "protocol_error",
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::Overloaded(_) => "overloaded",
+            DisconnectReason::TooManyPings => "too_many_pings",
+            DisconnectReason::FrameTimeout => "frame_timeout",
+            DisconnectReason::IdleTimeout => "idle_timeout",
+            DisconnectReason::MaxAge => "max_age",
         }
     }
 
@@ -174,9 +193,13 @@ impl EventSink {
     pub(crate) fn emit(&self, event: Event) {
         match &event {
             Event::Connected { .. } => log::info!("{}: {event}", self.side),
-            Event::HeartbeatMissed { .. } | Event::Reconnecting { .. } => log::warn!("{}: {event}", self.side),
+            Event::HeartbeatMissed { .. } | Event::Reconnecting { .. } => {
+                log::warn!("{}: {event}", self.side)
+            }
             Event::Disconnected { reason, .. } => match reason {
-                DisconnectReason::PeerShutdown | DisconnectReason::Shutdown => log::info!("{}: {event}", self.side),
+                DisconnectReason::PeerShutdown | DisconnectReason::Shutdown => {
+                    log::info!("{}: {event}", self.side)
+                }
                 _ => log::warn!("{}: {event}", self.side),
             },
         }
@@ -201,9 +224,15 @@ mod tests {
         assert_eq!(closed.detail(), Some("no pong"));
         assert_eq!(DisconnectReason::PeerShutdown.as_str(), "peer_shutdown");
         assert_eq!(DisconnectReason::Io("reset".into()).as_str(), "io_error");
-        let e = Event::Disconnected { peer, reason: closed };
+        let e = Event::Disconnected {
+            peer,
+            reason: closed,
+        };
         assert_eq!(e.name(), "disconnected");
-        assert_eq!(e.to_string(), "disconnected from 127.0.0.1:1: peer_closed (no pong)");
+        assert_eq!(
+            e.to_string(),
+            "disconnected from 127.0.0.1:1: peer_closed (no pong)"
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ use parking_lot::Mutex;
 use crate::config::{HandlerMode, ServerConfig};
 use crate::error::{Error, Result};
 use crate::event::{DisconnectReason, Event, EventSink};
-use crate::protocol::{CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response};
+use crate::protocol::{
+    CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response,
+};
 use crate::reactor::{Class, Command, ConnShared, PeerInfo, Runtime, SendError};
 use crate::service::{Handler, Lookup, Registry, ServiceBuilder};
 
@@ -57,7 +59,8 @@ impl ServerBuilder {
             .map_err(|e| Error::io("resolve the bind address", e))?
             .next()
             .ok_or_else(|| Error::InvalidConfig("the bind address resolved to nothing".into()))?;
-        let listener = crate::reactor::listen(addr).map_err(|e| Error::io(format!("bind {addr}"), e))?;
+        let listener =
+            crate::reactor::listen(addr).map_err(|e| Error::io(format!("bind {addr}"), e))?;
         let local_addr = listener
             .local_addr()
             .ok()
@@ -67,7 +70,11 @@ impl ServerBuilder {
         let config = self.config;
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.worker_queue);
         let events = EventSink::new(config.connection.event_capacity, "server");
-        let runtime = Runtime::start("pulse-server", config.event_loops, config.connection.timer_tick)?;
+        let runtime = Runtime::start(
+            "pulse-server",
+            config.event_loops,
+            config.connection.timer_tick,
+        )?;
         let shared = Arc::new(ServerShared {
             registry: self.registry,
             jobs: jobs_tx,
@@ -89,7 +96,10 @@ impl ServerBuilder {
             listener,
             server: shared.clone(),
         });
-        log::info!("serving on {local_addr} with {} event loop(s)", config.event_loops);
+        log::info!(
+            "serving on {local_addr} with {} event loop(s)",
+            config.event_loops
+        );
         Ok(Server {
             local_addr,
             shared,
@@ -128,7 +138,9 @@ impl Server {
     /// Empty once the server is shut down.
     pub fn peers(&self) -> Vec<PeerInfo> {
         let state = self.state.lock();
-        let Some(running) = state.as_ref() else { return Vec::new() };
+        let Some(running) = state.as_ref() else {
+            return Vec::new();
+        };
         let (tx, rx) = crossbeam_channel::unbounded();
         for handle in running.runtime.loops() {
             handle.send(Command::Peers(tx.clone()));
@@ -153,7 +165,10 @@ impl Server {
     /// Timers armed in the server's timer wheel (one per live connection at
     /// most): a test hook proving that dead connections release their timers.
     pub fn armed_timers(&self) -> usize {
-        self.state.lock().as_ref().map_or(0, |r| r.runtime.armed_timers())
+        self.state
+            .lock()
+            .as_ref()
+            .map_or(0, |r| r.runtime.armed_timers())
     }
 
     /// Consumer connections open right now.
@@ -166,7 +181,9 @@ impl Server {
     /// go out, then sends Close(Normal) to every consumer and stops every
     /// thread. Idempotent; also done on drop.
     pub fn shutdown(&self) {
-        let Some(mut running) = self.state.lock().take() else { return };
+        let Some(mut running) = self.state.lock().take() else {
+            return;
+        };
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
         let _ = done_rx.recv_timeout(Duration::from_secs(5));
@@ -180,9 +197,10 @@ impl Server {
                 log::error!("a worker thread panicked");
             }
         }
-        running
-            .runtime
-            .shutdown(Some((CloseStatus::Normal, "server shutting down".to_string())));
+        running.runtime.shutdown(Some((
+            CloseStatus::Normal,
+            "server shutting down".to_string(),
+        )));
         log::info!("server on {} shut down", self.local_addr);
     }
 }
@@ -243,7 +261,10 @@ fn respond(conn: &ConnShared, response: Vec<u8>) {
                 conn.out.queued_bytes()
             );
             log::warn!("{}: closing: {detail}", conn.peer);
-            conn.request_close(CloseStatus::Overloaded, DisconnectReason::Overloaded(detail));
+            conn.request_close(
+                CloseStatus::Overloaded,
+                DisconnectReason::Overloaded(detail),
+            );
         }
     }
 }
@@ -271,7 +292,9 @@ impl ServerShared {
     pub(crate) fn admit_connection(&self) -> bool {
         let max = self.config.max_connections;
         self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -282,7 +305,11 @@ impl ServerShared {
     /// Handles a Request or OneWay read by an event loop. `Err` is a protocol
     /// violation (the body is not a request); every other failure is answered
     /// with a Response status and the connection stays open.
-    pub(crate) fn dispatch(&self, conn: &Arc<ConnShared>, frame: Frame) -> std::result::Result<(), String> {
+    pub(crate) fn dispatch(
+        &self,
+        conn: &Arc<ConnShared>,
+        frame: Frame,
+    ) -> std::result::Result<(), String> {
         let id = frame.header.id;
         let one_way = frame.header.kind == Kind::OneWay;
         let request = decode_request_body(&frame.body).map_err(|e| e.to_string())?;
@@ -295,10 +322,12 @@ impl ServerShared {
             refuse(ResponseStatus::ShuttingDown, "the server is shutting down");
             return Ok(());
         }
-        let method = match self
-            .registry
-            .find(request.service, request.version, request.group, request.method)
-        {
+        let method = match self.registry.find(
+            request.service,
+            request.version,
+            request.group,
+            request.method,
+        ) {
             Lookup::Found(method) => method,
             Lookup::NoService => {
                 let message = format!(
@@ -309,14 +338,20 @@ impl ServerShared {
                 return Ok(());
             }
             Lookup::NoMethod => {
-                let message = format!("service {:?} has no method {:?}", request.service, request.method);
+                let message = format!(
+                    "service {:?} has no method {:?}",
+                    request.service, request.method
+                );
                 refuse(ResponseStatus::MethodNotFound, &message);
                 return Ok(());
             }
         };
         if conn.handling.fetch_add(1, Ordering::Relaxed) >= self.config.max_inflight {
             conn.handling.fetch_sub(1, Ordering::Relaxed);
-            let message = format!("{} requests of this connection are being handled (max_inflight)", self.config.max_inflight);
+            let message = format!(
+                "{} requests of this connection are being handled (max_inflight)",
+                self.config.max_inflight
+            );
             refuse(ResponseStatus::Overloaded, &message);
             return Ok(());
         }
@@ -338,8 +373,12 @@ impl ServerShared {
                 if let Err(e) = self.jobs.try_send(job) {
                     conn.handling.fetch_sub(1, Ordering::Relaxed);
                     let (status, message) = match e {
-                        TrySendError::Full(_) => (ResponseStatus::Overloaded, "the worker queue is full"),
-                        TrySendError::Disconnected(_) => (ResponseStatus::ShuttingDown, "the server is shutting down"),
+                        TrySendError::Full(_) => {
+                            (ResponseStatus::Overloaded, "the worker queue is full")
+                        }
+                        TrySendError::Disconnected(_) => {
+                            (ResponseStatus::ShuttingDown, "the server is shutting down")
+                        }
                     };
                     refuse(status, message);
                 }

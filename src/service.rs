@@ -48,7 +48,11 @@ where
         };
         match catch_unwind(AssertUnwindSafe(|| (self.handler)(args))) {
             Ok(Ok(result)) => encode_ok_response(id, &result).unwrap_or_else(|e| {
-                encode_error_response(id, ResponseStatus::HandlerError, &format!("result could not be encoded: {e}"))
+                encode_error_response(
+                    id,
+                    ResponseStatus::HandlerError,
+                    &format!("result could not be encoded: {e}"),
+                )
             }),
             Ok(Err(e)) => encode_error_response(id, ResponseStatus::HandlerError, &e.to_string()),
             Err(panic) => {
@@ -58,7 +62,11 @@ where
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 log::error!("handler panicked: {what}");
-                encode_error_response(id, ResponseStatus::HandlerError, &format!("handler panicked: {what}"))
+                encode_error_response(
+                    id,
+                    ResponseStatus::HandlerError,
+                    &format!("handler panicked: {what}"),
+                )
             }
         }
     }
@@ -135,7 +143,12 @@ impl ServiceBuilder {
     }
 
     /// Adds a method that runs where `mode` says.
-    pub fn method_with_mode<A, R, E, F>(mut self, name: impl Into<String>, mode: HandlerMode, handler: F) -> ServiceBuilder
+    pub fn method_with_mode<A, R, E, F>(
+        mut self,
+        name: impl Into<String>,
+        mode: HandlerMode,
+        handler: F,
+    ) -> ServiceBuilder
     where
         F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
         A: DeserializeOwned + 'static,
@@ -183,10 +196,11 @@ impl Registry {
     }
 
     pub(crate) fn find(&self, name: &str, version: &str, group: &str, method: &str) -> Lookup<'_> {
-        let service = self
-            .by_name
-            .get(name)
-            .and_then(|versions| versions.iter().find(|s| s.version == version && s.group == group));
+        let service = self.by_name.get(name).and_then(|versions| {
+            versions
+                .iter()
+                .find(|s| s.version == version && s.group == group)
+        });
         match service {
             None => Lookup::NoService,
             Some(service) => match service.methods.get(method) {
@@ -215,11 +229,20 @@ mod tests {
                 .method("double", |n: u64| n.checked_mul(2).ok_or("overflow"))
                 .method("boom", |_: ()| -> Result<(), String> { panic!("kaboom") }),
         );
-        registry.add(ServiceBuilder::new("math").version("2").method("double", |n: u64| Ok::<_, String>(n * 4)));
+        registry.add(
+            ServiceBuilder::new("math")
+                .version("2")
+                .method("double", |n: u64| Ok::<_, String>(n * 4)),
+        );
         registry
     }
 
-    fn call(registry: &Registry, version: &str, method: &str, args: &[u8]) -> crate::protocol::Frame {
+    fn call(
+        registry: &Registry,
+        version: &str,
+        method: &str,
+        args: &[u8],
+    ) -> crate::protocol::Frame {
         match registry.find("math", version, "", method) {
             Lookup::Found(m) => response(m.handler.invoke(9, args)),
             _ => panic!("method {method} not found"),
@@ -239,14 +262,24 @@ mod tests {
 
     #[test]
     fn ill_typed_args_are_a_bad_request() {
-        let frame = call(&registry(), "", "double", &rmp_serde::to_vec("seven").unwrap());
+        let frame = call(
+            &registry(),
+            "",
+            "double",
+            &rmp_serde::to_vec("seven").unwrap(),
+        );
         assert_eq!(frame.header.status, ResponseStatus::BadRequest as u8);
         assert!(decode_text_body(&frame.body).contains("u64"));
     }
 
     #[test]
     fn handler_errors_and_panics_are_handler_errors() {
-        let frame = call(&registry(), "", "double", &rmp_serde::to_vec(&u64::MAX).unwrap());
+        let frame = call(
+            &registry(),
+            "",
+            "double",
+            &rmp_serde::to_vec(&u64::MAX).unwrap(),
+        );
         assert_eq!(frame.header.status, ResponseStatus::HandlerError as u8);
         assert_eq!(decode_text_body(&frame.body), "overflow");
         let frame = call(&registry(), "", "boom", &rmp_serde::to_vec(&()).unwrap());
@@ -257,8 +290,14 @@ mod tests {
     #[test]
     fn lookups_tell_a_missing_service_from_a_missing_method() {
         let r = registry();
-        assert!(matches!(r.find("nope", "", "", "double"), Lookup::NoService));
-        assert!(matches!(r.find("math", "3", "", "double"), Lookup::NoService));
+        assert!(matches!(
+            r.find("nope", "", "", "double"),
+            Lookup::NoService
+        ));
+        assert!(matches!(
+            r.find("math", "3", "", "double"),
+            Lookup::NoService
+        ));
         assert!(matches!(r.find("math", "", "", "triple"), Lookup::NoMethod));
     }
 }

@@ -93,8 +93,6 @@ fn sizes() -> impl Strategy<Value = Vec<usize>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
-
     /// Feeding any split of a valid stream yields exactly the encoded frames.
     #[test]
     fn any_feed_split_decodes_the_same_frames(
@@ -236,7 +234,7 @@ proptest! {
         prop_assert_eq!(Header::decode(&bytes, max), expected);
     }
 
-    /// Any MessagePack value as args round-trips byte for byte through a request.
+    /// Any MessagePack value as args round-trips through a request.
     #[test]
     fn arbitrary_args_round_trip(
         value in msgpack_value(),

@@ -11,8 +11,8 @@ mod decoder;
 mod header;
 
 pub use body::{
-    BodyError, RequestBody, decode_request_body, decode_text_body, encode_close, encode_error_response,
-    encode_ok_response, encode_ping, encode_pong, encode_request,
+    BodyError, RequestBody, decode_request_body, decode_text_body, encode_close,
+    encode_error_response, encode_ok_response, encode_ping, encode_pong, encode_request,
 };
 pub use decoder::{Frame, FrameDecoder};
 pub use header::{FrameError, Header};

@@ -132,7 +132,13 @@ impl CallTable {
     }
 
     /// Registers a call; fails if the connection is dead or `max` calls wait.
-    pub(crate) fn register(&self, id: u64, slot: Arc<CallSlot>, max: usize, peer: SocketAddr) -> Result<(), Error> {
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        slot: Arc<CallSlot>,
+        max: usize,
+        peer: SocketAddr,
+    ) -> Result<(), Error> {
         let mut calls = self.inner.lock();
         if let Some(reason) = &calls.closed {
             return Err(Error::ConnectionLost {
@@ -200,13 +206,19 @@ mod tests {
         let slot = CallSlot::new();
         slot.complete(Err(Error::Shutdown));
         slot.complete(Err(Error::Timeout(Duration::ZERO)));
-        assert!(matches!(slot.wait(Instant::now()), Some(Err(Error::Shutdown))));
+        assert!(matches!(
+            slot.wait(Instant::now()),
+            Some(Err(Error::Shutdown))
+        ));
     }
 
     #[test]
     fn an_empty_slot_times_out() {
         let slot = CallSlot::new();
-        assert!(slot.wait(Instant::now() + Duration::from_millis(5)).is_none());
+        assert!(
+            slot.wait(Instant::now() + Duration::from_millis(5))
+                .is_none()
+        );
     }
 
     #[test]
@@ -215,17 +227,25 @@ mod tests {
         let slot = CallSlot::new();
         table.register(1, slot.clone(), 10, peer()).unwrap();
         table.fail_all(peer(), "heartbeat_timeout");
-        assert!(matches!(slot.wait(Instant::now()), Some(Err(Error::ConnectionLost { .. }))));
+        assert!(matches!(
+            slot.wait(Instant::now()),
+            Some(Err(Error::ConnectionLost { .. }))
+        ));
         assert_eq!(table.len(), 0);
         let late = table.register(2, CallSlot::new(), 10, peer());
-        assert!(matches!(late, Err(Error::ConnectionLost { reason, .. }) if reason == "heartbeat_timeout"));
+        assert!(
+            matches!(late, Err(Error::ConnectionLost { reason, .. }) if reason == "heartbeat_timeout")
+        );
     }
 
     #[test]
     fn the_inflight_bound_is_enforced() {
         let table = CallTable::new();
         table.register(1, CallSlot::new(), 1, peer()).unwrap();
-        assert!(matches!(table.register(2, CallSlot::new(), 1, peer()), Err(Error::Overloaded(_))));
+        assert!(matches!(
+            table.register(2, CallSlot::new(), 1, peer()),
+            Err(Error::Overloaded(_))
+        ));
         table.remove(1);
         table.register(2, CallSlot::new(), 1, peer()).unwrap();
     }

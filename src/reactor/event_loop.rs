@@ -23,13 +23,15 @@ use socket2::Socket;
 
 use super::conn::{CallTable, ConnShared};
 use super::outbound::{Class, Flush, Outbound};
-use super::{Command, LISTENER_TOKEN, LoopHandle, PeerInfo, TimerEvent, TimerTarget, WAKER_TOKEN, socket};
+use super::{
+    Command, LISTENER_TOKEN, LoopHandle, PeerInfo, TimerEvent, TimerTarget, WAKER_TOKEN, socket,
+};
 use crate::client::{Link, LinkState};
 use crate::event::{DisconnectReason, Event};
 use crate::liveness::{Backoff, Heartbeat, HeartbeatAction};
 use crate::protocol::{
-    CloseStatus, Frame, FrameDecoder, Kind, ResponseStatus, decode_text_body, encode_close, encode_error_response,
-    encode_ping, encode_pong,
+    CloseStatus, Frame, FrameDecoder, Kind, ResponseStatus, decode_text_body, encode_close,
+    encode_error_response, encode_ping, encode_pong,
 };
 use crate::server::ServerShared;
 use crate::timer::TimerHandle;
@@ -79,6 +81,56 @@ struct Conn {
     /// Latest write time already fed to the heartbeat.
     fed_write: Option<Instant>,
     connected_since: SystemTime,
+    /// When the connection became usable (for `max_age`).
+    opened_at: Instant,
+    /// When the frame now arriving started (for `frame_timeout`).
+    frame_started: Option<Instant>,
+    /// When the peer last pinged us, and how many pings in a row came too soon.
+    last_ping_in: Option<Instant>,
+    ping_strikes: u32,
+    /// Last time a call moved on this connection (for `max_idle`).
+    last_call: Instant,
+    /// `max_age` reached: finishing running calls until this deadline.
+    draining_until: Option<Instant>,
+}
+
+impl Conn {
+    /// Settings shared by both roles.
+    fn config(&self) -> &crate::config::ConnectionConfig {
+        match &self.role {
+            Role::Consumer { link } => &link.config().connection,
+            Role::Provider { server } => &server.config().connection,
+        }
+    }
+
+    /// The earliest moment something must be checked on this connection.
+    fn next_deadline(&self) -> Option<Instant> {
+        let phase_deadline = match self.phase {
+            Phase::Connecting { deadline } | Phase::Closing { deadline } => return Some(deadline),
+            Phase::Handshaking | Phase::Ready => self.heartbeat.next_deadline(),
+        };
+        let frame = self
+            .frame_started
+            .zip(self.config().frame_timeout)
+            .map(|(s, t)| s + t);
+        let (idle, age) = match &self.role {
+            Role::Provider { server } => {
+                let config = server.config();
+                let idle = config.max_idle.map(|t| self.last_call + t);
+                let age = match self.draining_until {
+                    // Check often while draining: it ends when calls finish.
+                    Some(_) => Some(Instant::now() + config.connection.timer_tick),
+                    None => config.max_age.map(|t| self.opened_at + t),
+                };
+                (idle, age)
+            }
+            Role::Consumer { .. } => (None, None),
+        };
+        [phase_deadline, frame, idle, age]
+            .into_iter()
+            .flatten()
+            .min()
+    }
 }
 
 /// A consumer link this loop keeps connected.
@@ -143,7 +195,10 @@ impl EventLoop {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                log::error!("event loop {}: poll failed, closing its connections: {e}", self.index);
+                log::error!(
+                    "event loop {}: poll failed, closing its connections: {e}",
+                    self.index
+                );
                 self.exit_now();
                 return;
             }
@@ -168,7 +223,9 @@ impl EventLoop {
     // ----- readiness -----------------------------------------------------------
 
     fn on_ready(&mut self, token: usize, event: &mio::event::Event, now: Instant) {
-        let Some(conn) = self.conns.get(token) else { return };
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
         if let Phase::Connecting { .. } = conn.phase {
             self.finish_connect(token, now);
             return;
@@ -184,12 +241,21 @@ impl EventLoop {
     }
 
     fn resume_write(&mut self, token: usize, now: Instant) {
-        let Some(conn) = self.conns.get(token) else { return };
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
         let flushed = conn.shared.out.flush(&conn.shared.socket);
         match (flushed, conn.phase) {
             (Err(_), Phase::Closing { .. }) => self.finalize(token, now),
-            (Err(_), _) => self.close(token, DisconnectReason::Io("write failed".into()), None, now),
-            (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_empty() => self.finalize(token, now),
+            (Err(_), _) => self.close(
+                token,
+                DisconnectReason::Io("write failed".into()),
+                None,
+                now,
+            ),
+            (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_empty() => {
+                self.finalize(token, now)
+            }
             _ => {}
         }
     }
@@ -197,7 +263,9 @@ impl EventLoop {
     /// Reads until `WouldBlock`, handling every complete frame.
     fn read(&mut self, token: usize, now: Instant) -> Flow {
         loop {
-            let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+            let Some(conn) = self.conns.get_mut(token) else {
+                return Flow::Closed;
+            };
             if let Phase::Closing { .. } = conn.phase {
                 // Nothing read matters any more; let the socket buffer absorb it.
                 return Flow::Open;
@@ -214,15 +282,32 @@ impl EventLoop {
                 Ok(_) => {
                     // Any bytes, even of an unfinished frame, prove the peer alive.
                     conn.heartbeat.on_read(now);
+                    let mut completed_any = false;
                     loop {
-                        let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+                        let Some(conn) = self.conns.get_mut(token) else {
+                            return Flow::Closed;
+                        };
                         match conn.decoder.next_frame() {
                             Ok(Some(frame)) => {
+                                completed_any = true;
                                 if self.on_frame(token, frame, now) == Flow::Closed {
                                     return Flow::Closed;
                                 }
                             }
-                            Ok(None) => break,
+                            Ok(None) => {
+                                // The frame timeout runs from a frame's first byte.
+                                let started = match (conn.decoder.is_mid_frame(), completed_any) {
+                                    (false, _) => None,
+                                    (true, true) => Some(now),
+                                    (true, false) => conn.frame_started.or(Some(now)),
+                                };
+                                let newly = started.is_some() && conn.frame_started != started;
+                                conn.frame_started = started;
+                                if newly {
+                                    self.rearm(token);
+                                }
+                                break;
+                            }
                             Err(e) => {
                                 self.protocol_error(token, e.to_string(), now);
                                 return Flow::Closed;
@@ -241,15 +326,39 @@ impl EventLoop {
     }
 
     fn on_frame(&mut self, token: usize, frame: Frame, now: Instant) -> Flow {
-        let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
         if conn.phase == Phase::Handshaking {
             self.on_handshake_done(token, now);
         }
-        let Some(conn) = self.conns.get_mut(token) else { return Flow::Closed };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
         let id = frame.header.id;
-        log::trace!("{}: {:?} id {id} ({} bytes)", conn.shared.peer, frame.header.kind, frame.body.len());
+        log::trace!(
+            "{}: {:?} id {id} ({} bytes)",
+            conn.shared.peer,
+            frame.header.kind,
+            frame.body.len()
+        );
         match frame.header.kind {
             Kind::Ping => {
+                let min_interval = conn.config().min_ping_interval;
+                let max_strikes = conn.config().max_ping_strikes;
+                let too_soon = conn
+                    .last_ping_in
+                    .is_some_and(|last| now - last < min_interval);
+                conn.last_ping_in = Some(now);
+                conn.ping_strikes = if too_soon { conn.ping_strikes + 1 } else { 0 };
+                if conn.ping_strikes > max_strikes {
+                    let text = format!(
+                        "more than {max_strikes} pings in a row closer than {min_interval:?}"
+                    );
+                    let close = Some((CloseStatus::TooManyPings, text));
+                    self.close(token, DisconnectReason::TooManyPings, close, now);
+                    return Flow::Closed;
+                }
                 // Answered here, by the loop, never queued behind handlers.
                 let _ = conn.shared.send(encode_pong(id), Class::Control);
                 Flow::Open
@@ -277,15 +386,35 @@ impl EventLoop {
             Kind::Response => {
                 if let Role::Consumer { .. } = conn.role {
                     if !conn.shared.calls.complete(id, Ok(frame)) {
-                        log::debug!("{}: response {id} came after its call gave up", conn.shared.peer);
+                        log::debug!(
+                            "{}: response {id} came after its call gave up",
+                            conn.shared.peer
+                        );
                     }
                 } else {
-                    log::debug!("{}: a consumer sent a Response (id {id}); ignored", conn.shared.peer);
+                    log::debug!(
+                        "{}: a consumer sent a Response (id {id}); ignored",
+                        conn.shared.peer
+                    );
                 }
                 Flow::Open
             }
             Kind::Request | Kind::OneWay => match &conn.role {
-                Role::Provider { server } => match server.dispatch(&conn.shared, frame) {
+                Role::Provider { .. } if conn.draining_until.is_some() => {
+                    conn.last_call = now;
+                    if frame.header.kind == Kind::Request {
+                        let message =
+                            "this connection reached max_age and is closing; retry on a new one";
+                        let response =
+                            encode_error_response(id, ResponseStatus::ShuttingDown, message);
+                        let _ = conn.shared.send(response, Class::Data);
+                    }
+                    Flow::Open
+                }
+                Role::Provider { server } => match {
+                    conn.last_call = now;
+                    server.dispatch(&conn.shared, frame)
+                } {
                     Ok(()) => Flow::Open,
                     Err(violation) => {
                         self.protocol_error(token, violation, now);
@@ -321,7 +450,9 @@ impl EventLoop {
         for target in targets {
             match target {
                 TimerTarget::Conn { token, id } => {
-                    let Some(conn) = self.conns.get_mut(token) else { continue };
+                    let Some(conn) = self.conns.get_mut(token) else {
+                        continue;
+                    };
                     if conn.shared.id != id {
                         continue; // the slot was reused by a newer connection
                     }
@@ -334,7 +465,9 @@ impl EventLoop {
     }
 
     fn on_conn_timeout(&mut self, token: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
         match conn.phase {
             Phase::Connecting { deadline } if now >= deadline => {
                 let reason = DisconnectReason::Io("connect timed out".into());
@@ -354,19 +487,74 @@ impl EventLoop {
                     conn.fed_write = Some(written);
                 }
                 conn.heartbeat.handle_timeout(now);
-                let actions: Vec<HeartbeatAction> = std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
+                let actions: Vec<HeartbeatAction> =
+                    std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
                 for action in actions {
                     if self.on_heartbeat_action(token, action, now) == Flow::Closed {
                         return;
                     }
+                }
+                if self.check_bounds(token, now) == Flow::Closed {
+                    return;
                 }
             }
         }
         self.rearm(token);
     }
 
+    /// Frame timeout (both roles), then idle time and age (providers).
+    fn check_bounds(&mut self, token: usize, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        if let (Some(started), Some(limit)) = (conn.frame_started, conn.config().frame_timeout)
+            && now >= started + limit
+        {
+            let text = format!(
+                "a frame started {:?} ago is still incomplete (frame_timeout {limit:?})",
+                now - started
+            );
+            let close = Some((CloseStatus::ProtocolError, text));
+            self.close(token, DisconnectReason::FrameTimeout, close, now);
+            return Flow::Closed;
+        }
+        let Role::Provider { server } = &conn.role else {
+            return Flow::Open;
+        };
+        let config = server.config();
+        let running = conn
+            .shared
+            .handling
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if running > 0 {
+            conn.last_call = now; // a call in progress is not idleness
+        }
+        if let Some(max_idle) = config.max_idle
+            && now >= conn.last_call + max_idle
+        {
+            let text = format!("no calls for {max_idle:?} (max_idle)");
+            let close = Some((CloseStatus::IdleTimeout, text));
+            self.close(token, DisconnectReason::IdleTimeout, close, now);
+            return Flow::Closed;
+        }
+        if let Some(max_age) = config.max_age
+            && now >= conn.opened_at + max_age
+        {
+            let until = *conn.draining_until.get_or_insert(now + config.linger);
+            if running == 0 || now >= until {
+                let text = format!("connection reached max_age {max_age:?}");
+                let close = Some((CloseStatus::Normal, text));
+                self.close(token, DisconnectReason::MaxAge, close, now);
+                return Flow::Closed;
+            }
+        }
+        Flow::Open
+    }
+
     fn on_heartbeat_action(&mut self, token: usize, action: HeartbeatAction, now: Instant) -> Flow {
-        let Some(conn) = self.conns.get(token) else { return Flow::Closed };
+        let Some(conn) = self.conns.get(token) else {
+            return Flow::Closed;
+        };
         let peer = conn.shared.peer;
         match action {
             HeartbeatAction::SendPing { seq } => {
@@ -375,14 +563,23 @@ impl EventLoop {
             HeartbeatAction::Missed { count } => {
                 // Before the handshake completes there is nobody to miss yet.
                 if conn.was_ready {
-                    self.emit(token, Event::HeartbeatMissed { peer, missed: count });
+                    self.emit(
+                        token,
+                        Event::HeartbeatMissed {
+                            peer,
+                            missed: count,
+                        },
+                    );
                 }
             }
             HeartbeatAction::Stalled { late_by } => {
-                log::warn!("{peer}: this side ran {late_by:?} late; the missed intervals are not counted against the peer");
+                log::warn!(
+                    "{peer}: this side ran {late_by:?} late; the missed intervals are not counted against the peer"
+                );
             }
             HeartbeatAction::Dead { missed, silent_for } => {
-                let text = format!("nothing received for {silent_for:?} ({missed} heartbeat intervals)");
+                let text =
+                    format!("nothing received for {silent_for:?} ({missed} heartbeat intervals)");
                 let close = Some((CloseStatus::HeartbeatTimeout, text));
                 self.close(token, DisconnectReason::HeartbeatTimeout, close, now);
                 return Flow::Closed;
@@ -393,12 +590,10 @@ impl EventLoop {
 
     /// Makes sure the timer thread will call back by the connection's next deadline.
     fn rearm(&mut self, token: usize) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
-        let next = match conn.phase {
-            Phase::Connecting { deadline } | Phase::Closing { deadline } => Some(deadline),
-            Phase::Handshaking | Phase::Ready => conn.heartbeat.next_deadline(),
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
         };
-        if let Some(at) = next
+        if let Some(at) = conn.next_deadline()
             && conn.armed.is_none_or(|armed| at < armed)
         {
             let target = TimerTarget::Conn {
@@ -421,7 +616,9 @@ impl EventLoop {
 
     fn accept_all(&mut self, now: Instant) {
         loop {
-            let Some((listener, server)) = &self.listener else { return };
+            let Some((listener, server)) = &self.listener else {
+                return;
+            };
             let (socket, addr) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -450,7 +647,8 @@ impl EventLoop {
                     server.config().max_connections
                 );
                 log::warn!("{peer}: refused: {text}");
-                let _ = (&socket).write_all_nonblocking(&encode_close(CloseStatus::Overloaded, &text));
+                let _ =
+                    (&socket).write_all_nonblocking(&encode_close(CloseStatus::Overloaded, &text));
                 continue;
             }
             let target = self.next_loop % self.loops.len();
@@ -458,7 +656,11 @@ impl EventLoop {
             if target == self.index {
                 self.adopt(socket, peer, server, now);
             } else {
-                self.loops[target].send(Command::Adopt { socket, peer, server });
+                self.loops[target].send(Command::Adopt {
+                    socket,
+                    peer,
+                    server,
+                });
             }
         }
     }
@@ -472,7 +674,15 @@ impl EventLoop {
         let max_frame = server.config().connection.max_frame_len;
         let max_queue = server.config().connection.max_write_queue_bytes;
         let role = Role::Provider { server };
-        match self.insert(socket, peer, role, heartbeat, max_frame, max_queue, Phase::Ready) {
+        match self.insert(
+            socket,
+            peer,
+            role,
+            heartbeat,
+            max_frame,
+            max_queue,
+            Phase::Ready,
+        ) {
             Ok(token) => {
                 self.emit(token, Event::Connected { peer });
                 self.rearm(token);
@@ -501,11 +711,11 @@ impl EventLoop {
         let entry = self.conns.vacant_entry();
         let token = entry.key();
         let fd = socket.as_raw_fd();
-        if let Err(e) =
-            self.poll
-                .registry()
-                .register(&mut SourceFd(&fd), Token(token), Interest::READABLE | Interest::WRITABLE)
-        {
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             return Err((e, role));
         }
         let shared = Arc::new(ConnShared {
@@ -530,13 +740,21 @@ impl EventLoop {
             armed: None,
             fed_write: None,
             connected_since: SystemTime::now(),
+            opened_at: Instant::now(),
+            frame_started: None,
+            last_ping_in: None,
+            ping_strikes: 0,
+            last_call: Instant::now(),
+            draining_until: None,
         });
         Ok(token)
     }
 
     /// Starts a connect attempt for a consumer link.
     fn connect_link(&mut self, link_id: u64, now: Instant) {
-        let Some(ctl) = self.links.get(&link_id) else { return };
+        let Some(ctl) = self.links.get(&link_id) else {
+            return;
+        };
         if ctl.removed || ctl.conn.is_some() {
             return;
         }
@@ -554,20 +772,35 @@ impl EventLoop {
             deadline: now + config.connect_attempt_timeout,
         };
         let role = Role::Consumer { link: link.clone() };
-        let (max_frame, max_queue) = (config.connection.max_frame_len, config.connection.max_write_queue_bytes);
-        match self.insert(socket, link.addr(), role, heartbeat, max_frame, max_queue, phase) {
+        let (max_frame, max_queue) = (
+            config.connection.max_frame_len,
+            config.connection.max_write_queue_bytes,
+        );
+        match self.insert(
+            socket,
+            link.addr(),
+            role,
+            heartbeat,
+            max_frame,
+            max_queue,
+            phase,
+        ) {
             Ok(token) => {
                 if let Some(ctl) = self.links.get_mut(&link_id) {
                     ctl.conn = Some(token);
                 }
                 self.rearm(token);
             }
-            Err((e, _)) => self.link_conn_gone(link_id, false, DisconnectReason::Io(e.to_string()), now),
+            Err((e, _)) => {
+                self.link_conn_gone(link_id, false, DisconnectReason::Io(e.to_string()), now)
+            }
         }
     }
 
     fn finish_connect(&mut self, token: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
         match socket::finish_connect(&conn.shared.socket) {
             Ok(false) => {}
             Ok(true) => {
@@ -584,10 +817,14 @@ impl EventLoop {
     }
 
     fn on_handshake_done(&mut self, token: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
         conn.phase = Phase::Ready;
         conn.was_ready = true;
-        let Role::Consumer { link } = &conn.role else { return };
+        let Role::Consumer { link } = &conn.role else {
+            return;
+        };
         let link = link.clone();
         let shared = conn.shared.clone();
         if let Some(ctl) = self.links.get_mut(&link.id()) {
@@ -609,13 +846,17 @@ impl EventLoop {
         close_frame: Option<(CloseStatus, String)>,
         now: Instant,
     ) {
-        let Some(conn) = self.conns.get_mut(token) else { return };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
         if let Phase::Closing { .. } = conn.phase {
             self.finalize(token, now);
             return;
         }
         // Calls in flight fail now, not when the Close has been written.
-        conn.shared.calls.fail_all(conn.shared.peer, reason.as_str());
+        conn.shared
+            .calls
+            .fail_all(conn.shared.peer, reason.as_str());
         if let Role::Provider { server } = &conn.role {
             let peer = conn.shared.peer;
             server.events().emit(Event::Disconnected {
@@ -629,7 +870,9 @@ impl EventLoop {
             self.finalize(token, now);
             return;
         };
-        let sent = conn.shared.send(encode_close(status, &text), Class::Control);
+        let sent = conn
+            .shared
+            .send(encode_close(status, &text), Class::Control);
         conn.shared.out.seal();
         let linger = match &conn.role {
             // A consumer reconnects at once: its peer is gone or going.
@@ -638,7 +881,9 @@ impl EventLoop {
         };
         match (sent, linger) {
             (Ok(Flush::Blocked), Some(linger)) if !conn.shared.out.is_empty() => {
-                conn.phase = Phase::Closing { deadline: now + linger };
+                conn.phase = Phase::Closing {
+                    deadline: now + linger,
+                };
                 self.rearm(token);
             }
             _ => self.finalize(token, now),
@@ -685,8 +930,16 @@ impl EventLoop {
 
     /// A link's connection (or connect attempt) ended: report it and schedule
     /// the next attempt, after the old connection was fully released.
-    fn link_conn_gone(&mut self, link_id: u64, was_ready: bool, reason: DisconnectReason, now: Instant) {
-        let Some(ctl) = self.links.get_mut(&link_id) else { return };
+    fn link_conn_gone(
+        &mut self,
+        link_id: u64,
+        was_ready: bool,
+        reason: DisconnectReason,
+        now: Instant,
+    ) {
+        let Some(ctl) = self.links.get_mut(&link_id) else {
+            return;
+        };
         ctl.conn = None;
         let link = ctl.link.clone();
         let peer = link.addr();
@@ -711,7 +964,11 @@ impl EventLoop {
                     attempt,
                     last_error: Some(reason.to_string()),
                 });
-                link.events().emit(Event::Reconnecting { peer, attempt, delay });
+                link.events().emit(Event::Reconnecting {
+                    peer,
+                    attempt,
+                    delay,
+                });
                 let event = TimerEvent {
                     loop_index: self.index,
                     target: TimerTarget::Link { id: link_id },
@@ -746,11 +1003,11 @@ impl EventLoop {
             Command::Timers(targets) => self.on_timers(targets),
             Command::Listen { listener, server } => {
                 let fd = listener.as_raw_fd();
-                match self
-                    .poll
-                    .registry()
-                    .register(&mut SourceFd(&fd), LISTENER_TOKEN, Interest::READABLE)
-                {
+                match self.poll.registry().register(
+                    &mut SourceFd(&fd),
+                    LISTENER_TOKEN,
+                    Interest::READABLE,
+                ) {
                     Ok(()) => {
                         self.listener = Some((listener, server));
                         self.accept_all(now);
@@ -758,10 +1015,17 @@ impl EventLoop {
                     Err(e) => log::error!("cannot register listener: {e}"),
                 }
             }
-            Command::Adopt { socket, peer, server } => self.adopt(socket, peer, server, now),
+            Command::Adopt {
+                socket,
+                peer,
+                server,
+            } => self.adopt(socket, peer, server, now),
             Command::AddLink(link) => {
                 let id = link.id();
-                let backoff = Backoff::new(link.config().backoff.clone(), id ^ crate::clock::to_nanos(now));
+                let backoff = Backoff::new(
+                    link.config().backoff.clone(),
+                    id ^ crate::clock::to_nanos(now),
+                );
                 self.links.insert(
                     id,
                     LinkCtl {
@@ -774,7 +1038,9 @@ impl EventLoop {
                 self.connect_link(id, now);
             }
             Command::RemoveLink { link_id } => {
-                let Some(ctl) = self.links.get_mut(&link_id) else { return };
+                let Some(ctl) = self.links.get_mut(&link_id) else {
+                    return;
+                };
                 ctl.removed = true;
                 match ctl.conn {
                     Some(token) => {
@@ -805,7 +1071,9 @@ impl EventLoop {
                 let peers = self
                     .conns
                     .iter()
-                    .filter(|(_, c)| matches!(c.role, Role::Provider { .. }) && c.phase == Phase::Ready)
+                    .filter(|(_, c)| {
+                        matches!(c.role, Role::Provider { .. }) && c.phase == Phase::Ready
+                    })
                     .map(|(_, c)| PeerInfo {
                         addr: c.shared.peer,
                         connected_since: c.connected_since,
@@ -832,7 +1100,12 @@ impl EventLoop {
                 }
                 let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
                 for token in tokens {
-                    self.close(token, DisconnectReason::Shutdown, Some((status, reason.clone())), now);
+                    self.close(
+                        token,
+                        DisconnectReason::Shutdown,
+                        Some((status, reason.clone())),
+                        now,
+                    );
                 }
                 // Connections still writing their Close linger at most
                 // `ServerConfig::linger`, then the loop exits.

@@ -137,7 +137,8 @@ impl Runtime {
         let mut receivers = Vec::with_capacity(loops);
         for index in 0..loops {
             let poll = Poll::new().map_err(|e| Error::io("create mio::Poll", e))?;
-            let waker = Waker::new(poll.registry(), WAKER_TOKEN).map_err(|e| Error::io("create mio::Waker", e))?;
+            let waker = Waker::new(poll.registry(), WAKER_TOKEN)
+                .map_err(|e| Error::io("create mio::Waker", e))?;
             let (tx, rx) = crossbeam_channel::unbounded();
             handles.push(LoopHandle {
                 index,

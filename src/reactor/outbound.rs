@@ -104,7 +104,12 @@ impl Outbound {
 
     /// Queues `frame` and writes what the socket takes, unless another thread
     /// is writing already (it will write this frame too).
-    pub(crate) fn send(&self, socket: &Socket, frame: Vec<u8>, class: Class) -> Result<Flush, SendError> {
+    pub(crate) fn send(
+        &self,
+        socket: &Socket,
+        frame: Vec<u8>,
+        class: Class,
+    ) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
         if q.closed || q.sealed {
             return Err(SendError::Closed);
@@ -181,7 +186,11 @@ impl Outbound {
 
     /// The writer's loop: take frames, write them unlocked, put back the rest.
     /// Entered with `writing` set; always clears it before returning.
-    fn write_batches<'a>(&'a self, mut q: parking_lot::MutexGuard<'a, Queue>, socket: &Socket) -> Result<Flush, SendError> {
+    fn write_batches<'a>(
+        &'a self,
+        mut q: parking_lot::MutexGuard<'a, Queue>,
+        socket: &Socket,
+    ) -> Result<Flush, SendError> {
         let mut batch: Vec<(Vec<u8>, Class)> = Vec::new();
         loop {
             // Order: the partial frame, then control frames, then data frames.
@@ -214,7 +223,8 @@ impl Outbound {
                 Err((done, e)) => (done, Err(e)),
             };
             if done > 0 || offset > 0 {
-                self.last_write.store(clock::to_nanos(Instant::now()).max(1), Ordering::Relaxed);
+                self.last_write
+                    .store(clock::to_nanos(Instant::now()).max(1), Ordering::Relaxed);
             }
 
             q = self.queue.lock();

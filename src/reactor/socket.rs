@@ -14,7 +14,11 @@ const BACKLOG: i32 = 1024;
 
 /// A non-blocking listening socket bound to `addr`.
 pub(crate) fn listen(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(BACKLOG)?;
@@ -25,12 +29,20 @@ pub(crate) fn listen(addr: SocketAddr) -> io::Result<Socket> {
 /// Starts a non-blocking connect to `addr`; completion is signalled by the
 /// socket becoming writable (then `finish_connect` tells the outcome).
 pub(crate) fn start_connect(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&SockAddr::from(addr)) {
         Ok(()) => Ok(socket),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(EINPROGRESS) => Ok(socket),
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(EINPROGRESS) =>
+        {
+            Ok(socket)
+        }
         Err(e) => Err(e),
     }
 }
