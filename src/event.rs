@@ -32,7 +32,9 @@ pub enum Event {
         /// Consecutive silent intervals so far.
         missed: u32,
     },
-    /// A connection ended.
+    /// A connection ended. Reported when this side decides it (or learns it):
+    /// a provider that lingers to write its final Close reports before the
+    /// socket is released, so `connection_count` may lag the event briefly.
     Disconnected {
         /// The other end.
         peer: SocketAddr,

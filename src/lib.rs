@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 mod client;
+pub mod cluster;
 mod clock;
 pub mod config;
 pub mod error;

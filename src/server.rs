@@ -103,7 +103,11 @@ impl ServerBuilder {
         Ok(Server {
             local_addr,
             shared,
-            state: Mutex::new(Some(Running { runtime, workers })),
+            state: Mutex::new(Some(Running {
+                runtime,
+                workers,
+                jobs: jobs_rx,
+            })),
         })
     }
 }
@@ -111,6 +115,8 @@ impl ServerBuilder {
 struct Running {
     runtime: Runtime,
     workers: Vec<JoinHandle<()>>,
+    /// The pool's queue, to answer jobs left behind when the workers stop.
+    jobs: Receiver<Job>,
 }
 
 /// A running provider. Dropping it shuts it down gracefully.
@@ -195,6 +201,21 @@ impl Server {
         for worker in running.workers.drain(..) {
             if worker.join().is_err() {
                 log::error!("a worker thread panicked");
+            }
+        }
+        // A request dispatched just before the flag was set may have been
+        // queued behind the Stops: answer it rather than leave it hanging.
+        for job in running.jobs.try_iter() {
+            if let Job::Run {
+                conn, id, one_way, ..
+            } = job
+            {
+                let response = encode_error_response(
+                    id,
+                    ResponseStatus::ShuttingDown,
+                    "the server is shutting down",
+                );
+                finish(&conn, response, one_way);
             }
         }
         running.runtime.shutdown(Some((

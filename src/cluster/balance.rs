@@ -1,0 +1,610 @@
+//! Load balancing: which healthy provider takes the next call.
+//!
+//! A [`LoadBalancer`] is pure: it sees the healthy providers as
+//! [`Candidate`]s (address, weight, calls in flight, smoothed RTT) and
+//! returns an index, with no socket and no clock, so every strategy is
+//! unit-tested on made-up candidates. State a strategy keeps (a counter, the
+//! smooth weighted round robin's current weights, a hash ring) lives inside
+//! it behind a lock or an atomic.
+//!
+//! | strategy | promise |
+//! |---|---|
+//! | [`Random`] | uniform |
+//! | [`WeightedRandom`] | proportional to weight |
+//! | [`RoundRobin`] | each in turn |
+//! | [`SmoothWeightedRoundRobin`] | proportional to weight, interleaved (nginx) |
+//! | [`ConsistentHash`] | the same key goes to the same provider while it is healthy |
+//! | [`LeastInflight`] | the fewest calls waiting, ties at random |
+//! | [`LowestRtt`] | the lowest heartbeat RTT, near-ties at random |
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// One healthy provider, as a balancer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// The provider's address.
+    pub addr: SocketAddr,
+    /// Its weight from the registry.
+    pub weight: u32,
+    /// Calls waiting for a response on its connection.
+    pub inflight: usize,
+    /// Smoothed heartbeat round-trip time, once measured.
+    pub rtt: Option<Duration>,
+}
+
+/// Chooses a provider for each call.
+///
+/// `pick` gets the healthy providers (never an empty slice), in the
+/// registry's order, and the caller's hash key if the call has one. An index
+/// out of range is clamped to the last candidate.
+pub trait LoadBalancer: Send + Sync + 'static {
+    /// The index of the chosen candidate.
+    fn pick(&self, candidates: &[Candidate], key: Option<&[u8]>) -> usize;
+
+    /// A short name for logs, e.g. `round_robin`.
+    fn name(&self) -> &'static str;
+}
+
+/// SplitMix64: a tiny, fast, well-mixed PRNG (Steele, Lea and Flood, 2014),
+/// lock-free here (its state is a counter advanced atomically). Good for
+/// spreading load; not for secrets.
+pub struct SplitMix64 {
+    state: AtomicU64,
+}
+
+impl SplitMix64 {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// A generator with a fixed seed (reproducible sequences).
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64 {
+            state: AtomicU64::new(seed),
+        }
+    }
+
+    /// A generator seeded from the clock and a process-wide counter.
+    pub fn from_entropy() -> SplitMix64 {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        SplitMix64::new(mix64(nanos ^ n.wrapping_mul(Self::GAMMA) ^ u64::from(std::process::id())))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&self) -> u64 {
+        let z = self
+            .state
+            .fetch_add(Self::GAMMA, Ordering::Relaxed)
+            .wrapping_add(Self::GAMMA);
+        mix64(z)
+    }
+
+    /// A uniform number in `0..n` (`n > 0`), by Lemire's multiply-shift.
+    pub fn below(&self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+impl fmt::Debug for SplitMix64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SplitMix64")
+    }
+}
+
+/// SplitMix64's output function: a strong 64-bit finaliser.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A stable 64-bit hash (FNV-1a, then mixed): the same in every process and
+/// release, so consumers agree on a consistent-hash ring.
+pub fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    mix64(h)
+}
+
+fn pick_weighted(rng: &SplitMix64, candidates: &[Candidate]) -> usize {
+    let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
+    if total == 0 {
+        return rng.below(candidates.len() as u64) as usize;
+    }
+    let mut r = rng.below(total);
+    for (i, c) in candidates.iter().enumerate() {
+        let w = u64::from(c.weight);
+        if r < w {
+            return i;
+        }
+        r -= w;
+    }
+    candidates.len() - 1
+}
+
+/// Uniformly at random.
+#[derive(Debug)]
+pub struct Random {
+    rng: SplitMix64,
+}
+
+impl Random {
+    /// Seeded from the clock.
+    pub fn new() -> Random {
+        Random {
+            rng: SplitMix64::from_entropy(),
+        }
+    }
+
+    /// With a fixed seed.
+    pub fn with_seed(seed: u64) -> Random {
+        Random {
+            rng: SplitMix64::new(seed),
+        }
+    }
+}
+
+impl Default for Random {
+    fn default() -> Random {
+        Random::new()
+    }
+}
+
+impl LoadBalancer for Random {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        self.rng.below(candidates.len() as u64) as usize
+    }
+
+    fn name(&self) -> &'static str {
+        "random"
+    }
+}
+
+/// At random, in proportion to weight (all weights 0: uniform).
+#[derive(Debug)]
+pub struct WeightedRandom {
+    rng: SplitMix64,
+}
+
+impl WeightedRandom {
+    /// Seeded from the clock.
+    pub fn new() -> WeightedRandom {
+        WeightedRandom {
+            rng: SplitMix64::from_entropy(),
+        }
+    }
+
+    /// With a fixed seed.
+    pub fn with_seed(seed: u64) -> WeightedRandom {
+        WeightedRandom {
+            rng: SplitMix64::new(seed),
+        }
+    }
+}
+
+impl Default for WeightedRandom {
+    fn default() -> WeightedRandom {
+        WeightedRandom::new()
+    }
+}
+
+impl LoadBalancer for WeightedRandom {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        pick_weighted(&self.rng, candidates)
+    }
+
+    fn name(&self) -> &'static str {
+        "weighted_random"
+    }
+}
+
+/// Each healthy provider in turn (a shared counter modulo their number).
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    /// Starting with the first provider.
+    pub fn new() -> RoundRobin {
+        RoundRobin::default()
+    }
+}
+
+impl LoadBalancer for RoundRobin {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()
+    }
+
+    fn name(&self) -> &'static str {
+        "round_robin"
+    }
+}
+
+/// nginx's smooth weighted round robin: over any window of
+/// `sum(weights)` picks each provider is chosen exactly `weight` times, and
+/// picks of a heavy provider are spread out rather than bunched (weights
+/// 5, 1, 1 give `a a b a c a a`).
+///
+/// Each pick adds every candidate's weight to its current weight, chooses
+/// the largest current weight (the first on ties) and subtracts the total
+/// from it. Current weights are kept per address; a provider that leaves the
+/// healthy set forgets its own.
+#[derive(Debug, Default)]
+pub struct SmoothWeightedRoundRobin {
+    current: Mutex<HashMap<SocketAddr, i64>>,
+}
+
+impl SmoothWeightedRoundRobin {
+    /// With every current weight at zero.
+    pub fn new() -> SmoothWeightedRoundRobin {
+        SmoothWeightedRoundRobin::default()
+    }
+}
+
+impl LoadBalancer for SmoothWeightedRoundRobin {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        let mut current = self.current.lock();
+        if current.len() != candidates.len()
+            || candidates.iter().any(|c| !current.contains_key(&c.addr))
+        {
+            current.retain(|addr, _| candidates.iter().any(|c| c.addr == *addr));
+        }
+        let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+        let mut best = 0;
+        let mut best_weight = i64::MIN;
+        for (i, c) in candidates.iter().enumerate() {
+            let w = current.entry(c.addr).or_insert(0);
+            *w += i64::from(c.weight);
+            if *w > best_weight {
+                best = i;
+                best_weight = *w;
+            }
+        }
+        if let Some(w) = current.get_mut(&candidates[best].addr) {
+            *w -= total;
+        }
+        best
+    }
+
+    fn name(&self) -> &'static str {
+        "smooth_weighted_round_robin"
+    }
+}
+
+/// Consistent hashing on the caller's key (ketama style): each provider
+/// owns `replicas × weight / mean weight` points on a 64-bit ring, and a key
+/// goes to the owner of the first point at or after its hash. The same key
+/// reaches the same provider while the healthy set is unchanged; when a
+/// provider leaves, only its keys move (to the next point's owners).
+///
+/// A call without a key goes to a random provider.
+#[derive(Debug)]
+pub struct ConsistentHash {
+    replicas: u32,
+    ring: Mutex<Ring>,
+    rng: SplitMix64,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    /// The candidates the ring was built for.
+    members: Vec<(SocketAddr, u32)>,
+    /// Sorted points and the address owning each.
+    points: Vec<(u64, SocketAddr)>,
+}
+
+impl ConsistentHash {
+    /// Virtual nodes per provider of average weight, as in ketama.
+    pub const DEFAULT_REPLICAS: u32 = 160;
+
+    /// With [`Self::DEFAULT_REPLICAS`] virtual nodes.
+    pub fn new() -> ConsistentHash {
+        ConsistentHash::with_replicas(Self::DEFAULT_REPLICAS)
+    }
+
+    /// With `replicas` virtual nodes per provider of average weight (at
+    /// least 1).
+    pub fn with_replicas(replicas: u32) -> ConsistentHash {
+        ConsistentHash {
+            replicas: replicas.max(1),
+            ring: Mutex::new(Ring::default()),
+            rng: SplitMix64::from_entropy(),
+        }
+    }
+
+    fn build(&self, members: Vec<(SocketAddr, u32)>) -> Ring {
+        let n = members.len() as u64;
+        let total: u64 = members.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut points = Vec::new();
+        for (addr, weight) in &members {
+            let count = if total == 0 {
+                u64::from(self.replicas)
+            } else {
+                (u64::from(self.replicas) * n * u64::from(*weight)).div_ceil(total)
+            };
+            for i in 0..count {
+                points.push((hash64(format!("{addr}-{i}").as_bytes()), *addr));
+            }
+        }
+        points.sort_unstable();
+        Ring { members, points }
+    }
+}
+
+impl Default for ConsistentHash {
+    fn default() -> ConsistentHash {
+        ConsistentHash::new()
+    }
+}
+
+impl LoadBalancer for ConsistentHash {
+    fn pick(&self, candidates: &[Candidate], key: Option<&[u8]>) -> usize {
+        let Some(key) = key else {
+            return self.rng.below(candidates.len() as u64) as usize;
+        };
+        let mut ring = self.ring.lock();
+        let same = ring.members.len() == candidates.len()
+            && ring
+                .members
+                .iter()
+                .zip(candidates)
+                .all(|((a, w), c)| *a == c.addr && *w == c.weight);
+        if !same {
+            *ring = self.build(candidates.iter().map(|c| (c.addr, c.weight)).collect());
+        }
+        if ring.points.is_empty() {
+            return 0;
+        }
+        let h = hash64(key);
+        let at = ring.points.partition_point(|(p, _)| *p < h);
+        let owner = ring.points[at % ring.points.len()].1;
+        candidates.iter().position(|c| c.addr == owner).unwrap_or(0)
+    }
+
+    fn name(&self) -> &'static str {
+        "consistent_hash"
+    }
+}
+
+/// The provider with the fewest calls waiting for a response (ties at
+/// random), so a slow provider takes less.
+#[derive(Debug)]
+pub struct LeastInflight {
+    rng: SplitMix64,
+}
+
+impl LeastInflight {
+    /// Seeded from the clock.
+    pub fn new() -> LeastInflight {
+        LeastInflight {
+            rng: SplitMix64::from_entropy(),
+        }
+    }
+}
+
+impl Default for LeastInflight {
+    fn default() -> LeastInflight {
+        LeastInflight::new()
+    }
+}
+
+/// A random index among those where `keep` holds (one exists).
+fn random_among(rng: &SplitMix64, candidates: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> usize {
+    let count = candidates.iter().filter(|c| keep(c)).count().max(1);
+    let nth = rng.below(count as u64) as usize;
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| keep(c))
+        .nth(nth)
+        .map_or(0, |(i, _)| i)
+}
+
+impl LoadBalancer for LeastInflight {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        let least = candidates.iter().map(|c| c.inflight).min().unwrap_or(0);
+        random_among(&self.rng, candidates, |c| c.inflight == least)
+    }
+
+    fn name(&self) -> &'static str {
+        "least_inflight"
+    }
+}
+
+/// The provider with the lowest smoothed heartbeat RTT — something the
+/// Java systems pulse learns from do not measure. Providers within `slack`
+/// of the lowest count as tied and share the load at random; one not
+/// measured yet counts as tied, so it gets probed.
+#[derive(Debug)]
+pub struct LowestRtt {
+    slack: Duration,
+    rng: SplitMix64,
+}
+
+impl LowestRtt {
+    /// Default slack: 1 ms, far above loopback noise, far below a real hop.
+    pub const DEFAULT_SLACK: Duration = Duration::from_millis(1);
+
+    /// With [`Self::DEFAULT_SLACK`].
+    pub fn new() -> LowestRtt {
+        LowestRtt::with_slack(Self::DEFAULT_SLACK)
+    }
+
+    /// Providers within `slack` of the lowest RTT share the load.
+    pub fn with_slack(slack: Duration) -> LowestRtt {
+        LowestRtt {
+            slack,
+            rng: SplitMix64::from_entropy(),
+        }
+    }
+}
+
+impl Default for LowestRtt {
+    fn default() -> LowestRtt {
+        LowestRtt::new()
+    }
+}
+
+impl LoadBalancer for LowestRtt {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        let lowest = candidates.iter().filter_map(|c| c.rtt).min();
+        let Some(lowest) = lowest else {
+            return self.rng.below(candidates.len() as u64) as usize;
+        };
+        let bound = lowest + self.slack;
+        random_among(&self.rng, candidates, |c| c.rtt.is_none_or(|r| r <= bound))
+    }
+
+    fn name(&self) -> &'static str {
+        "lowest_rtt"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands(weights: &[u32]) -> Vec<Candidate> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Candidate {
+                addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+                weight,
+                inflight: 0,
+                rtt: None,
+            })
+            .collect()
+    }
+
+    fn counts(lb: &dyn LoadBalancer, c: &[Candidate], n: usize) -> Vec<usize> {
+        let mut out = vec![0; c.len()];
+        for _ in 0..n {
+            out[lb.pick(c, None)] += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn splitmix_is_uniform_enough() {
+        let rng = SplitMix64::new(42);
+        let mut buckets = [0u32; 10];
+        for _ in 0..100_000 {
+            buckets[rng.below(10) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((9_000..11_000).contains(&b), "{buckets:?}");
+        }
+        // The reference sequence for seed 0 (from the paper's C code).
+        assert_eq!(SplitMix64::new(0).next_u64(), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn random_and_weighted_random_follow_their_weights() {
+        let c = cands(&[1, 1, 1]);
+        for n in counts(&Random::with_seed(1), &c, 30_000) {
+            assert!((9_000..11_000).contains(&n));
+        }
+        let c = cands(&[1, 2, 7]);
+        let got = counts(&WeightedRandom::with_seed(2), &c, 100_000);
+        for (n, want) in got.iter().zip([10_000, 20_000, 70_000]) {
+            assert!(n.abs_diff(want) < 1_500, "{got:?}");
+        }
+        let got = counts(&WeightedRandom::with_seed(3), &cands(&[0, 5]), 1000);
+        assert_eq!(got, [0, 1000]);
+        let got = counts(&WeightedRandom::with_seed(3), &cands(&[0, 0]), 1000);
+        assert!(got[0] > 400 && got[1] > 400);
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let lb = RoundRobin::new();
+        let c = cands(&[1, 1, 1]);
+        let picks: Vec<usize> = (0..6).map(|_| lb.pick(&c, None)).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn smooth_wrr_matches_nginx() {
+        let lb = SmoothWeightedRoundRobin::new();
+        let c = cands(&[5, 1, 1]);
+        let picks: String = (0..14)
+            .map(|_| (b'a' + lb.pick(&c, None) as u8) as char)
+            .collect();
+        assert_eq!(picks, "aabacaaaabacaa");
+        // Weights 3, 2: interleaved, 3 to 2 over each window of 5.
+        let lb = SmoothWeightedRoundRobin::new();
+        let c = cands(&[3, 2]);
+        let picks: Vec<usize> = (0..5).map(|_| lb.pick(&c, None)).collect();
+        assert_eq!(picks, [0, 1, 0, 1, 0]);
+        // A provider that leaves and comes back starts from zero.
+        let lb = SmoothWeightedRoundRobin::new();
+        let all = cands(&[1, 1]);
+        lb.pick(&all, None);
+        lb.pick(&all[1..], None);
+        assert_eq!(lb.current.lock().len(), 1);
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_moves_only_the_lost_keys() {
+        let lb = ConsistentHash::new();
+        let c = cands(&[100, 100, 100, 100]);
+        let owner = |c: &[Candidate], k: u32| c[lb.pick(c, Some(&k.to_be_bytes()))].addr;
+        let before: Vec<SocketAddr> = (0..2000).map(|k| owner(&c, k)).collect();
+        for (k, a) in before.iter().enumerate().take(100) {
+            assert_eq!(owner(&c, k as u32), *a);
+        }
+        for m in &c {
+            let share = before.iter().filter(|a| **a == m.addr).count();
+            assert!((300..700).contains(&share), "{share} of 2000 keys");
+        }
+        let without_2: Vec<Candidate> = c.iter().copied().filter(|m| m.addr != c[2].addr).collect();
+        for (k, a) in before.iter().enumerate() {
+            let now = owner(&without_2, k as u32);
+            if *a != c[2].addr {
+                assert_eq!(now, *a, "key {k} moved though its owner stayed");
+            }
+        }
+        // Weights shape the shares.
+        let c = cands(&[100, 300]);
+        let heavy = (0..4000u32)
+            .filter(|k| lb.pick(&c, Some(&k.to_be_bytes())) == 1)
+            .count();
+        assert!((2600..3400).contains(&heavy), "{heavy}");
+    }
+
+    #[test]
+    fn least_inflight_and_lowest_rtt_prefer_the_quick() {
+        let mut c = cands(&[1, 1, 1]);
+        c[0].inflight = 4;
+        c[1].inflight = 1;
+        c[2].inflight = 1;
+        let got = counts(&LeastInflight::new(), &c, 1000);
+        assert_eq!(got[0], 0);
+        assert!(got[1] > 350 && got[2] > 350, "{got:?}");
+
+        c[0].rtt = Some(Duration::from_millis(20));
+        c[1].rtt = Some(Duration::from_micros(80));
+        c[2].rtt = Some(Duration::from_micros(95));
+        let got = counts(&LowestRtt::new(), &c, 1000);
+        assert_eq!(got[0], 0);
+        assert!(got[1] > 350 && got[2] > 350, "{got:?}");
+        c[2].rtt = Some(Duration::from_millis(5));
+        assert_eq!(counts(&LowestRtt::new(), &c, 100), [0, 100, 0]);
+        c[2].rtt = None;
+        let got = counts(&LowestRtt::new(), &c, 1000);
+        assert!(got[0] == 0 && got[2] > 350, "an unmeasured provider is probed: {got:?}");
+    }
+}

@@ -1,0 +1,715 @@
+//! The consumer of many providers: one kept-alive connection each, a load
+//! balancer, failover for idempotent calls.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::balance::{Candidate, LoadBalancer};
+use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
+use crate::client::{Client, ConnectionState};
+use crate::config::ClientConfig;
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+/// Configuration of a [`ClusterClient`].
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The configuration of each provider's [`Client`]: heartbeat,
+    /// reconnect backoff, default call timeout (for the whole call, retries
+    /// included).
+    pub client: ClientConfig,
+    /// How many other providers an idempotent call is retried on after it
+    /// failed with `ConnectionLost` or `NotConnected`. Default 2.
+    pub retries: u32,
+    /// Methods that are safe to run twice (reads, puts of the same value):
+    /// calls to them are retried on failover unless
+    /// [`CallOptions::idempotent`] says otherwise. Default empty: nothing is
+    /// retried unless a call asks for it.
+    pub idempotent_methods: HashSet<String>,
+    /// How long [`ClusterClient::new`] waits for a first healthy provider
+    /// when the registry lists some. It never fails for want of one; calls
+    /// do, fast. Default 3 s.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            client: ClientConfig::default(),
+            retries: 2,
+            idempotent_methods: HashSet::new(),
+            ready_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Marks `methods` as idempotent (builder style).
+    pub fn idempotent<I, S>(mut self, methods: I) -> ClusterConfig
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.idempotent_methods
+            .extend(methods.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// Per-call settings for [`ClusterClient::call_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions<'a> {
+    /// The key a [`ConsistentHash`](super::ConsistentHash) balancer hashes
+    /// (other balancers ignore it).
+    pub key: Option<&'a [u8]>,
+    /// Overrides [`ClusterConfig::idempotent_methods`] for this call.
+    pub idempotent: Option<bool>,
+    /// Overrides the call timeout (the budget of every attempt together).
+    pub timeout: Option<Duration>,
+}
+
+impl<'a> CallOptions<'a> {
+    /// No key, the configured idempotency and timeout.
+    pub fn new() -> CallOptions<'a> {
+        CallOptions::default()
+    }
+
+    /// Sets the consistent-hash key.
+    pub fn key(mut self, key: &'a [u8]) -> CallOptions<'a> {
+        self.key = Some(key);
+        self
+    }
+
+    /// Says whether this call may be retried on another provider.
+    pub fn idempotent(mut self, idempotent: bool) -> CallOptions<'a> {
+        self.idempotent = Some(idempotent);
+        self
+    }
+
+    /// Sets the timeout of the whole call.
+    pub fn timeout(mut self, timeout: Duration) -> CallOptions<'a> {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A result with where it came from ([`ClusterClient::call_traced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traced<R> {
+    /// The result.
+    pub value: R,
+    /// The provider that answered.
+    pub provider: SocketAddr,
+    /// Providers tried, this one included (1 when no failover happened).
+    pub attempts: u32,
+}
+
+/// One provider as the cluster client sees it ([`ClusterClient::providers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderInfo {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its weight from the registry.
+    pub weight: u32,
+    /// Its connection's state.
+    pub state: ConnectionState,
+    /// In rotation: connected and no heartbeat missed lately.
+    pub healthy: bool,
+    /// Smoothed heartbeat RTT, once measured.
+    pub rtt: Option<Duration>,
+    /// Calls waiting for its response.
+    pub inflight: usize,
+}
+
+/// What changed in a cluster client's view ([`ClusterClient::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClusterEvent {
+    /// The registry listed a new provider; its connection is being opened.
+    ProviderAdded {
+        /// Its address.
+        addr: SocketAddr,
+        /// Its weight.
+        weight: u32,
+    },
+    /// The registry no longer lists this provider; its connection is closed.
+    ProviderRemoved {
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A liveness event of one provider's connection (connected, heartbeat
+    /// missed, disconnected, reconnecting).
+    Provider(Event),
+    /// The registry cannot be reached; the last known providers stay in use.
+    RegistryLost {
+        /// What failed.
+        error: String,
+    },
+    /// The registry is reachable again and the provider set is current.
+    RegistryResumed,
+}
+
+impl fmt::Display for ClusterEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterEvent::ProviderAdded { addr, weight } => {
+                write!(f, "provider {addr} added (weight {weight})")
+            }
+            ClusterEvent::ProviderRemoved { addr } => write!(f, "provider {addr} removed"),
+            ClusterEvent::Provider(event) => event.fmt(f),
+            ClusterEvent::RegistryLost { error } => write!(f, "registry lost: {error}"),
+            ClusterEvent::RegistryResumed => f.write_str("registry resumed"),
+        }
+    }
+}
+
+struct Provider {
+    addr: SocketAddr,
+    weight: AtomicU32,
+    client: Client,
+    events: Receiver<Event>,
+    /// While `now_nanos()` is below this, a heartbeat was missed and the
+    /// provider is out of rotation (unless no other is healthy).
+    suspect_until: AtomicU64,
+}
+
+/// Nanoseconds since a process-wide origin (for atomics).
+fn now_nanos() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+struct Shared {
+    service: ServiceKey,
+    config: ClusterConfig,
+    balancer: Box<dyn LoadBalancer>,
+    providers: RwLock<Arc<Vec<Arc<Provider>>>>,
+    events_tx: Sender<ClusterEvent>,
+    events_rx: Receiver<ClusterEvent>,
+    /// Notified when a provider connects (for `wait_ready`).
+    ready_lock: Mutex<()>,
+    ready: Condvar,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Arc<Vec<Arc<Provider>>> {
+        self.providers.read().clone()
+    }
+
+    fn emit(&self, event: ClusterEvent) {
+        if let Err(TrySendError::Full(event)) = self.events_tx.try_send(event) {
+            log::debug!("cluster {}: event channel full, dropped: {event}", self.service);
+        }
+    }
+
+    fn healthy(p: &Provider, now: u64) -> bool {
+        p.client.state() == ConnectionState::Ready && p.suspect_until.load(Ordering::Relaxed) <= now
+    }
+
+    /// Chooses among the healthy providers not in `exclude`; when none is
+    /// healthy but some connected ones only missed a heartbeat, among those.
+    fn choose(
+        &self,
+        providers: &[Arc<Provider>],
+        exclude: &[SocketAddr],
+        key: Option<&[u8]>,
+    ) -> Option<Arc<Provider>> {
+        let now = now_nanos();
+        let mut healthy = Vec::with_capacity(providers.len());
+        let mut suspects = Vec::new();
+        for p in providers {
+            if exclude.contains(&p.addr) || p.client.state() != ConnectionState::Ready {
+                continue;
+            }
+            if p.suspect_until.load(Ordering::Relaxed) > now {
+                suspects.push(p);
+            } else {
+                healthy.push(p);
+            }
+        }
+        if healthy.is_empty() {
+            healthy = suspects;
+        }
+        if healthy.is_empty() {
+            return None;
+        }
+        let candidates: Vec<Candidate> = healthy
+            .iter()
+            .map(|p| Candidate {
+                addr: p.addr,
+                weight: p.weight.load(Ordering::Relaxed),
+                inflight: p.client.inflight(),
+                rtt: p.client.rtt(),
+            })
+            .collect();
+        let i = self.balancer.pick(&candidates, key).min(candidates.len() - 1);
+        Some(healthy[i].clone())
+    }
+
+    fn no_provider(&self, providers: &[Arc<Provider>], started: Instant) -> Error {
+        let detail = if providers.is_empty() {
+            format!(
+                "no healthy provider for service {}: the registry lists none",
+                self.service
+            )
+        } else {
+            let (mut connecting, mut failed, mut other) = (0, 0, 0);
+            for p in providers {
+                match p.client.state() {
+                    ConnectionState::Connecting { .. } => connecting += 1,
+                    ConnectionState::Failed => failed += 1,
+                    _ => other += 1,
+                }
+            }
+            format!(
+                "no healthy provider for service {}: {} known, {connecting} connecting, \
+                 {failed} failed, {other} missing heartbeats or shut down",
+                self.service,
+                providers.len()
+            )
+        };
+        Error::NotConnected {
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            waited: started.elapsed(),
+            detail,
+        }
+    }
+
+    /// Replaces the provider set: opens connections to new providers, drops
+    /// those of removed ones.
+    fn apply(&self, set: Vec<Endpoint>) {
+        let old = self.snapshot();
+        let mut next: Vec<Arc<Provider>> = Vec::with_capacity(set.len());
+        let mut added = Vec::new();
+        for e in set {
+            if next.iter().any(|p| p.addr == e.addr) {
+                continue;
+            }
+            if let Some(p) = old.iter().find(|p| p.addr == e.addr) {
+                p.weight.store(e.weight, Ordering::Relaxed);
+                next.push(p.clone());
+                continue;
+            }
+            match Client::connect_lazy(e.addr, self.config.client.clone()) {
+                Ok(client) => {
+                    let events = client.events();
+                    next.push(Arc::new(Provider {
+                        addr: e.addr,
+                        weight: AtomicU32::new(e.weight),
+                        client,
+                        events,
+                        suspect_until: AtomicU64::new(0),
+                    }));
+                    added.push(e);
+                }
+                Err(err) => log::warn!(
+                    "cluster {}: cannot open a connection to provider {}: {err}",
+                    self.service,
+                    e.addr
+                ),
+            }
+        }
+        let removed: Vec<Arc<Provider>> = old
+            .iter()
+            .filter(|p| !next.iter().any(|n| n.addr == p.addr))
+            .cloned()
+            .collect();
+        *self.providers.write() = Arc::new(next);
+        for e in added {
+            log::info!(
+                "cluster {}: provider {} added (weight {})",
+                self.service,
+                e.addr,
+                e.weight
+            );
+            self.emit(ClusterEvent::ProviderAdded {
+                addr: e.addr,
+                weight: e.weight,
+            });
+        }
+        for p in removed {
+            log::info!("cluster {}: provider {} removed", self.service, p.addr);
+            self.emit(ClusterEvent::ProviderRemoved { addr: p.addr });
+            // The connection closes when the last call using it returns.
+        }
+    }
+
+    fn on_provider_event(&self, p: &Provider, event: Event) {
+        match &event {
+            Event::HeartbeatMissed { .. } => {
+                // Out of rotation until an interval and a half passes without
+                // another miss (or the connection is declared dead).
+                let interval = self.config.client.connection.heartbeat.interval;
+                let until = now_nanos() + (interval + interval / 2).as_nanos() as u64;
+                p.suspect_until.store(until, Ordering::Relaxed);
+            }
+            Event::Connected { .. } => {
+                p.suspect_until.store(0, Ordering::Relaxed);
+                let _guard = self.ready_lock.lock();
+                self.ready.notify_all();
+            }
+            Event::Disconnected { .. } => p.suspect_until.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+        self.emit(ClusterEvent::Provider(event));
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    stop: Option<Sender<()>>,
+    updater: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(updater) = self.updater.take()
+            && updater.join().is_err()
+        {
+            log::error!("cluster {}: the updater thread panicked", self.shared.service);
+        }
+    }
+}
+
+/// A consumer of every provider of one service.
+///
+/// It follows the registry's provider set without restarting, keeps one
+/// multiplexed, heartbeated [`Client`] per provider, and sends each call to a
+/// healthy one (connected, no heartbeat missed lately) chosen by its
+/// [`LoadBalancer`]. A provider that freezes leaves rotation at its first
+/// missed heartbeat and is declared dead within `max_missed × interval`; it
+/// comes back once its connection is re-established.
+///
+/// # Failover
+///
+/// A call that fails with `ConnectionLost` or `NotConnected` is retried on
+/// another healthy provider, up to [`ClusterConfig::retries`] times, when it
+/// is idempotent (its method is in [`ClusterConfig::idempotent_methods`], or
+/// [`CallOptions::idempotent`] says so); other calls return the error, since
+/// the provider may have run them. Retries share the call's timeout. When no
+/// provider is healthy a call fails at once with `NotConnected` whose detail
+/// starts with "no healthy provider for service".
+///
+/// Clones share everything. Dropping the last clone stops following the
+/// registry and closes every connection.
+///
+/// ```
+/// use pulse::cluster::{ClusterClient, ClusterConfig, Endpoint, RoundRobin, ServiceKey, StaticRegistry};
+/// use pulse::{Server, ServiceBuilder};
+///
+/// let servers: Vec<Server> = (0..3u32)
+///     .map(|id| {
+///         Server::builder()
+///             .service(ServiceBuilder::new("whoami").method_inline("id", move |_: ()| Ok::<_, String>(id)))
+///             .bind("127.0.0.1:0")
+///     })
+///     .collect::<Result<_, _>>()?;
+/// let service = ServiceKey::from("whoami");
+/// let registry = StaticRegistry::new()
+///     .with(service.clone(), servers.iter().map(|s| Endpoint::new(s.local_addr())));
+/// let cluster = ClusterClient::new(&registry, service, RoundRobin::new(), ClusterConfig::default())?;
+/// assert!(cluster.wait_ready(3, std::time::Duration::from_secs(5)));
+/// let ids: Vec<u32> = (0..3).map(|_| cluster.call("id", &())).collect::<Result<_, _>>()?;
+/// assert_eq!(ids.iter().copied().collect::<std::collections::BTreeSet<_>>().len(), 3);
+/// # Ok::<(), pulse::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+impl ClusterClient {
+    /// Follows `service` in `registry` and connects to its providers
+    /// (lazily: a provider that is down is retried in the background). Waits
+    /// up to [`ClusterConfig::ready_timeout`] for a first healthy provider
+    /// when the registry lists any.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a bad client configuration; the registry's error
+    /// when it cannot be watched; `Io` when the updater thread cannot start.
+    pub fn new(
+        registry: &dyn Registry,
+        service: impl Into<ServiceKey>,
+        balancer: impl LoadBalancer,
+        config: ClusterConfig,
+    ) -> Result<ClusterClient> {
+        config.client.validate().map_err(Error::InvalidConfig)?;
+        let service = service.into();
+        let watch = registry.watch(&service)?;
+        let (events_tx, events_rx) =
+            crossbeam_channel::bounded(config.client.connection.event_capacity);
+        let ready_timeout = config.ready_timeout;
+        let shared = Arc::new(Shared {
+            service: service.clone(),
+            config,
+            balancer: Box::new(balancer),
+            providers: RwLock::new(Arc::new(Vec::new())),
+            events_tx,
+            events_rx,
+            ready_lock: Mutex::new(()),
+            ready: Condvar::new(),
+        });
+        // The first event of a watch is the current set.
+        if let Some(WatchEvent::Providers(set)) = watch.recv_timeout(Duration::from_secs(10)) {
+            shared.apply(set);
+        }
+        log::info!(
+            "cluster {service}: following {} provider(s), balancer {}",
+            shared.snapshot().len(),
+            shared.balancer.name()
+        );
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let updater = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("pulse-cluster-{}", service.name))
+                .spawn(move || run_updater(&shared, watch, stop_rx))
+                .map_err(|e| Error::io("spawn the cluster updater thread", e))?
+        };
+        let client = ClusterClient {
+            inner: Arc::new(Inner {
+                shared,
+                stop: Some(stop_tx),
+                updater: Some(updater),
+            }),
+        };
+        if !client.inner.shared.snapshot().is_empty() {
+            client.wait_ready(1, ready_timeout);
+        }
+        Ok(client)
+    }
+
+    /// The service this client calls.
+    pub fn service(&self) -> &ServiceKey {
+        &self.inner.shared.service
+    }
+
+    /// Waits until at least `n` providers are healthy, up to `timeout`;
+    /// returns whether they are.
+    pub fn wait_ready(&self, n: usize, timeout: Duration) -> bool {
+        let shared = &self.inner.shared;
+        let deadline = Instant::now() + timeout;
+        let mut guard = shared.ready_lock.lock();
+        loop {
+            let now = now_nanos();
+            let healthy = shared
+                .snapshot()
+                .iter()
+                .filter(|p| Shared::healthy(p, now))
+                .count();
+            if healthy >= n {
+                return true;
+            }
+            // Re-check at least every 10 ms: suspicion lapses without an event.
+            let wake = deadline.min(Instant::now() + Duration::from_millis(10));
+            shared.ready.wait_until(&mut guard, wake);
+            if Instant::now() >= deadline {
+                let now = now_nanos();
+                return shared.snapshot().iter().filter(|p| Shared::healthy(p, now)).count() >= n;
+            }
+        }
+    }
+
+    /// The providers known now, in the registry's order.
+    pub fn providers(&self) -> Vec<ProviderInfo> {
+        let now = now_nanos();
+        self.inner
+            .shared
+            .snapshot()
+            .iter()
+            .map(|p| ProviderInfo {
+                addr: p.addr,
+                weight: p.weight.load(Ordering::Relaxed),
+                state: p.client.state(),
+                healthy: Shared::healthy(p, now),
+                rtt: p.client.rtt(),
+                inflight: p.client.inflight(),
+            })
+            .collect()
+    }
+
+    /// Provider changes, their liveness events and the registry's state.
+    /// Clones of the receiver share one stream; events past the channel's
+    /// capacity (the client config's `event_capacity`) are dropped.
+    pub fn events(&self) -> Receiver<ClusterEvent> {
+        self.inner.shared.events_rx.clone()
+    }
+
+    /// Calls `method` on a healthy provider, with failover if the method is
+    /// in [`ClusterConfig::idempotent_methods`].
+    ///
+    /// # Errors
+    /// `NotConnected` at once when no provider is healthy; otherwise as
+    /// [`Client::call`] on the provider that took the (last) attempt.
+    pub fn call<A, R>(&self, method: &str, args: &A) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_with(method, args, &CallOptions::new())
+    }
+
+    /// [`ClusterClient::call`] with an explicit timeout for the whole call.
+    ///
+    /// # Errors
+    /// As [`ClusterClient::call`].
+    pub fn call_timeout<A, R>(&self, method: &str, args: &A, timeout: Duration) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_with(method, args, &CallOptions::new().timeout(timeout))
+    }
+
+    /// [`ClusterClient::call`] with a hash key, an idempotency override or a
+    /// timeout.
+    ///
+    /// # Errors
+    /// As [`ClusterClient::call`].
+    pub fn call_with<A, R>(&self, method: &str, args: &A, options: &CallOptions<'_>) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_traced(method, args, options).map(|t| t.value)
+    }
+
+    /// [`ClusterClient::call_with`], also saying which provider answered and
+    /// after how many attempts.
+    ///
+    /// # Errors
+    /// As [`ClusterClient::call`].
+    pub fn call_traced<A, R>(
+        &self,
+        method: &str,
+        args: &A,
+        options: &CallOptions<'_>,
+    ) -> Result<Traced<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let shared = &self.inner.shared;
+        let started = Instant::now();
+        let timeout = options.timeout.unwrap_or(shared.config.client.call_timeout);
+        let deadline = started + timeout;
+        let idempotent = options
+            .idempotent
+            .unwrap_or_else(|| shared.config.idempotent_methods.contains(method));
+        let retries = if idempotent { shared.config.retries } else { 0 };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_error = None;
+        loop {
+            let providers = shared.snapshot();
+            let Some(p) = shared.choose(&providers, &tried, options.key) else {
+                return Err(last_error.unwrap_or_else(|| shared.no_provider(&providers, started)));
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(last_error.unwrap_or(Error::Timeout(timeout)));
+            }
+            tried.push(p.addr);
+            match p.client.call_timeout(shared.service.as_ref(), method, args, left) {
+                Ok(value) => {
+                    return Ok(Traced {
+                        value,
+                        provider: p.addr,
+                        attempts: tried.len() as u32,
+                    });
+                }
+                Err(e @ (Error::ConnectionLost { .. } | Error::NotConnected { .. }))
+                    if tried.len() <= retries as usize =>
+                {
+                    log::warn!(
+                        "cluster {}: {method} on {} failed ({e}); retrying on another provider \
+                         ({} of {retries})",
+                        shared.service,
+                        p.addr,
+                        tried.len()
+                    );
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ClusterClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &self.inner.shared;
+        f.debug_struct("ClusterClient")
+            .field("service", &shared.service)
+            .field("balancer", &shared.balancer.name())
+            .field("providers", &self.providers())
+            .finish()
+    }
+}
+
+/// Follows the watch and every provider's liveness events until `stop`
+/// closes.
+fn run_updater(shared: &Shared, watch: Watch, stop: Receiver<()>) {
+    let mut watching = true;
+    loop {
+        let providers = shared.snapshot();
+        let mut select = Select::new();
+        let stop_index = select.recv(&stop);
+        let watch_index = if watching {
+            select.recv(watch.receiver())
+        } else {
+            usize::MAX
+        };
+        let first_provider = if watching { 2 } else { 1 };
+        for p in providers.iter() {
+            select.recv(&p.events);
+        }
+        let op = select.select();
+        let index = op.index();
+        if index == stop_index {
+            let _ = op.recv(&stop);
+            return;
+        }
+        if index == watch_index {
+            match op.recv(watch.receiver()) {
+                Ok(WatchEvent::Providers(set)) => shared.apply(set),
+                Ok(WatchEvent::RegistryLost { error }) => {
+                    log::warn!(
+                        "cluster {}: registry unreachable ({error}); keeping the {} known \
+                         provider(s) until it returns",
+                        shared.service,
+                        providers.len()
+                    );
+                    shared.emit(ClusterEvent::RegistryLost { error });
+                }
+                Ok(WatchEvent::RegistryResumed) => {
+                    log::info!("cluster {}: registry reachable again", shared.service);
+                    shared.emit(ClusterEvent::RegistryResumed);
+                }
+                Err(_) => {
+                    log::warn!(
+                        "cluster {}: the registry watch ended; keeping the current providers",
+                        shared.service
+                    );
+                    watching = false;
+                }
+            }
+            continue;
+        }
+        let p = &providers[index - first_provider];
+        if let Ok(event) = op.recv(&p.events) {
+            shared.on_provider_event(p, event);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Many providers of one service: registries, load balancing and failover.

@@ -1,0 +1,745 @@
+//! Calls through a real provider and consumer on loopback: typed round trips,
+//! concurrency, large payloads, pipelining, every error status, timeouts,
+//! one-way sends, shutdown and drop.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use pulse::protocol::ResponseStatus;
+use pulse::{
+    Client, ClientConfig, DisconnectReason, Error, Event, Server, ServerConfig, ServiceBuilder,
+    ServiceRef,
+};
+use rmpv::Value;
+use serde::{Deserialize, Serialize};
+use support::{PROMPTLY, client, demo_server, server_with, wait_disconnected, wait_event};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Point {
+    x: i64,
+    y: i64,
+    name: String,
+    tags: Vec<String>,
+    weight: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Shape {
+    Circle { r: f64 },
+    Rect(u32, u32),
+    Dot,
+    Label(String),
+}
+
+type Nested = BTreeMap<String, BTreeMap<String, Vec<i32>>>;
+
+/// Methods that transform their argument, so a round trip proves the
+/// handler saw the value decoded right, not just that bytes came back.
+fn types_service() -> ServiceBuilder {
+    ServiceBuilder::new("types")
+        .method("inc", |n: u64| n.checked_add(1).ok_or("overflow"))
+        .method_inline("upper", |s: String| Ok::<_, String>(s.to_uppercase()))
+        .method("reverse_bin", |v: Value| match v {
+            Value::Binary(mut b) => {
+                b.reverse();
+                Ok(Value::Binary(b))
+            }
+            other => Err(format!("expected bin, got {other}")),
+        })
+        .method("move_point", |p: Point| {
+            Ok::<_, String>(Point {
+                x: p.x + 1,
+                y: p.y - 1,
+                name: format!("{}'", p.name),
+                tags: p.tags.into_iter().rev().collect(),
+                weight: p.weight.map(|w| w * 2.0),
+            })
+        })
+        .method("grow", |s: Shape| {
+            Ok::<_, String>(match s {
+                Shape::Circle { r } => Shape::Circle { r: r * 2.0 },
+                Shape::Rect(w, h) => Shape::Rect(h, w),
+                Shape::Dot => Shape::Label("dot".into()),
+                Shape::Label(l) => Shape::Label(l.repeat(2)),
+            })
+        })
+        .method("opt", |o: Option<u32>| Ok::<_, String>(o.map(|n| n * 10)))
+        .method("nested", |mut m: Nested| {
+            for inner in m.values_mut() {
+                for v in inner.values_mut() {
+                    v.push(v.iter().sum());
+                }
+            }
+            Ok::<_, String>(m)
+        })
+}
+
+#[test]
+fn round_trips_of_many_types() {
+    let server = server_with(ServerConfig::default(), vec![types_service()]);
+    let client = client(&server);
+
+    assert_eq!(client.call::<_, u64>("types", "inc", &0u64).unwrap(), 1);
+    assert_eq!(
+        client
+            .call::<_, u64>("types", "inc", &(u64::MAX - 1))
+            .unwrap(),
+        u64::MAX
+    );
+    assert_eq!(
+        client.call::<_, u64>("demo", "ping", &u64::MAX).unwrap(),
+        u64::MAX
+    );
+
+    assert_eq!(
+        client
+            .call::<_, String>("types", "upper", "héllo wörld")
+            .unwrap(),
+        "HÉLLO WÖRLD"
+    );
+    assert_eq!(client.call::<_, String>("types", "upper", "").unwrap(), "");
+    let long = "ab".repeat(40_000);
+    assert_eq!(
+        client.call::<_, String>("types", "upper", &long).unwrap(),
+        long.to_uppercase()
+    );
+
+    let bin = Value::Binary((0..=255u8).collect());
+    let reversed = Value::Binary((0..=255u8).rev().collect());
+    assert_eq!(
+        client
+            .call::<_, Value>("types", "reverse_bin", &bin)
+            .unwrap(),
+        reversed
+    );
+    assert_eq!(
+        client
+            .call::<_, Value>("types", "reverse_bin", &Value::Binary(vec![]))
+            .unwrap(),
+        Value::Binary(vec![])
+    );
+
+    let p = Point {
+        x: -5,
+        y: i64::MAX,
+        name: "p".into(),
+        tags: vec!["a".into(), "b".into()],
+        weight: Some(0.5),
+    };
+    let moved = Point {
+        x: -4,
+        y: i64::MAX - 1,
+        name: "p'".into(),
+        tags: vec!["b".into(), "a".into()],
+        weight: Some(1.0),
+    };
+    assert_eq!(
+        client.call::<_, Point>("types", "move_point", &p).unwrap(),
+        moved
+    );
+
+    for (shape, grown) in [
+        (Shape::Circle { r: 1.5 }, Shape::Circle { r: 3.0 }),
+        (Shape::Rect(2, 7), Shape::Rect(7, 2)),
+        (Shape::Dot, Shape::Label("dot".into())),
+        (Shape::Label("ab".into()), Shape::Label("abab".into())),
+    ] {
+        assert_eq!(
+            client.call::<_, Shape>("types", "grow", &shape).unwrap(),
+            grown
+        );
+    }
+
+    assert_eq!(
+        client
+            .call::<_, Option<u32>>("types", "opt", &Some(4u32))
+            .unwrap(),
+        Some(40)
+    );
+    assert_eq!(
+        client
+            .call::<_, Option<u32>>("types", "opt", &None::<u32>)
+            .unwrap(),
+        None
+    );
+
+    let mut nested: Nested = BTreeMap::new();
+    nested
+        .entry("outer".into())
+        .or_default()
+        .insert("a".into(), vec![1, 2, 3]);
+    nested
+        .entry("outer".into())
+        .or_default()
+        .insert("b".into(), vec![]);
+    nested
+        .entry("other".into())
+        .or_default()
+        .insert("c".into(), vec![-7]);
+    let mut summed = nested.clone();
+    summed
+        .get_mut("outer")
+        .unwrap()
+        .insert("a".into(), vec![1, 2, 3, 6]);
+    summed.get_mut("outer").unwrap().insert("b".into(), vec![0]);
+    summed
+        .get_mut("other")
+        .unwrap()
+        .insert("c".into(), vec![-7, -7]);
+    assert_eq!(
+        client
+            .call::<_, Nested>("types", "nested", &nested)
+            .unwrap(),
+        summed
+    );
+
+    // rmpv::Value through `echo`: float widths, bin vs str, integer signs,
+    // nested maps with non-string keys all survive.
+    let values = [
+        Value::F32(1.5),
+        Value::F32(f32::MIN_POSITIVE),
+        Value::F64(1.5),
+        Value::from(-1),
+        Value::from(u64::MAX),
+        Value::from(i64::MIN),
+        Value::Nil,
+        Value::from(true),
+        Value::from("str"),
+        Value::Binary(b"str".to_vec()),
+        Value::Array(vec![]),
+        Value::Map(vec![]),
+        Value::Map(vec![
+            (
+                Value::from("floats"),
+                Value::Array(vec![Value::F32(0.25), Value::F64(0.25), Value::F32(-0.0)]),
+            ),
+            (
+                Value::from(7),
+                Value::Map(vec![(
+                    Value::Binary(vec![0, 1]),
+                    Value::Map(vec![(
+                        Value::Nil,
+                        Value::Array(vec![Value::F32(2.5), Value::from("x")]),
+                    )]),
+                )]),
+            ),
+        ]),
+    ];
+    for value in values {
+        let back: Value = client.call("demo", "echo", &value).unwrap();
+        assert_eq!(back, value);
+        // Equality of F32 and F64 values that are numerically equal is not
+        // enough: the variant (the wire width) must be the same.
+        assert_eq!(format!("{back:?}"), format!("{value:?}"));
+    }
+    assert!(matches!(
+        client.call::<_, Value>("demo", "echo", &Value::F32(3.25)).unwrap(),
+        Value::F32(f) if f == 3.25
+    ));
+}
+
+#[test]
+fn thirty_two_threads_share_one_client() {
+    const THREADS: u64 = 32;
+    const CALLS: u64 = 1_000;
+    let service = ServiceBuilder::new("conc").method("tag", |(thread, seq): (u64, u64)| {
+        Ok::<_, String>((thread, seq, thread * 1_000_000 + seq * 3))
+    });
+    let server = server_with(ServerConfig::default(), vec![service]);
+    let client = client(&server);
+    let total = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    thread::scope(|s| {
+        for thread in 0..THREADS {
+            let client = client.clone();
+            let total = total.clone();
+            s.spawn(move || {
+                for seq in 0..CALLS {
+                    let got: (u64, u64, u64) = client.call("conc", "tag", &(thread, seq)).unwrap();
+                    assert_eq!(got, (thread, seq, thread * 1_000_000 + seq * 3));
+                    total.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(total.load(Ordering::Relaxed), (THREADS * CALLS) as usize);
+    assert_eq!(client.inflight(), 0);
+    assert_eq!(
+        server.connection_count(),
+        1,
+        "all threads shared one connection"
+    );
+    eprintln!("{} calls in {:?}", THREADS * CALLS, started.elapsed());
+}
+
+#[test]
+fn eight_mib_payload_both_ways() {
+    let server = demo_server();
+    let client = client(&server);
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let value = Value::Binary(payload);
+    let back: Value = client
+        .call_timeout("demo", "echo", &value, Duration::from_secs(30))
+        .unwrap();
+    match (&back, &value) {
+        (Value::Binary(got), Value::Binary(sent)) => {
+            assert_eq!(got.len(), sent.len());
+            assert!(got == sent, "8 MiB payload came back altered");
+        }
+        _ => panic!("expected bin back"),
+    }
+    // The connection is still fine for small calls afterwards.
+    assert_eq!(client.call::<_, u64>("demo", "ping", &5u64).unwrap(), 5);
+    support::assert_no_disconnect(&support::drain(&client.events()));
+}
+
+#[test]
+fn a_thousand_pipelined_calls() {
+    let server = demo_server();
+    let client = client(&server);
+    let pending: Vec<_> = (0..1_000u64)
+        .map(|n| {
+            client
+                .start::<_, u64>("demo", "echo", &(n * 7))
+                .expect("start must not be refused")
+        })
+        .collect();
+    assert!(client.inflight() <= 1_000);
+    for (n, call) in pending.into_iter().enumerate() {
+        assert_eq!(call.wait().unwrap(), n as u64 * 7);
+    }
+    assert_eq!(client.inflight(), 0);
+}
+
+/// A server whose `demo` service (empty version and group) also has failing
+/// methods, and a v2/blue edition of `demo` with only `ping`.
+fn error_server() -> Server {
+    let failing = support::demo_service()
+        .method("fail", |n: u64| -> Result<u64, String> {
+            Err(format!("refusing {n}"))
+        })
+        .method("panic", |_: ()| -> Result<u64, String> {
+            panic!("handler blew up on purpose")
+        })
+        .method_inline("panic_inline", |_: ()| -> Result<u64, String> {
+            panic!("inline handler blew up")
+        });
+    let v2 = ServiceBuilder::new("demo")
+        .version("2")
+        .group("blue")
+        .method("ping", |n: u64| Ok::<_, String>(n + 2_000));
+    Server::builder()
+        .service(failing)
+        .service(v2)
+        .bind("127.0.0.1:0")
+        .unwrap()
+}
+
+/// Asserts a `Remote` error with `status` whose message contains `has`.
+fn assert_remote<T: std::fmt::Debug>(result: pulse::Result<T>, status: ResponseStatus, has: &str) {
+    match result {
+        Err(Error::Remote {
+            status: got,
+            message,
+        }) => {
+            assert_eq!(got, status, "message: {message}");
+            assert!(
+                message.contains(has),
+                "message {message:?} should mention {has:?}"
+            );
+        }
+        other => panic!("expected Remote {status:?}, got {other:?}"),
+    }
+}
+
+/// The client still works on the same connection: a call succeeds, the
+/// server counts one connection, the client saw no disconnect.
+fn assert_still_connected(server: &Server, client: &Client, events: &Receiver<Event>) {
+    assert_eq!(client.call::<_, u64>("demo", "ping", &77u64).unwrap(), 77);
+    assert_eq!(server.connection_count(), 1);
+    let seen = support::drain(events);
+    support::assert_no_disconnect(&seen);
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Connected { .. })),
+        "the client reconnected: {seen:?}"
+    );
+    assert_eq!(client.inflight(), 0);
+}
+
+fn error_fixture() -> (Server, Client, Receiver<Event>) {
+    let server = error_server();
+    let client = client(&server);
+    let events = client.events();
+    // The first Connected is expected; anything after it is not.
+    wait_event(&events, PROMPTLY, |e| matches!(e, Event::Connected { .. }));
+    (server, client, events)
+}
+
+#[test]
+fn unknown_service_is_service_not_found() {
+    let (server, client, events) = error_fixture();
+    assert_remote(
+        client.call::<_, u64>("nope", "ping", &1u64),
+        ResponseStatus::ServiceNotFound,
+        "nope",
+    );
+    assert_still_connected(&server, &client, &events);
+}
+
+#[test]
+fn wrong_version_or_group_is_service_not_found() {
+    let (server, client, events) = error_fixture();
+    let v2 = ServiceRef::new("demo", "2", "blue");
+    assert_eq!(client.call::<_, u64>(v2, "ping", &1u64).unwrap(), 2_001);
+    for service in [
+        ServiceRef::new("demo", "3", "blue"),
+        ServiceRef::new("demo", "2", ""),
+        ServiceRef::new("demo", "", "blue"),
+        ServiceRef::new("demo", "2", "green"),
+    ] {
+        assert_remote(
+            client.call::<_, u64>(service, "ping", &1u64),
+            ResponseStatus::ServiceNotFound,
+            "demo",
+        );
+        assert_still_connected(&server, &client, &events);
+    }
+}
+
+#[test]
+fn unknown_method_is_method_not_found() {
+    let (server, client, events) = error_fixture();
+    assert_remote(
+        client.call::<_, u64>("demo", "pong", &1u64),
+        ResponseStatus::MethodNotFound,
+        "pong",
+    );
+    // The v2 edition has no `echo` even though the unversioned one does.
+    let v2 = ServiceRef::new("demo", "2", "blue");
+    assert_remote(
+        client.call::<_, u64>(v2, "echo", &1u64),
+        ResponseStatus::MethodNotFound,
+        "echo",
+    );
+    assert_still_connected(&server, &client, &events);
+}
+
+#[test]
+fn ill_typed_args_are_a_bad_request() {
+    let (server, client, events) = error_fixture();
+    assert_remote(
+        client.call::<_, u64>("demo", "ping", "seven"),
+        ResponseStatus::BadRequest,
+        "u64",
+    );
+    assert_still_connected(&server, &client, &events);
+    assert_remote(
+        client.call::<_, u64>("demo", "ping", &-1i64),
+        ResponseStatus::BadRequest,
+        "u64",
+    );
+    assert_still_connected(&server, &client, &events);
+    assert_remote(
+        client.call::<_, u64>("demo", "sleep", &(1, 2)),
+        ResponseStatus::BadRequest,
+        "u64",
+    );
+    assert_still_connected(&server, &client, &events);
+}
+
+#[test]
+fn a_failing_handler_is_a_handler_error() {
+    let (server, client, events) = error_fixture();
+    assert_remote(
+        client.call::<_, u64>("demo", "fail", &9u64),
+        ResponseStatus::HandlerError,
+        "refusing 9",
+    );
+    assert_still_connected(&server, &client, &events);
+}
+
+#[test]
+fn a_panicking_handler_is_a_handler_error() {
+    let (server, client, events) = error_fixture();
+    assert_remote(
+        client.call::<_, u64>("demo", "panic", &()),
+        ResponseStatus::HandlerError,
+        "blew up on purpose",
+    );
+    assert_still_connected(&server, &client, &events);
+    // A panic on the event loop itself must not take the loop down either.
+    assert_remote(
+        client.call::<_, u64>("demo", "panic_inline", &()),
+        ResponseStatus::HandlerError,
+        "inline handler blew up",
+    );
+    assert_still_connected(&server, &client, &events);
+    // Every worker survived: more panics than workers still get answers.
+    for _ in 0..40 {
+        assert_remote(
+            client.call::<_, u64>("demo", "panic", &()),
+            ResponseStatus::HandlerError,
+            "blew up",
+        );
+    }
+    assert_still_connected(&server, &client, &events);
+}
+
+#[test]
+fn a_timed_out_call_frees_its_slot_and_the_client_keeps_working() {
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    // Sleeps 2 s, or less if the test releases it (to end quickly).
+    let slow = ServiceBuilder::new("slow").method("nap", move |ms: u64| {
+        let _ = entered_tx.send(());
+        let _ = release_rx.recv_timeout(Duration::from_millis(ms));
+        Ok::<_, String>(ms)
+    });
+    let server = server_with(ServerConfig::default(), vec![slow]);
+    let config = ClientConfig {
+        call_timeout: Duration::from_millis(200),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(server.local_addr(), config).unwrap();
+    let events = client.events();
+
+    let started = Instant::now();
+    let result = client.call::<_, u64>("slow", "nap", &2_000u64);
+    let took = started.elapsed();
+    assert!(
+        matches!(result, Err(Error::Timeout(t)) if t == Duration::from_millis(200)),
+        "{result:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(200),
+        "timed out early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1_500),
+        "timed out late: {took:?}"
+    );
+    entered_rx.recv_timeout(PROMPTLY).expect("the handler ran");
+    assert_eq!(
+        client.inflight(),
+        0,
+        "the timed-out call's slot was not freed"
+    );
+
+    // The client keeps working while the handler still sleeps.
+    assert_eq!(client.call::<_, u64>("demo", "ping", &3u64).unwrap(), 3);
+    // Let the handler finish: its late response is discarded, not handed to
+    // a later call.
+    release_tx.send(()).unwrap();
+    for n in 0..50u64 {
+        assert_eq!(client.call::<_, u64>("demo", "echo", &n).unwrap(), n);
+    }
+    assert_eq!(client.inflight(), 0);
+    assert_eq!(server.connection_count(), 1);
+    support::assert_no_disconnect(&support::drain(&events));
+}
+
+#[test]
+fn one_way_sends_reach_the_handler() {
+    let (tx, rx) = crossbeam_channel::unbounded::<(u64, String)>();
+    let notes = ServiceBuilder::new("notes").method("note", move |(n, text): (u64, String)| {
+        tx.send((n, text)).map_err(|e| e.to_string())
+    });
+    let server = server_with(ServerConfig::default(), vec![notes]);
+    let client = client(&server);
+    for n in 0..100u64 {
+        client
+            .send_one_way("notes", "note", &(n, format!("note {n}")))
+            .unwrap();
+    }
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + PROMPTLY;
+    while got.len() < 100 {
+        let (n, text) = rx
+            .recv_deadline(deadline)
+            .expect("every one-way reaches the handler");
+        assert_eq!(text, format!("note {n}"));
+        assert!(got.insert(n), "note {n} delivered twice");
+    }
+    // One-way sends to nothing or with bad args get no answer and break nothing.
+    client.send_one_way("nope", "note", &1u64).unwrap();
+    client.send_one_way("notes", "note", "not a tuple").unwrap();
+    assert_eq!(client.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
+    assert_eq!(client.inflight(), 0);
+    assert!(rx.try_recv().is_err(), "a bad one-way reached the handler");
+    assert_eq!(server.connection_count(), 1);
+}
+
+#[test]
+fn shutdown_with_calls_in_flight_answers_or_fails_every_call() {
+    const SLEEPERS: usize = 8;
+    let (entered_tx, entered_rx) = crossbeam_channel::unbounded::<()>();
+    let sleepy = ServiceBuilder::new("sleepy").method("sleep", move |ms: u64| {
+        let _ = entered_tx.send(());
+        thread::sleep(Duration::from_millis(ms));
+        Ok::<_, String>(ms)
+    });
+    let server = server_with(ServerConfig::default(), vec![sleepy]);
+    let config = ClientConfig {
+        call_timeout: Duration::from_secs(3),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(server.local_addr(), config).unwrap();
+    let events = client.events();
+
+    let (results_tx, results_rx) = crossbeam_channel::unbounded();
+    thread::scope(|s| {
+        for i in 0..SLEEPERS {
+            let client = client.clone();
+            let results = results_tx.clone();
+            s.spawn(move || {
+                let _ = results.send((
+                    "running",
+                    i,
+                    client.call::<_, u64>("sleepy", "sleep", &300u64),
+                ));
+            });
+        }
+        // Shut down only once every handler is running.
+        for _ in 0..SLEEPERS {
+            entered_rx
+                .recv_timeout(PROMPTLY)
+                .expect("every sleeper reached its handler");
+        }
+        let shutdown = s.spawn(|| {
+            let started = Instant::now();
+            server.shutdown();
+            started.elapsed()
+        });
+        // Calls racing with the shutdown: any outcome but a hang.
+        for i in 0..4 {
+            let client = client.clone();
+            let results = results_tx.clone();
+            s.spawn(move || {
+                let result = client.call_timeout::<_, u64>(
+                    "demo",
+                    "ping",
+                    &(i as u64),
+                    Duration::from_secs(2),
+                );
+                let _ = results.send(("racing", i, result));
+            });
+        }
+        let deadline = Instant::now() + PROMPTLY;
+        for _ in 0..SLEEPERS + 4 {
+            let (kind, i, result) = results_rx
+                .recv_deadline(deadline)
+                .expect("a call hung past the deadline");
+            match (kind, result) {
+                ("running", Ok(ms)) => assert_eq!(ms, 300),
+                ("running", Err(e)) => {
+                    panic!("sleeper {i}, already running, was not let finish: {e}")
+                }
+                (_, Ok(n)) => assert_eq!(n, i as u64),
+                (
+                    _,
+                    Err(Error::Remote {
+                        status: ResponseStatus::ShuttingDown,
+                        ..
+                    }),
+                )
+                | (_, Err(Error::ConnectionLost { .. }))
+                | (_, Err(Error::NotConnected { .. })) => {}
+                (_, Err(e)) => panic!("racing call {i}: unexpected error {e:?}"),
+            }
+        }
+        let took = shutdown.join().unwrap();
+        assert!(took < PROMPTLY, "shutdown took {took:?}");
+    });
+    assert_eq!(
+        wait_disconnected(&events, server.local_addr()),
+        DisconnectReason::PeerShutdown
+    );
+    assert_eq!(server.connection_count(), 0);
+    assert!(server.peers().is_empty());
+    // New calls fail (nothing listens any more) rather than hang.
+    let result = client.call_timeout::<_, u64>("demo", "ping", &1u64, Duration::from_millis(300));
+    assert!(
+        matches!(result, Err(Error::NotConnected { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn dropping_the_last_client_closes_its_connection_gracefully() {
+    let server = demo_server();
+    let server_events = server.events();
+    let client = client(&server);
+    let peer = match wait_event(&server_events, PROMPTLY, |e| {
+        matches!(e, Event::Connected { .. })
+    }) {
+        Event::Connected { peer } => peer,
+        _ => unreachable!(),
+    };
+    // Dropping a clone changes nothing.
+    let clone = client.clone();
+    drop(clone);
+    assert_eq!(client.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
+    assert_eq!(server.connection_count(), 1);
+    support::assert_no_disconnect(&support::drain(&server_events));
+
+    // Dropping the last one joins the client's threads: it returns promptly.
+    let (dropped_tx, dropped_rx) = crossbeam_channel::bounded(1);
+    let dropper = thread::spawn(move || {
+        drop(client);
+        let _ = dropped_tx.send(());
+    });
+    dropped_rx
+        .recv_timeout(PROMPTLY)
+        .expect("dropping the client hung");
+    dropper.join().unwrap();
+
+    assert_eq!(
+        wait_disconnected(&server_events, peer),
+        DisconnectReason::PeerShutdown
+    );
+    support::wait_connection_count(&server, 0);
+    assert!(server.peers().is_empty());
+}
+
+#[test]
+fn connecting_to_a_closed_port_fails_with_not_connected() {
+    // A port that was free a moment ago; nothing listens on it now.
+    let addr = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let config = ClientConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..ClientConfig::default()
+    };
+    let started = Instant::now();
+    let result = Client::connect(addr, config);
+    let took = started.elapsed();
+    let err = match result {
+        Ok(_) => panic!("connected to {addr} where nothing listens"),
+        Err(err) => err,
+    };
+    assert!(
+        matches!(&err, Error::NotConnected { peer, .. } if *peer == addr),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.to_lowercase().contains("refused"), "{message}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "gave up before connect_timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} for a 1 s connect_timeout"
+    );
+}
