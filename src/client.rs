@@ -133,12 +133,27 @@ impl Link {
         self.srtt_nanos.store(nanos, Ordering::Relaxed);
     }
 
-    /// The ready connection, waiting for one until `deadline`.
-    fn ready_conn(&self, deadline: Instant, started: Instant) -> Result<Arc<ConnShared>> {
+    /// The ready connection, waiting for one until `deadline`. A connection
+    /// with id `dead` (found dead by the caller) is waited past, not returned.
+    fn ready_conn(
+        &self,
+        deadline: Instant,
+        started: Instant,
+        dead: Option<u64>,
+    ) -> Result<Arc<ConnShared>> {
         let mut state = self.state.lock();
         loop {
             match &*state {
-                LinkState::Ready(conn) => return Ok(conn.clone()),
+                LinkState::Ready(conn) if Some(conn.id) != dead => return Ok(conn.clone()),
+                LinkState::Ready(_) => {
+                    if self.changed.wait_until(&mut state, deadline).timed_out() {
+                        return Err(Error::NotConnected {
+                            peer: self.addr,
+                            waited: started.elapsed(),
+                            detail: "the connection died and no new one was ready in time".into(),
+                        });
+                    }
+                }
                 LinkState::Shutdown => return Err(Error::Shutdown),
                 LinkState::Failed(why) => {
                     return Err(Error::NotConnected {
@@ -205,7 +220,10 @@ impl Client {
         let wait = config.connect_timeout;
         let client = Client::connect_lazy(addr, config)?;
         let started = Instant::now();
-        client.inner.link.ready_conn(started + wait, started)?;
+        client
+            .inner
+            .link
+            .ready_conn(started + wait, started, None)?;
         Ok(client)
     }
 
@@ -337,23 +355,47 @@ impl Client {
         )
         .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
         let link = &self.inner.link;
-        let conn = link.ready_conn(deadline, started)?;
-        let slot = CallSlot::new();
-        conn.calls
-            .register(id, slot.clone(), link.config.max_inflight, conn.peer)?;
-        if let Err(e) = conn.send(frame, Class::Data) {
-            conn.calls.remove(id);
-            return Err(send_error(&conn, e));
+        let mut frame = frame;
+        let mut dead = None;
+        // A connection can die between being handed out and taking the
+        // request; as long as nothing was written, wait for the next one.
+        loop {
+            let conn = link.ready_conn(deadline, started, dead)?;
+            let slot = CallSlot::new();
+            match conn
+                .calls
+                .register(id, slot.clone(), link.config.max_inflight, conn.peer)
+            {
+                Ok(()) => {}
+                Err(Error::ConnectionLost { .. }) => {
+                    dead = Some(conn.id);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            match conn.send(frame, Class::Data) {
+                Ok(_) => {
+                    return Ok(PendingCall {
+                        conn,
+                        slot,
+                        id,
+                        deadline,
+                        timeout,
+                        waited: false,
+                        _result: PhantomData,
+                    });
+                }
+                Err(SendError::Closed(Some(unsent))) => {
+                    conn.calls.remove(id);
+                    frame = unsent;
+                    dead = Some(conn.id);
+                }
+                Err(e) => {
+                    conn.calls.remove(id);
+                    return Err(send_error(&conn, e));
+                }
+            }
         }
-        Ok(PendingCall {
-            conn,
-            slot,
-            id,
-            deadline,
-            timeout,
-            waited: false,
-            _result: PhantomData,
-        })
     }
 
     /// Sends a one-way call: no response, no result. Returns once the request
@@ -384,10 +426,20 @@ impl Client {
             args,
         )
         .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
-        let conn = link.ready_conn(started + link.config.call_timeout, started)?;
-        conn.send(frame, Class::Data)
-            .map(|_| ())
-            .map_err(|e| send_error(&conn, e))
+        let deadline = started + link.config.call_timeout;
+        let mut frame = frame;
+        let mut dead = None;
+        loop {
+            let conn = link.ready_conn(deadline, started, dead)?;
+            match conn.send(frame, Class::Data) {
+                Ok(_) => return Ok(()),
+                Err(SendError::Closed(Some(unsent))) => {
+                    frame = unsent;
+                    dead = Some(conn.id);
+                }
+                Err(e) => return Err(send_error(&conn, e)),
+            }
+        }
     }
 
     /// The provider's address.
@@ -431,11 +483,11 @@ impl Client {
 
 fn send_error(conn: &ConnShared, error: SendError) -> Error {
     match error {
-        SendError::Closed => Error::ConnectionLost {
+        SendError::Closed(_) => Error::ConnectionLost {
             peer: conn.peer,
             reason: "connection closed while sending".into(),
         },
-        SendError::Overloaded => Error::Overloaded(format!(
+        SendError::Overloaded(_) => Error::Overloaded(format!(
             "more than max_write_queue_bytes are queued for {}",
             conn.peer
         )),

@@ -275,8 +275,8 @@ fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
 
 fn respond(conn: &ConnShared, response: Vec<u8>) {
     match conn.send(response, Class::Data) {
-        Ok(_) | Err(SendError::Closed) => {}
-        Err(SendError::Overloaded) => {
+        Ok(_) | Err(SendError::Closed(_)) => {}
+        Err(SendError::Overloaded(_)) => {
             let detail = format!(
                 "over {} queued bytes: the consumer does not read its responses",
                 conn.out.queued_bytes()

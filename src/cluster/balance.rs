@@ -75,7 +75,9 @@ impl SplitMix64 {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        SplitMix64::new(mix64(nanos ^ n.wrapping_mul(Self::GAMMA) ^ u64::from(std::process::id())))
+        SplitMix64::new(mix64(
+            nanos ^ n.wrapping_mul(Self::GAMMA) ^ u64::from(std::process::id()),
+        ))
     }
 
     /// The next 64 random bits.
@@ -401,7 +403,11 @@ impl Default for LeastInflight {
 }
 
 /// A random index among those where `keep` holds (one exists).
-fn random_among(rng: &SplitMix64, candidates: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> usize {
+fn random_among(
+    rng: &SplitMix64,
+    candidates: &[Candidate],
+    keep: impl Fn(&Candidate) -> bool,
+) -> usize {
     let count = candidates.iter().filter(|c| keep(c)).count().max(1);
     let nth = rng.below(count as u64) as usize;
     candidates
@@ -605,6 +611,9 @@ mod tests {
         assert_eq!(counts(&LowestRtt::new(), &c, 100), [0, 100, 0]);
         c[2].rtt = None;
         let got = counts(&LowestRtt::new(), &c, 1000);
-        assert!(got[0] == 0 && got[2] > 350, "an unmeasured provider is probed: {got:?}");
+        assert!(
+            got[0] == 0 && got[2] > 350,
+            "an unmeasured provider is probed: {got:?}"
+        );
     }
 }

@@ -20,6 +20,7 @@ use crate::client::{Client, ConnectionState};
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::protocol::ResponseStatus;
 
 /// Configuration of a [`ClusterClient`].
 #[derive(Debug, Clone)]
@@ -40,6 +41,14 @@ pub struct ClusterConfig {
     /// when the registry lists some. It never fails for want of one; calls
     /// do, fast. Default 3 s.
     pub ready_timeout: Duration,
+    /// A connected provider leaves rotation once this many consecutive
+    /// heartbeat intervals passed with nothing read from it, and returns
+    /// after an interval and a half without another miss (or when its
+    /// connection is declared dead and re-established). Default 1: the
+    /// first sign of trouble, well before the connection is declared dead at
+    /// `max_missed`. 0 turns it off (only dead connections are skipped).
+    /// Skipped providers are still used when no other is healthy.
+    pub suspect_after_missed: u32,
 }
 
 impl Default for ClusterConfig {
@@ -49,6 +58,7 @@ impl Default for ClusterConfig {
             retries: 2,
             idempotent_methods: HashSet::new(),
             ready_timeout: Duration::from_secs(3),
+            suspect_after_missed: 1,
         }
     }
 }
@@ -209,7 +219,10 @@ impl Shared {
 
     fn emit(&self, event: ClusterEvent) {
         if let Err(TrySendError::Full(event)) = self.events_tx.try_send(event) {
-            log::debug!("cluster {}: event channel full, dropped: {event}", self.service);
+            log::debug!(
+                "cluster {}: event channel full, dropped: {event}",
+                self.service
+            );
         }
     }
 
@@ -253,7 +266,10 @@ impl Shared {
                 rtt: p.client.rtt(),
             })
             .collect();
-        let i = self.balancer.pick(&candidates, key).min(candidates.len() - 1);
+        let i = self
+            .balancer
+            .pick(&candidates, key)
+            .min(candidates.len() - 1);
         Some(healthy[i].clone())
     }
 
@@ -347,7 +363,10 @@ impl Shared {
 
     fn on_provider_event(&self, p: &Provider, event: Event) {
         match &event {
-            Event::HeartbeatMissed { .. } => {
+            Event::HeartbeatMissed { missed, .. }
+                if self.config.suspect_after_missed > 0
+                    && *missed >= self.config.suspect_after_missed =>
+            {
                 // Out of rotation until an interval and a half passes without
                 // another miss (or the connection is declared dead).
                 let interval = self.config.client.connection.heartbeat.interval;
@@ -378,7 +397,10 @@ impl Drop for Inner {
         if let Some(updater) = self.updater.take()
             && updater.join().is_err()
         {
-            log::error!("cluster {}: the updater thread panicked", self.shared.service);
+            log::error!(
+                "cluster {}: the updater thread panicked",
+                self.shared.service
+            );
         }
     }
 }
@@ -398,7 +420,10 @@ impl Drop for Inner {
 /// another healthy provider, up to [`ClusterConfig::retries`] times, when it
 /// is idempotent (its method is in [`ClusterConfig::idempotent_methods`], or
 /// [`CallOptions::idempotent`] says so); other calls return the error, since
-/// the provider may have run them. Retries share the call's timeout. When no
+/// the provider may have run them. A call the provider refused with status
+/// `ShuttingDown` never ran, so it is sent to another provider whether it is
+/// idempotent or not (within the same retry budget). Retries share the
+/// call's timeout. When no
 /// provider is healthy a call fails at once with `NotConnected` whose detail
 /// starts with "no healthy provider for service".
 ///
@@ -517,7 +542,12 @@ impl ClusterClient {
             shared.ready.wait_until(&mut guard, wake);
             if Instant::now() >= deadline {
                 let now = now_nanos();
-                return shared.snapshot().iter().filter(|p| Shared::healthy(p, now)).count() >= n;
+                return shared
+                    .snapshot()
+                    .iter()
+                    .filter(|p| Shared::healthy(p, now))
+                    .count()
+                    >= n;
             }
         }
     }
@@ -621,7 +651,10 @@ impl ClusterClient {
                 return Err(last_error.unwrap_or(Error::Timeout(timeout)));
             }
             tried.push(p.addr);
-            match p.client.call_timeout(shared.service.as_ref(), method, args, left) {
+            match p
+                .client
+                .call_timeout(shared.service.as_ref(), method, args, left)
+            {
                 Ok(value) => {
                     return Ok(Traced {
                         value,
@@ -638,6 +671,22 @@ impl ClusterClient {
                         shared.service,
                         p.addr,
                         tried.len()
+                    );
+                    last_error = Some(e);
+                }
+                // Refused before it ran (the provider is shutting down):
+                // safe to send elsewhere, idempotent or not.
+                Err(
+                    e @ Error::Remote {
+                        status: ResponseStatus::ShuttingDown,
+                        ..
+                    },
+                ) if tried.len() <= shared.config.retries as usize => {
+                    log::info!(
+                        "cluster {}: {} is shutting down and refused {method}; sending it to \
+                         another provider",
+                        shared.service,
+                        p.addr
                     );
                     last_error = Some(e);
                 }

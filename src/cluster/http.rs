@@ -38,7 +38,9 @@ pub(crate) fn post(
     while !reader.done() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("no complete response from {host} within {timeout:?}"));
+            return Err(format!(
+                "no complete response from {host} within {timeout:?}"
+            ));
         }
         sock.set_read_timeout(Some(left))
             .map_err(|e| e.to_string())?;
@@ -166,7 +168,9 @@ fn send(
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     sock.set_write_timeout(Some(left))
         .map_err(|e| e.to_string())?;
     sock.write_all(request.as_bytes())
@@ -188,7 +192,9 @@ fn send(
             ));
         }
         if raw.len() > MAX_HEAD {
-            return Err(format!("response head from {host} exceeds {MAX_HEAD} bytes"));
+            return Err(format!(
+                "response head from {host} exceeds {MAX_HEAD} bytes"
+            ));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -424,7 +430,7 @@ mod tests {
         let mut d = ChunkDecoder::default();
         assert!(d.feed(b"zz\r\n", &mut Vec::new()).is_err());
         let mut d = ChunkDecoder::default();
-        assert!(d.feed(b"2\r\nabXY", &mut Vec::new()).is_err());
+        assert!(d.feed(b"2\r\nabXY\r\n", &mut Vec::new()).is_err());
     }
 
     #[test]

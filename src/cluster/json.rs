@@ -384,7 +384,12 @@ mod tests {
         let v = parse(text).unwrap();
         let result = v.get("result").unwrap();
         assert_eq!(
-            result.get("header").unwrap().get("revision").unwrap().as_i64(),
+            result
+                .get("header")
+                .unwrap()
+                .get("revision")
+                .unwrap()
+                .as_i64(),
             Some(12)
         );
         let events = result.get("events").unwrap().as_array();

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::client::ServiceRef;
@@ -274,10 +274,7 @@ impl Watch {
     /// The next event, waiting up to `timeout`; `None` on timeout or when
     /// the watch ended.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<WatchEvent> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(event) => Some(event),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.rx.recv_timeout(timeout).ok()
     }
 }
 
@@ -450,7 +447,9 @@ mod tests {
         let watch = registry.watch(&demo).unwrap();
         let next = || watch.recv_timeout(Duration::from_secs(1)).unwrap();
         assert_eq!(next(), WatchEvent::Providers(vec![ep(1)]));
-        let reg = registry.register(&demo, ep(2), Duration::from_secs(1)).unwrap();
+        let reg = registry
+            .register(&demo, ep(2), Duration::from_secs(1))
+            .unwrap();
         assert_eq!(next(), WatchEvent::Providers(vec![ep(1), ep(2)]));
         drop(reg);
         assert_eq!(next(), WatchEvent::Providers(vec![ep(1)]));
@@ -473,6 +472,9 @@ mod tests {
     #[test]
     fn keys_display_compactly() {
         assert_eq!(ServiceKey::from("demo").to_string(), "demo");
-        assert_eq!(ServiceKey::new("demo", "1.0", "blue").to_string(), "demo:1.0@blue");
+        assert_eq!(
+            ServiceKey::new("demo", "1.0", "blue").to_string(),
+            "demo:1.0@blue"
+        );
     }
 }

@@ -44,6 +44,12 @@ pub struct HeartbeatConfig {
     /// side stalled (see the [`Heartbeat` docs](Heartbeat#own-stalls)). `None`, the
     /// default, means [`interval`](Self::interval). Must exceed the timer tick.
     pub stall_threshold: Option<Duration>,
+    /// Extra time after each interval before it counts as missed, so that the
+    /// answer to a ping sent at the same instant (or a tick late) can arrive
+    /// first. The peer is declared dead `max_missed × interval + miss_grace`
+    /// after its last byte. Default 0 here; pulse's event loops raise it to at
+    /// least one timer tick + 1 ms.
+    pub miss_grace: Duration,
 }
 
 impl Default for HeartbeatConfig {
@@ -54,6 +60,7 @@ impl Default for HeartbeatConfig {
             mode: HeartbeatMode::Fixed,
             send_pings: true,
             stall_threshold: None,
+            miss_grace: Duration::ZERO,
         }
     }
 }
@@ -85,10 +92,10 @@ impl HeartbeatConfig {
         Ok(())
     }
 
-    /// `interval × max_missed`: how long a peer may stay silent before it is
-    /// declared dead (the shell adds up to one timer tick).
+    /// `interval × max_missed + miss_grace`: how long a peer may stay silent
+    /// before it is declared dead (the shell adds up to one timer tick).
     pub fn bound(&self) -> Duration {
-        self.interval.saturating_mul(self.max_missed)
+        self.interval.saturating_mul(self.max_missed).saturating_add(self.miss_grace)
     }
 
     /// The effective stall threshold: `stall_threshold`, or `interval` if
@@ -149,8 +156,9 @@ pub enum HeartbeatAction {
 /// it ([`Heartbeat::on_read`]; bytes of a frame that is not complete yet count
 /// too: progress is life), or the end of this side's last stall (below),
 /// whichever is later. At [`handle_timeout`](Heartbeat::handle_timeout) the
-/// number of missed intervals is `floor((now - evidence) / I)`. When it grows
-/// past the count reported last:
+/// number of missed intervals is `floor((now - evidence - G) / I)`, where `G`
+/// is [`miss_grace`](HeartbeatConfig::miss_grace) (0 in the timeline below).
+/// When it grows past the count reported last:
 ///
 /// * below `M`, [`HeartbeatAction::Missed`] reports it (1, 2, …, `M - 1`);
 /// * at `M` or more, one [`HeartbeatAction::Dead`] is emitted and the machine
@@ -158,8 +166,8 @@ pub enum HeartbeatAction {
 ///   `None`. The shell closes the connection (heartbeat timeout).
 ///
 /// A read resets the count to 0. The miss deadline is
-/// `evidence + (reported + 1) × I`, so a silent peer last heard at `t` is
-/// declared dead at exactly `t + M × I` if the shell calls `handle_timeout` at
+/// `evidence + (reported + 1) × I + G`, so a silent peer last heard at `t` is
+/// declared dead at exactly `t + M × I + G` if the shell calls `handle_timeout` at
 /// the deadline it was given, and never earlier: a call before a deadline does
 /// nothing at all.
 ///
@@ -170,9 +178,10 @@ pub enum HeartbeatAction {
 /// remembered so that [`on_pong`](Heartbeat::on_pong) can measure the round
 /// trip.
 ///
-/// * [`HeartbeatMode::Fixed`]: a ping every `I`, the first at creation + `I`,
-///   each next one at the time the previous one was *sent* + `I`. A late call
-///   sends one ping, never a catch-up burst.
+/// * [`HeartbeatMode::Fixed`]: a ping every `I` on a fixed grid, the first at
+///   creation + `I`: a ping sent late (by less than `I`) does not shift the
+///   next one. A call later than that sends one ping, never a catch-up burst,
+///   and restarts the grid from then.
 /// * [`HeartbeatMode::Idle`] (Netty's `IdleStateHandler`, all-idle): a ping
 ///   when nothing was written *or* nothing was read for `I`, but never more
 ///   often than once per `I`:
@@ -263,6 +272,8 @@ pub struct Heartbeat {
     reported: u32,
     /// When the last ping was emitted, if any.
     last_ping: Option<Instant>,
+    /// Fixed mode: the grid point the last ping belonged to.
+    ping_grid: Option<Instant>,
     /// The seq of the next ping.
     next_seq: u64,
     /// `(seq, sent at)` of the last pings, indexed by `seq % PING_HISTORY`.
@@ -294,6 +305,7 @@ impl Heartbeat {
             stall_reset: now,
             reported: 0,
             last_ping: None,
+            ping_grid: None,
             next_seq: 1,
             sent: [None; PING_HISTORY],
             srtt: None,
@@ -370,6 +382,7 @@ impl Heartbeat {
             self.stall_reset = self.stall_reset.max(now);
             self.reported = 0;
             self.send_ping(now);
+            self.ping_grid = Some(now);
             return;
         }
 
@@ -388,8 +401,11 @@ impl Heartbeat {
                 .push_back(HeartbeatAction::Missed { count: missed });
         }
 
-        if self.ping_deadline().is_some_and(|d| d <= now) {
+        if let Some(due) = self.ping_deadline().filter(|&d| d <= now) {
             self.send_ping(now);
+            // Stay on the grid unless a whole interval was skipped.
+            let on_grid = due.checked_add(self.config.interval).is_some_and(|next| next > now);
+            self.ping_grid = Some(if on_grid { due } else { now });
         }
     }
 
@@ -446,18 +462,22 @@ impl Heartbeat {
         self.last_read.max(self.stall_reset)
     }
 
-    /// `floor((now - evidence) / interval)`, saturating.
+    /// `floor((now - evidence - grace) / interval)`, saturating.
     fn missed_at(&self, now: Instant) -> u32 {
-        let silent = now.saturating_duration_since(self.evidence()).as_nanos();
+        let silent = now
+            .saturating_duration_since(self.evidence())
+            .saturating_sub(self.config.miss_grace)
+            .as_nanos();
         let intervals = silent / self.config.interval.as_nanos();
         u32::try_from(intervals).unwrap_or(u32::MAX)
     }
 
-    /// `evidence + (reported + 1) × interval`; `None` only on overflow.
+    /// `evidence + (reported + 1) × interval + grace`; `None` only on overflow.
     fn miss_deadline(&self) -> Option<Instant> {
         let n = self.reported.saturating_add(1);
         self.evidence()
-            .checked_add(self.config.interval.checked_mul(n)?)
+            .checked_add(self.config.interval.checked_mul(n)?)?
+            .checked_add(self.config.miss_grace)
     }
 
     /// When the next ping is due, if this side sends pings.
@@ -467,7 +487,7 @@ impl Heartbeat {
         }
         let interval = self.config.interval;
         match self.config.mode {
-            HeartbeatMode::Fixed => self.last_ping.unwrap_or(self.created).checked_add(interval),
+            HeartbeatMode::Fixed => self.ping_grid.unwrap_or(self.created).checked_add(interval),
             HeartbeatMode::Idle => {
                 let idle = self.last_read.min(self.last_write).checked_add(interval)?;
                 match self.last_ping {
@@ -652,18 +672,67 @@ mod tests {
     }
 
     #[test]
-    fn fixed_late_call_sends_one_ping_and_reschedules_from_send_time() {
+    fn fixed_late_call_sends_one_ping_and_keeps_the_grid() {
         let t0 = Instant::now();
         let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
         hb.on_read(t0 + ms(900));
         // 600 ms late: below the stall threshold (1 s), one ping, no burst.
         assert_eq!(step(&mut hb, t0 + ms(1600)), [SendPing { seq: 1 }]);
         assert_eq!(step(&mut hb, t0 + ms(1600)), []);
-        // Next ping at send time + I, not at 2000.
-        assert_eq!(hb.next_deadline(), Some(t0 + ms(1900)));
+        // The next ping stays on the grid (2000), it does not drift to 2600.
         hb.on_read(t0 + ms(1850));
-        assert_eq!(step(&mut hb, t0 + ms(2599)), []);
-        assert_eq!(step(&mut hb, t0 + ms(2600)), [SendPing { seq: 2 }]);
+        assert_eq!(step(&mut hb, t0 + ms(1999)), []);
+        assert_eq!(step(&mut hb, t0 + ms(2000)), [SendPing { seq: 2 }]);
+        hb.on_read(t0 + ms(2500));
+        assert_eq!(step(&mut hb, t0 + ms(2999)), []);
+        assert_eq!(step(&mut hb, t0 + ms(3000)), [SendPing { seq: 3 }]);
+    }
+
+    #[test]
+    fn fixed_pings_a_tick_late_do_not_drift() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        // Each ping handled 5 ms late (a timer tick): still one per second on
+        // the grid, so the 10th is due at 10 s, not 10.05 s.
+        for k in 1..=10u64 {
+            hb.on_read(t0 + ms(k * 1000 - 500));
+            assert_eq!(step(&mut hb, t0 + ms(k * 1000 + 5)), [SendPing { seq: k }]);
+        }
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(10_500)).min(Some(t0 + ms(11_000))));
+    }
+
+    #[test]
+    fn a_pong_sent_at_the_miss_deadline_is_not_a_miss_with_grace() {
+        // Idle mode: the ping and the miss deadline fall on the same instant;
+        // with a grace the answer (1 ms later) arrives before the miss counts.
+        let t0 = Instant::now();
+        let mut cfg = config(HeartbeatMode::Idle);
+        cfg.miss_grace = ms(6);
+        let mut hb = Heartbeat::new(cfg, t0);
+        for k in 1..=20u64 {
+            let ping_at = hb.next_deadline().unwrap();
+            let actions = step(&mut hb, ping_at);
+            assert!(matches!(actions.as_slice(), [SendPing { .. }]), "round {k}: {actions:?}");
+            hb.on_read(ping_at + ms(1));
+            hb.on_write(ping_at);
+        }
+        assert_eq!(hb.missed(), 0);
+    }
+
+    #[test]
+    fn grace_delays_death_by_exactly_the_grace() {
+        let t0 = Instant::now();
+        let mut cfg = config(HeartbeatMode::Fixed);
+        cfg.send_pings = false;
+        cfg.miss_grace = ms(6);
+        let mut hb = Heartbeat::new(cfg, t0);
+        assert_eq!(step(&mut hb, t0 + ms(1005)), []);
+        assert_eq!(step(&mut hb, t0 + ms(1006)), [Missed { count: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(2006)), [Missed { count: 2 }]);
+        assert_eq!(step(&mut hb, t0 + ms(3005)), []);
+        assert!(!hb.is_dead());
+        let dead = step(&mut hb, t0 + ms(3006));
+        assert!(matches!(dead.as_slice(), [Dead { missed: 3, .. }]), "{dead:?}");
     }
 
     #[test]
@@ -1193,6 +1262,7 @@ mod tests {
             tick_ms in 1u64..=20,
             reads in proptest::collection::vec(0u64..10_000, 0..40),
             early_every in 0u64..5,
+            grace_ms in 0u64..30,
         ) {
             let t0 = Instant::now();
             let config = HeartbeatConfig {
@@ -1201,6 +1271,7 @@ mod tests {
                 mode: if idle { HeartbeatMode::Idle } else { HeartbeatMode::Fixed },
                 send_pings,
                 stall_threshold: None,
+                miss_grace: ms(grace_ms),
             };
             let bound = config.bound();
             let mut hb = Heartbeat::new(config, t0);

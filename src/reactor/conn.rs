@@ -72,8 +72,16 @@ pub(crate) struct CallSlot {
 }
 
 /// How long a waiting caller spins before it parks: a response that comes back
-/// within this time costs no sleep/wake-up of the caller thread.
-const SPIN: Duration = Duration::from_micros(20);
+/// within this time costs no sleep/wake-up of the caller thread. Zero when the
+/// process may use only one core: spinning there only delays the event loop
+/// that would deliver the response.
+fn spin_budget() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 1 => Duration::from_micros(20),
+        _ => Duration::ZERO,
+    })
+}
 
 impl CallSlot {
     pub(crate) fn new() -> Arc<CallSlot> {
@@ -96,9 +104,12 @@ impl CallSlot {
 
     /// Waits until the outcome arrives or `deadline` passes (`None`).
     pub(crate) fn wait(&self, deadline: Instant) -> Option<CallOutcome> {
-        let spin_until = Instant::now() + SPIN;
-        while !self.done.load(Ordering::Acquire) && Instant::now() < spin_until {
-            std::hint::spin_loop();
+        let spin = spin_budget();
+        if !spin.is_zero() {
+            let spin_until = Instant::now() + spin;
+            while !self.done.load(Ordering::Acquire) && Instant::now() < spin_until {
+                std::hint::spin_loop();
+            }
         }
         let mut slot = self.outcome.lock();
         while slot.is_none() {

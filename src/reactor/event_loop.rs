@@ -85,9 +85,15 @@ struct Conn {
     opened_at: Instant,
     /// When the frame now arriving started (for `frame_timeout`).
     frame_started: Option<Instant>,
-    /// When the peer last pinged us, and how many pings in a row came too soon.
+    /// When the peer last pinged us, and how many reads in a row brought a
+    /// ping too soon after the previous one.
     last_ping_in: Option<Instant>,
     ping_strikes: u32,
+    /// Successful reads so far, and the read that last earned a strike: pings
+    /// that arrive together in one read were queued somewhere on the way
+    /// (behind a large frame, in a proxy) and count as one arrival.
+    reads: u64,
+    strike_read: u64,
     /// Last time a call moved on this connection (for `max_idle`).
     last_call: Instant,
     /// `max_age` reached: finishing running calls until this deadline.
@@ -282,6 +288,7 @@ impl EventLoop {
                 Ok(_) => {
                     // Any bytes, even of an unfinished frame, prove the peer alive.
                     conn.heartbeat.on_read(now);
+                    conn.reads += 1;
                     let mut completed_any = false;
                     loop {
                         let Some(conn) = self.conns.get_mut(token) else {
@@ -329,7 +336,9 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token) else {
             return Flow::Closed;
         };
-        if conn.phase == Phase::Handshaking {
+        // Any frame but a Close answers the handshake; a Close instead is a
+        // refused attempt: the connection was never usable.
+        if conn.phase == Phase::Handshaking && frame.header.kind != Kind::Close {
             self.on_handshake_done(token, now);
         }
         let Some(conn) = self.conns.get_mut(token) else {
@@ -350,10 +359,15 @@ impl EventLoop {
                     .last_ping_in
                     .is_some_and(|last| now - last < min_interval);
                 conn.last_ping_in = Some(now);
-                conn.ping_strikes = if too_soon { conn.ping_strikes + 1 } else { 0 };
+                if !too_soon {
+                    conn.ping_strikes = 0;
+                } else if conn.strike_read != conn.reads {
+                    conn.ping_strikes += 1;
+                    conn.strike_read = conn.reads;
+                }
                 if conn.ping_strikes > max_strikes {
                     let text = format!(
-                        "more than {max_strikes} pings in a row closer than {min_interval:?}"
+                        "more than {max_strikes} reads in a row brought pings closer than {min_interval:?}"
                     );
                     let close = Some((CloseStatus::TooManyPings, text));
                     self.close(token, DisconnectReason::TooManyPings, close, now);
@@ -384,6 +398,7 @@ impl EventLoop {
                 Flow::Closed
             }
             Kind::Response => {
+                conn.ping_strikes = 0; // pings between calls are not abuse
                 if let Role::Consumer { .. } = conn.role {
                     if !conn.shared.calls.complete(id, Ok(frame)) {
                         log::debug!(
@@ -399,39 +414,41 @@ impl EventLoop {
                 }
                 Flow::Open
             }
-            Kind::Request | Kind::OneWay => match &conn.role {
-                Role::Provider { .. } if conn.draining_until.is_some() => {
-                    conn.last_call = now;
-                    if frame.header.kind == Kind::Request {
-                        let message =
-                            "this connection reached max_age and is closing; retry on a new one";
-                        let response =
-                            encode_error_response(id, ResponseStatus::ShuttingDown, message);
-                        let _ = conn.shared.send(response, Class::Data);
+            Kind::Request | Kind::OneWay => {
+                conn.ping_strikes = 0; // pings between calls are not abuse
+                match &conn.role {
+                    Role::Provider { .. } if conn.draining_until.is_some() => {
+                        conn.last_call = now;
+                        if frame.header.kind == Kind::Request {
+                            let message = "this connection reached max_age and is closing; retry on a new one";
+                            let response =
+                                encode_error_response(id, ResponseStatus::ShuttingDown, message);
+                            let _ = conn.shared.send(response, Class::Data);
+                        }
+                        Flow::Open
                     }
-                    Flow::Open
+                    Role::Provider { server } => match {
+                        conn.last_call = now;
+                        server.dispatch(&conn.shared, frame)
+                    } {
+                        Ok(()) => Flow::Open,
+                        Err(violation) => {
+                            self.protocol_error(token, violation, now);
+                            Flow::Closed
+                        }
+                    },
+                    Role::Consumer { .. } => {
+                        if frame.header.kind == Kind::Request {
+                            let message = "this endpoint is a consumer and serves no services";
+                            let _ = conn.shared.send(
+                                encode_error_response(id, ResponseStatus::ServiceNotFound, message),
+                                Class::Data,
+                            );
+                        }
+                        Flow::Open
+                    }
                 }
-                Role::Provider { server } => match {
-                    conn.last_call = now;
-                    server.dispatch(&conn.shared, frame)
-                } {
-                    Ok(()) => Flow::Open,
-                    Err(violation) => {
-                        self.protocol_error(token, violation, now);
-                        Flow::Closed
-                    }
-                },
-                Role::Consumer { .. } => {
-                    if frame.header.kind == Kind::Request {
-                        let message = "this endpoint is a consumer and serves no services";
-                        let _ = conn.shared.send(
-                            encode_error_response(id, ResponseStatus::ServiceNotFound, message),
-                            Class::Data,
-                        );
-                    }
-                    Flow::Open
-                }
-            },
+            }
         }
     }
 
@@ -558,7 +575,10 @@ impl EventLoop {
         let peer = conn.shared.peer;
         match action {
             HeartbeatAction::SendPing { seq } => {
-                let _ = conn.shared.send(encode_ping(seq), Class::Control);
+                let _ = conn
+                    .shared
+                    .out
+                    .send_control_once(&conn.shared.socket, encode_ping(seq));
             }
             HeartbeatAction::Missed { count } => {
                 // Before the handshake completes there is nobody to miss yet.
@@ -670,7 +690,7 @@ impl EventLoop {
             server.release_connection();
             return;
         }
-        let heartbeat = Heartbeat::new(server.config().connection.heartbeat.clone(), now);
+        let heartbeat = Heartbeat::new(heartbeat_config(&server.config().connection), now);
         let max_frame = server.config().connection.max_frame_len;
         let max_queue = server.config().connection.max_write_queue_bytes;
         let role = Role::Provider { server };
@@ -744,6 +764,8 @@ impl EventLoop {
             frame_started: None,
             last_ping_in: None,
             ping_strikes: 0,
+            reads: 0,
+            strike_read: 0,
             last_call: Instant::now(),
             draining_until: None,
         });
@@ -767,7 +789,7 @@ impl EventLoop {
                 return;
             }
         };
-        let heartbeat = Heartbeat::new(config.connection.heartbeat.clone(), now);
+        let heartbeat = Heartbeat::new(heartbeat_config(&config.connection), now);
         let phase = Phase::Connecting {
             deadline: now + config.connect_attempt_timeout,
         };
@@ -1135,6 +1157,16 @@ impl EventLoop {
             ctl.link.set_state(LinkState::Shutdown);
         }
     }
+}
+
+/// The heartbeat settings a loop runs: the miss grace is at least one timer
+/// tick + 1 ms, since the answer to a ping fired a tick late must be able to
+/// arrive before the interval counts as missed.
+fn heartbeat_config(config: &crate::config::ConnectionConfig) -> crate::liveness::HeartbeatConfig {
+    let mut heartbeat = config.heartbeat.clone();
+    let floor = config.timer_tick + std::time::Duration::from_millis(1);
+    heartbeat.miss_grace = heartbeat.miss_grace.max(floor);
+    heartbeat
 }
 
 /// Bytes read and discarded from a socket being closed, at most.

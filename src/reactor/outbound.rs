@@ -44,13 +44,15 @@ pub(crate) enum Class {
     Data,
 }
 
-/// Why a frame was not queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a frame was not sent. A frame that was never queued is handed back,
+/// so a caller can retry it on another connection.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SendError {
-    /// The connection is closed or closing.
-    Closed,
-    /// The queue is over its byte bound.
-    Overloaded,
+    /// The connection is closed or closing. `Some(frame)`: the frame was never
+    /// queued; `None`: it was queued and the write failed (it may be partly sent).
+    Closed(Option<Vec<u8>>),
+    /// The queue is over its byte bound; the frame was not queued.
+    Overloaded(Vec<u8>),
 }
 
 /// What a flush achieved.
@@ -112,14 +114,14 @@ impl Outbound {
     ) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
         if q.closed || q.sealed {
-            return Err(SendError::Closed);
+            return Err(SendError::Closed(Some(frame)));
         }
         let limit = match class {
             Class::Data => self.max_bytes,
             Class::Control => self.max_bytes + CONTROL_ALLOWANCE,
         };
         if q.bytes + frame.len() > limit {
-            return Err(SendError::Overloaded);
+            return Err(SendError::Overloaded(frame));
         }
         q.bytes += frame.len();
         match class {
@@ -133,11 +135,33 @@ impl Outbound {
         self.write_batches(q, socket)
     }
 
+    /// Queues a control frame unless one of the same kind (byte 3 of the
+    /// header) is still waiting to be written: a Ping stuck behind a large
+    /// frame is not joined by another every interval (they would reach the
+    /// peer as a burst, which looks like ping abuse).
+    pub(crate) fn send_control_once(
+        &self,
+        socket: &Socket,
+        frame: Vec<u8>,
+    ) -> Result<Flush, SendError> {
+        let kind = frame.get(3).copied();
+        if self
+            .queue
+            .lock()
+            .control
+            .iter()
+            .any(|queued| queued.get(3).copied() == kind)
+        {
+            return Ok(Flush::Done);
+        }
+        self.send(socket, frame, Class::Control)
+    }
+
     /// Called by the loop when the socket is writable: resumes writing.
     pub(crate) fn flush(&self, socket: &Socket) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
         if q.closed {
-            return Err(SendError::Closed);
+            return Err(SendError::Closed(None));
         }
         if q.writing {
             q.writable_hint = true;
@@ -257,7 +281,7 @@ impl Outbound {
                     q.control.clear();
                     q.data.clear();
                     q.bytes = 0;
-                    return Err(SendError::Closed);
+                    return Err(SendError::Closed(None));
                 }
             }
         }

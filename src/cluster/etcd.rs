@@ -1,0 +1,920 @@
+//! [`EtcdRegistry`]: service discovery on etcd v3, through its JSON gateway.
+//!
+//! # Layout in etcd
+//!
+//! A provider of service `(name, version, group)` at `addr` is the key
+//! `{prefix}/{name}/{version}/{group}/{addr}` (default prefix
+//! `/pulse/services`; empty version or group leave an empty segment) whose
+//! value is `{"addr":"127.0.0.1:7000","weight":100}`, attached to a lease.
+//!
+//! # Provider side: the lease is the registry's heartbeat
+//!
+//! [`Registry::register`] grants a lease of the given TTL (whole seconds,
+//! rounded up), puts the key with it, and starts a keep-alive thread that
+//! renews the lease every TTL/3. A provider that dies or freezes stops
+//! renewing, and etcd deletes the key when the lease expires. If etcd is
+//! unreachable the thread logs it once and keeps trying every
+//! `min(TTL/3, 500 ms)`; if the lease was lost meanwhile (etcd answers TTL 0)
+//! it grants a new one and puts the key again.
+//!
+//! # Consumer side: list, then watch from the listed revision
+//!
+//! [`Registry::watch`] lists the service's prefix, then a thread streams
+//! `/v3/watch` from the listed revision + 1, so no change between the two is
+//! missed, and sends the whole provider set after each change. When the
+//! stream breaks (etcd killed, network cut) or stays silent past
+//! [`EtcdConfig::idle_check`] while a probe fails (etcd frozen), it reports
+//! [`WatchEvent::RegistryLost`], keeps the last set (consumers go on calling
+//! the providers they know), retries with backoff, and on success re-lists,
+//! sends the current set and [`WatchEvent::RegistryResumed`], and watches
+//! again.
+//!
+//! Requests go to the configured endpoints in turn, starting with the last
+//! one that answered.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use super::http::{self, Read1};
+use super::json::{self, Json, Splitter, base64_decode, base64_encode, quote};
+use super::registry::{
+    DEFAULT_WEIGHT, Endpoint, Lease, Registration, Registry, ServiceKey, Watch, WatchEvent,
+};
+use crate::error::{Error, Result};
+
+/// How often the watch thread wakes from a silent stream to check whether it
+/// should stop; also the bound on how late it notices.
+const WATCH_POLL: Duration = Duration::from_millis(200);
+
+/// Settings of an [`EtcdRegistry`].
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client endpoints as `host:port` (e.g. `127.0.0.1:2379`), tried in
+    /// turn. At least one.
+    pub endpoints: Vec<String>,
+    /// The key prefix under which services are stored. Default
+    /// `/pulse/services`.
+    pub prefix: String,
+    /// Bound on one request (connect, send, whole answer). Default 2 s.
+    pub request_timeout: Duration,
+    /// A watch stream silent for this long is probed with a status request;
+    /// if that fails, etcd counts as lost. Default 3 s.
+    pub idle_check: Duration,
+    /// First delay between attempts to reach a lost etcd (then doubling).
+    /// Default 200 ms.
+    pub retry_initial: Duration,
+    /// Longest delay between attempts to reach a lost etcd. Default 2 s.
+    pub retry_max: Duration,
+}
+
+impl EtcdConfig {
+    /// Defaults with these endpoints (`host:port`).
+    pub fn new<I, S>(endpoints: I) -> EtcdConfig
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        EtcdConfig {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: "/pulse/services".into(),
+            request_timeout: Duration::from_secs(2),
+            idle_check: Duration::from_secs(3),
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(2),
+        }
+    }
+
+    /// Checks every field; the error names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("etcd endpoints: at least one host:port is needed".into());
+        }
+        if let Some(bad) = self
+            .endpoints
+            .iter()
+            .find(|e| e.is_empty() || e.contains('/') || !e.contains(':'))
+        {
+            return Err(format!("etcd endpoint {bad:?} is not host:port"));
+        }
+        if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
+            return Err(format!(
+                "etcd prefix {:?} must start with '/' and not end with one",
+                self.prefix
+            ));
+        }
+        if self.request_timeout.is_zero() || self.idle_check.is_zero() {
+            return Err("request_timeout and idle_check must be positive".into());
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return Err("retry_initial must be positive and at most retry_max".into());
+        }
+        Ok(())
+    }
+}
+
+/// The etcd v3 registry (see the [module docs](self) for what it stores and
+/// how it behaves when etcd goes away). Clones share the configuration.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pulse::cluster::{EtcdRegistry, Endpoint, Registry, ServiceKey};
+/// let registry = EtcdRegistry::from_url("etcd://127.0.0.1:2379")?;
+/// let service = ServiceKey::from("demo");
+/// let registration = registry.register(&service, Endpoint::new("127.0.0.1:7000".parse().unwrap()), Duration::from_secs(10))?;
+/// println!("{:?}", registry.list(&service)?);
+/// registration.deregister()?;
+/// # Ok::<(), pulse::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct EtcdRegistry {
+    inner: Arc<EtcdInner>,
+}
+
+#[derive(Debug)]
+struct EtcdInner {
+    config: EtcdConfig,
+    /// The endpoint that answered last.
+    preferred: AtomicUsize,
+}
+
+type Kvs = Vec<(String, Vec<u8>)>;
+
+impl EtcdRegistry {
+    /// A registry client; nothing is sent until it is used.
+    ///
+    /// # Errors
+    /// `InvalidConfig` when the configuration does not validate.
+    pub fn new(config: EtcdConfig) -> Result<EtcdRegistry> {
+        config.validate().map_err(Error::InvalidConfig)?;
+        Ok(EtcdRegistry {
+            inner: Arc::new(EtcdInner {
+                config,
+                preferred: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// A registry client from a URL: `etcd://host:port[,host:port…]`
+    /// (`http://` and a bare `host:port` work too), with default settings.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a URL that names no `host:port`.
+    pub fn from_url(url: &str) -> Result<EtcdRegistry> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .or_else(|| url.strip_prefix("http://"))
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        EtcdRegistry::new(EtcdConfig::new(
+            rest.split(',').map(str::trim).filter(|s| !s.is_empty()),
+        ))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+
+    /// Whether etcd answers a status request now.
+    pub fn is_reachable(&self) -> bool {
+        self.status().is_ok()
+    }
+
+    /// `{prefix}/{name}/{version}/{group}/`.
+    fn service_prefix(&self, service: &ServiceKey) -> Result<String> {
+        for part in [&service.name, &service.version, &service.group] {
+            if part.contains('/') {
+                return Err(Error::InvalidConfig(format!(
+                    "service {service}: names, versions and groups stored in etcd cannot \
+                     contain '/'"
+                )));
+            }
+        }
+        if service.name.is_empty() {
+            return Err(Error::InvalidConfig("the service name is empty".into()));
+        }
+        Ok(format!(
+            "{}/{}/{}/{}/",
+            self.inner.config.prefix, service.name, service.version, service.group
+        ))
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers.
+    fn request(&self, path: &str, body: &str) -> std::result::Result<Json, String> {
+        let config = &self.inner.config;
+        let n = config.endpoints.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let mut last = String::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let host = &config.endpoints[i];
+            match http::post(host, path, body, config.request_timeout) {
+                Ok((status, reply)) => {
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    let value = json::parse(&reply)
+                        .map_err(|e| format!("etcd {host} answered {path} with bad JSON: {e}"))?;
+                    if status == 200 {
+                        return Ok(value);
+                    }
+                    let message = value
+                        .get("message")
+                        .or_else(|| value.get("error"))
+                        .and_then(Json::as_str)
+                        .unwrap_or("no message");
+                    return Err(format!(
+                        "etcd {host} answered {path} with HTTP {status}: {message}"
+                    ));
+                }
+                Err(e) => last = format!("etcd {host}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    fn open_watch(&self, body: &str) -> std::result::Result<http::Stream, String> {
+        let config = &self.inner.config;
+        let n = config.endpoints.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let mut last = String::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let host = &config.endpoints[i];
+            match http::Stream::open(host, "/v3/watch", body, config.request_timeout, WATCH_POLL) {
+                Ok(stream) => {
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                Err(e) => last = format!("etcd {host}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    fn status(&self) -> std::result::Result<(), String> {
+        self.request("/v3/maintenance/status", "{}").map(|_| ())
+    }
+
+    fn grant(&self, ttl_secs: i64) -> std::result::Result<i64, String> {
+        let reply = self.request("/v3/lease/grant", &format!(r#"{{"TTL":{ttl_secs}}}"#))?;
+        reply
+            .get("ID")
+            .and_then(Json::as_i64)
+            .filter(|id| *id != 0)
+            .ok_or_else(|| "etcd granted no lease ID".to_string())
+    }
+
+    fn put(&self, key: &str, value: &[u8], lease: i64) -> std::result::Result<(), String> {
+        let body = format!(
+            r#"{{"key":{},"value":{},"lease":"{lease}"}}"#,
+            quote(&base64_encode(key.as_bytes())),
+            quote(&base64_encode(value))
+        );
+        self.request("/v3/kv/put", &body).map(|_| ())
+    }
+
+    /// The lease's remaining TTL; 0 when etcd no longer knows it.
+    fn keepalive(&self, lease: i64) -> std::result::Result<i64, String> {
+        let reply = self.request("/v3/lease/keepalive", &format!(r#"{{"ID":"{lease}"}}"#))?;
+        let result = reply
+            .get("result")
+            .ok_or_else(|| "etcd answered a keep-alive without a result".to_string())?;
+        Ok(result.get("TTL").and_then(Json::as_i64).unwrap_or(0))
+    }
+
+    fn revoke(&self, lease: i64) -> std::result::Result<(), String> {
+        self.request("/v3/lease/revoke", &format!(r#"{{"ID":"{lease}"}}"#))
+            .map(|_| ())
+    }
+
+    fn delete(&self, key: &str) -> std::result::Result<(), String> {
+        let body = format!(r#"{{"key":{}}}"#, quote(&base64_encode(key.as_bytes())));
+        self.request("/v3/kv/deleterange", &body).map(|_| ())
+    }
+
+    /// Every key under `prefix` with its value, and the store's revision.
+    fn range(&self, prefix: &str) -> std::result::Result<(Kvs, i64), String> {
+        let body = format!(
+            r#"{{"key":{},"range_end":{}}}"#,
+            quote(&base64_encode(prefix.as_bytes())),
+            quote(&base64_encode(&prefix_end(prefix.as_bytes())))
+        );
+        let reply = self.request("/v3/kv/range", &body)?;
+        let revision = reply
+            .get("header")
+            .and_then(|h| h.get("revision"))
+            .and_then(Json::as_i64)
+            .ok_or_else(|| "etcd answered a range without a revision".to_string())?;
+        let mut kvs = Vec::new();
+        if let Some(items) = reply.get("kvs") {
+            for kv in items.as_array() {
+                if let Some((key, value)) = decode_kv(kv) {
+                    kvs.push((key, value));
+                }
+            }
+        }
+        Ok((kvs, revision))
+    }
+}
+
+/// The key range end that covers every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+fn decode_kv(kv: &Json) -> Option<(String, Vec<u8>)> {
+    let key = base64_decode(kv.get("key")?.as_str()?).ok()?;
+    let value = match kv.get("value").and_then(Json::as_str) {
+        Some(v) => base64_decode(v).ok()?,
+        None => Vec::new(),
+    };
+    Some((String::from_utf8(key).ok()?, value))
+}
+
+fn encode_endpoint(endpoint: Endpoint) -> Vec<u8> {
+    format!(
+        r#"{{"addr":{},"weight":{}}}"#,
+        quote(&endpoint.addr.to_string()),
+        endpoint.weight
+    )
+    .into_bytes()
+}
+
+fn decode_endpoint(value: &[u8]) -> std::result::Result<Endpoint, String> {
+    let v = json::parse(value)?;
+    let addr: SocketAddr = v
+        .get("addr")
+        .and_then(Json::as_str)
+        .ok_or("no \"addr\"")?
+        .parse()
+        .map_err(|e| format!("bad \"addr\": {e}"))?;
+    let weight = match v.get("weight") {
+        None => DEFAULT_WEIGHT,
+        Some(w) => w
+            .as_i64()
+            .and_then(|w| u32::try_from(w).ok())
+            .ok_or("bad \"weight\"")?,
+    };
+    Ok(Endpoint { addr, weight })
+}
+
+fn to_set(known: &BTreeMap<String, Endpoint>) -> Vec<Endpoint> {
+    known.values().copied().collect()
+}
+
+fn known_from(kvs: Kvs) -> BTreeMap<String, Endpoint> {
+    let mut known = BTreeMap::new();
+    for (key, value) in kvs {
+        match decode_endpoint(&value) {
+            Ok(endpoint) => {
+                known.insert(key, endpoint);
+            }
+            Err(e) => log::warn!("etcd: ignoring {key}: its value is not an endpoint ({e})"),
+        }
+    }
+    known
+}
+
+impl Registry for EtcdRegistry {
+    fn register(
+        &self,
+        service: &ServiceKey,
+        endpoint: Endpoint,
+        ttl: Duration,
+    ) -> Result<Registration> {
+        let key = format!("{}{}", self.service_prefix(service)?, endpoint.addr);
+        let ttl_secs = i64::try_from(ttl.as_millis().div_ceil(1000))
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let value = encode_endpoint(endpoint);
+        let io = |e: String| Error::io(format!("register {key} in etcd"), std::io::Error::other(e));
+        let lease = self.grant(ttl_secs).map_err(io)?;
+        if let Err(e) = self.put(&key, &value, lease) {
+            let _ = self.revoke(lease);
+            return Err(io(e));
+        }
+        log::info!("etcd: registered {key} (lease {lease:x}, TTL {ttl_secs} s)");
+        let lease = Arc::new(AtomicI64::new(lease));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let keeper = KeepAlive {
+            registry: self.clone(),
+            key: key.clone(),
+            value,
+            ttl_secs,
+            lease: lease.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pulse-etcd-keepalive".into())
+            .spawn(move || keeper.run(&stop_rx))
+            .map_err(|e| Error::io("spawn the etcd keep-alive thread", e))?;
+        Ok(Registration::new(
+            service.clone(),
+            endpoint,
+            Box::new(EtcdLease {
+                registry: self.clone(),
+                key,
+                lease,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+        ))
+    }
+
+    fn list(&self, service: &ServiceKey) -> Result<Vec<Endpoint>> {
+        let prefix = self.service_prefix(service)?;
+        let (kvs, _) = self
+            .range(&prefix)
+            .map_err(|e| Error::io(format!("list {prefix} in etcd"), std::io::Error::other(e)))?;
+        Ok(to_set(&known_from(kvs)))
+    }
+
+    fn watch(&self, service: &ServiceKey) -> Result<Watch> {
+        let prefix = self.service_prefix(service)?;
+        let (kvs, revision) = self
+            .range(&prefix)
+            .map_err(|e| Error::io(format!("list {prefix} in etcd"), std::io::Error::other(e)))?;
+        let known = known_from(kvs);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sent = to_set(&known);
+        let _ = tx.send(WatchEvent::Providers(sent.clone()));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let watcher = Watcher {
+            registry: self.clone(),
+            prefix,
+            known,
+            sent,
+            revision,
+            tx,
+            stop: stop_rx,
+        };
+        std::thread::Builder::new()
+            .name("pulse-etcd-watch".into())
+            .spawn(move || watcher.run())
+            .map_err(|e| Error::io("spawn the etcd watch thread", e))?;
+        // Dropping the Watch drops `stop_tx`: the thread sees it within
+        // WATCH_POLL (or one request timeout) and ends.
+        Ok(Watch::new(rx, stop_tx))
+    }
+}
+
+/// The provider side's keep-alive loop.
+struct KeepAlive {
+    registry: EtcdRegistry,
+    key: String,
+    value: Vec<u8>,
+    ttl_secs: i64,
+    lease: Arc<AtomicI64>,
+}
+
+impl KeepAlive {
+    fn run(self, stop: &Receiver<()>) {
+        let interval = Duration::from_millis((self.ttl_secs as u64).saturating_mul(1000) / 3)
+            .max(Duration::from_millis(100));
+        let retry = interval.min(Duration::from_millis(500));
+        let mut next = interval;
+        let mut failing = false;
+        loop {
+            match stop.recv_timeout(next) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let lease = self.lease.load(Ordering::Relaxed);
+            match self.registry.keepalive(lease) {
+                Ok(ttl) if ttl > 0 => {
+                    if failing {
+                        log::info!(
+                            "etcd: reachable again; lease {lease:x} of {} kept",
+                            self.key
+                        );
+                        failing = false;
+                    }
+                    next = interval;
+                }
+                Ok(_) => {
+                    log::warn!(
+                        "etcd: lease {lease:x} of {} expired; registering again",
+                        self.key
+                    );
+                    match self.reregister() {
+                        Ok(new) => {
+                            log::info!("etcd: registered {} again (lease {new:x})", self.key);
+                            self.lease.store(new, Ordering::Relaxed);
+                            failing = false;
+                            next = interval;
+                        }
+                        Err(e) => {
+                            log::warn!("etcd: registering {} again failed: {e}", self.key);
+                            failing = true;
+                            next = retry;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        log::warn!(
+                            "etcd unreachable ({e}); {} stays registered until its lease \
+                             expires, retrying every {retry:?}",
+                            self.key
+                        );
+                    }
+                    failing = true;
+                    next = retry;
+                }
+            }
+        }
+    }
+
+    fn reregister(&self) -> std::result::Result<i64, String> {
+        let lease = self.registry.grant(self.ttl_secs)?;
+        if let Err(e) = self.registry.put(&self.key, &self.value, lease) {
+            let _ = self.registry.revoke(lease);
+            return Err(e);
+        }
+        Ok(lease)
+    }
+}
+
+struct EtcdLease {
+    registry: EtcdRegistry,
+    key: String,
+    lease: Arc<AtomicI64>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EtcdLease {
+    /// Stops the keep-alive thread and waits for it (at most one request
+    /// timeout), so it cannot register again behind a revoke.
+    fn stop_keepalive(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("etcd: the keep-alive thread of {} panicked", self.key);
+        }
+    }
+}
+
+impl Lease for EtcdLease {
+    fn revoke(mut self: Box<Self>) -> Result<()> {
+        self.stop_keepalive();
+        let lease = self.lease.load(Ordering::Relaxed);
+        // Revoking deletes the key with it; delete it explicitly too in case
+        // the lease was already lost and the key re-put under another.
+        if let Err(e) = self.registry.revoke(lease) {
+            log::debug!("etcd: revoking lease {lease:x} of {}: {e}", self.key);
+        }
+        self.registry
+            .delete(&self.key)
+            .map(|()| log::info!("etcd: deregistered {}", self.key))
+            .map_err(|e| {
+                Error::io(
+                    format!("deregister {} from etcd", self.key),
+                    std::io::Error::other(e),
+                )
+            })
+    }
+
+    fn abandon(mut self: Box<Self>) {
+        self.stop_keepalive();
+        log::info!(
+            "etcd: stopped renewing the lease of {}; it expires on its own",
+            self.key
+        );
+    }
+}
+
+impl Drop for EtcdLease {
+    fn drop(&mut self) {
+        self.stop_keepalive();
+    }
+}
+
+/// How one watch stream ended.
+enum Ended {
+    /// The consumer dropped its `Watch`.
+    Stopped,
+    /// etcd is gone (or answers nonsense): report it lost, retry with backoff.
+    Failed(String),
+    /// etcd asked us to start over (compaction, cancel): re-list at once.
+    Resync(String),
+}
+
+/// The consumer side's watch loop.
+struct Watcher {
+    registry: EtcdRegistry,
+    prefix: String,
+    known: BTreeMap<String, Endpoint>,
+    /// The set last sent.
+    sent: Vec<Endpoint>,
+    revision: i64,
+    tx: Sender<WatchEvent>,
+    stop: Receiver<()>,
+}
+
+impl Watcher {
+    fn stopped(&self) -> bool {
+        matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Sends the set if it changed; false when the consumer is gone.
+    fn publish(&mut self) -> bool {
+        let set = to_set(&self.known);
+        if set == self.sent {
+            return true;
+        }
+        self.sent = set.clone();
+        self.tx.send(WatchEvent::Providers(set)).is_ok()
+    }
+
+    fn run(mut self) {
+        let config = self.registry.config().clone();
+        let mut lost = false;
+        loop {
+            let failure = match self.watch_once() {
+                Ended::Stopped => return,
+                Ended::Resync(why) => {
+                    log::info!("etcd: watch of {} restarts: {why}", self.prefix);
+                    None
+                }
+                Ended::Failed(why) => Some(why),
+            };
+            if let Some(why) = failure
+                && !lost
+            {
+                log::warn!(
+                    "etcd unreachable while watching {} ({why}); keeping the last {} \
+                     provider(s), retrying",
+                    self.prefix,
+                    self.known.len()
+                );
+                lost = true;
+                if self
+                    .tx
+                    .send(WatchEvent::RegistryLost { error: why })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // Re-list (after a delay when etcd is lost), then watch again.
+            let mut delay = config.retry_initial;
+            loop {
+                if lost {
+                    match self.stop.recv_timeout(delay) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                } else if self.stopped() {
+                    return;
+                }
+                match self.registry.range(&self.prefix) {
+                    Ok((kvs, revision)) => {
+                        self.known = known_from(kvs);
+                        self.revision = revision;
+                        if !self.publish() {
+                            return;
+                        }
+                        if lost {
+                            log::info!(
+                                "etcd reachable again; watching {} with {} provider(s)",
+                                self.prefix,
+                                self.known.len()
+                            );
+                            lost = false;
+                            if self.tx.send(WatchEvent::RegistryResumed).is_err() {
+                                return;
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        if !lost {
+                            lost = true;
+                            log::warn!("etcd unreachable ({e}); keeping the last providers");
+                            if self
+                                .tx
+                                .send(WatchEvent::RegistryLost { error: e.clone() })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        log::debug!("etcd still unreachable: {e}");
+                        delay = (delay * 2).min(config.retry_max);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Streams changes from `revision + 1` until the stream ends.
+    fn watch_once(&mut self) -> Ended {
+        let body = format!(
+            r#"{{"create_request":{{"key":{},"range_end":{},"start_revision":"{}"}}}}"#,
+            quote(&base64_encode(self.prefix.as_bytes())),
+            quote(&base64_encode(&prefix_end(self.prefix.as_bytes()))),
+            self.revision + 1
+        );
+        let mut stream = match self.registry.open_watch(&body) {
+            Ok(stream) => stream,
+            Err(e) => return Ended::Failed(e),
+        };
+        let idle_check = self.registry.config().idle_check;
+        let mut splitter = Splitter::default();
+        let mut buf = Vec::new();
+        let mut last_heard = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ended::Stopped;
+            }
+            buf.clear();
+            match stream.read(&mut buf) {
+                Ok(Read1::Data) => {
+                    last_heard = Instant::now();
+                    splitter.push(&buf);
+                    loop {
+                        match splitter.next_value() {
+                            Ok(Some(message)) => {
+                                if let Some(ended) = self.on_message(&message) {
+                                    return ended;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return Ended::Failed(format!("bad watch stream: {e}")),
+                        }
+                    }
+                }
+                Ok(Read1::Idle) => {
+                    if last_heard.elapsed() >= idle_check {
+                        // Silence is normal when nothing changes; make sure
+                        // etcd is still there.
+                        match self.registry.status() {
+                            Ok(()) => last_heard = Instant::now(),
+                            Err(e) => return Ended::Failed(format!("etcd stopped answering: {e}")),
+                        }
+                    }
+                }
+                Ok(Read1::End) => return Ended::Failed("etcd ended the watch stream".into()),
+                Err(e) => return Ended::Failed(e),
+            }
+        }
+    }
+
+    /// Applies one watch message; `Some` ends the stream.
+    fn on_message(&mut self, message: &[u8]) -> Option<Ended> {
+        let value = match json::parse(message) {
+            Ok(value) => value,
+            Err(e) => return Some(Ended::Failed(format!("bad watch message: {e}"))),
+        };
+        if let Some(error) = value.get("error") {
+            let text = error
+                .get("message")
+                .and_then(Json::as_str)
+                .unwrap_or("unknown error");
+            return Some(Ended::Failed(format!("watch error: {text}")));
+        }
+        let result = value.get("result")?;
+        if result
+            .get("compact_revision")
+            .and_then(Json::as_i64)
+            .unwrap_or(0)
+            > 0
+        {
+            return Some(Ended::Resync("the watched revision was compacted".into()));
+        }
+        if result.get("canceled").and_then(Json::as_bool) == Some(true) {
+            let reason = result
+                .get("cancel_reason")
+                .and_then(Json::as_str)
+                .unwrap_or("no reason given");
+            return Some(Ended::Resync(format!("etcd canceled the watch: {reason}")));
+        }
+        let events = result.get("events")?;
+        for event in events.as_array() {
+            let Some(kv) = event.get("kv") else { continue };
+            let Some((key, value)) = decode_kv(kv) else {
+                continue;
+            };
+            if event.get("type").and_then(Json::as_str) == Some("DELETE") {
+                self.known.remove(&key);
+            } else {
+                match decode_endpoint(&value) {
+                    Ok(endpoint) => {
+                        self.known.insert(key, endpoint);
+                    }
+                    Err(e) => {
+                        log::warn!("etcd: ignoring {key}: its value is not an endpoint ({e})")
+                    }
+                }
+            }
+        }
+        if self.publish() {
+            None
+        } else {
+            Some(Ended::Stopped)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_covers_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+
+    #[test]
+    fn endpoints_round_trip_through_values() {
+        let e = Endpoint::weighted("[::1]:7000".parse().unwrap(), 7);
+        assert_eq!(decode_endpoint(&encode_endpoint(e)).unwrap(), e);
+        let e = decode_endpoint(br#"{"addr":"127.0.0.1:1"}"#).unwrap();
+        assert_eq!(e.weight, DEFAULT_WEIGHT);
+        assert!(decode_endpoint(br#"{"addr":"nowhere"}"#).is_err());
+        assert!(decode_endpoint(br#"{"addr":"127.0.0.1:1","weight":-1}"#).is_err());
+    }
+
+    #[test]
+    fn urls_and_keys() {
+        let r = EtcdRegistry::from_url("etcd://127.0.0.1:2379,10.0.0.2:2379/").unwrap();
+        assert_eq!(r.config().endpoints, ["127.0.0.1:2379", "10.0.0.2:2379"]);
+        assert!(EtcdRegistry::from_url("etcd://").is_err());
+        assert!(EtcdRegistry::from_url("etcd://nohostport").is_err());
+        let key = ServiceKey::new("demo", "1.0", "");
+        assert_eq!(
+            r.service_prefix(&key).unwrap(),
+            "/pulse/services/demo/1.0//"
+        );
+        assert!(r.service_prefix(&ServiceKey::from("a/b")).is_err());
+    }
+
+    fn watcher() -> (Watcher, Receiver<WatchEvent>, Sender<()>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (stop_tx, stop) = crossbeam_channel::bounded(0);
+        let w = Watcher {
+            registry: EtcdRegistry::from_url("127.0.0.1:1").unwrap(),
+            prefix: "/pulse/services/demo///".into(),
+            known: BTreeMap::new(),
+            sent: Vec::new(),
+            revision: 1,
+            tx,
+            stop,
+        };
+        (w, rx, stop_tx)
+    }
+
+    fn event(kind: &str, addr: &str) -> String {
+        let key = base64_encode(format!("/pulse/services/demo///{addr}").as_bytes());
+        let value = base64_encode(&encode_endpoint(Endpoint::new(addr.parse().unwrap())));
+        format!(r#"{{{kind}"kv":{{"key":"{key}","value":"{value}","mod_revision":"5"}}}}"#)
+    }
+
+    #[test]
+    fn watch_messages_update_the_set() {
+        let (mut w, rx, _stop) = watcher();
+        assert!(
+            w.on_message(br#"{"result":{"header":{"revision":"4"},"created":true}}"#)
+                .is_none()
+        );
+        assert!(rx.try_recv().is_err(), "nothing changed, nothing sent");
+        let put = format!(
+            r#"{{"result":{{"events":[{},{}]}}}}"#,
+            event("", "127.0.0.1:1"),
+            event("", "127.0.0.1:2")
+        );
+        assert!(w.on_message(put.as_bytes()).is_none());
+        match rx.try_recv().unwrap() {
+            WatchEvent::Providers(set) => assert_eq!(set.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let delete = format!(
+            r#"{{"result":{{"events":[{}]}}}}"#,
+            event(r#""type":"DELETE","#, "127.0.0.1:1")
+        );
+        assert!(w.on_message(delete.as_bytes()).is_none());
+        match rx.try_recv().unwrap() {
+            WatchEvent::Providers(set) => assert_eq!(set[0].addr.port(), 2),
+            other => panic!("{other:?}"),
+        }
+        let compacted = br#"{"result":{"canceled":true,"compact_revision":"9"}}"#;
+        assert!(matches!(w.on_message(compacted), Some(Ended::Resync(_))));
+        let error = br#"{"error":{"grpc_code":14,"message":"unavailable"}}"#;
+        assert!(matches!(w.on_message(error), Some(Ended::Failed(m)) if m.contains("unavailable")));
+    }
+}
