@@ -476,6 +476,10 @@ impl Client {
     }
 
     /// Liveness events: connected, heartbeat missed, disconnected, reconnecting.
+    ///
+    /// Every call returns a handle to the same bounded queue (capacity
+    /// `ConnectionConfig::event_capacity`; when full, new events are dropped
+    /// and logged): each event is received once, by one of the handles.
     pub fn events(&self) -> Receiver<Event> {
         self.inner.link.events.receiver()
     }

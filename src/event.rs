@@ -186,7 +186,8 @@ impl EventSink {
         EventSink { tx, rx, side }
     }
 
-    /// A receiver for users; clones share the same stream of events.
+    /// A receiver for users. All receivers share one queue: each event is
+    /// delivered to exactly one of them, so read events from one place.
     pub(crate) fn receiver(&self) -> Receiver<Event> {
         self.rx.clone()
     }

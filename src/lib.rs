@@ -25,8 +25,8 @@
 #![deny(missing_docs)]
 
 mod client;
-pub mod cluster;
 mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 mod event;
@@ -44,6 +44,11 @@ pub use event::{DisconnectReason, Event};
 pub use reactor::PeerInfo;
 pub use server::{Server, ServerBuilder};
 pub use service::ServiceBuilder;
+
+/// The README's code examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// A process-wide unique id for connections and links; also their timer ids.
 pub(crate) fn next_id() -> u64 {

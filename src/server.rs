@@ -164,6 +164,10 @@ impl Server {
     }
 
     /// Connection events: connected, heartbeat missed, disconnected.
+    ///
+    /// Every call returns a handle to the same bounded queue (capacity
+    /// `ConnectionConfig::event_capacity`; when full, new events are dropped
+    /// and logged): each event is received once, by one of the handles.
     pub fn events(&self) -> Receiver<Event> {
         self.shared.events.receiver()
     }

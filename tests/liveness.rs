@@ -52,12 +52,14 @@ fn client_config(interval: Duration, max_missed: u32) -> ClientConfig {
 }
 
 fn fast_backoff() -> BackoffConfig {
-    let mut b = BackoffConfig::default();
-    b.initial = ms(5);
-    b.multiplier = 2.0;
-    b.max = ms(50);
-    b.jitter = 0.2;
-    b.probation = Duration::ZERO;
+    let b = BackoffConfig {
+        initial: ms(5),
+        multiplier: 2.0,
+        max: ms(50),
+        jitter: 0.2,
+        probation: Duration::ZERO,
+        ..BackoffConfig::default()
+    };
     b.validate().expect("valid backoff");
     b
 }
@@ -195,8 +197,7 @@ fn blackholed_peer_is_detected_by_both_sides() {
         client_log
             .all(c_from, |e| is_missed(e, count))
             .into_iter()
-            .filter(|(i, _)| *i < dead_i)
-            .next_back()
+            .rfind(|(i, _)| *i < dead_i)
             .unwrap_or_else(|| {
                 panic!(
                     "no HeartbeatMissed {{ missed: {count} }} before the disconnect:\n{}",
@@ -1178,7 +1179,8 @@ fn refuse(stream: TcpStream, stop: &AtomicBool, pong_first: bool) {
     match Header::decode(&header, 1 << 20) {
         Ok(h) if h.kind == Kind::Ping => {
             if pong_first {
-                let _ = std::io::Write::write_all(&mut &stream, &pulse::protocol::encode_pong(h.id));
+                let _ =
+                    std::io::Write::write_all(&mut &stream, &pulse::protocol::encode_pong(h.id));
             }
         }
         other => {

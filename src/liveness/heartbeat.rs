@@ -95,7 +95,9 @@ impl HeartbeatConfig {
     /// `interval × max_missed + miss_grace`: how long a peer may stay silent
     /// before it is declared dead (the shell adds up to one timer tick).
     pub fn bound(&self) -> Duration {
-        self.interval.saturating_mul(self.max_missed).saturating_add(self.miss_grace)
+        self.interval
+            .saturating_mul(self.max_missed)
+            .saturating_add(self.miss_grace)
     }
 
     /// The effective stall threshold: `stall_threshold`, or `interval` if
@@ -404,7 +406,9 @@ impl Heartbeat {
         if let Some(due) = self.ping_deadline().filter(|&d| d <= now) {
             self.send_ping(now);
             // Stay on the grid unless a whole interval was skipped.
-            let on_grid = due.checked_add(self.config.interval).is_some_and(|next| next > now);
+            let on_grid = due
+                .checked_add(self.config.interval)
+                .is_some_and(|next| next > now);
             self.ping_grid = Some(if on_grid { due } else { now });
         }
     }
@@ -698,7 +702,10 @@ mod tests {
             hb.on_read(t0 + ms(k * 1000 - 500));
             assert_eq!(step(&mut hb, t0 + ms(k * 1000 + 5)), [SendPing { seq: k }]);
         }
-        assert_eq!(hb.next_deadline(), Some(t0 + ms(10_500)).min(Some(t0 + ms(11_000))));
+        assert_eq!(
+            hb.next_deadline(),
+            Some(t0 + ms(10_500)).min(Some(t0 + ms(11_000)))
+        );
     }
 
     #[test]
@@ -712,7 +719,10 @@ mod tests {
         for k in 1..=20u64 {
             let ping_at = hb.next_deadline().unwrap();
             let actions = step(&mut hb, ping_at);
-            assert!(matches!(actions.as_slice(), [SendPing { .. }]), "round {k}: {actions:?}");
+            assert!(
+                matches!(actions.as_slice(), [SendPing { .. }]),
+                "round {k}: {actions:?}"
+            );
             hb.on_read(ping_at + ms(1));
             hb.on_write(ping_at);
         }
@@ -732,7 +742,10 @@ mod tests {
         assert_eq!(step(&mut hb, t0 + ms(3005)), []);
         assert!(!hb.is_dead());
         let dead = step(&mut hb, t0 + ms(3006));
-        assert!(matches!(dead.as_slice(), [Dead { missed: 3, .. }]), "{dead:?}");
+        assert!(
+            matches!(dead.as_slice(), [Dead { missed: 3, .. }]),
+            "{dead:?}"
+        );
     }
 
     #[test]

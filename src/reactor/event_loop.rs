@@ -416,9 +416,9 @@ impl EventLoop {
             }
             Kind::Request | Kind::OneWay => {
                 conn.ping_strikes = 0; // pings between calls are not abuse
+                conn.last_call = now;
                 match &conn.role {
                     Role::Provider { .. } if conn.draining_until.is_some() => {
-                        conn.last_call = now;
                         if frame.header.kind == Kind::Request {
                             let message = "this connection reached max_age and is closing; retry on a new one";
                             let response =
@@ -427,10 +427,7 @@ impl EventLoop {
                         }
                         Flow::Open
                     }
-                    Role::Provider { server } => match {
-                        conn.last_call = now;
-                        server.dispatch(&conn.shared, frame)
-                    } {
+                    Role::Provider { server } => match server.dispatch(&conn.shared, frame) {
                         Ok(()) => Flow::Open,
                         Err(violation) => {
                             self.protocol_error(token, violation, now);

@@ -90,8 +90,12 @@ impl Drop for SetOnDrop<'_> {
 /// whole machine) was starved then.
 pub struct Gaps {
     threshold: Duration,
-    inner: Mutex<(Option<Instant>, Vec<(Instant, Instant)>)>,
+    /// The last moment of progress, and the (start, end) of each long gap.
+    inner: Mutex<(Option<Instant>, Vec<Gap>)>,
 }
+
+/// A gap in progress: from its start to its end.
+type Gap = (Instant, Instant);
 
 impl Gaps {
     pub fn new(threshold: Duration) -> Gaps {

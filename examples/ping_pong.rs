@@ -1,0 +1,594 @@
+// Run it: `cargo run --release --example ping_pong` (provider and consumer in one process),
+// or as two processes: `cargo run --release --example ping_pong -- server --addr 127.0.0.1:7000`
+// and `cargo run --release --example ping_pong -- client --addr 127.0.0.1:7000` (`-- --help`: all flags).
+
+//! `ping_pong`: pulse's liveness demo, and the smallest complete program that
+//! uses it.
+//!
+//! Three modes:
+//!
+//! * **no mode** — a provider and a consumer in one process, on an ephemeral
+//!   port of 127.0.0.1. The consumer sends `--count` (default 1,000)
+//!   `demo.ping` calls back to back, prints a round-trip summary (p50, p99 and
+//!   max in µs, from an HDR histogram) and exits 0 (1 if any call failed).
+//! * **`server --addr ADDR`** — the provider alone. It serves until killed.
+//! * **`client --addr ADDR`** — the consumer alone. It starts even when the
+//!   provider is not up yet, calls `demo.ping` every `--interval-ms` (default
+//!   1,000) and keeps calling through outages: a failed call is reported and
+//!   the next one waits for the reconnect.
+//!
+//! Both halves take `--heartbeat-ms N` (default 1,000) and `--max-missed N`
+//! (default 3): a peer that stays silent for `N × heartbeat` is declared dead.
+//!
+//! # Output
+//!
+//! Standard output carries one JSON object per line, so scripts and tests can
+//! follow along (`jq` works too). Every line has an `"event"`:
+//!
+//! ```text
+//! {"event":"listening","addr":"127.0.0.1:7000"}                  server, first line
+//! {"event":"connected","side":"client","peer":"127.0.0.1:7000"}
+//! {"event":"heartbeat_missed","side":"client","peer":"127.0.0.1:7000","missed":1}
+//! {"event":"disconnected","side":"client","peer":"127.0.0.1:7000","reason":"heartbeat_timeout"}
+//! {"event":"reconnecting","side":"client","peer":"127.0.0.1:7000","attempt":1,"delay_ms":104}
+//! {"event":"pong","seq":12,"rtt_us":87}                           client mode only
+//! {"event":"call_failed","seq":13,"error":"connection to ... lost ..."}
+//! {"event":"summary","count":1000,"ok":1000,"failed":0,"p50_us":30,"p99_us":61,"max_us":230}
+//! ```
+//!
+//! The liveness lines (`connected`, `heartbeat_missed`, `disconnected`,
+//! `reconnecting`) come straight from `Server::events()` / `Client::events()`;
+//! `"side"` says which half saw it. A `disconnected` line has a `"reason"`
+//! (`heartbeat_timeout`, `peer_closed`, `peer_shutdown`, `io_error`,
+//! `protocol_error`, `shutdown`, `overloaded`) and, when there is one, a
+//! `"detail"` (for `peer_closed`: the reason text of the peer's Close frame).
+//!
+//! Logs (`RUST_LOG=debug`, through `env_logger`) go to standard error only, so
+//! they never mix with the JSON lines.
+//!
+//! # The `demo` service
+//!
+//! Service `demo` (empty version and group) has three methods:
+//!
+//! * `ping`: an unsigned integer in, the same integer out. It runs *inline*
+//!   on the event loop: it is tiny and never blocks, so it takes the fastest
+//!   path.
+//! * `echo`: any MessagePack value in, the same value out. Binary strings stay
+//!   binary and an `f32` stays an `f32`, because the handler takes and returns
+//!   an [`rmpv::Value`] rather than a lossy type.
+//! * `sleep`: a number of milliseconds in (at most 60,000); it sleeps that
+//!   long and answers the same number. A stand-in for a slow handler: it runs
+//!   on the worker pool (the default), so it delays neither heartbeats nor
+//!   other calls.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use hdrhistogram::Histogram;
+use pulse::{Client, ClientConfig, Event, Server, ServerConfig, ServiceBuilder};
+use serde::Serialize;
+
+/// What `--help` prints (and what a usage error is followed by).
+const USAGE: &str = "\
+pulse ping_pong: a provider and a consumer that watch each other's liveness.
+
+Usage:
+  ping_pong [--count N] [--heartbeat-ms N] [--max-missed N] [--interval-ms N]
+      Provider and consumer in one process on 127.0.0.1 (ephemeral port). The
+      consumer makes N calls (default 1000, back to back), prints a round-trip
+      summary and exits 0 (1 if any call failed).
+  ping_pong server --addr ADDR [--heartbeat-ms N] [--max-missed N]
+      The provider alone; serves service `demo` on ADDR until killed.
+      ADDR may use port 0: the first output line says the real address.
+  ping_pong client --addr ADDR [--count N] [--interval-ms N] [--heartbeat-ms N] [--max-missed N]
+      The consumer alone; calls demo.ping on ADDR every --interval-ms
+      (default 1000) until --count calls are made (default 0: forever).
+      Starts even if the provider is not up yet, and keeps going through outages.
+
+Options:
+  --addr ADDR         host:port to listen on (server) or connect to (client)
+  --heartbeat-ms N    heartbeat interval in milliseconds (default 1000, at least 10)
+  --max-missed N      silent intervals before a peer is declared dead (default 3)
+  --count N           calls to make; 0 = forever (default 1000 without a mode, 0 for client)
+  --interval-ms N     pause between calls (default 0 without a mode, 1000 for client)
+  -h, --help          print this help
+
+Output: one JSON object per line on stdout (events, pongs, a summary);
+logs on stderr (set RUST_LOG=debug for more).
+";
+
+/// Largest delay `demo.sleep` accepts, so one call cannot park a worker
+/// thread for hours.
+const MAX_SLEEP_MS: u64 = 60_000;
+
+/// Upper bound of the round-trip histogram (60 s in µs); longer samples are
+/// clamped to it.
+const HISTOGRAM_MAX_US: u64 = 60_000_000;
+
+// ----- command line ---------------------------------------------------------
+
+/// Which half (or both) to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Provider and consumer in one process.
+    Both,
+    Server,
+    Client,
+}
+
+/// The parsed command line.
+#[derive(Debug)]
+struct Options {
+    mode: Mode,
+    /// Required for `server` and `client`; refused without a mode.
+    addr: Option<String>,
+    heartbeat_ms: u64,
+    max_missed: u32,
+    /// 0 = forever.
+    count: u64,
+    interval_ms: u64,
+}
+
+/// What the command line asks for.
+enum Command {
+    Help,
+    Run(Options),
+}
+
+/// Parses the arguments (without the program name). `Err` is a message for
+/// standard error; the caller exits with code 2.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut args = args.into_iter().peekable();
+    // An optional mode comes first; anything else is a flag.
+    let mode = match args.peek().map(String::as_str) {
+        Some("server") => Mode::Server,
+        Some("client") => Mode::Client,
+        Some(other) if !other.starts_with('-') => {
+            return Err(format!(
+                "unknown mode {other:?} (expected `server`, `client` or none)"
+            ));
+        }
+        _ => Mode::Both,
+    };
+    if mode != Mode::Both {
+        args.next();
+    }
+
+    let mut addr = None;
+    let mut heartbeat_ms = 1000;
+    let mut max_missed = 3;
+    let mut count = None;
+    let mut interval_ms = None;
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Command::Help);
+        }
+        // Both `--flag value` and `--flag=value` are accepted.
+        let (flag, inline_value) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_string(), Some(value.to_string()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let known = [
+            "--addr",
+            "--heartbeat-ms",
+            "--max-missed",
+            "--count",
+            "--interval-ms",
+        ];
+        if !known.contains(&flag.as_str()) {
+            return Err(format!("unknown argument {arg:?}"));
+        }
+        let value = match inline_value.or_else(|| args.next()) {
+            Some(value) => value,
+            None => return Err(format!("{flag} needs a value")),
+        };
+        match flag.as_str() {
+            "--addr" => addr = Some(value),
+            "--heartbeat-ms" => heartbeat_ms = parse_number(&flag, &value)?,
+            "--max-missed" => max_missed = parse_number(&flag, &value)?,
+            "--count" => count = Some(parse_number(&flag, &value)?),
+            "--interval-ms" => interval_ms = Some(parse_number(&flag, &value)?),
+            _ => unreachable!("checked against `known` above"),
+        }
+    }
+
+    // Flags that do not apply to the chosen mode are errors, not silently
+    // ignored: `server --count 5` is almost certainly a mistake.
+    match mode {
+        Mode::Both if addr.is_some() => {
+            return Err("--addr needs a mode: `server --addr ADDR` or `client --addr ADDR`".into());
+        }
+        Mode::Server | Mode::Client if addr.is_none() => {
+            return Err(format!("{} needs --addr ADDR", mode_name(mode)));
+        }
+        Mode::Server if count.is_some() || interval_ms.is_some() => {
+            return Err(
+                "--count and --interval-ms are client flags; the server only answers".into(),
+            );
+        }
+        _ => {}
+    }
+    if max_missed == 0 {
+        return Err("--max-missed must be at least 1".into());
+    }
+    let (default_count, default_interval) = match mode {
+        Mode::Both => (1000, 0),
+        _ => (0, 1000),
+    };
+    let options = Options {
+        mode,
+        addr,
+        heartbeat_ms,
+        max_missed,
+        count: count.unwrap_or(default_count),
+        interval_ms: interval_ms.unwrap_or(default_interval),
+    };
+    // Let pulse itself judge the liveness settings (e.g. the interval must be
+    // at least two timer ticks), so the error names the real limit.
+    let invalid = |e: String| format!("--heartbeat-ms / --max-missed: {e}");
+    client_config(&options).validate().map_err(invalid)?;
+    server_config(&options).validate().map_err(invalid)?;
+    Ok(Command::Run(options))
+}
+
+fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag} expects a non-negative integer, got {value:?}"))
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Both => "ping_pong",
+        Mode::Server => "server",
+        Mode::Client => "client",
+    }
+}
+
+// ----- configuration ----------------------------------------------------------
+
+/// The provider's configuration: defaults, plus the heartbeat from the flags.
+fn server_config(options: &Options) -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.connection.heartbeat.interval = Duration::from_millis(options.heartbeat_ms);
+    config.connection.heartbeat.max_missed = options.max_missed;
+    config
+}
+
+/// The consumer's configuration: defaults (5 s call timeout, reconnect backoff
+/// 100 ms ×2 up to 5 s), plus the heartbeat from the flags.
+fn client_config(options: &Options) -> ClientConfig {
+    let mut config = ClientConfig::default();
+    config.connection.heartbeat.interval = Duration::from_millis(options.heartbeat_ms);
+    config.connection.heartbeat.max_missed = options.max_missed;
+    config
+}
+
+// ----- the provider -----------------------------------------------------------
+
+/// Service `demo`: `ping`, `echo` and `sleep` (see the module docs).
+fn demo_service() -> ServiceBuilder {
+    ServiceBuilder::new("demo")
+        // Inline: runs on the event loop that read the request. Only for
+        // handlers that are short and never block.
+        .method_inline("ping", |n: u64| Ok::<_, String>(n))
+        // `rmpv::Value` keeps the exact MessagePack types: bin vs str, f32 vs f64.
+        .method("echo", |value: rmpv::Value| Ok::<_, String>(value))
+        // On the worker pool (what `method` does): blocking here is fine.
+        .method("sleep", |ms: u64| {
+            if ms > MAX_SLEEP_MS {
+                return Err(format!("sleep is limited to {MAX_SLEEP_MS} ms, got {ms}"));
+            }
+            thread::sleep(Duration::from_millis(ms));
+            Ok(ms)
+        })
+}
+
+fn start_server(options: &Options, addr: &str) -> pulse::Result<Server> {
+    Server::builder()
+        .config(server_config(options))
+        .service(demo_service())
+        .bind(addr)
+}
+
+// ----- output -------------------------------------------------------------------
+
+/// A liveness event as one JSON line. Fields that do not apply to the event
+/// are left out rather than printed as `null`.
+#[derive(Serialize)]
+struct EventLine<'a> {
+    event: &'static str,
+    side: &'static str,
+    peer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    missed: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
+}
+
+impl<'a> EventLine<'a> {
+    fn new(side: &'static str, event: &'a Event) -> EventLine<'a> {
+        let mut line = EventLine {
+            event: event.name(),
+            side,
+            peer: event.peer().to_string(),
+            missed: None,
+            reason: None,
+            detail: None,
+            attempt: None,
+            delay_ms: None,
+        };
+        match event {
+            Event::HeartbeatMissed { missed, .. } => line.missed = Some(*missed),
+            Event::Disconnected { reason, .. } => {
+                line.reason = Some(reason.as_str());
+                line.detail = reason.detail();
+            }
+            Event::Reconnecting { attempt, delay, .. } => {
+                line.attempt = Some(*attempt);
+                line.delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+            }
+            // `Connected` has nothing more to say; `Event` is non-exhaustive,
+            // so a future kind still prints its name and peer.
+            _ => {}
+        }
+        line
+    }
+}
+
+/// Every other line the example prints. `tag = "event"` puts the variant name
+/// (snake case) in the `"event"` field, first.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Line {
+    Listening {
+        addr: String,
+    },
+    Pong {
+        seq: u64,
+        rtt_us: u64,
+    },
+    CallFailed {
+        seq: u64,
+        error: String,
+    },
+    Summary {
+        count: u64,
+        ok: u64,
+        failed: u64,
+        p50_us: u64,
+        p99_us: u64,
+        max_us: u64,
+    },
+}
+
+/// Prints one JSON line. Stdout is locked for the whole line, so lines from
+/// the event threads and the calling thread never interleave; a closed stdout
+/// (`| head`) is ignored rather than a panic.
+fn print_json(value: &impl Serialize) {
+    let Ok(mut line) = serde_json::to_string(value) else {
+        return;
+    };
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// Prints every event of one side until the side is gone (its channel closes
+/// when the `Client` or `Server` and its threads have been dropped).
+fn print_events(side: &'static str, events: Receiver<Event>) -> JoinHandle<()> {
+    thread::Builder::new()
+        .name(format!("{side}-events"))
+        .spawn(move || {
+            for event in events {
+                print_json(&EventLine::new(side, &event));
+            }
+        })
+        .expect("spawn an event printer thread")
+}
+
+/// Waits up to `limit` for an event printer to drain and exit. It exits once
+/// every sender is gone; if something still holds one, give up rather than
+/// hang (the process is about to exit anyway).
+fn join_within(printer: JoinHandle<()>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !printer.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    if printer.is_finished() {
+        let _ = printer.join();
+    } else {
+        log::warn!("event printer still running after {limit:?}; some events may be missing");
+    }
+}
+
+// ----- the consumer -------------------------------------------------------------
+
+/// Round-trip statistics of the calls made.
+struct Stats {
+    ok: u64,
+    failed: u64,
+    rtt_us: Histogram<u64>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            ok: 0,
+            failed: 0,
+            // 3 significant digits: p99 of 61 µs is reported as 61, not 64.
+            rtt_us: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
+                .expect("valid histogram bounds"),
+        }
+    }
+
+    fn summary(&self) -> Line {
+        let quantile = |q: f64| {
+            if self.rtt_us.is_empty() {
+                0
+            } else {
+                self.rtt_us.value_at_quantile(q)
+            }
+        };
+        Line::Summary {
+            count: self.ok + self.failed,
+            ok: self.ok,
+            failed: self.failed,
+            p50_us: quantile(0.50),
+            p99_us: quantile(0.99),
+            max_us: if self.rtt_us.is_empty() {
+                0
+            } else {
+                self.rtt_us.max()
+            },
+        }
+    }
+}
+
+/// Calls `demo.ping` `count` times (0: forever), `interval` apart. With
+/// `print_pongs` each answer gets a `pong` line; failures always get a
+/// `call_failed` line, and the loop carries on: the client reconnects by
+/// itself, and the next call waits for it (up to the call timeout).
+fn ping_loop(client: &Client, count: u64, interval: Duration, print_pongs: bool) -> Stats {
+    let mut stats = Stats::new();
+    let mut seq = 0u64;
+    while count == 0 || seq < count {
+        seq += 1;
+        let started = Instant::now();
+        let result: pulse::Result<u64> = client.call("demo", "ping", &seq);
+        let rtt_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match result {
+            Ok(answer) if answer == seq => {
+                stats.ok += 1;
+                stats
+                    .rtt_us
+                    .saturating_record(rtt_us.clamp(1, HISTOGRAM_MAX_US));
+                if print_pongs {
+                    print_json(&Line::Pong { seq, rtt_us });
+                }
+            }
+            Ok(answer) => {
+                stats.failed += 1;
+                let error = format!("ping {seq} was answered with {answer}");
+                print_json(&Line::CallFailed { seq, error });
+            }
+            Err(e) => {
+                stats.failed += 1;
+                print_json(&Line::CallFailed {
+                    seq,
+                    error: e.to_string(),
+                });
+            }
+        }
+        // No pause after the last call: the summary comes at once.
+        if !interval.is_zero() && (count == 0 || seq < count) {
+            thread::sleep(interval);
+        }
+    }
+    stats
+}
+
+// ----- the three modes ----------------------------------------------------------
+
+/// Provider and consumer in one process; exits 0 when every call succeeded.
+fn run_both(options: &Options) -> Result<ExitCode, pulse::Error> {
+    let server = start_server(options, "127.0.0.1:0")?;
+    let server_events = print_events("server", server.events());
+    let client = Client::connect(server.local_addr(), client_config(options))?;
+    let client_events = print_events("client", client.events());
+
+    // Pongs are not printed here: 1,000 lines would bury the summary.
+    let interval = Duration::from_millis(options.interval_ms);
+    let stats = ping_loop(&client, options.count, interval, false);
+    print_json(&stats.summary());
+
+    // Shut down in order, so the last lines are deterministic: the client
+    // closes with Close(Normal) ("shutdown" on its side), the provider sees it
+    // ("peer_shutdown"), then the provider stops.
+    drop(client);
+    join_within(client_events, Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while server.connection_count() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    drop(server);
+    join_within(server_events, Duration::from_secs(2));
+
+    Ok(if stats.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The provider alone, until the process is killed (Ctrl-C, SIGTERM).
+fn run_server(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
+    let server = start_server(options, addr)?;
+    // First line: the real address (useful with port 0).
+    print_json(&Line::Listening {
+        addr: server.local_addr().to_string(),
+    });
+    let _printer = print_events("server", server.events());
+    // Serving happens on pulse's own threads; this one has nothing left to do.
+    // (`park` may wake spuriously, hence the loop.)
+    loop {
+        thread::park();
+    }
+}
+
+/// The consumer alone.
+fn run_client(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
+    // `connect_lazy` returns at once and connects in the background, so the
+    // client starts even when the provider is not up yet; the first call waits
+    // for the connection (up to the call timeout, then `call_failed`).
+    let client = Client::connect_lazy(addr, client_config(options))?;
+    let printer = print_events("client", client.events());
+
+    let interval = Duration::from_millis(options.interval_ms);
+    let stats = ping_loop(&client, options.count, interval, true);
+    print_json(&stats.summary());
+
+    drop(client);
+    join_within(printer, Duration::from_secs(2));
+    // Failed calls are expected in client mode (outages are the point).
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    // Logs to stderr; RUST_LOG picks the level (errors only by default).
+    env_logger::init();
+
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Run(options)) => options,
+        Err(message) => {
+            eprintln!("ping_pong: {message}\n(run `ping_pong --help` for usage)");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = options.addr.clone().unwrap_or_default();
+    let outcome = match options.mode {
+        Mode::Both => run_both(&options),
+        Mode::Server => run_server(&options, &addr),
+        Mode::Client => run_client(&options, &addr),
+    };
+    outcome.unwrap_or_else(|e| {
+        eprintln!("ping_pong: {e}");
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,713 @@
+//! Process-level tests of `examples/ping_pong.rs`: the example is run as real
+//! processes, and a peer is frozen with `kill -STOP` — the closest thing to a
+//! hung or paused service that a test can make.
+//!
+//! * `demo_mode_*`: no arguments, provider and consumer in one process.
+//! * `a_frozen_server_*`: the consumer detects a frozen provider within
+//!   `max_missed × heartbeat` plus a margin, and reconnects once it thaws.
+//! * `a_frozen_client_*`: the provider drops a frozen consumer; the consumer,
+//!   once thawed, does not blame the provider for its own pause, and
+//!   reconnects.
+//! * `the_client_starts_before_the_server_*`: client mode waits for a provider
+//!   that is not up yet, then stops after `--count` calls with a summary.
+//! * `the_example_server_serves_*`: the `demo` service's contract, called
+//!   with a `pulse::Client` from this test.
+//! * `bad_flags_*`: usage errors exit with code 2.
+//!
+//! Every wait has a deadline; children are killed and reaped by a drop guard
+//! (after a SIGCONT, in case they are frozen), so a failing test leaves no
+//! process behind. Run with `--nocapture` to see the measured detection and
+//! reconnect times.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Heartbeat settings of the two-process tests: a peer is dead after 300 ms.
+const HEARTBEAT_MS: u64 = 100;
+const MAX_MISSED: u64 = 3;
+const BOUND: Duration = Duration::from_millis(HEARTBEAT_MS * MAX_MISSED);
+
+/// Slack on top of `BOUND` for a loaded CI machine (one timer tick, thread
+/// wake-ups, the pipe to this test). Generous: it only catches "never" and
+/// "much too late"; the measured time is printed.
+const MARGIN: Duration = Duration::from_secs(2);
+
+/// How long a thawed side may take to be connected again and answering.
+const RECOVERY: Duration = Duration::from_secs(10);
+
+/// How long a freshly started process may take to say anything.
+const STARTUP: Duration = Duration::from_secs(20);
+
+// ----- helpers ------------------------------------------------------------------
+
+/// These tests start processes and measure timings on machines that may have
+/// two cores: run them one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The `ping_pong` example binary, built (or brought up to date) once per
+/// test run: `cargo test` builds examples, but `cargo test --test
+/// ping_pong_process` does not, and a stale binary would test old code.
+fn example_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        // This test runs as .../target/<profile>/deps/ping_pong_process-<hash>;
+        // examples are built into .../target/<profile>/examples/.
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in target/<profile>/deps");
+        let binary = profile_dir
+            .join("examples")
+            .join(format!("ping_pong{}", std::env::consts::EXE_SUFFIX));
+
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--quiet", "--example", "ping_pong"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(target_dir) = profile_dir.parent() {
+            cargo.arg("--target-dir").arg(target_dir);
+        }
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
+            cargo.arg("--release");
+        }
+        let status = cargo
+            .status()
+            .expect("run `cargo build --example ping_pong`");
+        assert!(
+            status.success(),
+            "`cargo build --example ping_pong` failed: {status}"
+        );
+        assert!(
+            binary.exists(),
+            "{} is missing after the build",
+            binary.display()
+        );
+        binary
+    })
+}
+
+/// One line of a child's standard output, with the time this test read it.
+struct Line {
+    at: Instant,
+    text: String,
+    /// The line as JSON (`Null` if it is not JSON).
+    json: Value,
+}
+
+impl Line {
+    fn event(&self) -> &str {
+        self.json["event"].as_str().unwrap_or("")
+    }
+
+    fn str(&self, field: &str) -> &str {
+        self.json[field].as_str().unwrap_or("")
+    }
+
+    fn u64(&self, field: &str) -> u64 {
+        self.json[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field:?} is not an unsigned integer in {}", self.text))
+    }
+}
+
+/// A running `ping_pong` process. Its stdout is read line by line on a thread
+/// into a channel, its stderr (pulse's logs) into a buffer shown on failure.
+/// Dropping it kills and reaps the process.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    lines: Receiver<Line>,
+    /// Every stdout line read so far, for failure messages.
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    fn start(name: &'static str, args: &[&str]) -> Proc {
+        let mut child = Command::new(example_binary())
+            .args(args)
+            .env("RUST_LOG", "pulse=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({args:?}): {e}"));
+
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for text in BufReader::new(stdout).lines() {
+                let Ok(text) = text else { break };
+                let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let line = Line {
+                    at: Instant::now(),
+                    text,
+                    json,
+                };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let buffer = Arc::new(Mutex::new(String::new()));
+        let sink = buffer.clone();
+        let stderr_reader = thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut chunk) {
+                let mut all = sink.lock().unwrap_or_else(|p| p.into_inner());
+                all.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+
+        Proc {
+            name,
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: buffer,
+            stderr_reader: Some(stderr_reader),
+        }
+    }
+
+    /// Sends `signal` (e.g. `"STOP"`) with the `kill` command.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed: {status}",
+            self.name
+        );
+    }
+
+    /// Reads lines until one matches `wanted`; returns it with every line read
+    /// before it. Panics, showing the output so far, if none comes by `deadline`.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        wanted: impl Fn(&Line) -> bool,
+    ) -> (Line, Vec<Line>) {
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.text.clone());
+                    if wanted(&line) {
+                        return (line, before);
+                    }
+                    before.push(line);
+                }
+                Err(RecvTimeoutError::Timeout) => self.fail(&format!("no {what} in time")),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.fail(&format!("stdout closed before {what}"))
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit by `deadline` (then kills it and panics).
+    fn wait_exit(&mut self, deadline: Instant) -> ExitStatus {
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                Ok(None) => self.fail("did not exit in time"),
+                Err(e) => self.fail(&format!("cannot wait for the process: {e}")),
+            }
+        }
+    }
+
+    /// Every stdout line not read yet (waiting at most `grace` for the
+    /// process to finish writing after it exited).
+    fn rest(&mut self, grace: Duration) -> Vec<Line> {
+        let deadline = Instant::now() + grace;
+        let mut rest = Vec::new();
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.text.clone());
+            rest.push(line);
+        }
+        rest
+    }
+
+    /// Once the process has exited: waits (up to `grace`) until its stderr
+    /// is read to the end, and returns it.
+    fn final_stderr(&mut self, grace: Duration) -> String {
+        let deadline = Instant::now() + grace;
+        if let Some(reader) = self.stderr_reader.take() {
+            while !reader.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.stderr()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let stderr = self.stderr();
+        let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "{}: {what}\n--- {} stdout so far:\n{}\n--- {} stderr (last lines):\n{}",
+            self.name,
+            self.name,
+            self.seen.join("\n"),
+            self.name,
+            tail.join("\n")
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A frozen process cannot be reaped until it runs again.
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `server --addr 127.0.0.1:0` and returns it with its address.
+fn start_server() -> (Proc, String) {
+    let hb = HEARTBEAT_MS.to_string();
+    let missed = MAX_MISSED.to_string();
+    let mut server = Proc::start(
+        "server",
+        &[
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--heartbeat-ms",
+            &hb,
+            "--max-missed",
+            &missed,
+        ],
+    );
+    let (line, _) = server.wait_for("listening line", Instant::now() + STARTUP, |l| {
+        l.event() == "listening"
+    });
+    let addr = line.str("addr").to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "listening on {addr}");
+    (server, addr)
+}
+
+/// Starts a client of `addr` calling every 50 ms and waits until both sides
+/// report the connection and a call went through. Returns the client and the
+/// client's address as the server sees it.
+fn start_client(server: &mut Proc, addr: &str) -> (Proc, String) {
+    let hb = HEARTBEAT_MS.to_string();
+    let missed = MAX_MISSED.to_string();
+    let mut client = Proc::start(
+        "client",
+        &[
+            "client",
+            "--addr",
+            addr,
+            "--heartbeat-ms",
+            &hb,
+            "--max-missed",
+            &missed,
+            "--interval-ms",
+            "50",
+        ],
+    );
+    let (connected, _) = client.wait_for("client connected", Instant::now() + STARTUP, |l| {
+        l.event() == "connected"
+    });
+    assert_eq!(connected.str("peer"), addr);
+    client.wait_for("first pong", Instant::now() + STARTUP, |l| {
+        l.event() == "pong"
+    });
+    let (line, _) = server.wait_for("server connected", Instant::now() + STARTUP, |l| {
+        l.event() == "connected"
+    });
+    (client, line.str("peer").to_string())
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// When detection took much longer than the bound, shows why if the detecting
+/// side knows: it logs when it ran late itself (a stall it forgave, e.g. on a
+/// starved CI machine), which postpones the verdict by design.
+fn explain_if_late(detector: &Proc, detection: Duration) {
+    if detection > BOUND + Duration::from_millis(200) {
+        let stderr = detector.stderr();
+        let stalls: Vec<&str> = stderr.lines().filter(|l| l.contains("late")).collect();
+        eprintln!(
+            "  {} detected late; its own stalls: {}",
+            detector.name,
+            if stalls.is_empty() {
+                "none logged".to_string()
+            } else {
+                stalls.join("\n  ")
+            }
+        );
+    }
+}
+
+// ----- tests ----------------------------------------------------------------------
+
+#[test]
+fn demo_mode_makes_every_call_and_exits_0() {
+    let _serial = serial();
+    let started = Instant::now();
+    let mut demo = Proc::start("demo", &[]);
+    let (summary, _) = demo.wait_for("summary", started + Duration::from_secs(60), |l| {
+        l.event() == "summary"
+    });
+    let status = demo.wait_exit(started + Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "exit status {status}; summary {}",
+        summary.text
+    );
+    assert_eq!(summary.u64("count"), 1000, "{}", summary.text);
+    assert_eq!(summary.u64("ok"), 1000, "{}", summary.text);
+    assert_eq!(summary.u64("failed"), 0, "{}", summary.text);
+    let (p50, p99, max) = (
+        summary.u64("p50_us"),
+        summary.u64("p99_us"),
+        summary.u64("max_us"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{}", summary.text);
+    // Every line is JSON with an "event".
+    for line in demo.rest(Duration::from_secs(1)) {
+        assert!(!line.event().is_empty(), "not an event line: {}", line.text);
+    }
+    eprintln!(
+        "demo mode: {} in {} ms",
+        summary.text,
+        ms(started.elapsed())
+    );
+}
+
+#[test]
+fn a_frozen_server_is_detected_within_the_bound_and_the_client_reconnects() {
+    let _serial = serial();
+    let (mut server, addr) = start_server();
+    let (mut client, client_addr) = start_client(&mut server, &addr);
+
+    // Freeze the provider: its kernel still ACKs, but it answers nothing.
+    server.signal("STOP");
+    let stopped = Instant::now();
+    let (gone, before) = client.wait_for("client disconnected", stopped + BOUND + MARGIN, |l| {
+        l.event() == "disconnected"
+    });
+    let detection = gone.at - stopped;
+    eprintln!(
+        "frozen server detected after {} ms (bound {} ms): {}",
+        ms(detection),
+        ms(BOUND),
+        gone.text
+    );
+    explain_if_late(&client, detection);
+    assert_eq!(gone.str("reason"), "heartbeat_timeout", "{}", gone.text);
+    assert_eq!(gone.str("peer"), addr);
+    assert!(
+        before
+            .iter()
+            .any(|l| l.event() == "heartbeat_missed" && l.u64("missed") >= 1),
+        "no heartbeat_missed before the disconnect"
+    );
+    // Never early: the last byte from the server was read at most one call
+    // interval (50 ms) before the STOP, so nothing can fire before ~250 ms.
+    assert!(
+        detection >= BOUND / 2,
+        "detected after only {} ms",
+        ms(detection)
+    );
+
+    let (reconnecting, _) = client.wait_for("reconnecting", gone.at + MARGIN, |l| {
+        l.event() == "reconnecting"
+    });
+    assert!(reconnecting.u64("attempt") >= 1, "{}", reconnecting.text);
+    let _ = reconnecting.u64("delay_ms");
+
+    // Thaw the provider: the client must be connected and answered again.
+    server.signal("CONT");
+    let resumed = Instant::now();
+    client.wait_for("client connected again", resumed + RECOVERY, |l| {
+        l.event() == "connected"
+    });
+    let (pong, _) = client.wait_for("pong after the reconnect", resumed + RECOVERY, |l| {
+        l.event() == "pong"
+    });
+    eprintln!(
+        "client answered again {} ms after SIGCONT",
+        ms(pong.at - resumed)
+    );
+
+    // The provider was the one frozen: it must not blame the consumer for the
+    // silence. It sees the old connection end the way the consumer ended it.
+    let (old, _) = server.wait_for(
+        "server sees the old connection end",
+        resumed + RECOVERY,
+        |l| l.event() == "disconnected" && l.str("peer") == client_addr,
+    );
+    assert_ne!(
+        old.str("reason"),
+        "heartbeat_timeout",
+        "the frozen side blamed its peer: {}",
+        old.text
+    );
+}
+
+#[test]
+fn a_frozen_client_is_dropped_by_the_server_and_does_not_blame_it() {
+    let _serial = serial();
+    let (mut server, addr) = start_server();
+    let (mut client, client_addr) = start_client(&mut server, &addr);
+
+    // Freeze the consumer for five times the bound.
+    client.signal("STOP");
+    let stopped = Instant::now();
+    let (gone, before) =
+        server.wait_for("server drops the client", stopped + BOUND + MARGIN, |l| {
+            l.event() == "disconnected" && l.str("peer") == client_addr
+        });
+    let detection = gone.at - stopped;
+    eprintln!(
+        "frozen client dropped after {} ms (bound {} ms): {}",
+        ms(detection),
+        ms(BOUND),
+        gone.text
+    );
+    explain_if_late(&server, detection);
+    assert_eq!(gone.str("reason"), "heartbeat_timeout", "{}", gone.text);
+    assert!(
+        before
+            .iter()
+            .any(|l| l.event() == "heartbeat_missed" && l.str("peer") == client_addr),
+        "no heartbeat_missed before the drop"
+    );
+    assert!(
+        detection >= BOUND / 2,
+        "dropped after only {} ms",
+        ms(detection)
+    );
+
+    // The freeze length is the scenario, not a synchronisation: sleeping is right.
+    thread::sleep((stopped + 5 * BOUND).saturating_duration_since(Instant::now()));
+    client.signal("CONT");
+    let resumed = Instant::now();
+
+    // The consumer finds the provider's Close waiting: its own pause is not
+    // the provider's silence.
+    let (_, before) = client.wait_for("client connected again", resumed + RECOVERY, |l| {
+        l.event() == "connected"
+    });
+    for line in &before {
+        assert_ne!(
+            line.str("reason"),
+            "heartbeat_timeout",
+            "the frozen side blamed its peer: {}",
+            line.text
+        );
+    }
+    assert!(
+        before.iter().any(|l| l.event() == "disconnected"),
+        "the client did not report losing its first connection"
+    );
+    let (pong, _) = client.wait_for("pong after the reconnect", resumed + RECOVERY, |l| {
+        l.event() == "pong"
+    });
+    eprintln!(
+        "client answered again {} ms after SIGCONT",
+        ms(pong.at - resumed)
+    );
+    server.wait_for("server sees the new connection", resumed + RECOVERY, |l| {
+        l.event() == "connected"
+    });
+}
+
+#[test]
+fn bad_flags_exit_with_code_2_and_help_exits_0() {
+    let _serial = serial();
+    for (args, complaint) in [
+        (&["--bogus"][..], "--bogus"),
+        (&["server"][..], "--addr"),
+        (&["client", "--addr"][..], "--addr"),
+        (&["--count", "many"][..], "--count"),
+        (
+            &["server", "--addr", "127.0.0.1:0", "--count", "3"][..],
+            "--count",
+        ),
+        (&["--max-missed", "0"][..], "--max-missed"),
+        (&["frobnicate"][..], "frobnicate"),
+    ] {
+        let mut proc = Proc::start("ping_pong", args);
+        let status = proc.wait_exit(Instant::now() + STARTUP);
+        assert_eq!(status.code(), Some(2), "{args:?}: {status}");
+        proc.rest(Duration::from_secs(1));
+        let stderr = proc.final_stderr(Duration::from_secs(2));
+        assert!(
+            stderr.contains(complaint),
+            "{args:?}: stderr does not mention {complaint}: {stderr}"
+        );
+        assert!(
+            proc.seen.is_empty(),
+            "{args:?} printed to stdout: {:?}",
+            proc.seen
+        );
+    }
+
+    let mut help = Proc::start("help", &["--help"]);
+    let status = help.wait_exit(Instant::now() + STARTUP);
+    assert!(status.success(), "--help: {status}");
+    help.rest(Duration::from_secs(1));
+    assert!(
+        help.seen.iter().any(|l| l.contains("Usage")),
+        "{:?}",
+        help.seen
+    );
+}
+
+#[test]
+fn the_client_starts_before_the_server_and_stops_after_count_calls() {
+    let _serial = serial();
+    // A port that was free a moment ago (a tiny race with other processes,
+    // acceptable for a test).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let hb = HEARTBEAT_MS.to_string();
+    let mut client = Proc::start(
+        "client",
+        &[
+            "client",
+            "--addr",
+            &addr,
+            "--heartbeat-ms",
+            &hb,
+            "--count",
+            "3",
+            "--interval-ms",
+            "50",
+        ],
+    );
+    // Nobody listens yet: the client keeps trying (and says so) instead of exiting.
+    client.wait_for("reconnecting", Instant::now() + STARTUP, |l| {
+        l.event() == "reconnecting"
+    });
+    let mut server = Proc::start(
+        "server",
+        &["server", "--addr", &addr, "--heartbeat-ms", &hb],
+    );
+    server.wait_for("listening line", Instant::now() + STARTUP, |l| {
+        l.event() == "listening"
+    });
+
+    let (summary, before) = client.wait_for("summary", Instant::now() + RECOVERY, |l| {
+        l.event() == "summary"
+    });
+    assert!(
+        before.iter().any(|l| l.event() == "connected"),
+        "no connected line"
+    );
+    let pongs: Vec<u64> = before
+        .iter()
+        .filter(|l| l.event() == "pong")
+        .map(|l| l.u64("seq"))
+        .collect();
+    assert_eq!(pongs, [1, 2, 3], "{}", summary.text);
+    assert_eq!(
+        (
+            summary.u64("count"),
+            summary.u64("ok"),
+            summary.u64("failed")
+        ),
+        (3, 3, 0),
+        "{}",
+        summary.text
+    );
+    let status = client.wait_exit(Instant::now() + RECOVERY);
+    assert!(status.success(), "client exit status {status}");
+}
+
+#[test]
+fn the_example_server_serves_ping_echo_and_sleep() {
+    use pulse::{Client, ClientConfig, Error};
+    use rmpv::Value;
+
+    let _serial = serial();
+    let (_server, addr) = start_server();
+    let client = Client::connect(addr.as_str(), ClientConfig::default())
+        .expect("connect to the example server");
+
+    let n: u64 = client.call("demo", "ping", &u64::MAX).expect("ping");
+    assert_eq!(n, u64::MAX);
+
+    // Binary stays binary, f32 stays f32, extension types survive.
+    let value = Value::Map(vec![
+        (Value::from("bin"), Value::Binary(vec![0, 159, 255])),
+        (Value::from("f32"), Value::F32(1.5)),
+        (Value::from("f64"), Value::F64(-2.25)),
+        (Value::from("ext"), Value::Ext(7, vec![1, 2, 3])),
+        (
+            Value::from("nested"),
+            Value::Array(vec![Value::Nil, Value::from(true), Value::from(-3)]),
+        ),
+    ]);
+    let echoed: Value = client.call("demo", "echo", &value).expect("echo");
+    assert_eq!(echoed, value);
+
+    let started = Instant::now();
+    let slept: u64 = client.call("demo", "sleep", &150u64).expect("sleep");
+    assert_eq!(slept, 150);
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    match client.call::<_, u64>("demo", "sleep", &3_600_000u64) {
+        Err(Error::Remote { message, .. }) => assert!(message.contains("60000"), "{message}"),
+        other => panic!("an hour-long sleep should be refused, got {other:?}"),
+    }
+    match client.call::<_, u64>("demo", "ping", &"seven") {
+        Err(Error::Remote { status, .. }) => {
+            assert_eq!(status, pulse::protocol::ResponseStatus::BadRequest)
+        }
+        other => panic!("a string is not a u64, got {other:?}"),
+    }
+}
