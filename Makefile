@@ -5,14 +5,18 @@
 
 CARGO ?= cargo
 
-.PHONY: help run test bench fmt clean
+.PHONY: help run test bench fuzz fmt clean etcd-install etcd-start etcd-stop
+
+FUZZ_SECONDS ?= 60
 
 help:
 	@echo "make run    build in release mode and run the ping_pong demo (provider + consumer, 1000 calls)"
 	@echo "make test   formatting check, clippy (warnings are errors), every test target, doc tests"
 	@echo "make bench  run the benchmarks (they report; they never fail the build)"
+	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS s (default 60); installs cargo-fuzz if missing"
 	@echo "make fmt    format the code"
 	@echo "make clean  remove build output"
+	@echo "make etcd-start / etcd-stop   a local etcd on 127.0.0.1:23790 for the cluster example"
 
 run:
 	$(CARGO) run --release --example ping_pong
@@ -21,7 +25,10 @@ run:
 # examples; it does not run doc tests, hence the second run. It also *runs* the
 # `harness = false` bench (without the `--bench` flag `cargo bench` passes), so
 # the bench is asked for its quick smoke run here.
-test:
+# tests/etcd.rs needs a real etcd: each test starts its own on free ports and
+# kills it by PID. etcd-install installs Debian's etcd-server when `etcd` is
+# missing (a fresh machine), so `make test` works from a clean clone.
+test: etcd-install
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --all-targets
@@ -35,3 +42,15 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+etcd-install:
+	scripts/etcd.sh install
+
+etcd-start:
+	scripts/etcd.sh start
+
+etcd-stop:
+	scripts/etcd.sh stop
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh

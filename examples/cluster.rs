@@ -15,7 +15,7 @@
 //!   prints who answered. After a third of the calls, `p1`'s proxy starts
 //!   dropping every byte both ways (a frozen provider, as the network sees
 //!   it); after two thirds it passes bytes again. The output shows `p1` leave
-//!   the rotation at its first missed heartbeat, its connection declared dead
+//!   the rotation at its second missed heartbeat, its connection declared dead
 //!   after `--max-missed` intervals, no call lost (`whoami` is idempotent, so
 //!   a call caught on `p1` is retried on another provider), and `p1` back
 //!   after the thaw.
@@ -471,6 +471,8 @@ impl Proxy {
                 let Ok(up) = TcpStream::connect(target) else {
                     continue;
                 };
+                let _ = down.set_nodelay(true);
+                let _ = up.set_nodelay(true);
                 for (from, to) in [(&down, &up), (&up, &down)] {
                     let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
                         continue;
@@ -502,6 +504,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, blackhole: &AtomicBool) {
             Err(_) => break,
         }
     }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
+    // A closed end is passed on, unless blackholed: a network that drops
+    // packets does not carry FINs either.
+    if !blackhole.load(Ordering::SeqCst) {
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    }
 }

@@ -271,7 +271,7 @@ fn run_worker(jobs: Receiver<Job>) {
 
 /// Sends a handler's response (unless one-way) and ends its in-flight count.
 fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
-    conn.handling.fetch_sub(1, Ordering::Relaxed);
+    conn.call_finished();
     if !one_way {
         respond(conn, response);
     }

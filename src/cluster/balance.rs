@@ -51,6 +51,17 @@ pub trait LoadBalancer: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
+/// A boxed balancer (e.g. one chosen at run time) is a balancer.
+impl LoadBalancer for Box<dyn LoadBalancer> {
+    fn pick(&self, candidates: &[Candidate], key: Option<&[u8]>) -> usize {
+        (**self).pick(candidates, key)
+    }
+
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+}
+
 /// SplitMix64: a tiny, fast, well-mixed PRNG (Steele, Lea and Flood, 2014),
 /// lock-free here (its state is a counter advanced atomically). Good for
 /// spreading load; not for secrets.

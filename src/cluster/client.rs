@@ -41,13 +41,20 @@ pub struct ClusterConfig {
     /// when the registry lists some. It never fails for want of one; calls
     /// do, fast. Default 3 s.
     pub ready_timeout: Duration,
-    /// A connected provider leaves rotation once this many consecutive
-    /// heartbeat intervals passed with nothing read from it, and returns
-    /// after an interval and a half without another miss (or when its
-    /// connection is declared dead and re-established). Default 1: the
-    /// first sign of trouble, well before the connection is declared dead at
-    /// `max_missed`. 0 turns it off (only dead connections are skipped).
-    /// Skipped providers are still used when no other is healthy.
+    /// A connected provider leaves rotation once its connection reports
+    /// this many missed heartbeat intervals (`HeartbeatMissed { missed }`),
+    /// and returns after an interval and a half without another miss (or
+    /// when its connection is declared dead and re-established). Skipped
+    /// providers are still used when no other is healthy. 0 turns it off
+    /// (only connections declared dead are skipped).
+    ///
+    /// Default 2. Not 1: on an idle connection the only bytes are heartbeats,
+    /// which arrive once per interval, so a pong a few milliseconds later
+    /// than the one before already counts as one missed interval (a busy
+    /// machine does that). Two mean a whole interval passed in which a ping
+    /// round trip should have completed and did not; with the default
+    /// `max_missed` of 3 that is an interval before the connection is
+    /// declared dead.
     pub suspect_after_missed: u32,
 }
 
@@ -58,7 +65,7 @@ impl Default for ClusterConfig {
             retries: 2,
             idempotent_methods: HashSet::new(),
             ready_timeout: Duration::from_secs(3),
-            suspect_after_missed: 1,
+            suspect_after_missed: 2,
         }
     }
 }
@@ -410,9 +417,10 @@ impl Drop for Inner {
 /// It follows the registry's provider set without restarting, keeps one
 /// multiplexed, heartbeated [`Client`] per provider, and sends each call to a
 /// healthy one (connected, no heartbeat missed lately) chosen by its
-/// [`LoadBalancer`]. A provider that freezes leaves rotation at its first
-/// missed heartbeat and is declared dead within `max_missed × interval`; it
-/// comes back once its connection is re-established.
+/// [`LoadBalancer`]. A provider that freezes leaves rotation after
+/// [`ClusterConfig::suspect_after_missed`] missed heartbeat intervals and is
+/// declared dead within `max_missed × interval`; it comes back once its
+/// connection is re-established.
 ///
 /// # Failover
 ///

@@ -1,36 +1,4 @@
 //! [`EtcdRegistry`]: service discovery on etcd v3, through its JSON gateway.
-//!
-//! # Layout in etcd
-//!
-//! A provider of service `(name, version, group)` at `addr` is the key
-//! `{prefix}/{name}/{version}/{group}/{addr}` (default prefix
-//! `/pulse/services`; empty version or group leave an empty segment) whose
-//! value is `{"addr":"127.0.0.1:7000","weight":100}`, attached to a lease.
-//!
-//! # Provider side: the lease is the registry's heartbeat
-//!
-//! [`Registry::register`] grants a lease of the given TTL (whole seconds,
-//! rounded up), puts the key with it, and starts a keep-alive thread that
-//! renews the lease every TTL/3. A provider that dies or freezes stops
-//! renewing, and etcd deletes the key when the lease expires. If etcd is
-//! unreachable the thread logs it once and keeps trying every
-//! `min(TTL/3, 500 ms)`; if the lease was lost meanwhile (etcd answers TTL 0)
-//! it grants a new one and puts the key again.
-//!
-//! # Consumer side: list, then watch from the listed revision
-//!
-//! [`Registry::watch`] lists the service's prefix, then a thread streams
-//! `/v3/watch` from the listed revision + 1, so no change between the two is
-//! missed, and sends the whole provider set after each change. When the
-//! stream breaks (etcd killed, network cut) or stays silent past
-//! [`EtcdConfig::idle_check`] while a probe fails (etcd frozen), it reports
-//! [`WatchEvent::RegistryLost`], keeps the last set (consumers go on calling
-//! the providers they know), retries with backoff, and on success re-lists,
-//! sends the current set and [`WatchEvent::RegistryResumed`], and watches
-//! again.
-//!
-//! Requests go to the configured endpoints in turn, starting with the last
-//! one that answered.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -118,8 +86,40 @@ impl EtcdConfig {
     }
 }
 
-/// The etcd v3 registry (see the [module docs](self) for what it stores and
-/// how it behaves when etcd goes away). Clones share the configuration.
+/// The etcd v3 registry, through etcd's JSON gateway (plain HTTP/1.1 from
+/// blocking threads; no async runtime). Clones share the configuration.
+///
+/// # Layout in etcd
+///
+/// A provider of service `(name, version, group)` at `addr` is the key
+/// `{prefix}/{name}/{version}/{group}/{addr}` (default prefix
+/// `/pulse/services`; empty version or group leave an empty segment) whose
+/// value is `{"addr":"127.0.0.1:7000","weight":100}`, attached to a lease.
+///
+/// # Provider side: the lease is the registry's heartbeat
+///
+/// [`Registry::register`] grants a lease of the given TTL (whole seconds,
+/// rounded up), puts the key with it, and starts a keep-alive thread that
+/// renews the lease every TTL/3. A provider that dies or freezes stops
+/// renewing, and etcd deletes the key when the lease expires. If etcd is
+/// unreachable the thread logs it once and keeps trying every
+/// `min(TTL/3, 500 ms)`; if the lease was lost meanwhile (etcd answers TTL 0)
+/// it grants a new one and puts the key again.
+///
+/// # Consumer side: list, then watch from the listed revision
+///
+/// [`Registry::watch`] lists the service's prefix, then a thread streams
+/// `/v3/watch` from the listed revision + 1, so no change between the two is
+/// missed, and sends the whole provider set after each change. When the
+/// stream breaks (etcd killed, network cut) or stays silent past
+/// [`EtcdConfig::idle_check`] while a probe fails (etcd frozen), it reports
+/// [`WatchEvent::RegistryLost`], keeps the last set (consumers go on calling
+/// the providers they know), retries with backoff, and on success re-lists,
+/// sends the current set and [`WatchEvent::RegistryResumed`], and watches
+/// again.
+///
+/// Requests go to the configured endpoints in turn, starting with the last
+/// one that answered.
 ///
 /// ```no_run
 /// use std::time::Duration;

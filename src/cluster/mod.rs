@@ -12,10 +12,11 @@
 //!   chosen by a [`LoadBalancer`], and retries idempotent calls on another
 //!   provider when a connection dies under them.
 //!
-//! A provider in heartbeat trouble (a missed interval) or reconnecting is
-//! skipped, so one that freezes leaves rotation within
-//! `max_missed × heartbeat_interval` (usually at its first missed interval)
-//! and comes back when its connection is up again.
+//! A provider in heartbeat trouble (two missed intervals by default) or
+//! reconnecting is skipped, so one that freezes leaves rotation within
+//! `max_missed × heartbeat_interval` (with the defaults, an interval before
+//! its connection is declared dead) and comes back when its connection is up
+//! again.
 //!
 //! ```
 //! use pulse::cluster::{ClusterClient, ClusterConfig, Endpoint, Registry, SmoothWeightedRoundRobin, ServiceKey, StaticRegistry};

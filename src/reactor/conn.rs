@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -39,6 +39,9 @@ pub(crate) struct ConnShared {
     pub(crate) calls: CallTable,
     /// Requests of this connection being handled (provider side).
     pub(crate) handling: AtomicUsize,
+    /// When the last handled request finished, as `clock::to_nanos` (0 =
+    /// never): idle time (`max_idle`) counts from the end of a call.
+    pub(crate) call_done: AtomicU64,
     /// The loop that owns this connection, to ask it to close it.
     pub(crate) owner: LoopHandle,
 }
@@ -47,6 +50,21 @@ impl ConnShared {
     /// Queues a frame and writes what the socket takes now.
     pub(crate) fn send(&self, frame: Vec<u8>, class: Class) -> Result<Flush, SendError> {
         self.out.send(&self.socket, frame, class)
+    }
+
+    /// Records that a request of this connection finished handling.
+    pub(crate) fn call_finished(&self) {
+        let now = crate::clock::to_nanos(Instant::now()).max(1);
+        self.call_done.store(now, Ordering::Relaxed);
+        self.handling.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// When the last handled request finished, if any did.
+    pub(crate) fn last_call_done(&self) -> Option<Instant> {
+        match self.call_done.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(crate::clock::from_nanos(nanos)),
+        }
     }
 
     /// Asks the owning loop to close this connection with a Close frame.

@@ -543,6 +543,9 @@ impl EventLoop {
         if running > 0 {
             conn.last_call = now; // a call in progress is not idleness
         }
+        if let Some(done) = conn.shared.last_call_done() {
+            conn.last_call = conn.last_call.max(done);
+        }
         if let Some(max_idle) = config.max_idle
             && now >= conn.last_call + max_idle
         {
@@ -743,6 +746,7 @@ impl EventLoop {
             out: Outbound::new(max_write_queue),
             calls: CallTable::new(),
             handling: Default::default(),
+            call_done: Default::default(),
             owner: self.loops[self.index].clone(),
         });
         entry.insert(Conn {
@@ -889,10 +893,13 @@ impl EventLoop {
             self.finalize(token, now);
             return;
         };
-        let sent = conn
-            .shared
-            .send(encode_close(status, &text), Class::Control);
-        conn.shared.out.seal();
+        // A graceful Close goes behind the responses already queued; any
+        // other Close replaces what has not started to be written.
+        let graceful = status == CloseStatus::Normal;
+        let shared = &conn.shared;
+        let sent = shared
+            .out
+            .send_final(&shared.socket, encode_close(status, &text), graceful);
         let linger = match &conn.role {
             // A consumer reconnects at once: its peer is gone or going.
             Role::Consumer { .. } => None,

@@ -124,6 +124,7 @@ impl Outbound {
             return Err(SendError::Overloaded(frame));
         }
         q.bytes += frame.len();
+        let mine = frame.as_ptr() as usize;
         match class {
             Class::Control => q.control.push_back(frame),
             Class::Data => q.data.push_back(frame),
@@ -132,7 +133,36 @@ impl Outbound {
             return Ok(Flush::Done);
         }
         q.writing = true;
-        self.write_batches(q, socket)
+        self.write_batches(q, socket, Some(mine))
+    }
+
+    /// Queues the connection's last frame (its Close) and refuses any after
+    /// it. `graceful`: it goes behind everything queued, so finished responses
+    /// reach the peer first. Otherwise queued frames that have not started are
+    /// dropped and the Close follows the partly written frame, if any.
+    pub(crate) fn send_final(
+        &self,
+        socket: &Socket,
+        frame: Vec<u8>,
+        graceful: bool,
+    ) -> Result<Flush, SendError> {
+        let mut q = self.queue.lock();
+        if q.closed || q.sealed {
+            return Err(SendError::Closed(Some(frame)));
+        }
+        if !graceful {
+            q.control.clear();
+            q.data.clear();
+            q.bytes = q.partial.as_ref().map_or(0, |(f, _)| f.len());
+        }
+        q.bytes += frame.len();
+        q.data.push_back(frame);
+        q.sealed = true;
+        if q.writing {
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket, None)
     }
 
     /// Queues a control frame unless one of the same kind (byte 3 of the
@@ -171,7 +201,7 @@ impl Outbound {
             return Ok(Flush::Done);
         }
         q.writing = true;
-        self.write_batches(q, socket)
+        self.write_batches(q, socket, None)
     }
 
     /// Refuses further frames and frees the queued ones.
@@ -182,12 +212,6 @@ impl Outbound {
         q.control.clear();
         q.data.clear();
         q.bytes = 0;
-    }
-
-    /// Refuses new frames but keeps writing the queued ones: used after a
-    /// final Close frame was queued, which must be the last frame sent.
-    pub(crate) fn seal(&self) {
-        self.queue.lock().sealed = true;
     }
 
     /// True when every queued frame has been written.
@@ -210,10 +234,13 @@ impl Outbound {
 
     /// The writer's loop: take frames, write them unlocked, put back the rest.
     /// Entered with `writing` set; always clears it before returning.
+    /// `mine`: the address of the sending thread's own frame, handed back in
+    /// the error if the socket failed before any of it was written.
     fn write_batches<'a>(
         &'a self,
         mut q: parking_lot::MutexGuard<'a, Queue>,
         socket: &Socket,
+        mine: Option<usize>,
     ) -> Result<Flush, SendError> {
         let mut batch: Vec<(Vec<u8>, Class)> = Vec::new();
         loop {
@@ -277,11 +304,21 @@ impl Outbound {
                     log::debug!("write failed: {e}");
                     q.writing = false;
                     q.closed = true;
+                    // The sender's own frame, if untouched, goes back to it
+                    // so that it can be retried on another connection.
+                    let is_mine = |f: &Vec<u8>| Some(f.as_ptr() as usize) == mine;
+                    let unsent = if let Some(i) = q.control.iter().position(is_mine) {
+                        q.control.remove(i)
+                    } else if let Some(i) = q.data.iter().position(is_mine) {
+                        q.data.remove(i)
+                    } else {
+                        None
+                    };
                     q.partial = None;
                     q.control.clear();
                     q.data.clear();
                     q.bytes = 0;
-                    return Err(SendError::Closed(None));
+                    return Err(SendError::Closed(unsent));
                 }
             }
         }

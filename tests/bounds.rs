@@ -1,0 +1,1044 @@
+//! Resource bounds, each reached from outside and each answered with a clear
+//! Close status or error, nothing else disturbed: max connections, in-flight
+//! calls (client and server), write-queue bytes (with the provider's memory
+//! measured), ping abuse, slowloris frames, idle time and connection age.
+//! Then the consumer's side: a fake provider sends each Close status and each
+//! kind of bad frame, and the client reports the right reason, fails in-flight
+//! calls with `ConnectionLost`, never panics and reconnects.
+
+mod reliability_support;
+
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use pulse::config::BackoffConfig;
+use pulse::protocol::{
+    CloseStatus, HEADER_LEN, Header, Kind, ResponseStatus, decode_text_body, encode_close,
+    encode_ok_response, encode_ping, encode_pong, encode_request,
+};
+use pulse::{
+    Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
+};
+use reliability_support::{
+    FakeProvider, PROMPTLY, RawPeer, demo_service, heartbeat, rss_kib, wait_connected,
+    wait_disconnected, wait_event, wait_until,
+};
+
+/// Slack for comparing a bound's deadline, measured here, with the moment the
+/// server started counting (a little before or after our clock read).
+const SLACK: Duration = Duration::from_millis(20);
+
+/// Tests that measure this process's memory take it exclusively; all others
+/// share it (they run in parallel with each other).
+static MEMORY: RwLock<()> = RwLock::new(());
+
+fn server(config: ServerConfig) -> Server {
+    Server::builder()
+        .config(config)
+        .service(demo_service())
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        worker_threads: 8,
+        ..ServerConfig::default()
+    }
+}
+
+/// A client config that reconnects at once (1–5 ms backoff).
+fn client_config() -> ClientConfig {
+    ClientConfig {
+        backoff: BackoffConfig {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+            probation: Duration::from_millis(10),
+            ..BackoffConfig::default()
+        },
+        call_timeout: Duration::from_secs(10),
+        ..ClientConfig::default()
+    }
+}
+
+fn request(id: u64, method: &str, n: u64) -> Vec<u8> {
+    encode_request(Kind::Request, id, "demo", "", "", method, &n).expect("encode a request")
+}
+
+/// A raw ping answered by a pong of the same id: the connection is served.
+fn assert_pings(raw: &mut RawPeer, seq: u64) {
+    raw.send(&encode_ping(seq));
+    let pong = raw.next_frame(PROMPTLY);
+    assert_eq!(pong.header, Header::new(Kind::Pong, 0, seq, 0));
+}
+
+fn assert_close(close: &pulse::protocol::Frame, status: CloseStatus, reason_has: &str) {
+    assert_eq!(close.header.kind, Kind::Close);
+    let reason = decode_text_body(&close.body);
+    assert_eq!(
+        close.header.status, status as u8,
+        "Close {status:?} expected; reason {reason:?}"
+    );
+    assert!(
+        reason.contains(reason_has),
+        "Close reason {reason:?} should mention {reason_has:?}"
+    );
+}
+
+// ----- max connections -------------------------------------------------------------
+
+#[test]
+fn max_connections_refuses_the_next_connection_with_close_overloaded() {
+    let _shared = MEMORY.read();
+    let server = server(ServerConfig {
+        max_connections: 2,
+        ..server_config()
+    });
+    let mut a = RawPeer::connect(server.local_addr());
+    assert_pings(&mut a, 1);
+    let mut b = RawPeer::connect(server.local_addr());
+    assert_pings(&mut b, 2);
+    assert_eq!(server.connection_count(), 2);
+
+    let mut c = RawPeer::connect(server.local_addr());
+    let close = c.expect_close_then_end(PROMPTLY);
+    assert_close(&close, CloseStatus::Overloaded, "max_connections");
+    assert_eq!(close.header.id, 0);
+
+    // The admitted ones are untouched.
+    assert_pings(&mut a, 3);
+    assert_pings(&mut b, 4);
+    assert_eq!(server.connection_count(), 2);
+
+    // A freed place is given to the next connection.
+    drop(a);
+    wait_until(
+        PROMPTLY,
+        "the server to count the closed connection",
+        || server.connection_count() == 1,
+    );
+    let mut d = RawPeer::connect(server.local_addr());
+    assert_pings(&mut d, 5);
+    assert_pings(&mut b, 6);
+}
+
+// ----- in-flight calls ---------------------------------------------------------------
+
+#[test]
+fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
+    let _shared = MEMORY.read();
+    let server = server(server_config());
+    let client = Client::connect(
+        server.local_addr(),
+        ClientConfig {
+            max_inflight: 4,
+            ..client_config()
+        },
+    )
+    .expect("connect");
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            client
+                .start::<_, u64>("demo", "sleep", &400u64)
+                .expect("start a slow call")
+        })
+        .collect();
+    assert_eq!(client.inflight(), 4);
+    let started = Instant::now();
+    match client.start::<_, u64>("demo", "ping", &1u64) {
+        Err(Error::Overloaded(message)) => assert!(message.contains("max_inflight"), "{message}"),
+        Err(e) => panic!("expected Overloaded, got {e}"),
+        Ok(_) => panic!("a 5th call was accepted with max_inflight 4"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "refused at once, not after waiting"
+    );
+    for call in slow {
+        assert_eq!(call.wait().expect("the slow calls finish"), 400);
+    }
+    assert_eq!(
+        client
+            .call::<_, u64>("demo", "ping", &7u64)
+            .expect("room again"),
+        7
+    );
+    assert_eq!(client.state(), ConnectionState::Ready);
+}
+
+#[test]
+fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
+    let _shared = MEMORY.read();
+    let server = server(ServerConfig {
+        max_inflight: 2,
+        ..server_config()
+    });
+    let mut raw = RawPeer::connect(server.local_addr());
+    let mut pipelined = Vec::new();
+    for id in 1..=6 {
+        pipelined.extend(request(id, "sleep", 300));
+    }
+    raw.send(&pipelined);
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let response = raw.next_frame(PROMPTLY);
+        assert_eq!(response.header.kind, Kind::Response);
+        order.push((response.header.id, response.header.status));
+        if response.header.status == ResponseStatus::Overloaded as u8 {
+            let message = decode_text_body(&response.body);
+            assert!(message.contains("max_inflight"), "{message}");
+        }
+    }
+    let overloaded: Vec<u64> = order
+        .iter()
+        .filter(|(_, s)| *s == ResponseStatus::Overloaded as u8)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut ok: Vec<u64> = order
+        .iter()
+        .filter(|(_, s)| *s == 0)
+        .map(|(id, _)| *id)
+        .collect();
+    ok.sort_unstable(); // the two running ones finish in any order
+    assert_eq!(
+        overloaded,
+        [3, 4, 5, 6],
+        "responses in order of arrival: {order:?}"
+    );
+    assert_eq!(ok, [1, 2], "responses in order of arrival: {order:?}");
+    // Refused at once, before the running ones finished.
+    assert!(
+        order[..4]
+            .iter()
+            .all(|(_, s)| *s == ResponseStatus::Overloaded as u8),
+        "{order:?}"
+    );
+
+    // The connection stays open and the slots are free again.
+    assert_pings(&mut raw, 9);
+    raw.send(&request(10, "sleep", 1));
+    let response = raw.next_frame(PROMPTLY);
+    assert_eq!((response.header.id, response.header.status), (10, 0));
+    assert_eq!(server.connection_count(), 1);
+}
+
+// ----- write queue -----------------------------------------------------------------------
+
+/// Peak RSS since the last reset (`VmHWM`), in KiB; resets the peak first
+/// when `reset`.
+fn peak_rss_kib(reset: bool) -> u64 {
+    if reset {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM line")
+}
+
+#[test]
+fn a_consumer_that_never_reads_is_dropped_with_close_overloaded_and_memory_stays_bounded() {
+    let _exclusive = MEMORY.write();
+    const RESPONSE: u64 = 60_000;
+    const REQUESTS: u64 = 4_000; // 240 MB of responses if nothing bounded them
+    let server = server(ServerConfig {
+        connection: pulse::ConnectionConfig {
+            max_frame_len: 64 * 1024,
+            max_write_queue_bytes: 1 << 20,
+            ..Default::default()
+        },
+        linger: Duration::from_millis(200),
+        ..server_config()
+    });
+    let events = server.events();
+    let healthy = Client::connect(server.local_addr(), client_config()).expect("connect");
+    assert_eq!(healthy.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
+    wait_connected(&events);
+
+    let rss_before = rss_kib();
+    let peak_before = peak_rss_kib(true);
+    let mut raw = RawPeer::connect(server.local_addr());
+    let raw_addr = raw.local_addr();
+    let mut sent = 0;
+    'send: for batch in 0..REQUESTS / 100 {
+        let mut bytes = Vec::new();
+        for i in 0..100 {
+            bytes.extend(request(batch * 100 + i, "blob", RESPONSE));
+        }
+        if raw.try_send(&bytes).is_err() {
+            break 'send; // the server closed on us: fine
+        }
+        sent += 100;
+    }
+    // Still not reading: the server must give up on us by itself.
+    let reason = wait_disconnected(&events, raw_addr);
+    let peak_during = peak_rss_kib(false);
+    let rss_after = rss_kib();
+    match &reason {
+        DisconnectReason::Overloaded(detail) => {
+            assert!(detail.contains("queued bytes"), "{detail}")
+        }
+        other => panic!("expected an overloaded disconnect, got {other:?}"),
+    }
+    let growth = peak_during.saturating_sub(peak_before.max(rss_before));
+    eprintln!(
+        "write queue: {sent} requests sent; RSS {rss_before} KiB before, peak {peak_during} KiB while \
+         the consumer did not read, {rss_after} KiB after"
+    );
+    assert!(
+        growth < 48 * 1024,
+        "peak RSS grew by {growth} KiB: the write queue is not bounded"
+    );
+
+    // Now read: responses, perhaps the Close (it may have been cut off by
+    // the linger), then the end of the stream.
+    let (frames, end) = raw.read_to_end(PROMPTLY);
+    let responses = frames
+        .iter()
+        .filter(|f| f.header.kind == Kind::Response)
+        .count();
+    assert!(
+        responses < (REQUESTS as usize) / 4,
+        "{responses} responses: nothing was bounded"
+    );
+    if let Some(close) = frames.iter().find(|f| f.header.kind == Kind::Close) {
+        assert_eq!(
+            close.header.status,
+            CloseStatus::Overloaded as u8,
+            "{close:?}"
+        );
+        assert!(
+            frames.last().is_some_and(|f| f.header.kind == Kind::Close),
+            "the Close must be the last frame"
+        );
+    }
+    // The end may cut a response short: the server gave up on a consumer
+    // that did not read during the linger, with data still queued.
+    eprintln!("write queue: the consumer read {responses} responses, then {end:?}");
+
+    // The healthy consumer never noticed.
+    let big = rmpv::Value::Binary(vec![7; 60_000]); // under max_frame_len
+    assert_eq!(
+        healthy
+            .call::<_, rmpv::Value>("demo", "echo", &big)
+            .unwrap(),
+        big
+    );
+    assert_eq!(server.connection_count(), 1);
+    assert_eq!(healthy.state(), ConnectionState::Ready);
+}
+
+// ----- ping abuse ------------------------------------------------------------------------
+
+#[test]
+fn a_ping_flood_is_closed_with_too_many_pings_and_a_sane_rate_is_not() {
+    let _shared = MEMORY.read();
+    let server = server(server_config()); // min_ping_interval 10 ms, 3 strikes
+    let events = server.events();
+
+    // A sane rate (every 50 ms) is answered for as long as it lasts.
+    let mut polite = RawPeer::connect(server.local_addr());
+    for seq in 0..8 {
+        assert_pings(&mut polite, seq);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A flood: a ping every millisecond, reading what comes back meanwhile.
+    let mut flood = RawPeer::connect(server.local_addr());
+    let flood_addr = flood.local_addr();
+    let mut pongs = 0;
+    let mut close = None;
+    let started = Instant::now();
+    'flood: for seq in 0..2_000u64 {
+        assert!(started.elapsed() < PROMPTLY, "no Close after {seq} pings");
+        if flood.try_send(&encode_ping(seq)).is_err() {
+            break;
+        }
+        let until = Instant::now() + Duration::from_millis(1);
+        loop {
+            match flood.read(until) {
+                Ok(Some(f)) if f.header.kind == Kind::Pong => pongs += 1,
+                Ok(Some(f)) if f.header.kind == Kind::Close => {
+                    close = Some(f);
+                    break 'flood;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(end) => {
+                    panic!("the stream ended before a Close was read: {end:?} ({pongs} pongs)")
+                }
+            }
+        }
+    }
+    let close = close.expect("a Close frame");
+    assert_close(&close, CloseStatus::TooManyPings, "pings");
+    // Under load the 1 ms pacing can stretch past 10 ms, which rightly
+    // resets the strikes; the flood is still closed soon.
+    assert!(pongs < 500, "{pongs} pongs before the Close");
+    assert_eq!(
+        wait_disconnected(&events, flood_addr),
+        DisconnectReason::TooManyPings
+    );
+
+    // Pings that arrive together in one read (queued behind something on
+    // the way) count as one arrival, not as a flood.
+    let mut burst = RawPeer::connect(server.local_addr());
+    let five: Vec<u8> = (0..5).flat_map(encode_ping).collect();
+    burst.send(&five);
+    let pongs: Vec<u64> = (0..5)
+        .map(|_| burst.next_frame(PROMPTLY).header.id)
+        .collect();
+    assert_eq!(pongs, [0, 1, 2, 3, 4], "each ping of the burst is answered");
+    std::thread::sleep(Duration::from_millis(20));
+    assert_pings(&mut burst, 5);
+
+    // The polite peer is still served.
+    assert_pings(&mut polite, 100);
+    wait_until(PROMPTLY, "the flood's connection to be released", || {
+        server.connection_count() == 2
+    });
+}
+
+// ----- slowloris ---------------------------------------------------------------------------
+
+#[test]
+fn a_trickling_frame_is_closed_by_frame_timeout_not_by_the_heartbeat() {
+    let _shared = MEMORY.read();
+    let frame_timeout = Duration::from_millis(300);
+    let server = server(ServerConfig {
+        connection: pulse::ConnectionConfig {
+            // Silence would be detected after 200 ms: earlier than the frame timeout.
+            heartbeat: heartbeat(100, 2),
+            frame_timeout: Some(frame_timeout),
+            ..Default::default()
+        },
+        ..server_config()
+    });
+    let events = server.events();
+
+    // A header announcing 1,000 bytes, then one byte every 50 ms; server
+    // pings are never answered: only the trickle keeps the peer "alive".
+    let mut raw = RawPeer::connect(server.local_addr());
+    let raw_addr = raw.local_addr();
+    let started = Instant::now();
+    raw.send(&Header::new(Kind::Request, 0, 1, 1000).encode());
+    let close = loop {
+        assert!(started.elapsed() < PROMPTLY, "no Close within {PROMPTLY:?}");
+        match raw.read(Instant::now() + Duration::from_millis(50)) {
+            Ok(Some(f)) if f.header.kind == Kind::Close => break f,
+            Ok(Some(f)) => assert_eq!(f.header.kind, Kind::Ping, "{f:?}"),
+            Ok(None) => {}
+            Err(end) => panic!("the stream ended before a Close was read: {end:?}"),
+        }
+        if raw.try_send(&[0xc0]).is_err() {
+            panic!("the server closed without a Close frame");
+        }
+    };
+    let closed_after = started.elapsed();
+    assert_close(&close, CloseStatus::ProtocolError, "frame_timeout");
+    assert!(
+        closed_after >= frame_timeout,
+        "closed after {closed_after:?}: before frame_timeout"
+    );
+    assert!(
+        closed_after < frame_timeout + Duration::from_secs(3),
+        "closed after {closed_after:?}"
+    );
+    assert_eq!(
+        wait_disconnected(&events, raw_addr),
+        DisconnectReason::FrameTimeout
+    );
+
+    // Without the trickle, the heartbeat (200 ms) fires before the frame timeout.
+    let mut silent = RawPeer::connect(server.local_addr());
+    let silent_addr = silent.local_addr();
+    silent.send(&Header::new(Kind::Request, 0, 1, 1000).encode());
+    let close = silent.expect_close_then_end(PROMPTLY);
+    assert_close(&close, CloseStatus::HeartbeatTimeout, "");
+    assert_eq!(
+        wait_disconnected(&events, silent_addr),
+        DisconnectReason::HeartbeatTimeout
+    );
+
+    // A slow frame that completes in time is served.
+    let mut slow = RawPeer::connect(server.local_addr());
+    let bytes = request(5, "ping", 77);
+    slow.send(&bytes[..HEADER_LEN + 2]);
+    std::thread::sleep(Duration::from_millis(50));
+    slow.send(&bytes[HEADER_LEN + 2..]);
+    let response = slow.next_frame(PROMPTLY);
+    assert_eq!((response.header.id, response.header.status), (5, 0));
+    assert_eq!(rmp_serde::from_slice::<u64>(&response.body).unwrap(), 77);
+}
+
+// ----- max idle ----------------------------------------------------------------------------
+
+#[test]
+fn max_idle_closes_a_connection_without_calls_pings_do_not_count_a_running_call_does() {
+    let _shared = MEMORY.read();
+    let max_idle = Duration::from_millis(400);
+    let server = server(ServerConfig {
+        connection: pulse::ConnectionConfig {
+            heartbeat: heartbeat(100, 3),
+            ..Default::default()
+        },
+        max_idle: Some(max_idle),
+        ..server_config()
+    });
+    let events = server.events();
+
+    // A raw peer that pings every 50 ms and answers the server's pings, but
+    // makes no call.
+    let mut raw = RawPeer::connect(server.local_addr());
+    let raw_addr = raw.local_addr();
+    let started = Instant::now();
+    let mut seq = 0;
+    let close = loop {
+        assert!(started.elapsed() < PROMPTLY, "no Close within {PROMPTLY:?}");
+        seq += 1;
+        if raw.try_send(&encode_ping(seq)).is_err() {
+            panic!("the server closed without a Close frame");
+        }
+        let until = Instant::now() + Duration::from_millis(50);
+        let mut got = None;
+        while let Ok(Some(f)) = raw.read(until) {
+            match f.header.kind {
+                Kind::Ping => {
+                    let _ = raw.try_send(&encode_pong(f.header.id));
+                }
+                Kind::Close => {
+                    got = Some(f);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if let Some(close) = got {
+            break close;
+        }
+    };
+    let idle_for = started.elapsed();
+    assert_close(&close, CloseStatus::IdleTimeout, "max_idle");
+    assert!(
+        idle_for + SLACK >= max_idle,
+        "closed after {idle_for:?}, before max_idle"
+    );
+    assert!(
+        idle_for < max_idle + Duration::from_secs(3),
+        "closed after {idle_for:?}"
+    );
+    assert!(
+        seq >= 6,
+        "only {seq} pings were sent: they did not have a chance to reset it"
+    );
+    assert_eq!(
+        wait_disconnected(&events, raw_addr),
+        DisconnectReason::IdleTimeout
+    );
+
+    // A call running for twice max_idle holds the bound off; once it is
+    // done, the idle clock starts from its end.
+    let client = Client::connect(
+        server.local_addr(),
+        ClientConfig {
+            connection: pulse::ConnectionConfig {
+                heartbeat: heartbeat(100, 3),
+                ..Default::default()
+            },
+            ..client_config()
+        },
+    )
+    .expect("connect");
+    let client_events = client.events();
+    assert_eq!(
+        client
+            .call::<_, u64>("demo", "sleep", &900u64)
+            .expect("a long call is not idleness"),
+        900
+    );
+    let call_done = Instant::now();
+    let (event, before) = wait_event(&client_events, PROMPTLY, |e| {
+        matches!(e, Event::Disconnected { .. })
+    });
+    let idle_for = call_done.elapsed();
+    assert!(
+        !before
+            .iter()
+            .any(|e| matches!(e, Event::Reconnecting { .. })),
+        "disconnected during the call: {before:?}"
+    );
+    match event {
+        Event::Disconnected {
+            reason: DisconnectReason::PeerClosed { status, detail },
+            ..
+        } => {
+            assert_eq!(status, Some(CloseStatus::IdleTimeout), "{detail}");
+            assert!(detail.contains("max_idle"), "{detail}");
+        }
+        other => panic!("expected peer_closed(IdleTimeout), got {other:?}"),
+    }
+    assert!(
+        idle_for + SLACK >= max_idle,
+        "closed {idle_for:?} after the call's response: the idle time must count from the end of the call"
+    );
+    // The client reconnects (and will be idled out again: that is the bound).
+    wait_connected(&client_events);
+    assert_eq!(client.call::<_, u64>("demo", "ping", &3u64).unwrap(), 3);
+}
+
+// ----- max age -----------------------------------------------------------------------------
+
+#[test]
+fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reconnects() {
+    let _shared = MEMORY.read();
+    let max_age = Duration::from_millis(500);
+    let server = server(ServerConfig {
+        max_age: Some(max_age),
+        linger: Duration::from_secs(5),
+        ..server_config()
+    });
+    let server_events = server.events();
+
+    // A raw peer making no call gets Close(Normal) once the age is reached.
+    let mut raw = RawPeer::connect(server.local_addr());
+    let raw_addr = raw.local_addr();
+    let started = Instant::now();
+    let close = raw.expect_close_then_end(PROMPTLY);
+    let aged = started.elapsed();
+    assert_close(&close, CloseStatus::Normal, "max_age");
+    assert!(
+        aged + SLACK >= max_age,
+        "closed after {aged:?}, before max_age"
+    );
+    assert_eq!(
+        wait_disconnected(&server_events, raw_addr),
+        DisconnectReason::MaxAge
+    );
+
+    // A consumer with a call running across the age: the call finishes, a
+    // call made meanwhile is refused ShuttingDown, then Close(Normal).
+    let client = Client::connect(server.local_addr(), client_config()).expect("connect");
+    let connected = Instant::now();
+    let events = client.events();
+    let slow = client
+        .start::<_, u64>("demo", "sleep", &1500u64)
+        .expect("start the slow call");
+    std::thread::sleep((max_age + Duration::from_millis(300)).saturating_sub(connected.elapsed()));
+    match client.call::<_, u64>("demo", "ping", &1u64) {
+        Err(Error::Remote { status, message }) => {
+            assert_eq!(status, ResponseStatus::ShuttingDown, "{message}");
+            assert!(message.contains("max_age"), "{message}");
+        }
+        other => panic!("a call on a draining connection: expected ShuttingDown, got {other:?}"),
+    }
+    assert_eq!(
+        slow.wait()
+            .expect("the call started before max_age finishes"),
+        1500
+    );
+    let (event, _) = wait_event(&events, PROMPTLY, |e| {
+        matches!(e, Event::Disconnected { .. })
+    });
+    assert!(
+        matches!(
+            event,
+            Event::Disconnected {
+                reason: DisconnectReason::PeerShutdown,
+                ..
+            }
+        ),
+        "{event:?}"
+    );
+    wait_connected(&events);
+    assert_eq!(
+        client
+            .call::<_, u64>("demo", "ping", &2u64)
+            .expect("a call on the new connection"),
+        2
+    );
+    let (event, _) = wait_event(&server_events, PROMPTLY, |e| {
+        matches!(
+            e,
+            Event::Disconnected {
+                reason: DisconnectReason::MaxAge,
+                ..
+            }
+        )
+    });
+    assert!(matches!(event, Event::Disconnected { .. }));
+}
+
+/// A graceful close (max_age) sends every response that was finished
+/// before it, and nothing after it. The consumer here reads nothing until the
+/// Close is queued, so the provider's socket is full: a 12 MiB response is
+/// half-written, and a second response finishes behind it.
+#[test]
+fn max_age_sends_every_finished_response_before_its_close_and_nothing_after() {
+    let _shared = MEMORY.read();
+    let max_age = Duration::from_millis(500);
+    let server = server(ServerConfig {
+        max_age: Some(max_age),
+        linger: Duration::from_secs(5),
+        ..server_config()
+    });
+    let mut raw = RawPeer::connect(server.local_addr());
+    let started = Instant::now();
+    let mut both = request(1, "blob", 12 << 20);
+    both.extend(request(2, "sleep", 800));
+    raw.send(&both);
+    // The age passes at 500 ms, the sleep ends at ~800 ms, the Close is
+    // queued then; read from 1.3 s on.
+    std::thread::sleep(Duration::from_millis(1300).saturating_sub(started.elapsed()));
+    let (frames, end) = raw.read_to_end(PROMPTLY);
+    let kinds: Vec<(Kind, u64)> = frames
+        .iter()
+        .map(|f| (f.header.kind, f.header.id))
+        .collect();
+    assert!(
+        !matches!(end, reliability_support::End::Eof { mid_frame: true }),
+        "{end:?}"
+    );
+    let close_at = kinds
+        .iter()
+        .position(|(k, _)| *k == Kind::Close)
+        .unwrap_or_else(|| panic!("no Close frame: {kinds:?}"));
+    assert_close(&frames[close_at], CloseStatus::Normal, "max_age");
+    assert_eq!(
+        kinds,
+        [(Kind::Response, 1), (Kind::Response, 2), (Kind::Close, 0)],
+        "both responses, then the Close, then nothing (the Close is frame {close_at})"
+    );
+}
+
+// ----- the consumer facing a hostile provider -----------------------------------------------
+
+/// What the consumer should make of the provider's bad behaviour.
+enum Expect {
+    /// This disconnect reason.
+    Reason(fn(&DisconnectReason) -> bool),
+    /// A protocol error: reason `protocol_error` whose detail mentions this,
+    /// and a Close(ProtocolError) sent back to the provider.
+    Protocol(String),
+}
+
+/// Connects a client to a fake provider, puts a call in flight, sends `bad`
+/// (then closes the socket as `then` says), and checks that the call fails
+/// with ConnectionLost at once, the client reports the expected reason,
+/// reconnects, and serves a call on the new connection.
+fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
+    let fake = FakeProvider::bind();
+    let config = ClientConfig {
+        connection: pulse::ConnectionConfig {
+            max_frame_len: 1 << 20,
+            ..Default::default()
+        },
+        ..client_config()
+    };
+    let client = Client::connect_lazy(fake.addr(), config).expect("client");
+    let events = client.events();
+    let mut peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+
+    let call = client
+        .start_timeout::<_, u64>("demo", "ping", &1u64, Duration::from_secs(20))
+        .expect("start a call");
+    let request = peer.next_frame(PROMPTLY);
+    assert_eq!(request.header.kind, Kind::Request, "{name}");
+
+    peer.send(bad);
+    let sent_at = Instant::now();
+    let mut peer = Some(peer);
+    match then {
+        Then::Keep => {}
+        Then::Fin => peer.as_ref().expect("open").shutdown_write(),
+        Then::Reset => peer.take().expect("open").reset(),
+    }
+    let outcome = call.wait();
+    let failed_after = sent_at.elapsed();
+    match &outcome {
+        Err(Error::ConnectionLost { .. }) => {}
+        other => {
+            panic!("{name}: the call in flight should fail with ConnectionLost, got {other:?}")
+        }
+    }
+    assert!(
+        failed_after < Duration::from_secs(3),
+        "{name}: the call failed only after {failed_after:?}"
+    );
+
+    let (event, _) = wait_event(&events, PROMPTLY, |e| {
+        matches!(e, Event::Disconnected { .. })
+    });
+    let Event::Disconnected { reason, .. } = event else {
+        unreachable!()
+    };
+    match expect {
+        Expect::Reason(pred) => assert!(pred(&reason), "{name}: unexpected reason {reason:?}"),
+        Expect::Protocol(has) => {
+            match &reason {
+                DisconnectReason::Protocol(detail) => {
+                    assert!(
+                        detail.contains(&has),
+                        "{name}: detail {detail:?} should mention {has:?}"
+                    )
+                }
+                other => panic!("{name}: expected protocol_error, got {other:?}"),
+            }
+            // The consumer told the provider why, then closed.
+            let (frames, _) = peer.as_mut().expect("open").read_to_end(PROMPTLY);
+            let close = frames.iter().find(|f| f.header.kind == Kind::Close);
+            let close =
+                close.unwrap_or_else(|| panic!("{name}: no Close sent back; got {frames:?}"));
+            assert_eq!(
+                close.header.status,
+                CloseStatus::ProtocolError as u8,
+                "{name}"
+            );
+        }
+    }
+    drop(peer);
+
+    // Reconnects and works.
+    let mut peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+    std::thread::scope(|s| {
+        let provider = s.spawn(move || {
+            let request = peer.next_frame_answering_pings(PROMPTLY);
+            peer.send(&encode_ok_response(request.header.id, &42u64).unwrap());
+            peer
+        });
+        assert_eq!(
+            client
+                .call::<_, u64>("demo", "ping", &42u64)
+                .expect("a call after reconnecting"),
+            42
+        );
+        let _peer = provider.join().expect("fake provider thread");
+        assert_eq!(client.state(), ConnectionState::Ready, "{name}");
+    });
+}
+
+/// What the fake provider does with its socket after the bad bytes.
+#[derive(Clone, Copy)]
+enum Then {
+    Keep,
+    Fin,
+    Reset,
+}
+
+fn frame(kind: Kind, status: u8, id: u64, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Header::new(kind, status, id, body.len() as u32)
+        .encode()
+        .to_vec();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+#[test]
+fn the_client_survives_each_close_status_from_its_provider() {
+    let _shared = MEMORY.read();
+    hostile_provider(
+        "Close(Normal)",
+        &encode_close(CloseStatus::Normal, "restarting"),
+        Then::Fin,
+        Expect::Reason(|r| *r == DisconnectReason::PeerShutdown),
+    );
+    for status in [
+        CloseStatus::HeartbeatTimeout,
+        CloseStatus::ProtocolError,
+        CloseStatus::TooManyPings,
+        CloseStatus::IdleTimeout,
+        CloseStatus::Overloaded,
+    ] {
+        fn check(r: &DisconnectReason, want: CloseStatus) -> bool {
+            matches!(r, DisconnectReason::PeerClosed { status: Some(s), detail } if *s == want && detail == "the reason")
+        }
+        let pred: fn(&DisconnectReason) -> bool = match status {
+            CloseStatus::HeartbeatTimeout => |r| check(r, CloseStatus::HeartbeatTimeout),
+            CloseStatus::ProtocolError => |r| check(r, CloseStatus::ProtocolError),
+            CloseStatus::TooManyPings => |r| check(r, CloseStatus::TooManyPings),
+            CloseStatus::IdleTimeout => |r| check(r, CloseStatus::IdleTimeout),
+            _ => |r| check(r, CloseStatus::Overloaded),
+        };
+        hostile_provider(
+            &format!("Close({status:?})"),
+            &encode_close(status, "the reason"),
+            Then::Fin,
+            Expect::Reason(pred),
+        );
+    }
+    // A status version 1 does not define, and a body that is not a str.
+    hostile_provider(
+        "Close(status 200)",
+        &frame(Kind::Close, 200, 0, b"\xa3why"),
+        Then::Fin,
+        Expect::Reason(
+            |r| matches!(r, DisconnectReason::PeerClosed { status: None, detail } if detail == "why"),
+        ),
+    );
+    hostile_provider(
+        "Close with a non-str body",
+        &frame(Kind::Close, 1, 0, b"\x93\x01\x02\x03"),
+        Then::Fin,
+        Expect::Reason(|r| {
+            matches!(
+                r,
+                DisconnectReason::PeerClosed {
+                    status: Some(CloseStatus::HeartbeatTimeout),
+                    ..
+                }
+            )
+        }),
+    );
+    // A Close that is not followed by the socket closing: the consumer closes.
+    hostile_provider(
+        "Close(Overloaded), socket left open",
+        &encode_close(CloseStatus::Overloaded, "the reason"),
+        Then::Keep,
+        Expect::Reason(|r| {
+            matches!(
+                r,
+                DisconnectReason::PeerClosed {
+                    status: Some(CloseStatus::Overloaded),
+                    ..
+                }
+            )
+        }),
+    );
+}
+
+#[test]
+fn the_client_survives_each_bad_frame_from_its_provider() {
+    let _shared = MEMORY.read();
+    let ping = Header::new(Kind::Ping, 0, 5, 0).encode();
+    let mut bad_magic = ping;
+    bad_magic[..2].copy_from_slice(b"HT");
+    hostile_provider(
+        "bad magic",
+        &bad_magic,
+        Then::Keep,
+        Expect::Protocol("magic".into()),
+    );
+    let mut bad_version = ping;
+    bad_version[2] = 9;
+    hostile_provider(
+        "bad version",
+        &bad_version,
+        Then::Keep,
+        Expect::Protocol("version 9".into()),
+    );
+    for kind in [0u8, 7, 0xff] {
+        let mut bad_kind = ping;
+        bad_kind[3] = kind;
+        hostile_provider(
+            "bad kind",
+            &bad_kind,
+            Then::Keep,
+            Expect::Protocol(format!("kind {kind}")),
+        );
+    }
+    let mut bad_codec = ping;
+    bad_codec[4] = 2;
+    hostile_provider(
+        "bad codec",
+        &bad_codec,
+        Then::Keep,
+        Expect::Protocol("codec 2".into()),
+    );
+    hostile_provider(
+        "body_len over the client's max_frame_len",
+        &Header::new(Kind::Response, 0, 1, (1 << 20) + 1).encode(),
+        Then::Keep,
+        Expect::Protocol("max_frame_len".into()),
+    );
+    hostile_provider(
+        "body_len of 4 GiB",
+        &Header::new(Kind::Response, 0, 1, u32::MAX).encode(),
+        Then::Keep,
+        Expect::Protocol("max_frame_len".into()),
+    );
+    // A frame cut short by EOF, and by a reset.
+    let response = encode_ok_response(1, &vec![7u8; 1000]).unwrap();
+    hostile_provider(
+        "half a response then EOF",
+        &response[..response.len() / 2],
+        Then::Fin,
+        Expect::Reason(|r| matches!(r, DisconnectReason::PeerClosed { status: None, .. })),
+    );
+    hostile_provider(
+        "half a header then a reset",
+        &response[..7],
+        Then::Reset,
+        Expect::Reason(|r| {
+            matches!(
+                r,
+                DisconnectReason::Io(_) | DisconnectReason::PeerClosed { status: None, .. }
+            )
+        }),
+    );
+}
+
+/// Frames a consumer must survive without losing its connection.
+#[test]
+fn the_client_keeps_its_connection_through_odd_but_legal_frames() {
+    let _shared = MEMORY.read();
+    let fake = FakeProvider::bind();
+    let client = Client::connect_lazy(fake.addr(), client_config()).expect("client");
+    let events = client.events();
+    let mut peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+
+    std::thread::scope(|s| {
+        let provider = s.spawn(|| {
+            // 1: a response with a status version 1 does not define.
+            let r = peer.next_frame_answering_pings(PROMPTLY);
+            peer.send(&frame(Kind::Response, 99, r.header.id, b"\xa4oops"));
+            // 2: an Ok response that does not decode as the caller's type.
+            let r = peer.next_frame_answering_pings(PROMPTLY);
+            peer.send(&frame(Kind::Response, 0, r.header.id, b"\xa5hello"));
+            // 3: unsolicited frames first, then the real answer.
+            let r = peer.next_frame_answering_pings(PROMPTLY);
+            let mut noise = frame(Kind::Response, 0, r.header.id + 1_000_000, b"\x01");
+            noise.extend(encode_pong(123_456)); // a pong for no ping
+            noise.extend(encode_request(Kind::OneWay, 5, "x", "", "", "y", &()).unwrap());
+            noise.extend(encode_request(Kind::Request, 77, "x", "", "", "y", &()).unwrap());
+            noise.extend(encode_ping(31));
+            noise.extend(encode_ok_response(r.header.id, &3u64).unwrap());
+            peer.send(&noise);
+            // The consumer answers the provider's request and ping.
+            let mut answered = Vec::new();
+            while answered.len() < 2 {
+                let f = peer.next_frame_answering_pings(PROMPTLY);
+                match f.header.kind {
+                    Kind::Response => answered.push((f.header.id, f.header.status)),
+                    Kind::Pong => answered.push((f.header.id, 255)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            answered.sort();
+            answered
+        });
+        match client.call::<_, u64>("demo", "ping", &1u64) {
+            Err(Error::Protocol(message)) => assert!(message.contains("99"), "{message}"),
+            other => panic!("unknown response status: expected a protocol error, got {other:?}"),
+        }
+        match client.call::<_, u64>("demo", "ping", &2u64) {
+            Err(Error::Codec(message)) => assert!(message.contains("u64"), "{message}"),
+            other => panic!("undecodable result: expected a codec error, got {other:?}"),
+        }
+        assert_eq!(client.call::<_, u64>("demo", "ping", &3u64).unwrap(), 3);
+        let answered = provider.join().expect("fake provider");
+        assert_eq!(
+            answered,
+            [(31, 255), (77, ResponseStatus::ServiceNotFound as u8)]
+        );
+    });
+    let disconnects: Vec<Event> = events
+        .try_iter()
+        .filter(|e| matches!(e, Event::Disconnected { .. }))
+        .collect();
+    assert!(disconnects.is_empty(), "{disconnects:?}");
+    assert_eq!(client.state(), ConnectionState::Ready);
+}

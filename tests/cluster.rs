@@ -1,0 +1,605 @@
+//! `ClusterClient` over the static registry, against three in-process
+//! providers: every balancing strategy spreads calls as it promises, a frozen
+//! or stopped provider leaves rotation within the heartbeat bound without
+//! losing an idempotent call and comes back after recovery, non-idempotent
+//! calls are never retried, the provider set follows the registry, and with
+//! no healthy provider calls fail fast.
+//!
+//! Providers and consumers use a 100 ms heartbeat with 3 missed intervals,
+//! so a frozen provider is declared dead within 300 ms plus a timer tick.
+
+mod cluster_support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster_support::*;
+use pulse::cluster::{
+    CallOptions, Candidate, ClusterClient, ClusterConfig, ClusterEvent, ConsistentHash, Endpoint,
+    LeastInflight, LoadBalancer, LowestRtt, Random, RoundRobin, ServiceKey,
+    SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
+};
+use pulse::{ConnectionState, Error};
+
+/// Detection bound: `max_missed × interval` + one 5 ms tick + a margin for a
+/// loaded 2-core machine running a debug build.
+const LEAVES_ROTATION_WITHIN: Duration = Duration::from_millis(300 + 5 + 500);
+
+fn service() -> ServiceKey {
+    ServiceKey::from(SERVICE)
+}
+
+/// The liveness tests' config: 100 ms heartbeat, 3 missed; `whoami` and
+/// `work` are idempotent.
+fn config() -> ClusterConfig {
+    ClusterConfig {
+        client: client_config(),
+        ..ClusterConfig::default()
+    }
+    .idempotent(["whoami", "work"])
+}
+
+/// The balancing tests' config: a 1 s heartbeat (providers too, see
+/// [`steady_providers`]), so a scheduling stall of the loaded test machine
+/// (100 ms and more happen while other builds run) takes no provider out of
+/// rotation and skews no statistics.
+fn steady_config() -> ClusterConfig {
+    let mut config = config();
+    config.client.connection.heartbeat.interval = STEADY_HEARTBEAT;
+    config
+}
+
+const STEADY_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A cluster client over `endpoints` with the balancing tests' config,
+/// waiting until all are healthy.
+fn cluster_over(
+    endpoints: Vec<Endpoint>,
+    lb: impl LoadBalancer,
+) -> (StaticRegistry, ClusterClient) {
+    cluster_with(endpoints, lb, steady_config())
+}
+
+/// A cluster client over `endpoints`, waiting until all are healthy.
+fn cluster_with(
+    endpoints: Vec<Endpoint>,
+    lb: impl LoadBalancer,
+    config: ClusterConfig,
+) -> (StaticRegistry, ClusterClient) {
+    let n = endpoints.len();
+    let registry = StaticRegistry::new().with(service(), endpoints);
+    let cluster = ClusterClient::new(&registry, service(), lb, config).expect("cluster client");
+    assert!(
+        cluster.wait_ready(n, PROMPTLY),
+        "providers not ready: {:?}",
+        cluster.providers()
+    );
+    (registry, cluster)
+}
+
+/// `n` providers with the liveness tests' 100 ms heartbeat.
+fn start_providers(n: u32) -> Vec<Provider> {
+    (0..n).map(|id| Provider::start(id, 0)).collect()
+}
+
+/// `n` providers with the balancing tests' 1 s heartbeat.
+fn steady_providers(n: u32) -> Vec<Provider> {
+    (0..n)
+        .map(|id| Provider::start_with(id, 0, STEADY_HEARTBEAT))
+        .collect()
+}
+
+/// How many of `calls` calls of `whoami` each provider id answered.
+fn spread(cluster: &ClusterClient, calls: usize) -> Vec<usize> {
+    let mut counts = vec![0; 3];
+    for _ in 0..calls {
+        let id: u32 = cluster.call("whoami", &()).expect("whoami");
+        counts[id as usize] += 1;
+    }
+    counts
+}
+
+fn healthy(cluster: &ClusterClient, addr: SocketAddr) -> bool {
+    cluster
+        .providers()
+        .iter()
+        .any(|p| p.addr == addr && p.healthy)
+}
+
+#[test]
+fn random_spreads_calls_uniformly() {
+    let _serial = serial();
+    init_log();
+    let providers = steady_providers(3);
+    let (_registry, cluster) = cluster_over(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        Random::new(),
+    );
+    let counts = spread(&cluster, 900);
+    for n in &counts {
+        assert!((200..=400).contains(n), "expected ~300 each: {counts:?}");
+    }
+}
+
+#[test]
+fn weighted_random_follows_the_weights() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let endpoints = providers
+        .iter()
+        .zip([1, 2, 3])
+        .map(|(p, w)| Endpoint::weighted(p.addr(), w))
+        .collect();
+    let (_registry, cluster) = cluster_over(endpoints, WeightedRandom::new());
+    let counts = spread(&cluster, 1200);
+    for (n, want) in counts.iter().zip([200, 400, 600]) {
+        assert!(
+            n.abs_diff(want) <= 120,
+            "expected ~[200, 400, 600]: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn round_robin_takes_turns() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let (_registry, cluster) = cluster_over(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        RoundRobin::new(),
+    );
+    let ids: Vec<u32> = (0..30)
+        .map(|_| cluster.call("whoami", &()).unwrap())
+        .collect();
+    for (k, id) in ids.iter().enumerate() {
+        assert_eq!(*id, ids[k % 3], "not a cycle: {ids:?}");
+    }
+    let mut first = ids[..3].to_vec();
+    first.sort_unstable();
+    assert_eq!(first, [0, 1, 2], "{ids:?}");
+}
+
+#[test]
+fn smooth_weighted_round_robin_gives_nginx_sequence() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let endpoints = providers
+        .iter()
+        .zip([5, 1, 1])
+        .map(|(p, w)| Endpoint::weighted(p.addr(), w))
+        .collect();
+    let (_registry, cluster) = cluster_over(endpoints, SmoothWeightedRoundRobin::new());
+    let sequence: String = (0..14)
+        .map(|_| {
+            let id: u32 = cluster.call("whoami", &()).unwrap();
+            (b'a' + id as u8) as char
+        })
+        .collect();
+    assert_eq!(sequence, "aabacaaaabacaa");
+}
+
+#[test]
+fn consistent_hash_keeps_keys_on_their_provider() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let (_registry, cluster) = cluster_over(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        ConsistentHash::new(),
+    );
+    let mut owners = HashMap::new();
+    for round in 0..3 {
+        for k in 0..300 {
+            let key = format!("user-{k}");
+            let id: u32 = cluster
+                .call_with("whoami", &(), &CallOptions::new().key(key.as_bytes()))
+                .unwrap();
+            let owner = *owners.entry(k).or_insert(id);
+            assert_eq!(owner, id, "key {key} moved in round {round}");
+        }
+    }
+    let mut per_provider = [0; 3];
+    for id in owners.values() {
+        per_provider[*id as usize] += 1;
+    }
+    for n in per_provider {
+        assert!(n >= 50, "keys not spread: {per_provider:?} of 300");
+    }
+}
+
+#[test]
+fn least_inflight_starves_the_slow_provider() {
+    let _serial = serial();
+    // Provider 0 takes 100 ms per `work` call, the others 2 ms.
+    let providers: Vec<Provider> = [100, 2, 2]
+        .iter()
+        .enumerate()
+        .map(|(id, work)| Provider::start_with(id as u32, *work, STEADY_HEARTBEAT))
+        .collect();
+    let (_registry, cluster) = cluster_over(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        LeastInflight::new(),
+    );
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let counts: Vec<[usize; 3]> = std::thread::scope(|s| {
+        let callers: Vec<_> = (0..6)
+            .map(|_| {
+                let cluster = cluster.clone();
+                s.spawn(move || {
+                    let mut counts = [0; 3];
+                    while Instant::now() < deadline {
+                        let id: u32 = cluster.call("work", &()).expect("work");
+                        counts[id as usize] += 1;
+                    }
+                    counts
+                })
+            })
+            .collect();
+        callers.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let total: [usize; 3] = counts
+        .iter()
+        .fold([0; 3], |a, c| [a[0] + c[0], a[1] + c[1], a[2] + c[2]]);
+    let sum: usize = total.iter().sum();
+    assert!(sum >= 100, "too few calls to judge: {total:?}");
+    // Random would give the slow one a third of the calls; least-inflight
+    // gives it a few percent.
+    assert!(
+        total[0] * 100 < sum * 15,
+        "the slow provider took too much: {total:?}"
+    );
+    assert!(
+        total[1] > sum / 4 && total[2] > sum / 4,
+        "fast providers not shared: {total:?}"
+    );
+}
+
+#[test]
+fn lowest_rtt_avoids_the_distant_provider() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    // Provider 0 sits behind a proxy adding 20 ms each way.
+    let proxy = Proxy::start(providers[0].addr());
+    proxy.set_delay(Duration::from_millis(20));
+    let endpoints = vec![
+        Endpoint::new(proxy.addr()),
+        Endpoint::new(providers[1].addr()),
+        Endpoint::new(providers[2].addr()),
+    ];
+    let (_registry, cluster) = cluster_over(endpoints, LowestRtt::new());
+    wait_until(PROMPTLY, "every provider has a measured RTT", || {
+        cluster.providers().iter().all(|p| p.rtt.is_some())
+    });
+    let far = cluster.providers()[0].rtt.unwrap();
+    assert!(
+        far >= Duration::from_millis(30),
+        "the proxy's RTT is only {far:?}"
+    );
+    let mut counts = [0; 3];
+    let mut seen = Vec::new();
+    for _ in 0..300 {
+        let id: u32 = cluster.call("whoami", &()).expect("whoami");
+        counts[id as usize] += 1;
+        if id == 0 {
+            seen.push(cluster.providers());
+        }
+    }
+    assert_eq!(
+        counts[0],
+        0,
+        "the distant provider got calls: {counts:?}; {:?}",
+        seen.first()
+    );
+}
+
+/// One call: when it started, and what it returned.
+type Outcome = (Instant, Result<u32, String>);
+
+/// Calls `method` from `threads` threads until `stop`, recording each
+/// outcome with its start time.
+struct Callers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<Vec<Outcome>>>,
+}
+
+impl Callers {
+    fn start(cluster: &ClusterClient, method: &'static str, threads: usize) -> Callers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..threads)
+            .map(|_| {
+                let cluster = cluster.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut log = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = cluster
+                            .call::<_, u32>(method, &())
+                            .map_err(|e| e.to_string());
+                        log.push((Instant::now(), r));
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    log
+                })
+            })
+            .collect();
+        Callers { stop, handles }
+    }
+
+    fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all: Vec<_> = self
+            .handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort_by_key(|(t, _)| *t);
+        all
+    }
+}
+
+#[test]
+fn a_frozen_provider_leaves_rotation_and_returns_without_losing_idempotent_calls() {
+    let _serial = serial();
+    init_log();
+    let providers = start_providers(3);
+    let proxies: Vec<Proxy> = providers.iter().map(|p| Proxy::start(p.addr())).collect();
+    let (_registry, cluster) = cluster_with(
+        proxies.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        RoundRobin::new(),
+        config(),
+    );
+    let frozen = proxies[1].addr();
+    let callers = Callers::start(&cluster, "whoami", 3);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let froze_at = proxies[1].blackhole();
+    let left_after = wait_until(PROMPTLY, "the frozen provider leaves rotation", || {
+        !healthy(&cluster, frozen)
+    });
+    assert!(
+        left_after <= LEAVES_ROTATION_WITHIN,
+        "left rotation after {left_after:?}, bound {LEAVES_ROTATION_WITHIN:?}"
+    );
+    wait_until(PROMPTLY, "the frozen provider is declared dead", || {
+        cluster
+            .providers()
+            .iter()
+            .any(|p| p.addr == frozen && matches!(p.state, ConnectionState::Connecting { .. }))
+    });
+    let dead_after = froze_at.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+
+    let thawed_at = proxies[1].pass();
+    let back_after = wait_until(PROMPTLY, "the provider comes back", || {
+        healthy(&cluster, frozen)
+    });
+    let back_at = thawed_at + back_after;
+    std::thread::sleep(Duration::from_millis(400));
+    let log = callers.finish();
+
+    let failures: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} idempotent calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let before = log
+        .iter()
+        .filter(|(t, r)| *t < froze_at && *r == Ok(1))
+        .count();
+    let while_frozen = log
+        .iter()
+        .filter(|(t, r)| *t > froze_at + LEAVES_ROTATION_WITHIN && *t < thawed_at && *r == Ok(1))
+        .count();
+    let after = log
+        .iter()
+        .filter(|(t, r)| *t > back_at && *r == Ok(1))
+        .count();
+    println!(
+        "{} calls; provider 1 served {before} before the freeze, {while_frozen} while frozen, {after} after; \
+         left rotation after {left_after:?}, declared dead after {dead_after:?}, back {back_after:?} after the thaw",
+        log.len()
+    );
+    assert!(
+        before > 0 && after > 0,
+        "provider 1 never served: {before} before, {after} after"
+    );
+    assert_eq!(while_frozen, 0);
+    assert!(providers[1].served() > 0);
+}
+
+#[test]
+fn a_stopped_provider_is_failed_over_without_losing_idempotent_calls() {
+    let _serial = serial();
+    let mut providers = start_providers(3);
+    let (_registry, cluster) = cluster_with(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        RoundRobin::new(),
+        config(),
+    );
+    let stopped = providers[2].addr();
+    let callers = Callers::start(&cluster, "whoami", 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = Instant::now();
+    let provider = providers.remove(2);
+    let stopper = std::thread::spawn(move || provider.server.shutdown());
+    wait_until(PROMPTLY, "the stopped provider leaves rotation", || {
+        !healthy(&cluster, stopped)
+    });
+    let left_at = Instant::now();
+    stopper.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = callers.finish();
+    let failures: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let left_after = left_at - stopped_at;
+    assert!(
+        left_after <= LEAVES_ROTATION_WITHIN,
+        "left after {left_after:?}"
+    );
+    let late = log
+        .iter()
+        .filter(|(t, r)| *t > left_at && *r == Ok(2))
+        .count();
+    assert_eq!(
+        late, 0,
+        "the stopped provider served calls started after it left"
+    );
+    assert!(
+        log.iter().filter(|(t, _)| *t > left_at).count() > 50,
+        "too few calls after the stop to judge"
+    );
+}
+
+/// Sends every call to `target` while it is a candidate, else to the first
+/// candidate: makes "which provider takes the call" deterministic.
+struct Prefer(SocketAddr);
+
+impl LoadBalancer for Prefer {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        candidates
+            .iter()
+            .position(|c| c.addr == self.0)
+            .unwrap_or(0)
+    }
+
+    fn name(&self) -> &'static str {
+        "prefer"
+    }
+}
+
+#[test]
+fn only_idempotent_calls_are_retried_on_another_provider() {
+    let _serial = serial();
+    let providers = start_providers(3);
+    let proxies: Vec<Proxy> = providers.iter().map(|p| Proxy::start(p.addr())).collect();
+    let target = proxies[1].addr();
+    let (_registry, cluster) = cluster_with(
+        proxies.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        Prefer(target),
+        config(),
+    );
+    assert_eq!(cluster.call::<_, u32>("incr", &()).unwrap(), 1);
+    let served_elsewhere = || providers[0].served() + providers[2].served();
+    let others_before = served_elsewhere();
+
+    // `incr` is not idempotent: the call swallowed by the frozen provider
+    // fails with ConnectionLost when its connection is declared dead.
+    let froze_at = proxies[1].blackhole();
+    let err = cluster.call::<_, u32>("incr", &()).unwrap_err();
+    let took = froze_at.elapsed();
+    match &err {
+        Error::ConnectionLost { peer, .. } => assert_eq!(*peer, target, "{err}"),
+        other => panic!("expected ConnectionLost, got {other}"),
+    }
+    assert!(took <= LEAVES_ROTATION_WITHIN, "failed after {took:?}");
+    assert_eq!(
+        served_elsewhere(),
+        others_before,
+        "the non-idempotent call was retried"
+    );
+
+    // Once the provider is back, freeze it again under an idempotent call:
+    // it is retried on another provider and succeeds.
+    proxies[1].pass();
+    wait_until(PROMPTLY, "the provider comes back", || {
+        healthy(&cluster, target)
+    });
+    proxies[1].blackhole();
+    let traced = cluster
+        .call_traced::<_, u32>("incr", &(), &CallOptions::new().idempotent(true))
+        .expect("retried on another provider");
+    assert_eq!(traced.attempts, 2, "{traced:?}");
+    assert_ne!(traced.provider, target);
+    assert_eq!(served_elsewhere(), others_before + 1);
+}
+
+#[test]
+fn the_provider_set_follows_the_registry() {
+    let _serial = serial();
+    let providers = start_providers(3);
+    let (registry, cluster) = cluster_with(
+        vec![
+            Endpoint::new(providers[0].addr()),
+            Endpoint::new(providers[1].addr()),
+        ],
+        RoundRobin::new(),
+        config(),
+    );
+    let events = cluster.events();
+    assert_eq!(spread(&cluster, 30)[2], 0);
+
+    registry.set(
+        &service(),
+        providers.iter().map(|p| Endpoint::new(p.addr())),
+    );
+    let joined = wait_until(PROMPTLY, "the new provider joins", || {
+        healthy(&cluster, providers[2].addr())
+    });
+    assert!(joined < Duration::from_secs(1), "joined after {joined:?}");
+    assert_eq!(spread(&cluster, 30), [10, 10, 10]);
+
+    registry.set(&service(), [Endpoint::new(providers[0].addr())]);
+    wait_until(PROMPTLY, "two providers leave", || {
+        cluster.providers().len() == 1
+    });
+    assert_eq!(spread(&cluster, 10), [10, 0, 0]);
+    // The removed providers' connections are closed.
+    wait_until(PROMPTLY, "the removed providers' connections close", || {
+        providers[1].server.connection_count() == 0 && providers[2].server.connection_count() == 0
+    });
+    let seen: Vec<ClusterEvent> = events.try_iter().collect();
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, ClusterEvent::ProviderAdded { addr, .. } if *addr == providers[2].addr())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(
+            |e| matches!(e, ClusterEvent::ProviderRemoved { addr } if *addr == providers[1].addr())
+        ),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn with_no_healthy_provider_calls_fail_fast() {
+    let _serial = serial();
+    let registry = StaticRegistry::new().with(
+        service(),
+        [Endpoint::new(dead_addr()), Endpoint::new(dead_addr())],
+    );
+    let config = ClusterConfig {
+        ready_timeout: Duration::from_millis(200),
+        ..config()
+    };
+    let cluster =
+        ClusterClient::new(&registry, service(), RoundRobin::new(), config.clone()).unwrap();
+    let started = Instant::now();
+    let err = cluster.call::<_, u32>("whoami", &()).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, Error::NotConnected { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no healthy provider for service cluster"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("2 known, 2 connecting"), "{err}");
+
+    let empty = StaticRegistry::new();
+    let cluster = ClusterClient::new(&empty, service(), RoundRobin::new(), config).unwrap();
+    let err = cluster.call::<_, u32>("whoami", &()).unwrap_err();
+    assert!(err.to_string().contains("the registry lists none"), "{err}");
+}

@@ -1,0 +1,444 @@
+//! `EtcdRegistry` against a real etcd server on loopback.
+//!
+//! Each test starts its own `etcd` on free ports with a fresh data directory
+//! under cargo's test temp dir, and kills it when done (a `Drop` guard, so a
+//! failing test leaves nothing behind). The `etcd` binary must be installed:
+//! `scripts/etcd.sh install` (Debian's `etcd-server`) does it; without it
+//! these tests fail and say so.
+//!
+//! Providers whose death or freeze is tested run in a child process (this
+//! test binary re-run as `child_provider`), so "killed" is a real SIGKILL and
+//! "frozen" a real SIGSTOP: etcd only learns of either when the lease (TTL
+//! 2 s) is no longer renewed.
+
+mod cluster_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster_support::*;
+use pulse::cluster::{
+    ClusterClient, ClusterConfig, ClusterEvent, Endpoint, EtcdConfig, EtcdRegistry, Registry,
+    RoundRobin, ServiceKey,
+};
+
+/// The lease TTL providers register with.
+const TTL: Duration = Duration::from_secs(2);
+
+/// Where etcd can be found.
+fn etcd_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("etcd"))
+            .find(|p| p.is_file())
+    });
+    match on_path.or_else(|| Some(PathBuf::from("/usr/bin/etcd")).filter(|p| p.is_file())) {
+        Some(path) => path,
+        None => panic!(
+            "etcd is not installed, and these tests need a real etcd server: run \
+             `scripts/etcd.sh install` (installs Debian's etcd-server) and run them again"
+        ),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// A private etcd process: started on free ports, killed on drop.
+struct Etcd {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    fn start() -> Etcd {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "etcd-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the etcd test directory");
+        let mut etcd = Etcd {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    /// `host:port` of the client endpoint.
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// A registry client with quick retries.
+    fn registry(&self) -> EtcdRegistry {
+        EtcdRegistry::new(EtcdConfig {
+            retry_max: Duration::from_millis(500),
+            idle_check: Duration::from_secs(1),
+            ..EtcdConfig::new([self.endpoint()])
+        })
+        .expect("registry config")
+    }
+
+    /// (Re)starts the process on the same ports and data directory.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "etcd is already running");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .expect("open the etcd log");
+        let child = Command::new(etcd_binary())
+            .arg("--name=pulse-test")
+            .arg(format!("--data-dir={}", self.dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=pulse-test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let registry = self.registry();
+        let started = Instant::now();
+        while !registry.is_reachable() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "etcd exited with {status} during startup; see {}",
+                    self.dir.join("etcd.log").display()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "etcd did not answer within 30 s; see {}",
+                self.dir.join("etcd.log").display()
+            );
+            std::thread::sleep(ms(50));
+        }
+    }
+
+    /// SIGKILLs the process.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn service() -> ServiceKey {
+    ServiceKey::from(SERVICE)
+}
+
+fn listed(registry: &EtcdRegistry, addr: SocketAddr) -> bool {
+    registry
+        .list(&service())
+        .expect("list")
+        .iter()
+        .any(|e| e.addr == addr)
+}
+
+/// A provider in a child process: this test binary running `child_provider`.
+struct ChildProvider {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ChildProvider {
+    fn start(etcd: &Etcd) -> ChildProvider {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "child_provider",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("PULSE_ETCD_CHILD", etcd.endpoint())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the child provider");
+        let stdout = child.stdout.take().expect("child stdout");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest may print "test child_provider ... " first.
+                if let Some((_, addr)) = line.split_once("READY ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(PROMPTLY) {
+            Ok(addr) => addr.parse().expect("the child's address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the child provider did not register within {PROMPTLY:?}");
+            }
+        };
+        ChildProvider { child, addr }
+    }
+
+    fn signal(&self, signal: &str) {
+        // The shell's builtin `kill`: no dependency on procps.
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill {signal} {}", self.child.id()))
+            .status()
+            .expect("run sh -c kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+}
+
+impl Drop for ChildProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Not a test: the provider process of [`ChildProvider`]. Run only when the
+/// parent sets `PULSE_ETCD_CHILD`; serves, registers, prints `READY addr`,
+/// then lives until killed (60 s at most).
+#[test]
+#[ignore = "helper process for the other tests"]
+fn child_provider() {
+    let Ok(endpoint) = std::env::var("PULSE_ETCD_CHILD") else {
+        return;
+    };
+    init_log();
+    let provider = Provider::start(7, 0);
+    let registry = EtcdRegistry::from_url(&endpoint).expect("registry");
+    let _registration = registry
+        .register(&service(), Endpoint::new(provider.addr()), TTL)
+        .expect("register in etcd");
+    println!("READY {}", provider.addr());
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn a_killed_provider_disappears_when_its_lease_expires() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let registry = etcd.registry();
+    let provider = ChildProvider::start(&etcd);
+    assert!(listed(&registry, provider.addr));
+
+    let addr = provider.addr;
+    drop(provider); // SIGKILL: no deregistration
+    assert!(listed(&registry, addr), "gone at once: not a lease expiry");
+    let gone_after = wait_until(Duration::from_secs(6), "the key expires", || {
+        !listed(&registry, addr)
+    });
+    // Between TTL − TTL/3 (renewed just before the kill) and TTL plus etcd's
+    // 500 ms expiry scan, plus margin: the lease, not a deregistration.
+    assert!(
+        gone_after >= Duration::from_millis(900),
+        "gone after {gone_after:?}: too early for a lease expiry"
+    );
+    println!("killed provider gone after {gone_after:?}");
+}
+
+#[test]
+fn a_frozen_provider_expires_and_registers_again_when_thawed() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let registry = etcd.registry();
+    let provider = ChildProvider::start(&etcd);
+    assert!(listed(&registry, provider.addr));
+
+    provider.signal("-STOP");
+    let gone_after = wait_until(
+        Duration::from_secs(6),
+        "the frozen provider's key expires",
+        || !listed(&registry, provider.addr),
+    );
+    assert!(
+        gone_after >= Duration::from_millis(900),
+        "gone after {gone_after:?}: too early for a lease expiry"
+    );
+
+    // Thawed, its keep-alive finds the lease gone, grants a new one and
+    // registers again.
+    provider.signal("-CONT");
+    let back_after = wait_until(
+        Duration::from_secs(6),
+        "the thawed provider registers again",
+        || listed(&registry, provider.addr),
+    );
+    println!("frozen provider gone after {gone_after:?}, back {back_after:?} after the thaw");
+}
+
+#[test]
+fn a_consumer_sees_providers_join_within_a_second_and_leave() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let registry = etcd.registry();
+    let first = Provider::start(0, 0);
+    let _first_registration = registry
+        .register(&service(), Endpoint::new(first.addr()), TTL)
+        .unwrap();
+    let config = ClusterConfig {
+        client: client_config(),
+        ..ClusterConfig::default()
+    };
+    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
+
+    let second = Provider::start(1, 0);
+    let registered_at = Instant::now();
+    let registration = registry
+        .register(&service(), Endpoint::weighted(second.addr(), 7), TTL)
+        .unwrap();
+    wait_until(PROMPTLY, "the consumer sees the new provider", || {
+        cluster.providers().iter().any(|p| p.addr == second.addr())
+    });
+    let seen_after = registered_at.elapsed();
+    assert!(
+        seen_after < Duration::from_secs(1),
+        "seen after {seen_after:?}"
+    );
+    assert_eq!(
+        cluster
+            .providers()
+            .iter()
+            .find(|p| p.addr == second.addr())
+            .unwrap()
+            .weight,
+        7
+    );
+    assert!(cluster.wait_ready(2, PROMPTLY));
+    let ids: Vec<u32> = (0..4)
+        .map(|_| cluster.call("whoami", &()).unwrap())
+        .collect();
+    assert!(ids.contains(&1), "{ids:?}");
+
+    let deregistered_at = Instant::now();
+    registration.deregister().unwrap();
+    wait_until(PROMPTLY, "the consumer drops the provider", || {
+        cluster.providers().len() == 1
+    });
+    let dropped_after = deregistered_at.elapsed();
+    assert!(
+        dropped_after < Duration::from_secs(1),
+        "dropped after {dropped_after:?}"
+    );
+    println!(
+        "new provider seen after {seen_after:?}, deregistered one dropped after {dropped_after:?}"
+    );
+}
+
+#[test]
+fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
+    let _serial = serial();
+    let mut etcd = Etcd::start();
+    let registry = etcd.registry();
+    let first = Provider::start(0, 0);
+    let _first_registration = registry
+        .register(&service(), Endpoint::new(first.addr()), TTL)
+        .unwrap();
+    let config = ClusterConfig {
+        client: client_config(),
+        ..ClusterConfig::default()
+    };
+    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    let events = cluster.events();
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
+
+    etcd.kill();
+    let deadline = Instant::now() + PROMPTLY;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(ClusterEvent::RegistryLost { .. }) => break,
+            Ok(_) => {}
+            Err(_) => panic!("no RegistryLost event within {PROMPTLY:?}"),
+        }
+    }
+    // Longer than the lease TTL: the consumer keeps calling the provider it
+    // knows.
+    let outage_started = Instant::now();
+    let mut calls = 0;
+    while outage_started.elapsed() < TTL + Duration::from_millis(500) {
+        let id: u32 = cluster
+            .call("whoami", &())
+            .expect("calls go on while etcd is down");
+        assert_eq!(id, 0);
+        calls += 1;
+        std::thread::sleep(ms(10));
+    }
+    assert_eq!(cluster.providers().len(), 1);
+
+    etcd.spawn();
+    let deadline = Instant::now() + PROMPTLY;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(ClusterEvent::RegistryResumed) => break,
+            Ok(_) => {}
+            Err(_) => panic!("no RegistryResumed event within {PROMPTLY:?} of etcd's restart"),
+        }
+    }
+    let resumed_after = outage_started.elapsed();
+    // The provider's lease survived the restart (etcd renews leases when it
+    // comes back) or was granted again: it is still listed.
+    assert!(listed(&registry, first.addr()));
+    assert_eq!(cluster.providers().len(), 1);
+
+    // The watch runs again: a provider added now is seen.
+    let second = Provider::start(1, 0);
+    let registered_at = Instant::now();
+    let _second_registration = registry
+        .register(&service(), Endpoint::new(second.addr()), TTL)
+        .unwrap();
+    wait_until(
+        PROMPTLY,
+        "the consumer sees the provider added after the restart",
+        || cluster.providers().iter().any(|p| p.addr == second.addr()),
+    );
+    let seen_after = registered_at.elapsed();
+    assert!(
+        seen_after < Duration::from_secs(1),
+        "seen after {seen_after:?}"
+    );
+    assert!(cluster.wait_ready(2, PROMPTLY));
+    let ids: Vec<u32> = (0..4)
+        .map(|_| cluster.call("whoami", &()).unwrap())
+        .collect();
+    assert!(ids.contains(&1), "{ids:?}");
+    println!(
+        "{calls} calls during the outage, all served; watch resumed {resumed_after:?} after the kill; \
+         new provider seen after {seen_after:?}"
+    );
+}
