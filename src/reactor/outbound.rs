@@ -373,3 +373,104 @@ fn write_all_or_block(
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::{Domain, Type};
+    use std::io::Read;
+
+    /// A connected non-blocking pair with a tiny send buffer, so writes block.
+    fn pair() -> (Socket, Socket) {
+        let (a, b) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        a.set_send_buffer_size(4096).unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    /// Reads everything `b` has until `len` bytes arrived, flushing `out`
+    /// into `a` as room frees up.
+    fn drain(out: &Outbound, a: &Socket, b: &Socket, len: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while got.len() < len {
+            match (&*b).read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            out.flush(a).unwrap();
+        }
+        got
+    }
+
+    #[test]
+    fn control_frames_jump_queued_data_but_never_split_a_frame() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        // A large data frame that cannot be written at once, then two more.
+        let big = vec![b'A'; 256 * 1024];
+        assert_eq!(out.send(&a, big.clone(), Class::Data), Ok(Flush::Blocked));
+        assert_eq!(
+            out.send(&a, vec![b'B'; 10], Class::Data),
+            Ok(Flush::Blocked)
+        );
+        assert_eq!(
+            out.send(&a, vec![b'C'; 10], Class::Data),
+            Ok(Flush::Blocked)
+        );
+        // A Pong queued now goes right after the frame in progress.
+        assert_eq!(
+            out.send(&a, vec![b'P'; 20], Class::Control),
+            Ok(Flush::Blocked)
+        );
+        let got = drain(&out, &a, &b, big.len() + 40);
+        assert!(
+            got[..big.len()].iter().all(|&x| x == b'A'),
+            "the started frame is finished first"
+        );
+        assert_eq!(&got[big.len()..big.len() + 20], &[b'P'; 20][..]);
+        assert_eq!(&got[big.len() + 20..big.len() + 30], &[b'B'; 10][..]);
+        assert_eq!(&got[big.len() + 30..], &[b'C'; 10][..]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_graceful_final_frame_goes_last_and_an_error_one_replaces_unstarted_data() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        let big = vec![b'A'; 256 * 1024];
+        out.send(&a, big.clone(), Class::Data).unwrap();
+        out.send(&a, vec![b'B'; 10], Class::Data).unwrap();
+        out.send_final(&a, vec![b'Z'; 5], true).unwrap();
+        assert!(matches!(
+            out.send(&a, vec![b'X'], Class::Control),
+            Err(SendError::Closed(Some(_)))
+        ));
+        let got = drain(&out, &a, &b, big.len() + 15);
+        assert_eq!(&got[big.len()..], b"BBBBBBBBBBZZZZZ");
+
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        out.send(&a, big.clone(), Class::Data).unwrap();
+        out.send(&a, vec![b'B'; 10], Class::Data).unwrap();
+        out.send_final(&a, vec![b'Z'; 5], false).unwrap();
+        let got = drain(&out, &a, &b, big.len() + 5);
+        assert_eq!(
+            &got[big.len()..],
+            b"ZZZZZ",
+            "unstarted data is dropped, the Close follows the started frame"
+        );
+    }
+
+    #[test]
+    fn the_byte_bound_refuses_data_but_leaves_room_for_control_frames() {
+        let (a, _b) = pair();
+        let out = Outbound::new(300 * 1024);
+        out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
+        let refused = out.send(&a, vec![1u8; 20 * 1024], Class::Data);
+        assert!(matches!(refused, Err(SendError::Overloaded(frame)) if frame.len() == 20 * 1024));
+        assert!(out.send(&a, vec![2u8; 20], Class::Control).is_ok());
+    }
+}
