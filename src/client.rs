@@ -381,6 +381,7 @@ impl Client {
                         id,
                         deadline,
                         timeout,
+                        spin: link.config.spin_wait,
                         waited: false,
                         _result: PhantomData,
                     });
@@ -508,6 +509,8 @@ pub struct PendingCall<R> {
     id: u64,
     deadline: Instant,
     timeout: Duration,
+    /// `ClientConfig::spin_wait`.
+    spin: Duration,
     waited: bool,
     _result: PhantomData<fn() -> R>,
 }
@@ -520,13 +523,13 @@ impl<R: DeserializeOwned> PendingCall<R> {
     /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`.
     pub fn wait(mut self) -> Result<R> {
         self.waited = true;
-        let outcome = match self.slot.wait(self.deadline) {
+        let outcome = match self.slot.wait(self.deadline, self.spin) {
             Some(outcome) => outcome,
             None => {
                 self.conn.calls.remove(self.id);
                 // The response may have been delivered between the timeout and
                 // the removal: take it rather than lose it.
-                match self.slot.wait(Instant::now()) {
+                match self.slot.wait(Instant::now(), Duration::ZERO) {
                     Some(outcome) => outcome,
                     None => return Err(Error::Timeout(self.timeout)),
                 }

@@ -30,6 +30,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 mod event;
+mod job_queue;
 pub mod liveness;
 pub mod protocol;
 mod reactor;

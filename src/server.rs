@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
 use crate::config::{HandlerMode, ServerConfig};
 use crate::error::{Error, Result};
 use crate::event::{DisconnectReason, Event, EventSink};
+use crate::job_queue::{JobQueue, PushError};
 use crate::protocol::{
     CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response,
 };
@@ -68,7 +69,7 @@ impl ServerBuilder {
             .ok_or_else(|| Error::InvalidConfig(format!("{addr} is not an IP address")))?;
 
         let config = self.config;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.worker_queue);
+        let jobs = Arc::new(JobQueue::new(config.worker_queue));
         let events = EventSink::new(config.connection.event_capacity, "server");
         let runtime = Runtime::start(
             "pulse-server",
@@ -77,7 +78,7 @@ impl ServerBuilder {
         )?;
         let shared = Arc::new(ServerShared {
             registry: self.registry,
-            jobs: jobs_tx,
+            jobs: Arc::clone(&jobs),
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             config: config.clone(),
@@ -85,10 +86,10 @@ impl ServerBuilder {
         });
         let mut workers = Vec::with_capacity(config.worker_threads);
         for i in 0..config.worker_threads {
-            let jobs = jobs_rx.clone();
+            let jobs = Arc::clone(&jobs);
             let worker = std::thread::Builder::new()
                 .name(format!("pulse-worker-{i}"))
-                .spawn(move || run_worker(jobs))
+                .spawn(move || run_worker(&jobs))
                 .map_err(|e| Error::io("spawn worker thread", e))?;
             workers.push(worker);
         }
@@ -103,11 +104,7 @@ impl ServerBuilder {
         Ok(Server {
             local_addr,
             shared,
-            state: Mutex::new(Some(Running {
-                runtime,
-                workers,
-                jobs: jobs_rx,
-            })),
+            state: Mutex::new(Some(Running { runtime, workers })),
         })
     }
 }
@@ -115,8 +112,6 @@ impl ServerBuilder {
 struct Running {
     runtime: Runtime,
     workers: Vec<JoinHandle<()>>,
-    /// The pool's queue, to answer jobs left behind when the workers stop.
-    jobs: Receiver<Job>,
 }
 
 /// A running provider. Dropping it shuts it down gracefully.
@@ -200,7 +195,7 @@ impl Server {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         // Queued jobs run first: a worker stops at the first Stop it receives.
         for _ in &running.workers {
-            let _ = self.shared.jobs.send(Job::Stop);
+            self.shared.jobs.push_always(Job::Stop);
         }
         for worker in running.workers.drain(..) {
             if worker.join().is_err() {
@@ -209,7 +204,8 @@ impl Server {
         }
         // A request dispatched just before the flag was set may have been
         // queued behind the Stops: answer it rather than leave it hanging.
-        for job in running.jobs.try_iter() {
+        self.shared.jobs.close();
+        for job in self.shared.jobs.drain() {
             if let Job::Run {
                 conn, id, one_way, ..
             } = job
@@ -250,9 +246,9 @@ enum Job {
     Stop,
 }
 
-fn run_worker(jobs: Receiver<Job>) {
-    while let Ok(job) = jobs.recv() {
-        match job {
+fn run_worker(jobs: &JobQueue<Job>) {
+    loop {
+        match jobs.pop() {
             Job::Stop => return,
             Job::Run {
                 conn,
@@ -297,7 +293,7 @@ fn respond(conn: &ConnShared, response: Vec<u8>) {
 /// What a server's event loops share.
 pub(crate) struct ServerShared {
     registry: Registry,
-    jobs: Sender<Job>,
+    jobs: Arc<JobQueue<Job>>,
     shutting_down: AtomicBool,
     connections: AtomicUsize,
     config: ServerConfig,
@@ -395,13 +391,13 @@ impl ServerShared {
                     args_at,
                     one_way,
                 };
-                if let Err(e) = self.jobs.try_send(job) {
+                if let Err(e) = self.jobs.try_push(job) {
                     conn.handling.fetch_sub(1, Ordering::Relaxed);
                     let (status, message) = match e {
-                        TrySendError::Full(_) => {
+                        PushError::Full(_) => {
                             (ResponseStatus::Overloaded, "the worker queue is full")
                         }
-                        TrySendError::Disconnected(_) => {
+                        PushError::Closed(_) => {
                             (ResponseStatus::ShuttingDown, "the server is shutting down")
                         }
                     };

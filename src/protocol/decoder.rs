@@ -148,6 +148,9 @@ pub struct FrameDecoder {
     partial: Option<Partial>,
     /// Set by the first error; returned by every later `next_frame`.
     poisoned: Option<FrameError>,
+    /// The last `read_from` filled all the room it offered (so the source
+    /// may hold more bytes).
+    last_read_full: bool,
 }
 
 impl FrameDecoder {
@@ -162,6 +165,7 @@ impl FrameDecoder {
             end: 0,
             partial: None,
             poisoned: None,
+            last_read_full: false,
         }
     }
 
@@ -205,17 +209,21 @@ impl FrameDecoder {
     /// Any error of `reader.read()`, including `WouldBlock` and `Interrupted`,
     /// is returned as is; the decoder is unchanged.
     pub fn read_from<R: io::Read>(&mut self, mut reader: R) -> io::Result<usize> {
+        self.last_read_full = false;
         if self.poisoned.is_some() {
             self.start = 0;
             self.end = 0;
             self.ensure_buf();
-            return reader.read(&mut self.buf);
+            let n = reader.read(&mut self.buf)?;
+            self.last_read_full = n == self.buf.len();
+            return Ok(n);
         }
         if let Some(partial) = self.partial.as_mut() {
             let spare = partial.spare();
             let room = spare.len();
             let n = reader.read(spare)?.min(room);
             partial.filled += n;
+            self.last_read_full = n == room;
             return Ok(n);
         }
         self.make_room(MIN_READ);
@@ -225,7 +233,43 @@ impl FrameDecoder {
         let room = spare.len();
         let n = reader.read(spare)?.min(room);
         self.end += n;
+        self.last_read_full = n == room;
         Ok(n)
+    }
+
+    /// True when the last [`read_from`](Self::read_from) returned as many
+    /// bytes as it had room for. When it returned fewer, a stream socket had
+    /// no more bytes at that moment, and a caller driven by edge-triggered
+    /// readiness may wait for the next edge instead of reading again only to
+    /// get `WouldBlock` (one system call per wake-up saved).
+    pub fn last_read_was_full(&self) -> bool {
+        self.last_read_full
+    }
+
+    /// Takes the read buffer out while no byte is buffered, so an idle
+    /// connection holds no read memory; the buffer can serve another decoder
+    /// through [`adopt_buffer`](Self::adopt_buffer). `None` when bytes (or a
+    /// large body) are buffered, or there is no buffer.
+    pub fn release_buffer(&mut self) -> Option<Vec<u8>> {
+        if self.buffered_len() > 0 || self.buf.is_empty() || self.poisoned.is_some() {
+            return None;
+        }
+        self.start = 0;
+        self.end = 0;
+        Some(std::mem::take(&mut self.buf))
+    }
+
+    /// Uses `buf` (any contents; its length is the room) as the read buffer
+    /// if the decoder has none and buffers nothing; otherwise, or when `buf`
+    /// is too small to be worth it, hands it back.
+    pub fn adopt_buffer(&mut self, buf: Vec<u8>) -> Option<Vec<u8>> {
+        if !self.buf.is_empty() || self.buffered_len() > 0 || buf.len() < MIN_READ {
+            return Some(buf);
+        }
+        self.buf = buf;
+        self.start = 0;
+        self.end = 0;
+        None
     }
 
     /// Returns the next complete frame, or `None` when more bytes are needed.
@@ -608,6 +652,40 @@ mod tests {
         }
         assert_eq!(count, 50_000);
         assert_eq!(decoder.capacity(), READ_CHUNK);
+    }
+
+    #[test]
+    fn a_short_read_is_reported_and_an_idle_buffer_can_be_lent_out() {
+        let ping = frame_bytes(Kind::Ping, 1, b"");
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut reader = Chunked {
+            data: &ping,
+            piece: usize::MAX,
+            reads: 0,
+        };
+        decoder.read_from(&mut reader).unwrap();
+        assert!(!decoder.last_read_was_full(), "20 bytes into 64 KiB");
+        // Bytes are buffered: the buffer stays.
+        assert!(decoder.release_buffer().is_none());
+        assert!(decoder.next_frame().unwrap().is_some());
+        let lent = decoder.release_buffer().expect("drained");
+        assert_eq!(decoder.capacity(), 0, "an idle decoder holds nothing");
+        // Another decoder uses it; a decoder that holds bytes refuses it.
+        let mut other = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        other.feed(&ping[..5]);
+        let lent = other.adopt_buffer(lent).expect("refused: bytes buffered");
+        assert!(decoder.adopt_buffer(lent).is_none());
+        decoder.feed(&ping);
+        assert_eq!(decoder.next_frame().unwrap().map(|f| f.header.id), Some(1));
+        // A read that fills the room it was given says so.
+        let big = vec![0u8; 200_000];
+        let mut reader = Chunked {
+            data: &big,
+            piece: usize::MAX,
+            reads: 0,
+        };
+        decoder.read_from(&mut reader).unwrap();
+        assert!(decoder.last_read_was_full());
     }
 
     #[test]

@@ -89,16 +89,46 @@ pub(crate) struct CallSlot {
     ready: Condvar,
 }
 
-/// How long a waiting caller spins before it parks: a response that comes back
-/// within this time costs no sleep/wake-up of the caller thread. Zero when the
-/// process may use only one core: spinning there only delays the event loop
-/// that would deliver the response.
-fn spin_budget() -> Duration {
-    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *SPIN.get_or_init(|| match std::thread::available_parallelism() {
-        Ok(n) if n.get() > 1 => Duration::from_micros(20),
-        _ => Duration::ZERO,
+/// Callers spinning right now, across the process.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
+/// How many callers may spin at once: one core fewer than the process may
+/// use, so spinners never take every core from the event loops that deliver
+/// their responses (none at all on one core, where spinning only delays them).
+fn max_spinning() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::thread::available_parallelism().map_or(0, |n| n.get().saturating_sub(1))
     })
+}
+
+/// A place among the [`max_spinning`] spinners, given back on drop.
+struct SpinPlace;
+
+impl SpinPlace {
+    fn take() -> Option<SpinPlace> {
+        let mut spinning = SPINNING.load(Ordering::Relaxed);
+        loop {
+            if spinning >= max_spinning() {
+                return None;
+            }
+            match SPINNING.compare_exchange_weak(
+                spinning,
+                spinning + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(SpinPlace),
+                Err(now) => spinning = now,
+            }
+        }
+    }
+}
+
+impl Drop for SpinPlace {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl CallSlot {
@@ -121,10 +151,17 @@ impl CallSlot {
     }
 
     /// Waits until the outcome arrives or `deadline` passes (`None`).
-    pub(crate) fn wait(&self, deadline: Instant) -> Option<CallOutcome> {
-        let spin = spin_budget();
-        if !spin.is_zero() {
-            let spin_until = Instant::now() + spin;
+    ///
+    /// Busy-polls for up to `spin` first, if a spinning place is free (see
+    /// [`max_spinning`]): a response that arrives meanwhile costs the caller
+    /// no sleep and no wake-up, which is most of a call's latency when the
+    /// caller and the event loop run on different cores.
+    pub(crate) fn wait(&self, deadline: Instant, spin: Duration) -> Option<CallOutcome> {
+        if !spin.is_zero()
+            && !self.done.load(Ordering::Acquire)
+            && let Some(_place) = SpinPlace::take()
+        {
+            let spin_until = deadline.min(Instant::now() + spin);
             while !self.done.load(Ordering::Acquire) && Instant::now() < spin_until {
                 std::hint::spin_loop();
             }
@@ -236,7 +273,7 @@ mod tests {
         slot.complete(Err(Error::Shutdown));
         slot.complete(Err(Error::Timeout(Duration::ZERO)));
         assert!(matches!(
-            slot.wait(Instant::now()),
+            slot.wait(Instant::now(), Duration::ZERO),
             Some(Err(Error::Shutdown))
         ));
     }
@@ -245,7 +282,7 @@ mod tests {
     fn an_empty_slot_times_out() {
         let slot = CallSlot::new();
         assert!(
-            slot.wait(Instant::now() + Duration::from_millis(5))
+            slot.wait(Instant::now() + Duration::from_millis(5), Duration::ZERO)
                 .is_none()
         );
     }
@@ -257,7 +294,7 @@ mod tests {
         table.register(1, slot.clone(), 10, peer()).unwrap();
         table.fail_all(peer(), "heartbeat_timeout");
         assert!(matches!(
-            slot.wait(Instant::now()),
+            slot.wait(Instant::now(), Duration::ZERO),
             Some(Err(Error::ConnectionLost { .. }))
         ));
         assert_eq!(table.len(), 0);

@@ -3,8 +3,9 @@
 //! Each turn it (1) polls, (2) handles readiness — reads before anything else,
 //! so bytes that arrived are counted as proof of life before any deadline is
 //! judged — and (3) drains its command channel (timers, new sockets, links,
-//! shutdown). It reads every readable socket until `WouldBlock` (edge
-//! triggered), and registers each socket once for both read and write: writes
+//! shutdown). It reads every readable socket until `WouldBlock` or a short
+//! read (edge triggered), and registers each socket once for both read and
+//! write: writes
 //! happen from whichever thread sends (see `outbound`), and the loop only
 //! resumes a write that the socket refused.
 
@@ -170,6 +171,10 @@ pub(super) struct EventLoop {
     next_loop: usize,
     /// Exit once no connection is left.
     exiting: bool,
+    /// A read buffer lent to whichever connection reads next, and taken back
+    /// when its bytes are all decoded: an idle connection holds no read
+    /// buffer (see `read`).
+    spare_read_buf: Option<Vec<u8>>,
 }
 
 impl EventLoop {
@@ -191,6 +196,7 @@ impl EventLoop {
             listener: None,
             next_loop: index,
             exiting: false,
+            spare_read_buf: None,
         }
     }
 
@@ -236,9 +242,8 @@ impl EventLoop {
             self.finish_connect(token, now);
             return;
         }
-        if (event.is_readable() || event.is_read_closed() || event.is_error())
-            && self.read(token, now) == Flow::Closed
-        {
+        let hangup = event.is_read_closed() || event.is_error();
+        if (event.is_readable() || hangup) && self.read(token, hangup, now) == Flow::Closed {
             return;
         }
         if event.is_writable() || event.is_error() {
@@ -266,8 +271,40 @@ impl EventLoop {
         }
     }
 
-    /// Reads until `WouldBlock`, handling every complete frame.
-    fn read(&mut self, token: usize, now: Instant) -> Flow {
+    /// Reads until `WouldBlock` or a short read, handling every complete
+    /// frame, with the loop's spare read buffer lent to the connection.
+    fn read(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
+        if let (Some(conn), Some(spare)) = (self.conns.get_mut(token), self.spare_read_buf.take()) {
+            self.spare_read_buf = conn.decoder.adopt_buffer(spare);
+        }
+        // What the frames of this read make us send goes out in one write.
+        if let Some(conn) = self.conns.get(token) {
+            conn.shared.out.cork();
+        }
+        let flow = self.read_frames(token, hangup, now);
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        if self.spare_read_buf.is_none() {
+            // Drained: the buffer goes back to the loop. A connection left
+            // mid-frame keeps it until the frame completes.
+            self.spare_read_buf = conn.decoder.release_buffer();
+        }
+        if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
+            let reason = DisconnectReason::Io("write failed".into());
+            self.close(token, reason, None, now);
+            return Flow::Closed;
+        }
+        flow
+    }
+
+    /// The read loop of [`read`](Self::read).
+    ///
+    /// A read that did not fill the buffer emptied the socket, so the next
+    /// read would only return `WouldBlock`; the loop stops there and waits for
+    /// the next edge, unless the peer hung up (`hangup`): then it reads on
+    /// until the end of stream, which a short read may precede.
+    fn read_frames(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
         loop {
             let Some(conn) = self.conns.get_mut(token) else {
                 return Flow::Closed;
@@ -310,8 +347,12 @@ impl EventLoop {
                                 };
                                 let newly = started.is_some() && conn.frame_started != started;
                                 conn.frame_started = started;
+                                let drained = !hangup && !conn.decoder.last_read_was_full();
                                 if newly {
                                     self.rearm(token);
+                                }
+                                if drained {
+                                    return Flow::Open;
                                 }
                                 break;
                             }

@@ -9,6 +9,13 @@
 //! load). When the socket is full the writer stops and the loop resumes writing
 //! on the next writable event.
 //!
+//! # Corking
+//! While the loop handles the frames of one read it corks the queue: frames
+//! sent meanwhile (inline handlers' responses, Pongs, workers' responses) are
+//! only queued, and [`Outbound::uncork`] writes them all in one `writev`. A
+//! read that brought 50 requests then costs one write instead of 50. The final
+//! Close frame ignores the cork.
+//!
 //! # Priority
 //! Control frames (Ping, Pong, Close) jump ahead of queued requests and
 //! responses that have not started to be written; a frame that is partly
@@ -76,6 +83,8 @@ struct Queue {
     writing: bool,
     /// The loop saw the socket become writable while someone was writing.
     writable_hint: bool,
+    /// Frames are only queued until `uncork` (see the module docs).
+    corked: bool,
     /// No new frames are accepted; what is queued is still written.
     sealed: bool,
     closed: bool,
@@ -129,11 +138,32 @@ impl Outbound {
             Class::Control => q.control.push_back(frame),
             Class::Data => q.data.push_back(frame),
         }
-        if q.writing {
+        if q.writing || q.corked {
             return Ok(Flush::Done);
         }
         q.writing = true;
         self.write_batches(q, socket, Some(mine))
+    }
+
+    /// Holds back writes until [`uncork`](Self::uncork): frames sent
+    /// meanwhile are queued, to go out together.
+    pub(crate) fn cork(&self) {
+        self.queue.lock().corked = true;
+    }
+
+    /// Ends [`cork`](Self::cork) and writes what was queued meanwhile, unless
+    /// another thread is writing (it takes these frames too).
+    pub(crate) fn uncork(&self, socket: &Socket) -> Result<Flush, SendError> {
+        let mut q = self.queue.lock();
+        q.corked = false;
+        if q.closed {
+            return Err(SendError::Closed(None));
+        }
+        if q.writing || q.is_empty() {
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket, None)
     }
 
     /// Queues the connection's last frame (its Close) and refuses any after
@@ -158,6 +188,7 @@ impl Outbound {
         q.bytes += frame.len();
         q.data.push_back(frame);
         q.sealed = true;
+        q.corked = false; // the last frame goes out now
         if q.writing {
             return Ok(Flush::Done);
         }
@@ -197,8 +228,8 @@ impl Outbound {
             q.writable_hint = true;
             return Ok(Flush::Done);
         }
-        if q.is_empty() {
-            return Ok(Flush::Done);
+        if q.is_empty() || q.corked {
+            return Ok(Flush::Done); // `uncork` writes
         }
         q.writing = true;
         self.write_batches(q, socket, None)
@@ -462,6 +493,29 @@ mod tests {
             b"ZZZZZ",
             "unstarted data is dropped, the Close follows the started frame"
         );
+    }
+
+    #[test]
+    fn corked_frames_wait_for_uncork_and_a_final_frame_ignores_the_cork() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        out.cork();
+        out.send(&a, b"one".to_vec(), Class::Data).unwrap();
+        out.send(&a, b"two".to_vec(), Class::Control).unwrap();
+        assert!(out.flush(&a).is_ok());
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            (&b).read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing is written while corked"
+        );
+        assert_eq!(out.uncork(&a), Ok(Flush::Done));
+        assert_eq!(drain(&out, &a, &b, 6), b"twoone");
+
+        out.cork();
+        out.send(&a, b"three".to_vec(), Class::Data).unwrap();
+        out.send_final(&a, b"Z".to_vec(), true).unwrap();
+        assert_eq!(drain(&out, &a, &b, 6), b"threeZ");
     }
 
     #[test]

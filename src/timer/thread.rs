@@ -2,7 +2,7 @@
 //!
 //! This is the only timer code that touches [`Instant`]: it converts instants
 //! to wheel ticks relative to an origin taken at spawn, and sleeps on its
-//! command channel until the next expiry or the next command.
+//! mailbox until the next expiry, or until a command needs it sooner.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::{Condvar, Mutex};
 
 use super::wheel::{TimerKey, Wheel};
 
@@ -65,18 +65,69 @@ impl Clock {
 }
 
 /// State shared by the thread and its handles.
-#[derive(Debug, Default)]
-struct Shared {
+struct Shared<T> {
     /// Armed timers, as last published by the timer thread.
     armed: AtomicUsize,
+    /// Commands not yet taken by the thread.
+    mailbox: Mutex<Mailbox<T>>,
+    /// Signalled when a command needs the thread before its planned wake-up.
+    wake: Condvar,
+}
+
+/// The timer thread's inbox.
+///
+/// Why not a channel: a heartbeat re-arms its connection's timer every
+/// interval, almost always for later than the thread's next planned wake-up.
+/// A channel would wake the thread for each of those (and crossbeam's receiver
+/// spins and yields before it sleeps); here a command only signals the thread
+/// when it must act before `sleeping_until`, and the rest wait in the box
+/// until the thread wakes anyway.
+struct Mailbox<T> {
+    commands: Vec<Command<T>>,
+    /// The tick the thread will wake at by itself (`u64::MAX`: not before a
+    /// signal); 0 while it is awake and will look at the box before sleeping.
+    sleeping_until: u64,
+    /// Set at shutdown: later commands are dropped.
+    closed: bool,
+}
+
+impl<T> Shared<T> {
+    fn new() -> Shared<T> {
+        Shared {
+            armed: AtomicUsize::new(0),
+            mailbox: Mutex::new(Mailbox {
+                commands: Vec::new(),
+                sleeping_until: 0,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Queues `command`; signals the thread if it must act on it before
+    /// `due` (the tick the command matters at; 0 = at once, `u64::MAX` =
+    /// whenever the thread next wakes).
+    fn post(&self, command: Command<T>, due: u64) {
+        let mut mailbox = self.mailbox.lock();
+        if mailbox.closed {
+            return; // after shutdown: documented as a no-op
+        }
+        mailbox.commands.push(command);
+        if due < mailbox.sleeping_until {
+            // Signal once: later commands see the thread as awake.
+            mailbox.sleeping_until = 0;
+            self.wake.notify_one();
+        }
+    }
 }
 
 /// A thread that fires timers: it owns a [`Wheel`] and delivers expired
 /// values, in batches, to a callback running on the thread.
 ///
 /// Timers are armed and disarmed through cheap, cloneable [`TimerHandle`]s
-/// that send commands over an unbounded channel; the thread sleeps until the
-/// next expiry or command and never wakes on empty ticks.
+/// that post commands to the thread's mailbox; the thread sleeps until the
+/// next expiry, never wakes on empty ticks, and is woken by a command only if
+/// that command is due before its next expiry.
 ///
 /// # Example
 ///
@@ -99,13 +150,14 @@ struct Shared {
 /// # Implementation notes
 ///
 /// The thread owns a `Wheel<(id, T)>` and a `HashMap<id, TimerKey>`, so arm,
-/// re-arm and disarm are O(1). Each wake-up it blocks in
-/// [`Receiver::recv_deadline`] until the instant of
-/// [`Wheel::next_expiration`] (a lower bound of the earliest deadline: a timer
-/// more than 64 ticks away may cost a few extra wake-ups, one per wheel level,
-/// as it cascades down), then drains every queued command with `try_iter`
-/// (so a burst of arms costs one wake), advances the wheel to the current
-/// tick, and calls `deliver` once with everything that expired.
+/// re-arm and disarm are O(1). Each wake-up it sleeps on a condition variable
+/// until the instant of [`Wheel::next_expiration`] (a lower bound of the
+/// earliest deadline: a timer more than 64 ticks away may cost a few extra
+/// wake-ups, one per wheel level, as it cascades down), then takes every
+/// queued command at once (so a burst of arms costs at most one wake),
+/// advances the wheel to the current tick, and calls `deliver` once with
+/// everything that expired. Arms for later than the planned wake-up and
+/// disarms never wake it.
 pub struct TimerThread<T: Send + 'static> {
     handle: TimerHandle<T>,
     join: Option<JoinHandle<()>>,
@@ -148,14 +200,13 @@ impl<T: Send + 'static> TimerThread<T> {
             origin: Instant::now(),
             tick_nanos,
         };
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let thread_shared = Arc::clone(&shared);
         let join = thread::Builder::new()
             .name(THREAD_NAME.to_owned())
-            .spawn(move || run(&rx, clock, &thread_shared, deliver))?;
+            .spawn(move || run(clock, &thread_shared, deliver))?;
         Ok(TimerThread {
-            handle: TimerHandle { tx, shared, clock },
+            handle: TimerHandle { shared, clock },
             join: Some(join),
         })
     }
@@ -180,8 +231,7 @@ impl<T: Send + 'static> TimerThread<T> {
         let Some(join) = self.join.take() else {
             return;
         };
-        // Fails only if the thread already exited (its receiver is gone).
-        let _ = self.handle.tx.send(Command::Shutdown);
+        self.handle.shared.post(Command::Shutdown, 0);
         if join.thread().id() == thread::current().id() {
             // Called from `deliver`: the thread exits when `deliver` returns.
             return;
@@ -208,15 +258,15 @@ impl<T: Send + 'static> fmt::Debug for TimerThread<T> {
 }
 
 /// Arms and disarms timers of a [`TimerThread`]; `Send + Sync`, cheap to
-/// clone (a channel sender and an `Arc`).
+/// clone (an `Arc`).
 ///
 /// Each timer is named by a `u64` id chosen by the caller (a connection id, a
 /// request id, ...). Commands are asynchronous: they take effect when the
-/// timer thread next drains its channel, in the order each handle sent them.
-/// After the thread has shut down, every method is a silent no-op.
+/// timer thread next takes its mailbox, in the order they were posted, and
+/// always in time for their deadline. After the thread has shut down, every
+/// method is a silent no-op.
 pub struct TimerHandle<T> {
-    tx: Sender<Command<T>>,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<T>>,
     clock: Clock,
 }
 
@@ -230,14 +280,15 @@ impl<T: Send + 'static> TimerHandle<T> {
     /// which this command itself triggers.
     pub fn arm(&self, id: u64, at: Instant, value: T) {
         let tick = self.clock.tick_at_or_after(at);
-        // Fails only after shutdown: documented as a no-op.
-        let _ = self.tx.send(Command::Arm { id, tick, value });
+        self.shared.post(Command::Arm { id, tick, value }, tick);
     }
 
     /// Disarms timer `id`, dropping its value unfired. A no-op if `id` is not
     /// armed (e.g. it already fired).
     pub fn disarm(&self, id: u64) {
-        let _ = self.tx.send(Command::Disarm { id });
+        // Never urgent: a disarmed timer that fires first is dropped by the
+        // thread, which applies queued commands before it advances the wheel.
+        self.shared.post(Command::Disarm { id }, u64::MAX);
     }
 
     /// How many timers are armed, as last published by the timer thread
@@ -251,7 +302,6 @@ impl<T: Send + 'static> TimerHandle<T> {
 impl<T> Clone for TimerHandle<T> {
     fn clone(&self) -> Self {
         TimerHandle {
-            tx: self.tx.clone(),
             shared: Arc::clone(&self.shared),
             clock: self.clock,
         }
@@ -267,33 +317,46 @@ impl<T> fmt::Debug for TimerHandle<T> {
 }
 
 /// The timer thread's loop.
-fn run<T>(
-    rx: &Receiver<Command<T>>,
-    clock: Clock,
-    shared: &Shared,
-    mut deliver: impl FnMut(Vec<T>),
-) {
+fn run<T>(clock: Clock, shared: &Shared<T>, mut deliver: impl FnMut(Vec<T>)) {
+    /// Closes the mailbox however the loop ends (shutdown, or a panicking
+    /// `deliver`), so later commands are dropped instead of piling up.
+    struct CloseOnExit<'a, T>(&'a Shared<T>);
+    impl<T> Drop for CloseOnExit<'_, T> {
+        fn drop(&mut self) {
+            let mut mailbox = self.0.mailbox.lock();
+            mailbox.closed = true;
+            mailbox.commands.clear();
+        }
+    }
+    let _close_on_exit = CloseOnExit(shared);
     let mut wheel: Wheel<(u64, T)> = Wheel::new();
     let mut keys: HashMap<u64, TimerKey> = HashMap::new();
     let mut expired = Vec::new();
+    let mut commands = Vec::new();
     loop {
-        // Sleep until the next expiry or command. A deadline already passed
-        // (a due timer) makes `recv_deadline` return at once.
-        let woken_by = match wheel
-            .next_expiration()
-            .and_then(|tick| clock.instant_of(tick))
         {
-            Some(deadline) => match rx.recv_deadline(deadline) {
-                Ok(command) => Some(command),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            },
-            None => match rx.recv() {
-                Ok(command) => Some(command),
-                Err(_) => return,
-            },
-        };
-        for command in woken_by.into_iter().chain(rx.try_iter()) {
+            let mut mailbox = shared.mailbox.lock();
+            // Sleep until the next expiry, or until a command is due sooner.
+            // A deadline already passed (a due timer) does not sleep.
+            let next = wheel.next_expiration();
+            let deadline = next.and_then(|tick| clock.instant_of(tick));
+            while mailbox.commands.is_empty() {
+                mailbox.sleeping_until = next.unwrap_or(u64::MAX);
+                let timed_out = match deadline {
+                    Some(deadline) => shared.wake.wait_until(&mut mailbox, deadline).timed_out(),
+                    None => {
+                        shared.wake.wait(&mut mailbox);
+                        false
+                    }
+                };
+                if timed_out {
+                    break;
+                }
+            }
+            mailbox.sleeping_until = 0;
+            std::mem::swap(&mut commands, &mut mailbox.commands);
+        }
+        for command in commands.drain(..) {
             match command {
                 Command::Arm { id, tick, value } => {
                     if let Some(old) = keys.remove(&id) {
