@@ -419,7 +419,7 @@ fn event_json(event: &Event) -> serde_json::Value {
     let mut v = json!({"event": event.name(), "peer": event.peer().to_string()});
     match event {
         Event::HeartbeatMissed { missed, .. } => v["missed"] = json!(missed),
-        Event::Disconnected { reason, .. } => {
+        Event::Disconnected { reason, .. } | Event::Refused { reason, .. } => {
             v["reason"] = json!(reason.as_str());
             if let Some(detail) = reason.detail() {
                 v["detail"] = json!(detail);

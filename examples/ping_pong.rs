@@ -20,6 +20,12 @@
 //! Both halves take `--heartbeat-ms N` (default 1,000) and `--max-missed N`
 //! (default 3): a peer that stays silent for `N × heartbeat` is declared dead.
 //!
+//! Every bound pulse enforces on a peer has a flag too (`--max-connections`,
+//! `--max-inflight`, `--max-write-queue-bytes`, `--min-ping-interval-ms`,
+//! `--frame-timeout-ms`, `--max-idle-ms`, `--max-age-ms`); `--help` lists
+//! them with their defaults, which it reads from pulse's own `Default`
+//! configs, and `docs/RELIABILITY.md` says what happens past each one.
+//!
 //! # Output
 //!
 //! Standard output carries one JSON object per line, so scripts and tests can
@@ -31,17 +37,22 @@
 //! {"event":"heartbeat_missed","side":"client","peer":"127.0.0.1:7000","missed":1}
 //! {"event":"disconnected","side":"client","peer":"127.0.0.1:7000","reason":"heartbeat_timeout"}
 //! {"event":"reconnecting","side":"client","peer":"127.0.0.1:7000","attempt":1,"delay_ms":104}
+//! {"event":"refused","side":"server","peer":"127.0.0.1:53122","reason":"overloaded","detail":"too many connections (max_connections 1)"}
 //! {"event":"pong","seq":12,"rtt_us":87}                           client mode only
 //! {"event":"call_failed","seq":13,"error":"connection to ... lost ..."}
 //! {"event":"summary","count":1000,"ok":1000,"failed":0,"p50_us":30,"p99_us":61,"max_us":230}
 //! ```
 //!
 //! The liveness lines (`connected`, `heartbeat_missed`, `disconnected`,
-//! `reconnecting`) come straight from `Server::events()` / `Client::events()`;
-//! `"side"` says which half saw it. A `disconnected` line has a `"reason"`
-//! (`heartbeat_timeout`, `peer_closed`, `peer_shutdown`, `io_error`,
-//! `protocol_error`, `shutdown`, `overloaded`) and, when there is one, a
-//! `"detail"` (for `peer_closed`: the reason text of the peer's Close frame).
+//! `reconnecting`, `refused`) come straight from `Server::events()` /
+//! `Client::events()`; `"side"` says which half saw it. A `disconnected` line
+//! has a `"reason"` (`heartbeat_timeout`, `peer_closed`, `peer_shutdown`,
+//! `io_error`, `protocol_error`, `shutdown`, or the bound this side enforced:
+//! `overloaded`, `too_many_pings`, `frame_timeout`, `idle_timeout`, `max_age`)
+//! and, when there is one, a `"detail"` (for `peer_closed`: the reason text of
+//! the peer's Close frame). A `refused` line is a connection the provider
+//! turned away before serving it (past `--max-connections`), with the same
+//! `"reason"` and `"detail"` fields.
 //!
 //! Logs (`RUST_LOG=debug`, through `env_logger`) go to standard error only, so
 //! they never mix with the JSON lines.
@@ -68,37 +79,88 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use hdrhistogram::Histogram;
-use pulse::{Client, ClientConfig, Event, Server, ServerConfig, ServiceBuilder};
+use pulse::{Client, ClientConfig, ConnectionConfig, Event, Server, ServerConfig, ServiceBuilder};
 use serde::Serialize;
 
-/// What `--help` prints (and what a usage error is followed by).
-const USAGE: &str = "\
+/// What `--help` prints (and what a usage error points to). The defaults of
+/// the bounds are read from pulse's own `Default` configs, so they cannot
+/// drift from the library.
+fn usage() -> String {
+    let server = ServerConfig::default();
+    let client = ClientConfig::default();
+    let connection = &server.connection;
+    let ms = |d: Duration| d.as_millis().to_string();
+    let off_or_ms = |d: Option<Duration>| d.map_or_else(|| "off".to_string(), ms);
+    format!(
+        "\
 pulse ping_pong: a provider and a consumer that watch each other's liveness.
 
 Usage:
-  ping_pong [--count N] [--heartbeat-ms N] [--max-missed N] [--interval-ms N]
+  ping_pong [--count N] [--heartbeat-ms N] [--max-missed N] [--interval-ms N] [BOUNDS]
       Provider and consumer in one process on 127.0.0.1 (ephemeral port). The
       consumer makes N calls (default 1000, back to back), prints a round-trip
       summary and exits 0 (1 if any call failed).
-  ping_pong server --addr ADDR [--heartbeat-ms N] [--max-missed N]
+  ping_pong server --addr ADDR [--heartbeat-ms N] [--max-missed N] [BOUNDS]
       The provider alone; serves service `demo` on ADDR until killed.
       ADDR may use port 0: the first output line says the real address.
   ping_pong client --addr ADDR [--count N] [--interval-ms N] [--heartbeat-ms N] [--max-missed N]
+                   [--max-inflight N] [--max-write-queue-bytes N] [--min-ping-interval-ms N]
+                   [--frame-timeout-ms N]
       The consumer alone; calls demo.ping on ADDR every --interval-ms
       (default 1000) until --count calls are made (default 0: forever).
       Starts even if the provider is not up yet, and keeps going through outages.
 
 Options:
   --addr ADDR         host:port to listen on (server) or connect to (client)
-  --heartbeat-ms N    heartbeat interval in milliseconds (default 1000, at least 10)
-  --max-missed N      silent intervals before a peer is declared dead (default 3)
+  --heartbeat-ms N    heartbeat interval in milliseconds (default {heartbeat}, at least 10)
+  --max-missed N      silent intervals before a peer is declared dead (default {max_missed})
   --count N           calls to make; 0 = forever (default 1000 without a mode, 0 for client)
   --interval-ms N     pause between calls (default 0 without a mode, 1000 for client)
   -h, --help          print this help
 
+BOUNDS: what a side enforces on its peers (docs/RELIABILITY.md). Flags marked
+`server` are refused in client mode; without a mode every flag applies to the
+provider, and --max-inflight and the per-connection ones to the consumer too.
+  --max-connections N        server: open consumer connections; the next one is
+                             refused with Close(Overloaded) (default {max_connections})
+  --max-inflight N           server: requests of one connection handled at once,
+                             the excess answered Overloaded (default {server_inflight});
+                             client: calls waiting for a response, the excess
+                             fails at once (default {client_inflight})
+  --max-write-queue-bytes N  bytes queued for writing on one connection before
+                             new frames are refused as overloaded; at least the
+                             max frame length, {max_frame_len} (default {max_write_queue})
+  --min-ping-interval-ms N   pings from the peer closer than this are strikes;
+                             more than {strikes} in a row: Close(TooManyPings) (default {min_ping})
+  --frame-timeout-ms N       a frame must be complete this long after its first
+                             byte, else Close(ProtocolError); 0 = off (default {frame_timeout})
+  --max-idle-ms N            server: close a connection that carried no call for
+                             this long with Close(IdleTimeout); 0 = off (default {max_idle})
+  --max-age-ms N             server: close a connection this long after accepting
+                             it, gracefully, with Close(Normal); 0 = off (default {max_age})
+  Milliseconds are at most {MAX_MS} (one year).
+
 Output: one JSON object per line on stdout (events, pongs, a summary);
 logs on stderr (set RUST_LOG=debug for more).
-";
+",
+        heartbeat = ms(connection.heartbeat.interval),
+        max_missed = connection.heartbeat.max_missed,
+        max_connections = server.max_connections,
+        server_inflight = server.max_inflight,
+        client_inflight = client.max_inflight,
+        max_frame_len = connection.max_frame_len,
+        max_write_queue = connection.max_write_queue_bytes,
+        strikes = connection.max_ping_strikes,
+        min_ping = ms(connection.min_ping_interval),
+        frame_timeout = off_or_ms(connection.frame_timeout),
+        max_idle = off_or_ms(server.max_idle),
+        max_age = off_or_ms(server.max_age),
+    )
+}
+
+/// Largest value of a millisecond flag: one year. Far past any useful
+/// setting, and far from the overflow of `Instant + Duration`.
+const MAX_MS: u64 = 365 * 24 * 60 * 60 * 1000;
 
 /// Largest delay `demo.sleep` accepts, so one call cannot park a worker
 /// thread for hours.
@@ -130,7 +192,24 @@ struct Options {
     /// 0 = forever.
     count: u64,
     interval_ms: u64,
+    bounds: Bounds,
 }
+
+/// Bounds set on the command line; `None` keeps pulse's default.
+#[derive(Debug, Default)]
+struct Bounds {
+    max_connections: Option<usize>,
+    max_inflight: Option<usize>,
+    max_write_queue_bytes: Option<usize>,
+    min_ping_interval_ms: Option<u64>,
+    /// 0 = off, for this one and the two below.
+    frame_timeout_ms: Option<u64>,
+    max_idle_ms: Option<u64>,
+    max_age_ms: Option<u64>,
+}
+
+/// The flags that set a bound only the provider enforces.
+const SERVER_ONLY: [&str; 3] = ["--max-connections", "--max-idle-ms", "--max-age-ms"];
 
 /// What the command line asks for.
 enum Command {
@@ -162,6 +241,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut max_missed = 3;
     let mut count = None;
     let mut interval_ms = None;
+    let mut bounds = Bounds::default();
+    let mut server_only = None;
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
             return Ok(Command::Help);
@@ -179,6 +260,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--max-missed",
             "--count",
             "--interval-ms",
+            "--max-connections",
+            "--max-inflight",
+            "--max-write-queue-bytes",
+            "--min-ping-interval-ms",
+            "--frame-timeout-ms",
+            "--max-idle-ms",
+            "--max-age-ms",
         ];
         if !known.contains(&flag.as_str()) {
             return Err(format!("unknown argument {arg:?}"));
@@ -189,11 +277,27 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         };
         match flag.as_str() {
             "--addr" => addr = Some(value),
-            "--heartbeat-ms" => heartbeat_ms = parse_number(&flag, &value)?,
+            "--heartbeat-ms" => heartbeat_ms = parse_ms(&flag, &value)?,
             "--max-missed" => max_missed = parse_number(&flag, &value)?,
             "--count" => count = Some(parse_number(&flag, &value)?),
             "--interval-ms" => interval_ms = Some(parse_number(&flag, &value)?),
-            _ => unreachable!("checked against `known` above"),
+            "--max-connections" => bounds.max_connections = Some(parse_count(&flag, &value)?),
+            "--max-inflight" => bounds.max_inflight = Some(parse_count(&flag, &value)?),
+            "--max-write-queue-bytes" => {
+                bounds.max_write_queue_bytes = Some(parse_number(&flag, &value)?)
+            }
+            "--min-ping-interval-ms" => {
+                bounds.min_ping_interval_ms = Some(parse_ms(&flag, &value)?)
+            }
+            "--frame-timeout-ms" => bounds.frame_timeout_ms = Some(parse_ms(&flag, &value)?),
+            "--max-idle-ms" => bounds.max_idle_ms = Some(parse_ms(&flag, &value)?),
+            "--max-age-ms" => bounds.max_age_ms = Some(parse_ms(&flag, &value)?),
+            // Every flag of `known` has an arm above; an error, not a panic,
+            // if one is ever added there and forgotten here.
+            other => return Err(format!("{other} is not handled (a bug in ping_pong)")),
+        }
+        if SERVER_ONLY.contains(&flag.as_str()) {
+            server_only = Some(flag);
         }
     }
 
@@ -213,6 +317,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         }
         _ => {}
     }
+    if let (Mode::Client, Some(flag)) = (mode, server_only) {
+        return Err(format!(
+            "{flag} is a server flag: only the provider enforces it"
+        ));
+    }
     if max_missed == 0 {
         return Err("--max-missed must be at least 1".into());
     }
@@ -227,19 +336,61 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         max_missed,
         count: count.unwrap_or(default_count),
         interval_ms: interval_ms.unwrap_or(default_interval),
+        bounds,
     };
-    // Let pulse itself judge the liveness settings (e.g. the interval must be
-    // at least two timer ticks), so the error names the real limit.
-    let invalid = |e: String| format!("--heartbeat-ms / --max-missed: {e}");
+    // Let pulse itself judge the settings (e.g. the heartbeat interval must
+    // be at least two timer ticks, the write queue must hold a whole frame),
+    // so the error names the real limit, prefixed with the flag to change.
+    let invalid = |e: String| format!("{}: {e}", flags_of(&e));
     client_config(&options).validate().map_err(invalid)?;
     server_config(&options).validate().map_err(invalid)?;
     Ok(Command::Run(options))
+}
+
+/// The flag(s) that set the config field a validation error names.
+fn flags_of(error: &str) -> &'static str {
+    // Most specific first: "frame_timeout must be at least one timer_tick".
+    [
+        ("frame_timeout", "--frame-timeout-ms"),
+        ("max_write_queue_bytes", "--max-write-queue-bytes"),
+        ("max_inflight", "--max-inflight"),
+        ("max_connections", "--max-connections"),
+        ("timer_tick", "--heartbeat-ms"),
+        ("heartbeat", "--heartbeat-ms / --max-missed"),
+    ]
+    .into_iter()
+    .find(|(field, _)| error.contains(field))
+    .map_or("invalid settings", |(_, flag)| flag)
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
     value
         .parse()
         .map_err(|_| format!("{flag} expects a non-negative integer, got {value:?}"))
+}
+
+/// A count that must be at least 1.
+fn parse_count(flag: &str, value: &str) -> Result<usize, String> {
+    match parse_number(flag, value)? {
+        0 => Err(format!("{flag} must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+/// Milliseconds, at most [`MAX_MS`].
+fn parse_ms(flag: &str, value: &str) -> Result<u64, String> {
+    let ms = parse_number(flag, value)?;
+    if ms > MAX_MS {
+        return Err(format!(
+            "{flag} must be at most {MAX_MS} (one year), got {ms}"
+        ));
+    }
+    Ok(ms)
+}
+
+/// `None` for 0 ("off"), else the duration.
+fn optional_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 fn mode_name(mode: Mode) -> &'static str {
@@ -252,21 +403,52 @@ fn mode_name(mode: Mode) -> &'static str {
 
 // ----- configuration ----------------------------------------------------------
 
-/// The provider's configuration: defaults, plus the heartbeat from the flags.
+/// The provider's configuration: defaults, plus the heartbeat and the bounds
+/// from the flags.
 fn server_config(options: &Options) -> ServerConfig {
     let mut config = ServerConfig::default();
-    config.connection.heartbeat.interval = Duration::from_millis(options.heartbeat_ms);
-    config.connection.heartbeat.max_missed = options.max_missed;
+    connection_config(&mut config.connection, options);
+    let bounds = &options.bounds;
+    if let Some(n) = bounds.max_connections {
+        config.max_connections = n;
+    }
+    if let Some(n) = bounds.max_inflight {
+        config.max_inflight = n;
+    }
+    if let Some(ms) = bounds.max_idle_ms {
+        config.max_idle = optional_ms(ms);
+    }
+    if let Some(ms) = bounds.max_age_ms {
+        config.max_age = optional_ms(ms);
+    }
     config
 }
 
 /// The consumer's configuration: defaults (5 s call timeout, reconnect backoff
-/// 100 ms ×2 up to 5 s), plus the heartbeat from the flags.
+/// 100 ms ×2 up to 5 s), plus the heartbeat and the bounds from the flags.
 fn client_config(options: &Options) -> ClientConfig {
     let mut config = ClientConfig::default();
-    config.connection.heartbeat.interval = Duration::from_millis(options.heartbeat_ms);
-    config.connection.heartbeat.max_missed = options.max_missed;
+    connection_config(&mut config.connection, options);
+    if let Some(n) = options.bounds.max_inflight {
+        config.max_inflight = n;
+    }
     config
+}
+
+/// What both sides share: the heartbeat and the per-connection bounds.
+fn connection_config(config: &mut ConnectionConfig, options: &Options) {
+    config.heartbeat.interval = Duration::from_millis(options.heartbeat_ms);
+    config.heartbeat.max_missed = options.max_missed;
+    let bounds = &options.bounds;
+    if let Some(bytes) = bounds.max_write_queue_bytes {
+        config.max_write_queue_bytes = bytes;
+    }
+    if let Some(ms) = bounds.min_ping_interval_ms {
+        config.min_ping_interval = Duration::from_millis(ms);
+    }
+    if let Some(ms) = bounds.frame_timeout_ms {
+        config.frame_timeout = optional_ms(ms);
+    }
 }
 
 // ----- the provider -----------------------------------------------------------
@@ -331,7 +513,7 @@ impl<'a> EventLine<'a> {
         };
         match event {
             Event::HeartbeatMissed { missed, .. } => line.missed = Some(*missed),
-            Event::Disconnected { reason, .. } => {
+            Event::Disconnected { reason, .. } | Event::Refused { reason, .. } => {
                 line.reason = Some(reason.as_str());
                 line.detail = reason.detail();
             }
@@ -572,7 +754,7 @@ fn main() -> ExitCode {
 
     let options = match parse_args(std::env::args().skip(1)) {
         Ok(Command::Help) => {
-            print!("{USAGE}");
+            print!("{}", usage());
             return ExitCode::SUCCESS;
         }
         Ok(Command::Run(options)) => options,

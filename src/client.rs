@@ -243,7 +243,7 @@ impl Client {
                 Error::InvalidConfig("the provider address resolved to nothing".into())
             })?;
         let runtime = Runtime::start("pulse-client", 1, config.connection.timer_tick)?;
-        let owner = runtime.loops()[0].clone();
+        let owner = runtime.loops()[0].clone(); // started with exactly one loop
         let link = Arc::new(Link {
             id: crate::next_id(),
             addr,

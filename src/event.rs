@@ -4,6 +4,11 @@
 //! connection as an [`Event`] on a bounded channel (`events()`), and log it
 //! through the `log` crate. A full channel drops the event rather than stall
 //! an event loop.
+//!
+//! A provider also reports the connections it turns away before serving them
+//! ([`Event::Refused`], e.g. past `ServerConfig::max_connections`), so a
+//! refusal is visible to whoever watches `Server::events()`, not only in the
+//! log.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -50,17 +55,29 @@ pub enum Event {
         /// Delay before this attempt (backoff with jitter).
         delay: Duration,
     },
+    /// A provider turned a new connection away without serving it: it sent
+    /// the consumer a Close (status Overloaded past `max_connections`) and
+    /// closed the socket. No `Connected` came before it and no
+    /// `Disconnected` follows: the connection was never counted.
+    Refused {
+        /// The consumer that was turned away.
+        peer: SocketAddr,
+        /// Why: [`DisconnectReason::Overloaded`] with the bound's name and
+        /// value (`"too many connections (max_connections N)"`).
+        reason: DisconnectReason,
+    },
 }
 
 impl Event {
     /// The event's name as printed by the examples: `connected`,
-    /// `heartbeat_missed`, `disconnected` or `reconnecting`.
+    /// `heartbeat_missed`, `disconnected`, `reconnecting` or `refused`.
     pub fn name(&self) -> &'static str {
         match self {
             Event::Connected { .. } => "connected",
             Event::HeartbeatMissed { .. } => "heartbeat_missed",
             Event::Disconnected { .. } => "disconnected",
             Event::Reconnecting { .. } => "reconnecting",
+            Event::Refused { .. } => "refused",
         }
     }
 
@@ -70,7 +87,8 @@ impl Event {
             Event::Connected { peer }
             | Event::HeartbeatMissed { peer, .. }
             | Event::Disconnected { peer, .. }
-            | Event::Reconnecting { peer, .. } => *peer,
+            | Event::Reconnecting { peer, .. }
+            | Event::Refused { peer, .. } => *peer,
         }
     }
 }
@@ -93,6 +111,7 @@ impl fmt::Display for Event {
             } => {
                 write!(f, "reconnecting to {peer}: attempt {attempt} in {delay:?}")
             }
+            Event::Refused { peer, reason } => write!(f, "refused {peer}: {reason}"),
         }
     }
 }
@@ -196,7 +215,7 @@ impl EventSink {
     pub(crate) fn emit(&self, event: Event) {
         match &event {
             Event::Connected { .. } => log::info!("{}: {event}", self.side),
-            Event::HeartbeatMissed { .. } | Event::Reconnecting { .. } => {
+            Event::HeartbeatMissed { .. } | Event::Reconnecting { .. } | Event::Refused { .. } => {
                 log::warn!("{}: {event}", self.side)
             }
             Event::Disconnected { reason, .. } => match reason {
@@ -235,6 +254,20 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "disconnected from 127.0.0.1:1: peer_closed (no pong)"
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_the_bound() {
+        let peer: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let e = Event::Refused {
+            peer,
+            reason: DisconnectReason::Overloaded("too many connections (max_connections 1)".into()),
+        };
+        assert_eq!((e.name(), e.peer()), ("refused", peer));
+        assert_eq!(
+            e.to_string(),
+            "refused 127.0.0.1:2: overloaded (too many connections (max_connections 1))"
         );
     }
 

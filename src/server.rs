@@ -93,6 +93,7 @@ impl ServerBuilder {
                 .map_err(|e| Error::io("spawn worker thread", e))?;
             workers.push(worker);
         }
+        // Loop 0 exists: `validate` requires at least one event loop.
         runtime.loops()[0].send(Command::Listen {
             listener,
             server: shared.clone(),
@@ -382,6 +383,8 @@ impl ServerShared {
                 finish(conn, response, one_way);
             }
             HandlerMode::Pool => {
+                // No underflow: `args` is a subslice of `frame.body` (see
+                // `decode_request_body`); the worker reads it with `get`.
                 let args_at = request.args.as_ptr() as usize - frame.body.as_ptr() as usize;
                 let job = Job::Run {
                     conn: conn.clone(),

@@ -261,6 +261,32 @@ fn request_body_with_trailing_bytes_is_a_protocol_error() {
 }
 
 #[test]
+fn request_args_that_are_not_one_well_formed_value_are_a_protocol_error() {
+    // [service, version, group, method] then the args, or not.
+    let fields = b"\x95\xa4demo\xa0\xa0\xa4ping";
+    let with_args = |args: &[u8]| {
+        let mut body = fields.to_vec();
+        body.extend_from_slice(args);
+        frame(Kind::Request, 12, &body)
+    };
+    // No args at all.
+    assert_rejected(&with_args(b""), "cut short");
+    // The reserved marker 0xc1.
+    assert_rejected(&with_args(b"\xc1"), "0xc1");
+    // A str8 that declares 10 bytes and brings 2.
+    assert_rejected(&with_args(b"\xd9\x0aab"), "declares 10 bytes");
+    // An array that declares more elements than bytes remain.
+    assert_rejected(
+        &with_args(b"\xdd\x00\x01\x00\x00\x01"),
+        "declares 65536 elements",
+    );
+    // Nested deeper than 512 arrays.
+    let mut deep = vec![0x91u8; 600];
+    deep.push(0x01);
+    assert_rejected(&with_args(&deep), "deeper than 512");
+}
+
+#[test]
 fn one_way_body_is_checked_like_a_request() {
     assert_rejected(&frame(Kind::OneWay, 8, b"\x93\xa1a\xa1b\xa1c"), "got 3");
 }
@@ -330,6 +356,79 @@ fn a_raw_request_gets_a_response_with_its_id() {
     );
     drop(raw);
     fx.assert_healthy_client_unaffected();
+}
+
+/// The consumer's side of the Close statuses: whatever Close a consumer
+/// sends (every status of version 1, an undefined one, a body that is not a
+/// str), the provider reports it with the status and the reason text, closes
+/// its side without answering, and the healthy consumer never notices.
+#[test]
+fn each_close_status_from_a_consumer_is_reported_and_disturbs_nothing() {
+    let fx = Fixture::new();
+    let mut cases: Vec<(Vec<u8>, DisconnectReason)> = vec![(
+        pulse::protocol::encode_close(CloseStatus::Normal, "bye"),
+        DisconnectReason::PeerShutdown,
+    )];
+    for status in [
+        CloseStatus::HeartbeatTimeout,
+        CloseStatus::ProtocolError,
+        CloseStatus::TooManyPings,
+        CloseStatus::IdleTimeout,
+        CloseStatus::Overloaded,
+    ] {
+        cases.push((
+            pulse::protocol::encode_close(status, "the reason"),
+            DisconnectReason::PeerClosed {
+                status: Some(status),
+                detail: "the reason".into(),
+            },
+        ));
+    }
+    // A status version 1 does not define, and a body that is not a str.
+    let mut undefined = frame(Kind::Close, 0, b"\xa3why");
+    undefined[5] = 200;
+    cases.push((
+        undefined,
+        DisconnectReason::PeerClosed {
+            status: None,
+            detail: "why".into(),
+        },
+    ));
+    let mut not_a_str = frame(Kind::Close, 0, b"\x93\x01\x02\x03");
+    not_a_str[5] = CloseStatus::Overloaded as u8;
+    cases.push((
+        not_a_str,
+        DisconnectReason::PeerClosed {
+            status: Some(CloseStatus::Overloaded),
+            detail: "<non-string body of 4 bytes>".into(),
+        },
+    ));
+
+    for (bytes, expected) in cases {
+        let mut raw = fx.raw();
+        let raw_addr = raw.local_addr();
+        // Served first, so the Close ends a working connection.
+        raw.send(&encode_ping(1));
+        assert_eq!(raw.next_frame(PROMPTLY).header.kind, Kind::Pong);
+        raw.send(&bytes);
+        assert_eq!(
+            wait_disconnected(&fx.server_events, raw_addr),
+            expected,
+            "{bytes:02x?}"
+        );
+        // The provider answers a Close with nothing but the end of the stream
+        // (its own heartbeat pings aside).
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            match raw.read(deadline) {
+                Ok(support::Read1::Eof) | Err(_) => break,
+                Ok(support::Read1::Frame(f)) if f.header.kind == Kind::Ping => {}
+                Ok(support::Read1::Frame(f)) => panic!("answered a Close with {:?}", f.header),
+            }
+        }
+        drop(raw);
+        fx.assert_healthy_client_unaffected();
+    }
 }
 
 #[test]

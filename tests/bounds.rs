@@ -94,6 +94,7 @@ fn max_connections_refuses_the_next_connection_with_close_overloaded() {
         max_connections: 2,
         ..server_config()
     });
+    let events = server.events();
     let mut a = RawPeer::connect(server.local_addr());
     assert_pings(&mut a, 1);
     let mut b = RawPeer::connect(server.local_addr());
@@ -101,9 +102,29 @@ fn max_connections_refuses_the_next_connection_with_close_overloaded() {
     assert_eq!(server.connection_count(), 2);
 
     let mut c = RawPeer::connect(server.local_addr());
+    let c_addr = c.local_addr();
     let close = c.expect_close_then_end(PROMPTLY);
     assert_close(&close, CloseStatus::Overloaded, "max_connections");
     assert_eq!(close.header.id, 0);
+
+    // A watcher of the server's events sees the refusal, naming the peer and
+    // the bound; the refused connection was never reported as connected.
+    let (refused, before) = wait_event(&events, PROMPTLY, |e| matches!(e, Event::Refused { .. }));
+    match &refused {
+        Event::Refused {
+            peer,
+            reason: DisconnectReason::Overloaded(detail),
+        } => {
+            assert_eq!(*peer, c_addr);
+            assert!(detail.contains("max_connections 2"), "{detail}");
+        }
+        other => panic!("expected Refused with an overloaded reason, got {other:?}"),
+    }
+    assert_eq!(refused.name(), "refused");
+    assert!(
+        before.iter().all(|e| e.peer() != c_addr),
+        "events about the refused peer before its refusal: {before:?}"
+    );
 
     // The admitted ones are untouched.
     assert_pings(&mut a, 3);
@@ -120,6 +141,12 @@ fn max_connections_refuses_the_next_connection_with_close_overloaded() {
     let mut d = RawPeer::connect(server.local_addr());
     assert_pings(&mut d, 5);
     assert_pings(&mut b, 6);
+    // Nothing more was said about the refused peer.
+    let later: Vec<Event> = events.try_iter().collect();
+    assert!(
+        later.iter().all(|e| e.peer() != c_addr),
+        "events about the refused peer after its refusal: {later:?}"
+    );
 }
 
 // ----- in-flight calls ---------------------------------------------------------------
@@ -726,7 +753,9 @@ enum Expect {
 /// Connects a client to a fake provider, puts a call in flight, sends `bad`
 /// (then closes the socket as `then` says), and checks that the call fails
 /// with ConnectionLost at once, the client reports the expected reason,
-/// reconnects, and serves a call on the new connection.
+/// reconnects, and serves a call on the new connection. A second client of the
+/// same fake provider (a bystander, with a heartbeat too slow to fire during
+/// the test) stays connected and served throughout.
 fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
     let fake = FakeProvider::bind();
     let config = ClientConfig {
@@ -740,6 +769,21 @@ fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
     let events = client.events();
     let mut peer = fake.accept_ready(PROMPTLY);
     wait_connected(&events);
+    // Accepted after the first client's connection, so the accepts cannot mix.
+    let bystander = Client::connect_lazy(
+        fake.addr(),
+        ClientConfig {
+            connection: pulse::ConnectionConfig {
+                heartbeat: heartbeat(60_000, 3),
+                ..Default::default()
+            },
+            ..client_config()
+        },
+    )
+    .expect("bystander client");
+    let bystander_events = bystander.events();
+    let mut bystander_peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&bystander_events);
 
     let call = client
         .start_timeout::<_, u64>("demo", "ping", &1u64, Duration::from_secs(20))
@@ -818,6 +862,25 @@ fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
         let _peer = provider.join().expect("fake provider thread");
         assert_eq!(client.state(), ConnectionState::Ready, "{name}");
     });
+
+    // The other connection to the same provider never noticed.
+    std::thread::scope(|s| {
+        let provider = s.spawn(|| {
+            let request = bystander_peer.next_frame_answering_pings(PROMPTLY);
+            bystander_peer.send(&encode_ok_response(request.header.id, &7u64).unwrap());
+        });
+        assert_eq!(
+            bystander
+                .call::<_, u64>("demo", "ping", &7u64)
+                .expect("a call on the bystander"),
+            7,
+            "{name}"
+        );
+        provider.join().expect("fake provider thread");
+    });
+    let noticed: Vec<Event> = bystander_events.try_iter().collect();
+    assert!(noticed.is_empty(), "{name}: the bystander saw {noticed:?}");
+    assert_eq!(bystander.state(), ConnectionState::Ready, "{name}");
 }
 
 /// What the fake provider does with its socket after the bad bytes.

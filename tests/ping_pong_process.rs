@@ -13,6 +13,10 @@
 //! * `the_example_server_serves_*`: the `demo` service's contract, called
 //!   with a `pulse::Client` from this test.
 //! * `bad_flags_*`: usage errors exit with code 2.
+//! * `the_help_lists_*`, `max_connections_flag_*`,
+//!   `frame_timeout_and_max_age_flags_*`: every bound is reachable from the
+//!   command line, and a real provider process enforces the ones tried here
+//!   against raw protocol peers (`reliability_support::RawPeer`).
 //!
 //! Every wait has a deadline; children are killed and reaped by a drop guard
 //! (after a SIGCONT, in case they are frozen), so a failing test leaves no
@@ -27,7 +31,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pulse::protocol::{CloseStatus, Kind, decode_text_body, encode_ping};
+use reliability_support::RawPeer;
 use serde_json::Value;
+
+mod reliability_support;
 
 /// Heartbeat settings of the two-process tests: a peer is dead after 300 ms.
 const HEARTBEAT_MS: u64 = 100;
@@ -307,24 +315,34 @@ impl Drop for Proc {
 fn start_server() -> (Proc, String) {
     let hb = HEARTBEAT_MS.to_string();
     let missed = MAX_MISSED.to_string();
-    let mut server = Proc::start(
-        "server",
-        &[
-            "server",
-            "--addr",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            &hb,
-            "--max-missed",
-            &missed,
-        ],
-    );
+    start_server_with(&["--heartbeat-ms", &hb, "--max-missed", &missed])
+}
+
+/// Starts `server --addr 127.0.0.1:0` with more flags and returns it with its
+/// address.
+fn start_server_with(flags: &[&str]) -> (Proc, String) {
+    let mut args = vec!["server", "--addr", "127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    let mut server = Proc::start("server", &args);
     let (line, _) = server.wait_for("listening line", Instant::now() + STARTUP, |l| {
         l.event() == "listening"
     });
     let addr = line.str("addr").to_string();
     assert!(addr.starts_with("127.0.0.1:"), "listening on {addr}");
     (server, addr)
+}
+
+/// A raw ping answered by a pong of the same id: the connection is served.
+fn assert_pings(raw: &mut RawPeer, seq: u64) {
+    raw.send(&encode_ping(seq));
+    let pong = raw.next_frame(STARTUP);
+    assert_eq!((pong.header.kind, pong.header.id), (Kind::Pong, seq));
+}
+
+/// The Close frame's status and reason text.
+fn close_of(frame: &pulse::protocol::Frame) -> (u8, String) {
+    assert_eq!(frame.header.kind, Kind::Close, "{frame:?}");
+    (frame.header.status, decode_text_body(&frame.body))
 }
 
 /// Starts a client of `addr` calling every 50 ms and waits until both sides
@@ -572,6 +590,27 @@ fn bad_flags_exit_with_code_2_and_help_exits_0() {
         ),
         (&["--max-missed", "0"][..], "--max-missed"),
         (&["frobnicate"][..], "frobnicate"),
+        // The bounds: bad numbers, values pulse refuses, server flags on a client.
+        (
+            &["server", "--addr", "127.0.0.1:0", "--max-connections", "0"][..],
+            "--max-connections",
+        ),
+        (&["--max-inflight", "-1"][..], "--max-inflight"),
+        (
+            &["--max-write-queue-bytes", "1"][..],
+            "--max-write-queue-bytes",
+        ),
+        (
+            &["--min-ping-interval-ms", "soon"][..],
+            "--min-ping-interval-ms",
+        ),
+        (&["--frame-timeout-ms", "1"][..], "--frame-timeout-ms"),
+        (&["--max-idle-ms", "99999999999999"][..], "--max-idle-ms"),
+        (
+            &["client", "--addr", "127.0.0.1:1", "--max-age-ms", "500"][..],
+            "--max-age-ms",
+        ),
+        (&["--max-age-ms"][..], "--max-age-ms"),
     ] {
         let mut proc = Proc::start("ping_pong", args);
         let status = proc.wait_exit(Instant::now() + STARTUP);
@@ -598,6 +637,143 @@ fn bad_flags_exit_with_code_2_and_help_exits_0() {
         "{:?}",
         help.seen
     );
+}
+
+#[test]
+fn the_help_lists_every_bound_flag_with_its_default() {
+    let _serial = serial();
+    let server = pulse::ServerConfig::default();
+    let client = pulse::ClientConfig::default();
+    let connection = &server.connection;
+    let ms = |d: Duration| d.as_millis().to_string();
+    let off_or_ms = |d: Option<Duration>| d.map_or_else(|| "off".to_string(), ms);
+    let flags = [
+        ("--max-connections", server.max_connections.to_string()),
+        ("--max-inflight", server.max_inflight.to_string()),
+        ("--max-inflight", client.max_inflight.to_string()),
+        (
+            "--max-write-queue-bytes",
+            connection.max_write_queue_bytes.to_string(),
+        ),
+        ("--min-ping-interval-ms", ms(connection.min_ping_interval)),
+        ("--frame-timeout-ms", off_or_ms(connection.frame_timeout)),
+        ("--max-idle-ms", off_or_ms(server.max_idle)),
+        ("--max-age-ms", off_or_ms(server.max_age)),
+    ];
+
+    let mut help = Proc::start("help", &["--help"]);
+    let status = help.wait_exit(Instant::now() + STARTUP);
+    assert!(status.success(), "--help: {status}");
+    help.rest(Duration::from_secs(1));
+    let text = help.seen.join("\n");
+    for (flag, default) in flags {
+        // The flag's entry: its line and the indented lines that continue it.
+        let entry: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(&format!("{flag} N")))
+            .enumerate()
+            .take_while(|(i, l)| *i == 0 || l.starts_with("                "))
+            .map(|(_, l)| l)
+            .collect();
+        assert!(!entry.is_empty(), "--help has no entry for {flag}:\n{text}");
+        let entry = entry.join(" ");
+        assert!(
+            entry.contains(&format!("(default {default})")),
+            "the entry of {flag} does not give the default {default}: {entry}"
+        );
+    }
+}
+
+#[test]
+fn max_connections_flag_refuses_the_second_connection_with_close_overloaded() {
+    let _serial = serial();
+    // A slow heartbeat: the raw peers below answer no pings.
+    let (mut server, addr) =
+        start_server_with(&["--max-connections", "1", "--heartbeat-ms", "10000"]);
+    let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+
+    let mut admitted = RawPeer::connect(addr);
+    assert_pings(&mut admitted, 1);
+    let admitted_addr = admitted.local_addr().to_string();
+    server.wait_for("the first connection", Instant::now() + STARTUP, |l| {
+        l.event() == "connected" && l.str("peer") == admitted_addr
+    });
+
+    let mut refused = RawPeer::connect(addr);
+    let refused_addr = refused.local_addr().to_string();
+    let (status, reason) = close_of(&refused.expect_close_then_end(STARTUP));
+    assert_eq!(status, CloseStatus::Overloaded as u8, "{reason}");
+    assert!(reason.contains("max_connections 1"), "{reason}");
+
+    let (line, before) = server.wait_for("the refusal", Instant::now() + STARTUP, |l| {
+        l.event() == "refused"
+    });
+    assert_eq!(line.str("side"), "server", "{}", line.text);
+    assert_eq!(line.str("peer"), refused_addr, "{}", line.text);
+    assert_eq!(line.str("reason"), "overloaded", "{}", line.text);
+    assert!(
+        line.str("detail").contains("max_connections 1"),
+        "{}",
+        line.text
+    );
+    assert!(
+        before.iter().all(|l| l.str("peer") != refused_addr),
+        "the refused peer was reported before: {:?}",
+        before.iter().map(|l| &l.text).collect::<Vec<_>>()
+    );
+
+    // The admitted connection is undisturbed.
+    assert_pings(&mut admitted, 2);
+}
+
+#[test]
+fn frame_timeout_and_max_age_flags_close_their_peers() {
+    let _serial = serial();
+    const FRAME_TIMEOUT: Duration = Duration::from_millis(300);
+    const MAX_AGE: Duration = Duration::from_millis(1000);
+    let (mut server, addr) = start_server_with(&[
+        "--heartbeat-ms",
+        "10000",
+        "--frame-timeout-ms",
+        &FRAME_TIMEOUT.as_millis().to_string(),
+        "--max-age-ms",
+        &MAX_AGE.as_millis().to_string(),
+    ]);
+    let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+
+    // A slowloris: half a header, then nothing.
+    let started = Instant::now();
+    let mut slow = RawPeer::connect(addr);
+    let slow_addr = slow.local_addr().to_string();
+    slow.send(&encode_ping(1)[..10]);
+    // A polite peer that is served, then aged out.
+    let mut aged = RawPeer::connect(addr);
+    let aged_addr = aged.local_addr().to_string();
+    assert_pings(&mut aged, 1);
+
+    let (status, reason) = close_of(&slow.expect_close_then_end(STARTUP));
+    assert_eq!(status, CloseStatus::ProtocolError as u8, "{reason}");
+    assert!(reason.contains("frame_timeout"), "{reason}");
+    assert!(
+        started.elapsed() >= FRAME_TIMEOUT,
+        "closed before frame_timeout"
+    );
+
+    let (status, reason) = close_of(&aged.expect_close_then_end(STARTUP));
+    assert_eq!(status, CloseStatus::Normal as u8, "{reason}");
+    assert!(reason.contains("max_age"), "{reason}");
+    assert!(started.elapsed() >= MAX_AGE, "closed before max_age");
+
+    // The provider reports each with the bound it enforced.
+    let mut reasons = std::collections::HashMap::new();
+    while reasons.len() < 2 {
+        let (line, _) = server.wait_for("the disconnects", Instant::now() + STARTUP, |l| {
+            l.event() == "disconnected"
+        });
+        reasons.insert(line.str("peer").to_string(), line.str("reason").to_string());
+    }
+    assert_eq!(reasons[&slow_addr], "frame_timeout", "{reasons:?}");
+    assert_eq!(reasons[&aged_addr], "max_age", "{reasons:?}");
 }
 
 #[test]

@@ -208,6 +208,8 @@ impl EtcdRegistry {
     /// POSTs `body` to `path` on the first endpoint that answers.
     fn request(&self, path: &str, body: &str) -> std::result::Result<Json, String> {
         let config = &self.inner.config;
+        // `n > 0`: `EtcdConfig::validate` (run by `new`) requires an endpoint,
+        // and the config cannot change afterwards.
         let n = config.endpoints.len();
         let first = self.inner.preferred.load(Ordering::Relaxed) % n;
         let mut last = String::new();
@@ -239,6 +241,8 @@ impl EtcdRegistry {
 
     fn open_watch(&self, body: &str) -> std::result::Result<http::Stream, String> {
         let config = &self.inner.config;
+        // `n > 0`: `EtcdConfig::validate` (run by `new`) requires an endpoint,
+        // and the config cannot change afterwards.
         let n = config.endpoints.len();
         let first = self.inner.preferred.load(Ordering::Relaxed) % n;
         let mut last = String::new();
@@ -713,7 +717,7 @@ impl Watcher {
                             }
                         }
                         log::debug!("etcd still unreachable: {e}");
-                        delay = (delay * 2).min(config.retry_max);
+                        delay = delay.saturating_mul(2).min(config.retry_max);
                     }
                 }
             }
@@ -726,7 +730,8 @@ impl Watcher {
             r#"{{"create_request":{{"key":{},"range_end":{},"start_revision":"{}"}}}}"#,
             quote(&base64_encode(self.prefix.as_bytes())),
             quote(&base64_encode(&prefix_end(self.prefix.as_bytes()))),
-            self.revision + 1
+            // Saturating: the revision is whatever etcd answered.
+            self.revision.saturating_add(1)
         );
         let mut stream = match self.registry.open_watch(&body) {
             Ok(stream) => stream,

@@ -180,6 +180,7 @@ fn send(
     let mut buf = [0u8; 8 * 1024];
     loop {
         if let Some(end) = find(&raw, b"\r\n\r\n") {
+            // In bounds: `find` matched 4 bytes at `end`, so `end + 4 <= raw.len()`.
             let head = parse_head(&raw[..end + 4])?;
             let rest = raw.split_off(end + 4);
             return Ok((
@@ -204,7 +205,7 @@ fn send(
             .map_err(|e| e.to_string())?;
         match sock.read(&mut buf) {
             Ok(0) => return Err(format!("{host} closed the connection before answering")),
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Ok(n) => raw.extend_from_slice(&buf[..n]), // `read` returns n <= buf.len()
             Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("reading the response head from {host}: {e}")),
         }
@@ -307,6 +308,7 @@ impl BodyReader {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         match self.framing {
             Framing::Length(_) => {
+                // `take` is at most both lengths: no panic, no underflow.
                 let take = bytes.len().min(self.remaining);
                 out.extend_from_slice(&bytes[..take]);
                 self.remaining -= take;
@@ -366,6 +368,7 @@ impl ChunkDecoder {
             match self.state {
                 ChunkState::Done => return Ok(()),
                 ChunkState::Data(n) => {
+                    // `take <= bytes.len()`, and `n - take` runs only when `take < n`.
                     let take = n.min(bytes.len());
                     out.extend_from_slice(&bytes[..take]);
                     bytes = &bytes[take..];
@@ -376,7 +379,7 @@ impl ChunkDecoder {
                     };
                 }
                 ChunkState::Size | ChunkState::DataEnd | ChunkState::Trailer => {
-                    let b = bytes[0];
+                    let b = bytes[0]; // the loop runs while `bytes` is not empty
                     bytes = &bytes[1..];
                     if b != b'\n' {
                         self.line.push(b);

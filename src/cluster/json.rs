@@ -91,7 +91,11 @@ impl Parser<'_> {
     }
 
     fn eat(&mut self, literal: &[u8]) -> bool {
-        if self.s[self.i..].starts_with(literal) {
+        if self
+            .s
+            .get(self.i..)
+            .is_some_and(|rest| rest.starts_with(literal))
+        {
             self.i += literal.len();
             true
         } else {
@@ -164,7 +168,8 @@ impl Parser<'_> {
                 {
                     self.i += 1;
                 }
-                let text = std::str::from_utf8(&self.s[start..self.i]).unwrap_or_default();
+                let digits = self.s.get(start..self.i).unwrap_or_default();
+                let text = std::str::from_utf8(digits).unwrap_or_default();
                 if text.parse::<f64>().is_err() {
                     return Err(self.err("bad number"));
                 }
@@ -263,7 +268,7 @@ impl Splitter {
     /// The next complete value's bytes, if one is buffered.
     pub(crate) fn next_value(&mut self) -> Result<Option<Vec<u8>>, String> {
         while self.scanned < self.buf.len() {
-            let b = self.buf[self.scanned];
+            let b = self.buf[self.scanned]; // `scanned < buf.len()`: the loop condition
             self.scanned += 1;
             if self.in_string {
                 if self.escaped {
@@ -332,6 +337,7 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 pub(crate) fn base64_encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
+        // `chunks` never yields an empty chunk, so `chunk[0]` exists.
         let n = (u32::from(chunk[0]) << 16)
             | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
             | u32::from(*chunk.get(2).unwrap_or(&0));

@@ -353,6 +353,8 @@ impl Heartbeat {
         };
         *slot = None;
         let sample = now.saturating_duration_since(sent_at);
+        // `× 7` cannot overflow: a sample is time that really elapsed since a
+        // ping this side sent (a Pong's id only matches a recorded ping).
         self.srtt = Some(match self.srtt {
             None => sample,
             Some(old) => (old * 7 + sample) / 8,

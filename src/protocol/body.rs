@@ -246,7 +246,7 @@ fn finish_frame(
 fn text_frame(kind: Kind, status: u8, id: u64, text: &str) -> Vec<u8> {
     let mut cut = text.len().min(MAX_TEXT_LEN);
     while !text.is_char_boundary(cut) {
-        cut -= 1;
+        cut -= 1; // stops at 0 at the latest: 0 is always a char boundary
     }
     let text = text.get(..cut).unwrap_or_default();
     let mut out = start_frame(text.len() + 5);
@@ -398,6 +398,8 @@ fn skip_value(bytes: &[u8], max_depth: usize) -> Result<usize, String> {
             match open.last_mut() {
                 None => return Ok(cur.pos),
                 Some(left) => {
+                    // No underflow: only counts > 0 are pushed, and a count
+                    // that reaches 0 is popped at once.
                     *left -= 1;
                     if *left > 0 {
                         break;

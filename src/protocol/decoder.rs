@@ -73,6 +73,7 @@ impl Partial {
                 .len()
                 .saturating_add(self.body.len().max(READ_CHUNK));
             let new_len = grown.min(target);
+            // No underflow: `grown >= body.len()` and `target > body.len()`.
             self.body.reserve_exact(new_len - self.body.len());
             self.body.resize(new_len, 0);
         }
@@ -338,6 +339,7 @@ impl FrameDecoder {
         match pending.get(16..HEADER_LEN) {
             Some(&[l0, l1, l2, l3]) => {
                 let body_len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+                // No underflow: bytes 16..20 exist, so `pending` holds a header.
                 pending.len() - HEADER_LEN < body_len
             }
             _ => true,
@@ -351,7 +353,7 @@ impl FrameDecoder {
             .partial
             .as_ref()
             .map_or(0, |partial| HEADER_LEN + partial.filled);
-        self.end - self.start + partial
+        self.end - self.start + partial // `start <= end` always (see `consume`)
     }
 
     /// Bytes currently allocated by the decoder: the read buffer plus the
@@ -396,6 +398,7 @@ impl FrameDecoder {
     /// needed.
     fn make_room(&mut self, want: usize) {
         self.ensure_buf();
+        // `end <= buf.len()` always: `end` only grows by bytes written into `buf`.
         if self.buf.len() - self.end >= want {
             return;
         }

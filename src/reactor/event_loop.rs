@@ -325,7 +325,7 @@ impl EventLoop {
                 Ok(_) => {
                     // Any bytes, even of an unfinished frame, prove the peer alive.
                     conn.heartbeat.on_read(now);
-                    conn.reads += 1;
+                    conn.reads = conn.reads.wrapping_add(1); // only compared for equality
                     let mut completed_any = false;
                     loop {
                         let Some(conn) = self.conns.get_mut(token) else {
@@ -398,12 +398,13 @@ impl EventLoop {
                 let max_strikes = conn.config().max_ping_strikes;
                 let too_soon = conn
                     .last_ping_in
-                    .is_some_and(|last| now - last < min_interval);
+                    .is_some_and(|last| now.saturating_duration_since(last) < min_interval);
                 conn.last_ping_in = Some(now);
                 if !too_soon {
                     conn.ping_strikes = 0;
                 } else if conn.strike_read != conn.reads {
-                    conn.ping_strikes += 1;
+                    // Saturating: `max_ping_strikes` may be configured as u32::MAX.
+                    conn.ping_strikes = conn.ping_strikes.saturating_add(1);
                     conn.strike_read = conn.reads;
                 }
                 if conn.ping_strikes > max_strikes {
@@ -707,11 +708,15 @@ impl EventLoop {
                     "too many connections (max_connections {})",
                     server.config().max_connections
                 );
-                log::warn!("{peer}: refused: {text}");
                 let _ =
                     (&socket).write_all_nonblocking(&encode_close(CloseStatus::Overloaded, &text));
+                // Logged (warn) by the sink, and visible to `Server::events()`.
+                let reason = DisconnectReason::Overloaded(text);
+                server.events().emit(Event::Refused { peer, reason });
                 continue;
             }
+            // `loops` holds every loop of the runtime, this one included, so it
+            // is never empty and `target` is a valid index.
             let target = self.next_loop % self.loops.len();
             self.next_loop = self.next_loop.wrapping_add(1);
             if target == self.index {
@@ -788,7 +793,7 @@ impl EventLoop {
             calls: CallTable::new(),
             handling: Default::default(),
             call_done: Default::default(),
-            owner: self.loops[self.index].clone(),
+            owner: self.loops[self.index].clone(), // `index` is this loop's own place in `loops`
         });
         entry.insert(Conn {
             shared,

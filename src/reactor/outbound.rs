@@ -127,9 +127,10 @@ impl Outbound {
         }
         let limit = match class {
             Class::Data => self.max_bytes,
-            Class::Control => self.max_bytes + CONTROL_ALLOWANCE,
+            // Saturating: `max_write_queue_bytes` is the user's, up to usize::MAX.
+            Class::Control => self.max_bytes.saturating_add(CONTROL_ALLOWANCE),
         };
-        if q.bytes + frame.len() > limit {
+        if q.bytes.saturating_add(frame.len()) > limit {
             return Err(SendError::Overloaded(frame));
         }
         q.bytes += frame.len();
@@ -310,6 +311,7 @@ impl Outbound {
             }
 
             q = self.queue.lock();
+            // `done <= batch.len()`: it counts frames of this batch written whole.
             let written_bytes: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
             q.bytes = q.bytes.saturating_sub(written_bytes);
             // Put back what was not written, ahead of anything queued meanwhile.
@@ -378,6 +380,9 @@ fn write_all_or_block(
     while done < batch.len() {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut n_iov = 0;
+        // Cannot panic: `done < batch.len()`, a batch holds at most MAX_IOV
+        // frames (so `n_iov < MAX_IOV`), and `offset` stays below the length
+        // of the frame it is into (see the advance below).
         for (i, (frame, _)) in batch[done..].iter().enumerate() {
             let start = if i == 0 { *offset } else { 0 };
             iov[n_iov] = IoSlice::new(&frame[start..]);
