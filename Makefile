@@ -1,7 +1,8 @@
 # pulse: the commands a newcomer needs. `make help` lists them.
 #
-# Everything is plain cargo: nothing to install beyond a Rust toolchain with
-# rustfmt and clippy (`rustup component add rustfmt clippy`).
+# Everything is plain cargo with a Rust toolchain with rustfmt and clippy
+# (`rustup component add rustfmt clippy`); `make test` also installs Debian's
+# etcd-server when no `etcd` binary is found (the registry tests need one).
 
 CARGO ?= cargo
 
@@ -11,7 +12,7 @@ FUZZ_SECONDS ?= 60
 
 help:
 	@echo "make run    build in release mode and run the ping_pong demo (provider + consumer, 1000 calls)"
-	@echo "make test   formatting check, clippy (warnings are errors), every test target, doc tests"
+	@echo "make test   installs etcd if missing, then formatting check, clippy (warnings are errors), every test target, doc tests"
 	@echo "make bench  run the benchmarks (they report; they never fail the build)"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS s (default 60); installs cargo-fuzz if missing"
 	@echo "make fmt    format the code"

@@ -399,6 +399,84 @@ impl Client {
         }
     }
 
+    /// [`Client::call_timeout`] that never waits for a connection (for the
+    /// cluster client, which would rather send the call to another provider).
+    ///
+    /// When the link is not ready right now (connecting, reconnecting, given
+    /// up, shut down), or its connection is found dead before the request is
+    /// queued on it, this fails at once with `NotConnected`. So a
+    /// `NotConnected` from here always means the request was never written
+    /// to a socket and may be sent elsewhere whatever the method; every other
+    /// error is as [`Client::call_timeout`]'s (`ConnectionLost`: the request
+    /// may have run).
+    pub(crate) fn call_if_ready<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let started = Instant::now();
+        let link = &self.inner.link;
+        let unsent = |detail: &str| Error::NotConnected {
+            peer: link.addr,
+            waited: started.elapsed(),
+            detail: format!("{detail}; the request was not sent"),
+        };
+        let conn = match &*link.state.lock() {
+            LinkState::Ready(conn) => conn.clone(),
+            LinkState::Connecting { .. } => return Err(unsent("reconnecting")),
+            LinkState::Failed(why) => return Err(unsent(why)),
+            LinkState::Shutdown => return Err(unsent("the client is shut down")),
+        };
+        let service = service.into();
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_request(
+            Kind::Request,
+            id,
+            service.name,
+            service.version,
+            service.group,
+            method,
+            args,
+        )
+        .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
+        let slot = CallSlot::new();
+        match conn
+            .calls
+            .register(id, slot.clone(), link.config.max_inflight, conn.peer)
+        {
+            Ok(()) => {}
+            Err(Error::ConnectionLost { .. }) => return Err(unsent("the connection just died")),
+            Err(e) => return Err(e),
+        }
+        match conn.send(frame, Class::Data) {
+            Ok(_) => {}
+            Err(SendError::Closed(Some(_))) => {
+                conn.calls.remove(id);
+                return Err(unsent("the connection just died"));
+            }
+            Err(e) => {
+                conn.calls.remove(id);
+                return Err(send_error(&conn, e));
+            }
+        }
+        PendingCall {
+            conn,
+            slot,
+            id,
+            deadline: started + timeout,
+            timeout,
+            waited: false,
+            _result: PhantomData,
+        }
+        .wait()
+    }
+
     /// Sends a one-way call: no response, no result. Returns once the request
     /// is queued on a ready connection (waiting for one up to the call timeout).
     ///

@@ -39,6 +39,21 @@ pub enum Error {
         /// What the last connect attempt saw, e.g. `io_error (Connection refused)`.
         detail: String,
     },
+    /// A [`ClusterClient`](crate::cluster::ClusterClient) call found no
+    /// healthy provider of its service (none connected and answering its
+    /// heartbeats, or the registry lists none). It fails at once instead of
+    /// waiting, and the request was not sent to any provider (or, after a
+    /// failover, not to any but those that already failed it). Retry later,
+    /// or check that the providers run and are registered.
+    #[error("no healthy provider for service {service}: {detail}")]
+    NoProvider {
+        /// The service called: its name, then `:version` and `@group` when
+        /// not empty.
+        service: String,
+        /// What the client knows of the providers, e.g. `3 known, 2
+        /// connecting, 0 gave up, 1 tried already or shut down`.
+        detail: String,
+    },
     /// The provider answered with a non-Ok status.
     #[error("remote error {status:?}: {message}")]
     Remote {
@@ -109,5 +124,13 @@ mod tests {
             message: "no method x".into(),
         };
         assert_eq!(e.to_string(), "remote error MethodNotFound: no method x");
+        let e = Error::NoProvider {
+            service: "echo:1.0".into(),
+            detail: "the registry lists none".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "no healthy provider for service echo:1.0: the registry lists none"
+        );
     }
 }

@@ -12,8 +12,8 @@ mod cluster_support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cluster_support::*;
@@ -432,6 +432,15 @@ fn a_stopped_provider_is_failed_over_without_losing_idempotent_calls() {
     let left_at = Instant::now();
     stopper.join().unwrap();
     std::thread::sleep(Duration::from_millis(500));
+
+    // Restarted where the registry says it is, it comes back into rotation.
+    let restarted = Provider::start_on(2, 0, HEARTBEAT, &stopped.to_string());
+    let restarted_at = Instant::now();
+    let back_after = wait_until(PROMPTLY, "the restarted provider comes back", || {
+        healthy(&cluster, stopped)
+    });
+    let back_at = restarted_at + back_after;
+    std::thread::sleep(Duration::from_millis(300));
     let log = callers.finish();
     let failures: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
     assert!(
@@ -447,15 +456,26 @@ fn a_stopped_provider_is_failed_over_without_losing_idempotent_calls() {
     );
     let late = log
         .iter()
-        .filter(|(t, r)| *t > left_at && *r == Ok(2))
+        .filter(|(t, r)| *t > left_at && *t < restarted_at && *r == Ok(2))
         .count();
     assert_eq!(
         late, 0,
         "the stopped provider served calls started after it left"
     );
     assert!(
-        log.iter().filter(|(t, _)| *t > left_at).count() > 50,
+        log.iter()
+            .filter(|(t, _)| *t > left_at && *t < restarted_at)
+            .count()
+            > 50,
         "too few calls after the stop to judge"
+    );
+    let after_restart = log
+        .iter()
+        .filter(|(t, r)| *t > back_at && *r == Ok(2))
+        .count();
+    assert!(
+        after_restart > 0 && restarted.served() > 0,
+        "the restarted provider served nothing ({after_restart} calls logged)"
     );
 }
 
@@ -522,6 +542,104 @@ fn only_idempotent_calls_are_retried_on_another_provider() {
     assert_eq!(served_elsewhere(), others_before + 1);
 }
 
+/// Something to run once, handed over after the balancer is built.
+type Hook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+/// A balancer that picks `target` and, the first time, runs a hook inside
+/// the pick: whatever the hook does happens between the balancer's choice
+/// and the call.
+struct PickThen {
+    target: SocketAddr,
+    hook: Hook,
+}
+
+impl LoadBalancer for PickThen {
+    fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        candidates
+            .iter()
+            .position(|c| c.addr == self.target)
+            .unwrap_or(0)
+    }
+
+    fn name(&self) -> &'static str {
+        "pick_then"
+    }
+}
+
+#[test]
+fn a_call_picked_onto_a_provider_that_just_went_reconnecting_fails_over_at_once() {
+    let _serial = serial();
+    let mut providers = start_providers(3);
+    let target = providers[1].addr();
+    let hook: Hook = Arc::new(Mutex::new(None));
+    let (_registry, cluster) = cluster_with(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        PickThen {
+            target,
+            hook: hook.clone(),
+        },
+        config(),
+    );
+    let served_elsewhere = |providers: &[Provider]| {
+        providers
+            .iter()
+            .filter(|p| p.addr() != target)
+            .map(Provider::served)
+            .sum::<u64>()
+    };
+    let others_before = served_elsewhere(&providers);
+
+    // Inside the pick of the next call (the target is a candidate: it was
+    // ready), the target stops and its connection goes to reconnecting; it
+    // will not come back (nothing listens any more).
+    let stopped = providers.remove(1);
+    let events = cluster.events();
+    let hook_done = Arc::new(Mutex::new(None));
+    *hook.lock().unwrap() = Some(Box::new({
+        let hook_done = hook_done.clone();
+        move || {
+            stopped.server.shutdown();
+            let deadline = Instant::now() + PROMPTLY;
+            loop {
+                match events.recv_deadline(deadline) {
+                    Ok(ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. }))
+                        if peer == target =>
+                    {
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => panic!("the stopped provider is not reconnecting"),
+                }
+            }
+            *hook_done.lock().unwrap() = Some(Instant::now());
+        }
+    }));
+
+    // `incr` is not idempotent, but its request was never sent to the
+    // target: it goes to another provider at once, instead of waiting up
+    // to its 3 s timeout for a reconnect that never comes.
+    let traced = cluster
+        .call_traced::<_, u32>(
+            "incr",
+            &(),
+            &CallOptions::new().timeout(Duration::from_secs(3)),
+        )
+        .expect("sent to another provider");
+    let took = hook_done
+        .lock()
+        .unwrap()
+        .expect("the hook ran inside the pick")
+        .elapsed();
+    assert!(took < Duration::from_secs(1), "failed over after {took:?}");
+    assert_ne!(traced.provider, target, "{traced:?}");
+    assert_eq!(traced.attempts, 2, "{traced:?}");
+    assert_eq!(served_elsewhere(&providers), others_before + 1);
+}
+
 #[test]
 fn the_provider_set_follows_the_registry() {
     let _serial = serial();
@@ -581,25 +699,55 @@ fn with_no_healthy_provider_calls_fail_fast() {
         ready_timeout: Duration::from_millis(200),
         ..config()
     };
+    // Providers that never came up.
     let cluster =
         ClusterClient::new(&registry, service(), RoundRobin::new(), config.clone()).unwrap();
     let started = Instant::now();
     let err = cluster.call::<_, u32>("whoami", &()).unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_millis(100),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(matches!(err, Error::NotConnected { .. }), "{err}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    match &err {
+        Error::NoProvider { service, detail } => {
+            assert_eq!(service, SERVICE);
+            assert!(detail.starts_with("2 known, 2 connecting"), "{err}");
+        }
+        other => panic!("expected NoProvider, got {other}"),
+    }
     assert!(
         err.to_string()
-            .contains("no healthy provider for service cluster"),
+            .starts_with("no healthy provider for service cluster: "),
         "{err}"
     );
-    assert!(err.to_string().contains("2 known, 2 connecting"), "{err}");
 
+    // No provider registered at all.
     let empty = StaticRegistry::new();
-    let cluster = ClusterClient::new(&empty, service(), RoundRobin::new(), config).unwrap();
+    let cluster = ClusterClient::new(&empty, service(), RoundRobin::new(), config.clone()).unwrap();
     let err = cluster.call::<_, u32>("whoami", &()).unwrap_err();
-    assert!(err.to_string().contains("the registry lists none"), "{err}");
+    assert!(
+        matches!(&err, Error::NoProvider { detail, .. } if detail == "the registry lists none"),
+        "{err}"
+    );
+
+    // Providers that were serving and all stopped: every call fails fast
+    // (idempotent or not) rather than waiting for a reconnect.
+    let providers = start_providers(2);
+    let (_registry, cluster) = cluster_with(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        RoundRobin::new(),
+        config,
+    );
+    assert!(cluster.call::<_, u32>("whoami", &()).is_ok());
+    for p in &providers {
+        p.server.shutdown();
+    }
+    wait_until(PROMPTLY, "both providers leave rotation", || {
+        cluster.providers().iter().all(|p| !p.healthy)
+    });
+    for method in ["whoami", "incr"] {
+        let started = Instant::now();
+        let err = cluster.call::<_, u32>(method, &()).unwrap_err();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{method} took {took:?}");
+        assert!(matches!(err, Error::NoProvider { .. }), "{method}: {err}");
+    }
 }

@@ -212,7 +212,8 @@ impl ChildProvider {
         ChildProvider { child, addr }
     }
 
-    fn signal(&self, signal: &str) {
+    /// Sends `signal` (e.g. `-STOP`); returns when it was sent.
+    fn signal(&self, signal: &str) -> Instant {
         // The shell's builtin `kill`: no dependency on procps.
         let status = Command::new("sh")
             .arg("-c")
@@ -220,6 +221,7 @@ impl ChildProvider {
             .status()
             .expect("run sh -c kill");
         assert!(status.success(), "kill {signal} failed");
+        Instant::now()
     }
 }
 
@@ -279,27 +281,57 @@ fn a_frozen_provider_expires_and_registers_again_when_thawed() {
     let registry = etcd.registry();
     let provider = ChildProvider::start(&etcd);
     assert!(listed(&registry, provider.addr));
+    // A consumer following etcd calls the child.
+    let config = ClusterConfig {
+        client: client_config(),
+        ..ClusterConfig::default()
+    };
+    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 7);
 
-    provider.signal("-STOP");
-    let gone_after = wait_until(
+    let frozen_at = provider.signal("-STOP");
+    // The consumer stops using it within the heartbeat bound (100 ms × 3,
+    // plus margin), long before etcd notices ...
+    let left_after = wait_until(PROMPTLY, "the frozen provider leaves rotation", || {
+        cluster.providers().iter().all(|p| !p.healthy)
+    });
+    assert!(
+        left_after < Duration::from_millis(900),
+        "left rotation after {left_after:?}"
+    );
+    // ... and etcd drops its key when its lease expires: the consumer
+    // forgets it.
+    wait_until(
         Duration::from_secs(6),
         "the frozen provider's key expires",
         || !listed(&registry, provider.addr),
     );
+    let gone_after = frozen_at.elapsed();
     assert!(
         gone_after >= Duration::from_millis(900),
         "gone after {gone_after:?}: too early for a lease expiry"
     );
+    wait_until(
+        PROMPTLY,
+        "the consumer forgets the expired provider",
+        || cluster.providers().is_empty(),
+    );
+    let forgotten_after = frozen_at.elapsed();
 
     // Thawed, its keep-alive finds the lease gone, grants a new one and
-    // registers again.
+    // registers again; the consumer takes it back.
     provider.signal("-CONT");
     let back_after = wait_until(
         Duration::from_secs(6),
         "the thawed provider registers again",
         || listed(&registry, provider.addr),
     );
-    println!("frozen provider gone after {gone_after:?}, back {back_after:?} after the thaw");
+    assert!(cluster.wait_ready(1, PROMPTLY), "{:?}", cluster.providers());
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 7);
+    println!(
+        "frozen provider out of rotation after {left_after:?}, key gone after {gone_after:?}, \
+         forgotten by the consumer after {forgotten_after:?}, back {back_after:?} after the thaw"
+    );
 }
 
 #[test]
@@ -387,6 +419,12 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
             Err(_) => panic!("no RegistryLost event within {PROMPTLY:?}"),
         }
     }
+    // And says so in the log (the consumer logs before it reports the event).
+    assert!(
+        logged(log::Level::Warn, "registry unreachable")
+            && logged(log::Level::Warn, "keeping the 1 known provider(s)"),
+        "no warning logged for the lost registry"
+    );
     // Longer than the lease TTL: the consumer keeps calling the provider it
     // knows.
     let outage_started = Instant::now();
@@ -411,6 +449,10 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
         }
     }
     let resumed_after = outage_started.elapsed();
+    assert!(
+        logged(log::Level::Info, "registry reachable again"),
+        "the registry's return is not logged"
+    );
     // The provider's lease survived the restart (etcd renews leases when it
     // comes back) or was granted again: it is still listed.
     assert!(listed(&registry, first.addr()));

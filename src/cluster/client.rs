@@ -29,8 +29,11 @@ pub struct ClusterConfig {
     /// reconnect backoff, default call timeout (for the whole call, retries
     /// included).
     pub client: ClientConfig,
-    /// How many other providers an idempotent call is retried on after it
-    /// failed with `ConnectionLost` or `NotConnected`. Default 2.
+    /// How many other providers a call may be sent to after the first
+    /// failed it: any call whose request was never sent (the provider was
+    /// not connected by then) or was refused as `ShuttingDown`, and an
+    /// idempotent call whose connection died under it (`ConnectionLost`).
+    /// See the failover rules on [`ClusterClient`]. Default 2.
     pub retries: u32,
     /// Methods that are safe to run twice (reads, puts of the same value):
     /// calls to them are retried on failover unless
@@ -280,12 +283,10 @@ impl Shared {
         Some(healthy[i].clone())
     }
 
-    fn no_provider(&self, providers: &[Arc<Provider>], started: Instant) -> Error {
+    /// The error of a call that found no provider to send to.
+    fn no_provider(&self, providers: &[Arc<Provider>]) -> Error {
         let detail = if providers.is_empty() {
-            format!(
-                "no healthy provider for service {}: the registry lists none",
-                self.service
-            )
+            "the registry lists none".to_string()
         } else {
             let (mut connecting, mut failed, mut other) = (0, 0, 0);
             for p in providers {
@@ -296,15 +297,13 @@ impl Shared {
                 }
             }
             format!(
-                "no healthy provider for service {}: {} known, {connecting} connecting, \
-                 {failed} failed, {other} missing heartbeats or shut down",
-                self.service,
+                "{} known, {connecting} connecting, {failed} gave up reconnecting, \
+                 {other} tried already or shut down",
                 providers.len()
             )
         };
-        Error::NotConnected {
-            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-            waited: started.elapsed(),
+        Error::NoProvider {
+            service: self.service.to_string(),
             detail,
         }
     }
@@ -424,16 +423,26 @@ impl Drop for Inner {
 ///
 /// # Failover
 ///
-/// A call that fails with `ConnectionLost` or `NotConnected` is retried on
-/// another healthy provider, up to [`ClusterConfig::retries`] times, when it
-/// is idempotent (its method is in [`ClusterConfig::idempotent_methods`], or
-/// [`CallOptions::idempotent`] says so); other calls return the error, since
-/// the provider may have run them. A call the provider refused with status
-/// `ShuttingDown` never ran, so it is sent to another provider whether it is
-/// idempotent or not (within the same retry budget). Retries share the
-/// call's timeout. When no
-/// provider is healthy a call fails at once with `NotConnected` whose detail
-/// starts with "no healthy provider for service".
+/// A call is sent to one provider at a time, never waiting for a provider's
+/// connection: a provider that went to reconnecting between the balancer's
+/// choice and the call is passed over at once. Up to
+/// [`ClusterConfig::retries`] other providers are tried after the first,
+/// all within the call's one timeout:
+///
+/// * **never sent** — the chosen provider's connection was not ready, or
+///   died before the request was written to it: the request reached no
+///   provider, so it goes to another one whatever the method;
+/// * **refused** — the provider answered status `ShuttingDown`: the request
+///   did not run, so it goes to another one whatever the method;
+/// * **lost** — `ConnectionLost`: the connection died after the request was
+///   written, so the provider may have run it. Only an idempotent call (its
+///   method is in [`ClusterConfig::idempotent_methods`], or
+///   [`CallOptions::idempotent`] says so) is sent to another provider;
+///   any other returns the error.
+///
+/// Any other error (timeout, remote error, codec) is returned as it is.
+/// When no provider is healthy, or every healthy one was tried and none
+/// took the request, a call fails at once with [`Error::NoProvider`].
 ///
 /// Clones share everything. Dropping the last clone stops following the
 /// registry and closes every connection.
@@ -589,8 +598,11 @@ impl ClusterClient {
     /// in [`ClusterConfig::idempotent_methods`].
     ///
     /// # Errors
-    /// `NotConnected` at once when no provider is healthy; otherwise as
-    /// [`Client::call`] on the provider that took the (last) attempt.
+    /// [`Error::NoProvider`] at once when no provider is healthy (or none
+    /// took the request); otherwise as [`Client::call`] on the provider that
+    /// took the last attempt (`ConnectionLost` for a call that is not
+    /// idempotent, `Timeout`, `Remote`, ...). See the failover rules on
+    /// [`ClusterClient`].
     pub fn call<A, R>(&self, method: &str, args: &A) -> Result<R>
     where
         A: Serialize + ?Sized,
@@ -646,22 +658,33 @@ impl ClusterClient {
         let idempotent = options
             .idempotent
             .unwrap_or_else(|| shared.config.idempotent_methods.contains(method));
-        let retries = if idempotent { shared.config.retries } else { 0 };
+        let retries = shared.config.retries as usize;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
         loop {
             let providers = shared.snapshot();
             let Some(p) = shared.choose(&providers, &tried, options.key) else {
-                return Err(last_error.unwrap_or_else(|| shared.no_provider(&providers, started)));
+                return Err(match last_error {
+                    // Nothing was sent anywhere (or only refused): there is
+                    // no provider to take it.
+                    None
+                    | Some(Error::NotConnected { .. })
+                    | Some(Error::Remote {
+                        status: ResponseStatus::ShuttingDown,
+                        ..
+                    }) => shared.no_provider(&providers),
+                    Some(e) => e,
+                });
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(last_error.unwrap_or(Error::Timeout(timeout)));
             }
             tried.push(p.addr);
+            // Never waits for a connection: NotConnected means not sent.
             match p
                 .client
-                .call_timeout(shared.service.as_ref(), method, args, left)
+                .call_if_ready(shared.service.as_ref(), method, args, left)
             {
                 Ok(value) => {
                     return Ok(Traced {
@@ -670,9 +693,21 @@ impl ClusterClient {
                         attempts: tried.len() as u32,
                     });
                 }
-                Err(e @ (Error::ConnectionLost { .. } | Error::NotConnected { .. }))
-                    if tried.len() <= retries as usize =>
-                {
+                // Never written to any socket: safe to send elsewhere,
+                // idempotent or not.
+                Err(e @ Error::NotConnected { .. }) if tried.len() <= retries => {
+                    log::info!(
+                        "cluster {}: {} is not connected any more ({e}); sending {method} to \
+                         another provider ({} of {retries})",
+                        shared.service,
+                        p.addr,
+                        tried.len()
+                    );
+                    last_error = Some(e);
+                }
+                // Written, then the connection died: the provider may have
+                // run it, so only idempotent calls go elsewhere.
+                Err(e @ Error::ConnectionLost { .. }) if idempotent && tried.len() <= retries => {
                     log::warn!(
                         "cluster {}: {method} on {} failed ({e}); retrying on another provider \
                          ({} of {retries})",
@@ -689,7 +724,7 @@ impl ClusterClient {
                         status: ResponseStatus::ShuttingDown,
                         ..
                     },
-                ) if tried.len() <= shared.config.retries as usize => {
+                ) if tried.len() <= retries => {
                     log::info!(
                         "cluster {}: {} is shutting down and refused {method}; sending it to \
                          another provider",

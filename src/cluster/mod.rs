@@ -9,8 +9,14 @@
 //!   frozen provider disappears on its own);
 //! * a [`ClusterClient`] follows the registry, keeps one heartbeated
 //!   [`Client`](crate::Client) per provider, sends each call to a healthy one
-//!   chosen by a [`LoadBalancer`], and retries idempotent calls on another
-//!   provider when a connection dies under them.
+//!   chosen by a [`LoadBalancer`], and fails calls over to another provider
+//!   when that is safe: any call that was never sent (its provider was no
+//!   longer connected), idempotent calls whose connection died under them.
+//!   With no healthy provider a call fails at once with
+//!   [`Error::NoProvider`](crate::Error::NoProvider).
+//!
+//! `docs/CLUSTER.md` has the etcd layout, each balancer's promise and the
+//! failover rules in full.
 //!
 //! A provider in heartbeat trouble (two missed intervals by default) or
 //! reconnecting is skipped, so one that freezes leaves rotation within

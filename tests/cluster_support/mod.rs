@@ -42,9 +42,59 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Logs through `env_logger` when `RUST_LOG` is set.
+/// Logs through `env_logger` when `RUST_LOG` is set, and keeps pulse's own
+/// messages at `info` and above for [`logged`], whatever `RUST_LOG` says.
 pub fn init_log() {
-    let _ = env_logger::builder().is_test(true).try_init();
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let inner = env_logger::builder().is_test(true).build();
+        let max = inner.filter().max(log::LevelFilter::Info);
+        if log::set_boxed_logger(Box::new(Capture { inner })).is_ok() {
+            log::set_max_level(max);
+        }
+    });
+}
+
+/// pulse's log messages (`info` and above) kept for [`logged`], at most
+/// this many.
+const CAPTURED_MAX: usize = 10_000;
+
+static CAPTURED: Mutex<Vec<(log::Level, String)>> = Mutex::new(Vec::new());
+
+/// Forwards to `env_logger` and keeps pulse's `info`+ messages.
+struct Capture {
+    inner: env_logger::Logger,
+}
+
+impl log::Log for Capture {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info || self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.level() <= log::Level::Info && record.target().starts_with("pulse") {
+            let mut captured = CAPTURED.lock().unwrap_or_else(|p| p.into_inner());
+            if captured.len() < CAPTURED_MAX {
+                captured.push((record.level(), record.args().to_string()));
+            }
+        }
+        self.inner.log(record);
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// Whether pulse logged a message at `level` or more severe containing
+/// `needle` (since the test binary started; needs [`init_log`], which
+/// [`serial`] calls).
+pub fn logged(level: log::Level, needle: &str) -> bool {
+    CAPTURED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|(l, m)| *l <= level && m.contains(needle))
 }
 
 /// Polls `cond` every 5 ms until it holds; panics naming `what` after
@@ -107,6 +157,12 @@ impl Provider {
 
     /// [`Provider::start`] with another heartbeat interval.
     pub fn start_with(id: u32, work_ms: u64, interval: Duration) -> Provider {
+        Provider::start_on(id, work_ms, interval, "127.0.0.1:0")
+    }
+
+    /// [`Provider::start_with`] on a given address (e.g. to restart a
+    /// stopped provider where consumers expect it).
+    pub fn start_on(id: u32, work_ms: u64, interval: Duration, addr: &str) -> Provider {
         let served = Arc::new(AtomicU64::new(0));
         let count = |served: &Arc<AtomicU64>| {
             let served = served.clone();
@@ -140,8 +196,8 @@ impl Provider {
                     .method_inline("incr", count(&served))
                     .method("work", slow),
             )
-            .bind("127.0.0.1:0")
-            .expect("bind a provider on 127.0.0.1:0");
+            .bind(addr)
+            .unwrap_or_else(|e| panic!("bind a provider on {addr}: {e}"));
         Provider { id, server, served }
     }
 
