@@ -471,6 +471,7 @@ impl Client {
             id,
             deadline: started + timeout,
             timeout,
+            spin: link.config.spin_wait,
             waited: false,
             _result: PhantomData,
         }

@@ -275,6 +275,8 @@ impl Outbound {
         mine: Option<usize>,
     ) -> Result<Flush, SendError> {
         let mut batch: Vec<(Vec<u8>, Class)> = Vec::new();
+        // The sender's own frame went out whole in an earlier round.
+        let mut mine_written = false;
         loop {
             // Order: the partial frame, then control frames, then data frames.
             let mut offset = 0;
@@ -313,6 +315,9 @@ impl Outbound {
             q = self.queue.lock();
             // `done <= batch.len()`: it counts frames of this batch written whole.
             let written_bytes: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
+            mine_written |= batch[..done]
+                .iter()
+                .any(|(f, _)| Some(f.as_ptr() as usize) == mine);
             q.bytes = q.bytes.saturating_sub(written_bytes);
             // Put back what was not written, ahead of anything queued meanwhile.
             let mut rest: Vec<(Vec<u8>, Class)> = batch.drain(done..).collect();
@@ -351,6 +356,12 @@ impl Outbound {
                     q.control.clear();
                     q.data.clear();
                     q.bytes = 0;
+                    if mine_written {
+                        // The failure hit frames queued by others after ours
+                        // was sent: ours is in flight, and its call ends with
+                        // the connection (ConnectionLost), not here.
+                        return Ok(Flush::Done);
+                    }
                     return Err(SendError::Closed(unsent));
                 }
             }
