@@ -50,7 +50,10 @@ pub struct ConsumerStats {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HeartbeatRow {
-    /// `on`: both sides ping every interval (Fixed mode), 3 misses.
+    /// `on`: both sides ping every interval (Fixed mode, the default), 3 misses.
+    /// `idle`: the consumers ping every interval; the provider in Idle mode
+    /// pings only a connection it has not heard from for an interval (so,
+    /// here, never) and answers the consumers' pings.
     /// `off`: nobody pings (`send_pings: false`, 1 h interval).
     pub heartbeats: String,
     pub interval_ms: u64,
@@ -72,10 +75,10 @@ pub struct HeartbeatRow {
     pub error: Option<String>,
 }
 
-/// Runs the provider child once with heartbeats off and once on.
+/// Runs the provider child with heartbeats off, on (Fixed) and idle.
 pub fn run(settings: &Settings) -> Vec<HeartbeatRow> {
     let window = settings.window(WINDOW);
-    ["off", "on"]
+    ["off", "on", "idle"]
         .iter()
         .map(|hb| {
             let mut cmd = common::self_command("provider", false);
@@ -107,11 +110,12 @@ fn env_parse<T: std::str::FromStr>(key: &str, default: T) -> T {
 
 /// Role `provider`.
 pub fn provider_main() {
-    let hb_on = std::env::var("PULSE_BENCH_HB").is_ok_and(|v| v == "on");
+    let hb = std::env::var("PULSE_BENCH_HB").unwrap_or_default();
+    let hb_on = hb == "on" || hb == "idle";
     let n: usize = env_parse("PULSE_BENCH_IDLE_CONNS", 5_000);
     let window = Duration::from_millis(env_parse("PULSE_BENCH_WINDOW_MS", 10_000));
     let mut row = HeartbeatRow {
-        heartbeats: if hb_on { "on" } else { "off" }.into(),
+        heartbeats: if hb_on { hb.as_str() } else { "off" }.into(),
         interval_ms: if hb_on {
             INTERVAL.as_millis() as u64
         } else {
@@ -120,18 +124,28 @@ pub fn provider_main() {
         idle_conns: n,
         ..HeartbeatRow::default()
     };
-    if let Err(e) = provider(hb_on, n, window, &mut row) {
+    let idle_mode = hb == "idle";
+    if let Err(e) = provider(hb_on, idle_mode, n, window, &mut row) {
         row.error = Some(e);
     }
     common::print_result(&row);
 }
 
-fn provider(hb_on: bool, n: usize, window: Duration, row: &mut HeartbeatRow) -> Result<(), String> {
+fn provider(
+    hb_on: bool,
+    idle_mode: bool,
+    n: usize,
+    window: Duration,
+    row: &mut HeartbeatRow,
+) -> Result<(), String> {
     let mut config = ServerConfig::default();
     config.max_connections = config.max_connections.max(n + 100);
     if hb_on {
         config.connection.heartbeat.interval = INTERVAL;
         config.connection.heartbeat.send_pings = true;
+        if idle_mode {
+            config.connection.heartbeat.mode = pulse::liveness::HeartbeatMode::Idle;
+        }
     } else {
         config.connection.heartbeat.interval = Duration::from_secs(3600);
         config.connection.heartbeat.send_pings = false;

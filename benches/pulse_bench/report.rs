@@ -190,6 +190,20 @@ impl Report {
                 met: Some(on.rss_per_conn_bytes < 8192.0),
             });
         }
+        if let Some(idle) = self
+            .heartbeat
+            .iter()
+            .find(|h| h.heartbeats == "idle" && h.error.is_none())
+        {
+            t.push(Target {
+                target: format!(
+                    "… the same with the provider in Idle heartbeat mode (consumers ping): < 2 % of one core ({} conns)",
+                    idle.idle_conns
+                ),
+                measured: format!("{:.2} %", idle.cpu_pct_one_core),
+                met: Some(idle.cpu_pct_one_core < 2.0),
+            });
+        }
         if let Some(l) = &self.liveness
             && l.detection_from_freeze.trials > 0
         {
@@ -345,7 +359,7 @@ impl Report {
                     h.error.as_deref().unwrap_or(""),
                 );
             }
-            if let [off, on] = &self.heartbeat[..]
+            if let [off, on, ..] = &self.heartbeat[..]
                 && off.error.is_none()
                 && on.error.is_none()
             {

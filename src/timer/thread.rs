@@ -503,6 +503,24 @@ mod tests {
     }
 
     #[test]
+    fn a_sooner_timer_wakes_a_thread_sleeping_toward_a_later_one() {
+        let (timers, rx) = spawn(ms(1));
+        let handle = timers.handle();
+        handle.arm(1, Instant::now() + Duration::from_secs(3600), 1);
+        wait_until("armed() == 1", || handle.armed() == 1);
+        // The thread now sleeps toward an hour from now; a later arm must
+        // not wake it, a sooner one must.
+        handle.arm(2, Instant::now() + Duration::from_secs(7200), 2);
+        let due = Instant::now() + ms(20);
+        handle.arm(3, due, 3);
+        let (fired_at, batch) = rx.recv_timeout(PATIENCE).expect("the sooner timer fired");
+        assert_eq!(batch, vec![3]);
+        assert!(fired_at >= due);
+        assert_eq!(handle.armed(), 2, "the later arm was applied too");
+        timers.shutdown();
+    }
+
+    #[test]
     fn disarm_prevents_firing() {
         let (timers, rx) = spawn(ms(1));
         let handle = timers.handle();
