@@ -91,8 +91,40 @@ impl ConnectionConfig {
         if self.frame_timeout.is_some_and(|t| t < self.timer_tick) {
             return Err("frame_timeout must be at least one timer_tick".into());
         }
-        Ok(())
+        let heartbeat = &self.heartbeat;
+        check_durations([
+            ("timer_tick", Some(self.timer_tick)),
+            ("frame_timeout", self.frame_timeout),
+            ("min_ping_interval", Some(self.min_ping_interval)),
+            ("heartbeat.interval", Some(heartbeat.interval)),
+            ("heartbeat.stall_threshold", heartbeat.stall_threshold),
+            ("heartbeat.miss_grace", Some(heartbeat.miss_grace)),
+        ])
     }
+}
+
+/// The longest duration any setting accepts: ten years. Deadlines are
+/// computed as `now + setting`; a larger value (say `Duration::MAX` for
+/// "never") would overflow that sum. Use the `Option` fields' `None` for
+/// "never".
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Fails with a message naming the first setting longer than
+/// [`MAX_SETTING_DURATION`].
+fn check_durations<'a>(
+    settings: impl IntoIterator<Item = (&'a str, Option<Duration>)>,
+) -> Result<(), String> {
+    for (name, value) in settings {
+        if let Some(value) = value
+            && value > MAX_SETTING_DURATION
+        {
+            return Err(format!(
+                "{name} must be at most {} days (10 years), got {value:?}; use None where \"never\" is meant",
+                MAX_SETTING_DURATION.as_secs() / 86_400
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Configuration of a consumer ([`crate::Client`]).
@@ -149,7 +181,19 @@ impl ClientConfig {
         if self.max_inflight == 0 {
             return Err("max_inflight must be at least 1".into());
         }
-        Ok(())
+        let backoff = &self.backoff;
+        check_durations([
+            ("call_timeout", Some(self.call_timeout)),
+            (
+                "connect_attempt_timeout",
+                Some(self.connect_attempt_timeout),
+            ),
+            ("connect_timeout", Some(self.connect_timeout)),
+            ("spin_wait", Some(self.spin_wait)),
+            ("backoff.initial", Some(backoff.initial)),
+            ("backoff.max", Some(backoff.max)),
+            ("backoff.probation", Some(backoff.probation)),
+        ])
     }
 }
 
@@ -231,13 +275,37 @@ impl ServerConfig {
         if self.max_inflight == 0 || self.max_connections == 0 {
             return Err("max_inflight and max_connections must be at least 1".into());
         }
-        Ok(())
+        check_durations([
+            ("linger", Some(self.linger)),
+            ("max_idle", self.max_idle),
+            ("max_age", self.max_age),
+        ])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_that_would_overflow_a_deadline_is_refused_by_name() {
+        let mut server = ServerConfig {
+            max_age: Some(Duration::MAX),
+            ..ServerConfig::default()
+        };
+        let err = server.validate().unwrap_err();
+        assert!(err.starts_with("max_age must be at most"), "{err}");
+        server.max_age = Some(MAX_SETTING_DURATION);
+        server.validate().unwrap();
+        let mut client = ClientConfig {
+            call_timeout: Duration::MAX,
+            ..ClientConfig::default()
+        };
+        assert!(client.validate().unwrap_err().starts_with("call_timeout"));
+        client.call_timeout = Duration::from_secs(1);
+        client.connection.frame_timeout = Some(Duration::MAX);
+        assert!(client.validate().unwrap_err().starts_with("frame_timeout"));
+    }
 
     #[test]
     fn defaults_are_valid() {
