@@ -342,10 +342,36 @@ impl Client {
     {
         let started = Instant::now();
         let deadline = started + timeout;
-        let service = service.into();
+        let (id, mut frame) = self.encode_call(Kind::Request, service.into(), method, args)?;
+        let link = &self.inner.link;
+        let mut dead = None;
+        // A connection can die between being handed out and taking the
+        // request; as long as nothing was written, wait for the next one.
+        loop {
+            let conn = link.ready_conn(deadline, started, dead)?;
+            let conn_id = conn.id;
+            match self.send_on(conn, id, frame, deadline, timeout) {
+                Ok(call) => return Ok(call),
+                Err(SendOnError::Dead(unsent)) => {
+                    frame = unsent;
+                    dead = Some(conn_id);
+                }
+                Err(SendOnError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Encodes a request or one-way call under a fresh request id.
+    fn encode_call<A: Serialize + ?Sized>(
+        &self,
+        kind: Kind,
+        service: ServiceRef<'_>,
+        method: &str,
+        args: &A,
+    ) -> Result<(u64, Vec<u8>)> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_request(
-            Kind::Request,
+            kind,
             id,
             service.name,
             service.version,
@@ -354,47 +380,46 @@ impl Client {
             args,
         )
         .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
-        let link = &self.inner.link;
-        let mut frame = frame;
-        let mut dead = None;
-        // A connection can die between being handed out and taking the
-        // request; as long as nothing was written, wait for the next one.
-        loop {
-            let conn = link.ready_conn(deadline, started, dead)?;
-            let slot = CallSlot::new();
-            match conn
-                .calls
-                .register(id, slot.clone(), link.config.max_inflight, conn.peer)
-            {
-                Ok(()) => {}
-                Err(Error::ConnectionLost { .. }) => {
-                    dead = Some(conn.id);
-                    continue;
-                }
-                Err(e) => return Err(e),
+        Ok((id, frame))
+    }
+
+    /// Registers call `id` on `conn` and sends its request `frame`.
+    fn send_on<R>(
+        &self,
+        conn: Arc<ConnShared>,
+        id: u64,
+        frame: Vec<u8>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> std::result::Result<PendingCall<R>, SendOnError> {
+        let config = &self.inner.link.config;
+        let slot = CallSlot::new();
+        match conn
+            .calls
+            .register(id, slot.clone(), config.max_inflight, conn.peer)
+        {
+            Ok(()) => {}
+            Err(Error::ConnectionLost { .. }) => return Err(SendOnError::Dead(frame)),
+            Err(e) => return Err(SendOnError::Failed(e)),
+        }
+        match conn.send(frame, Class::Data) {
+            Ok(_) => Ok(PendingCall {
+                conn,
+                slot,
+                id,
+                deadline,
+                timeout,
+                spin: config.spin_wait,
+                waited: false,
+                _result: PhantomData,
+            }),
+            Err(SendError::Closed(Some(unsent))) => {
+                conn.calls.remove(id);
+                Err(SendOnError::Dead(unsent))
             }
-            match conn.send(frame, Class::Data) {
-                Ok(_) => {
-                    return Ok(PendingCall {
-                        conn,
-                        slot,
-                        id,
-                        deadline,
-                        timeout,
-                        spin: link.config.spin_wait,
-                        waited: false,
-                        _result: PhantomData,
-                    });
-                }
-                Err(SendError::Closed(Some(unsent))) => {
-                    conn.calls.remove(id);
-                    frame = unsent;
-                    dead = Some(conn.id);
-                }
-                Err(e) => {
-                    conn.calls.remove(id);
-                    return Err(send_error(&conn, e));
-                }
+            Err(e) => {
+                conn.calls.remove(id);
+                Err(SendOnError::Failed(send_error(&conn, e)))
             }
         }
     }
@@ -433,49 +458,12 @@ impl Client {
             LinkState::Failed(why) => return Err(unsent(why)),
             LinkState::Shutdown => return Err(unsent("the client is shut down")),
         };
-        let service = service.into();
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_request(
-            Kind::Request,
-            id,
-            service.name,
-            service.version,
-            service.group,
-            method,
-            args,
-        )
-        .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
-        let slot = CallSlot::new();
-        match conn
-            .calls
-            .register(id, slot.clone(), link.config.max_inflight, conn.peer)
-        {
-            Ok(()) => {}
-            Err(Error::ConnectionLost { .. }) => return Err(unsent("the connection just died")),
-            Err(e) => return Err(e),
+        let (id, frame) = self.encode_call(Kind::Request, service.into(), method, args)?;
+        match self.send_on(conn, id, frame, started + timeout, timeout) {
+            Ok(call) => call.wait(),
+            Err(SendOnError::Dead(_)) => Err(unsent("the connection just died")),
+            Err(SendOnError::Failed(e)) => Err(e),
         }
-        match conn.send(frame, Class::Data) {
-            Ok(_) => {}
-            Err(SendError::Closed(Some(_))) => {
-                conn.calls.remove(id);
-                return Err(unsent("the connection just died"));
-            }
-            Err(e) => {
-                conn.calls.remove(id);
-                return Err(send_error(&conn, e));
-            }
-        }
-        PendingCall {
-            conn,
-            slot,
-            id,
-            deadline: started + timeout,
-            timeout,
-            spin: link.config.spin_wait,
-            waited: false,
-            _result: PhantomData,
-        }
-        .wait()
     }
 
     /// Sends a one-way call: no response, no result. Returns once the request
@@ -494,20 +482,8 @@ impl Client {
     {
         let started = Instant::now();
         let link = &self.inner.link;
-        let service = service.into();
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_request(
-            Kind::OneWay,
-            id,
-            service.name,
-            service.version,
-            service.group,
-            method,
-            args,
-        )
-        .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
+        let (_, mut frame) = self.encode_call(Kind::OneWay, service.into(), method, args)?;
         let deadline = started + link.config.call_timeout;
-        let mut frame = frame;
         let mut dead = None;
         loop {
             let conn = link.ready_conn(deadline, started, dead)?;
@@ -563,6 +539,15 @@ impl Client {
     pub fn events(&self) -> Receiver<Event> {
         self.inner.link.events.receiver()
     }
+}
+
+/// Why [`Client::send_on`] did not send.
+enum SendOnError {
+    /// The connection is dead and the request was never written: here it is
+    /// back, to send on the next connection (or elsewhere).
+    Dead(Vec<u8>),
+    /// Anything else: the call fails with this.
+    Failed(Error),
 }
 
 fn send_error(conn: &ConnShared, error: SendError) -> Error {
