@@ -5,25 +5,20 @@
 
 mod support;
 
-use std::sync::{RwLock, RwLockReadGuard};
-use std::time::Instant;
+use std::sync::RwLockReadGuard;
 
 use pulse::protocol::{
-    CloseStatus, DEFAULT_MAX_FRAME_LEN, HEADER_LEN, Header, Kind, ResponseStatus, decode_text_body,
-    encode_ping, encode_request,
+    CloseStatus, DEFAULT_MAX_FRAME_LEN, Frame, HEADER_LEN, Header, Kind, ResponseStatus,
+    decode_text_body, encode_ping, encode_request,
 };
 use pulse::{Client, DisconnectReason, Event, Server};
-use support::{PROMPTLY, RawPeer, client, demo_server, wait_disconnected};
+use support::process::{ProcessLock, rss_kib};
+use support::raw_peer::{End, RawPeer};
+use support::{CLOSE_STATUSES_BUT_NORMAL, PROMPTLY, client, demo_server, wait_disconnected};
 
 /// Tests share one process, so one that measures the process's memory runs
-/// alone (write lock) while every other holds a read lock.
-static ISOLATION: RwLock<()> = RwLock::new(());
-
-fn shared_process() -> RwLockReadGuard<'static, ()> {
-    ISOLATION
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+/// alone (exclusive) while every other shares it.
+static ISOLATION: ProcessLock = ProcessLock::new();
 
 /// A server with a healthy consumer that has already made a call.
 struct Fixture {
@@ -39,10 +34,10 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        Fixture::start(Some(shared_process()))
+        Fixture::start(Some(ISOLATION.shared()))
     }
 
-    /// For a test that holds the `ISOLATION` write lock itself.
+    /// For a test that holds `ISOLATION` exclusively itself.
     fn start(process: Option<RwLockReadGuard<'static, ()>>) -> Fixture {
         let server = demo_server();
         let server_events = server.events();
@@ -138,6 +133,13 @@ fn assert_rejected_on(fx: &Fixture, bytes: &[u8], reason_has: &str) {
     fx.assert_healthy_client_unaffected();
 }
 
+/// Asserts that the server sent nothing but its own heartbeat Pings.
+fn assert_only_pings(frames: &[Frame], what: &str) {
+    if let Some(f) = frames.iter().find(|f| f.header.kind != Kind::Ping) {
+        panic!("{what} {:?}", f.header);
+    }
+}
+
 /// A valid Ping header, to be broken one byte at a time.
 fn ping_header() -> [u8; HEADER_LEN] {
     Header::new(Kind::Ping, 0, 7, 0).encode()
@@ -198,14 +200,12 @@ fn body_len_over_max_frame_len_is_rejected_from_the_header_alone() {
 #[test]
 fn four_gib_body_len_is_rejected_without_allocating() {
     // Alone in the process, so that only this test's server moves the RSS.
-    let _alone = ISOLATION
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _alone = ISOLATION.exclusive();
     let fx = Fixture::start(None);
-    let before = support::rss_kib();
+    let before = rss_kib();
     let bytes = Header::new(Kind::Request, 0, 1, 0xFFFF_FFFF).encode();
     assert_rejected_on(&fx, &bytes, "4294967295");
-    let after = support::rss_kib();
+    let after = rss_kib();
     let growth = after.saturating_sub(before);
     assert!(
         growth < 64 * 1024,
@@ -369,13 +369,7 @@ fn each_close_status_from_a_consumer_is_reported_and_disturbs_nothing() {
         pulse::protocol::encode_close(CloseStatus::Normal, "bye"),
         DisconnectReason::PeerShutdown,
     )];
-    for status in [
-        CloseStatus::HeartbeatTimeout,
-        CloseStatus::ProtocolError,
-        CloseStatus::TooManyPings,
-        CloseStatus::IdleTimeout,
-        CloseStatus::Overloaded,
-    ] {
+    for status in CLOSE_STATUSES_BUT_NORMAL {
         cases.push((
             pulse::protocol::encode_close(status, "the reason"),
             DisconnectReason::PeerClosed {
@@ -417,15 +411,13 @@ fn each_close_status_from_a_consumer_is_reported_and_disturbs_nothing() {
             "{bytes:02x?}"
         );
         // The provider answers a Close with nothing but the end of the stream
-        // (its own heartbeat pings aside).
-        let deadline = Instant::now() + PROMPTLY;
-        loop {
-            match raw.read(deadline) {
-                Ok(support::Read1::Eof) | Err(_) => break,
-                Ok(support::Read1::Frame(f)) if f.header.kind == Kind::Ping => {}
-                Ok(support::Read1::Frame(f)) => panic!("answered a Close with {:?}", f.header),
-            }
-        }
+        // (its own heartbeat pings aside), an EOF or a reset.
+        let (frames, end) = raw.read_to_end(PROMPTLY);
+        assert_only_pings(&frames, "answered a Close with");
+        assert!(
+            !matches!(end, End::Eof { mid_frame: true }),
+            "the server closed the stream in the middle of a frame"
+        );
         drop(raw);
         fx.assert_healthy_client_unaffected();
     }
@@ -439,17 +431,15 @@ fn half_a_frame_then_close_disturbs_nothing() {
         let mut raw = fx.raw();
         let raw_addr = raw.local_addr();
         raw.send(&request[..cut]);
-        raw.shutdown_write();
-        // The server closes its side too, answering nothing (its own
-        // heartbeat pings aside).
-        let deadline = Instant::now() + PROMPTLY;
-        loop {
-            match raw.read(deadline).expect("raw read") {
-                support::Read1::Eof => break,
-                support::Read1::Frame(f) if f.header.kind == Kind::Ping => {}
-                support::Read1::Frame(f) => panic!("unexpected answer to half a frame: {f:?}"),
-            }
-        }
+        raw.shutdown_write().expect("shutdown(Write)");
+        // The server closes its side too (an EOF, not a reset), answering
+        // nothing (its own heartbeat pings aside).
+        let (frames, end) = raw.read_to_end(PROMPTLY);
+        assert_only_pings(&frames, "unexpected answer to half a frame:");
+        assert!(
+            matches!(end, End::Eof { mid_frame: false }),
+            "expected EOF, got {end:?}"
+        );
         match wait_disconnected(&fx.server_events, raw_addr) {
             DisconnectReason::PeerClosed { status: None, .. } => {}
             other => panic!("half a frame then EOF: expected peer_closed, got {other:?}"),

@@ -6,12 +6,10 @@
 //! kind of bad frame, and the client reports the right reason, fails in-flight
 //! calls with `ConnectionLost`, never panics and reconnects.
 
-mod reliability_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
-use pulse::config::BackoffConfig;
 use pulse::protocol::{
     CloseStatus, HEADER_LEN, Header, Kind, ResponseStatus, decode_text_body, encode_close,
     encode_ok_response, encode_ping, encode_pong, encode_request,
@@ -19,9 +17,12 @@ use pulse::protocol::{
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
 };
-use reliability_support::{
-    FakeProvider, PROMPTLY, RawPeer, demo_service, heartbeat, rss_kib, wait_connected,
-    wait_disconnected, wait_event, wait_until,
+use support::process::{ProcessLock, peak_rss_kib, rss_kib};
+use support::raw_peer::{End, FakeProvider, RawPeer};
+use support::{
+    CLOSE_STATUSES_BUT_NORMAL, PROMPTLY, assert_no_disconnect, demo_service, drain, heartbeat,
+    quick_reconnect_config, quick_reconnect_config_with, wait_any_disconnected, wait_connected,
+    wait_disconnected, wait_event, wait_event_and_skipped, wait_until,
 };
 
 /// Slack for comparing a bound's deadline, measured here, with the moment the
@@ -30,7 +31,7 @@ const SLACK: Duration = Duration::from_millis(20);
 
 /// Tests that measure this process's memory take it exclusively; all others
 /// share it (they run in parallel with each other).
-static MEMORY: RwLock<()> = RwLock::new(());
+static MEMORY: ProcessLock = ProcessLock::new();
 
 fn server(config: ServerConfig) -> Server {
     Server::builder()
@@ -47,18 +48,12 @@ fn server_config() -> ServerConfig {
     }
 }
 
-/// A client config that reconnects at once (1–5 ms backoff).
-fn client_config() -> ClientConfig {
-    ClientConfig {
-        backoff: BackoffConfig {
-            initial: Duration::from_millis(1),
-            max: Duration::from_millis(5),
-            probation: Duration::from_millis(10),
-            ..BackoffConfig::default()
-        },
-        call_timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    }
+/// [`quick_reconnect_config`] with a heartbeat of `interval_ms` × 3.
+fn client_config_with_heartbeat(interval_ms: u64) -> ClientConfig {
+    quick_reconnect_config_with(pulse::ConnectionConfig {
+        heartbeat: heartbeat(interval_ms, 3),
+        ..Default::default()
+    })
 }
 
 fn request(id: u64, method: &str, n: u64) -> Vec<u8> {
@@ -89,7 +84,7 @@ fn assert_close(close: &pulse::protocol::Frame, status: CloseStatus, reason_has:
 
 #[test]
 fn max_connections_refuses_the_next_connection_with_close_overloaded() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let server = server(ServerConfig {
         max_connections: 2,
         ..server_config()
@@ -109,7 +104,8 @@ fn max_connections_refuses_the_next_connection_with_close_overloaded() {
 
     // A watcher of the server's events sees the refusal, naming the peer and
     // the bound; the refused connection was never reported as connected.
-    let (refused, before) = wait_event(&events, PROMPTLY, |e| matches!(e, Event::Refused { .. }));
+    let (refused, before) =
+        wait_event_and_skipped(&events, PROMPTLY, |e| matches!(e, Event::Refused { .. }));
     match &refused {
         Event::Refused {
             peer,
@@ -153,13 +149,13 @@ fn max_connections_refuses_the_next_connection_with_close_overloaded() {
 
 #[test]
 fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let server = server(server_config());
     let client = Client::connect(
         server.local_addr(),
         ClientConfig {
             max_inflight: 4,
-            ..client_config()
+            ..quick_reconnect_config()
         },
     )
     .expect("connect");
@@ -195,7 +191,7 @@ fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
 
 #[test]
 fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let server = server(ServerConfig {
         max_inflight: 2,
         ..server_config()
@@ -251,23 +247,9 @@ fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
 
 // ----- write queue -----------------------------------------------------------------------
 
-/// Peak RSS since the last reset (`VmHWM`), in KiB; resets the peak first
-/// when `reset`.
-fn peak_rss_kib(reset: bool) -> u64 {
-    if reset {
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-    }
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM line")
-}
-
 #[test]
 fn a_consumer_that_never_reads_is_dropped_with_close_overloaded_and_memory_stays_bounded() {
-    let _exclusive = MEMORY.write();
+    let _exclusive = MEMORY.exclusive();
     const RESPONSE: u64 = 60_000;
     const REQUESTS: u64 = 4_000; // 240 MB of responses if nothing bounded them
     let server = server(ServerConfig {
@@ -280,7 +262,7 @@ fn a_consumer_that_never_reads_is_dropped_with_close_overloaded_and_memory_stays
         ..server_config()
     });
     let events = server.events();
-    let healthy = Client::connect(server.local_addr(), client_config()).expect("connect");
+    let healthy = Client::connect(server.local_addr(), quick_reconnect_config()).expect("connect");
     assert_eq!(healthy.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
     wait_connected(&events);
 
@@ -361,7 +343,7 @@ fn a_consumer_that_never_reads_is_dropped_with_close_overloaded_and_memory_stays
 
 #[test]
 fn a_ping_flood_is_closed_with_too_many_pings_and_a_sane_rate_is_not() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let server = server(server_config()); // min_ping_interval 10 ms, 3 strikes
     let events = server.events();
 
@@ -432,7 +414,7 @@ fn a_ping_flood_is_closed_with_too_many_pings_and_a_sane_rate_is_not() {
 
 #[test]
 fn a_trickling_frame_is_closed_by_frame_timeout_not_by_the_heartbeat() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let frame_timeout = Duration::from_millis(300);
     let server = server(ServerConfig {
         connection: pulse::ConnectionConfig {
@@ -504,7 +486,7 @@ fn a_trickling_frame_is_closed_by_frame_timeout_not_by_the_heartbeat() {
 
 #[test]
 fn max_idle_closes_a_connection_without_calls_pings_do_not_count_a_running_call_does() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let max_idle = Duration::from_millis(400);
     let server = server(ServerConfig {
         connection: pulse::ConnectionConfig {
@@ -567,17 +549,8 @@ fn max_idle_closes_a_connection_without_calls_pings_do_not_count_a_running_call_
 
     // A call running for twice max_idle holds the bound off; once it is
     // done, the idle clock starts from its end.
-    let client = Client::connect(
-        server.local_addr(),
-        ClientConfig {
-            connection: pulse::ConnectionConfig {
-                heartbeat: heartbeat(100, 3),
-                ..Default::default()
-            },
-            ..client_config()
-        },
-    )
-    .expect("connect");
+    let client =
+        Client::connect(server.local_addr(), client_config_with_heartbeat(100)).expect("connect");
     let client_events = client.events();
     assert_eq!(
         client
@@ -586,7 +559,7 @@ fn max_idle_closes_a_connection_without_calls_pings_do_not_count_a_running_call_
         900
     );
     let call_done = Instant::now();
-    let (event, before) = wait_event(&client_events, PROMPTLY, |e| {
+    let (event, before) = wait_event_and_skipped(&client_events, PROMPTLY, |e| {
         matches!(e, Event::Disconnected { .. })
     });
     let idle_for = call_done.elapsed();
@@ -619,7 +592,7 @@ fn max_idle_closes_a_connection_without_calls_pings_do_not_count_a_running_call_
 
 #[test]
 fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reconnects() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let max_age = Duration::from_millis(500);
     let server = server(ServerConfig {
         max_age: Some(max_age),
@@ -646,7 +619,7 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
 
     // A consumer with a call running across the age: the call finishes, a
     // call made meanwhile is refused ShuttingDown, then Close(Normal).
-    let client = Client::connect(server.local_addr(), client_config()).expect("connect");
+    let client = Client::connect(server.local_addr(), quick_reconnect_config()).expect("connect");
     let connected = Instant::now();
     let events = client.events();
     let slow = client
@@ -665,18 +638,9 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
             .expect("the call started before max_age finishes"),
         1500
     );
-    let (event, _) = wait_event(&events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
-    assert!(
-        matches!(
-            event,
-            Event::Disconnected {
-                reason: DisconnectReason::PeerShutdown,
-                ..
-            }
-        ),
-        "{event:?}"
+    assert_eq!(
+        wait_any_disconnected(&events),
+        DisconnectReason::PeerShutdown
     );
     wait_connected(&events);
     assert_eq!(
@@ -685,7 +649,7 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
             .expect("a call on the new connection"),
         2
     );
-    let (event, _) = wait_event(&server_events, PROMPTLY, |e| {
+    wait_event(&server_events, PROMPTLY, |e| {
         matches!(
             e,
             Event::Disconnected {
@@ -694,7 +658,6 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
             }
         )
     });
-    assert!(matches!(event, Event::Disconnected { .. }));
 }
 
 /// A graceful close (max_age) sends every response that was finished
@@ -703,7 +666,7 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
 /// half-written, and a second response finishes behind it.
 #[test]
 fn max_age_sends_every_finished_response_before_its_close_and_nothing_after() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let max_age = Duration::from_millis(500);
     let server = server(ServerConfig {
         max_age: Some(max_age),
@@ -723,10 +686,7 @@ fn max_age_sends_every_finished_response_before_its_close_and_nothing_after() {
         .iter()
         .map(|f| (f.header.kind, f.header.id))
         .collect();
-    assert!(
-        !matches!(end, reliability_support::End::Eof { mid_frame: true }),
-        "{end:?}"
-    );
+    assert!(!matches!(end, End::Eof { mid_frame: true }), "{end:?}");
     let close_at = kinds
         .iter()
         .position(|(k, _)| *k == Kind::Close)
@@ -758,29 +718,17 @@ enum Expect {
 /// the test) stays connected and served throughout.
 fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
     let fake = FakeProvider::bind();
-    let config = ClientConfig {
-        connection: pulse::ConnectionConfig {
-            max_frame_len: 1 << 20,
-            ..Default::default()
-        },
-        ..client_config()
-    };
+    let config = quick_reconnect_config_with(pulse::ConnectionConfig {
+        max_frame_len: 1 << 20,
+        ..Default::default()
+    });
     let client = Client::connect_lazy(fake.addr(), config).expect("client");
     let events = client.events();
     let mut peer = fake.accept_ready(PROMPTLY);
     wait_connected(&events);
     // Accepted after the first client's connection, so the accepts cannot mix.
-    let bystander = Client::connect_lazy(
-        fake.addr(),
-        ClientConfig {
-            connection: pulse::ConnectionConfig {
-                heartbeat: heartbeat(60_000, 3),
-                ..Default::default()
-            },
-            ..client_config()
-        },
-    )
-    .expect("bystander client");
+    let bystander = Client::connect_lazy(fake.addr(), client_config_with_heartbeat(60_000))
+        .expect("bystander client");
     let bystander_events = bystander.events();
     let mut bystander_peer = fake.accept_ready(PROMPTLY);
     wait_connected(&bystander_events);
@@ -796,7 +744,9 @@ fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
     let mut peer = Some(peer);
     match then {
         Then::Keep => {}
-        Then::Fin => peer.as_ref().expect("open").shutdown_write(),
+        Then::Fin => {
+            let _ = peer.as_ref().expect("open").shutdown_write();
+        }
         Then::Reset => peer.take().expect("open").reset(),
     }
     let outcome = call.wait();
@@ -812,12 +762,7 @@ fn hostile_provider(name: &str, bad: &[u8], then: Then, expect: Expect) {
         "{name}: the call failed only after {failed_after:?}"
     );
 
-    let (event, _) = wait_event(&events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
-    let Event::Disconnected { reason, .. } = event else {
-        unreachable!()
-    };
+    let reason = wait_any_disconnected(&events);
     match expect {
         Expect::Reason(pred) => assert!(pred(&reason), "{name}: unexpected reason {reason:?}"),
         Expect::Protocol(has) => {
@@ -901,20 +846,14 @@ fn frame(kind: Kind, status: u8, id: u64, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_client_survives_each_close_status_from_its_provider() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     hostile_provider(
         "Close(Normal)",
         &encode_close(CloseStatus::Normal, "restarting"),
         Then::Fin,
         Expect::Reason(|r| *r == DisconnectReason::PeerShutdown),
     );
-    for status in [
-        CloseStatus::HeartbeatTimeout,
-        CloseStatus::ProtocolError,
-        CloseStatus::TooManyPings,
-        CloseStatus::IdleTimeout,
-        CloseStatus::Overloaded,
-    ] {
+    for status in CLOSE_STATUSES_BUT_NORMAL {
         fn check(r: &DisconnectReason, want: CloseStatus) -> bool {
             matches!(r, DisconnectReason::PeerClosed { status: Some(s), detail } if *s == want && detail == "the reason")
         }
@@ -974,7 +913,7 @@ fn the_client_survives_each_close_status_from_its_provider() {
 
 #[test]
 fn the_client_survives_each_bad_frame_from_its_provider() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let ping = Header::new(Kind::Ping, 0, 5, 0).encode();
     let mut bad_magic = ping;
     bad_magic[..2].copy_from_slice(b"HT");
@@ -1046,9 +985,9 @@ fn the_client_survives_each_bad_frame_from_its_provider() {
 /// Frames a consumer must survive without losing its connection.
 #[test]
 fn the_client_keeps_its_connection_through_odd_but_legal_frames() {
-    let _shared = MEMORY.read();
+    let _shared = MEMORY.shared();
     let fake = FakeProvider::bind();
-    let client = Client::connect_lazy(fake.addr(), client_config()).expect("client");
+    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
     let events = client.events();
     let mut peer = fake.accept_ready(PROMPTLY);
     wait_connected(&events);
@@ -1098,10 +1037,6 @@ fn the_client_keeps_its_connection_through_odd_but_legal_frames() {
             [(31, 255), (77, ResponseStatus::ServiceNotFound as u8)]
         );
     });
-    let disconnects: Vec<Event> = events
-        .try_iter()
-        .filter(|e| matches!(e, Event::Disconnected { .. }))
-        .collect();
-    assert!(disconnects.is_empty(), "{disconnects:?}");
+    assert_no_disconnect(&drain(&events));
     assert_eq!(client.state(), ConnectionState::Ready);
 }

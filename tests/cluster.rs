@@ -9,6 +9,7 @@
 //! so a frozen provider is declared dead within 300 ms plus a timer tick.
 
 mod cluster_support;
+mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ use pulse::cluster::{
     SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
 };
 use pulse::{ConnectionState, Error};
+use support::PROMPTLY;
+use support::proxy::Proxy;
 
 /// Detection bound: `max_missed × interval` + one 5 ms tick + a margin for a
 /// loaded 2-core machine running a debug build.
@@ -262,7 +265,7 @@ fn lowest_rtt_avoids_the_distant_provider() {
     let providers = steady_providers(3);
     // Provider 0 sits behind a proxy adding 20 ms each way.
     let proxy = Proxy::start(providers[0].addr());
-    proxy.set_delay(Duration::from_millis(20));
+    proxy.set_latency(Duration::from_millis(20), Duration::ZERO);
     let endpoints = vec![
         Endpoint::new(proxy.addr()),
         Endpoint::new(providers[1].addr()),
@@ -603,18 +606,13 @@ fn a_call_picked_onto_a_provider_that_just_went_reconnecting_fails_over_at_once(
         let hook_done = hook_done.clone();
         move || {
             stopped.server.shutdown();
-            let deadline = Instant::now() + PROMPTLY;
-            loop {
-                match events.recv_deadline(deadline) {
-                    Ok(ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. }))
-                        if peer == target =>
-                    {
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(_) => panic!("the stopped provider is not reconnecting"),
-                }
-            }
+            wait_cluster_event(&events, "Reconnecting of the stopped provider", |e| {
+                matches!(
+                    e,
+                    ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. })
+                        if *peer == target
+                )
+            });
             *hook_done.lock().unwrap() = Some(Instant::now());
         }
     }));

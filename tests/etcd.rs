@@ -12,6 +12,7 @@
 //! 2 s) is no longer renewed.
 
 mod cluster_support;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -25,6 +26,7 @@ use pulse::cluster::{
     ClusterClient, ClusterConfig, ClusterEvent, Endpoint, EtcdConfig, EtcdRegistry, Registry,
     RoundRobin, ServiceKey,
 };
+use support::{PROMPTLY, ms};
 
 /// The lease TTL providers register with.
 const TTL: Duration = Duration::from_secs(2);
@@ -162,6 +164,16 @@ fn service() -> ServiceKey {
     ServiceKey::from(SERVICE)
 }
 
+/// A consumer of [`service`] following `registry`: round robin, with the
+/// tests' client config.
+fn follower(registry: &EtcdRegistry) -> ClusterClient {
+    let config = ClusterConfig {
+        client: client_config(),
+        ..ClusterConfig::default()
+    };
+    ClusterClient::new(registry, service(), RoundRobin::new(), config).expect("a cluster client")
+}
+
 fn listed(registry: &EtcdRegistry, addr: SocketAddr) -> bool {
     registry
         .list(&service())
@@ -282,11 +294,7 @@ fn a_frozen_provider_expires_and_registers_again_when_thawed() {
     let provider = ChildProvider::start(&etcd);
     assert!(listed(&registry, provider.addr));
     // A consumer following etcd calls the child.
-    let config = ClusterConfig {
-        client: client_config(),
-        ..ClusterConfig::default()
-    };
-    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    let cluster = follower(&registry);
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 7);
 
     let frozen_at = provider.signal("-STOP");
@@ -343,11 +351,7 @@ fn a_consumer_sees_providers_join_within_a_second_and_leave() {
     let _first_registration = registry
         .register(&service(), Endpoint::new(first.addr()), TTL)
         .unwrap();
-    let config = ClusterConfig {
-        client: client_config(),
-        ..ClusterConfig::default()
-    };
-    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    let cluster = follower(&registry);
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
 
     let second = Provider::start(1, 0);
@@ -402,23 +406,14 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
     let _first_registration = registry
         .register(&service(), Endpoint::new(first.addr()), TTL)
         .unwrap();
-    let config = ClusterConfig {
-        client: client_config(),
-        ..ClusterConfig::default()
-    };
-    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    let cluster = follower(&registry);
     let events = cluster.events();
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
 
     etcd.kill();
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        match events.recv_deadline(deadline) {
-            Ok(ClusterEvent::RegistryLost { .. }) => break,
-            Ok(_) => {}
-            Err(_) => panic!("no RegistryLost event within {PROMPTLY:?}"),
-        }
-    }
+    wait_cluster_event(&events, "RegistryLost event", |e| {
+        matches!(e, ClusterEvent::RegistryLost { .. })
+    });
     // And says so in the log (the consumer logs before it reports the event).
     assert!(
         logged(log::Level::Warn, "registry unreachable")
@@ -440,14 +435,9 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
     assert_eq!(cluster.providers().len(), 1);
 
     etcd.spawn();
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        match events.recv_deadline(deadline) {
-            Ok(ClusterEvent::RegistryResumed) => break,
-            Ok(_) => {}
-            Err(_) => panic!("no RegistryResumed event within {PROMPTLY:?} of etcd's restart"),
-        }
-    }
+    wait_cluster_event(&events, "RegistryResumed event after etcd's restart", |e| {
+        matches!(e, ClusterEvent::RegistryResumed)
+    });
     let resumed_after = outage_started.elapsed();
     assert!(
         logged(log::Level::Info, "registry reachable again"),

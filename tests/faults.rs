@@ -1,21 +1,21 @@
 //! Fault injection on loopback, through the test proxy of
-//! `reliability_support`: connections reset in the middle of a frame in both
+//! `support::proxy`: connections reset in the middle of a frame in both
 //! directions, a provider "killed" under a running call (both sides reset),
 //! and added latency and jitter below the heartbeat bound (no false
 //! disconnect) and above it (detected).
 
-mod reliability_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use pulse::config::BackoffConfig;
 use pulse::{
-    Client, ClientConfig, ConnectionConfig, DisconnectReason, Error, Event, Server, ServerConfig,
-    ServiceBuilder,
+    Client, ConnectionConfig, DisconnectReason, Error, Event, Server, ServerConfig, ServiceBuilder,
 };
-use reliability_support::{
-    Dir, PROMPTLY, Proxy, demo_service, heartbeat, wait_connected, wait_event,
+use support::proxy::{Dir, Proxy};
+use support::{
+    PROMPTLY, SetOnDrop, demo_service, disconnects, drain, heartbeat, quick_reconnect_config,
+    quick_reconnect_config_with, wait_any_disconnected, wait_connected, wait_until,
 };
 
 fn server_with(connection: ConnectionConfig, extra: Option<ServiceBuilder>) -> Server {
@@ -32,36 +32,13 @@ fn server_with(connection: ConnectionConfig, extra: Option<ServiceBuilder>) -> S
     builder.bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
 }
 
-fn client_config(connection: ConnectionConfig) -> ClientConfig {
-    ClientConfig {
-        connection,
-        backoff: BackoffConfig {
-            initial: Duration::from_millis(1),
-            max: Duration::from_millis(5),
-            probation: Duration::from_millis(10),
-            ..BackoffConfig::default()
-        },
-        call_timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    }
-}
-
-/// Disconnect events among `events` (drained now, without waiting).
-fn disconnects(events: &Receiver<Event>) -> Vec<Event> {
-    events
-        .try_iter()
-        .filter(|e| matches!(e, Event::Disconnected { .. }))
-        .collect()
-}
-
 /// A 1 MiB call is cut by a reset halfway through its request (`Upstream`)
 /// or its response (`Downstream`).
 fn reset_mid_frame(dir: Dir) {
     let server = server_with(ConnectionConfig::default(), None);
     let server_events = server.events();
     let proxy = Proxy::start(server.local_addr());
-    let client =
-        Client::connect(proxy.addr(), client_config(ConnectionConfig::default())).expect("connect");
+    let client = Client::connect(proxy.addr(), quick_reconnect_config()).expect("connect");
     let events = client.events();
     assert_eq!(client.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
 
@@ -87,27 +64,23 @@ fn reset_mid_frame(dir: Dir) {
         "the call failed only after {failed_after:?} (timeout 10 s)"
     );
 
-    let (event, _) = wait_event(&events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
-    match event {
-        Event::Disconnected {
-            reason: DisconnectReason::Io(_) | DisconnectReason::PeerClosed { status: None, .. },
-            ..
-        } => {}
-        other => panic!("the client should see a reset or an EOF, got {other:?}"),
-    }
+    let reset_or_eof = |r: &DisconnectReason| {
+        matches!(
+            r,
+            DisconnectReason::Io(_) | DisconnectReason::PeerClosed { status: None, .. }
+        )
+    };
+    let reason = wait_any_disconnected(&events);
+    assert!(
+        reset_or_eof(&reason),
+        "the client should see a reset or an EOF, got {reason:?}"
+    );
     // The provider saw its side end too, and released it.
-    let (event, _) = wait_event(&server_events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
-    match event {
-        Event::Disconnected {
-            reason: DisconnectReason::Io(_) | DisconnectReason::PeerClosed { status: None, .. },
-            ..
-        } => {}
-        other => panic!("the provider should see a reset or an EOF, got {other:?}"),
-    }
+    let reason = wait_any_disconnected(&server_events);
+    assert!(
+        reset_or_eof(&reason),
+        "the provider should see a reset or an EOF, got {reason:?}"
+    );
 
     // Reconnects; later calls, big ones included, succeed.
     wait_connected(&events);
@@ -158,8 +131,7 @@ fn a_provider_killed_mid_call_fails_the_calls_in_flight_at_once() {
         Some(gate_service(entered_tx, release_rx)),
     );
     let proxy = Proxy::start(server.local_addr());
-    let client =
-        Client::connect(proxy.addr(), client_config(ConnectionConfig::default())).expect("connect");
+    let client = Client::connect(proxy.addr(), quick_reconnect_config()).expect("connect");
     let events = client.events();
 
     let timeout = Duration::from_secs(15);
@@ -189,19 +161,8 @@ fn a_provider_killed_mid_call_fails_the_calls_in_flight_at_once() {
         failed_after < Duration::from_secs(1),
         "calls failed {failed_after:?} after the kill: not at once (their timeout is {timeout:?})"
     );
-    let (event, _) = wait_event(&events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
-    assert!(
-        matches!(
-            event,
-            Event::Disconnected {
-                reason: DisconnectReason::Io(_),
-                ..
-            }
-        ),
-        "{event:?}"
-    );
+    let reason = wait_any_disconnected(&events);
+    assert!(matches!(reason, DisconnectReason::Io(_)), "{reason:?}");
 
     for _ in 0..3 {
         release_tx.send(()).unwrap();
@@ -226,7 +187,8 @@ fn latency_and_jitter_below_the_heartbeat_bound_cause_no_disconnect() {
     let server_events = server.events();
     let proxy = Proxy::start(server.local_addr());
     proxy.set_latency(Duration::from_millis(40), Duration::from_millis(20));
-    let client = Client::connect(proxy.addr(), client_config(connection)).expect("connect");
+    let client =
+        Client::connect(proxy.addr(), quick_reconnect_config_with(connection)).expect("connect");
     let events = client.events();
 
     let started = Instant::now();
@@ -256,7 +218,7 @@ fn latency_and_jitter_below_the_heartbeat_bound_cause_no_disconnect() {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
-    let client_events: Vec<Event> = events.try_iter().collect();
+    let client_events = drain(&events);
     let missed = client_events
         .iter()
         .filter(|e| matches!(e, Event::HeartbeatMissed { .. }))
@@ -264,15 +226,11 @@ fn latency_and_jitter_below_the_heartbeat_bound_cause_no_disconnect() {
     eprintln!(
         "latency 40±20 ms: {calls} calls, slowest round {slowest:?}, {missed} heartbeat_missed events"
     );
-    let bad: Vec<&Event> = client_events
-        .iter()
-        .filter(|e| matches!(e, Event::Disconnected { .. }))
-        .collect();
+    let bad = disconnects(&client_events);
     assert!(bad.is_empty(), "false disconnects on the client: {bad:?}");
-    assert!(
-        disconnects(&server_events).is_empty(),
-        "false disconnects on the provider"
-    );
+    let server_events = drain(&server_events);
+    let bad = disconnects(&server_events);
+    assert!(bad.is_empty(), "false disconnects on the provider: {bad:?}");
     assert_eq!(proxy.accepted(), 1, "the client reconnected");
     assert!(
         client
@@ -292,44 +250,26 @@ fn latency_above_the_heartbeat_bound_is_detected() {
     let server = server_with(connection.clone(), None);
     let server_events = server.events();
     let proxy = Proxy::start(server.local_addr());
-    let client = Client::connect(proxy.addr(), client_config(connection)).expect("connect");
+    let client =
+        Client::connect(proxy.addr(), quick_reconnect_config_with(connection)).expect("connect");
     let events = client.events();
     assert_eq!(client.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
 
     // 600 ms one way: 600 ms with nothing read, twice the 300 ms bound.
     proxy.set_latency(Duration::from_millis(600), Duration::ZERO);
     let slowed = Instant::now();
-    let (event, _) = wait_event(&events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
+    let reason = wait_any_disconnected(&events);
     let detected_after = slowed.elapsed();
-    assert!(
-        matches!(
-            event,
-            Event::Disconnected {
-                reason: DisconnectReason::HeartbeatTimeout,
-                ..
-            }
-        ),
-        "{event:?}"
-    );
+    assert_eq!(reason, DisconnectReason::HeartbeatTimeout);
     assert!(
         detected_after >= Duration::from_millis(300) - Duration::from_millis(100)
             && detected_after < Duration::from_millis(300 + 100 + 1000),
         "detected {detected_after:?} after the latency rose"
     );
-    let (event, _) = wait_event(&server_events, PROMPTLY, |e| {
-        matches!(e, Event::Disconnected { .. })
-    });
-    assert!(
-        matches!(
-            event,
-            Event::Disconnected {
-                reason: DisconnectReason::HeartbeatTimeout,
-                ..
-            }
-        ),
-        "the provider should detect it too: {event:?}"
+    assert_eq!(
+        wait_any_disconnected(&server_events),
+        DisconnectReason::HeartbeatTimeout,
+        "the provider should detect it too"
     );
 
     // Back to normal: the client reconnects and calls flow.
@@ -354,8 +294,7 @@ fn calls_made_while_the_client_reconnects_wait_instead_of_failing() {
 
     let server = server_with(ConnectionConfig::default(), None);
     let proxy = Proxy::start(server.local_addr());
-    let client =
-        Client::connect(proxy.addr(), client_config(ConnectionConfig::default())).expect("connect");
+    let client = Client::connect(proxy.addr(), quick_reconnect_config()).expect("connect");
     let events = client.events();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, in_flight, before_sending) = (
@@ -395,13 +334,7 @@ fn calls_made_while_the_client_reconnects_wait_instead_of_failing() {
             })
         })
         .collect();
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-    let guard = StopOnDrop(stop);
+    let guard = SetOnDrop(&stop);
     const RESETS: usize = 30;
     for _ in 0..RESETS {
         wait_until_calls_flow(&ok);
@@ -438,7 +371,7 @@ fn calls_made_while_the_client_reconnects_wait_instead_of_failing() {
 fn wait_until_calls_flow(ok: &std::sync::atomic::AtomicUsize) {
     use std::sync::atomic::Ordering;
     let from = ok.load(Ordering::SeqCst);
-    reliability_support::wait_until(PROMPTLY, "calls to succeed", || {
+    wait_until(PROMPTLY, "calls to succeed", || {
         ok.load(Ordering::SeqCst) >= from + 20
     });
 }

@@ -16,7 +16,7 @@
 //! * `the_help_lists_*`, `max_connections_flag_*`,
 //!   `frame_timeout_and_max_age_flags_*`: every bound is reachable from the
 //!   command line, and a real provider process enforces the ones tried here
-//!   against raw protocol peers (`reliability_support::RawPeer`).
+//!   against raw protocol peers (`support::raw_peer::RawPeer`).
 //!
 //! Every wait has a deadline; children are killed and reaped by a drop guard
 //! (after a SIGCONT, in case they are frozen), so a failing test leaves no
@@ -32,10 +32,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pulse::protocol::{CloseStatus, Kind, decode_text_body, encode_ping};
-use reliability_support::RawPeer;
 use serde_json::Value;
+use support::raw_peer::RawPeer;
 
-mod reliability_support;
+mod support;
 
 /// Heartbeat settings of the two-process tests: a peer is dead after 300 ms.
 const HEARTBEAT_MS: u64 = 100;

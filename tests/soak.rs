@@ -14,7 +14,7 @@
 //! This file holds a single test on purpose: the process-wide counters it
 //! reads must not see another test's sockets and threads.
 
-mod reliability_support;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pulse::config::BackoffConfig;
-use pulse::{Client, ClientConfig, ConnectionState, Error, Event, Server, ServerConfig};
-use reliability_support::{
-    PROMPTLY, Proxy, demo_service, fd_count, rss_kib, thread_count, wait_event, wait_until,
-};
+use pulse::{Client, ClientConfig, ConnectionState, Error, Server, ServerConfig};
+use support::process::{fd_count, rss_kib, thread_count};
+use support::proxy::Proxy;
+use support::{PROMPTLY, demo_service, wait_connected, wait_until};
 
 const CALLS_PER_CYCLE: usize = 100;
 const CALLERS: usize = 4;
@@ -85,6 +85,18 @@ fn settle_to(base: Resources) -> Resources {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits until the provider holds only the live connection (it released
+/// `released`, the connections the proxy reset) and the proxy's threads of
+/// the reset ones have exited.
+fn wait_for_one_connection(server: &Server, proxy: &Proxy, released: &str) {
+    wait_until(
+        PROMPTLY,
+        &format!("the provider to release {released}"),
+        || server.connection_count() == 1,
+    );
+    proxy.settle(PROMPTLY);
 }
 
 /// One caller thread: takes call numbers until `total` are taken; the calls
@@ -210,14 +222,9 @@ fn soak_reconnect_cycles_and_calls_leak_nothing() {
     }
     let _ = events.try_iter().count(); // the first Connected
     proxy.kill_all();
-    wait_event(&events, PROMPTLY, |e| matches!(e, Event::Connected { .. }));
+    wait_connected(&events);
     assert_eq!(client.call::<_, u64>("demo", "echo", &1u64).unwrap(), 1);
-    wait_until(
-        PROMPTLY,
-        "the provider to release the warm-up connection",
-        || server.connection_count() == 1,
-    );
-    proxy.settle(PROMPTLY);
+    wait_for_one_connection(&server, &proxy, "the warm-up connection");
     let baseline = resources();
 
     let tally = Arc::new(Tally::default());
@@ -253,7 +260,7 @@ fn soak_reconnect_cycles_and_calls_leak_nothing() {
         });
         let _ = events.try_iter().count();
         proxy.kill_all();
-        wait_event(&events, PROMPTLY, |e| matches!(e, Event::Connected { .. }));
+        wait_connected(&events);
         reconnects += 1;
         cycle.store(c + 1, Ordering::SeqCst);
     }
@@ -266,12 +273,7 @@ fn soak_reconnect_cycles_and_calls_leak_nothing() {
     // Back to one healthy connection, nothing else.
     assert_eq!(client.state(), ConnectionState::Ready);
     assert_eq!(client.call::<_, u64>("demo", "ping", &7u64).unwrap(), 7);
-    wait_until(
-        PROMPTLY,
-        "the provider to release the dead connections",
-        || server.connection_count() == 1,
-    );
-    proxy.settle(PROMPTLY);
+    wait_for_one_connection(&server, &proxy, "the dead connections");
     let after = settle_to(baseline);
     let timers = server.armed_timers();
 

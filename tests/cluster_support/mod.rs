@@ -1,22 +1,24 @@
 //! Helpers for `tests/cluster.rs` and `tests/etcd.rs`: in-process providers
-//! that say who they are, a loopback proxy that can delay or blackhole a
-//! provider, deadline waits, and a lock that runs timing-sensitive tests one
-//! at a time.
+//! that say who they are, deadline waits, and a lock that runs
+//! timing-sensitive tests one at a time. (The proxy that delays or blackholes
+//! a provider is the shared `support::proxy::Proxy`.)
 //!
 //! Every helper that starts a thread stops and joins it on `Drop`, so a test
 //! that panics half-way leaves nothing running. Every wait has a deadline.
 
 #![allow(dead_code)] // each test crate uses a different subset
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
+use pulse::cluster::ClusterEvent;
 use pulse::config::{BackoffConfig, HeartbeatConfig};
 use pulse::{ClientConfig, Server, ServerConfig, ServiceBuilder};
+
+use crate::support::{PROMPTLY, ms};
 
 /// The service every test provider serves.
 pub const SERVICE: &str = "cluster";
@@ -25,14 +27,6 @@ pub const SERVICE: &str = "cluster";
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 /// Missed intervals before a peer is declared dead.
 pub const MAX_MISSED: u32 = 3;
-
-/// Generous bound for "promptly" on a loaded 2-core machine in debug builds.
-pub const PROMPTLY: Duration = Duration::from_secs(10);
-
-/// Milliseconds.
-pub fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 /// Runs the tests of one binary one at a time: they measure timings and
 /// spread statistics that a neighbour's CPU burst would skew.
@@ -97,16 +91,27 @@ pub fn logged(level: log::Level, needle: &str) -> bool {
         .any(|(l, m)| *l <= level && m.contains(needle))
 }
 
-/// Polls `cond` every 5 ms until it holds; panics naming `what` after
-/// `within`. Returns how long it took.
-pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
+/// [`crate::support::wait_until`] polling every 5 ms: some conditions here
+/// ask etcd over HTTP, and the tests measure timings a busier poll would
+/// disturb. Returns how long it took.
+pub fn wait_until(within: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
+    crate::support::wait_until_every(ms(5), within, what, cond)
+}
+
+/// Waits (up to [`PROMPTLY`]) for the first cluster event matching `pred`,
+/// skipping others; panics naming `what` when none comes.
+pub fn wait_cluster_event(
+    events: &Receiver<ClusterEvent>,
+    what: &str,
+    pred: impl Fn(&ClusterEvent) -> bool,
+) -> ClusterEvent {
+    let deadline = Instant::now() + PROMPTLY;
     loop {
-        if cond() {
-            return start.elapsed();
+        match events.recv_deadline(deadline) {
+            Ok(event) if pred(&event) => return event,
+            Ok(_) => {}
+            Err(_) => panic!("no {what} within {PROMPTLY:?}"),
         }
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        std::thread::sleep(ms(5));
     }
 }
 
@@ -209,192 +214,6 @@ impl Provider {
     /// Calls it answered so far.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
-    }
-}
-
-/// What the proxy does with the bytes it reads.
-const PASS: u8 = 0;
-const BLACKHOLE: u8 = 1;
-
-struct ProxyShared {
-    target: SocketAddr,
-    mode: std::sync::atomic::AtomicU8,
-    delay_us: AtomicU64,
-    stop: AtomicBool,
-    sockets: Mutex<Vec<TcpStream>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-/// A loopback TCP proxy in front of a provider: passes bytes through, delays
-/// them by a fixed time each way, or blackholes them (reads and discards, in
-/// both directions, keeping every socket open — a frozen peer, as far as the
-/// other side can tell).
-pub struct Proxy {
-    addr: SocketAddr,
-    shared: Arc<ProxyShared>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-impl Proxy {
-    /// A passing proxy to `target` on a fresh loopback port.
-    pub fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let addr = listener.local_addr().expect("proxy address");
-        let shared = Arc::new(ProxyShared {
-            target,
-            mode: std::sync::atomic::AtomicU8::new(PASS),
-            delay_us: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            sockets: Mutex::new(Vec::new()),
-            threads: Mutex::new(Vec::new()),
-        });
-        let acceptor = {
-            let shared = shared.clone();
-            std::thread::spawn(move || accept_loop(&listener, &shared))
-        };
-        Proxy {
-            addr,
-            shared,
-            acceptor: Some(acceptor),
-        }
-    }
-
-    /// Where consumers connect.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Delays every byte by `delay` in each direction from now on.
-    pub fn set_delay(&self, delay: Duration) {
-        self.shared
-            .delay_us
-            .store(delay.as_micros() as u64, Ordering::SeqCst);
-    }
-
-    /// Starts discarding everything; returns when.
-    pub fn blackhole(&self) -> Instant {
-        self.shared.mode.store(BLACKHOLE, Ordering::SeqCst);
-        Instant::now()
-    }
-
-    /// Passes bytes again (connections hurt by the blackhole stay broken;
-    /// new ones work); returns when.
-    pub fn pass(&self) -> Instant {
-        self.shared.mode.store(PASS, Ordering::SeqCst);
-        Instant::now()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        for s in self.shared.sockets.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-        let threads: Vec<_> = self.shared.threads.lock().unwrap().drain(..).collect();
-        for t in threads {
-            let _ = t.join();
-        }
-    }
-}
-
-fn accept_loop(listener: &TcpListener, shared: &Arc<ProxyShared>) {
-    while !shared.stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((down, _)) => {
-                let Ok(up) = TcpStream::connect(shared.target) else {
-                    continue; // the consumer sees its connection close
-                };
-                let _ = down.set_nonblocking(false);
-                for s in [&down, &up] {
-                    let _ = s.set_nodelay(true);
-                    if let Ok(clone) = s.try_clone() {
-                        shared.sockets.lock().unwrap().push(clone);
-                    }
-                }
-                if shared.stop.load(Ordering::SeqCst) {
-                    let _ = down.shutdown(Shutdown::Both);
-                    let _ = up.shutdown(Shutdown::Both);
-                    return;
-                }
-                let mut threads = shared.threads.lock().unwrap();
-                for (from, to) in [(&down, &up), (&up, &down)] {
-                    let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    let (shared_in, shared_out) = (shared.clone(), shared.clone());
-                    let (tx, rx) = crossbeam_channel::unbounded::<(Instant, Vec<u8>)>();
-                    threads.push(std::thread::spawn(move || pump_in(from, &tx, &shared_in)));
-                    threads.push(std::thread::spawn(move || pump_out(to, &rx, &shared_out)));
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ms(2)),
-            Err(_) => std::thread::sleep(ms(2)),
-        }
-    }
-}
-
-/// Reads one direction, stamping each piece with when it may be written.
-fn pump_in(
-    mut from: TcpStream,
-    tx: &crossbeam_channel::Sender<(Instant, Vec<u8>)>,
-    shared: &ProxyShared,
-) {
-    let _ = from.set_read_timeout(Some(ms(20)));
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if shared.mode.load(Ordering::SeqCst) == BLACKHOLE {
-                    continue;
-                }
-                let due =
-                    Instant::now() + Duration::from_micros(shared.delay_us.load(Ordering::SeqCst));
-                if tx.send((due, buf[..n].to_vec())).is_err() {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(_) => break,
-        }
-    }
-    // EOF or error on one side: end both (the writer half ends when `tx`
-    // drops), unless blackholed: a network that drops packets does not carry
-    // FINs either, so the other side must find out by itself.
-    if shared.mode.load(Ordering::SeqCst) != BLACKHOLE {
-        let _ = from.shutdown(Shutdown::Both);
-    }
-}
-
-/// Writes one direction when each piece is due.
-fn pump_out(
-    mut to: TcpStream,
-    rx: &crossbeam_channel::Receiver<(Instant, Vec<u8>)>,
-    shared: &ProxyShared,
-) {
-    while let Ok((due, bytes)) = rx.recv() {
-        let wait = due.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
-        if to.write_all(&bytes).is_err() {
-            break;
-        }
-    }
-    if shared.mode.load(Ordering::SeqCst) != BLACKHOLE {
-        let _ = to.shutdown(Shutdown::Both);
     }
 }
 

@@ -1,34 +1,70 @@
-//! Helpers shared by the socket-level integration tests (`tests/rpc.rs`,
-//! `tests/bad_input.rs`).
+//! Helpers shared by the integration tests. A test crate includes them with
+//! `mod support;`; the helpers of one family of tests (`liveness_support`,
+//! `cluster_support`) build on them through `crate::support`.
 //!
-//! Every wait here has a deadline and nothing is synchronised by sleeping:
-//! events are awaited on their channels, raw sockets are read with read
-//! timeouts derived from a deadline.
+//! * this module: the `demo` service and servers and clients serving it,
+//!   deadline waits for a condition or an [`Event`], and [`SetOnDrop`];
+//! * [`raw_peer`]: a hand-written protocol peer over a blocking socket, on
+//!   either side of a connection ([`raw_peer::RawPeer`],
+//!   [`raw_peer::FakeProvider`]);
+//! * [`proxy`]: a fault-injecting loopback TCP proxy (latency, blackhole,
+//!   throttle, resets, frame counting);
+//! * [`process`]: this process's fds, threads and memory, and a lock that
+//!   lets the tests measuring them run alone;
+//! * [`decoder_oracle`]: the decoder properties `tests/decoders_arbitrary.rs`
+//!   checks and the fuzz targets (`fuzz/fuzz_targets/`) include by path.
+//!
+//! Every wait has a deadline and nothing is synchronised by sleeping: events
+//! are awaited on their channels, raw sockets are read with read timeouts
+//! derived from a deadline, and conditions without an event of their own are
+//! polled until they hold.
 
 #![allow(dead_code)] // each test crate uses a different subset
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+pub mod decoder_oracle;
+pub mod process;
+pub mod proxy;
+pub mod raw_peer;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use pulse::protocol::{DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, Kind};
-use pulse::{Client, ClientConfig, DisconnectReason, Event, Server, ServerConfig, ServiceBuilder};
+use pulse::config::{BackoffConfig, HeartbeatConfig};
+use pulse::protocol::CloseStatus;
+use pulse::{
+    Client, ClientConfig, ConnectionConfig, DisconnectReason, Event, Server, ServerConfig,
+    ServiceBuilder,
+};
 
 /// Generous bound for anything that should happen "promptly" on loopback,
 /// even in a debug build on a loaded 2-core machine.
 pub const PROMPTLY: Duration = Duration::from_secs(10);
 
-/// The provider of the design brief's examples: service `demo` with `ping`
-/// (u64 in, same out), `echo` (any MessagePack value in, same out) and
-/// `sleep` (milliseconds in, same out after sleeping that long; pool).
+/// Milliseconds as a `Duration` (timings read better as `ms(100)`).
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+// ----- the demo service ------------------------------------------------------------
+
+/// Service `demo`, the provider of the design brief's examples: `ping` (u64
+/// in, same out; inline), `echo` (any MessagePack value in, same out; pool),
+/// `sleep` (milliseconds in, same out after sleeping that long, at most a
+/// minute; pool) and `blob` (n in, a MessagePack bin of n bytes out, at most
+/// 64 MiB; inline).
 pub fn demo_service() -> ServiceBuilder {
     ServiceBuilder::new("demo")
         .method_inline("ping", |n: u64| Ok::<_, String>(n))
         .method("echo", |v: rmpv::Value| Ok::<_, String>(v))
         .method("sleep", |ms: u64| {
-            std::thread::sleep(Duration::from_millis(ms));
+            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
             Ok::<_, String>(ms)
+        })
+        .method_inline("blob", |n: u64| {
+            let n = usize::try_from(n).map_err(|e| e.to_string())?.min(64 << 20);
+            Ok::<_, String>(rmpv::Value::Binary(vec![0x5a; n]))
         })
 }
 
@@ -52,6 +88,112 @@ pub fn client(server: &Server) -> Client {
         .expect("connect to the test server")
 }
 
+/// A client config that reconnects at once (1–5 ms backoff, 10 ms
+/// probation) and gives every call 10 s.
+pub fn quick_reconnect_config() -> ClientConfig {
+    ClientConfig {
+        backoff: BackoffConfig {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+            probation: Duration::from_millis(10),
+            ..BackoffConfig::default()
+        },
+        call_timeout: Duration::from_secs(10),
+        ..ClientConfig::default()
+    }
+}
+
+/// [`quick_reconnect_config`] with these connection settings.
+pub fn quick_reconnect_config_with(connection: ConnectionConfig) -> ClientConfig {
+    ClientConfig {
+        connection,
+        ..quick_reconnect_config()
+    }
+}
+
+/// A fixed-mode heartbeat of `interval_ms` × `max_missed`.
+pub fn heartbeat(interval_ms: u64, max_missed: u32) -> HeartbeatConfig {
+    HeartbeatConfig {
+        interval: Duration::from_millis(interval_ms),
+        max_missed,
+        ..HeartbeatConfig::default()
+    }
+}
+
+/// Every Close status of protocol version 1 but `Normal`: the ones a peer
+/// reports as `PeerClosed { status: Some(_), .. }`.
+pub const CLOSE_STATUSES_BUT_NORMAL: [CloseStatus; 5] = [
+    CloseStatus::HeartbeatTimeout,
+    CloseStatus::ProtocolError,
+    CloseStatus::TooManyPings,
+    CloseStatus::IdleTimeout,
+    CloseStatus::Overloaded,
+];
+
+/// Whether a socket error only means "not now" (a read or write timeout,
+/// or a signal): the operation may simply be tried again.
+pub fn is_timeout_or_interrupt(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+// ----- waiting for a condition -----------------------------------------------------
+
+/// Waits until `cond` holds, re-checking it every 2 ms; panics naming `what`
+/// when `within` passes first. Returns how long it took.
+///
+/// For state that has no event of its own (e.g. `Server::connection_count`,
+/// which the provider updates just after it reports a disconnect): the wait
+/// ends on the condition, never on the passing of time.
+pub fn wait_until(within: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
+    wait_until_every(ms(2), within, what, cond)
+}
+
+/// [`wait_until`] re-checking `cond` every `poll`: for conditions that cost
+/// something to check (e.g. a request to etcd).
+pub fn wait_until_every(
+    poll: Duration,
+    within: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    let deadline = start + within;
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(poll);
+    }
+}
+
+/// Waits until `server` counts exactly `n` open connections.
+pub fn wait_connection_count(server: &Server, n: usize) {
+    wait_until(PROMPTLY, &format!("connection_count == {n}"), || {
+        server.connection_count() == n
+    });
+}
+
+/// Sets a flag when dropped: stops a test's helper threads or loops even
+/// when the test panics half-way.
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+// ----- waiting for events ----------------------------------------------------------
+
 /// Waits for the first event matching `pred`, skipping others; panics with
 /// every event seen when `timeout` passes first.
 pub fn wait_event(
@@ -59,47 +201,52 @@ pub fn wait_event(
     timeout: Duration,
     pred: impl Fn(&Event) -> bool,
 ) -> Event {
+    wait_event_and_skipped(events, timeout, pred).0
+}
+
+/// Like [`wait_event`], but also returns the events skipped before the
+/// match, in order (for tests that check what did *not* happen first).
+pub fn wait_event_and_skipped(
+    events: &Receiver<Event>,
+    timeout: Duration,
+    pred: impl Fn(&Event) -> bool,
+) -> (Event, Vec<Event>) {
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     loop {
         match events.recv_deadline(deadline) {
-            Ok(event) if pred(&event) => return event,
+            Ok(event) if pred(&event) => return (event, seen),
             Ok(event) => seen.push(event),
             Err(_) => panic!("no matching event within {timeout:?}; saw {seen:?}"),
         }
     }
 }
 
-/// Waits until `cond` holds, re-checking it every millisecond; panics naming
-/// `what` when `timeout` passes first. For state that has no event of its
-/// own (e.g. `Server::connection_count`, which the provider updates just
-/// after it reports a disconnect): the wait ends on the condition, never on
-/// the passing of time.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Waits until `server` counts exactly `n` open connections.
-pub fn wait_connection_count(server: &Server, n: usize) {
-    wait_until(&format!("connection_count == {n}"), PROMPTLY, || {
-        server.connection_count() == n
-    });
+/// Waits for the next `Connected` event.
+pub fn wait_connected(events: &Receiver<Event>) {
+    wait_event(events, PROMPTLY, |e| matches!(e, Event::Connected { .. }));
 }
 
 /// Waits for the `Disconnected` event of `peer` and returns its reason.
 pub fn wait_disconnected(events: &Receiver<Event>, peer: SocketAddr) -> DisconnectReason {
-    match wait_event(
+    disconnect_reason(wait_event(
         events,
         PROMPTLY,
         |e| matches!(e, Event::Disconnected { peer: p, .. } if *p == peer),
-    ) {
+    ))
+}
+
+/// Waits for the next `Disconnected` event, whichever peer it names, and
+/// returns its reason (a client's events name only its provider).
+pub fn wait_any_disconnected(events: &Receiver<Event>) -> DisconnectReason {
+    disconnect_reason(wait_event(events, PROMPTLY, |e| {
+        matches!(e, Event::Disconnected { .. })
+    }))
+}
+
+/// The reason of a `Disconnected` event (which the caller matched).
+fn disconnect_reason(event: Event) -> DisconnectReason {
+    match event {
         Event::Disconnected { reason, .. } => reason,
         other => unreachable!("matched a Disconnected, got {other:?}"),
     }
@@ -132,143 +279,16 @@ pub fn drain(events: &Receiver<Event>) -> Vec<Event> {
     events.try_iter().collect()
 }
 
-/// Asserts that none of `events` is a `Disconnected`.
-pub fn assert_no_disconnect(events: &[Event]) {
-    let bad: Vec<_> = events
+/// The `Disconnected` events among `events`.
+pub fn disconnects(events: &[Event]) -> Vec<&Event> {
+    events
         .iter()
         .filter(|e| matches!(e, Event::Disconnected { .. }))
-        .collect();
+        .collect()
+}
+
+/// Asserts that none of `events` is a `Disconnected`.
+pub fn assert_no_disconnect(events: &[Event]) {
+    let bad = disconnects(events);
     assert!(bad.is_empty(), "unexpected disconnects: {bad:?}");
-}
-
-/// Resident set size of this process in KiB, from `/proc/self/status`.
-pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line in /proc/self/status")
-}
-
-/// What a raw read ended with.
-#[derive(Debug)]
-pub enum Read1 {
-    /// A complete frame.
-    Frame(Frame),
-    /// Orderly end of stream (the peer closed its side) between frames.
-    Eof,
-}
-
-/// A hand-written protocol peer over a plain blocking `TcpStream`: writes
-/// whatever bytes a test wants, reads frames with `FrameDecoder`, every read
-/// bounded by a deadline.
-pub struct RawPeer {
-    stream: TcpStream,
-    decoder: FrameDecoder,
-}
-
-impl RawPeer {
-    /// Connects to `addr` (within [`PROMPTLY`]).
-    pub fn connect(addr: SocketAddr) -> RawPeer {
-        let stream = TcpStream::connect_timeout(&addr, PROMPTLY).expect("raw connect");
-        stream.set_nodelay(true).expect("set TCP_NODELAY");
-        RawPeer {
-            stream,
-            decoder: FrameDecoder::new(DEFAULT_MAX_FRAME_LEN),
-        }
-    }
-
-    /// This end's address: the `peer` the server's events name.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.stream.local_addr().expect("local_addr")
-    }
-
-    /// Writes all of `bytes`.
-    pub fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("raw write");
-    }
-
-    /// Closes the write side (the server reads EOF).
-    pub fn shutdown_write(&self) {
-        self.stream
-            .shutdown(Shutdown::Write)
-            .expect("shutdown(Write)");
-    }
-
-    /// The next frame or EOF, waiting until `deadline`.
-    ///
-    /// # Errors
-    /// Any socket error other than a timeout (e.g. a reset); a timeout or a
-    /// stream ending in the middle of a frame panics.
-    pub fn read(&mut self, deadline: Instant) -> io::Result<Read1> {
-        let mut buf = [0u8; 64 * 1024];
-        loop {
-            match self.decoder.next_frame() {
-                Ok(Some(frame)) => return Ok(Read1::Frame(frame)),
-                Ok(None) => {}
-                Err(e) => panic!("the server sent an invalid frame: {e}"),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "nothing read from the server before the deadline"
-            );
-            self.stream
-                .set_read_timeout(Some(left))
-                .expect("set_read_timeout");
-            match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    assert!(
-                        !self.decoder.is_mid_frame(),
-                        "the server closed the stream in the middle of a frame"
-                    );
-                    return Ok(Read1::Eof);
-                }
-                Ok(n) => self.decoder.feed(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    panic!("nothing read from the server before the deadline")
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// The next frame that is not a heartbeat Ping (the server's own pings
-    /// may come at any time; they are skipped, not answered). Panics on EOF.
-    pub fn next_frame(&mut self, timeout: Duration) -> Frame {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.read(deadline).expect("raw read") {
-                Read1::Frame(frame) if frame.header.kind == Kind::Ping => continue,
-                Read1::Frame(frame) => return frame,
-                Read1::Eof => panic!("the server closed the connection; expected a frame"),
-            }
-        }
-    }
-
-    /// Reads until a Close frame (skipping pings) and returns it; then
-    /// expects end of stream with nothing after the Close.
-    pub fn expect_close_then_eof(&mut self, timeout: Duration) -> Frame {
-        let deadline = Instant::now() + timeout;
-        let close = loop {
-            match self.read(deadline).expect("raw read before the Close") {
-                Read1::Frame(frame) if frame.header.kind == Kind::Ping => continue,
-                Read1::Frame(frame) if frame.header.kind == Kind::Close => break frame,
-                Read1::Frame(frame) => panic!("expected a Close frame, got {:?}", frame.header),
-                Read1::Eof => panic!("the server closed the connection without a Close frame"),
-            }
-        };
-        match self.read(deadline) {
-            Ok(Read1::Eof) => close,
-            Ok(Read1::Frame(frame)) => panic!("a frame after the Close: {:?}", frame.header),
-            Err(e) => panic!("expected EOF after the Close, got {e}"),
-        }
-    }
 }

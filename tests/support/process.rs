@@ -1,0 +1,73 @@
+//! This process's resources, read from `/proc/self` (the tests that check
+//! nothing leaks compare them before and after), and [`ProcessLock`], which
+//! lets such a test run alone among the tests of its binary.
+
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Open file descriptors of this process: the entries of `/proc/self/fd`
+/// (the directory handle used to list them is counted every time, so it
+/// cancels out of a comparison).
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+}
+
+/// Threads of this process: the entries of `/proc/self/task`.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .count()
+}
+
+/// Resident set size of this process in KiB (`VmRSS`).
+pub fn rss_kib() -> u64 {
+    status_kib("VmRSS")
+}
+
+/// Peak resident set size since the last reset in KiB (`VmHWM`); resets the
+/// peak first when `reset` (by writing 5 to `/proc/self/clear_refs`).
+pub fn peak_rss_kib(reset: bool) -> u64 {
+    if reset {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+    status_kib("VmHWM")
+}
+
+/// A `<field>: <n> kB` line of `/proc/self/status`, in KiB.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} line in /proc/self/status"))
+}
+
+/// Lets the tests of one binary run in parallel while one that measures the
+/// whole process (its fds or its memory) runs alone: every test takes
+/// [`ProcessLock::shared`], such a test [`ProcessLock::exclusive`]. A test
+/// that panicked while holding it does not fail the others (poisoning is
+/// ignored).
+pub struct ProcessLock(RwLock<()>);
+
+impl ProcessLock {
+    /// An unlocked lock, for a `static`.
+    pub const fn new() -> ProcessLock {
+        ProcessLock(RwLock::new(()))
+    }
+
+    /// Held by a test that may run alongside the others.
+    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Held by a test that must run alone.
+    pub fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
