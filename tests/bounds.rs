@@ -1040,3 +1040,45 @@ fn the_client_keeps_its_connection_through_odd_but_legal_frames() {
     assert_no_disconnect(&drain(&events));
     assert_eq!(client.state(), ConnectionState::Ready);
 }
+
+/// An idle connection holds no read buffer: each event loop lends one buffer
+/// to the connection it reads and takes it back once the bytes are decoded,
+/// also after a frame that arrived in two pieces. Before, every connection
+/// kept a 64 KiB buffer from its first read on (~9.7 KiB resident each).
+#[test]
+fn idle_connections_hold_no_read_buffer() {
+    use std::io::{Read, Write};
+    const CONNS: usize = 400;
+    let _alone = MEMORY.exclusive();
+    let server = server(server_config());
+    let ping = encode_ping(1);
+    let rss_before = rss_kib();
+    let mut peers: Vec<std::net::TcpStream> = (0..CONNS)
+        .map(|_| std::net::TcpStream::connect(server.local_addr()).expect("connect"))
+        .collect();
+    // Every connection sends the start of a Ping, so the server's decoder
+    // is left mid-frame; then the rest, and waits for the Pong.
+    for peer in &mut peers {
+        peer.write_all(&ping[..7]).expect("send half a ping");
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let mut pong = [0u8; 20];
+    for peer in &mut peers {
+        peer.write_all(&ping[7..]).expect("send the rest");
+        peer.set_read_timeout(Some(PROMPTLY)).unwrap();
+        peer.read_exact(&mut pong)
+            .expect("the server answers the ping");
+        assert_eq!(pong[3], Kind::Pong as u8, "a Pong: {pong:?}");
+    }
+    let rss_after = rss_kib();
+    let per_conn = (rss_after.saturating_sub(rss_before) * 1024) as usize / CONNS;
+    eprintln!(
+        "{CONNS} idle connections after a ping each: RSS {rss_before} → {rss_after} KiB, \
+         {per_conn} B per connection (client and server sides)"
+    );
+    assert!(
+        per_conn < 5 * 1024,
+        "{per_conn} B of RSS per idle connection: read buffers are kept"
+    );
+    assert_eq!(server.connection_count(), CONNS);
+}

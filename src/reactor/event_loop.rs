@@ -285,10 +285,13 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token) else {
             return Flow::Closed;
         };
-        if self.spare_read_buf.is_none() {
-            // Drained: the buffer goes back to the loop. A connection left
-            // mid-frame keeps it until the frame completes.
-            self.spare_read_buf = conn.decoder.release_buffer();
+        // Drained: the buffer goes back to the loop (or is freed if the loop
+        // has one already), so no idle connection keeps one. A connection
+        // left mid-frame keeps it until the frame completes.
+        if let Some(buf) = conn.decoder.release_buffer()
+            && self.spare_read_buf.is_none()
+        {
+            self.spare_read_buf = Some(buf);
         }
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
             let reason = DisconnectReason::Io("write failed".into());
