@@ -207,52 +207,52 @@ impl EtcdRegistry {
 
     /// POSTs `body` to `path` on the first endpoint that answers.
     fn request(&self, path: &str, body: &str) -> std::result::Result<Json, String> {
-        let config = &self.inner.config;
-        // `n > 0`: `EtcdConfig::validate` (run by `new`) requires an endpoint,
-        // and the config cannot change afterwards.
-        let n = config.endpoints.len();
-        let first = self.inner.preferred.load(Ordering::Relaxed) % n;
-        let mut last = String::new();
-        for k in 0..n {
-            let i = (first + k) % n;
-            let host = &config.endpoints[i];
-            match http::post(host, path, body, config.request_timeout) {
-                Ok((status, reply)) => {
-                    self.inner.preferred.store(i, Ordering::Relaxed);
-                    let value = json::parse(&reply)
-                        .map_err(|e| format!("etcd {host} answered {path} with bad JSON: {e}"))?;
-                    if status == 200 {
-                        return Ok(value);
-                    }
-                    let message = value
-                        .get("message")
-                        .or_else(|| value.get("error"))
-                        .and_then(Json::as_str)
-                        .unwrap_or("no message");
-                    return Err(format!(
-                        "etcd {host} answered {path} with HTTP {status}: {message}"
-                    ));
-                }
-                Err(e) => last = format!("etcd {host}: {e}"),
-            }
+        let timeout = self.inner.config.request_timeout;
+        let (host, (status, reply)) =
+            self.on_first_answering(|host| http::post(host, path, body, timeout))?;
+        let value = json::parse(&reply)
+            .map_err(|e| format!("etcd {host} answered {path} with bad JSON: {e}"))?;
+        if status == 200 {
+            return Ok(value);
         }
-        Err(last)
+        let message = value
+            .get("message")
+            .or_else(|| value.get("error"))
+            .and_then(Json::as_str)
+            .unwrap_or("no message");
+        Err(format!(
+            "etcd {host} answered {path} with HTTP {status}: {message}"
+        ))
     }
 
     fn open_watch(&self, body: &str) -> std::result::Result<http::Stream, String> {
-        let config = &self.inner.config;
+        let timeout = self.inner.config.request_timeout;
+        self.on_first_answering(|host| {
+            http::Stream::open(host, "/v3/watch", body, timeout, WATCH_POLL)
+        })
+        .map(|(_, stream)| stream)
+    }
+
+    /// Runs `attempt` against each endpoint in turn, starting from the one
+    /// that answered last, until one answers; remembers that one and returns
+    /// its host with the answer, or the last endpoint's error.
+    fn on_first_answering<T>(
+        &self,
+        mut attempt: impl FnMut(&str) -> std::result::Result<T, String>,
+    ) -> std::result::Result<(&str, T), String> {
+        let endpoints = &self.inner.config.endpoints;
         // `n > 0`: `EtcdConfig::validate` (run by `new`) requires an endpoint,
         // and the config cannot change afterwards.
-        let n = config.endpoints.len();
+        let n = endpoints.len();
         let first = self.inner.preferred.load(Ordering::Relaxed) % n;
         let mut last = String::new();
         for k in 0..n {
             let i = (first + k) % n;
-            let host = &config.endpoints[i];
-            match http::Stream::open(host, "/v3/watch", body, config.request_timeout, WATCH_POLL) {
-                Ok(stream) => {
+            let host = &endpoints[i];
+            match attempt(host) {
+                Ok(answer) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
-                    return Ok(stream);
+                    return Ok((host, answer));
                 }
                 Err(e) => last = format!("etcd {host}: {e}"),
             }
