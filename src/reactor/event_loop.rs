@@ -5,9 +5,8 @@
 //! judged — and (3) drains its command channel (timers, new sockets, links,
 //! shutdown). It reads every readable socket until `WouldBlock` or a short
 //! read (edge triggered), and registers each socket once for both read and
-//! write: writes
-//! happen from whichever thread sends (see `outbound`), and the loop only
-//! resumes a write that the socket refused.
+//! write: writes happen from whichever thread sends (see `outbound`), and the
+//! loop only resumes a write that the socket refused.
 
 use std::collections::HashMap;
 use std::io;
@@ -274,11 +273,11 @@ impl EventLoop {
     /// Reads until `WouldBlock` or a short read, handling every complete
     /// frame, with the loop's spare read buffer lent to the connection.
     fn read(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
-        if let (Some(conn), Some(spare)) = (self.conns.get_mut(token), self.spare_read_buf.take()) {
-            self.spare_read_buf = conn.decoder.adopt_buffer(spare);
-        }
-        // What the frames of this read make us send goes out in one write.
-        if let Some(conn) = self.conns.get(token) {
+        if let Some(conn) = self.conns.get_mut(token) {
+            if let Some(spare) = self.spare_read_buf.take() {
+                self.spare_read_buf = conn.decoder.adopt_buffer(spare);
+            }
+            // What the frames of this read make us send goes out in one write.
             conn.shared.out.cork();
         }
         let flow = self.read_frames(token, hangup, now);
