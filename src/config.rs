@@ -148,9 +148,11 @@ pub struct ClientConfig {
     /// How long a caller waiting for its response busy-polls before it
     /// sleeps. A response that comes back within it costs the caller no
     /// sleep and no wake-up: on a multi-core machine that halves a short
-    /// call's latency, for up to this much CPU per call. At most one caller
-    /// fewer than the process's cores spins at a time (none on one core);
-    /// the others sleep at once. `Duration::ZERO` never spins. Default 100 µs.
+    /// call's latency, for up to this much CPU per call. A caller spins only
+    /// while at most one caller fewer than the process's cores wait for
+    /// responses (never on one core): with more, spinners would take the
+    /// cores that concurrent calls need. `Duration::ZERO` never spins.
+    /// Default 100 µs.
     pub spin_wait: Duration,
 }
 
