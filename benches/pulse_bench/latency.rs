@@ -225,7 +225,12 @@ pub fn pinned_child_main() {
 /// Role `probe`: N sequential calls of one kind, for `strace -c -f` or
 /// `perf stat`. `PULSE_BENCH_PROBE=raw|pool|inline`, `PULSE_BENCH_CALLS`
 /// (default 20,000), `PULSE_BENCH_PAYLOAD` (bytes, default 32),
-/// `PULSE_BENCH_LOOPS` (server event loops, default: cores).
+/// `PULSE_BENCH_LOOPS` (server event loops, default: cores),
+/// `PULSE_BENCH_DEPTH` (pulse only: calls kept outstanding with
+/// `Client::start`, default 1 = sequential; above 1 the latency printed is
+/// each call's, from its start to its answer), `PULSE_BENCH_THREADS` (pulse
+/// only: caller threads sharing the one `Client`, default 1; they split
+/// the calls).
 pub fn probe_main() {
     let env = |k: &str| std::env::var(k).ok();
     let which = env("PULSE_BENCH_PROBE").unwrap_or_else(|| "pool".into());
@@ -262,13 +267,26 @@ pub fn probe_main() {
         let provider = rpc::start_provider(config).expect("provider");
         let client = rpc::connect(&provider).expect("client");
         let value = rpc::payload(size);
-        for _ in 0..calls {
-            let t = Instant::now();
-            match rpc::echo(&client, mode, &value) {
-                Ok(()) => common::record(&mut hist, t.elapsed()),
-                Err(_) => errors += 1,
+        let depth: usize = env("PULSE_BENCH_DEPTH")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let threads: u64 = env("PULSE_BENCH_THREADS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let per_thread = calls / threads.max(1);
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    let (client, value) = (&client, &value);
+                    scope.spawn(move || probe_calls(client, mode, value, per_thread, depth))
+                })
+                .collect();
+            for run in runs {
+                let (thread_hist, thread_errors) = run.join().expect("probe thread");
+                hist.add(&thread_hist).expect("same histogram bounds");
+                errors += thread_errors;
             }
-        }
+        });
     }
     let p = Percentiles::of(&hist);
     let cpu = common::process_cpu().saturating_sub(cpu0);
@@ -279,4 +297,36 @@ pub fn probe_main() {
         p.p99_us,
         cpu.as_secs_f64() * 1e6 / calls.max(1) as f64
     );
+}
+
+/// One probe thread's calls, `depth` outstanding at a time: its latency
+/// histogram and error count.
+fn probe_calls(
+    client: &pulse::Client,
+    mode: Mode,
+    value: &rmpv::Value,
+    calls: u64,
+    depth: usize,
+) -> (Histogram<u64>, u64) {
+    let mut hist = common::new_histogram();
+    let mut errors = 0;
+    let mut outstanding = std::collections::VecDeque::with_capacity(depth);
+    let mut started = 0;
+    while started < calls || !outstanding.is_empty() {
+        while started < calls && outstanding.len() < depth {
+            let t = Instant::now();
+            match client.start::<_, rmpv::Value>(rpc::SERVICE, mode.echo(), value) {
+                Ok(pending) => outstanding.push_back((t, pending)),
+                Err(_) => errors += 1,
+            }
+            started += 1;
+        }
+        if let Some((t, pending)) = outstanding.pop_front() {
+            match pending.wait().map(|reply| rpc::check(&reply, value)) {
+                Ok(Ok(())) => common::record(&mut hist, t.elapsed()),
+                _ => errors += 1,
+            }
+        }
+    }
+    (hist, errors)
 }

