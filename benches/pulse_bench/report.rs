@@ -280,7 +280,7 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "\n| pinning | payload | impl | calls | p50 µs | p99 µs | p99.9 µs | max µs | p50/raw | p99/raw | p99.9/raw | CPU µs/call | round p50s µs | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+                "\n| pinning | payload | impl | calls | p50 µs | p99 µs | p99.9 µs | max µs | p50/raw | p99/raw | p99.9/raw | CPU µs/call | round p50s µs | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for r in &self.latency {
                 let _ = writeln!(
@@ -312,7 +312,7 @@ impl Report {
             let _ = writeln!(s, "## Throughput (32 B payload)\n");
             let _ = writeln!(
                 s,
-                "| pattern | impl | threads | conns/Clients | calls/s | vs raw | handled/s | CPU µs/call | errors |\n|---|---|---|---|---|---|---|---|---|---|"
+                "| pattern | impl | threads | conns/Clients | calls/s | vs raw | handled/s | CPU µs/call | errors |\n|---|---|---|---|---|---|---|---|---|"
             );
             for r in &self.throughput {
                 let _ = writeln!(
@@ -379,9 +379,10 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\nThe consumers' column is the floor: one `mio` thread with raw sockets and no \
-                 liveness logic, moving the mirror image of the provider's traffic (it sends a \
-                 Ping and reads a Pong per connection per second; the provider reads a Ping and \
-                 writes a Pong), so what it costs is the kernel's share of that traffic on this machine."
+                 liveness logic, moving the mirror image of the provider's traffic (idle row: it writes a Ping \
+                 and reads a Pong per connection per second where the provider reads the Ping \
+                 and writes the Pong; on row: both sides also answer the other's Pings), so \
+                 what it costs is roughly the kernel's share of that traffic on this machine."
             );
             s.push('\n');
         }
