@@ -90,6 +90,15 @@ impl Rng {
 }
 
 /// A latency histogram in nanoseconds, 3 significant digits, 1 ns to 100 s.
+/// The environment variable `key` parsed as a `T`, or `default` when it is
+/// unset or does not parse.
+pub fn env_parse<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
 }

@@ -101,19 +101,12 @@ pub fn run(settings: &Settings) -> Vec<HeartbeatRow> {
         .collect()
 }
 
-fn env_parse<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Role `provider`.
 pub fn provider_main() {
     let hb = std::env::var("PULSE_BENCH_HB").unwrap_or_default();
     let hb_on = hb == "on" || hb == "idle";
-    let n: usize = env_parse("PULSE_BENCH_IDLE_CONNS", 5_000);
-    let window = Duration::from_millis(env_parse("PULSE_BENCH_WINDOW_MS", 10_000));
+    let n: usize = common::env_parse("PULSE_BENCH_IDLE_CONNS", 5_000);
+    let window = Duration::from_millis(common::env_parse("PULSE_BENCH_WINDOW_MS", 10_000));
     let mut row = HeartbeatRow {
         heartbeats: if hb_on { hb.as_str() } else { "off" }.into(),
         interval_ms: if hb_on {
@@ -248,8 +241,8 @@ pub fn consumers_main() {
             return;
         }
     };
-    let n: usize = env_parse("PULSE_BENCH_IDLE_CONNS", 5_000);
-    let ping_ms: u64 = env_parse("PULSE_BENCH_PING_MS", 1_000);
+    let n: usize = common::env_parse("PULSE_BENCH_IDLE_CONNS", 5_000);
+    let ping_ms: u64 = common::env_parse("PULSE_BENCH_PING_MS", 1_000);
     let stop = common::stop_on_stdin_eof();
     let mut stats = ConsumerStats {
         requested: n,

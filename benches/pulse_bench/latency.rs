@@ -232,18 +232,11 @@ pub fn pinned_child_main() {
 /// only: caller threads sharing the one `Client`, default 1; they split
 /// the calls).
 pub fn probe_main() {
-    let env = |k: &str| std::env::var(k).ok();
-    let which = env("PULSE_BENCH_PROBE").unwrap_or_else(|| "pool".into());
-    let calls: u64 = env("PULSE_BENCH_CALLS")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let size: usize = env("PULSE_BENCH_PAYLOAD")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(32);
+    let which: String = common::env_parse("PULSE_BENCH_PROBE", "pool".into());
+    let mut calls: u64 = common::env_parse("PULSE_BENCH_CALLS", 20_000);
+    let size: usize = common::env_parse("PULSE_BENCH_PAYLOAD", 32);
     let mut config = ServerConfig::default();
-    if let Some(n) = env("PULSE_BENCH_LOOPS").and_then(|v| v.parse().ok()) {
-        config.event_loops = n;
-    }
+    config.event_loops = common::env_parse("PULSE_BENCH_LOOPS", config.event_loops);
     let mut hist = common::new_histogram();
     let mut errors = 0u64;
     let t0 = Instant::now();
@@ -267,15 +260,12 @@ pub fn probe_main() {
         let provider = rpc::start_provider(config).expect("provider");
         let client = rpc::connect(&provider).expect("client");
         let value = rpc::payload(size);
-        let depth: usize = env("PULSE_BENCH_DEPTH")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let threads: u64 = env("PULSE_BENCH_THREADS")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let per_thread = calls / threads.max(1);
+        let depth: usize = common::env_parse("PULSE_BENCH_DEPTH", 1);
+        let threads: u64 = common::env_parse::<u64>("PULSE_BENCH_THREADS", 1).max(1);
+        let per_thread = calls / threads;
+        calls = per_thread * threads;
         std::thread::scope(|scope| {
-            let runs: Vec<_> = (0..threads.max(1))
+            let runs: Vec<_> = (0..threads)
                 .map(|_| {
                     let (client, value) = (&client, &value);
                     scope.spawn(move || probe_calls(client, mode, value, per_thread, depth))
