@@ -164,15 +164,12 @@ impl CallSlot {
     /// latency when the caller and the event loop run on different cores.
     pub(crate) fn wait(&self, deadline: Instant, spin: Duration) -> Option<CallOutcome> {
         let _waiting = Waiting::start();
-        if !spin.is_zero() && !self.done.load(Ordering::Acquire) {
+        if !spin.is_zero() {
             let spin_until = deadline.min(Instant::now() + spin);
-            while !self.done.load(Ordering::Acquire)
-                && Waiting::few_enough_to_spin()
-                && Instant::now() < spin_until
-            {
+            'spin: while Waiting::few_enough_to_spin() && Instant::now() < spin_until {
                 for _ in 0..SPINS_PER_YIELD {
                     if self.done.load(Ordering::Acquire) {
-                        break;
+                        break 'spin; // no yield once the outcome is there
                     }
                     std::hint::spin_loop();
                 }
