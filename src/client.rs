@@ -340,9 +340,81 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
+        self.start_with(service.into(), method, args, timeout, Write::Now)
+    }
+
+    /// [`Client::start`] for pipelining: the request is queued on the
+    /// connection but not written yet, so that the requests a thread starts
+    /// in a row go out together in one system call (and reach the provider in
+    /// one read) instead of one each.
+    ///
+    /// A deferred request is written, together with every other one queued,
+    /// by the first of:
+    /// - a [`PendingCall::wait`] on this client that finds its own response
+    ///   not there yet (a caller never waits on a request it is holding back);
+    /// - [`Client::flush`];
+    /// - any other write on the connection: a [`Client::start`], a
+    ///   [`Client::call`] or a heartbeat ping;
+    /// - 64 requests or 64 KiB being queued.
+    ///
+    /// So the pattern "keep N calls outstanding: start_deferred, wait for
+    /// the oldest" needs nothing else. A thread that starts deferred calls
+    /// and then waits for something other than them should call
+    /// [`Client::flush`] first. The call's timeout counts from now.
+    ///
+    /// If the connection dies before the request is written, the call fails
+    /// with `ConnectionLost` like any other call in flight (not retried on
+    /// the next connection).
+    ///
+    /// # Errors
+    /// As [`Client::call`], for what fails before the request is queued.
+    pub fn start_deferred<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let timeout = self.inner.link.config.call_timeout;
+        self.start_with(service.into(), method, args, timeout, Write::Deferred)
+    }
+
+    /// Writes the requests of [`Client::start_deferred`] that are still
+    /// queued. Does nothing when none are, or when there is no connection
+    /// (requests queued on a connection that died fail with it).
+    ///
+    /// # Errors
+    /// `ConnectionLost` when the write fails.
+    pub fn flush(&self) -> Result<()> {
+        let conn = match &*self.inner.link.state.lock() {
+            LinkState::Ready(conn) => conn.clone(),
+            _ => return Ok(()),
+        };
+        conn.flush_held()
+            .map(|_| ())
+            .map_err(|e| send_error(&conn, e))
+    }
+
+    /// Encodes a request and sends it (now or deferred) on a ready
+    /// connection, waiting for one up to `timeout`.
+    fn start_with<A, R>(
+        &self,
+        service: ServiceRef<'_>,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+        write: Write,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
         let started = Instant::now();
         let deadline = started + timeout;
-        let (id, mut frame) = self.encode_call(Kind::Request, service.into(), method, args)?;
+        let (id, mut frame) = self.encode_call(Kind::Request, service, method, args)?;
         let link = &self.inner.link;
         let mut dead = None;
         // A connection can die between being handed out and taking the
@@ -350,7 +422,7 @@ impl Client {
         loop {
             let conn = link.ready_conn(deadline, started, dead)?;
             let conn_id = conn.id;
-            match self.send_on(conn, id, frame, deadline, timeout) {
+            match self.send_on(conn, id, frame, deadline, timeout, write) {
                 Ok(call) => return Ok(call),
                 Err(SendOnError::Dead(unsent)) => {
                     frame = unsent;
@@ -391,6 +463,7 @@ impl Client {
         frame: Vec<u8>,
         deadline: Instant,
         timeout: Duration,
+        write: Write,
     ) -> std::result::Result<PendingCall<R>, SendOnError> {
         let config = &self.inner.link.config;
         let slot = CallSlot::new();
@@ -402,7 +475,11 @@ impl Client {
             Err(Error::ConnectionLost { .. }) => return Err(SendOnError::Dead(frame)),
             Err(e) => return Err(SendOnError::Failed(e)),
         }
-        match conn.send(frame, Class::Data) {
+        let sent = match write {
+            Write::Now => conn.send(frame, Class::Data),
+            Write::Deferred => conn.hold(frame),
+        };
+        match sent {
             Ok(_) => Ok(PendingCall {
                 conn,
                 slot,
@@ -459,7 +536,7 @@ impl Client {
             LinkState::Shutdown => return Err(unsent("the client is shut down")),
         };
         let (id, frame) = self.encode_call(Kind::Request, service.into(), method, args)?;
-        match self.send_on(conn, id, frame, started + timeout, timeout) {
+        match self.send_on(conn, id, frame, started + timeout, timeout, Write::Now) {
             Ok(call) => call.wait(),
             Err(SendOnError::Dead(_)) => Err(unsent("the connection just died")),
             Err(SendOnError::Failed(e)) => Err(e),
@@ -541,6 +618,15 @@ impl Client {
     }
 }
 
+/// When a request is written.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// Before `start` returns, unless another thread is writing already.
+    Now,
+    /// With a later write (see [`Client::start_deferred`]).
+    Deferred,
+}
+
 /// Why [`Client::send_on`] did not send.
 enum SendOnError {
     /// The connection is dead and the request was never written: here it is
@@ -587,6 +673,13 @@ impl<R: DeserializeOwned> PendingCall<R> {
     /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`.
     pub fn wait(mut self) -> Result<R> {
         self.waited = true;
+        if !self.slot.is_done() {
+            // This request may be among those deferred (`start_deferred`):
+            // they go out now rather than wait for a write that may never
+            // come. A failed write closes the connection, which fails this
+            // call (ConnectionLost) through the loop.
+            let _ = self.conn.flush_held();
+        }
         let outcome = match self.slot.wait(self.deadline, self.spin) {
             Some(outcome) => outcome,
             None => {

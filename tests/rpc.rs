@@ -320,6 +320,106 @@ fn a_thousand_pipelined_calls() {
     assert_eq!(client.inflight(), 0);
 }
 
+/// A server with a `count` service whose `add` method (worker pool) counts
+/// its calls in the returned counter and returns its argument; heartbeats
+/// every minute on both sides of `client`, so that no Ping or Pong write
+/// carries deferred requests along during a test.
+fn counting_pair() -> (Server, Client, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let count = ServiceBuilder::new("count").method("add", move |n: u64| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(n)
+    });
+    let mut server_config = ServerConfig::default();
+    server_config.connection.heartbeat = support::heartbeat(60_000, 3);
+    let server = server_with(server_config, vec![count]);
+    let mut client_config = ClientConfig::default();
+    client_config.connection.heartbeat = support::heartbeat(60_000, 3);
+    let client = Client::connect(server.local_addr(), client_config).unwrap();
+    (server, client, calls)
+}
+
+#[test]
+fn deferred_calls_wait_for_a_wait_that_would_block() {
+    let (_server, client, calls) = counting_pair();
+    let pending: Vec<_> = (0..10u64)
+        .map(|n| client.start_deferred::<_, u64>("count", "add", &n).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "deferred requests are held until a wait or flush"
+    );
+    assert_eq!(client.inflight(), 10);
+    // Waiting for the first sends them all.
+    for (n, call) in pending.into_iter().enumerate() {
+        assert_eq!(call.wait().unwrap(), n as u64);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+}
+
+#[test]
+fn flush_and_any_other_call_send_deferred_requests() {
+    let (_server, client, calls) = counting_pair();
+    let first = client.start_deferred::<_, u64>("count", "add", &1).unwrap();
+    client.flush().unwrap();
+    support::wait_until(PROMPTLY, "the flushed request handled", || {
+        calls.load(Ordering::SeqCst) == 1
+    });
+    let second = client.start_deferred::<_, u64>("count", "add", &2).unwrap();
+    // A plain call writes the queue, the deferred request ahead of its own.
+    assert_eq!(client.call::<_, u64>("count", "add", &3).unwrap(), 3);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(first.wait().unwrap(), 1);
+    assert_eq!(second.wait().unwrap(), 2);
+}
+
+#[test]
+fn a_window_of_deferred_calls_from_one_thread() {
+    let (_server, client, calls) = counting_pair();
+    let total = 5_000u64;
+    let depth = 64;
+    let mut window = std::collections::VecDeque::new();
+    let mut next = 0u64;
+    let mut answered = 0u64;
+    while answered < total {
+        while next < total && window.len() < depth {
+            window.push_back((
+                next,
+                client
+                    .start_deferred::<_, u64>("count", "add", &next)
+                    .unwrap(),
+            ));
+            next += 1;
+        }
+        let (n, call) = window.pop_front().expect("calls are outstanding");
+        assert_eq!(call.wait().unwrap(), n);
+        answered += 1;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), total as usize);
+    assert_eq!(client.inflight(), 0);
+}
+
+#[test]
+fn deferred_requests_on_a_connection_that_dies_fail_with_connection_lost() {
+    let (server, client, _calls) = counting_pair();
+    let events = client.events();
+    let held = client.start_deferred::<_, u64>("count", "add", &1).unwrap();
+    server.shutdown();
+    wait_disconnected(&events, server.local_addr());
+    match held.wait() {
+        Err(Error::ConnectionLost { .. }) => {}
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
+    assert_eq!(client.inflight(), 0);
+    assert!(
+        client.flush().is_ok(),
+        "nothing to flush without a connection"
+    );
+}
+
 /// A server whose `demo` service (empty version and group) also has failing
 /// methods, and a v2/blue edition of `demo` with only `ping`.
 fn error_server() -> Server {

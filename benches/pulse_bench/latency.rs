@@ -230,7 +230,8 @@ pub fn pinned_child_main() {
 /// `Client::start`, default 1 = sequential; above 1 the latency printed is
 /// each call's, from its start to its answer), `PULSE_BENCH_THREADS` (pulse
 /// only: caller threads sharing the one `Client`, default 1; they split
-/// the calls).
+/// the calls), `PULSE_BENCH_DEFER` (pulse only: 1 = start calls with
+/// `Client::start_deferred`, default 0).
 pub fn probe_main() {
     let which: String = common::env_parse("PULSE_BENCH_PROBE", "pool".into());
     let mut calls: u64 = common::env_parse("PULSE_BENCH_CALLS", 20_000);
@@ -262,13 +263,14 @@ pub fn probe_main() {
         let value = rpc::payload(size);
         let depth: usize = common::env_parse("PULSE_BENCH_DEPTH", 1);
         let threads: u64 = common::env_parse::<u64>("PULSE_BENCH_THREADS", 1).max(1);
+        let defer = common::env_parse::<u8>("PULSE_BENCH_DEFER", 0) == 1;
         let per_thread = calls / threads;
         calls = per_thread * threads;
         std::thread::scope(|scope| {
             let runs: Vec<_> = (0..threads)
                 .map(|_| {
                     let (client, value) = (&client, &value);
-                    scope.spawn(move || probe_calls(client, mode, value, per_thread, depth))
+                    scope.spawn(move || probe_calls(client, mode, value, per_thread, depth, defer))
                 })
                 .collect();
             for run in runs {
@@ -297,6 +299,7 @@ fn probe_calls(
     value: &rmpv::Value,
     calls: u64,
     depth: usize,
+    defer: bool,
 ) -> (Histogram<u64>, u64) {
     let mut hist = common::new_histogram();
     let mut errors = 0;
@@ -305,7 +308,12 @@ fn probe_calls(
     while started < calls || !outstanding.is_empty() {
         while started < calls && outstanding.len() < depth {
             let t = Instant::now();
-            match client.start::<_, rmpv::Value>(rpc::SERVICE, mode.echo(), value) {
+            let pending = if defer {
+                client.start_deferred::<_, rmpv::Value>(rpc::SERVICE, mode.echo(), value)
+            } else {
+                client.start::<_, rmpv::Value>(rpc::SERVICE, mode.echo(), value)
+            };
+            match pending {
                 Ok(pending) => outstanding.push_back((t, pending)),
                 Err(_) => errors += 1,
             }

@@ -187,13 +187,18 @@ fn call_op(client: Client, mode: Mode, value: Value) -> Op {
     Box::new(move || rpc::echo(&client, mode, &value))
 }
 
-fn pipelined_op(client: Client, mode: Mode, value: Value, depth: usize) -> Op {
+/// Keeps `depth` calls outstanding: starts calls (with `start_deferred`
+/// when `deferred`) until `depth` are, then waits for the oldest.
+fn pipelined_op(client: Client, mode: Mode, value: Value, depth: usize, deferred: bool) -> Op {
     let mut queue: VecDeque<PendingCall<Value>> = VecDeque::with_capacity(depth);
     Box::new(move || {
         while queue.len() < depth {
-            let pending = client
-                .start(SERVICE, mode.echo(), &value)
-                .map_err(|e| e.to_string())?;
+            let pending = if deferred {
+                client.start_deferred(SERVICE, mode.echo(), &value)
+            } else {
+                client.start(SERVICE, mode.echo(), &value)
+            }
+            .map_err(|e| e.to_string())?;
             queue.push_back(pending);
         }
         let reply = queue.pop_front().map(|p| p.wait());
@@ -319,26 +324,38 @@ pub fn run(
             &mut rows,
         );
     }
-    for mode in [Mode::Pool, Mode::Inline] {
-        let ops = vec![pipelined_op(
-            clients[0].clone(),
-            mode,
-            value.clone(),
+    let pipelines = [
+        (
+            "pipelined",
             PIPELINE_DEPTH,
-        )];
-        let m = measure(ops, window, None);
-        push(
-            row(
-                "pipelined",
-                mode.label(),
-                "one thread, 64 outstanding (start now, wait later)",
-                1,
-                1,
-                PIPELINE_DEPTH,
-                m,
-            ),
-            &mut rows,
-        );
+            false,
+            "one thread, 64 outstanding (start, wait later)",
+        ),
+        (
+            "pipelined-deferred",
+            PIPELINE_DEPTH,
+            true,
+            "one thread, 64 outstanding (start_deferred, wait later)",
+        ),
+        (
+            "pipelined-deferred-256",
+            256,
+            true,
+            "one thread, 256 outstanding (start_deferred, wait later)",
+        ),
+    ];
+    for (key, depth, deferred, pattern) in pipelines {
+        for mode in [Mode::Pool, Mode::Inline] {
+            let ops = vec![pipelined_op(
+                clients[0].clone(),
+                mode,
+                value.clone(),
+                depth,
+                deferred,
+            )];
+            let m = measure(ops, window, None);
+            push(row(key, mode.label(), pattern, 1, 1, depth, m), &mut rows);
+        }
     }
     for mode in [Mode::Pool, Mode::Inline] {
         let client = clients[0].clone();

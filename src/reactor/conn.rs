@@ -52,6 +52,16 @@ impl ConnShared {
         self.out.send(&self.socket, frame, class)
     }
 
+    /// Queues a request without writing it yet (see `Outbound::hold`).
+    pub(crate) fn hold(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
+        self.out.hold(&self.socket, frame)
+    }
+
+    /// Writes the requests held on this connection, if nobody has yet.
+    pub(crate) fn flush_held(&self) -> Result<Flush, SendError> {
+        self.out.flush_held(&self.socket)
+    }
+
     /// Records that a request of this connection finished handling.
     pub(crate) fn call_finished(&self) {
         let now = crate::clock::to_nanos(Instant::now()).max(1);
@@ -154,6 +164,11 @@ impl CallSlot {
             self.done.store(true, Ordering::Release);
             self.ready.notify_one();
         }
+    }
+
+    /// Whether the outcome has arrived (and not yet been taken by `wait`).
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     /// Waits until the outcome arrives or `deadline` passes (`None`).

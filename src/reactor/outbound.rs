@@ -16,6 +16,15 @@
 //! read that brought 50 requests then costs one write instead of 50. The final
 //! Close frame ignores the cork.
 //!
+//! # Held frames
+//! A pipelining caller may [`hold`](Outbound::hold) its requests: they are
+//! queued but not written, so that many go out in one `writev` later. Held
+//! frames are written by [`flush_held`](Outbound::flush_held) (the caller's
+//! `wait`, when it would block, or `Client::flush`), by any other write on
+//! the connection (they are ordinary queued frames to a writer), or at once
+//! when a whole `writev`'s worth ([`MAX_IOV`] frames or [`HOLD_MAX_BYTES`])
+//! is held.
+//!
 //! # Priority
 //! Control frames (Ping, Pong, Close) jump ahead of queued requests and
 //! responses that have not started to be written; a frame that is partly
@@ -41,6 +50,10 @@ pub(crate) const CONTROL_ALLOWANCE: usize = 64 * 1024;
 
 /// Frames handed to one `writev` call at most.
 const MAX_IOV: usize = 64;
+
+/// Held bytes that are written at once rather than held longer: holding
+/// more would not save another system call worth having.
+const HOLD_MAX_BYTES: usize = 64 * 1024;
 
 /// Which queue a frame goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +98,15 @@ struct Queue {
     writable_hint: bool,
     /// Frames are only queued until `uncork` (see the module docs).
     corked: bool,
+    /// Frames were held (see the module docs) and no writer has taken them
+    /// yet: [`Outbound::flush_held`] has something to do.
+    held: bool,
+    /// The last writer stopped on a full socket: the loop's
+    /// [`Outbound::flush`] resumes. (Without it, frames queued with nobody
+    /// writing are held ones, which wait for their caller.)
+    blocked: bool,
+    /// A frame was queued while corked: `uncork` has a write to make.
+    queued_while_corked: bool,
     /// No new frames are accepted; what is queued is still written.
     sealed: bool,
     closed: bool,
@@ -122,6 +144,56 @@ impl Outbound {
         class: Class,
     ) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
+        let mine = self.enqueue(&mut q, frame, class)?;
+        q.queued_while_corked |= q.corked;
+        if q.writing || q.corked {
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket, Some(mine))
+    }
+
+    /// Queues a data frame without writing it (see "Held frames" in the
+    /// module docs), unless a whole `writev`'s worth is queued now: then it
+    /// writes like [`send`](Self::send).
+    pub(crate) fn hold(&self, socket: &Socket, frame: Vec<u8>) -> Result<Flush, SendError> {
+        let mut q = self.queue.lock();
+        let mine = self.enqueue(&mut q, frame, Class::Data)?;
+        if q.writing {
+            return Ok(Flush::Done); // the writer takes it before it stops
+        }
+        if q.data.len() < MAX_IOV && q.bytes < HOLD_MAX_BYTES {
+            q.held = true;
+            return Ok(Flush::Done);
+        }
+        if q.corked {
+            q.queued_while_corked = true; // `uncork` writes it
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket, Some(mine))
+    }
+
+    /// Writes held frames, if any are still waiting for a writer.
+    pub(crate) fn flush_held(&self, socket: &Socket) -> Result<Flush, SendError> {
+        let mut q = self.queue.lock();
+        if !q.held || q.writing {
+            return Ok(Flush::Done); // nothing held, or the writer takes it
+        }
+        if q.closed {
+            return Err(SendError::Closed(None));
+        }
+        if q.corked {
+            q.queued_while_corked = true; // `uncork` writes them
+            return Ok(Flush::Done);
+        }
+        q.writing = true;
+        self.write_batches(q, socket, None)
+    }
+
+    /// Checks the bounds and queues `frame`; returns its address, which
+    /// identifies it to [`write_batches`](Self::write_batches).
+    fn enqueue(&self, q: &mut Queue, frame: Vec<u8>, class: Class) -> Result<usize, SendError> {
         if q.closed || q.sealed {
             return Err(SendError::Closed(Some(frame)));
         }
@@ -139,11 +211,7 @@ impl Outbound {
             Class::Control => q.control.push_back(frame),
             Class::Data => q.data.push_back(frame),
         }
-        if q.writing || q.corked {
-            return Ok(Flush::Done);
-        }
-        q.writing = true;
-        self.write_batches(q, socket, Some(mine))
+        Ok(mine)
     }
 
     /// Holds back writes until [`uncork`](Self::uncork): frames sent
@@ -157,11 +225,12 @@ impl Outbound {
     pub(crate) fn uncork(&self, socket: &Socket) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
         q.corked = false;
+        let must_write = std::mem::take(&mut q.queued_while_corked) || q.blocked;
         if q.closed {
             return Err(SendError::Closed(None));
         }
-        if q.writing || q.is_empty() {
-            return Ok(Flush::Done);
+        if q.writing || !must_write || q.is_empty() {
+            return Ok(Flush::Done); // held frames stay held
         }
         q.writing = true;
         self.write_batches(q, socket, None)
@@ -229,8 +298,8 @@ impl Outbound {
             q.writable_hint = true;
             return Ok(Flush::Done);
         }
-        if q.is_empty() || q.corked {
-            return Ok(Flush::Done); // `uncork` writes
+        if q.is_empty() || q.corked || !q.blocked {
+            return Ok(Flush::Done); // `uncork` writes; held frames stay held
         }
         q.writing = true;
         self.write_batches(q, socket, None)
@@ -240,6 +309,7 @@ impl Outbound {
     pub(crate) fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
+        q.held = false;
         q.partial = None;
         q.control.clear();
         q.data.clear();
@@ -277,7 +347,10 @@ impl Outbound {
         let mut batch: Vec<(Vec<u8>, Class)> = Vec::new();
         // The sender's own frame went out whole in an earlier round.
         let mut mine_written = false;
+        q.blocked = false;
         loop {
+            // Held frames are this writer's now (or the loop's, if it blocks).
+            q.held = false;
             // Order: the partial frame, then control frames, then data frames.
             let mut offset = 0;
             if let Some((frame, written)) = q.partial.take() {
@@ -336,6 +409,7 @@ impl Outbound {
                         continue;
                     }
                     q.writing = false;
+                    q.blocked = true;
                     return Ok(Flush::Blocked);
                 }
                 Err(e) => {
@@ -532,6 +606,89 @@ mod tests {
         out.send(&a, b"three".to_vec(), Class::Data).unwrap();
         out.send_final(&a, b"Z".to_vec(), true).unwrap();
         assert_eq!(drain(&out, &a, &b, 6), b"threeZ");
+    }
+
+    /// Whatever `b` has to read right now.
+    fn read_now(b: &Socket) -> Vec<u8> {
+        let mut buf = [0u8; 4096];
+        match (&*b).read(&mut buf) {
+            Ok(n) => buf[..n].to_vec(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Vec::new(),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    #[test]
+    fn held_frames_wait_for_a_flush_or_the_next_write() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        out.hold(&a, b"one".to_vec()).unwrap();
+        out.hold(&a, b"two".to_vec()).unwrap();
+        assert_eq!(read_now(&b), b"", "held frames are not written");
+        assert_eq!(out.flush_held(&a), Ok(Flush::Done));
+        assert_eq!(read_now(&b), b"onetwo");
+        assert!(out.is_empty());
+
+        // Any other write carries held frames along, in order.
+        out.hold(&a, b"three".to_vec()).unwrap();
+        out.send(&a, b"four".to_vec(), Class::Data).unwrap();
+        assert_eq!(read_now(&b), b"threefour");
+        // The loop's writes: a writable event does not write held frames,
+        // nor does an uncork with nothing else queued...
+        out.hold(&a, b"five".to_vec()).unwrap();
+        out.flush(&a).unwrap();
+        out.cork();
+        out.uncork(&a).unwrap();
+        assert_eq!(read_now(&b), b"", "held frames stay held");
+        // ...but one with a frame queued while corked carries them along,
+        out.cork();
+        out.hold(&a, b"six".to_vec()).unwrap();
+        out.send(&a, b"pong".to_vec(), Class::Control).unwrap();
+        assert_eq!(read_now(&b), b"");
+        out.uncork(&a).unwrap();
+        assert_eq!(read_now(&b), b"pongfivesix");
+        // ...and a flush of held frames while corked is left to the uncork.
+        out.cork();
+        out.hold(&a, b"seven".to_vec()).unwrap();
+        assert_eq!(out.flush_held(&a), Ok(Flush::Done));
+        assert_eq!(read_now(&b), b"");
+        out.uncork(&a).unwrap();
+        assert_eq!(read_now(&b), b"seven");
+    }
+
+    #[test]
+    fn a_writev_worth_of_held_frames_is_written_at_once() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        for _ in 0..MAX_IOV - 1 {
+            out.hold(&a, b"x".to_vec()).unwrap();
+        }
+        assert_eq!(read_now(&b), b"");
+        out.hold(&a, b"y".to_vec()).unwrap();
+        let mut want = vec![b'x'; MAX_IOV - 1];
+        want.push(b'y');
+        assert_eq!(read_now(&b), want);
+        // A large frame is not held either.
+        out.hold(&a, vec![b'z'; HOLD_MAX_BYTES]).unwrap();
+        assert_eq!(
+            drain(&out, &a, &b, HOLD_MAX_BYTES),
+            vec![b'z'; HOLD_MAX_BYTES]
+        );
+    }
+
+    #[test]
+    fn held_frames_of_a_closed_queue_are_gone() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        out.hold(&a, b"one".to_vec()).unwrap();
+        out.close();
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(out.flush_held(&a), Ok(Flush::Done), "nothing left to write");
+        assert_eq!(read_now(&b), b"");
+        assert!(matches!(
+            out.hold(&a, b"two".to_vec()),
+            Err(SendError::Closed(Some(frame))) if frame == b"two"
+        ));
     }
 
     #[test]
