@@ -242,7 +242,7 @@ impl Client {
             .ok_or_else(|| {
                 Error::InvalidConfig("the provider address resolved to nothing".into())
             })?;
-        let runtime = Runtime::start("pulse-client", 1, config.connection.timer_tick)?;
+        let runtime = Runtime::start("pulse-client", 1, &config.connection)?;
         let owner = runtime.loops()[0].clone(); // started with exactly one loop
         let link = Arc::new(Link {
             id: crate::next_id(),

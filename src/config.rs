@@ -44,6 +44,15 @@ pub struct ConnectionConfig {
     pub min_ping_interval: Duration,
     /// Consecutive too-early pings tolerated. Default 3.
     pub max_ping_strikes: u32,
+    /// How long an event loop keeps polling without sleeping after a turn
+    /// that moved calls (read a request or a response). A loop that sleeps
+    /// costs the next call a wake-up (tens of microseconds across cores);
+    /// one that polls on picks it up at once. Between polls the loop yields
+    /// its core to any other thread that can run. Turns that only carried
+    /// heartbeats or timers never poll on, so idle connections cost nothing
+    /// extra. Each busy loop may use up to this much CPU after its last call.
+    /// `Duration::ZERO` always sleeps. Default 100 µs.
+    pub busy_poll: Duration,
 }
 
 impl Default for ConnectionConfig {
@@ -57,6 +66,7 @@ impl Default for ConnectionConfig {
             frame_timeout: Some(Duration::from_secs(30)),
             min_ping_interval: Duration::from_millis(10),
             max_ping_strikes: 3,
+            busy_poll: Duration::from_micros(100),
         }
     }
 }
@@ -87,6 +97,12 @@ impl ConnectionConfig {
         }
         if self.event_capacity == 0 {
             return Err("event_capacity must be at least 1".into());
+        }
+        if self.busy_poll > Duration::from_secs(1) {
+            return Err(format!(
+                "busy_poll must be at most 1 s (it is CPU spent after each busy turn), got {:?}",
+                self.busy_poll
+            ));
         }
         if self.frame_timeout.is_some_and(|t| t < self.timer_tick) {
             return Err("frame_timeout must be at least one timer_tick".into());
@@ -338,5 +354,14 @@ mod tests {
             ..ClientConfig::default()
         };
         assert!(c.validate().unwrap_err().contains("max_inflight"));
+    }
+
+    #[test]
+    fn busy_poll_is_bounded() {
+        let mut c = ClientConfig::default();
+        c.connection.busy_poll = Duration::from_secs(2);
+        assert!(c.validate().unwrap_err().contains("busy_poll"));
+        c.connection.busy_poll = Duration::ZERO;
+        c.validate().unwrap();
     }
 }

@@ -71,11 +71,7 @@ impl ServerBuilder {
         let config = self.config;
         let jobs = Arc::new(JobQueue::new(config.worker_queue));
         let events = EventSink::new(config.connection.event_capacity, "server");
-        let runtime = Runtime::start(
-            "pulse-server",
-            config.event_loops,
-            config.connection.timer_tick,
-        )?;
+        let runtime = Runtime::start("pulse-server", config.event_loops, &config.connection)?;
         let shared = Arc::new(ServerShared {
             registry: self.registry,
             jobs: Arc::clone(&jobs),

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use pulse::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
 use rmpv::Value;
@@ -54,7 +55,12 @@ pub fn start_provider(config: ServerConfig) -> pulse::Result<Provider> {
     start_provider_at("127.0.0.1:0", config)
 }
 
-pub fn start_provider_at(addr: &str, config: ServerConfig) -> pulse::Result<Provider> {
+/// A provider on `addr`; `PULSE_BENCH_BUSY_POLL_US`, when set, overrides
+/// `config.connection.busy_poll` (for profiling).
+pub fn start_provider_at(addr: &str, mut config: ServerConfig) -> pulse::Result<Provider> {
+    if let Some(busy_poll) = env_micros("PULSE_BENCH_BUSY_POLL_US") {
+        config.connection.busy_poll = busy_poll;
+    }
     let sunk = Arc::new(AtomicU64::new(0));
     let (a, b) = (sunk.clone(), sunk.clone());
     let service = ServiceBuilder::new(SERVICE)
@@ -75,8 +81,28 @@ pub fn start_provider_at(addr: &str, config: ServerConfig) -> pulse::Result<Prov
     Ok(Provider { server, sunk })
 }
 
+/// Microseconds from the environment variable `name`, if set (the
+/// profiling knobs `PULSE_BENCH_SPIN_US` and `PULSE_BENCH_BUSY_POLL_US`).
+fn env_micros(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_micros)
+}
+
+/// A client of `provider` with the default config, except `spin_wait` and
+/// `busy_poll` when `PULSE_BENCH_SPIN_US` / `PULSE_BENCH_BUSY_POLL_US` are
+/// set (for profiling).
 pub fn connect(provider: &Provider) -> pulse::Result<Client> {
-    Client::connect(provider.server.local_addr(), ClientConfig::default())
+    let mut config = ClientConfig::default();
+    if let Some(spin) = env_micros("PULSE_BENCH_SPIN_US") {
+        config.spin_wait = spin;
+    }
+    if let Some(busy_poll) = env_micros("PULSE_BENCH_BUSY_POLL_US") {
+        config.connection.busy_poll = busy_poll;
+    }
+    Client::connect(provider.server.local_addr(), config)
 }
 
 /// A binary payload of `len` bytes.

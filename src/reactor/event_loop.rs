@@ -13,7 +13,7 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
@@ -174,6 +174,10 @@ pub(super) struct EventLoop {
     /// when its bytes are all decoded: an idle connection holds no read
     /// buffer (see `read`).
     spare_read_buf: Option<Vec<u8>>,
+    /// `ConnectionConfig::busy_poll`.
+    busy_poll: Duration,
+    /// This turn read a request or a response (see [`EventLoop::wait`]).
+    moved_calls: bool,
 }
 
 impl EventLoop {
@@ -183,6 +187,7 @@ impl EventLoop {
         commands: Receiver<Command>,
         loops: Vec<LoopHandle>,
         timer: TimerHandle<TimerEvent>,
+        busy_poll: Duration,
     ) -> EventLoop {
         EventLoop {
             index,
@@ -196,13 +201,33 @@ impl EventLoop {
             next_loop: index,
             exiting: false,
             spare_read_buf: None,
+            busy_poll,
+            moved_calls: false,
         }
+    }
+
+    /// Waits for events: polls without sleeping for up to `busy_poll` after
+    /// a turn that moved calls (the next request or response of a busy
+    /// connection is then picked up without a wake-up), then sleeps.
+    fn wait(&mut self, events: &mut Events) -> io::Result<()> {
+        if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
+            let until = Instant::now() + self.busy_poll;
+            loop {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() || Instant::now() >= until {
+                    return Ok(());
+                }
+                // Let a caller or worker that shares this core run first.
+                std::thread::yield_now();
+            }
+        }
+        self.poll.poll(events, None)
     }
 
     pub(super) fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            if let Err(e) = self.wait(&mut events) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -442,6 +467,7 @@ impl EventLoop {
                 Flow::Closed
             }
             Kind::Response => {
+                self.moved_calls = true;
                 conn.ping_strikes = 0; // pings between calls are not abuse
                 if let Role::Consumer { .. } = conn.role {
                     if !conn.shared.calls.complete(id, Ok(frame)) {
@@ -459,6 +485,7 @@ impl EventLoop {
                 Flow::Open
             }
             Kind::Request | Kind::OneWay => {
+                self.moved_calls = true;
                 conn.ping_strikes = 0; // pings between calls are not abuse
                 conn.last_call = now;
                 match &conn.role {

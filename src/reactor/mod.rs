@@ -129,8 +129,13 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     /// Starts `loops` event-loop threads named `{name}-loop-{i}` and a timer
-    /// thread with resolution `tick`.
-    pub(crate) fn start(name: &str, loops: usize, tick: Duration) -> Result<Runtime> {
+    /// thread, with the timer resolution and busy polling of `connection`.
+    pub(crate) fn start(
+        name: &str,
+        loops: usize,
+        connection: &crate::config::ConnectionConfig,
+    ) -> Result<Runtime> {
+        let (tick, busy_poll) = (connection.timer_tick, connection.busy_poll);
         crate::clock::origin(); // fix the origin before any instant is stored
         let mut polls = Vec::with_capacity(loops);
         let mut handles = Vec::with_capacity(loops);
@@ -176,7 +181,9 @@ impl Runtime {
             let all = handles.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-loop-{index}"))
-                .spawn(move || event_loop::EventLoop::new(index, poll, rx, all, timer).run());
+                .spawn(move || {
+                    event_loop::EventLoop::new(index, poll, rx, all, timer, busy_poll).run()
+                });
             match thread {
                 Ok(thread) => runtime.threads.push(thread),
                 Err(e) => {

@@ -1,0 +1,64 @@
+//! The event loops' busy polling (`ConnectionConfig::busy_poll`): a loop
+//! polls on without sleeping after a turn that moved a call, and never after
+//! a turn that only carried heartbeats, so idle connections cost no more.
+//! Measured as the CPU time of the provider's loop thread; this binary holds
+//! one test so that no other loop runs meanwhile.
+
+mod support;
+
+use std::time::Duration;
+
+use pulse::{Client, ClientConfig, ServerConfig};
+use support::process::threads_cpu_ticks;
+use support::{heartbeat, ms, server_with};
+
+/// The provider's loop threads (`pulse-server-loop-N`, cut to 15 bytes).
+const SERVER_LOOPS: &str = "pulse-server-lo";
+
+/// A provider with one loop and this busy polling and heartbeat, and a
+/// client with the same heartbeat that never polls on itself.
+fn pair(busy_poll: Duration, heartbeat_ms: u64) -> (pulse::Server, Client) {
+    let mut server_config = ServerConfig {
+        event_loops: 1,
+        ..ServerConfig::default()
+    };
+    server_config.connection.busy_poll = busy_poll;
+    server_config.connection.heartbeat = heartbeat(heartbeat_ms, 3);
+    let server = server_with(server_config, Vec::new());
+    let mut client_config = ClientConfig::default();
+    client_config.connection.busy_poll = Duration::ZERO;
+    client_config.connection.heartbeat = heartbeat(heartbeat_ms, 3);
+    let client = Client::connect(server.local_addr(), client_config).unwrap();
+    (server, client)
+}
+
+#[test]
+fn loops_poll_on_after_calls_but_never_after_heartbeats() {
+    // Heartbeats every 50 ms both ways for a second, with a busy_poll of a
+    // whole second: polling on after heartbeat turns would keep the loop
+    // busy the whole time (about 100 ticks); sleeping costs almost nothing.
+    let (server, client) = pair(Duration::from_secs(1), 50);
+    let before = threads_cpu_ticks(SERVER_LOOPS);
+    std::thread::sleep(ms(1000));
+    let heartbeats_only = threads_cpu_ticks(SERVER_LOOPS) - before;
+    assert!(
+        heartbeats_only < 30,
+        "the loop used {heartbeats_only} ticks of CPU carrying only heartbeats"
+    );
+    drop(client);
+    server.shutdown();
+
+    // One call and no heartbeat for a minute: the loop polls on for its
+    // 500 ms (about 50 ticks) after the request, then sleeps.
+    let (server, client) = pair(ms(500), 60_000);
+    let before = threads_cpu_ticks(SERVER_LOOPS);
+    assert_eq!(client.call::<_, u64>("demo", "ping", &7).unwrap(), 7);
+    std::thread::sleep(ms(1000));
+    let after_a_call = threads_cpu_ticks(SERVER_LOOPS) - before;
+    assert!(
+        after_a_call >= 15,
+        "the loop used only {after_a_call} ticks after a call with busy_poll 500 ms"
+    );
+    drop(client);
+    server.shutdown();
+}
