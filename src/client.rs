@@ -667,7 +667,8 @@ pub struct PendingCall<R> {
 
 impl<R: DeserializeOwned> PendingCall<R> {
     /// Blocks until the response arrives, the connection dies, or the call's
-    /// timeout passes.
+    /// timeout passes. If the response is not there yet, it first writes the
+    /// requests that [`Client::start_deferred`] holds on the connection.
     ///
     /// # Errors
     /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`.

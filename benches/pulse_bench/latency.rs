@@ -228,7 +228,7 @@ pub fn pinned_child_main() {
 /// `PULSE_BENCH_LOOPS` (server event loops, default: cores),
 /// `PULSE_BENCH_DEPTH` (pulse only: calls kept outstanding with
 /// `Client::start`, default 1 = sequential; above 1 the latency printed is
-/// each call's, from its start to its answer), `PULSE_BENCH_THREADS` (pulse
+/// each call's, from its start to its answer; 0 = one-way sends), `PULSE_BENCH_THREADS` (pulse
 /// only: caller threads sharing the one `Client`, default 1; they split
 /// the calls), `PULSE_BENCH_DEFER` (pulse only: 1 = start calls with
 /// `Client::start_deferred`, default 0).
@@ -291,8 +291,9 @@ pub fn probe_main() {
     );
 }
 
-/// One probe thread's calls, `depth` outstanding at a time: its latency
-/// histogram and error count.
+/// One probe thread's calls, `depth` outstanding at a time (0: one-way
+/// sends, each recorded as the time to send it): its latency histogram and
+/// error count.
 fn probe_calls(
     client: &pulse::Client,
     mode: Mode,
@@ -303,6 +304,16 @@ fn probe_calls(
 ) -> (Histogram<u64>, u64) {
     let mut hist = common::new_histogram();
     let mut errors = 0;
+    if depth == 0 {
+        for _ in 0..calls {
+            let t = Instant::now();
+            match client.send_one_way(rpc::SERVICE, mode.sink(), value) {
+                Ok(()) => common::record(&mut hist, t.elapsed()),
+                Err(_) => errors += 1,
+            }
+        }
+        return (hist, errors);
+    }
     let mut outstanding = std::collections::VecDeque::with_capacity(depth);
     let mut started = 0;
     while started < calls || !outstanding.is_empty() {
