@@ -37,10 +37,7 @@ impl Settings {
                     .filter(|s| !s.is_empty())
                     .collect()
             });
-        let idle_conns = std::env::var("PULSE_BENCH_IDLE_CONNS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(if quick { 1_000 } else { 5_000 });
+        let idle_conns = env_parse("PULSE_BENCH_IDLE_CONNS", if quick { 1_000 } else { 5_000 });
         Settings {
             quick,
             only,
@@ -89,16 +86,18 @@ impl Rng {
     }
 }
 
-/// A latency histogram in nanoseconds, 3 significant digits, 1 ns to 100 s.
 /// The environment variable `key` parsed as a `T`, or `default` when it is
 /// unset or does not parse.
 pub fn env_parse<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    env_opt(key).unwrap_or(default)
 }
 
+/// The environment variable `key` parsed as a `T`, if it is set and parses.
+pub fn env_opt<T: std::str::FromStr>(key: &str) -> Option<T> {
+    std::env::var(key).ok()?.parse().ok()
+}
+
+/// A latency histogram in nanoseconds, 3 significant digits, 1 ns to 100 s.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
 }

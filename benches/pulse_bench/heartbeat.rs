@@ -231,10 +231,7 @@ struct Peer {
 
 /// Role `consumers`: N raw protocol-speaking connections on one thread.
 pub fn consumers_main() {
-    let addr: SocketAddr = match std::env::var("PULSE_BENCH_ADDR")
-        .ok()
-        .and_then(|a| a.parse().ok())
-    {
+    let addr: SocketAddr = match common::env_opt("PULSE_BENCH_ADDR") {
         Some(a) => a,
         None => {
             eprintln!("consumers: PULSE_BENCH_ADDR is not set");

@@ -84,11 +84,7 @@ pub fn start_provider_at(addr: &str, mut config: ServerConfig) -> pulse::Result<
 /// Microseconds from the environment variable `name`, if set (the
 /// profiling knobs `PULSE_BENCH_SPIN_US` and `PULSE_BENCH_BUSY_POLL_US`).
 fn env_micros(name: &str) -> Option<Duration> {
-    std::env::var(name)
-        .ok()?
-        .parse()
-        .ok()
-        .map(Duration::from_micros)
+    crate::common::env_opt(name).map(Duration::from_micros)
 }
 
 /// A client of `provider` with the default config, except `spin_wait` and

@@ -183,7 +183,7 @@ impl CallSlot {
             let spin_until = deadline.min(Instant::now() + spin);
             'spin: while Waiting::few_enough_to_spin() && Instant::now() < spin_until {
                 for _ in 0..SPINS_PER_YIELD {
-                    if self.done.load(Ordering::Acquire) {
+                    if self.is_done() {
                         break 'spin; // no yield once the outcome is there
                     }
                     std::hint::spin_loop();

@@ -98,12 +98,10 @@ struct Queue {
     writable_hint: bool,
     /// Frames are only queued until `uncork` (see the module docs).
     corked: bool,
-    /// Frames were held (see the module docs) and no writer has taken them
-    /// yet: [`Outbound::flush_held`] has something to do.
-    held: bool,
     /// The last writer stopped on a full socket: the loop's
-    /// [`Outbound::flush`] resumes. (Without it, frames queued with nobody
-    /// writing are held ones, which wait for their caller.)
+    /// [`Outbound::flush`] resumes. Otherwise frames queued while nobody
+    /// writes and the queue is not corked are held ones (see the module
+    /// docs), which wait for [`Outbound::flush_held`].
     blocked: bool,
     /// A frame was queued while corked: `uncork` has a write to make.
     queued_while_corked: bool,
@@ -145,12 +143,10 @@ impl Outbound {
     ) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
         let mine = self.enqueue(&mut q, frame, class)?;
-        q.queued_while_corked |= q.corked;
-        if q.writing || q.corked {
-            return Ok(Flush::Done);
+        if q.writing {
+            return Ok(Flush::Done); // the writer takes it before it stops
         }
-        q.writing = true;
-        self.write_batches(q, socket, Some(mine))
+        self.write_unless_corked(q, socket, Some(mine))
     }
 
     /// Queues a data frame without writing it (see "Held frames" in the
@@ -163,32 +159,37 @@ impl Outbound {
             return Ok(Flush::Done); // the writer takes it before it stops
         }
         if q.data.len() < MAX_IOV && q.bytes < HOLD_MAX_BYTES {
-            q.held = true;
-            return Ok(Flush::Done);
+            return Ok(Flush::Done); // held
         }
-        if q.corked {
-            q.queued_while_corked = true; // `uncork` writes it
-            return Ok(Flush::Done);
-        }
-        q.writing = true;
-        self.write_batches(q, socket, Some(mine))
+        self.write_unless_corked(q, socket, Some(mine))
     }
 
     /// Writes held frames, if any are still waiting for a writer.
     pub(crate) fn flush_held(&self, socket: &Socket) -> Result<Flush, SendError> {
-        let mut q = self.queue.lock();
-        if !q.held || q.writing {
-            return Ok(Flush::Done); // nothing held, or the writer takes it
+        let q = self.queue.lock();
+        // Nothing queued (a closed queue is empty), a writer that takes it
+        // all, or a full socket that the loop resumes on its writable event.
+        if q.is_empty() || q.writing || q.blocked {
+            return Ok(Flush::Done);
         }
-        if q.closed {
-            return Err(SendError::Closed(None));
-        }
+        self.write_unless_corked(q, socket, None)
+    }
+
+    /// Becomes the writer of what is queued, or, while the loop holds the
+    /// queue corked, leaves the write to its `uncork`. Entered with nobody
+    /// writing.
+    fn write_unless_corked<'a>(
+        &'a self,
+        mut q: parking_lot::MutexGuard<'a, Queue>,
+        socket: &Socket,
+        mine: Option<usize>,
+    ) -> Result<Flush, SendError> {
         if q.corked {
-            q.queued_while_corked = true; // `uncork` writes them
+            q.queued_while_corked = true;
             return Ok(Flush::Done);
         }
         q.writing = true;
-        self.write_batches(q, socket, None)
+        self.write_batches(q, socket, mine)
     }
 
     /// Checks the bounds and queues `frame`; returns its address, which
@@ -309,7 +310,6 @@ impl Outbound {
     pub(crate) fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
-        q.held = false;
         q.partial = None;
         q.control.clear();
         q.data.clear();
@@ -349,8 +349,6 @@ impl Outbound {
         let mut mine_written = false;
         q.blocked = false;
         loop {
-            // Held frames are this writer's now (or the loop's, if it blocks).
-            q.held = false;
             // Order: the partial frame, then control frames, then data frames.
             let mut offset = 0;
             if let Some((frame, written)) = q.partial.take() {
