@@ -355,7 +355,9 @@ impl Client {
     /// - [`Client::flush`];
     /// - any other write on the connection: a [`Client::start`], a
     ///   [`Client::call`] or a heartbeat ping;
-    /// - 64 requests or 64 KiB being queued.
+    /// - 32 requests or 64 KiB being queued (so a window of 64 keeps two
+    ///   batches on the way, and the provider works on one while this
+    ///   thread prepares the next).
     ///
     /// So the pattern "keep N calls outstanding: start_deferred, wait for
     /// the oldest" needs nothing else. A thread that starts deferred calls
