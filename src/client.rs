@@ -355,9 +355,11 @@ impl Client {
     /// - [`Client::flush`];
     /// - any other write on the connection: a [`Client::start`], a
     ///   [`Client::call`] or a heartbeat ping;
-    /// - 32 requests or 64 KiB being queued (so a window of 64 keeps two
-    ///   batches on the way, and the provider works on one while this
-    ///   thread prepares the next).
+    /// - enough requests being queued: half of the deferred calls started
+    ///   on the connection and not yet waited for, but at least 32 and at
+    ///   most 64 (so a window of 64 calls keeps two batches on the way, and
+    ///   the provider works on one while this thread prepares the next), or
+    ///   64 KiB.
     ///
     /// So the pattern "keep N calls outstanding: start_deferred, wait for
     /// the oldest" needs nothing else. A thread that starts deferred calls
@@ -490,6 +492,7 @@ impl Client {
                 timeout,
                 spin: config.spin_wait,
                 waited: false,
+                deferred: matches!(write, Write::Deferred),
                 _result: PhantomData,
             }),
             Err(SendError::Closed(Some(unsent))) => {
@@ -664,6 +667,9 @@ pub struct PendingCall<R> {
     /// `ClientConfig::spin_wait`.
     spin: Duration,
     waited: bool,
+    /// Started by `start_deferred`: counted in `ConnShared::deferred_open`
+    /// until dropped.
+    deferred: bool,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -703,6 +709,9 @@ impl<R> Drop for PendingCall<R> {
     fn drop(&mut self) {
         if !self.waited {
             self.conn.calls.remove(self.id);
+        }
+        if self.deferred {
+            self.conn.deferred_done();
         }
     }
 }

@@ -19,7 +19,9 @@ use pulse::{
 };
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
-use support::{PROMPTLY, client, demo_server, server_with, wait_disconnected, wait_event};
+use support::{
+    PROMPTLY, client, demo_server, server_with, wait_disconnected, wait_event, wait_until,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Point {
@@ -399,6 +401,38 @@ fn a_window_of_deferred_calls_from_one_thread() {
         answered += 1;
     }
     assert_eq!(calls.load(Ordering::SeqCst), total as usize);
+    assert_eq!(client.inflight(), 0);
+}
+
+/// Deferred requests are written once half of the caller's window is held
+/// (32 to 64 of them), and the window shrinks as its calls are waited for
+/// or dropped.
+#[test]
+fn deferred_requests_go_out_in_batches_of_half_the_window() {
+    let (_server, client, calls) = counting_pair();
+    let start = |n: u64| client.start_deferred::<_, u64>("count", "add", &n).unwrap();
+    // 100 started on an idle connection: 32 are written at the 32nd start,
+    // 32 more at the 64th; the next batch would be 64 (half of 128), so the
+    // last 36 stay held.
+    let mut first: Vec<_> = (0..100).map(start).collect();
+    wait_until(PROMPTLY, "64 calls handled", || {
+        calls.load(Ordering::SeqCst) == 64 && client.inflight() == 36
+    });
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(calls.load(Ordering::SeqCst), 64, "36 requests are held");
+    // Their responses are all there, so these waits write nothing...
+    let held = first.split_off(64);
+    for (n, call) in first.into_iter().enumerate() {
+        assert_eq!(call.wait().unwrap(), n as u64);
+    }
+    // ...but they shrank the window to 36: the 37th start writes all 37.
+    let last = start(100);
+    wait_until(PROMPTLY, "all 101 calls handled", || {
+        calls.load(Ordering::SeqCst) == 101
+    });
+    for (n, call) in held.into_iter().chain([last]).enumerate() {
+        assert_eq!(call.wait().unwrap(), 64 + n as u64);
+    }
     assert_eq!(client.inflight(), 0);
 }
 

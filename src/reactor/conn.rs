@@ -39,6 +39,10 @@ pub(crate) struct ConnShared {
     pub(crate) calls: CallTable,
     /// Requests of this connection being handled (provider side).
     pub(crate) handling: AtomicUsize,
+    /// Deferred calls (`Client::start_deferred`) started on this connection
+    /// whose `PendingCall` is not yet waited for or dropped: the window a
+    /// pipelining caller keeps in flight (consumer side).
+    pub(crate) deferred_open: AtomicUsize,
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
     pub(crate) call_done: AtomicU64,
@@ -52,9 +56,22 @@ impl ConnShared {
         self.out.send(&self.socket, frame, class)
     }
 
-    /// Queues a request without writing it yet (see `Outbound::hold`).
+    /// Queues a deferred request without writing it yet (see
+    /// `Outbound::hold`), and counts it in `deferred_open` until
+    /// [`deferred_done`](Self::deferred_done).
     pub(crate) fn hold(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
-        self.out.hold(&self.socket, frame)
+        let window = self.deferred_open.fetch_add(1, Ordering::Relaxed) + 1;
+        let held = self.out.hold(&self.socket, frame, window);
+        if held.is_err() {
+            self.deferred_done();
+        }
+        held
+    }
+
+    /// A deferred call counted by [`hold`](Self::hold) was waited for or
+    /// abandoned.
+    pub(crate) fn deferred_done(&self) {
+        self.deferred_open.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Writes the requests held on this connection, if nobody has yet.

@@ -821,6 +821,7 @@ impl EventLoop {
             out: Outbound::new(max_write_queue),
             calls: CallTable::new(),
             handling: Default::default(),
+            deferred_open: Default::default(),
             call_done: Default::default(),
             owner: self.loops[self.index].clone(), // `index` is this loop's own place in `loops`
         });
