@@ -106,6 +106,11 @@ impl<T> JobQueue<T> {
         }
     }
 
+    /// Whether no job waits (a snapshot: another thread may push one next).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.state.lock().jobs.is_empty()
+    }
+
     /// Takes every queued job without waiting.
     pub(crate) fn drain(&self) -> Vec<T> {
         self.state.lock().jobs.drain(..).collect()

@@ -26,7 +26,7 @@ use crate::job_queue::{JobQueue, PushError};
 use crate::protocol::{
     CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response,
 };
-use crate::reactor::{Class, Command, ConnShared, PeerInfo, Runtime, SendError};
+use crate::reactor::{Class, Command, ConnShared, Flush, PeerInfo, Runtime, SendError};
 use crate::service::{Handler, Lookup, Registry, ServiceBuilder};
 
 /// Configures and starts a [`Server`].
@@ -256,7 +256,20 @@ fn run_worker(jobs: &JobQueue<Job>) {
                 one_way,
             } => {
                 let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
-                finish(&conn, response, one_way);
+                conn.call_finished();
+                if one_way {
+                    continue;
+                }
+                if jobs.is_empty() {
+                    respond(&conn, response);
+                } else {
+                    // More jobs wait, so more responses follow: they go out
+                    // together, written by the connection's loop, instead of
+                    // one write each from whichever worker ran them. The loop
+                    // writes them on its next turn, however long the next
+                    // jobs take; a lone response is written at once, above.
+                    respond_with(&conn, conn.hold_response(response));
+                }
             }
         }
     }
@@ -271,7 +284,12 @@ fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
 }
 
 fn respond(conn: &ConnShared, response: Vec<u8>) {
-    match conn.send(response, Class::Data) {
+    respond_with(conn, conn.send(response, Class::Data));
+}
+
+/// Closes the connection if its consumer stopped reading its responses.
+fn respond_with(conn: &ConnShared, queued: std::result::Result<Flush, SendError>) {
+    match queued {
         Ok(_) | Err(SendError::Closed(_)) => {}
         Err(SendError::Overloaded(_)) => {
             let detail = format!(

@@ -436,6 +436,29 @@ fn deferred_requests_go_out_in_batches_of_half_the_window() {
     assert_eq!(client.inflight(), 0);
 }
 
+/// A worker that finds more jobs queued leaves its response for the loop to
+/// write with the next ones: burst after burst, every response still
+/// arrives (none is left waiting for a write that never comes).
+#[test]
+fn pool_responses_to_bursts_all_arrive() {
+    let (_server, client, calls) = counting_pair();
+    let (rounds, burst) = (50u64, 48u64);
+    for round in 0..rounds {
+        let pending: Vec<_> = (0..burst)
+            .map(|i| {
+                client
+                    .start_timeout::<_, u64>("count", "add", &(round * 1000 + i), PROMPTLY)
+                    .unwrap()
+            })
+            .collect();
+        for (i, call) in pending.into_iter().enumerate() {
+            assert_eq!(call.wait().unwrap(), round * 1000 + i as u64);
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), (rounds * burst) as usize);
+    assert_eq!(client.inflight(), 0);
+}
+
 #[test]
 fn deferred_requests_on_a_connection_that_dies_fail_with_connection_lost() {
     let (server, client, _calls) = counting_pair();

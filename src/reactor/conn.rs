@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use socket2::Socket;
 
-use super::outbound::{Class, Flush, Outbound, SendError};
+use super::outbound::{Class, Flush, MAX_IOV, Outbound, SendError, held_frames_limit};
 use super::{Command, LoopHandle};
 use crate::error::Error;
 use crate::event::DisconnectReason;
@@ -43,6 +43,9 @@ pub(crate) struct ConnShared {
     /// whose `PendingCall` is not yet waited for or dropped: the window a
     /// pipelining caller keeps in flight (consumer side).
     pub(crate) deferred_open: AtomicUsize,
+    /// Provider: a `Command::FlushHeld` for this connection is on its way
+    /// to the loop (see [`hold_response`](Self::hold_response)).
+    pub(crate) flush_requested: AtomicBool,
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
     pub(crate) call_done: AtomicU64,
@@ -61,11 +64,29 @@ impl ConnShared {
     /// [`deferred_done`](Self::deferred_done).
     pub(crate) fn hold(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
         let window = self.deferred_open.fetch_add(1, Ordering::Relaxed) + 1;
-        let held = self.out.hold(&self.socket, frame, window);
+        let held = self
+            .out
+            .hold(&self.socket, frame, held_frames_limit(window));
         if held.is_err() {
             self.deferred_done();
         }
         held
+    }
+
+    /// Queues a worker's response for the owning loop to write with the
+    /// others that follow it (see `server::finish`), and asks the loop for
+    /// that write unless it was asked already.
+    pub(crate) fn hold_response(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
+        let held = self.out.hold(&self.socket, frame, MAX_IOV)?;
+        // The flag is cleared by the loop before it writes, so a response
+        // queued while a request is pending is in the queue that write takes.
+        if !self.flush_requested.swap(true, Ordering::AcqRel) {
+            self.owner.send(Command::FlushHeld {
+                token: self.token,
+                id: self.id,
+            });
+        }
+        Ok(held)
     }
 
     /// A deferred call counted by [`hold`](Self::hold) was waited for or

@@ -822,6 +822,7 @@ impl EventLoop {
             calls: CallTable::new(),
             handling: Default::default(),
             deferred_open: Default::default(),
+            flush_requested: Default::default(),
             call_done: Default::default(),
             owner: self.loops[self.index].clone(), // `index` is this loop's own place in `loops`
         });
@@ -1166,6 +1167,19 @@ impl EventLoop {
                 if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
                     let text = reason.detail().unwrap_or(reason.as_str()).to_string();
                     self.close(token, reason, Some((status, text)), now);
+                }
+            }
+            Command::FlushHeld { token, id } => {
+                if let Some(conn) = self.conns.get(token)
+                    && conn.shared.id == id
+                {
+                    conn.shared
+                        .flush_requested
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    if conn.shared.flush_held().is_err() {
+                        let reason = DisconnectReason::Io("write failed".into());
+                        self.close(token, reason, None, now);
+                    }
                 }
             }
             Command::Peers(reply) => {

@@ -24,7 +24,7 @@ use mio::{Poll, Token, Waker};
 use socket2::Socket;
 
 pub(crate) use conn::{CallSlot, ConnShared};
-pub(crate) use outbound::{Class, SendError};
+pub(crate) use outbound::{Class, Flush, SendError};
 
 use crate::error::{Error, Result};
 use crate::event::DisconnectReason;
@@ -62,6 +62,9 @@ pub(crate) enum Command {
         status: CloseStatus,
         reason: DisconnectReason,
     },
+    /// Write the responses that workers hold on this connection (see
+    /// `ConnShared::hold_response`).
+    FlushHeld { token: usize, id: u64 },
     /// Reply with a snapshot of this loop's provider connections.
     Peers(Sender<Vec<PeerInfo>>),
     /// Stop accepting new connections; reply when done.

@@ -48,7 +48,7 @@ use crate::clock;
 pub(crate) const CONTROL_ALLOWANCE: usize = 64 * 1024;
 
 /// Frames handed to one `writev` call at most.
-const MAX_IOV: usize = 64;
+pub(crate) const MAX_IOV: usize = 64;
 
 /// The fewest held frames that are written without waiting for a flush
 /// (see [`held_frames_limit`]).
@@ -67,7 +67,7 @@ const HOLD_MIN_FRAMES: usize = MAX_IOV / 2;
 /// still goes out in few writes; and why up to 64: with 256 in flight,
 /// batches of 64 did 1.39 M calls/s against 1.02 M with batches of 32 (more
 /// writes and reads for the same calls).
-fn held_frames_limit(window: usize) -> usize {
+pub(crate) fn held_frames_limit(window: usize) -> usize {
     (window / 2).clamp(HOLD_MIN_FRAMES, MAX_IOV)
 }
 
@@ -170,20 +170,20 @@ impl Outbound {
     }
 
     /// Queues a data frame without writing it (see "Held frames" in the
-    /// module docs), unless enough are queued now (see [`held_frames_limit`]
-    /// for `window`): then it writes like [`send`](Self::send).
+    /// module docs), unless `write_at` data frames are queued now (see
+    /// [`held_frames_limit`]): then it writes like [`send`](Self::send).
     pub(crate) fn hold(
         &self,
         socket: &Socket,
         frame: Vec<u8>,
-        window: usize,
+        write_at: usize,
     ) -> Result<Flush, SendError> {
         let mut q = self.queue.lock();
         let mine = self.enqueue(&mut q, frame, Class::Data)?;
         if q.writing {
             return Ok(Flush::Done); // the writer takes it before it stops
         }
-        if q.data.len() < held_frames_limit(window) && q.bytes < HOLD_MAX_BYTES {
+        if q.data.len() < write_at && q.bytes < HOLD_MAX_BYTES {
             return Ok(Flush::Done); // held
         }
         self.write_unless_corked(q, socket, Some(mine))
@@ -645,34 +645,34 @@ mod tests {
     fn held_frames_wait_for_a_flush_or_the_next_write() {
         let (a, b) = pair();
         let out = Outbound::new(1 << 20);
-        out.hold(&a, b"one".to_vec(), 1).unwrap();
-        out.hold(&a, b"two".to_vec(), 1).unwrap();
+        out.hold(&a, b"one".to_vec(), HOLD_MIN_FRAMES).unwrap();
+        out.hold(&a, b"two".to_vec(), HOLD_MIN_FRAMES).unwrap();
         assert_eq!(read_now(&b), b"", "held frames are not written");
         assert_eq!(out.flush_held(&a), Ok(Flush::Done));
         assert_eq!(read_now(&b), b"onetwo");
         assert!(out.is_empty());
 
         // Any other write carries held frames along, in order.
-        out.hold(&a, b"three".to_vec(), 1).unwrap();
+        out.hold(&a, b"three".to_vec(), HOLD_MIN_FRAMES).unwrap();
         out.send(&a, b"four".to_vec(), Class::Data).unwrap();
         assert_eq!(read_now(&b), b"threefour");
         // The loop's writes: a writable event does not write held frames,
         // nor does an uncork with nothing else queued...
-        out.hold(&a, b"five".to_vec(), 1).unwrap();
+        out.hold(&a, b"five".to_vec(), HOLD_MIN_FRAMES).unwrap();
         out.flush(&a).unwrap();
         out.cork();
         out.uncork(&a).unwrap();
         assert_eq!(read_now(&b), b"", "held frames stay held");
         // ...but one with a frame queued while corked carries them along,
         out.cork();
-        out.hold(&a, b"six".to_vec(), 1).unwrap();
+        out.hold(&a, b"six".to_vec(), HOLD_MIN_FRAMES).unwrap();
         out.send(&a, b"pong".to_vec(), Class::Control).unwrap();
         assert_eq!(read_now(&b), b"");
         out.uncork(&a).unwrap();
         assert_eq!(read_now(&b), b"pongfivesix");
         // ...and a flush of held frames while corked is left to the uncork.
         out.cork();
-        out.hold(&a, b"seven".to_vec(), 1).unwrap();
+        out.hold(&a, b"seven".to_vec(), HOLD_MIN_FRAMES).unwrap();
         assert_eq!(out.flush_held(&a), Ok(Flush::Done));
         assert_eq!(read_now(&b), b"");
         out.uncork(&a).unwrap();
@@ -694,24 +694,27 @@ mod tests {
         let out = Outbound::new(1 << 20);
         // A burst on an idle connection: written once 32 are held.
         for waiting in 1..HOLD_MIN_FRAMES {
-            out.hold(&a, b"x".to_vec(), waiting).unwrap();
+            out.hold(&a, b"x".to_vec(), held_frames_limit(waiting))
+                .unwrap();
         }
         assert_eq!(read_now(&b), b"");
-        out.hold(&a, b"y".to_vec(), HOLD_MIN_FRAMES).unwrap();
+        out.hold(&a, b"y".to_vec(), held_frames_limit(HOLD_MIN_FRAMES))
+            .unwrap();
         let mut want = vec![b'x'; HOLD_MIN_FRAMES - 1];
         want.push(b'y');
         assert_eq!(read_now(&b), want);
         // With 256 calls waiting, 64 are held before they go out.
         for _ in 0..MAX_IOV - 1 {
-            out.hold(&a, b"x".to_vec(), 256).unwrap();
+            out.hold(&a, b"x".to_vec(), held_frames_limit(256)).unwrap();
         }
         assert_eq!(read_now(&b), b"");
-        out.hold(&a, b"y".to_vec(), 256).unwrap();
+        out.hold(&a, b"y".to_vec(), held_frames_limit(256)).unwrap();
         let mut want = vec![b'x'; MAX_IOV - 1];
         want.push(b'y');
         assert_eq!(read_now(&b), want);
         // A large frame is not held either.
-        out.hold(&a, vec![b'z'; HOLD_MAX_BYTES], 1).unwrap();
+        out.hold(&a, vec![b'z'; HOLD_MAX_BYTES], HOLD_MIN_FRAMES)
+            .unwrap();
         assert_eq!(
             drain(&out, &a, &b, HOLD_MAX_BYTES),
             vec![b'z'; HOLD_MAX_BYTES]
@@ -722,13 +725,13 @@ mod tests {
     fn held_frames_of_a_closed_queue_are_gone() {
         let (a, b) = pair();
         let out = Outbound::new(1 << 20);
-        out.hold(&a, b"one".to_vec(), 1).unwrap();
+        out.hold(&a, b"one".to_vec(), HOLD_MIN_FRAMES).unwrap();
         out.close();
         assert_eq!(out.queued_bytes(), 0);
         assert_eq!(out.flush_held(&a), Ok(Flush::Done), "nothing left to write");
         assert_eq!(read_now(&b), b"");
         assert!(matches!(
-            out.hold(&a, b"two".to_vec(), 1),
+            out.hold(&a, b"two".to_vec(), HOLD_MIN_FRAMES),
             Err(SendError::Closed(Some(frame))) if frame == b"two"
         ));
     }
