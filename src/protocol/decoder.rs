@@ -31,6 +31,10 @@ const MIN_READ: usize = 8 * 1024;
 /// Incomplete frames with a body above this size get their own body buffer
 /// that the next reads fill directly.
 const LARGE_BODY: usize = READ_CHUNK / 2;
+/// Buffered bytes up to which [`FrameDecoder::release_buffer`] moves them
+/// out of the read buffer into one of their own size: a connection stopped
+/// in the middle of a small frame keeps those bytes, not 64 KiB.
+const SMALL_LEFTOVER: usize = 4 * 1024;
 /// An empty read buffer that grew above this size (by a large `feed` or
 /// frames left undrained) is shrunk back to [`READ_CHUNK`].
 const MAX_IDLE_BUF: usize = 4 * READ_CHUNK;
@@ -247,29 +251,50 @@ impl FrameDecoder {
         self.last_read_full
     }
 
-    /// Takes the read buffer out while no byte is buffered, so an idle
-    /// connection holds no read memory; the buffer can serve another decoder
-    /// through [`adopt_buffer`](Self::adopt_buffer). `None` when bytes (or a
-    /// large body) are buffered, or there is no buffer.
+    /// Takes the read buffer out, so an idle connection holds no read
+    /// memory; the buffer can serve another decoder through
+    /// [`adopt_buffer`](Self::adopt_buffer).
+    ///
+    /// Buffered bytes (the start of a frame) stay with the decoder: up to
+    /// 4 KiB of them are moved into a buffer of their own size, so a
+    /// connection whose peer stopped mid-frame holds those bytes rather than
+    /// a whole read buffer. `None` when more are buffered, a large body is
+    /// being received, the decoder is poisoned, or there is nothing to give.
     pub fn release_buffer(&mut self) -> Option<Vec<u8>> {
-        if self.buffered_len() > 0 || self.buf.is_empty() || self.poisoned.is_some() {
+        if self.partial.is_some() || self.poisoned.is_some() {
             return None;
         }
+        let leftover = self.buf.get(self.start..self.end).unwrap_or_default();
+        if leftover.len() > SMALL_LEFTOVER || self.buf.len() <= SMALL_LEFTOVER {
+            return None; // too much to copy, or already a leftover buffer
+        }
+        let kept = leftover.to_vec();
         self.start = 0;
-        self.end = 0;
-        Some(std::mem::take(&mut self.buf))
+        self.end = kept.len();
+        Some(std::mem::replace(&mut self.buf, kept))
     }
 
     /// Uses `buf` (any contents; its length is the room) as the read buffer
-    /// if the decoder has none and buffers nothing; otherwise, or when `buf`
-    /// is too small to be worth it, hands it back.
-    pub fn adopt_buffer(&mut self, buf: Vec<u8>) -> Option<Vec<u8>> {
-        if !self.buf.is_empty() || self.buffered_len() > 0 || buf.len() < MIN_READ {
+    /// if the decoder's own is smaller (none, or the few bytes that
+    /// [`release_buffer`](Self::release_buffer) kept, which are copied to
+    /// its start); otherwise, while a large body is being received, or when
+    /// `buf` is too small to be worth it, hands it back.
+    pub fn adopt_buffer(&mut self, mut buf: Vec<u8>) -> Option<Vec<u8>> {
+        if self.buf.len() >= buf.len()
+            || self.partial.is_some()
+            || self.poisoned.is_some()
+            || buf.len() < MIN_READ
+        {
             return Some(buf);
         }
-        self.buf = buf;
+        let leftover = self.buf.get(self.start..self.end).unwrap_or_default();
+        // Fits: `leftover.len() <= self.buf.len() < buf.len()`.
+        if let Some(dst) = buf.get_mut(..leftover.len()) {
+            dst.copy_from_slice(leftover);
+        }
+        self.end = leftover.len();
         self.start = 0;
-        self.end = 0;
+        self.buf = buf;
         None
     }
 
@@ -668,8 +693,6 @@ mod tests {
         };
         decoder.read_from(&mut reader).unwrap();
         assert!(!decoder.last_read_was_full(), "20 bytes into 64 KiB");
-        // Bytes are buffered: the buffer stays.
-        assert!(decoder.release_buffer().is_none());
         assert!(decoder.next_frame().unwrap().is_some());
         let lent = decoder.release_buffer().expect("drained");
         assert_eq!(decoder.capacity(), 0, "an idle decoder holds nothing");
@@ -689,6 +712,41 @@ mod tests {
         };
         decoder.read_from(&mut reader).unwrap();
         assert!(decoder.last_read_was_full());
+    }
+
+    #[test]
+    fn a_decoder_stopped_mid_frame_gives_its_buffer_back_and_keeps_the_bytes() {
+        let request = frame_bytes(Kind::Request, 9, &[7u8; 300]);
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut reader = Chunked {
+            data: &request[..25],
+            piece: usize::MAX,
+            reads: 0,
+        };
+        decoder.read_from(&mut reader).unwrap();
+        assert!(decoder.next_frame().unwrap().is_none());
+        let lent = decoder.release_buffer().expect("25 bytes are few");
+        assert_eq!(lent.len(), READ_CHUNK);
+        assert_eq!(decoder.capacity(), 25, "only the bytes of the frame stay");
+        assert!(decoder.release_buffer().is_none(), "nothing more to give");
+        // Lent back for the next read, it takes the bytes along.
+        assert!(decoder.adopt_buffer(lent).is_none());
+        assert_eq!(decoder.capacity(), READ_CHUNK);
+        decoder.feed(&request[25..100]);
+        let lent = decoder.release_buffer().expect("100 bytes are few");
+        // Without one, the rest still completes the frame.
+        decoder.feed(&request[100..]);
+        let frame = decoder.next_frame().unwrap().expect("complete");
+        assert_eq!((frame.header.id, frame.body), (9, vec![7u8; 300]));
+        // More than 4 KiB of a frame keep their buffer (a copy would cost).
+        let big = frame_bytes(Kind::Request, 10, &[1u8; 20_000]);
+        let mut other = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        assert!(other.adopt_buffer(lent).is_none());
+        other.feed(&big[..10_000]);
+        assert!(other.next_frame().unwrap().is_none());
+        assert!(other.release_buffer().is_none());
+        other.feed(&big[10_000..]);
+        assert_eq!(other.next_frame().unwrap().map(|f| f.header.id), Some(10));
     }
 
     #[test]

@@ -98,7 +98,9 @@ fn reference(data: &[u8], max: u32) -> (Vec<Frame>, Option<FrameError>, usize) {
 }
 
 /// Decodes `data` in `cuts` (cycled), draining after every chunk as the event
-/// loop does, and checks the result against the whole-stream reference:
+/// loop does, and lending the read buffer as it does too (`adopt_buffer`
+/// before each chunk, `release_buffer` after it, one spare buffer kept
+/// between them); checks the result against the whole-stream reference:
 /// exactly the reference frames, then the reference error (if any, repeated
 /// by the poisoned decoder), and agreement on `is_mid_frame` and
 /// `buffered_len`. Returns the number of frames.
@@ -109,9 +111,13 @@ pub fn check_chunked(data: &[u8], cuts: &[Cut], max: u32) -> usize {
     let mut got_err = None;
     let mut left = data;
     let mut i = 0;
+    let mut spare: Option<Vec<u8>> = None;
     while !left.is_empty() {
         let cut = cuts[i % cuts.len()];
         i += 1;
+        if let Some(buf) = spare.take() {
+            spare = decoder.adopt_buffer(buf);
+        }
         let len = cut.len.clamp(1, left.len());
         if cut.by_read {
             let mut reader = Limited {
@@ -149,6 +155,11 @@ pub fn check_chunked(data: &[u8], cuts: &[Cut], max: u32) -> usize {
                     break;
                 }
             }
+        }
+        if let Some(buf) = decoder.release_buffer()
+            && spare.is_none()
+        {
+            spare = Some(buf);
         }
     }
     assert_eq!(got.len(), expected.len(), "frame count");
