@@ -25,9 +25,10 @@ use crate::event::{DisconnectReason, Event, EventSink};
 use crate::job_queue::{JobQueue, PushError};
 use crate::protocol::{
     CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response,
+    request_args,
 };
 use crate::reactor::{Class, Command, ConnShared, Flush, PeerInfo, Runtime, SendError};
-use crate::service::{Handler, Lookup, Registry, ServiceBuilder};
+use crate::service::{Handler, Lookup, Method, Registry, ServiceBuilder};
 
 /// Configures and starts a [`Server`].
 pub struct ServerBuilder {
@@ -305,6 +306,22 @@ fn respond_with(conn: &ConnShared, queued: std::result::Result<Flush, SendError>
     }
 }
 
+/// The route of the last request a connection made, kept by its event loop
+/// so that the next request with the same service, version, group and
+/// method (the usual case) skips decoding the four strings and looking them
+/// up.
+///
+/// Why comparing bytes is enough: MessagePack values delimit themselves, so
+/// a body that starts with `prefix` holds the same array header and the same
+/// four strings, names the same method, and has its arguments right after.
+pub(crate) struct Route {
+    /// A request body up to its arguments, as it came on the wire.
+    prefix: Vec<u8>,
+    /// What those bytes name in the registry (which never changes while the
+    /// server runs).
+    method: Method,
+}
+
 /// What a server's event loops share.
 pub(crate) struct ServerShared {
     registry: Registry,
@@ -338,50 +355,79 @@ impl ServerShared {
         self.connections.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Handles a Request or OneWay read by an event loop. `Err` is a protocol
-    /// violation (the body is not a request); every other failure is answered
-    /// with a Response status and the connection stays open.
+    /// Handles a Request or OneWay read by an event loop; `last_route` is the
+    /// connection's [`Route`] cache. `Err` is a protocol violation (the body
+    /// is not a request); every other failure is answered with a Response
+    /// status and the connection stays open.
     pub(crate) fn dispatch(
         &self,
         conn: &Arc<ConnShared>,
         frame: Frame,
+        last_route: &mut Option<Box<Route>>,
     ) -> std::result::Result<(), String> {
         let id = frame.header.id;
         let one_way = frame.header.kind == Kind::OneWay;
-        let request = decode_request_body(&frame.body).map_err(|e| e.to_string())?;
         let refuse = |status: ResponseStatus, message: &str| {
             if !one_way {
                 respond(conn, encode_error_response(id, status, message));
             }
         };
-        if self.shutting_down.load(Ordering::Relaxed) {
-            refuse(ResponseStatus::ShuttingDown, "the server is shutting down");
-            return Ok(());
-        }
-        let method = match self.registry.find(
-            request.service,
-            request.version,
-            request.group,
-            request.method,
-        ) {
-            Lookup::Found(method) => method,
-            Lookup::NoService => {
-                let message = format!(
-                    "no service {:?} with version {:?} and group {:?}",
-                    request.service, request.version, request.group
-                );
-                refuse(ResponseStatus::ServiceNotFound, &message);
-                return Ok(());
+        let shutting_down = || {
+            let down = self.shutting_down.load(Ordering::Relaxed);
+            if down {
+                refuse(ResponseStatus::ShuttingDown, "the server is shutting down");
             }
-            Lookup::NoMethod => {
-                let message = format!(
-                    "service {:?} has no method {:?}",
-                    request.service, request.method
+            down
+        };
+        let route: &Route = match last_route {
+            Some(route) if frame.body.starts_with(&route.prefix) => {
+                request_args(&frame.body[route.prefix.len()..]).map_err(|e| e.to_string())?;
+                if shutting_down() {
+                    return Ok(());
+                }
+                route
+            }
+            _ => {
+                let request = decode_request_body(&frame.body).map_err(|e| e.to_string())?;
+                if shutting_down() {
+                    return Ok(());
+                }
+                let method = self.registry.find(
+                    request.service,
+                    request.version,
+                    request.group,
+                    request.method,
                 );
-                refuse(ResponseStatus::MethodNotFound, &message);
-                return Ok(());
+                // No underflow: the arguments end the body (no trailing bytes).
+                let args_at = frame.body.len() - request.args.len();
+                match method {
+                    Lookup::Found(method) => last_route.insert(Box::new(Route {
+                        prefix: frame.body[..args_at].to_vec(),
+                        method: method.clone(),
+                    })),
+                    Lookup::NoService => {
+                        let message = format!(
+                            "no service {:?} with version {:?} and group {:?}",
+                            request.service, request.version, request.group
+                        );
+                        refuse(ResponseStatus::ServiceNotFound, &message);
+                        return Ok(());
+                    }
+                    Lookup::NoMethod => {
+                        let message = format!(
+                            "service {:?} has no method {:?}",
+                            request.service, request.method
+                        );
+                        refuse(ResponseStatus::MethodNotFound, &message);
+                        return Ok(());
+                    }
+                }
             }
         };
+        let method = &route.method;
+        let args_at = route.prefix.len();
+        // Cannot fail: `prefix` is a prefix of the body.
+        let args = frame.body.get(args_at..).unwrap_or_default();
         if conn.handling.fetch_add(1, Ordering::Relaxed) >= self.config.max_inflight {
             conn.handling.fetch_sub(1, Ordering::Relaxed);
             let message = format!(
@@ -393,13 +439,10 @@ impl ServerShared {
         }
         match method.mode {
             HandlerMode::Inline => {
-                let response = method.handler.invoke(id, request.args);
+                let response = method.handler.invoke(id, args);
                 finish(conn, response, one_way);
             }
             HandlerMode::Pool => {
-                // No underflow: `args` is a subslice of `frame.body` (see
-                // `decode_request_body`); the worker reads it with `get`.
-                let args_at = request.args.as_ptr() as usize - frame.body.as_ptr() as usize;
                 let job = Job::Run {
                     conn: conn.clone(),
                     id,

@@ -260,6 +260,73 @@ fn request_body_with_trailing_bytes_is_a_protocol_error() {
     assert_rejected(&frame(Kind::Request, 6, &body), "2 trailing bytes");
 }
 
+/// The provider remembers where each connection's last request went and
+/// routes the next one with the same service and method by comparing bytes:
+/// its arguments are still checked in full.
+#[test]
+fn a_request_routed_like_the_last_one_still_has_its_args_checked() {
+    let fx = Fixture::new();
+    let mut raw = fx.raw();
+    let raw_addr = raw.local_addr();
+    let good = encode_request(Kind::Request, 1, "demo", "", "", "ping", &7u64).unwrap();
+    raw.send(&good);
+    let answer = raw.next_frame(PROMPTLY);
+    assert_eq!((answer.header.id, answer.header.status), (1, 0));
+    let mut body = good[HEADER_LEN..].to_vec();
+    body.extend_from_slice(&[0x01, 0x02]);
+    raw.send(&frame(Kind::Request, 2, &body));
+    let close = raw.expect_close_then_eof(PROMPTLY);
+    assert_eq!(close.header.status, CloseStatus::ProtocolError as u8);
+    let reason = decode_text_body(&close.body);
+    assert!(reason.contains("2 trailing bytes"), "reason {reason:?}");
+    assert!(matches!(
+        wait_disconnected(&fx.server_events, raw_addr),
+        DisconnectReason::Protocol(_)
+    ));
+    drop(raw);
+    fx.assert_healthy_client_unaffected();
+}
+
+/// Requests that switch between methods, and to ones that do not exist, on
+/// one connection: each goes where it names, whatever the one before named.
+#[test]
+fn requests_switching_methods_on_one_connection_each_go_where_they_name() {
+    let fx = Fixture::new();
+    let mut raw = fx.raw();
+    let text = rmpv::Value::from("pinged");
+    for round in 0..3u64 {
+        let id = round * 10;
+        raw.send(&encode_request(Kind::Request, id, "demo", "", "", "ping", &round).unwrap());
+        raw.send(&encode_request(Kind::Request, id + 1, "demo", "", "", "echo", &text).unwrap());
+        raw.send(&encode_request(Kind::Request, id + 2, "demo", "", "", "pong", &round).unwrap());
+        raw.send(&encode_request(Kind::Request, id + 3, "demo", "v2", "", "ping", &round).unwrap());
+        raw.send(&encode_request(Kind::Request, id + 4, "demo", "", "", "echo", &text).unwrap());
+        let mut got: Vec<Frame> = (0..5).map(|_| raw.next_frame(PROMPTLY)).collect();
+        got.sort_by_key(|f| f.header.id);
+        let statuses: Vec<u8> = got.iter().map(|f| f.header.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                0,
+                0,
+                ResponseStatus::MethodNotFound as u8,
+                ResponseStatus::ServiceNotFound as u8,
+                0
+            ],
+            "round {round}"
+        );
+        assert_eq!(rmp_serde::from_slice::<u64>(&got[0].body).unwrap(), round);
+        for echoed in [&got[1], &got[4]] {
+            assert_eq!(
+                rmp_serde::from_slice::<rmpv::Value>(&echoed.body).unwrap(),
+                text
+            );
+        }
+    }
+    drop(raw);
+    fx.assert_healthy_client_unaffected();
+}
+
 #[test]
 fn request_args_that_are_not_one_well_formed_value_are_a_protocol_error() {
     // [service, version, group, method] then the args, or not.

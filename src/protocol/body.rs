@@ -144,12 +144,7 @@ pub fn decode_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         s.ok_or(BodyError::NotString { field })
     });
     let (service, version, group, method) = (service?, version?, group?, method?);
-    let rest = cur.rest();
-    let args_len = skip_value(rest, MAX_ARGS_DEPTH).map_err(BodyError::BadArgs)?;
-    let (args, trailing) = rest.split_at(args_len.min(rest.len()));
-    if !trailing.is_empty() {
-        return Err(BodyError::TrailingBytes(trailing.len()));
-    }
+    let args = request_args(cur.rest())?;
     Ok(RequestBody {
         service,
         version,
@@ -157,6 +152,17 @@ pub fn decode_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         method,
         args,
     })
+}
+
+/// The arguments of a request body, given what follows its four strings:
+/// exactly one well-formed value (see [`decode_request_body`]) that fills it.
+pub(crate) fn request_args(rest: &[u8]) -> Result<&[u8], BodyError> {
+    let args_len = skip_value(rest, MAX_ARGS_DEPTH).map_err(BodyError::BadArgs)?;
+    let (args, trailing) = rest.split_at(args_len.min(rest.len()));
+    if !trailing.is_empty() {
+        return Err(BodyError::TrailingBytes(trailing.len()));
+    }
+    Ok(args)
 }
 
 /// Encodes a whole Response frame with status Ok whose body is `result`.

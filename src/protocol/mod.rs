@@ -10,6 +10,7 @@ mod body;
 mod decoder;
 mod header;
 
+pub(crate) use body::request_args;
 pub use body::{
     BodyError, RequestBody, decode_request_body, decode_text_body, encode_close,
     encode_error_response, encode_ok_response, encode_ping, encode_pong, encode_request,

@@ -33,7 +33,7 @@ use crate::protocol::{
     CloseStatus, Frame, FrameDecoder, Kind, ResponseStatus, decode_text_body, encode_close,
     encode_error_response, encode_ping, encode_pong,
 };
-use crate::server::ServerShared;
+use crate::server::{Route, ServerShared};
 use crate::timer::TimerHandle;
 
 /// Readiness events handled per poll call at most.
@@ -98,6 +98,9 @@ struct Conn {
     last_call: Instant,
     /// `max_age` reached: finishing running calls until this deadline.
     draining_until: Option<Instant>,
+    /// Provider: where the last request went (see `server::Route`); boxed so
+    /// a connection that makes no calls pays one pointer.
+    last_route: Option<Box<Route>>,
 }
 
 impl Conn {
@@ -498,13 +501,15 @@ impl EventLoop {
                         }
                         Flow::Open
                     }
-                    Role::Provider { server } => match server.dispatch(&conn.shared, frame) {
-                        Ok(()) => Flow::Open,
-                        Err(violation) => {
-                            self.protocol_error(token, violation, now);
-                            Flow::Closed
+                    Role::Provider { server } => {
+                        match server.dispatch(&conn.shared, frame, &mut conn.last_route) {
+                            Ok(()) => Flow::Open,
+                            Err(violation) => {
+                                self.protocol_error(token, violation, now);
+                                Flow::Closed
+                            }
                         }
-                    },
+                    }
                     Role::Consumer { .. } => {
                         if frame.header.kind == Kind::Request {
                             let message = "this endpoint is a consumer and serves no services";
@@ -846,6 +851,7 @@ impl EventLoop {
             strike_read: 0,
             last_call: Instant::now(),
             draining_until: None,
+            last_route: None,
         });
         Ok(token)
     }
