@@ -173,7 +173,13 @@ impl Report {
                     target: format!(
                         "{mode}: pipelined from one thread ({how}) ≥ 1,000,000 calls/s"
                     ),
-                    measured: r.map_or("–".into(), |r| format!("{:.0} calls/s", r.ops_per_s)),
+                    measured: r.map_or("–".into(), |r| {
+                        let [low, mid, high] = r.slice_ops_per_s;
+                        format!(
+                            "{:.0} calls/s (0.5 s slices: {low:.0} / {mid:.0} / {high:.0})",
+                            r.ops_per_s
+                        )
+                    }),
                     met: r.map(|r| r.ops_per_s >= 1e6),
                 });
             }
@@ -319,12 +325,13 @@ impl Report {
             let _ = writeln!(s, "## Throughput (32 B payload)\n");
             let _ = writeln!(
                 s,
-                "| pattern | impl | threads | conns/Clients | calls/s | vs raw | handled/s | CPU µs/call | errors |\n|---|---|---|---|---|---|---|---|---|"
+                "| pattern | impl | threads | conns/Clients | calls/s | 0.5 s slices: low / median / high | vs raw | handled/s | CPU µs/call | errors |\n|---|---|---|---|---|---|---|---|---|---|"
             );
             for r in &self.throughput {
+                let [low, mid, high] = r.slice_ops_per_s;
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {:.0} | {} | {} | {:.1} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {low:.0} / {mid:.0} / {high:.0} | {} | {} | {:.1} | {} |",
                     r.pattern,
                     r.implementation,
                     r.threads,

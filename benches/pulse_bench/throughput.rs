@@ -18,6 +18,9 @@ use crate::rpc::{self, Mode, SERVICE};
 pub const PAYLOAD: usize = 32;
 pub const PIPELINE_DEPTH: usize = 64;
 const WINDOW: Duration = Duration::from_secs(3);
+/// The window is also read in slices this long, to show how steady the
+/// rate was (a burst of load from another process shows as a low slice).
+const SLICE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ThroughputRow {
@@ -37,8 +40,12 @@ pub struct ThroughputRow {
     pub ops: u64,
     pub errors: u64,
     pub first_error: Option<String>,
-    /// Calls completed (or one-way sends accepted) per second.
+    /// Calls completed (or one-way sends accepted) per second, over the
+    /// whole window: the figure compared and checked against targets.
     pub ops_per_s: f64,
+    /// The same, per [`SLICE`] of the window: lowest, median and highest.
+    #[serde(default)]
+    pub slice_ops_per_s: [f64; 3],
     /// One-way only: calls the provider handled per second, same window.
     pub handled_per_s: Option<f64>,
     /// Process CPU (client and server threads) per op.
@@ -62,6 +69,8 @@ struct Measured {
     secs: f64,
     cpu: Duration,
     handled: Option<u64>,
+    /// Calls per second in each slice of the window.
+    slices: Vec<f64>,
 }
 
 /// Runs each op in a loop on its own thread; counts completions in a window
@@ -115,7 +124,15 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
         common::process_cpu(),
     );
     let handled0 = handled.map(|h| h.load(Ordering::Relaxed));
-    std::thread::sleep(window);
+    let mut slices = Vec::new();
+    let (mut slice_ops, mut slice_t) = (ops0, t0);
+    while t0.elapsed() + SLICE <= window {
+        std::thread::sleep(SLICE);
+        let (ops, now) = (total(&counters), Instant::now());
+        slices.push((ops - slice_ops) as f64 / (now - slice_t).as_secs_f64());
+        (slice_ops, slice_t) = (ops, now);
+    }
+    std::thread::sleep(window.saturating_sub(t0.elapsed()));
     let (ops1, err1, secs, cpu1) = (
         total(&counters),
         errors.load(Ordering::Relaxed),
@@ -135,6 +152,16 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
         secs,
         cpu: cpu1.saturating_sub(cpu0),
         handled: handled0.zip(handled1).map(|(a, b)| b - a),
+        slices,
+    }
+}
+
+/// Lowest, median and highest of `rates` (zeros when there are none).
+fn spread(mut rates: Vec<f64>) -> [f64; 3] {
+    rates.sort_by(f64::total_cmp);
+    match (rates.first(), rates.get(rates.len() / 2), rates.last()) {
+        (Some(&low), Some(&mid), Some(&high)) => [low, mid, high],
+        _ => [0.0; 3],
     }
 }
 
@@ -162,6 +189,7 @@ fn row(
         errors: m.errors,
         first_error: m.first_error,
         ops_per_s: per_s(m.ops),
+        slice_ops_per_s: spread(m.slices),
         handled_per_s: m.handled.map(per_s),
         cpu_us_per_op: m.cpu.as_secs_f64() * 1e6 / m.ops.max(1) as f64,
         baseline: None,
