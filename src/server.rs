@@ -381,6 +381,7 @@ impl ServerShared {
         };
         let route: &Route = match last_route {
             Some(route) if frame.body.starts_with(&route.prefix) => {
+                // Cannot panic: the body starts with `prefix`.
                 request_args(&frame.body[route.prefix.len()..]).map_err(|e| e.to_string())?;
                 if shutting_down() {
                     return Ok(());
@@ -402,6 +403,7 @@ impl ServerShared {
                 let args_at = frame.body.len() - request.args.len();
                 match method {
                     Lookup::Found(method) => last_route.insert(Box::new(Route {
+                        // Cannot panic: `args_at <= frame.body.len()`.
                         prefix: frame.body[..args_at].to_vec(),
                         method: method.clone(),
                     })),

@@ -74,7 +74,7 @@ impl ConnShared {
     }
 
     /// Queues a worker's response for the owning loop to write with the
-    /// others that follow it (see `server::finish`), and asks the loop for
+    /// others that follow it (see `server::run_worker`), and asks the loop for
     /// that write unless it was asked already.
     pub(crate) fn hold_response(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
         let held = self.out.hold(&self.socket, frame, MAX_IOV)?;
