@@ -434,7 +434,9 @@ impl FrameDecoder {
         }
         let needed = self.end.saturating_add(want);
         if self.buf.len() < needed {
-            let new_len = needed.max(self.buf.len().saturating_mul(2));
+            // At least a whole read buffer: the few bytes `release_buffer`
+            // kept grow into one, which can serve as a loop's spare later.
+            let new_len = needed.max(self.buf.len().saturating_mul(2)).max(READ_CHUNK);
             self.buf.resize(new_len, 0);
         }
     }
@@ -734,10 +736,19 @@ mod tests {
         assert_eq!(decoder.capacity(), READ_CHUNK);
         decoder.feed(&request[25..100]);
         let lent = decoder.release_buffer().expect("100 bytes are few");
-        // Without one, the rest still completes the frame.
-        decoder.feed(&request[100..]);
+        // Without one, the rest still completes the frame, and the kept
+        // bytes grow into a whole read buffer again (never a small one that
+        // would become a loop's spare).
+        let mut reader = Chunked {
+            data: &request[100..],
+            piece: usize::MAX,
+            reads: 0,
+        };
+        decoder.read_from(&mut reader).unwrap();
+        assert_eq!(decoder.capacity(), READ_CHUNK);
         let frame = decoder.next_frame().unwrap().expect("complete");
         assert_eq!((frame.header.id, frame.body), (9, vec![7u8; 300]));
+        assert_eq!(decoder.release_buffer().map(|b| b.len()), Some(READ_CHUNK));
         // More than 4 KiB of a frame keep their buffer (a copy would cost).
         let big = frame_bytes(Kind::Request, 10, &[1u8; 20_000]);
         let mut other = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
