@@ -11,11 +11,19 @@
 //!   port of 127.0.0.1. The consumer sends `--count` (default 1,000)
 //!   `demo.ping` calls back to back, prints a round-trip summary (p50, p99 and
 //!   max in µs, from an HDR histogram) and exits 0 (1 if any call failed).
-//! * **`server --addr ADDR`** — the provider alone. It serves until killed.
+//! * **`server --addr ADDR`** — the provider alone. It serves until Ctrl-C
+//!   (SIGINT) or SIGTERM, then shuts down gracefully: its consumers get a
+//!   Close(Normal) and report `peer_shutdown`.
 //! * **`client --addr ADDR`** — the consumer alone. It starts even when the
 //!   provider is not up yet, calls `demo.ping` every `--interval-ms` (default
 //!   1,000) and keeps calling through outages: a failed call is reported and
-//!   the next one waits for the reconnect.
+//!   the next one waits for the reconnect. It stops after `--count` calls
+//!   (0, the default here, means never) or at Ctrl-C / SIGTERM: it prints its
+//!   summary and closes with Close(Normal).
+//!
+//! To watch the other endings, stop a half abruptly instead: `kill -9` is an
+//! end without a Close frame (`peer_closed`), `kill -STOP` a frozen peer that
+//! the other side declares dead after `N × heartbeat` (`heartbeat_timeout`).
 //!
 //! Both halves take `--heartbeat-ms N` (default 1,000) and `--max-missed N`
 //! (default 3): a peer that stays silent for `N × heartbeat` is declared dead.
@@ -77,7 +85,7 @@ use std::process::ExitCode;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hdrhistogram::Histogram;
 use pulse::{Client, ClientConfig, ConnectionConfig, Event, Server, ServerConfig, ServiceBuilder};
 use serde::Serialize;
@@ -101,13 +109,15 @@ Usage:
       consumer makes N calls (default 1000, back to back), prints a round-trip
       summary and exits 0 (1 if any call failed).
   ping_pong server --addr ADDR [--heartbeat-ms N] [--max-missed N] [BOUNDS]
-      The provider alone; serves service `demo` on ADDR until killed.
+      The provider alone; serves service `demo` on ADDR until Ctrl-C or
+      SIGTERM, then closes every connection with Close(Normal).
       ADDR may use port 0: the first output line says the real address.
   ping_pong client --addr ADDR [--count N] [--interval-ms N] [--heartbeat-ms N] [--max-missed N]
                    [--max-inflight N] [--max-write-queue-bytes N] [--min-ping-interval-ms N]
                    [--frame-timeout-ms N]
       The consumer alone; calls demo.ping on ADDR every --interval-ms
-      (default 1000) until --count calls are made (default 0: forever).
+      (default 1000) until --count calls are made (default 0: forever) or
+      Ctrl-C / SIGTERM, then prints its summary and closes with Close(Normal).
       Starts even if the provider is not up yet, and keeps going through outages.
 
 Options:
@@ -643,10 +653,18 @@ impl Stats {
 /// `print_pongs` each answer gets a `pong` line; failures always get a
 /// `call_failed` line, and the loop carries on: the client reconnects by
 /// itself, and the next call waits for it (up to the call timeout).
-fn ping_loop(client: &Client, count: u64, interval: Duration, print_pongs: bool) -> Stats {
+/// Calls `demo.ping` `count` times (0 = until `stop` fires), `interval`
+/// apart.
+fn ping_loop(
+    client: &Client,
+    count: u64,
+    interval: Duration,
+    print_pongs: bool,
+    stop: &Receiver<()>,
+) -> Stats {
     let mut stats = Stats::new();
     let mut seq = 0u64;
-    while count == 0 || seq < count {
+    while (count == 0 || seq < count) && stop.try_recv().is_err() {
         seq += 1;
         let started = Instant::now();
         let result: pulse::Result<u64> = client.call("demo", "ping", &seq);
@@ -674,12 +692,29 @@ fn ping_loop(client: &Client, count: u64, interval: Duration, print_pongs: bool)
                 });
             }
         }
-        // No pause after the last call: the summary comes at once.
-        if !interval.is_zero() && (count == 0 || seq < count) {
-            thread::sleep(interval);
+        // No pause after the last call: the summary comes at once. A stop
+        // signal ends the pause too.
+        if !interval.is_zero()
+            && (count == 0 || seq < count)
+            && stop.recv_timeout(interval) != Err(RecvTimeoutError::Timeout)
+        {
+            break;
         }
     }
     stats
+}
+
+/// Fires once at Ctrl-C (SIGINT) or SIGTERM. If the handler cannot be
+/// installed, it never fires (the process then ends at the signal, as any
+/// process would, without a graceful close) and a warning says so.
+fn stop_signal() -> Receiver<()> {
+    let (fire, fired) = crossbeam_channel::bounded(1);
+    if let Err(e) = ctrlc::set_handler(move || {
+        let _ = fire.try_send(());
+    }) {
+        eprintln!("ping_pong: Ctrl-C will not close gracefully: {e}");
+    }
+    fired
 }
 
 // ----- the three modes ----------------------------------------------------------
@@ -693,7 +728,7 @@ fn run_both(options: &Options) -> Result<ExitCode, pulse::Error> {
 
     // Pongs are not printed here: 1,000 lines would bury the summary.
     let interval = Duration::from_millis(options.interval_ms);
-    let stats = ping_loop(&client, options.count, interval, false);
+    let stats = ping_loop(&client, options.count, interval, false, &stop_signal());
     print_json(&stats.summary());
 
     // Shut down in order, so the last lines are deterministic: the client
@@ -715,19 +750,23 @@ fn run_both(options: &Options) -> Result<ExitCode, pulse::Error> {
     })
 }
 
-/// The provider alone, until the process is killed (Ctrl-C, SIGTERM).
+/// The provider alone, until Ctrl-C or SIGTERM.
 fn run_server(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
+    let stop = stop_signal();
     let server = start_server(options, addr)?;
     // First line: the real address (useful with port 0).
     print_json(&Line::Listening {
         addr: server.local_addr().to_string(),
     });
-    let _printer = print_events("server", server.events());
-    // Serving happens on pulse's own threads; this one has nothing left to do.
-    // (`park` may wake spuriously, hence the loop.)
-    loop {
-        thread::park();
-    }
+    let printer = print_events("server", server.events());
+    // Serving happens on pulse's own threads; this one waits for the signal.
+    let _ = stop.recv();
+    // Close(Normal) to every consumer (they report `peer_shutdown`), running
+    // calls finish first; the printer ends when the events channel closes.
+    server.shutdown();
+    drop(server);
+    join_within(printer, Duration::from_secs(2));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The consumer alone.
@@ -739,9 +778,10 @@ fn run_client(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
     let printer = print_events("client", client.events());
 
     let interval = Duration::from_millis(options.interval_ms);
-    let stats = ping_loop(&client, options.count, interval, true);
+    let stats = ping_loop(&client, options.count, interval, true, &stop_signal());
     print_json(&stats.summary());
 
+    // Close(Normal) to the provider, which reports `peer_shutdown`.
     drop(client);
     join_within(printer, Duration::from_secs(2));
     // Failed calls are expected in client mode (outages are the point).

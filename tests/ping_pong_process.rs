@@ -776,6 +776,37 @@ fn frame_timeout_and_max_age_flags_close_their_peers() {
     assert_eq!(reasons[&aged_addr], "max_age", "{reasons:?}");
 }
 
+/// SIGTERM on the client and Ctrl-C (SIGINT) on the server stop each half
+/// gracefully: the one stopped closes with Close(Normal) and exits 0, the
+/// other reports `peer_shutdown` (not an end without a Close frame).
+#[test]
+fn sigterm_and_sigint_stop_either_half_with_a_close_normal() {
+    let _serial = serial();
+    let (mut server, addr) = start_server();
+    let (mut client, client_addr) = start_client(&mut server, &addr);
+
+    client.signal("TERM");
+    let (summary, _) = client.wait_for("summary", Instant::now() + RECOVERY, |l| {
+        l.event() == "summary"
+    });
+    assert!(summary.u64("ok") >= 1, "{}", summary.text);
+    let status = client.wait_exit(Instant::now() + RECOVERY);
+    assert!(status.success(), "client exit status {status}");
+    let (gone, _) = server.wait_for("the client's disconnect", Instant::now() + RECOVERY, |l| {
+        l.event() == "disconnected" && l.str("peer") == client_addr
+    });
+    assert_eq!(gone.str("reason"), "peer_shutdown", "{}", gone.text);
+
+    let (mut client, _) = start_client(&mut server, &addr);
+    server.signal("INT");
+    let (gone, _) = client.wait_for("the server's disconnect", Instant::now() + RECOVERY, |l| {
+        l.event() == "disconnected"
+    });
+    assert_eq!(gone.str("reason"), "peer_shutdown", "{}", gone.text);
+    let status = server.wait_exit(Instant::now() + RECOVERY);
+    assert!(status.success(), "server exit status {status}");
+}
+
 #[test]
 fn the_client_starts_before_the_server_and_stops_after_count_calls() {
     let _serial = serial();
