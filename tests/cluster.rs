@@ -23,7 +23,7 @@ use pulse::cluster::{
     LeastInflight, LoadBalancer, LowestRtt, Random, RoundRobin, ServiceKey,
     SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
 };
-use pulse::{ConnectionState, Error};
+use pulse::{ConnectionState, Error, Server, ServerConfig, ServiceBuilder};
 use support::PROMPTLY;
 use support::proxy::Proxy;
 
@@ -636,6 +636,72 @@ fn a_call_picked_onto_a_provider_that_just_went_reconnecting_fails_over_at_once(
     assert_ne!(traced.provider, target, "{traced:?}");
     assert_eq!(traced.attempts, 2, "{traced:?}");
     assert_eq!(served_elsewhere(&providers), others_before + 1);
+}
+
+/// A call refused as overloaded was not run: whether this side refused to
+/// write it (`max_inflight` calls already wait on that connection) or the
+/// provider refused to run it (status `Overloaded`), it goes to another
+/// provider, for a method that is not idempotent too.
+#[test]
+fn an_overloaded_provider_is_passed_over_for_any_method() {
+    let _serial = serial();
+    for refused_by in ["this side", "the provider"] {
+        let mut providers = start_providers(2);
+        // The target's one slot is taken by a slow `work` call; on this side
+        // (max_inflight 1 per connection) or on the provider's.
+        let mut client_config = config();
+        let mut server_config = ServerConfig::default();
+        server_config.connection.heartbeat = heartbeat();
+        if refused_by == "this side" {
+            client_config.client.max_inflight = 1;
+        } else {
+            server_config.max_inflight = 1;
+        }
+        let slow = ServiceBuilder::new(SERVICE)
+            .method("work", |_: ()| {
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok::<_, String>(99u32)
+            })
+            .method_inline("incr", |_: ()| Ok::<_, String>(99u32));
+        let target_server = Server::builder()
+            .config(server_config)
+            .service(slow)
+            .bind("127.0.0.1:0")
+            .expect("bind the target");
+        let target = target_server.local_addr();
+        let mut endpoints: Vec<Endpoint> =
+            providers.iter().map(|p| Endpoint::new(p.addr())).collect();
+        endpoints.push(Endpoint::new(target));
+        let hook: Hook = Arc::new(Mutex::new(None));
+        let (_registry, cluster) =
+            cluster_with(endpoints, PickThen { target, hook }, client_config);
+        let busy = {
+            let cluster = cluster.clone();
+            std::thread::spawn(move || {
+                cluster.call_traced::<_, u32>("work", &(), &CallOptions::new())
+            })
+        };
+        wait_until(PROMPTLY, "the slow call in flight on the target", || {
+            cluster
+                .providers()
+                .iter()
+                .any(|p| p.addr == target && p.inflight == 1)
+        });
+        let traced = cluster
+            .call_traced::<_, u32>("incr", &(), &CallOptions::new().idempotent(false))
+            .unwrap_or_else(|e| panic!("refused by {refused_by}: not failed over: {e}"));
+        assert_ne!(
+            traced.provider, target,
+            "refused by {refused_by}: {traced:?}"
+        );
+        assert_eq!(traced.attempts, 2, "refused by {refused_by}: {traced:?}");
+        let slow_call = busy
+            .join()
+            .expect("the slow caller")
+            .expect("the slow call");
+        assert_eq!((slow_call.provider, slow_call.value), (target, 99));
+        providers.clear();
+    }
 }
 
 #[test]

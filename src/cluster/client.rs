@@ -432,8 +432,11 @@ impl Drop for Inner {
 /// * **never sent** — the chosen provider's connection was not ready, or
 ///   died before the request was written to it: the request reached no
 ///   provider, so it goes to another one whatever the method;
-/// * **refused** — the provider answered status `ShuttingDown`: the request
-///   did not run, so it goes to another one whatever the method;
+/// * **refused** — the provider answered status `ShuttingDown` or
+///   `Overloaded`, or this side refused it before writing it
+///   ([`Error::Overloaded`]: too many calls in flight on that connection, or
+///   its write queue full): the request did not run, so it goes to another
+///   one whatever the method;
 /// * **lost** — `ConnectionLost`: the connection died after the request was
 ///   written, so the provider may have run it. Only an idempotent call (its
 ///   method is in [`ClusterConfig::idempotent_methods`], or
@@ -717,17 +720,19 @@ impl ClusterClient {
                     );
                     last_error = Some(e);
                 }
-                // Refused before it ran (the provider is shutting down):
-                // safe to send elsewhere, idempotent or not.
+                // Refused before it ran (the provider is shutting down or
+                // overloaded), or refused here before it was written (too
+                // many calls in flight on that connection, or its write
+                // queue full): safe to send elsewhere, idempotent or not.
                 Err(
-                    e @ Error::Remote {
-                        status: ResponseStatus::ShuttingDown,
+                    e @ (Error::Remote {
+                        status: ResponseStatus::ShuttingDown | ResponseStatus::Overloaded,
                         ..
-                    },
+                    }
+                    | Error::Overloaded(_)),
                 ) if tried.len() <= retries => {
                     log::info!(
-                        "cluster {}: {} is shutting down and refused {method}; sending it to \
-                         another provider",
+                        "cluster {}: {} refused {method} ({e}); sending it to another provider",
                         shared.service,
                         p.addr
                     );
