@@ -383,6 +383,25 @@ impl Client {
         R: DeserializeOwned,
     {
         let timeout = self.inner.link.config.call_timeout;
+        self.start_deferred_timeout(service, method, args, timeout)
+    }
+
+    /// [`Client::start_deferred`] with an explicit timeout, counted from now
+    /// (the time the request stays held counts too).
+    ///
+    /// # Errors
+    /// As [`Client::call`], for what fails before the request is queued.
+    pub fn start_deferred_timeout<'s, A, R>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
         self.start_with(service.into(), method, args, timeout, Write::Deferred)
     }
 

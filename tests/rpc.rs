@@ -459,6 +459,35 @@ fn pool_responses_to_bursts_all_arrive() {
     assert_eq!(client.inflight(), 0);
 }
 
+/// `start_deferred_timeout`: the call's own timeout, counted from the start
+/// (held time included), and the held request still goes out with the wait.
+#[test]
+fn a_deferred_call_times_out_by_its_own_timeout() {
+    let server = demo_server();
+    let client = client(&server);
+    let started = Instant::now();
+    let slow = client
+        .start_deferred_timeout::<_, u64>("demo", "sleep", &800u64, Duration::from_millis(200))
+        .unwrap();
+    let quick = client
+        .start_deferred_timeout::<_, u64>("demo", "ping", &7u64, PROMPTLY)
+        .unwrap();
+    match slow.wait() {
+        Err(Error::Timeout(limit)) => assert_eq!(limit, Duration::from_millis(200)),
+        other => panic!("expected a 200 ms timeout, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_millis(1_500),
+        "timed out after {waited:?}"
+    );
+    assert_eq!(
+        quick.wait().unwrap(),
+        7,
+        "written together with the slow one"
+    );
+}
+
 #[test]
 fn deferred_requests_on_a_connection_that_dies_fail_with_connection_lost() {
     let (server, client, _calls) = counting_pair();
