@@ -22,7 +22,10 @@
 //! frames are written by [`flush_held`](Outbound::flush_held) (the caller's
 //! `wait`, when it would block, or `Client::flush`), by any other write on
 //! the connection (they are ordinary queued frames to a writer), or at once
-//! when enough are held ([`held_frames_limit`], or [`HOLD_MAX_BYTES`]).
+//! when enough are held ([`held_frames_limit`], or [`HOLD_MAX_BYTES`]). A
+//! provider's worker holds its response the same way when more jobs are
+//! queued, and the connection's loop flushes it on its next turn
+//! (`ConnShared::hold_response`).
 //!
 //! # Priority
 //! Control frames (Ping, Pong, Close) jump ahead of queued requests and
