@@ -1228,6 +1228,117 @@ mod tests {
         assert_eq!(hb.on_pong(now, 10), Some(ms(500)));
     }
 
+    /// Two machines talking over a link that delays every frame by
+    /// `one_way_ms`, each driven at its deadlines rounded up to a 5 ms tick
+    /// (the shell's timer) with the shell's grace of a tick + 1 ms. The
+    /// consumer side (`A`) opens with a handshake Ping at 0; the provider
+    /// side (`B`) exists from `b_from_ms` and answers every Ping with a Pong
+    /// at once. From `a_deaf_from_ms` on, nothing reaches `A` any more.
+    /// Returns every action but `SendPing`, with its side and time.
+    fn two_sides(
+        modes: [HeartbeatMode; 2],
+        one_way_ms: u64,
+        b_from_ms: u64,
+        a_deaf_from_ms: u64,
+        until_ms: u64,
+    ) -> Vec<(char, u64, HeartbeatAction)> {
+        #[derive(Clone, Copy)]
+        enum Frame {
+            Ping(u64),
+            Pong(u64),
+        }
+        let (t0, tick) = (Instant::now(), 5u64);
+        let side = |mode, from: u64| {
+            let config = HeartbeatConfig {
+                mode,
+                miss_grace: ms(tick + 1),
+                ..config(mode)
+            };
+            Heartbeat::new(config, t0 + ms(from))
+        };
+        let mut hb = [side(modes[0], 0), side(modes[1], b_from_ms)];
+        // (arrival ms, receiving side, frame), in sending order.
+        let mut wire = vec![(one_way_ms, 1, Frame::Ping(0))];
+        hb[0].on_write(t0);
+        let mut out = Vec::new();
+        for t in 0..=until_ms {
+            let now = t0 + ms(t);
+            let (arrived, later): (Vec<_>, Vec<_>) = wire.into_iter().partition(|w| w.0 == t);
+            wire = later;
+            for (_, to, frame) in arrived {
+                if to == 0 && t >= a_deaf_from_ms {
+                    continue;
+                }
+                hb[to].on_read(now);
+                match frame {
+                    Frame::Ping(seq) => {
+                        hb[to].on_write(now);
+                        wire.push((t + one_way_ms, 1 - to, Frame::Pong(seq)));
+                    }
+                    Frame::Pong(seq) => {
+                        hb[to].on_pong(now, seq);
+                    }
+                }
+            }
+            for (i, name) in [(0, 'A'), (1, 'B')] {
+                let due = hb[i].next_deadline().map(|d| (d - t0).as_millis() as u64);
+                if t < b_from_ms && i == 1 || due.is_none_or(|d| d.div_ceil(tick) * tick > t) {
+                    continue;
+                }
+                hb[i].handle_timeout(now);
+                for action in drain(&mut hb[i]) {
+                    match action {
+                        SendPing { seq } => {
+                            hb[i].on_write(now);
+                            wire.push((t + one_way_ms, 1 - i, Frame::Ping(seq)));
+                        }
+                        other => out.push((name, t, other)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_live_peer_behind_a_slow_link_is_never_missed() {
+        // Round trips from 2 ms to 600 ms (over half the 1 s interval), every
+        // pairing of modes, the provider side created with the consumer or
+        // half a trip later: 20 s of heartbeats and not one miss. The ping
+        // schedule, not the grace, absorbs the round trip: Fixed expects the
+        // answer one interval after the last one, Idle pings an interval
+        // after its own last write, so the Pong is due a round trip after
+        // the evidence it replaces.
+        use HeartbeatMode::{Fixed, Idle};
+        for modes in [[Fixed, Fixed], [Idle, Idle], [Fixed, Idle], [Idle, Fixed]] {
+            for one_way_ms in [1, 25, 100, 300] {
+                for b_from_ms in [0, one_way_ms / 2] {
+                    let out = two_sides(modes, one_way_ms, b_from_ms, u64::MAX, 20_000);
+                    assert_eq!(
+                        out,
+                        [],
+                        "{modes:?}, one way {one_way_ms} ms, B from {b_from_ms} ms"
+                    );
+                }
+            }
+        }
+        // The same harness does see a peer that falls silent: from 10 s on
+        // nothing reaches A, which counts its misses and declares B dead
+        // within a tick of `3 × 1 s + 6 ms` after the last frame it read.
+        for modes in [[Fixed, Fixed], [Idle, Idle]] {
+            let out = two_sides(modes, 100, 0, 10_000, 15_000);
+            let a: Vec<_> = out.iter().filter(|(side, ..)| *side == 'A').collect();
+            assert!(
+                matches!(a.as_slice(), [
+                    (_, _, Missed { count: 1 }),
+                    (_, _, Missed { count: 2 }),
+                    (_, dead_at, Dead { missed: 3, .. }),
+                ] if (12_006..=13_011).contains(dead_at)),
+                "{modes:?}: {out:?}"
+            );
+        }
+    }
+
     #[test]
     fn send_pings_false_never_pings_but_detects_silence() {
         for mode in [HeartbeatMode::Fixed, HeartbeatMode::Idle] {
