@@ -761,9 +761,9 @@ fn run_server(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
     let printer = print_events("server", server.events());
     // Serving happens on pulse's own threads; this one waits for the signal.
     let _ = stop.recv();
-    // Close(Normal) to every consumer (they report `peer_shutdown`), running
-    // calls finish first; the printer ends when the events channel closes.
-    server.shutdown();
+    // Dropping the server shuts it down: Close(Normal) to every consumer
+    // (they report `peer_shutdown`), running calls finish first; the printer
+    // ends when the events channel closes.
     drop(server);
     join_within(printer, Duration::from_secs(2));
     Ok(ExitCode::SUCCESS)

@@ -257,18 +257,15 @@ fn run_worker(jobs: &JobQueue<Job>) {
                 one_way,
             } => {
                 let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
-                conn.call_finished();
-                if one_way {
-                    continue;
-                }
-                if jobs.is_empty() {
-                    respond(&conn, response);
+                if one_way || jobs.is_empty() {
+                    finish(&conn, response, one_way);
                 } else {
                     // More jobs wait, so more responses follow: they go out
                     // together, written by the connection's loop, instead of
                     // one write each from whichever worker ran them. The loop
                     // writes them on its next turn, however long the next
                     // jobs take; a lone response is written at once, above.
+                    conn.call_finished();
                     respond_with(&conn, conn.hold_response(response));
                 }
             }

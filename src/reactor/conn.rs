@@ -78,8 +78,9 @@ impl ConnShared {
     /// that write unless it was asked already.
     pub(crate) fn hold_response(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
         let held = self.out.hold(&self.socket, frame, MAX_IOV)?;
-        // The flag is cleared by the loop before it writes, so a response
-        // queued while a request is pending is in the queue that write takes.
+        // The loop clears the flag before it writes (`flush_held_responses`),
+        // so a response queued while a request is pending is in the queue
+        // that write takes.
         if !self.flush_requested.swap(true, Ordering::AcqRel) {
             self.owner.send(Command::FlushHeld {
                 token: self.token,
@@ -87,6 +88,13 @@ impl ConnShared {
             });
         }
         Ok(held)
+    }
+
+    /// The loop's answer to a `Command::FlushHeld`: clears the request, then
+    /// writes what workers hold (see [`hold_response`](Self::hold_response)).
+    pub(crate) fn flush_held_responses(&self) -> Result<Flush, SendError> {
+        self.flush_requested.store(false, Ordering::Release);
+        self.flush_held()
     }
 
     /// A deferred call counted by [`hold`](Self::hold) was waited for or

@@ -1178,14 +1178,10 @@ impl EventLoop {
             Command::FlushHeld { token, id } => {
                 if let Some(conn) = self.conns.get(token)
                     && conn.shared.id == id
+                    && conn.shared.flush_held_responses().is_err()
                 {
-                    conn.shared
-                        .flush_requested
-                        .store(false, std::sync::atomic::Ordering::Release);
-                    if conn.shared.flush_held().is_err() {
-                        let reason = DisconnectReason::Io("write failed".into());
-                        self.close(token, reason, None, now);
-                    }
+                    let reason = DisconnectReason::Io("write failed".into());
+                    self.close(token, reason, None, now);
                 }
             }
             Command::Peers(reply) => {
