@@ -48,7 +48,10 @@ pub struct ConnectionConfig {
     /// that moved calls (read a request or a response). A loop that sleeps
     /// costs the next call a wake-up (tens of microseconds across cores);
     /// one that polls on picks it up at once. Between polls the loop yields
-    /// its core to any other thread that can run. Turns that only carried
+    /// its core to any other thread that can run. On a single core (the
+    /// process's CPU affinity or quota) loops never poll on: nothing else
+    /// runs while they do, and a spinning caller saves the wake-up there
+    /// instead (see `ClientConfig::spin_wait`). Turns that only carried
     /// heartbeats or timers never poll on, so idle connections cost nothing
     /// extra. Each busy loop may use up to this much CPU after its last call.
     /// `Duration::ZERO` always sleeps. Default 100 µs.
@@ -166,8 +169,9 @@ pub struct ClientConfig {
     /// sleep and no wake-up: on a multi-core machine that halves a short
     /// call's latency, for up to this much CPU per call. A caller spins only
     /// while at most one caller fewer than the process's cores wait for
-    /// responses (never on one core): with more, spinners would take the
-    /// cores that concurrent calls need. `Duration::ZERO` never spins.
+    /// responses (one caller on a single core, where it yields the core
+    /// every few spins): with more, spinners would take the cores that
+    /// concurrent calls need. `Duration::ZERO` never spins.
     /// Default 100 µs.
     pub spin_wait: Duration,
 }

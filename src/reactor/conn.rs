@@ -157,15 +157,28 @@ static WAITING: AtomicUsize = AtomicUsize::new(0);
 /// to 735 k/s. Checking the clock only once per round is cheaper, too.
 const SPINS_PER_YIELD: u32 = 64;
 
-/// How many waiting callers leave room for spinning: one core fewer than the
-/// process may use, so spinners never take every core from the event loops
-/// that deliver their responses (none at all on one core, where spinning only
-/// delays them).
+/// How many waiting callers leave room for spinning: [`spinning_room`] of
+/// the cores this process may use.
 fn max_spinning() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::thread::available_parallelism().map_or(0, |n| n.get().saturating_sub(1))
-    })
+    *MAX.get_or_init(|| spinning_room(super::usable_cores()))
+}
+
+/// How many callers may spin at once on `cores` cores: one core fewer, so
+/// spinners never take every core from the event loops that deliver their
+/// responses, but at least one.
+///
+/// Why one on a single core: there the spinner yields its core every
+/// [`SPINS_PER_YIELD`] hints, so the loops (which never busy-poll on one
+/// core) run as soon as they have work, and a response that arrives
+/// meanwhile needs no futex wake-up and no switch back to a parked caller.
+/// Pinned to one core, a sequential call then costs 3.4 context switches
+/// and 6.8 system calls instead of 4 and 12 (inline handler), 5.3 and 9.2
+/// instead of 6 and 14 (worker pool); p50 in the bench's pinned section,
+/// six alternating runs each: 6.9–7.4 µs against 7.5–8.4 µs inline, 8.7–9.7
+/// against 9.3–10.4 µs pool (raw TCP 3.7–4.3 µs; docs/BENCHMARKS.md).
+fn spinning_room(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
 }
 
 /// One caller counted in [`WAITING`] until dropped.
@@ -387,6 +400,13 @@ mod tests {
             // A 400 ms spin is 40 ticks at the usual 100 Hz; parked is ~0.
             assert!(ticks < 10, "a waiter used {ticks} ticks of CPU");
         }
+    }
+
+    #[test]
+    fn one_caller_may_spin_on_one_core_and_one_core_is_left_free_on_more() {
+        assert_eq!(spinning_room(1), 1);
+        assert_eq!(spinning_room(2), 1);
+        assert_eq!(spinning_room(4), 3);
     }
 
     #[test]

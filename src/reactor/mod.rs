@@ -31,6 +31,15 @@ use crate::event::DisconnectReason;
 use crate::protocol::CloseStatus;
 use crate::timer::{TimerHandle, TimerThread};
 
+/// The cores this process may run on (its CPU affinity and cgroup quota, as
+/// `std::thread::available_parallelism` reads them), read once; 1 when they
+/// cannot be read. Spinning callers and busy-polling loops behave
+/// differently on a single core, where no two threads ever run at once.
+pub(crate) fn usable_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// mio token of each loop's waker.
 const WAKER_TOKEN: Token = Token(usize::MAX);
 /// mio token of the listening socket (on loop 0 of a server).
