@@ -226,6 +226,7 @@ pub fn pinned_child_main() {
 /// `perf stat`. `PULSE_BENCH_PROBE=raw|pool|inline`, `PULSE_BENCH_CALLS`
 /// (default 20,000), `PULSE_BENCH_PAYLOAD` (bytes, default 32),
 /// `PULSE_BENCH_LOOPS` (server event loops, default: cores),
+/// `PULSE_BENCH_WORKERS` (the server's worker threads, default 32),
 /// `PULSE_BENCH_DEPTH` (pulse only: calls kept outstanding with
 /// `Client::start`, default 1 = sequential; above 1 the latency printed is
 /// each call's, from its start to its answer; 0 = one-way sends), `PULSE_BENCH_THREADS` (pulse
@@ -238,6 +239,7 @@ pub fn probe_main() {
     let size: usize = common::env_parse("PULSE_BENCH_PAYLOAD", 32);
     let mut config = ServerConfig::default();
     config.event_loops = common::env_parse("PULSE_BENCH_LOOPS", config.event_loops);
+    config.worker_threads = common::env_parse("PULSE_BENCH_WORKERS", config.worker_threads);
     let mut hist = common::new_histogram();
     let mut errors = 0u64;
     let t0 = Instant::now();

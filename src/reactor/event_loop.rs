@@ -222,7 +222,7 @@ impl EventLoop {
     /// spinning too (see `reactor::conn::spinning_room`) the order in which
     /// the three yield to each other decides the latency. Some runs settled
     /// in an order that costs two switches more per call: pinned p50
-    /// 6.6–12 µs over runs, against a steady 6.9–7.1 µs when loops sleep.
+    /// 6.6–12 µs over runs, against a steady 6.9–7.4 µs when loops sleep.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
         if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() && !self.one_core {
             let until = Instant::now() + self.busy_poll;
