@@ -163,6 +163,10 @@ impl Report {
         for (key, how) in [
             ("pipelined", "64 outstanding, start"),
             ("pipelined-deferred", "64 outstanding, start_deferred"),
+            (
+                "pipelined-deferred-placed",
+                "64 outstanding, start_deferred, loops placed with loop_cpus",
+            ),
         ] {
             for mode in ["pulse-pool", "pulse-inline"]
                 .into_iter()

@@ -91,7 +91,11 @@ fn env_micros(name: &str) -> Option<Duration> {
 /// `busy_poll` when `PULSE_BENCH_SPIN_US` / `PULSE_BENCH_BUSY_POLL_US` are
 /// set (for profiling).
 pub fn connect(provider: &Provider) -> pulse::Result<Client> {
-    let mut config = ClientConfig::default();
+    connect_with(provider, ClientConfig::default())
+}
+
+/// [`connect`] with `config` (the same environment overrides apply).
+pub fn connect_with(provider: &Provider, mut config: ClientConfig) -> pulse::Result<Client> {
     if let Some(spin) = env_micros("PULSE_BENCH_SPIN_US") {
         config.spin_wait = spin;
     }

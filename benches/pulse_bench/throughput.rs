@@ -385,6 +385,9 @@ pub fn run(
             push(row(key, mode.label(), pattern, 1, 1, depth, m), &mut rows);
         }
     }
+    for r in placed_pipelines(&value, window)? {
+        push(r, &mut rows);
+    }
     for mode in [Mode::Pool, Mode::Inline] {
         let client = clients[0].clone();
         let v = value.clone();
@@ -420,6 +423,50 @@ pub fn run(
     }
     drop(clients);
     drop(provider);
+    Ok(rows)
+}
+
+/// The `start_deferred` pipeline again with the loops placed by
+/// `ConnectionConfig::loop_cpus` (opt-in): the client's loop on CPU 0, the
+/// provider's loops on the last CPU, the caller left to the kernel. Skipped
+/// on one CPU.
+fn placed_pipelines(value: &Value, window: Duration) -> Result<Vec<ThroughputRow>, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+    if cpus < 2 {
+        return Ok(rows);
+    }
+    let mut server_config = ServerConfig::default();
+    server_config.connection.loop_cpus = vec![cpus - 1];
+    let provider =
+        rpc::start_provider(server_config).map_err(|e| format!("start provider: {e}"))?;
+    let mut client_config = pulse::ClientConfig::default();
+    client_config.connection.loop_cpus = vec![0];
+    let client =
+        rpc::connect_with(&provider, client_config).map_err(|e| format!("connect: {e}"))?;
+    let pattern = format!(
+        "one thread, 64 outstanding (start_deferred), loops placed: client CPU 0, provider CPU {}",
+        cpus - 1
+    );
+    for mode in [Mode::Pool, Mode::Inline] {
+        let ops = vec![pipelined_op(
+            client.clone(),
+            mode,
+            value.clone(),
+            PIPELINE_DEPTH,
+            true,
+        )];
+        let m = measure(ops, window, None);
+        rows.push(row(
+            "pipelined-deferred-placed",
+            mode.label(),
+            &pattern,
+            1,
+            1,
+            PIPELINE_DEPTH,
+            m,
+        ));
+    }
     Ok(rows)
 }
 

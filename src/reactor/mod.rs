@@ -7,6 +7,7 @@
 //! thread batches every timer that expired in one wake-up into one
 //! `Command::Timers` per loop, so a loop is woken at most once per tick.
 
+mod affinity;
 mod conn;
 mod event_loop;
 mod outbound;
@@ -149,6 +150,9 @@ impl Runtime {
     ) -> Result<Runtime> {
         let (tick, busy_poll) = (connection.timer_tick, connection.busy_poll);
         crate::clock::origin(); // fix the origin before any instant is stored
+        // Read the process's cores before a loop pins itself: read from a
+        // pinned thread, they would be its single CPU.
+        usable_cores();
         let mut polls = Vec::with_capacity(loops);
         let mut handles = Vec::with_capacity(loops);
         let mut receivers = Vec::with_capacity(loops);
@@ -188,12 +192,27 @@ impl Runtime {
             threads: Vec::with_capacity(loops),
             timer: Some(timer),
         };
+        let cpus = &connection.loop_cpus;
         for (index, (poll, rx)) in polls.into_iter().zip(receivers).enumerate() {
             let timer = runtime.timer_handle();
             let all = handles.clone();
+            // `index % len` cannot divide by zero: `get` is only reached
+            // when `cpus` is not empty.
+            let cpu = (!cpus.is_empty())
+                .then(|| cpus.get(index % cpus.len()).copied())
+                .flatten();
+            let (pinned_tx, pinned) = crossbeam_channel::bounded(1);
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-loop-{index}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        let result = affinity::pin_current_thread(cpu);
+                        let failed = result.is_err();
+                        let _ = pinned_tx.send(result);
+                        if failed {
+                            return;
+                        }
+                    }
                     event_loop::EventLoop::new(index, poll, rx, all, timer, busy_poll).run()
                 });
             match thread {
@@ -201,6 +220,18 @@ impl Runtime {
                 Err(e) => {
                     runtime.shutdown(None);
                     return Err(Error::io("spawn event loop thread", e));
+                }
+            }
+            if let Some(cpu) = cpu {
+                // A loop that could not pin itself has exited; its sender is
+                // gone only if it panicked.
+                let pinned = pinned
+                    .recv()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the event loop thread died")));
+                if let Err(e) = pinned {
+                    runtime.shutdown(None);
+                    let what = format!("pin event loop {index} to CPU {cpu} (loop_cpus)");
+                    return Err(Error::io(&what, e));
                 }
             }
         }

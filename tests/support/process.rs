@@ -20,6 +20,32 @@ pub fn thread_count() -> usize {
         .count()
 }
 
+/// The CPUs each live thread of this process whose name starts with
+/// `prefix` may run on, as `/proc` lists them (`Cpus_allowed_list`, e.g.
+/// "0" or "0-1"), one entry per thread.
+pub fn threads_allowed_cpus(prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
+        let Ok(task) = task else { continue };
+        let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue; // the thread exited meanwhile
+        };
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        if let Some(list) = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        {
+            found.push(list.trim().to_string());
+        }
+    }
+    found
+}
+
 /// CPU time (user + system, in clock ticks, usually 100 per second) used
 /// so far by the live threads of this process whose name starts with
 /// `prefix` (names are cut to 15 bytes: `pulse-server-lo` for loops).

@@ -1,0 +1,60 @@
+//! `ConnectionConfig::loop_cpus`: event loops pinned to the CPUs asked for,
+//! and a clear error (with nothing left running) for a CPU that cannot be
+//! used. One test in its own binary, so no other test's loops are counted.
+
+mod support;
+
+use pulse::{Client, ClientConfig, Error, Server, ServerConfig};
+use support::process::{thread_count, threads_allowed_cpus};
+use support::{demo_service, server_with};
+
+#[test]
+#[cfg(target_os = "linux")]
+fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
+    // Every CPU of this machine is allowed; the last one is the target, so
+    // on two or more CPUs pinned threads differ from the default.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let last = (cpus - 1).to_string();
+
+    let mut config = ServerConfig {
+        event_loops: 2,
+        ..ServerConfig::default()
+    };
+    config.connection.loop_cpus = vec![cpus - 1];
+    let server = server_with(config, Vec::new());
+    let mut client_config = ClientConfig::default();
+    client_config.connection.loop_cpus = vec![0];
+    let client = Client::connect(server.local_addr(), client_config).expect("connect");
+    assert_eq!(client.call::<_, u64>("demo", "ping", &7).unwrap(), 7);
+
+    // Thread names are cut to 15 bytes: pulse-server-loop-N, pulse-client-loop-0.
+    assert_eq!(
+        threads_allowed_cpus("pulse-server-lo"),
+        vec![last.clone(), last]
+    );
+    assert_eq!(
+        threads_allowed_cpus("pulse-client-lo"),
+        vec!["0".to_string()]
+    );
+    drop(client);
+    server.shutdown();
+
+    // CPU 1023 is within range but exists on no test machine: refused by the
+    // OS, reported by bind with the loop and CPU named, and the threads that
+    // had started are stopped again.
+    let threads_before = thread_count();
+    let mut config = ServerConfig::default();
+    config.connection.loop_cpus = vec![1023];
+    let refused = Server::builder()
+        .config(config)
+        .service(demo_service())
+        .bind("127.0.0.1:0");
+    match refused {
+        Err(Error::Io { op, .. }) => {
+            assert!(op.contains("CPU 1023") && op.contains("loop_cpus"), "{op}");
+        }
+        Err(other) => panic!("expected an I/O error naming the CPU, got {other}"),
+        Ok(_) => panic!("a server pinned to CPU 1023 started"),
+    }
+    assert_eq!(thread_count(), threads_before, "threads left behind");
+}
