@@ -62,9 +62,10 @@ pub struct ConnectionConfig {
     ///
     /// Pinning pays where the same threads keep handing work to each other
     /// at a high rate, as when one thread pipelines calls: with the client's
-    /// loop on the caller's side of the machine and the provider's loop on
-    /// another core, 64 calls in flight ran ~1.5× faster on two cores than
-    /// with the kernel's placement (docs/BENCHMARKS.md). A pinned loop
+    /// loop on one core and the provider's loop on the other, 64
+    /// `start_deferred` calls in flight with inline handlers did 1.29 M
+    /// calls/s on two cores against 0.71 M with the kernel's placement (no
+    /// gain with pool handlers or many callers; docs/BENCHMARKS.md). A pinned loop
     /// cannot move away from a core that other work keeps busy, so it is not
     /// the default. A CPU that does not exist or is outside the process's
     /// CPU set makes `Client::connect` / `ServerBuilder::bind` fail.
