@@ -11,31 +11,30 @@ use support::{demo_service, server_with};
 #[test]
 #[cfg(target_os = "linux")]
 fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
-    // Every CPU of this machine is allowed; the last one is the target, so
-    // on two or more CPUs pinned threads differ from the default.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let last = (cpus - 1).to_string();
+    // The provider's loops go to the last CPU this process may use, the
+    // client's to the first: on two or more CPUs both differ from the
+    // unpinned default (all of them).
+    let allowed = allowed_cpus();
+    let (first, last) = (allowed[0], allowed[allowed.len() - 1]);
 
     let mut config = ServerConfig {
         event_loops: 2,
         ..ServerConfig::default()
     };
-    config.connection.loop_cpus = vec![cpus - 1];
+    config.connection.loop_cpus = vec![last];
     let server = server_with(config, Vec::new());
     let mut client_config = ClientConfig::default();
-    client_config.connection.loop_cpus = vec![0];
+    client_config.connection.loop_cpus = vec![first];
     let client = Client::connect(server.local_addr(), client_config).expect("connect");
     assert_eq!(client.call::<_, u64>("demo", "ping", &7).unwrap(), 7);
 
     // Thread names are cut to 15 bytes: pulse-server-loop-N, pulse-client-loop-0.
+    let (first, last) = (first.to_string(), last.to_string());
     assert_eq!(
         threads_allowed_cpus("pulse-server-lo"),
         vec![last.clone(), last]
     );
-    assert_eq!(
-        threads_allowed_cpus("pulse-client-lo"),
-        vec!["0".to_string()]
-    );
+    assert_eq!(threads_allowed_cpus("pulse-client-lo"), vec![first]);
     drop(client);
     server.shutdown();
 
@@ -57,4 +56,24 @@ fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
         Ok(_) => panic!("a server pinned to CPU 1023 started"),
     }
     assert_eq!(thread_count(), threads_before, "threads left behind");
+}
+
+/// The CPUs this process may run on, from `Cpus_allowed_list` in
+/// `/proc/self/status` ("0-3", "0,2-5", ...), in increasing order.
+#[cfg(target_os = "linux")]
+fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/self/status")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (low, high) = part.split_once('-').unwrap_or((part, part));
+        let (low, high): (usize, usize) = (low.parse().unwrap(), high.parse().unwrap());
+        cpus.extend(low..=high);
+    }
+    assert!(!cpus.is_empty(), "no CPU in {list:?}");
+    cpus
 }
