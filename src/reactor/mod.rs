@@ -196,11 +196,10 @@ impl Runtime {
         for (index, (poll, rx)) in polls.into_iter().zip(receivers).enumerate() {
             let timer = runtime.timer_handle();
             let all = handles.clone();
-            // `index % len` cannot divide by zero: `get` is only reached
-            // when `cpus` is not empty.
-            let cpu = (!cpus.is_empty())
-                .then(|| cpus.get(index % cpus.len()).copied())
-                .flatten();
+            // `None` when no CPUs are set (`checked_rem` by zero).
+            let cpu = index
+                .checked_rem(cpus.len())
+                .and_then(|i| cpus.get(i).copied());
             let (pinned_tx, pinned) = crossbeam_channel::bounded(1);
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-loop-{index}"))
@@ -231,7 +230,7 @@ impl Runtime {
                 if let Err(e) = pinned {
                     runtime.shutdown(None);
                     let what = format!("pin event loop {index} to CPU {cpu} (loop_cpus)");
-                    return Err(Error::io(&what, e));
+                    return Err(Error::io(what, e));
                 }
             }
         }
