@@ -177,13 +177,11 @@ pub(super) struct EventLoop {
     /// when its bytes are all decoded: an idle connection holds no read
     /// buffer (see `read`).
     spare_read_buf: Option<Vec<u8>>,
-    /// `ConnectionConfig::busy_poll`.
+    /// `ConnectionConfig::busy_poll`, or zero on one core (see
+    /// `Runtime::start`).
     busy_poll: Duration,
     /// This turn read a request or a response (see [`EventLoop::wait`]).
     moved_calls: bool,
-    /// The process runs on one core: the loop never busy-polls (see
-    /// [`EventLoop::wait`]).
-    one_core: bool,
 }
 
 impl EventLoop {
@@ -209,22 +207,14 @@ impl EventLoop {
             spare_read_buf: None,
             busy_poll,
             moved_calls: false,
-            one_core: super::usable_cores() == 1,
         }
     }
 
     /// Waits for events: polls without sleeping for up to `busy_poll` after
     /// a turn that moved calls (the next request or response of a busy
     /// connection is then picked up without a wake-up), then sleeps.
-    ///
-    /// On one core the loop always sleeps: polling on there only takes turns
-    /// with the threads that would send it something, and with a caller
-    /// spinning too (see `reactor::conn::spinning_room`) the order in which
-    /// the three yield to each other decides the latency. Some runs settled
-    /// in an order that costs two switches more per call: pinned p50
-    /// 6.6–12 µs over runs, against a steady 6.9–7.4 µs when loops sleep.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
-        if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() && !self.one_core {
+        if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
             let until = Instant::now() + self.busy_poll;
             loop {
                 self.poll.poll(events, Some(Duration::ZERO))?;
