@@ -5,7 +5,7 @@
 mod support;
 
 use pulse::{Client, ClientConfig, Error, Server, ServerConfig};
-use support::process::{thread_count, threads_allowed_cpus};
+use support::process::{allowed_cpus, thread_count, threads_allowed_cpus};
 use support::{demo_service, server_with};
 
 #[test]
@@ -56,24 +56,4 @@ fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
         Ok(_) => panic!("a server pinned to CPU 1023 started"),
     }
     assert_eq!(thread_count(), threads_before, "threads left behind");
-}
-
-/// The CPUs this process may run on, from `Cpus_allowed_list` in
-/// `/proc/self/status` ("0-3", "0,2-5", ...), in increasing order.
-#[cfg(target_os = "linux")]
-fn allowed_cpus() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let list = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list in /proc/self/status")
-        .trim();
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        let (low, high) = part.split_once('-').unwrap_or((part, part));
-        let (low, high): (usize, usize) = (low.parse().unwrap(), high.parse().unwrap());
-        cpus.extend(low..=high);
-    }
-    assert!(!cpus.is_empty(), "no CPU in {list:?}");
-    cpus
 }

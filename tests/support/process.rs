@@ -30,20 +30,38 @@ pub fn threads_allowed_cpus(prefix: &str) -> Vec<String> {
         let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
             continue; // the thread exited meanwhile
         };
-        if !name.starts_with(prefix) {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        if let Some(list) = status
-            .lines()
-            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        if name.starts_with(prefix)
+            && let Some(list) = cpus_allowed_list(&task.path().join("status"))
         {
-            found.push(list.trim().to_string());
+            found.push(list);
         }
     }
     found
+}
+
+/// The CPUs this process may run on, in increasing order (its
+/// `Cpus_allowed_list`, "0-3", "0,2-5", ..., expanded).
+pub fn allowed_cpus() -> Vec<usize> {
+    let list = cpus_allowed_list(std::path::Path::new("/proc/self/status"))
+        .expect("Cpus_allowed_list in /proc/self/status");
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (low, high) = part.split_once('-').unwrap_or((part, part));
+        let (low, high): (usize, usize) = (low.parse().unwrap(), high.parse().unwrap());
+        cpus.extend(low..=high);
+    }
+    assert!(!cpus.is_empty(), "no CPU in {list:?}");
+    cpus
+}
+
+/// The `Cpus_allowed_list` line of a `/proc/.../status` file, trimmed;
+/// `None` when the file is gone (its thread exited) or has no such line.
+fn cpus_allowed_list(status: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(status)
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .map(|list| list.trim().to_string())
 }
 
 /// CPU time (user + system, in clock ticks, usually 100 per second) used
