@@ -1115,6 +1115,74 @@ fn model_pings_answered_at_once_are_never_missed() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A provider in Idle mode whose consumer pings (Fixed mode, the default)
+/// sends no Ping of its own: it holds its ping until half an interval after
+/// the consumer's next one is due (`Heartbeat::on_peer_ping`). Before that
+/// hold its idle deadline raced the consumer's next Ping, and a Ping a few
+/// milliseconds late lost (here once in each of 5 runs of 40 intervals
+/// without the hold).
+#[test]
+fn an_idle_provider_does_not_race_its_consumers_pings() {
+    let _serial = serial_shared();
+    let (interval, max_missed) = (ms(100), 3);
+    let monitor = StallMonitor::start(interval / 2);
+    let mut sc = server_config(interval, max_missed);
+    sc.connection.heartbeat.mode = HeartbeatMode::Idle;
+    let (_server, server_log, proxy, _client, client_log) =
+        through_proxy(sc, client_config(interval, max_missed));
+    // 40 intervals of an idle connection: the consumer pings every 100 ms.
+    thread::sleep(interval * 40);
+    let up = proxy.ping_times(Dir::Upstream);
+    let down = proxy.ping_times(Dir::Downstream);
+    // A provider Ping is allowed only after a gap in the consumer's pings:
+    // the last one the provider read came at least 1.5 intervals before it
+    // (less a margin for the proxy's timestamps). That is the last one the
+    // proxy forwarded, or the one before if the last was still on its way
+    // to the provider when the provider's Ping left.
+    let hold = interval + interval / 2 - ms(20);
+    let in_flight = ms(20);
+    let last_up_before = |at: Instant| up.iter().copied().rfind(|u| *u < at);
+    let after_a_gap = |at: Instant| {
+        let before: Vec<Instant> = up.iter().copied().filter(|u| *u < at).collect();
+        match before.as_slice() {
+            [.., second_last, last] if at - *last < in_flight => at - *second_last >= hold,
+            [.., last] => at - *last >= hold,
+            [] => false,
+        }
+    };
+    let raced: Vec<(Instant, String)> = down
+        .iter()
+        .copied()
+        .filter(|at| !after_a_gap(*at))
+        .map(|at| {
+            let since = last_up_before(at).map(|u| at - u);
+            (
+                at,
+                format!("a provider Ping {since:?} after the consumer's last"),
+            )
+        })
+        .collect();
+    let lookback = interval * 2;
+    let (raced, excused) = unexplained(raced, lookback, &monitor, None);
+    eprintln!(
+        "idle provider: {} consumer pings, {} provider pings ({excused} excused by stalls)",
+        up.len(),
+        down.len()
+    );
+    assert!(up.len() >= 20, "only {} consumer pings in 4 s", up.len());
+    assert!(
+        raced.is_empty(),
+        "provider pings racing the consumer's: {raced:?}"
+    );
+    // Holding its ping costs the provider no missed interval.
+    let (s_left, _) = unexplained_trouble(&server_log, 0, lookback, &monitor, None);
+    let (c_left, _) = unexplained_trouble(&client_log, 0, lookback, &monitor, None);
+    assert!(
+        s_left.is_empty() && c_left.is_empty(),
+        "trouble on a healthy idle connection: server {s_left:?}, client {c_left:?}"
+    );
+}
+
 // ----- 9. Close frames and their reasons --------------------------------------------
 
 #[test]

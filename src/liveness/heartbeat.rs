@@ -168,10 +168,11 @@ pub enum HeartbeatAction {
 ///   `None`. The shell closes the connection (heartbeat timeout).
 ///
 /// A read resets the count to 0. The miss deadline is
-/// `evidence + (reported + 1) × I + G`, so a silent peer last heard at `t` is
-/// declared dead at exactly `t + M × I + G` if the shell calls `handle_timeout` at
-/// the deadline it was given, and never earlier: a call before a deadline does
-/// nothing at all.
+/// `evidence + (reported + 1) × I + G` (the first one held later while the
+/// peer's pings are awaited, see [Pings](Heartbeat#pings)), so a silent
+/// peer last heard at `t` is declared dead at exactly `t + M × I + G` if the
+/// shell calls `handle_timeout` at the deadline it was given, and never
+/// earlier: a call before a deadline does nothing at all.
 ///
 /// # Pings
 ///
@@ -190,6 +191,14 @@ pub enum HeartbeatAction {
 ///   `next_ping = max(last_ping + I, min(last_read, last_write) + I)`. Under
 ///   steady two-way traffic no ping is ever sent; a side that only writes
 ///   (one-way calls) still pings, because it reads nothing.
+///
+///   A side that reads the peer's pings and tells the machine
+///   ([`on_peer_ping`](Heartbeat::on_peer_ping); pulse does on the provider)
+///   holds its own ping, and the first miss, until half an interval after
+///   the peer's next Ping is due (`last peer ping + 1.5 × I`), when `M` ≥ 2:
+///   a Ping that comes a little late is not raced by a ping of this side.
+///   A peer that stops pinging gets this side's ping then, and `Dead` comes
+///   at the same time as without the hold.
 /// * With [`send_pings`](HeartbeatConfig::send_pings) `false` no ping is sent
 ///   (except one right after a stall); silence is still detected, relying on
 ///   the peer's pings to keep the connection alive.
@@ -274,6 +283,9 @@ pub struct Heartbeat {
     reported: u32,
     /// When the last ping was emitted, if any.
     last_ping: Option<Instant>,
+    /// When the peer's last Ping was read, if [`on_peer_ping`](Self::on_peer_ping)
+    /// is used (the provider side).
+    peer_ping: Option<Instant>,
     /// Fixed mode: the grid point the last ping belonged to.
     ping_grid: Option<Instant>,
     /// The seq of the next ping.
@@ -307,6 +319,7 @@ impl Heartbeat {
             stall_reset: now,
             reported: 0,
             last_ping: None,
+            peer_ping: None,
             ping_grid: None,
             next_seq: 1,
             sent: [None; PING_HISTORY],
@@ -335,6 +348,26 @@ impl Heartbeat {
             return;
         }
         self.last_write = self.last_write.max(now);
+    }
+
+    /// Records that a Ping from the peer was read at `now`; it counts as a
+    /// read too (see [`on_read`](Self::on_read)). Ignored once dead.
+    ///
+    /// Only [`HeartbeatMode::Idle`] uses it, and only with `max_missed` of 2
+    /// or more: while the peer's pings keep coming, this side holds its own
+    /// ping (and its first missed interval) until half an interval after the
+    /// peer's next Ping was due, instead of racing it. See the
+    /// [`Heartbeat` docs](Heartbeat#pings).
+    ///
+    /// Call it on **one side** of a connection only (pulse: the provider). If
+    /// both sides held their pings for each other, neither would ping on
+    /// time.
+    pub fn on_peer_ping(&mut self, now: Instant) {
+        if self.dead {
+            return;
+        }
+        self.on_read(now);
+        self.peer_ping = Some(self.peer_ping.map_or(now, |at| at.max(now)));
     }
 
     /// Records a Pong for ping `seq` received at `now`.
@@ -468,8 +501,18 @@ impl Heartbeat {
         self.last_read.max(self.stall_reset)
     }
 
-    /// `floor((now - evidence - grace) / interval)`, saturating.
+    /// `floor((now - evidence - grace) / interval)`, saturating; 0 before
+    /// the held first miss (see [`peer_ping_hold`](Self::peer_ping_hold)).
     fn missed_at(&self, now: Instant) -> u32 {
+        if let Some(hold) = self.peer_ping_hold()
+            && hold
+                .checked_add(self.config.miss_grace)
+                .is_some_and(|first_miss| now < first_miss)
+        {
+            // Only the first interval can be held: `hold` is at most
+            // 1.5 intervals after the evidence, the second miss 2 after it.
+            return 0;
+        }
         let silent = now
             .saturating_duration_since(self.evidence())
             .saturating_sub(self.config.miss_grace)
@@ -478,12 +521,48 @@ impl Heartbeat {
         u32::try_from(intervals).unwrap_or(u32::MAX)
     }
 
-    /// `evidence + (reported + 1) × interval + grace`; `None` only on overflow.
+    /// `evidence + (reported + 1) × interval + grace`, or for the first miss
+    /// while the peer's pings are awaited, `hold + grace` if later; `None`
+    /// only on overflow.
     fn miss_deadline(&self) -> Option<Instant> {
         let n = self.reported.saturating_add(1);
-        self.evidence()
+        let deadline = self
+            .evidence()
             .checked_add(self.config.interval.checked_mul(n)?)?
-            .checked_add(self.config.miss_grace)
+            .checked_add(self.config.miss_grace)?;
+        match self.peer_ping_hold() {
+            Some(hold) if self.reported == 0 => {
+                Some(deadline.max(hold.checked_add(self.config.miss_grace)?))
+            }
+            _ => Some(deadline),
+        }
+    }
+
+    /// Idle mode on the side that reads the peer's pings
+    /// ([`on_peer_ping`](Self::on_peer_ping)): the instant before which it
+    /// sends no ping of its own and counts no first miss, half an interval
+    /// after the peer's next Ping is due. `None` when nothing is held: Fixed
+    /// mode, no pings sent, a single miss fatal (holding would delay death),
+    /// or no Ping read yet.
+    ///
+    /// Why: such a side writes a Pong whenever it reads a Ping, so its idle
+    /// deadline falls exactly when the peer's next Ping is due, and a Ping a
+    /// few milliseconds late (timer ticks, scheduling) lost the race: the
+    /// side pinged a peer that was about to ping it (in the bench, 6,000 to
+    /// 8,500 provider pings in 12 s to 5,000 consumers that all pinged every
+    /// second; about 2,000 with the hold, each a connection's first, before
+    /// its consumer had pinged at all).
+    /// Half an interval leaves room for any lateness short of trouble; a
+    /// peer that stops pinging is pinged then, and its answer arrives before
+    /// the second miss, so death still comes `max_missed × interval + grace`
+    /// after the last byte.
+    fn peer_ping_hold(&self) -> Option<Instant> {
+        let config = &self.config;
+        if config.mode != HeartbeatMode::Idle || !config.send_pings || config.max_missed < 2 {
+            return None;
+        }
+        let next_due = self.peer_ping?.checked_add(config.interval)?;
+        next_due.checked_add(config.interval / 2)
     }
 
     /// When the next ping is due, if this side sends pings.
@@ -495,11 +574,14 @@ impl Heartbeat {
         match self.config.mode {
             HeartbeatMode::Fixed => self.ping_grid.unwrap_or(self.created).checked_add(interval),
             HeartbeatMode::Idle => {
-                let idle = self.last_read.min(self.last_write).checked_add(interval)?;
-                match self.last_ping {
-                    Some(at) => Some(idle.max(at.checked_add(interval)?)),
-                    None => Some(idle),
+                let mut due = self.last_read.min(self.last_write).checked_add(interval)?;
+                if let Some(at) = self.last_ping {
+                    due = due.max(at.checked_add(interval)?);
                 }
+                if let Some(hold) = self.peer_ping_hold() {
+                    due = due.max(hold);
+                }
+                Some(due)
             }
         }
     }
@@ -1015,6 +1097,138 @@ mod tests {
         );
     }
 
+    /// Idle mode with the shell's grace of a 5 ms tick + 1 ms, the side
+    /// that answers a peer pinging every second, each Ping up to a tick late
+    /// (0, 5, 0, 4, 1, 5, … ms past its second) and one 300 ms late. Returns
+    /// what this side did.
+    fn answering_late_pings(hold: bool, max_missed: u32) -> Vec<(u64, HeartbeatAction)> {
+        let config = HeartbeatConfig {
+            max_missed,
+            miss_grace: ms(6),
+            ..config(HeartbeatMode::Idle)
+        };
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config, t0);
+        let late = [0, 5, 0, 4, 1, 5, 0, 300, 0, 5, 2, 5, 0];
+        run(&mut hb, t0, 0, 12_500, |hb, t| {
+            let (second, past) = (t / 1000, t % 1000);
+            if late.get(second as usize) == Some(&past) {
+                let now = t0 + ms(t);
+                if hold {
+                    hb.on_peer_ping(now);
+                } else {
+                    hb.on_read(now);
+                }
+                hb.on_write(now); // the Pong
+            }
+        })
+    }
+
+    #[test]
+    fn idle_side_hearing_pings_does_not_race_the_next_one() {
+        // Without the hold this side pings whenever a Ping comes later than
+        // the last one did: the race that made a provider ping about one
+        // consumer in six.
+        let raced = answering_late_pings(false, 3);
+        assert!(
+            pings(&raced.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>()) >= 3,
+            "{raced:?}"
+        );
+        // With it: no ping of its own and no miss, even for the Ping that
+        // came 300 ms late.
+        assert_eq!(answering_late_pings(true, 3), []);
+    }
+
+    #[test]
+    fn no_hold_when_a_single_miss_is_fatal() {
+        // With max_missed 1 the hold would delay death past the bound, so
+        // the side pings on its idle deadline as before, and its answer
+        // (not modelled here) is what keeps the peer alive.
+        let out = answering_late_pings(true, 1);
+        assert!(
+            out.iter().any(|(_, a)| matches!(a, SendPing { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_peer_that_stops_pinging_is_pinged_half_an_interval_after_its_ping_was_due() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(
+            HeartbeatConfig {
+                miss_grace: ms(6),
+                ..config(HeartbeatMode::Idle)
+            },
+            t0,
+        );
+        // The peer pings at 1 s and 2 s, then only answers our pings, 1 ms
+        // after each.
+        let mut pongs = Vec::new();
+        let out = run(&mut hb, t0, 0, 6_000, |hb, t| {
+            let now = t0 + ms(t);
+            if t == 1_000 || t == 2_000 {
+                hb.on_peer_ping(now);
+                hb.on_write(now);
+            }
+            if pongs.first() == Some(&t) {
+                pongs.remove(0);
+                hb.on_read(now);
+            }
+            // The peer answers each ping `run` is about to send.
+            let mut ahead = hb.clone();
+            if pings(&step(&mut ahead, now)) > 0 {
+                pongs.push(t + 1);
+            }
+        });
+        // Held until 2 s + 1.5 s, then a ping an interval after the last;
+        // no miss.
+        assert_eq!(
+            out,
+            [
+                (3_500, SendPing { seq: 1 }),
+                (4_500, SendPing { seq: 2 }),
+                (5_500, SendPing { seq: 3 })
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pinging_peer_that_dies_is_dead_on_time_despite_the_hold() {
+        // Last Ping read at 2 s: the first miss waits for the held ping
+        // (3.5 s + grace), the rest of the timeline is unchanged, and Dead
+        // comes at 2 s + 3 × 1 s + grace, as without the hold.
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(
+            HeartbeatConfig {
+                miss_grace: ms(6),
+                ..config(HeartbeatMode::Idle)
+            },
+            t0,
+        );
+        let out = run(&mut hb, t0, 0, 8_000, |hb, t| {
+            if t == 1_000 || t == 2_000 {
+                hb.on_peer_ping(t0 + ms(t));
+                hb.on_write(t0 + ms(t));
+            }
+        });
+        assert_eq!(
+            out,
+            [
+                (3_500, SendPing { seq: 1 }),
+                (3_506, Missed { count: 1 }),
+                (4_006, Missed { count: 2 }),
+                (4_500, SendPing { seq: 2 }),
+                (
+                    5_006,
+                    Dead {
+                        missed: 3,
+                        silent_for: ms(3_006)
+                    }
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn idle_never_pings_more_often_than_once_per_interval() {
         // Bursty, irregular traffic in both directions, with gaps.
@@ -1232,8 +1446,8 @@ mod tests {
     /// `one_way_ms`, each driven at its deadlines rounded up to a 5 ms tick
     /// (the shell's timer) with the shell's grace of a tick + 1 ms. The
     /// consumer side (`A`) opens with a handshake Ping at 0; the provider
-    /// side (`B`) exists from `b_from_ms` and answers every Ping with a Pong
-    /// at once. From `a_deaf_from_ms` on, nothing reaches `A` any more.
+    /// side (`B`) exists from `b_from_ms`, answers every Ping with a Pong at
+    /// once and tells its machine (`on_peer_ping`). From `a_deaf_from_ms` on, nothing reaches `A` any more.
     /// Returns every action but `SendPing`, with its side and time.
     fn two_sides(
         modes: [HeartbeatMode; 2],
@@ -1272,6 +1486,9 @@ mod tests {
                 hb[to].on_read(now);
                 match frame {
                     Frame::Ping(seq) => {
+                        if to == 1 {
+                            hb[1].on_peer_ping(now); // as pulse's provider does
+                        }
                         hb[to].on_write(now);
                         wire.push((t + one_way_ms, 1 - to, Frame::Pong(seq)));
                     }
@@ -1389,6 +1606,7 @@ mod tests {
             reads in proptest::collection::vec(0u64..10_000, 0..40),
             early_every in 0u64..5,
             grace_ms in 0u64..30,
+            peer_pings in any::<bool>(),
         ) {
             let t0 = Instant::now();
             let config = HeartbeatConfig {
@@ -1423,7 +1641,13 @@ mod tests {
                     reads.next();
                     // A read after the peer should already be dead is dropped.
                     if r < t_silent + bound {
-                        hb.on_read(r);
+                        // The peer's reads may be its Pings (the provider's
+                        // hold in Idle mode must not delay death either).
+                        if peer_pings {
+                            hb.on_peer_ping(r);
+                        } else {
+                            hb.on_read(r);
+                        }
                         t_silent = r;
                         last_input = r;
                     }

@@ -431,6 +431,12 @@ impl EventLoop {
                     .last_ping_in
                     .is_some_and(|last| now.saturating_duration_since(last) < min_interval);
                 conn.last_ping_in = Some(now);
+                if let Role::Provider { .. } = conn.role {
+                    // The consumer pings: in Idle mode the provider then holds
+                    // its own pings instead of racing the consumer's next one.
+                    // Never on both sides (see `Heartbeat::on_peer_ping`).
+                    conn.heartbeat.on_peer_ping(now);
+                }
                 if !too_soon {
                     conn.ping_strikes = 0;
                 } else if conn.strike_read != conn.reads {
