@@ -27,6 +27,10 @@
 //!
 //! Both halves take `--heartbeat-ms N` (default 1,000) and `--max-missed N`
 //! (default 3): a peer that stays silent for `N × heartbeat` is declared dead.
+//! `--heartbeat-mode idle` pings only when a connection was idle for an
+//! interval (Netty's all-idle) instead of every interval, and `--loop-cpus
+//! LIST` pins the event loops to CPUs (`0,2` or `0-3`; loop `i` on the
+//! `i % len`-th), as `ConnectionConfig::loop_cpus` does (Linux only).
 //!
 //! Every bound pulse enforces on a peer has a flag too (`--max-connections`,
 //! `--max-inflight`, `--max-write-queue-bytes`, `--min-ping-interval-ms`,
@@ -87,6 +91,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hdrhistogram::Histogram;
+use pulse::liveness::HeartbeatMode;
 use pulse::{Client, ClientConfig, ConnectionConfig, Event, Server, ServerConfig, ServiceBuilder};
 use serde::Serialize;
 
@@ -105,16 +110,18 @@ pulse ping_pong: a provider and a consumer that watch each other's liveness.
 
 Usage:
   ping_pong [--count N] [--heartbeat-ms N] [--max-missed N] [--interval-ms N] [BOUNDS]
+            [--heartbeat-mode M] [--loop-cpus LIST]
       Provider and consumer in one process on 127.0.0.1 (ephemeral port). The
       consumer makes N calls (default 1000, back to back), prints a round-trip
       summary and exits 0 (1 if any call failed).
   ping_pong server --addr ADDR [--heartbeat-ms N] [--max-missed N] [BOUNDS]
+                   [--heartbeat-mode M] [--loop-cpus LIST]
       The provider alone; serves service `demo` on ADDR until Ctrl-C or
       SIGTERM, then closes every connection with Close(Normal).
       ADDR may use port 0: the first output line says the real address.
   ping_pong client --addr ADDR [--count N] [--interval-ms N] [--heartbeat-ms N] [--max-missed N]
                    [--max-inflight N] [--max-write-queue-bytes N] [--min-ping-interval-ms N]
-                   [--frame-timeout-ms N]
+                   [--frame-timeout-ms N] [--heartbeat-mode M] [--loop-cpus LIST]
       The consumer alone; calls demo.ping on ADDR every --interval-ms
       (default 1000) until --count calls are made (default 0: forever) or
       Ctrl-C / SIGTERM, then prints its summary and closes with Close(Normal).
@@ -124,6 +131,10 @@ Options:
   --addr ADDR         host:port to listen on (server) or connect to (client)
   --heartbeat-ms N    heartbeat interval in milliseconds (default {heartbeat}, at least 10)
   --max-missed N      silent intervals before a peer is declared dead (default {max_missed})
+  --heartbeat-mode M  fixed: ping every interval; idle: ping only after an
+                      interval with nothing written or read (default fixed)
+  --loop-cpus LIST    pin event loop i to the (i % len)-th CPU of LIST, e.g.
+                      0,2 or 0-3 (Linux; default: not pinned)
   --count N           calls to make; 0 = forever (default 1000 without a mode, 0 for client)
   --interval-ms N     pause between calls (default 0 without a mode, 1000 for client)
   -h, --help          print this help
@@ -199,6 +210,9 @@ struct Options {
     addr: Option<String>,
     heartbeat_ms: u64,
     max_missed: u32,
+    heartbeat_mode: HeartbeatMode,
+    /// `ConnectionConfig::loop_cpus`; empty = not pinned.
+    loop_cpus: Vec<usize>,
     /// 0 = forever.
     count: u64,
     interval_ms: u64,
@@ -249,6 +263,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut addr = None;
     let mut heartbeat_ms = 1000;
     let mut max_missed = 3;
+    let mut heartbeat_mode = HeartbeatMode::Fixed;
+    let mut loop_cpus = Vec::new();
     let mut count = None;
     let mut interval_ms = None;
     let mut bounds = Bounds::default();
@@ -268,6 +284,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--addr",
             "--heartbeat-ms",
             "--max-missed",
+            "--heartbeat-mode",
+            "--loop-cpus",
             "--count",
             "--interval-ms",
             "--max-connections",
@@ -289,6 +307,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--addr" => addr = Some(value),
             "--heartbeat-ms" => heartbeat_ms = parse_ms(&flag, &value)?,
             "--max-missed" => max_missed = parse_number(&flag, &value)?,
+            "--heartbeat-mode" => heartbeat_mode = parse_heartbeat_mode(&flag, &value)?,
+            "--loop-cpus" => loop_cpus = parse_cpu_list(&flag, &value)?,
             "--count" => count = Some(parse_number(&flag, &value)?),
             "--interval-ms" => interval_ms = Some(parse_number(&flag, &value)?),
             "--max-connections" => bounds.max_connections = Some(parse_count(&flag, &value)?),
@@ -344,6 +364,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         addr,
         heartbeat_ms,
         max_missed,
+        heartbeat_mode,
+        loop_cpus,
         count: count.unwrap_or(default_count),
         interval_ms: interval_ms.unwrap_or(default_interval),
         bounds,
@@ -366,6 +388,7 @@ fn flags_of(error: &str) -> &'static str {
         ("max_inflight", "--max-inflight"),
         ("max_connections", "--max-connections"),
         ("timer_tick", "--heartbeat-ms"),
+        ("loop_cpus", "--loop-cpus"),
         ("heartbeat", "--heartbeat-ms / --max-missed"),
     ]
     .into_iter()
@@ -378,6 +401,43 @@ fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, Stri
         .parse()
         .map_err(|_| format!("{flag} expects a non-negative integer, got {value:?}"))
 }
+
+/// `fixed` or `idle`.
+fn parse_heartbeat_mode(flag: &str, value: &str) -> Result<HeartbeatMode, String> {
+    match value {
+        "fixed" => Ok(HeartbeatMode::Fixed),
+        "idle" => Ok(HeartbeatMode::Idle),
+        _ => Err(format!("{flag} expects `fixed` or `idle`, got {value:?}")),
+    }
+}
+
+/// CPU numbers separated by commas, each a number or an inclusive range
+/// `a-b` (as `taskset -c` takes them), in the order given. pulse checks the
+/// numbers themselves (`ConnectionConfig::validate`), and whether this
+/// process may use them when it starts the loops.
+fn parse_cpu_list(flag: &str, value: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("{flag} expects CPU numbers like 0,2 or 0-3, got {value:?}");
+    let mut cpus = Vec::new();
+    let cpu = |text: &str| text.parse::<usize>().map_err(|_| bad());
+    for part in value.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (cpu(a)?, cpu(b)?),
+            None => (cpu(part)?, cpu(part)?),
+        };
+        if first > last {
+            return Err(bad());
+        }
+        // Counted before collecting, so `0-99999999999` costs no memory.
+        if last - first >= MAX_CPUS_LISTED - cpus.len() {
+            return Err(format!("{flag} lists more than {MAX_CPUS_LISTED} CPUs"));
+        }
+        cpus.extend(first..=last);
+    }
+    Ok(cpus)
+}
+
+/// The most CPUs `--loop-cpus` may list (pulse numbers them below 1,024).
+const MAX_CPUS_LISTED: usize = 1024;
 
 /// A count that must be at least 1.
 fn parse_count(flag: &str, value: &str) -> Result<usize, String> {
@@ -449,6 +509,8 @@ fn client_config(options: &Options) -> ClientConfig {
 fn connection_config(config: &mut ConnectionConfig, options: &Options) {
     config.heartbeat.interval = Duration::from_millis(options.heartbeat_ms);
     config.heartbeat.max_missed = options.max_missed;
+    config.heartbeat.mode = options.heartbeat_mode;
+    config.loop_cpus = options.loop_cpus.clone();
     let bounds = &options.bounds;
     if let Some(bytes) = bounds.max_write_queue_bytes {
         config.max_write_queue_bytes = bytes;

@@ -611,6 +611,11 @@ fn bad_flags_exit_with_code_2_and_help_exits_0() {
             "--max-age-ms",
         ),
         (&["--max-age-ms"][..], "--max-age-ms"),
+        (&["--heartbeat-mode", "sometimes"][..], "--heartbeat-mode"),
+        (&["--loop-cpus", "3-1"][..], "--loop-cpus"),
+        (&["--loop-cpus", "0,x"][..], "--loop-cpus"),
+        (&["--loop-cpus", "0-99999999999"][..], "--loop-cpus"),
+        (&["--loop-cpus", "1024"][..], "--loop-cpus"),
     ] {
         let mut proc = Proc::start("ping_pong", args);
         let status = proc.wait_exit(Instant::now() + STARTUP);
@@ -636,6 +641,83 @@ fn bad_flags_exit_with_code_2_and_help_exits_0() {
         help.seen.iter().any(|l| l.contains("Usage")),
         "{:?}",
         help.seen
+    );
+}
+
+/// `--loop-cpus` pins the server's event loops, `--heartbeat-mode idle`
+/// makes it answer a pinging consumer without pinging it, and a CPU this
+/// process may not use stops the server with an error naming it.
+#[test]
+fn loop_cpus_and_heartbeat_mode_flags_reach_the_server() {
+    let _serial = serial();
+    let cpu = support::process::allowed_cpus()
+        .last()
+        .copied()
+        .expect("a CPU");
+    let cpu_text = cpu.to_string();
+    let flags = [
+        "--heartbeat-ms",
+        "100",
+        "--heartbeat-mode",
+        "idle",
+        "--loop-cpus",
+        &cpu_text,
+    ];
+    let (mut server, addr) = start_server_with(&flags);
+    let pid = server.child.id().to_string();
+    let loops = support::process::threads_allowed_cpus_of(&pid, "pulse-server-lo");
+    assert!(
+        !loops.is_empty() && loops.iter().all(|list| *list == cpu_text),
+        "the server's loop threads may run on {loops:?}, not just CPU {cpu}"
+    );
+
+    // A consumer pinging every 50 ms for 1.5 s: an Idle provider answers
+    // each and sends no Ping of its own (a Fixed one sends one every
+    // 100 ms, about 15). A few are allowed, for a stalled test thread.
+    let mut raw = RawPeer::connect(addr.parse().expect("addr"));
+    let (mut pongs, mut pings) = (0, 0);
+    for seq in 0..30u64 {
+        raw.send(&encode_ping(seq));
+        let next = Instant::now() + Duration::from_millis(50);
+        while let Ok(Some(frame)) = raw.read(next) {
+            match frame.header.kind {
+                Kind::Pong => pongs += 1,
+                Kind::Ping => pings += 1,
+                other => panic!("unexpected {other:?} from the server"),
+            }
+        }
+    }
+    assert!(pongs >= 25, "{pongs} pongs for 30 pings");
+    assert!(
+        pings <= 3,
+        "the Idle server sent {pings} pings to a consumer pinging every 50 ms"
+    );
+    server.signal("TERM");
+    let status = server.wait_exit(Instant::now() + STARTUP);
+    assert!(status.success(), "server: {status}");
+
+    // A CPU outside this process's set: refused when the loops start.
+    let allowed = support::process::allowed_cpus();
+    let outside = (0..1024)
+        .find(|c| !allowed.contains(c))
+        .expect("a CPU not allowed");
+    let outside_text = outside.to_string();
+    let mut refused = Proc::start(
+        "server",
+        &[
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--loop-cpus",
+            &outside_text,
+        ],
+    );
+    let status = refused.wait_exit(Instant::now() + STARTUP);
+    assert_eq!(status.code(), Some(1), "{status}");
+    let stderr = refused.final_stderr(Duration::from_secs(2));
+    assert!(
+        stderr.contains(&format!("CPU {outside}")),
+        "stderr does not name CPU {outside}: {stderr}"
     );
 }
 

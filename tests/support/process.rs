@@ -24,8 +24,15 @@ pub fn thread_count() -> usize {
 /// `prefix` may run on, as `/proc` lists them (`Cpus_allowed_list`, e.g.
 /// "0" or "0-1"), one entry per thread.
 pub fn threads_allowed_cpus(prefix: &str) -> Vec<String> {
+    threads_allowed_cpus_of("self", prefix)
+}
+
+/// [`threads_allowed_cpus`] of another process: `process` is its pid (or
+/// "self").
+pub fn threads_allowed_cpus_of(process: &str, prefix: &str) -> Vec<String> {
     let mut found = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
+    let tasks = format!("/proc/{process}/task");
+    for task in std::fs::read_dir(&tasks).unwrap_or_else(|e| panic!("read {tasks}: {e}")) {
         let Ok(task) = task else { continue };
         let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
             continue; // the thread exited meanwhile
