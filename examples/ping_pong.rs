@@ -413,8 +413,8 @@ fn parse_heartbeat_mode(flag: &str, value: &str) -> Result<HeartbeatMode, String
 
 /// CPU numbers separated by commas, each a number or an inclusive range
 /// `a-b` (as `taskset -c` takes them), in the order given. pulse checks the
-/// numbers themselves (`ConnectionConfig::validate`), and whether this
-/// process may use them when it starts the loops.
+/// numbers themselves (`ConnectionConfig::validate`), and the OS whether they
+/// exist and are in this process's cpuset when the loops start.
 fn parse_cpu_list(flag: &str, value: &str) -> Result<Vec<usize>, String> {
     let bad = || format!("{flag} expects CPU numbers like 0,2 or 0-3, got {value:?}");
     let mut cpus = Vec::new();

@@ -68,7 +68,9 @@ pub struct ConnectionConfig {
     /// gain with pool handlers or many callers; docs/BENCHMARKS.md). A pinned loop
     /// cannot move away from a core that other work keeps busy, so it is not
     /// the default. A CPU that does not exist or is outside the process's
-    /// CPU set makes `Client::connect` / `ServerBuilder::bind` fail.
+    /// cpuset (cgroup) makes `Client::connect` / `ServerBuilder::bind` fail;
+    /// an affinity mask set with `taskset` does not, since a thread may set
+    /// its own mask to any CPU of its cpuset.
     pub loop_cpus: Vec<usize>,
 }
 
