@@ -579,12 +579,16 @@ mod tests {
         let (timers, rx) = spawn(ms(1));
         let handle = timers.handle();
         let start = Instant::now();
-        for id in 0..200 {
-            handle.arm(id, start + ms(5 + id % 40), id);
-        }
+        // Far timers armed and disarmed first: a disarm never wakes the
+        // thread, so one posted after the last near timer fired could wait
+        // for the far deadline; each near arm below wakes it (or finds it
+        // awake), and it takes every queued disarm with it.
         for id in 200..300 {
             handle.arm(id, start + ms(60_000), id);
             handle.disarm(id);
+        }
+        for id in 0..200 {
+            handle.arm(id, start + ms(5 + id % 40), id);
         }
         wait_until("armed() > 0", || handle.armed() > 0);
         let mut fired = 0;
@@ -600,8 +604,12 @@ mod tests {
     fn shutdown_is_prompt_with_far_timers() {
         let (timers, rx) = spawn(ms(1));
         let handle = timers.handle();
-        handle.arm(1, Instant::now() + Duration::from_secs(3600), 1);
+        // The farther timer first: a command due after the thread's planned
+        // wake-up does not wake it (it waits in the mailbox, uncounted by
+        // `armed`), so arming the nearer one first could leave the farther
+        // one unseen for an hour and this wait would time out.
         handle.arm(2, Instant::now() + Duration::from_secs(1 << 40), 2);
+        handle.arm(1, Instant::now() + Duration::from_secs(3600), 1);
         wait_until("armed() == 2", || handle.armed() == 2);
         let started = Instant::now();
         timers.shutdown();
