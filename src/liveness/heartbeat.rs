@@ -1097,18 +1097,23 @@ mod tests {
         );
     }
 
+    /// Idle mode, `max_missed`, and the grace pulse's loops use with their
+    /// 5 ms tick (a tick + 1 ms).
+    fn idle_with_shell_grace(max_missed: u32) -> HeartbeatConfig {
+        HeartbeatConfig {
+            max_missed,
+            miss_grace: ms(6),
+            ..config(HeartbeatMode::Idle)
+        }
+    }
+
     /// Idle mode with the shell's grace of a 5 ms tick + 1 ms, the side
     /// that answers a peer pinging every second, each Ping up to a tick late
     /// (0, 5, 0, 4, 1, 5, … ms past its second) and one 300 ms late. Returns
     /// what this side did.
     fn answering_late_pings(hold: bool, max_missed: u32) -> Vec<(u64, HeartbeatAction)> {
-        let config = HeartbeatConfig {
-            max_missed,
-            miss_grace: ms(6),
-            ..config(HeartbeatMode::Idle)
-        };
         let t0 = Instant::now();
-        let mut hb = Heartbeat::new(config, t0);
+        let mut hb = Heartbeat::new(idle_with_shell_grace(max_missed), t0);
         let late = [0, 5, 0, 4, 1, 5, 0, 300, 0, 5, 2, 5, 0];
         run(&mut hb, t0, 0, 12_500, |hb, t| {
             let (second, past) = (t / 1000, t % 1000);
@@ -1154,13 +1159,7 @@ mod tests {
     #[test]
     fn a_peer_that_stops_pinging_is_pinged_half_an_interval_after_its_ping_was_due() {
         let t0 = Instant::now();
-        let mut hb = Heartbeat::new(
-            HeartbeatConfig {
-                miss_grace: ms(6),
-                ..config(HeartbeatMode::Idle)
-            },
-            t0,
-        );
+        let mut hb = Heartbeat::new(idle_with_shell_grace(3), t0);
         // The peer pings at 1 s and 2 s, then only answers our pings, 1 ms
         // after each.
         let mut pongs = Vec::new();
@@ -1198,13 +1197,7 @@ mod tests {
         // (3.5 s + grace), the rest of the timeline is unchanged, and Dead
         // comes at 2 s + 3 × 1 s + grace, as without the hold.
         let t0 = Instant::now();
-        let mut hb = Heartbeat::new(
-            HeartbeatConfig {
-                miss_grace: ms(6),
-                ..config(HeartbeatMode::Idle)
-            },
-            t0,
-        );
+        let mut hb = Heartbeat::new(idle_with_shell_grace(3), t0);
         let out = run(&mut hb, t0, 0, 8_000, |hb, t| {
             if t == 1_000 || t == 2_000 {
                 hb.on_peer_ping(t0 + ms(t));
