@@ -436,8 +436,8 @@ fn parse_cpu_list(flag: &str, value: &str) -> Result<Vec<usize>, String> {
     Ok(cpus)
 }
 
-/// The most CPUs `--loop-cpus` may list (pulse numbers them below 1,024).
-const MAX_CPUS_LISTED: usize = 1024;
+/// The most CPUs `--loop-cpus` may list: as many as pulse numbers.
+const MAX_CPUS_LISTED: usize = pulse::config::MAX_CPU;
 
 /// A count that must be at least 1.
 fn parse_count(flag: &str, value: &str) -> Result<usize, String> {
