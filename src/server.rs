@@ -174,6 +174,17 @@ impl Server {
             .map_or(0, |r| r.runtime.armed_timers())
     }
 
+    /// Timer expiries the server's timer thread has delivered to its event
+    /// loops since it started (heartbeats due, deadlines to check): a test and
+    /// metrics hook. A connection whose peer keeps pinging it adds few: its
+    /// reads move its timer instead of letting it fire to be re-armed.
+    pub fn timers_fired(&self) -> u64 {
+        self.state
+            .lock()
+            .as_ref()
+            .map_or(0, |r| r.runtime.timers_fired())
+    }
+
     /// Consumer connections open right now.
     pub fn connection_count(&self) -> usize {
         self.shared.connections.load(Ordering::Relaxed)

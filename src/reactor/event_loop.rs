@@ -326,6 +326,9 @@ impl EventLoop {
             self.close(token, reason, None, now);
             return Flow::Closed;
         }
+        if flow == Flow::Open {
+            self.rearm_after_read(token);
+        }
         flow
     }
 
@@ -712,6 +715,30 @@ impl EventLoop {
                 },
             );
             conn.armed = Some(at);
+        }
+    }
+
+    /// Moves the connection's timer later when a read pushed its deadline
+    /// back by more than half a heartbeat interval.
+    ///
+    /// [`rearm`](Self::rearm) alone is lazy: a timer armed for a deadline
+    /// that a read has since pushed back still fires, only to be re-armed.
+    /// On an idle connection whose peer pings, that is one wasted trip per
+    /// interval through the timer thread, the loop's command channel and its
+    /// waker. Re-arming from the read costs one mailbox post instead, which
+    /// never wakes the timer thread (the new deadline is later). Smaller moves
+    /// stay lazy, so a busy connection posts at most about two re-arms per
+    /// interval, not one per read.
+    fn rearm_after_read(&mut self, token: usize) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let slack = conn.heartbeat.config().interval / 2;
+        if let (Some(armed), Some(at)) = (conn.armed, conn.next_deadline())
+            && at > armed + slack
+        {
+            conn.armed = None;
+            self.rearm(token);
         }
     }
 

@@ -17,6 +17,7 @@ pub(crate) use socket::listen;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -138,6 +139,8 @@ pub(crate) struct Runtime {
     loops: Vec<LoopHandle>,
     threads: Vec<JoinHandle<()>>,
     timer: Option<TimerThread<TimerEvent>>,
+    /// Timer expiries delivered to the loops since the start.
+    timers_fired: Arc<AtomicU64>,
 }
 
 impl Runtime {
@@ -182,7 +185,10 @@ impl Runtime {
 
         let deliver_to = handles.clone();
         let mut batches: Vec<Vec<TimerTarget>> = vec![Vec::new(); loops];
+        let timers_fired = Arc::new(AtomicU64::new(0));
+        let count_fired = Arc::clone(&timers_fired);
         let timer = TimerThread::spawn(tick, move |expired: Vec<TimerEvent>| {
+            count_fired.fetch_add(expired.len() as u64, Ordering::Relaxed);
             for event in expired {
                 if let Some(batch) = batches.get_mut(event.loop_index) {
                     batch.push(event.target);
@@ -201,6 +207,7 @@ impl Runtime {
             loops: handles.clone(),
             threads: Vec::with_capacity(loops),
             timer: Some(timer),
+            timers_fired,
         };
         let cpus = &connection.loop_cpus;
         for (index, (poll, rx)) in polls.into_iter().zip(receivers).enumerate() {
@@ -262,6 +269,12 @@ impl Runtime {
     /// Timers armed right now (for tests that prove timers are released).
     pub(crate) fn armed_timers(&self) -> usize {
         self.timer.as_ref().map_or(0, |t| t.handle().armed())
+    }
+
+    /// Timer expiries delivered to the loops so far (for tests that prove a
+    /// connection is not woken needlessly).
+    pub(crate) fn timers_fired(&self) -> u64 {
+        self.timers_fired.load(Ordering::Relaxed)
     }
 
     /// Stops every loop and joins it, then the timer thread. With `graceful`,
