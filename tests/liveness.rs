@@ -1195,6 +1195,75 @@ fn an_idle_provider_does_not_race_its_consumers_pings() {
     );
 }
 
+/// A Fixed-mode provider (the default) whose consumer pings every interval
+/// sends its own Ping right behind the Pong, in the same write
+/// (`Heartbeat::ping_rides_with_pong`), and holds its timer's ping: it still
+/// pings about once an interval, but never on its own timer while the
+/// consumer pings. Before, it pinged on its own grid, at any phase of the
+/// consumer's, and its timer fired for each of those Pings.
+#[test]
+fn a_fixed_provider_sends_its_pings_with_its_pongs() {
+    let _serial = serial_shared();
+    let (interval, max_missed) = (ms(100), 3);
+    let monitor = StallMonitor::start(interval / 2);
+    let (server, server_log, proxy, _client, client_log) = through_proxy(
+        server_config(interval, max_missed),
+        client_config(interval, max_missed),
+    );
+    let fired_before = server.timers_fired();
+    thread::sleep(interval * 40);
+    let fired = server.timers_fired() - fired_before;
+    let up = proxy.ping_times(Dir::Upstream);
+    let down = proxy.ping_times(Dir::Downstream);
+    // A riding Ping leaves with the Pong to the consumer's last Ping, so the
+    // proxy sees it within moments of forwarding that Ping; one sent by the
+    // provider's timer comes half an interval or more after it.
+    let within = ms(25);
+    let alone: Vec<(Instant, String)> = down
+        .iter()
+        .copied()
+        .filter_map(|at| {
+            let since = up.iter().copied().rfind(|u| *u <= at).map(|u| at - u);
+            match since {
+                Some(since) if since <= within => None,
+                _ => Some((
+                    at,
+                    format!("a provider Ping {since:?} after the consumer's last"),
+                )),
+            }
+        })
+        .collect();
+    let lookback = interval * 2;
+    let (alone, excused) = unexplained(alone, lookback, &monitor, None);
+    eprintln!(
+        "fixed provider: {} consumer pings, {} provider pings, timer fired {fired} times ({excused} excused by stalls)",
+        up.len(),
+        down.len()
+    );
+    assert!(up.len() >= 20, "only {} consumer pings in 4 s", up.len());
+    assert!(
+        down.len() + 5 >= up.len(),
+        "the provider pinged {} times to the consumer's {}: not once an interval",
+        down.len(),
+        up.len()
+    );
+    assert!(
+        alone.is_empty(),
+        "provider pings not riding with a Pong: {alone:?}"
+    );
+    let allowed = 2 * excused as u64 + 3;
+    assert!(
+        fired <= allowed,
+        "the provider's timer fired {fired} times in 40 intervals (at most {allowed} expected)"
+    );
+    let (s_left, _) = unexplained_trouble(&server_log, 0, lookback, &monitor, None);
+    let (c_left, _) = unexplained_trouble(&client_log, 0, lookback, &monitor, None);
+    assert!(
+        s_left.is_empty() && c_left.is_empty(),
+        "trouble on a healthy connection: server {s_left:?}, client {c_left:?}"
+    );
+}
+
 // ----- 9. Close frames and their reasons --------------------------------------------
 
 #[test]

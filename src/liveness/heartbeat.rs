@@ -185,6 +185,14 @@ pub enum HeartbeatAction {
 ///   creation + `I`: a ping sent late (by less than `I`) does not shift the
 ///   next one. A call later than that sends one ping, never a catch-up burst,
 ///   and restarts the grid from then.
+///
+///   A side that reads the peer's pings and tells the machine
+///   ([`on_peer_ping`](Heartbeat::on_peer_ping); pulse does on the provider)
+///   sends its ping *with the Pong* when it is due within half an interval
+///   (and before the peer's next Ping is expected): `on_peer_ping` queues
+///   the [`HeartbeatAction::SendPing`], and the grid restarts from there. It
+///   holds its timer's ping like Idle mode below, so while the peer pings
+///   every interval, so does this side, one write an interval instead of two.
 /// * [`HeartbeatMode::Idle`] (Netty's `IdleStateHandler`, all-idle): a ping
 ///   when nothing was written *or* nothing was read for `I`, but never more
 ///   often than once per `I`:
@@ -293,6 +301,9 @@ pub struct Heartbeat {
     /// `(seq, sent at)` of the last pings, indexed by `seq % PING_HISTORY`.
     sent: [Option<(u64, Instant)>; PING_HISTORY],
     srtt: Option<Duration>,
+    /// `(read at, sent at)` of the last Pong matched to a ping: Idle mode
+    /// counts that read from when its ping left (see `idle_read_mark`).
+    pong_read: Option<(Instant, Instant)>,
     actions: VecDeque<HeartbeatAction>,
     dead: bool,
 }
@@ -324,6 +335,7 @@ impl Heartbeat {
             next_seq: 1,
             sent: [None; PING_HISTORY],
             srtt: None,
+            pong_read: None,
             actions: VecDeque::new(),
             dead: false,
         }
@@ -353,10 +365,12 @@ impl Heartbeat {
     /// Records that a Ping from the peer was read at `now`; it counts as a
     /// read too (see [`on_read`](Self::on_read)). Ignored once dead.
     ///
-    /// Only [`HeartbeatMode::Idle`] uses it, and only with `max_missed` of 2
-    /// or more: while the peer's pings keep coming, this side holds its own
-    /// ping (and its first missed interval) until half an interval after the
-    /// peer's next Ping was due, instead of racing it. See the
+    /// With `max_missed` of 2 or more, while the peer's pings keep coming,
+    /// this side holds its own ping (and its first missed interval) until
+    /// half an interval after the peer's next Ping was due, instead of racing
+    /// it. In [`HeartbeatMode::Fixed`] it may also queue a
+    /// [`HeartbeatAction::SendPing`] to go out with the Pong: drain
+    /// [`poll_action`](Self::poll_action) after it. See the
     /// [`Heartbeat` docs](Heartbeat#pings).
     ///
     /// Call it on **one side** of a connection only (pulse: the provider). If
@@ -366,8 +380,13 @@ impl Heartbeat {
         if self.dead {
             return;
         }
+        let previous = self.peer_ping;
         self.on_read(now);
-        self.peer_ping = Some(self.peer_ping.map_or(now, |at| at.max(now)));
+        self.peer_ping = Some(previous.map_or(now, |at| at.max(now)));
+        if self.ping_rides_with_pong(now, previous) {
+            self.send_ping(now);
+            self.ping_grid = Some(now);
+        }
     }
 
     /// Records a Pong for ping `seq` received at `now`.
@@ -385,6 +404,7 @@ impl Heartbeat {
             _ => return None,
         };
         *slot = None;
+        self.pong_read = Some((now, sent_at));
         let sample = now.saturating_duration_since(sent_at);
         // `× 7` cannot overflow: a sample is time that really elapsed since a
         // ping this side sent (a Pong's id only matches a recorded ping).
@@ -542,14 +562,18 @@ impl Heartbeat {
         self.peer_ping_hold()?.checked_add(self.config.miss_grace)
     }
 
-    /// Idle mode on the side that reads the peer's pings
-    /// ([`on_peer_ping`](Self::on_peer_ping)): the instant before which it
-    /// sends no ping of its own and counts no first miss, half an interval
-    /// after the peer's next Ping is due. `None` when nothing is held: Fixed
-    /// mode, no pings sent, a single miss fatal (holding would delay death),
-    /// or no Ping read yet.
+    /// On the side that reads the peer's pings
+    /// ([`on_peer_ping`](Self::on_peer_ping)): the instant before which its
+    /// timer sends no ping and counts no first miss, half an interval after
+    /// the peer's next Ping is due. `None` when nothing is held: no pings
+    /// sent, a single miss fatal (holding would delay death), or no Ping read
+    /// yet.
     ///
-    /// Why: such a side writes a Pong whenever it reads a Ping, so its idle
+    /// Why, in Fixed mode: that side's ping rides with its Pongs (see
+    /// [`ping_rides_with_pong`](Self::ping_rides_with_pong)), so its grid
+    /// deadline falls when the peer's next Ping is due, the race below.
+    ///
+    /// Why, in Idle mode: such a side writes a Pong whenever it reads a Ping, so its idle
     /// deadline falls exactly when the peer's next Ping is due, and a Ping a
     /// few milliseconds late (timer ticks, scheduling) lost the race: the
     /// side pinged a peer that was about to ping it (in the bench, 6,000 to
@@ -562,11 +586,58 @@ impl Heartbeat {
     /// after the last byte.
     fn peer_ping_hold(&self) -> Option<Instant> {
         let config = &self.config;
-        if config.mode != HeartbeatMode::Idle || !config.send_pings || config.max_missed < 2 {
+        if !config.send_pings || config.max_missed < 2 {
             return None;
         }
         let next_due = self.peer_ping?.checked_add(config.interval)?;
         next_due.checked_add(config.interval / 2)
+    }
+
+    /// The last read as Idle mode counts it: when the last bytes read were
+    /// the Pong to one of this side's pings, the instant that ping left.
+    ///
+    /// Why: Idle pings an interval after the last read, and its first miss
+    /// comes an interval (plus the grace) after that read. When this side
+    /// answers what it reads at once (a Pong for the peer's Ping that came
+    /// with the peer's Pong: what a Fixed-mode pulse provider sends), its last
+    /// write is that read too, so each ping would leave a round trip later
+    /// than the last, and its answer would land a round trip after the first
+    /// miss. Counted from the ping, the next one leaves an interval after the
+    /// last and its answer lands where the read it replaces did.
+    fn idle_read_mark(&self) -> Instant {
+        match self.pong_read {
+            Some((read_at, sent_at)) if read_at == self.last_read => sent_at,
+            _ => self.last_read,
+        }
+    }
+
+    /// Fixed mode, on reading the peer's Ping: whether this side's own ping
+    /// goes now, in the same write as the Pong, instead of on its own later.
+    /// Yes when it is due within half an interval and before the peer's next
+    /// Ping is expected (`previous` is the peer's Ping before this one: a
+    /// peer pinging faster than this side's interval is answered with a ping
+    /// only in the last gap before this side's ping is due, so this side
+    /// still pings about once an interval).
+    ///
+    /// Why: both sides of a Fixed connection ping every interval, each on its
+    /// own grid, so a provider wrote twice an interval (its Pong, later its
+    /// Ping) and was woken by its timer for the second. Riding along, the
+    /// Ping costs no write and no timer, and the grid follows the peer's.
+    fn ping_rides_with_pong(&self, now: Instant, previous: Option<Instant>) -> bool {
+        let config = &self.config;
+        if config.mode != HeartbeatMode::Fixed || !config.send_pings {
+            return false;
+        }
+        let Some(due) = self
+            .ping_grid
+            .unwrap_or(self.created)
+            .checked_add(config.interval)
+        else {
+            return false;
+        };
+        let gap = previous.map_or(config.interval, |at| now.saturating_duration_since(at));
+        now.checked_add(gap.min(config.interval / 2))
+            .is_some_and(|window_end| due <= window_end)
     }
 
     /// When the next ping is due, if this side sends pings.
@@ -576,9 +647,18 @@ impl Heartbeat {
         }
         let interval = self.config.interval;
         match self.config.mode {
-            HeartbeatMode::Fixed => self.ping_grid.unwrap_or(self.created).checked_add(interval),
+            HeartbeatMode::Fixed => {
+                let due = self
+                    .ping_grid
+                    .unwrap_or(self.created)
+                    .checked_add(interval)?;
+                Some(self.peer_ping_hold().map_or(due, |hold| due.max(hold)))
+            }
             HeartbeatMode::Idle => {
-                let mut due = self.last_read.min(self.last_write).checked_add(interval)?;
+                let mut due = self
+                    .idle_read_mark()
+                    .min(self.last_write)
+                    .checked_add(interval)?;
                 if let Some(at) = self.last_ping {
                     due = due.max(at.checked_add(interval)?);
                 }
@@ -651,12 +731,13 @@ mod tests {
             traffic(hb, t);
             if hb.next_deadline().is_some_and(|d| d <= now) {
                 hb.handle_timeout(now);
-                for a in drain(hb) {
-                    if matches!(a, SendPing { .. }) {
-                        hb.on_write(now);
-                    }
-                    out.push((t, a));
+            }
+            // Also what an input queued (a Fixed ping riding with a Pong).
+            for a in drain(hb) {
+                if matches!(a, SendPing { .. }) {
+                    hb.on_write(now);
                 }
+                out.push((t, a));
             }
         }
         out
@@ -1042,22 +1123,27 @@ mod tests {
                             ping_times.push(t);
                             pong_due = Some((t + 20, seq));
                         }
-                        // The ping goes out when nothing was read for an
-                        // interval, which is also when that interval counts
-                        // as missed; the pong resets the count every time.
-                        Missed { count: 1 } => {}
+                        // The first interval, with nothing read since the
+                        // start (no grace here), counts as missed as the
+                        // first ping leaves. None after: each ping leaves an
+                        // interval after the last, so its pong lands just as
+                        // the interval after the previous pong ends.
+                        Missed { count: 1 } if t == 1000 => {}
                         other => panic!("unexpected {other:?} at {t}"),
                     }
                 }
             }
         }
         // First ping one interval after creation (nothing read since), then
-        // one interval after each last read (the pong).
+        // one interval after each ping: the last read is its pong, counted
+        // from when the ping left (`idle_read_mark`). Counted from the pong
+        // itself, pings drifted a round trip a time (every 1020 ms here) and
+        // each interval was reported missed just before its pong came.
         assert_eq!(ping_times[0], 1000);
         for w in ping_times.windows(2) {
-            assert_eq!(w[1] - w[0], 1020, "{ping_times:?}");
+            assert_eq!(w[1] - w[0], 1000, "{ping_times:?}");
         }
-        assert_eq!(ping_times.len(), 19);
+        assert_eq!(ping_times.len(), 20);
         assert_eq!(hb.srtt(), Some(ms(20)));
         assert!(!hb.is_dead());
     }
@@ -1101,24 +1187,37 @@ mod tests {
         );
     }
 
-    /// Idle mode, `max_missed`, and the grace pulse's loops use with their
+    /// `mode`, `max_missed`, and the grace pulse's loops use with their
     /// 5 ms tick (a tick + 1 ms).
-    fn idle_with_shell_grace(max_missed: u32) -> HeartbeatConfig {
+    fn with_shell_grace(mode: HeartbeatMode, max_missed: u32) -> HeartbeatConfig {
         HeartbeatConfig {
             max_missed,
             miss_grace: ms(6),
-            ..config(HeartbeatMode::Idle)
+            ..config(mode)
         }
     }
 
+    fn idle_with_shell_grace(max_missed: u32) -> HeartbeatConfig {
+        with_shell_grace(HeartbeatMode::Idle, max_missed)
+    }
+
+    /// When [`answering_late_pings`]' peer pings, in ms.
+    const LATE_PINGS: [u64; 13] = [
+        0, 1_005, 2_000, 3_004, 4_001, 5_005, 6_000, 7_300, 8_000, 9_005, 10_002, 11_005, 12_000,
+    ];
+
     /// Idle mode with the shell's grace of a 5 ms tick + 1 ms, the side
     /// that answers a peer pinging every second, each Ping up to a tick late
-    /// (0, 5, 0, 4, 1, 5, … ms past its second) and one 300 ms late. Returns
-    /// what this side did.
+    /// and one 300 ms late ([`LATE_PINGS`]). Returns what this side did.
     fn answering_late_pings(hold: bool, max_missed: u32) -> Vec<(u64, HeartbeatAction)> {
+        answering_late_pings_in(idle_with_shell_grace(max_missed), hold)
+    }
+
+    /// [`answering_late_pings`] with any config.
+    fn answering_late_pings_in(config: HeartbeatConfig, hold: bool) -> Vec<(u64, HeartbeatAction)> {
         let t0 = Instant::now();
-        let mut hb = Heartbeat::new(idle_with_shell_grace(max_missed), t0);
-        let late = [0, 5, 0, 4, 1, 5, 0, 300, 0, 5, 2, 5, 0];
+        let mut hb = Heartbeat::new(config, t0);
+        let late: Vec<u64> = LATE_PINGS.iter().map(|t| t % 1000).collect();
         run(&mut hb, t0, 0, 12_500, |hb, t| {
             let (second, past) = (t / 1000, t % 1000);
             if late.get(second as usize) == Some(&past) {
@@ -1147,6 +1246,52 @@ mod tests {
         // With it: no ping of its own and no miss, even for the Ping that
         // came 300 ms late.
         assert_eq!(answering_late_pings(true, 3), []);
+    }
+
+    #[test]
+    fn a_fixed_side_sends_its_ping_with_its_pong_to_a_peer_pinging_every_interval() {
+        // From the peer's second Ping on, this side's ping is due within half
+        // an interval, so it leaves with the Pong, even when the Ping came
+        // 300 ms late (at 7.3 s, 700 ms before the next). The timer never
+        // sends one (held, as in Idle mode) and nothing is missed.
+        let out = answering_late_pings_in(with_shell_grace(HeartbeatMode::Fixed, 3), true);
+        let expected: Vec<(u64, HeartbeatAction)> = LATE_PINGS[1..]
+            .iter()
+            .zip(1..)
+            .map(|(&t, seq)| (t, SendPing { seq }))
+            .collect();
+        assert_eq!(out, expected);
+        // A side not told of the peer's Pings keeps its own grid (and, its
+        // pings unanswered here, misses the interval before the late Ping).
+        let grid = answering_late_pings_in(with_shell_grace(HeartbeatMode::Fixed, 3), false);
+        let times: Vec<u64> = grid
+            .iter()
+            .filter(|(_, a)| matches!(a, SendPing { .. }))
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(times, (1..=12).map(|s| s * 1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_fixed_side_pings_about_once_an_interval_for_a_peer_pinging_faster() {
+        // The peer pings every 100 ms (its interval, not ours): this side's
+        // ping rides only with the last Pong before it is due.
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(with_shell_grace(HeartbeatMode::Fixed, 3), t0);
+        let out = run(&mut hb, t0, 0, 10_000, |hb, t| {
+            if t % 100 == 0 {
+                hb.on_peer_ping(t0 + ms(t));
+            }
+        });
+        let times: Vec<u64> = out.iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            pings(&out.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>()),
+            out.len()
+        );
+        assert!(times.len() >= 10, "{times:?}");
+        for w in times.windows(2) {
+            assert!((900..=1000).contains(&(w[1] - w[0])), "{times:?}");
+        }
     }
 
     #[test]
@@ -1201,30 +1346,44 @@ mod tests {
         // Last Ping read at 2 s: the first miss waits for the held ping
         // (3.5 s + grace), the rest of the timeline is unchanged, and Dead
         // comes at 2 s + 3 × 1 s + grace, as without the hold.
-        let t0 = Instant::now();
-        let mut hb = Heartbeat::new(idle_with_shell_grace(3), t0);
-        let out = run(&mut hb, t0, 0, 8_000, |hb, t| {
-            if t == 1_000 || t == 2_000 {
-                hb.on_peer_ping(t0 + ms(t));
-                hb.on_write(t0 + ms(t));
-            }
-        });
-        assert_eq!(
-            out,
-            [
-                (3_500, SendPing { seq: 1 }),
+        // Fixed mode the same, but its pings at 1 s and 2 s rode with the
+        // Pongs, so the held one is its third.
+        for (mode, rode) in [(HeartbeatMode::Idle, 0), (HeartbeatMode::Fixed, 2)] {
+            let t0 = Instant::now();
+            let mut hb = Heartbeat::new(with_shell_grace(mode, 3), t0);
+            let out = run(&mut hb, t0, 0, 8_000, |hb, t| {
+                if t == 1_000 || t == 2_000 {
+                    hb.on_peer_ping(t0 + ms(t));
+                    hb.on_write(t0 + ms(t));
+                }
+            });
+            let mut expected = vec![(1_000, SendPing { seq: 1 }), (2_000, SendPing { seq: 2 })];
+            expected.truncate(rode);
+            expected.extend([
+                (
+                    3_500,
+                    SendPing {
+                        seq: rode as u64 + 1,
+                    },
+                ),
                 (3_506, Missed { count: 1 }),
                 (4_006, Missed { count: 2 }),
-                (4_500, SendPing { seq: 2 }),
+                (
+                    4_500,
+                    SendPing {
+                        seq: rode as u64 + 2,
+                    },
+                ),
                 (
                     5_006,
                     Dead {
                         missed: 3,
-                        silent_for: ms(3_006)
-                    }
+                        silent_for: ms(3_006),
+                    },
                 ),
-            ]
-        );
+            ]);
+            assert_eq!(out, expected, "{mode:?}");
+        }
     }
 
     #[test]
@@ -1489,6 +1648,15 @@ mod tests {
                         }
                         hb[to].on_write(now);
                         wire.push((t + one_way_ms, 1 - to, Frame::Pong(seq)));
+                        // A Fixed provider's ping rides with the Pong.
+                        for action in drain(&mut hb[to]) {
+                            match action {
+                                SendPing { seq } => {
+                                    wire.push((t + one_way_ms, 1 - to, Frame::Ping(seq)));
+                                }
+                                other => out.push(('B', t, other)),
+                            }
+                        }
                     }
                     Frame::Pong(seq) => {
                         hb[to].on_pong(now, seq);
@@ -1643,6 +1811,12 @@ mod tests {
                         // hold in Idle mode must not delay death either).
                         if peer_pings {
                             hb.on_peer_ping(r);
+                            // Fixed mode may answer with its own ping; nothing
+                            // else comes out of a read.
+                            while let Some(a) = hb.poll_action() {
+                                prop_assert!(send_pings && !idle, "{:?} from a peer Ping", a);
+                                hb.on_write(r);
+                            }
                         } else {
                             hb.on_read(r);
                         }

@@ -457,6 +457,17 @@ impl EventLoop {
                 }
                 // Answered here, by the loop, never queued behind handlers.
                 let _ = conn.shared.send(encode_pong(id), Class::Control);
+                // A Fixed-mode provider's own ping may ride along: queued
+                // after the Pong, it leaves in the same write (the read is
+                // corked).
+                // (An empty `Vec` does not allocate.)
+                let actions: Vec<HeartbeatAction> =
+                    std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
+                for action in actions {
+                    if self.on_heartbeat_action(token, action, now) == Flow::Closed {
+                        return Flow::Closed;
+                    }
+                }
                 Flow::Open
             }
             Kind::Pong => {
