@@ -614,7 +614,7 @@ impl Heartbeat {
     /// Fixed mode, on reading the peer's Ping: whether this side's own ping
     /// goes now, in the same write as the Pong, instead of on its own later.
     /// Yes when it is due within half an interval and before the peer's next
-    /// Ping is expected (`previous` is the peer's Ping before this one: a
+    /// Ping is expected, and the last ping left at least half an interval ago (`previous` is the peer's Ping before this one: a
     /// peer pinging faster than this side's interval is answered with a ping
     /// only in the last gap before this side's ping is due, so this side
     /// still pings about once an interval).
@@ -636,8 +636,16 @@ impl Heartbeat {
             return false;
         };
         let gap = previous.map_or(config.interval, |at| now.saturating_duration_since(at));
-        now.checked_add(gap.min(config.interval / 2))
-            .is_some_and(|window_end| due <= window_end)
+        let half = config.interval / 2;
+        // Measured from the last ping sent too: a timer's ping leaves up to a
+        // tick after its grid point, and the grid stays on that point.
+        let spaced = self
+            .last_ping
+            .is_none_or(|at| now.saturating_duration_since(at) >= half);
+        spaced
+            && now
+                .checked_add(gap.min(half))
+                .is_some_and(|window_end| due <= window_end)
     }
 
     /// When the next ping is due, if this side sends pings.
@@ -1798,6 +1806,20 @@ mod tests {
             let mut reads = reads.into_iter().map(|r| t0 + ms(r)).peekable();
             let mut t_silent = t0;
             let mut timer = round_up(hb.next_deadline().unwrap());
+            // Pings, from the timer or riding with a Pong, stay at least half
+            // an interval apart (the timer never runs a whole interval late
+            // here, so there is no stall ping).
+            let mut last_ping: Option<Instant> = None;
+            let mut ping_at = |at: Instant| -> Result<(), TestCaseError> {
+                if let Some(prev) = last_ping {
+                    prop_assert!(
+                        at - prev >= ms(interval_ms) / 2,
+                        "pings {:?} apart", at - prev
+                    );
+                }
+                last_ping = Some(at);
+                Ok(())
+            };
             let mut calls = 0u64;
             let mut last_input = t0;
             let dead_at = loop {
@@ -1815,6 +1837,7 @@ mod tests {
                             // else comes out of a read.
                             while let Some(a) = hb.poll_action() {
                                 prop_assert!(send_pings && !idle, "{:?} from a peer Ping", a);
+                                ping_at(r)?;
                                 hb.on_write(r);
                             }
                         } else {
@@ -1848,6 +1871,7 @@ mod tests {
                         Missed { count } => prop_assert!(count < max_missed),
                         SendPing { .. } => {
                             prop_assert!(send_pings);
+                            ping_at(timer)?;
                             hb.on_write(timer);
                         }
                     }
