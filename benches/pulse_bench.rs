@@ -231,7 +231,7 @@ fn method_notes(settings: &Settings) -> Vec<(String, String)> {
         (
             "heartbeat cost".into(),
             format!(
-                "a provider process (default ServerConfig) holds {} connections from a consumers process (raw sockets on one mio thread that answer Pings and, heartbeats on, ping each connection every 1 s spread evenly); on: provider Fixed mode 1 s × 3 (the default: it pings every connection every interval); idle: provider Idle mode 1 s × 3 (it pings a connection only when idle for an interval, and not while that consumer keeps pinging it, so here it answers); off: send_pings false and a 1 h interval, consumers silent; after all are connected plus 2 s, provider CPU (sum of its threads' se.sum_exec_runtime) over {:?}; RSS per connection = (VmRSS at the end − VmRSS before the consumers connected) / connections",
+                "a provider process (default ServerConfig) holds {} connections from a consumers process (raw sockets on one mio thread that answer Pings and, heartbeats on, ping each connection every 1 s spread evenly); on: provider Fixed mode 1 s × 3 (the default: it pings every connection every interval, here with the Pong to that consumer's Ping, in one write); idle: provider Idle mode 1 s × 3 (it pings a connection only when idle for an interval, and not while that consumer keeps pinging it, so here it answers); off: send_pings false and a 1 h interval, consumers silent; after all are connected plus 2 s, provider CPU (sum of its threads' se.sum_exec_runtime) over {:?}; RSS per connection = (VmRSS at the end − VmRSS before the consumers connected) / connections",
                 settings.idle_conns,
                 settings.window(std::time::Duration::from_secs(10))
             ),

@@ -207,7 +207,7 @@ impl Report {
                         row.idle_conns
                     ),
                     measured: format!(
-                        "{:.2} % (the consumers' bare mio loop, the mirror traffic: {:.2} %)",
+                        "{:.2} % (the consumers' bare mio loop: {:.2} %)",
                         row.cpu_pct_one_core, row.consumers.cpu_pct
                     ),
                     met: Some(row.cpu_pct_one_core < 2.0),
@@ -396,11 +396,14 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "\nThe consumers' column is the floor: one `mio` thread with raw sockets and no \
-                 liveness logic, moving the mirror image of the provider's traffic (idle row: it writes a Ping \
-                 and reads a Pong per connection per second where the provider reads the Ping \
-                 and writes the Pong; on row: both sides also answer the other's Pings), so \
-                 what it costs is roughly the kernel's share of that traffic on this machine."
+                "\nThe consumers' column is a floor: one `mio` thread with raw sockets and no \
+                 liveness logic. In the idle row it moves the mirror image of the provider's \
+                 traffic (it writes a Ping and reads a Pong per connection per second where the \
+                 provider reads the Ping and writes the Pong), so what it costs is roughly the \
+                 kernel's share of that traffic on this machine. In the on row it does more \
+                 than the provider: per connection per second it writes its Ping, reads the Pong \
+                 and the provider's Ping (sent together in one write) and writes a Pong, two \
+                 writes where the provider makes one."
             );
             s.push('\n');
         }
