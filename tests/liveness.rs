@@ -1143,7 +1143,6 @@ fn an_idle_provider_does_not_race_its_consumers_pings() {
     // to the provider when the provider's Ping left.
     let hold = interval + interval / 2 - ms(20);
     let in_flight = ms(20);
-    let last_up_before = |at: Instant| up.iter().copied().rfind(|u| *u < at);
     let after_a_gap = |at: Instant| {
         let before: Vec<Instant> = up.iter().copied().filter(|u| *u < at).collect();
         match before.as_slice() {
@@ -1152,18 +1151,7 @@ fn an_idle_provider_does_not_race_its_consumers_pings() {
             [] => false,
         }
     };
-    let raced: Vec<(Instant, String)> = down
-        .iter()
-        .copied()
-        .filter(|at| !after_a_gap(*at))
-        .map(|at| {
-            let since = last_up_before(at).map(|u| at - u);
-            (
-                at,
-                format!("a provider Ping {since:?} after the consumer's last"),
-            )
-        })
-        .collect();
+    let raced = provider_pings_failing(&up, &down, after_a_gap);
     let lookback = interval * 2;
     let (raced, excused) = unexplained(raced, lookback, &monitor, None);
     eprintln!(
@@ -1195,6 +1183,31 @@ fn an_idle_provider_does_not_race_its_consumers_pings() {
     );
 }
 
+/// How long before `at` the last of the consumer's Pings `up` went by.
+fn since_last_ping(up: &[Instant], at: Instant) -> Option<Duration> {
+    up.iter().copied().rfind(|u| *u <= at).map(|u| at - u)
+}
+
+/// The provider Pings `down` for which `allowed` is false, each described
+/// with its time since the consumer's last Ping (for [`unexplained`]).
+fn provider_pings_failing(
+    up: &[Instant],
+    down: &[Instant],
+    allowed: impl Fn(Instant) -> bool,
+) -> Vec<(Instant, String)> {
+    down.iter()
+        .copied()
+        .filter(|at| !allowed(*at))
+        .map(|at| {
+            let since = since_last_ping(up, at);
+            (
+                at,
+                format!("a provider Ping {since:?} after the consumer's last"),
+            )
+        })
+        .collect()
+}
+
 /// A Fixed-mode provider (the default) whose consumer pings every interval
 /// sends its own Ping right behind the Pong, in the same write
 /// (`Heartbeat::ping_rides_with_pong`), and holds its timer's ping: it still
@@ -1219,20 +1232,8 @@ fn a_fixed_provider_sends_its_pings_with_its_pongs() {
     // proxy sees it within moments of forwarding that Ping; one sent by the
     // provider's timer comes half an interval or more after it.
     let within = ms(25);
-    let alone: Vec<(Instant, String)> = down
-        .iter()
-        .copied()
-        .filter_map(|at| {
-            let since = up.iter().copied().rfind(|u| *u <= at).map(|u| at - u);
-            match since {
-                Some(since) if since <= within => None,
-                _ => Some((
-                    at,
-                    format!("a provider Ping {since:?} after the consumer's last"),
-                )),
-            }
-        })
-        .collect();
+    let rides = |at: Instant| since_last_ping(&up, at).is_some_and(|since| since <= within);
+    let alone = provider_pings_failing(&up, &down, rides);
     let lookback = interval * 2;
     let (alone, excused) = unexplained(alone, lookback, &monitor, None);
     eprintln!(

@@ -614,10 +614,11 @@ impl Heartbeat {
     /// Fixed mode, on reading the peer's Ping: whether this side's own ping
     /// goes now, in the same write as the Pong, instead of on its own later.
     /// Yes when it is due within half an interval and before the peer's next
-    /// Ping is expected, and the last ping left at least half an interval ago (`previous` is the peer's Ping before this one: a
-    /// peer pinging faster than this side's interval is answered with a ping
-    /// only in the last gap before this side's ping is due, so this side
-    /// still pings about once an interval).
+    /// Ping is expected, and the last ping left at least half an interval
+    /// ago. (`previous` is the peer's Ping before this one: a peer pinging
+    /// faster than this side's interval is answered with a ping only in the
+    /// last gap before this side's ping is due, so this side still pings
+    /// about once an interval.)
     ///
     /// Why: both sides of a Fixed connection ping every interval, each on its
     /// own grid, so a provider wrote twice an interval (its Pong, later its
@@ -628,11 +629,7 @@ impl Heartbeat {
         if config.mode != HeartbeatMode::Fixed || !config.send_pings {
             return false;
         }
-        let Some(due) = self
-            .ping_grid
-            .unwrap_or(self.created)
-            .checked_add(config.interval)
-        else {
+        let Some(due) = self.grid_due() else {
             return false;
         };
         let gap = previous.map_or(config.interval, |at| now.saturating_duration_since(at));
@@ -648,6 +645,14 @@ impl Heartbeat {
                 .is_some_and(|window_end| due <= window_end)
     }
 
+    /// Fixed mode: the next grid point, an interval after the last one (or
+    /// after creation); `None` only on overflow.
+    fn grid_due(&self) -> Option<Instant> {
+        self.ping_grid
+            .unwrap_or(self.created)
+            .checked_add(self.config.interval)
+    }
+
     /// When the next ping is due, if this side sends pings.
     fn ping_deadline(&self) -> Option<Instant> {
         if !self.config.send_pings {
@@ -656,10 +661,7 @@ impl Heartbeat {
         let interval = self.config.interval;
         match self.config.mode {
             HeartbeatMode::Fixed => {
-                let due = self
-                    .ping_grid
-                    .unwrap_or(self.created)
-                    .checked_add(interval)?;
+                let due = self.grid_due()?;
                 Some(self.peer_ping_hold().map_or(due, |hold| due.max(hold)))
             }
             HeartbeatMode::Idle => {

@@ -460,15 +460,7 @@ impl EventLoop {
                 // A Fixed-mode provider's own ping may ride along: queued
                 // after the Pong, it leaves in the same write (the read is
                 // corked).
-                // (An empty `Vec` does not allocate.)
-                let actions: Vec<HeartbeatAction> =
-                    std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
-                for action in actions {
-                    if self.on_heartbeat_action(token, action, now) == Flow::Closed {
-                        return Flow::Closed;
-                    }
-                }
-                Flow::Open
+                self.heartbeat_actions(token, now)
             }
             Kind::Pong => {
                 if let Some(rtt) = conn.heartbeat.on_pong(now, id)
@@ -598,12 +590,8 @@ impl EventLoop {
                     conn.fed_write = Some(written);
                 }
                 conn.heartbeat.handle_timeout(now);
-                let actions: Vec<HeartbeatAction> =
-                    std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
-                for action in actions {
-                    if self.on_heartbeat_action(token, action, now) == Flow::Closed {
-                        return;
-                    }
+                if self.heartbeat_actions(token, now) == Flow::Closed {
+                    return;
                 }
                 if self.check_bounds(token, now) == Flow::Closed {
                     return;
@@ -665,6 +653,22 @@ impl EventLoop {
         Flow::Open
     }
 
+    /// Carries out what the connection's heartbeat machine has queued.
+    fn heartbeat_actions(&mut self, token: usize, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        // Taken first: acting needs `self`. (An empty `Vec` does not allocate.)
+        let actions: Vec<HeartbeatAction> =
+            std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
+        for action in actions {
+            if self.on_heartbeat_action(token, action, now) == Flow::Closed {
+                return Flow::Closed;
+            }
+        }
+        Flow::Open
+    }
+
     fn on_heartbeat_action(&mut self, token: usize, action: HeartbeatAction, now: Instant) -> Flow {
         let Some(conn) = self.conns.get(token) else {
             return Flow::Closed;
@@ -707,26 +711,34 @@ impl EventLoop {
 
     /// Makes sure the timer thread will call back by the connection's next deadline.
     fn rearm(&mut self, token: usize) {
-        let Some(conn) = self.conns.get_mut(token) else {
+        let Some(conn) = self.conns.get(token) else {
             return;
         };
         if let Some(at) = conn.next_deadline()
             && conn.armed.is_none_or(|armed| at < armed)
         {
-            let target = TimerTarget::Conn {
-                token,
-                id: conn.shared.id,
-            };
-            self.timer.arm(
-                conn.shared.id,
-                at,
-                TimerEvent {
-                    loop_index: self.index,
-                    target,
-                },
-            );
-            conn.armed = Some(at);
+            self.arm(token, at);
         }
+    }
+
+    /// Arms (or moves) the connection's timer for `at` and remembers it.
+    fn arm(&mut self, token: usize, at: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let target = TimerTarget::Conn {
+            token,
+            id: conn.shared.id,
+        };
+        self.timer.arm(
+            conn.shared.id,
+            at,
+            TimerEvent {
+                loop_index: self.index,
+                target,
+            },
+        );
+        conn.armed = Some(at);
     }
 
     /// Moves the connection's timer later when a read pushed its deadline
@@ -741,15 +753,14 @@ impl EventLoop {
     /// stay lazy, so a busy connection posts at most about two re-arms per
     /// interval, not one per read.
     fn rearm_after_read(&mut self, token: usize) {
-        let Some(conn) = self.conns.get_mut(token) else {
+        let Some(conn) = self.conns.get(token) else {
             return;
         };
         let slack = conn.heartbeat.config().interval / 2;
         if let (Some(armed), Some(at)) = (conn.armed, conn.next_deadline())
             && at > armed + slack
         {
-            conn.armed = None;
-            self.rearm(token);
+            self.arm(token, at);
         }
     }
 
