@@ -982,6 +982,51 @@ fn the_client_survives_each_bad_frame_from_its_provider() {
     );
 }
 
+/// Responses that share one read with the frame that ends the connection (a
+/// Close, or bytes that break the protocol) still reach their callers: the
+/// consumer hands a read's responses over together, and must do so before
+/// that frame fails the calls still waiting.
+#[test]
+fn responses_read_together_with_the_end_of_the_connection_reach_their_callers() {
+    let _shared = MEMORY.shared();
+    let close = encode_close(CloseStatus::Normal, "restarting");
+    let mut bad_magic = Header::new(Kind::Ping, 0, 5, 0).encode();
+    bad_magic[..2].copy_from_slice(b"HT");
+    for (name, end) in [("a Close", &close[..]), ("bad magic", &bad_magic[..])] {
+        let fake = FakeProvider::bind();
+        let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
+        let events = client.events();
+        let mut peer = fake.accept_ready(PROMPTLY);
+        wait_connected(&events);
+        let calls: Vec<_> = (0..3u64)
+            .map(|n| {
+                client
+                    .start_timeout::<_, u64>("demo", "ping", &n, Duration::from_secs(20))
+                    .expect("start a call")
+            })
+            .collect();
+        let ids: Vec<u64> = (0..3)
+            .map(|_| peer.next_frame_answering_pings(PROMPTLY).header.id)
+            .collect();
+        // The first two calls are answered; the third is still waiting when
+        // the connection ends. One write, so the consumer reads it at once.
+        let mut bytes = encode_ok_response(ids[0], &10u64).unwrap();
+        bytes.extend(encode_ok_response(ids[1], &11u64).unwrap());
+        bytes.extend_from_slice(end);
+        peer.send(&bytes);
+        let mut outcomes = calls.into_iter().map(|call| call.wait());
+        assert_eq!(outcomes.next().unwrap().expect(name), 10, "{name}");
+        assert_eq!(outcomes.next().unwrap().expect(name), 11, "{name}");
+        let last = outcomes.next().unwrap();
+        assert!(
+            matches!(last, Err(Error::ConnectionLost { .. })),
+            "{name}: the unanswered call should fail with ConnectionLost, got {last:?}"
+        );
+        wait_any_disconnected(&events);
+        drop(client);
+    }
+}
+
 /// Frames a consumer must survive without losing its connection.
 #[test]
 fn the_client_keeps_its_connection_through_odd_but_legal_frames() {

@@ -182,6 +182,11 @@ pub(super) struct EventLoop {
     busy_poll: Duration,
     /// This turn read a request or a response (see [`EventLoop::wait`]).
     moved_calls: bool,
+    /// Responses decoded from the current read and not yet handed to their
+    /// callers (see [`complete_responses`](Self::complete_responses)), and
+    /// scratch space for their call slots; both empty between reads.
+    responses: Vec<Frame>,
+    response_slots: Vec<Option<Arc<super::conn::CallSlot>>>,
 }
 
 impl EventLoop {
@@ -207,6 +212,8 @@ impl EventLoop {
             spare_read_buf: None,
             busy_poll,
             moved_calls: false,
+            responses: Vec::new(),
+            response_slots: Vec::new(),
         }
     }
 
@@ -368,6 +375,19 @@ impl EventLoop {
                         match conn.decoder.next_frame() {
                             Ok(Some(frame)) => {
                                 completed_any = true;
+                                if frame.header.kind == Kind::Response
+                                    && conn.phase == Phase::Ready
+                                    && matches!(conn.role, Role::Consumer { .. })
+                                {
+                                    // Handed over with the rest of this read's.
+                                    self.moved_calls = true;
+                                    conn.ping_strikes = 0; // pings between calls are not abuse
+                                    self.responses.push(frame);
+                                    continue;
+                                }
+                                // Responses read before this frame are
+                                // delivered before it can end the connection.
+                                self.complete_responses(token);
                                 if self.on_frame(token, frame, now) == Flow::Closed {
                                     return Flow::Closed;
                                 }
@@ -382,6 +402,7 @@ impl EventLoop {
                                 let newly = started.is_some() && conn.frame_started != started;
                                 conn.frame_started = started;
                                 let drained = !hangup && !conn.decoder.last_read_was_full();
+                                self.complete_responses(token);
                                 if newly {
                                     self.rearm(token);
                                 }
@@ -391,6 +412,7 @@ impl EventLoop {
                                 break;
                             }
                             Err(e) => {
+                                self.complete_responses(token);
                                 self.protocol_error(token, e.to_string(), now);
                                 return Flow::Closed;
                             }
@@ -404,6 +426,28 @@ impl EventLoop {
                     return Flow::Closed;
                 }
             }
+        }
+    }
+
+    /// Hands the responses decoded so far (see `read_frames`) to their
+    /// callers, with one lock of the call table for all of them.
+    fn complete_responses(&mut self, token: usize) {
+        if self.responses.is_empty() {
+            return;
+        }
+        let Some(conn) = self.conns.get(token) else {
+            self.responses.clear();
+            return;
+        };
+        let orphans = conn
+            .shared
+            .calls
+            .complete_all(&mut self.responses, &mut self.response_slots);
+        for id in orphans {
+            log::debug!(
+                "{}: response {id} came after its call gave up",
+                conn.shared.peer
+            );
         }
     }
 
