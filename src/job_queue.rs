@@ -16,8 +16,17 @@
 //! left. Short jobs are then mostly taken by workers that are already awake
 //! (and their responses leave together), while jobs that block still spread
 //! over the pool, one extra worker per wake-up.
+//!
+//! # The last to sleep wakes first
+//! A wake-up goes to the consumer that fell asleep most recently (a stack,
+//! not a queue). Short jobs then keep running on the few workers that are
+//! warm (their stacks and the data they touched still in cache, and still
+//! on the CPU the scheduler last gave them) while the rest of the pool stays
+//! asleep. Woken in FIFO order, as a condition variable does, a 32-worker
+//! pool rotated every job through all 32 threads.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -32,17 +41,22 @@ pub(crate) enum PushError<T> {
 /// A bounded FIFO whose consumers block until a job arrives.
 pub(crate) struct JobQueue<T> {
     state: Mutex<State<T>>,
-    available: Condvar,
     capacity: usize,
 }
 
 struct State<T> {
     jobs: VecDeque<T>,
-    /// Consumers asleep in `pop`.
-    sleeping: usize,
+    /// Consumers asleep in `pop`, the one that fell asleep last at the end.
+    sleepers: Vec<Arc<Sleeper>>,
     /// A consumer was signalled and has not taken the lock since.
     wake_in_flight: bool,
     closed: bool,
+}
+
+/// One consumer asleep in `pop`, waiting on its own condition variable so
+/// that a wake-up can choose which consumer it goes to.
+struct Sleeper {
+    wake: Condvar,
 }
 
 impl<T> JobQueue<T> {
@@ -51,11 +65,10 @@ impl<T> JobQueue<T> {
         JobQueue {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
-                sleeping: 0,
+                sleepers: Vec::new(),
                 wake_in_flight: false,
                 closed: false,
             }),
-            available: Condvar::new(),
             capacity,
         }
     }
@@ -97,11 +110,16 @@ impl<T> JobQueue<T> {
                 }
                 return job;
             }
-            state.sleeping += 1;
-            self.available.wait(&mut state);
-            state.sleeping -= 1;
-            // parking_lot's condvar has no spurious wake-ups: this is the
-            // consumer that was signalled.
+            let me = Arc::new(Sleeper {
+                wake: Condvar::new(),
+            });
+            state.sleepers.push(Arc::clone(&me));
+            // `wake_one` takes a sleeper off the stack before it signals it,
+            // so being off the stack is what being woken means (whatever
+            // the condition variable does).
+            while state.sleepers.iter().any(|s| Arc::ptr_eq(s, &me)) {
+                me.wake.wait(&mut state);
+            }
             state.wake_in_flight = false;
         }
     }
@@ -116,11 +134,15 @@ impl<T> JobQueue<T> {
         self.state.lock().jobs.drain(..).collect()
     }
 
-    /// Signals a sleeping consumer unless one was signalled already.
+    /// Signals the consumer that fell asleep last, unless one was signalled
+    /// already.
     fn wake_one(&self, state: &mut State<T>) {
-        if state.sleeping > 0 && !state.wake_in_flight {
+        if state.wake_in_flight {
+            return;
+        }
+        if let Some(sleeper) = state.sleepers.pop() {
             state.wake_in_flight = true;
-            self.available.notify_one();
+            sleeper.wake.notify_one();
         }
     }
 }
@@ -155,7 +177,7 @@ mod tests {
                 std::thread::spawn(move || queue.pop()())
             })
             .collect();
-        while queue.state.lock().sleeping < 2 {
+        while queue.state.lock().sleepers.len() < 2 {
             std::thread::sleep(Duration::from_millis(1));
         }
         let (to_second, second_got) = crossbeam_channel::bounded(1);
@@ -180,6 +202,46 @@ mod tests {
         }
         for worker in workers {
             worker.join().expect("worker");
+        }
+    }
+
+    #[test]
+    fn the_consumer_that_slept_last_is_woken_first() {
+        let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<usize>>>> =
+            Arc::new(JobQueue::new(16));
+        let wait_for_sleepers = |n: usize| {
+            while queue.state.lock().sleepers.len() < n {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // Consumers 0, 1 and 2 fall asleep in that order.
+        let consumers: Vec<_> = (0..3)
+            .map(|me| {
+                let consumer = {
+                    let queue = Arc::clone(&queue);
+                    std::thread::spawn(move || {
+                        while let Some(reply) = queue.pop() {
+                            let _ = reply.send(me);
+                        }
+                    })
+                };
+                wait_for_sleepers(me + 1);
+                consumer
+            })
+            .collect();
+        for _ in 0..3 {
+            let (reply, ran_on) = crossbeam_channel::bounded(1);
+            assert!(queue.try_push(Some(reply)).is_ok());
+            let ran_on = ran_on.recv_timeout(Duration::from_secs(10));
+            assert_eq!(ran_on, Ok(2), "the job did not go to the last sleeper");
+            // It goes back to sleep on top of the stack.
+            wait_for_sleepers(3);
+        }
+        for _ in 0..3 {
+            queue.push_always(None);
+        }
+        for consumer in consumers {
+            consumer.join().expect("consumer");
         }
     }
 

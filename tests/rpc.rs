@@ -372,8 +372,12 @@ fn flush_and_any_other_call_send_deferred_requests() {
     });
     let second = client.start_deferred::<_, u64>("count", "add", &2).unwrap();
     // A plain call writes the queue, the deferred request ahead of its own.
+    // Both may run at once on two workers, so the deferred one is waited
+    // for; nothing else would send it before `second.wait()` below.
     assert_eq!(client.call::<_, u64>("count", "add", &3).unwrap(), 3);
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    support::wait_until(PROMPTLY, "the deferred request handled", || {
+        calls.load(Ordering::SeqCst) == 3
+    });
     assert_eq!(first.wait().unwrap(), 1);
     assert_eq!(second.wait().unwrap(), 2);
 }
