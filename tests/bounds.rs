@@ -1027,6 +1027,39 @@ fn responses_read_together_with_the_end_of_the_connection_reach_their_callers() 
     }
 }
 
+/// Whoever reacts to `Disconnected` finds the client no longer Ready: the
+/// link's state changes before the event is emitted. The window was short,
+/// so the provider drops the connection many times and the event is polled
+/// for without sleeping, to look at the state the moment it lands.
+#[test]
+fn after_disconnected_the_client_is_never_ready() {
+    let _shared = MEMORY.shared();
+    let fake = FakeProvider::bind();
+    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
+    let events = client.events();
+    for cycle in 0..50 {
+        let peer = fake.accept_ready(PROMPTLY);
+        wait_connected(&events);
+        drop(peer); // a FIN: the consumer reads the end of stream
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            match events.try_recv() {
+                Ok(Event::Disconnected { .. }) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "cycle {cycle}: no Disconnected");
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        let state = client.state();
+        assert!(
+            !matches!(state, ConnectionState::Ready),
+            "cycle {cycle}: still Ready after Disconnected"
+        );
+    }
+}
+
 /// Frames a consumer must survive without losing its connection.
 #[test]
 fn the_client_keeps_its_connection_through_odd_but_legal_frames() {

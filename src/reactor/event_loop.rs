@@ -1154,44 +1154,48 @@ impl EventLoop {
         let peer = link.addr();
         if was_ready {
             ctl.backoff.on_disconnected(now);
-            link.events().emit(Event::Disconnected {
-                peer,
-                reason: reason.clone(),
-            });
         } else {
             log::debug!("{peer}: connect attempt failed: {reason}");
         }
-        if ctl.removed {
+        // The link's state changes before `Disconnected` is emitted, so
+        // whoever reacts to the event never finds the link still Ready.
+        // `next`: the next attempt and its delay, if there is one.
+        let next = if ctl.removed {
             self.links.remove(&link_id);
             link.set_state(LinkState::Shutdown);
-            return;
-        }
-        match ctl.backoff.next_delay() {
-            Some(delay) => {
-                let attempt = ctl.backoff.attempt();
-                link.set_state(LinkState::Connecting {
+            None
+        } else {
+            let delay = ctl.backoff.next_delay();
+            let attempt = ctl.backoff.attempt();
+            match delay {
+                Some(_) => link.set_state(LinkState::Connecting {
                     attempt,
                     last_error: Some(reason.to_string()),
-                });
-                link.events().emit(Event::Reconnecting {
-                    peer,
-                    attempt,
-                    delay,
-                });
-                let event = TimerEvent {
-                    loop_index: self.index,
-                    target: TimerTarget::Link { id: link_id },
-                };
-                self.timer.arm(link_id, now + delay, event);
+                }),
+                None => {
+                    log::warn!("{peer}: giving up after {attempt} reconnect attempts");
+                    link.set_state(LinkState::Failed(format!(
+                        "gave up after {attempt} reconnect attempts; last error: {reason}"
+                    )));
+                    self.links.remove(&link_id);
+                }
             }
-            None => {
-                let attempts = ctl.backoff.attempt();
-                log::warn!("{peer}: giving up after {attempts} reconnect attempts");
-                link.set_state(LinkState::Failed(format!(
-                    "gave up after {attempts} reconnect attempts; last error: {reason}"
-                )));
-                self.links.remove(&link_id);
-            }
+            delay.map(|delay| (attempt, delay))
+        };
+        if was_ready {
+            link.events().emit(Event::Disconnected { peer, reason });
+        }
+        if let Some((attempt, delay)) = next {
+            link.events().emit(Event::Reconnecting {
+                peer,
+                attempt,
+                delay,
+            });
+            let event = TimerEvent {
+                loop_index: self.index,
+                target: TimerTarget::Link { id: link_id },
+            };
+            self.timer.arm(link_id, now + delay, event);
         }
     }
 
