@@ -276,9 +276,11 @@ pub struct ServerConfig {
     pub worker_queue: usize,
     /// How long a worker that found the queue empty keeps looking for the
     /// next job before it sleeps. A job that arrives meanwhile is taken at
-    /// once, with no futex wake-up and no switch to a sleeping worker: with
-    /// pool handlers, 64 callers sharing a Client did 25 % more calls and a
-    /// sequential caller's p99 halved on two cores (docs/BENCHMARKS.md).
+    /// once, with no futex wake-up and no switch to a sleeping worker: on
+    /// two cores, 64 callers sharing a Client did about 25 % more pool
+    /// calls and a sequential caller's p99 halved; pipelining with
+    /// `Client::start` (each request written alone) lost about 12 %
+    /// (docs/BENCHMARKS.md).
     /// At most one worker spins at a time, yielding its core between looks,
     /// and never on a single core (the process's CPU affinity or quota),
     /// where it would only take turns with the threads bringing it work.
