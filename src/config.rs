@@ -278,8 +278,8 @@ pub struct ServerConfig {
     /// next job before it sleeps. A job that arrives meanwhile is taken at
     /// once, with no futex wake-up and no switch to a sleeping worker: on
     /// two cores, 64 callers sharing a Client did about 25 % more pool
-    /// calls and a sequential caller's p99 halved; pipelining with
-    /// `Client::start` (each request written alone) lost about 12 %
+    /// calls and a sequential caller's p99 halved, while one thread
+    /// pipelining pool calls with `Client::start` lost about 12 %
     /// (docs/BENCHMARKS.md).
     /// At most one worker spins at a time, yielding its core between looks,
     /// and never on a single core (the process's CPU affinity or quota),
