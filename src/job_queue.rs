@@ -232,18 +232,31 @@ mod tests {
 
     #[test]
     fn jobs_pushed_in_a_burst_still_run_in_parallel() {
-        // Two jobs that can only finish together: the second must reach a
-        // second worker although only one wake-up is in flight at a time.
-        let queue: Arc<JobQueue<Box<dyn FnOnce() + Send>>> =
-            Arc::new(JobQueue::new(16, Duration::ZERO));
+        burst_of_two_runs_in_parallel(Duration::ZERO);
+    }
+
+    #[test]
+    fn jobs_pushed_in_a_burst_reach_a_sleeper_while_another_spins() {
+        // The spinner takes the first job and must pass the wake-up on.
+        burst_of_two_runs_in_parallel(Duration::from_secs(30));
+    }
+
+    /// Two jobs that can only finish together: the second must reach a
+    /// second worker although only one wake-up is in flight at a time (and,
+    /// with `spin`, although the pushes find a spinning worker and wake
+    /// nobody).
+    fn burst_of_two_runs_in_parallel(spin: Duration) {
+        let queue: Arc<JobQueue<Box<dyn FnOnce() + Send>>> = Arc::new(JobQueue::new(16, spin));
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let queue = Arc::clone(&queue);
                 std::thread::spawn(move || queue.pop()())
             })
             .collect();
-        while queue.state.lock().sleepers.len() < 2 {
-            std::thread::sleep(Duration::from_millis(1));
+        if spin.is_zero() {
+            wait_for_state(&queue, |s| s.sleepers.len() == 2);
+        } else {
+            wait_for_state(&queue, |s| s.spinning && s.sleepers.len() == 1);
         }
         let (to_second, second_got) = crossbeam_channel::bounded(1);
         let (to_first, first_got) = crossbeam_channel::bounded(1);
@@ -253,12 +266,12 @@ mod tests {
         let mut state = queue.state.lock();
         for (send, receive) in [(to_second, first_got), (to_first, second_got)] {
             let done = done.clone();
-            state.jobs.push_back(Box::new(move || {
+            let job: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let _ = send.send(());
                 let met = receive.recv_timeout(Duration::from_secs(5)).is_ok();
                 let _ = done.send(met);
-            }));
-            queue.wake_one(&mut state);
+            });
+            queue.push_locked(&mut state, job);
         }
         drop(state);
         for _ in 0..2 {
