@@ -836,6 +836,15 @@ enum Then {
     Reset,
 }
 
+/// A fake provider and a client of it (quick reconnects), with the client's
+/// events; the client connects once the test accepts.
+fn client_of_a_fake_provider() -> (FakeProvider, Client, crossbeam_channel::Receiver<Event>) {
+    let fake = FakeProvider::bind();
+    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
+    let events = client.events();
+    (fake, client, events)
+}
+
 fn frame(kind: Kind, status: u8, id: u64, body: &[u8]) -> Vec<u8> {
     let mut bytes = Header::new(kind, status, id, body.len() as u32)
         .encode()
@@ -993,9 +1002,7 @@ fn responses_read_together_with_the_end_of_the_connection_reach_their_callers() 
     let mut bad_magic = Header::new(Kind::Ping, 0, 5, 0).encode();
     bad_magic[..2].copy_from_slice(b"HT");
     for (name, end) in [("a Close", &close[..]), ("bad magic", &bad_magic[..])] {
-        let fake = FakeProvider::bind();
-        let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
-        let events = client.events();
+        let (fake, client, events) = client_of_a_fake_provider();
         let mut peer = fake.accept_ready(PROMPTLY);
         wait_connected(&events);
         let calls: Vec<_> = (0..3u64)
@@ -1034,9 +1041,7 @@ fn responses_read_together_with_the_end_of_the_connection_reach_their_callers() 
 #[test]
 fn after_disconnected_the_client_is_never_ready() {
     let _shared = MEMORY.shared();
-    let fake = FakeProvider::bind();
-    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
-    let events = client.events();
+    let (fake, client, events) = client_of_a_fake_provider();
     for cycle in 0..50 {
         let peer = fake.accept_ready(PROMPTLY);
         wait_connected(&events);
@@ -1064,9 +1069,7 @@ fn after_disconnected_the_client_is_never_ready() {
 #[test]
 fn the_client_keeps_its_connection_through_odd_but_legal_frames() {
     let _shared = MEMORY.shared();
-    let fake = FakeProvider::bind();
-    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
-    let events = client.events();
+    let (fake, client, events) = client_of_a_fake_provider();
     let mut peer = fake.accept_ready(PROMPTLY);
     wait_connected(&events);
 
