@@ -310,18 +310,6 @@ impl CallTable {
         Ok(())
     }
 
-    /// Hands a response to its caller; false if nobody waits for it any more.
-    pub(crate) fn complete(&self, id: u64, outcome: CallOutcome) -> bool {
-        let slot = self.inner.lock().map.remove(&id);
-        match slot {
-            Some(slot) => {
-                slot.complete(outcome);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Hands each response of `responses` (drained) to its caller, taking
     /// the table's lock once for all of them: the caller registering its
     /// next calls and the loop completing a read's worth of responses then

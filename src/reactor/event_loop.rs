@@ -375,19 +375,11 @@ impl EventLoop {
                         match conn.decoder.next_frame() {
                             Ok(Some(frame)) => {
                                 completed_any = true;
-                                if frame.header.kind == Kind::Response
-                                    && conn.phase == Phase::Ready
-                                    && matches!(conn.role, Role::Consumer { .. })
-                                {
-                                    // Handed over with the rest of this read's.
-                                    self.moved_calls = true;
-                                    conn.ping_strikes = 0; // pings between calls are not abuse
-                                    self.responses.push(frame);
-                                    continue;
+                                if frame.header.kind != Kind::Response {
+                                    // Responses read before this frame are
+                                    // delivered before it can end the connection.
+                                    self.complete_responses(token);
                                 }
-                                // Responses read before this frame are
-                                // delivered before it can end the connection.
-                                self.complete_responses(token);
                                 if self.on_frame(token, frame, now) == Flow::Closed {
                                     return Flow::Closed;
                                 }
@@ -429,8 +421,10 @@ impl EventLoop {
         }
     }
 
-    /// Hands the responses decoded so far (see `read_frames`) to their
-    /// callers, with one lock of the call table for all of them.
+    /// Hands the responses decoded so far (queued by `on_frame`) to their
+    /// callers, with one lock of the call table for all of them. `read_frames`
+    /// calls it before any other kind of frame and at the end of each read,
+    /// so no response waits past the read that brought it.
     fn complete_responses(&mut self, token: usize) {
         if self.responses.is_empty() {
             return;
@@ -530,12 +524,9 @@ impl EventLoop {
                 self.moved_calls = true;
                 conn.ping_strikes = 0; // pings between calls are not abuse
                 if let Role::Consumer { .. } = conn.role {
-                    if !conn.shared.calls.complete(id, Ok(frame)) {
-                        log::debug!(
-                            "{}: response {id} came after its call gave up",
-                            conn.shared.peer
-                        );
-                    }
+                    // Handed to its caller with the rest of this read's
+                    // responses (`read_frames`, `complete_responses`).
+                    self.responses.push(frame);
                 } else {
                     log::debug!(
                         "{}: a consumer sent a Response (id {id}); ignored",
