@@ -70,13 +70,7 @@ impl ServerBuilder {
             .ok_or_else(|| Error::InvalidConfig(format!("{addr} is not an IP address")))?;
 
         let config = self.config;
-        // On one core a spinning worker only takes turns with the loop and
-        // the callers that bring it work (as a polling loop would there).
-        let worker_spin = if crate::reactor::usable_cores() == 1 {
-            Duration::ZERO
-        } else {
-            config.worker_spin
-        };
+        let worker_spin = crate::reactor::poll_time_here(config.worker_spin);
         let jobs = Arc::new(JobQueue::new(config.worker_queue, worker_spin));
         let events = EventSink::new(config.connection.event_capacity, "server");
         let runtime = Runtime::start("pulse-server", config.event_loops, &config.connection)?;
