@@ -287,11 +287,7 @@ mod tests {
     fn the_consumer_that_slept_last_is_woken_first() {
         let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<usize>>>> =
             Arc::new(JobQueue::new(16, Duration::ZERO));
-        let wait_for_sleepers = |n: usize| {
-            while queue.state.lock().sleepers.len() < n {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
+        let wait_for_sleepers = |n: usize| wait_for_state(&queue, |s| s.sleepers.len() >= n);
         // Consumers 0, 1 and 2 fall asleep in that order.
         let consumers: Vec<_> = (0..3)
             .map(|me| {
@@ -325,12 +321,9 @@ mod tests {
 
     /// Waits until `ready` holds for the queue's state.
     fn wait_for_state<T>(queue: &JobQueue<T>, ready: impl Fn(&State<T>) -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !ready(&queue.state.lock()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the queue never got there"
-            );
+            assert!(Instant::now() < deadline, "the queue never got there");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
