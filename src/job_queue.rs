@@ -287,6 +287,10 @@ mod tests {
     fn the_consumer_that_slept_last_is_woken_first() {
         let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<usize>>>> =
             Arc::new(JobQueue::new(16, Duration::ZERO));
+        let stop = StopOnDrop {
+            queue: &queue,
+            consumers: 3,
+        };
         let wait_for_sleepers = |n: usize| wait_for_state(&queue, |s| s.sleepers.len() >= n);
         // Consumers 0, 1 and 2 fall asleep in that order.
         let consumers: Vec<_> = (0..3)
@@ -311,11 +315,25 @@ mod tests {
             // It goes back to sleep on top of the stack.
             wait_for_sleepers(3);
         }
-        for _ in 0..3 {
-            queue.push_always(None);
-        }
+        drop(stop);
         for consumer in consumers {
             consumer.join().expect("consumer");
+        }
+    }
+
+    /// Queues one `None` (the consumers' stop message) per consumer when
+    /// dropped, so the consumer threads of a test end even when one of its
+    /// assertions fails first.
+    struct StopOnDrop<'a, T> {
+        queue: &'a JobQueue<Option<T>>,
+        consumers: usize,
+    }
+
+    impl<T> Drop for StopOnDrop<'_, T> {
+        fn drop(&mut self) {
+            for _ in 0..self.consumers {
+                self.queue.push_always(None);
+            }
         }
     }
 
@@ -334,6 +352,10 @@ mod tests {
         // once by the spinner (a push wakes nobody while one spins).
         let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<()>>>> =
             Arc::new(JobQueue::new(16, Duration::from_secs(30)));
+        let stop = StopOnDrop {
+            queue: &queue,
+            consumers: 1,
+        };
         let consumer = {
             let queue = Arc::clone(&queue);
             std::thread::spawn(move || {
@@ -349,13 +371,17 @@ mod tests {
             assert_eq!(ran.recv_timeout(Duration::from_secs(5)), Ok(()));
             assert!(queue.state.lock().sleepers.is_empty(), "the consumer slept");
         }
-        queue.push_always(None);
+        drop(stop);
         consumer.join().expect("consumer");
     }
 
     #[test]
     fn one_consumer_spins_and_the_others_sleep() {
         let queue: Arc<JobQueue<Option<()>>> = Arc::new(JobQueue::new(16, Duration::from_secs(30)));
+        let stop = StopOnDrop {
+            queue: &queue,
+            consumers: 3,
+        };
         let consumers: Vec<_> = (0..3)
             .map(|_| {
                 let queue = Arc::clone(&queue);
@@ -363,9 +389,7 @@ mod tests {
             })
             .collect();
         wait_for_state(&queue, |s| s.spinning && s.sleepers.len() == 2);
-        for _ in 0..3 {
-            queue.push_always(None);
-        }
+        drop(stop);
         for consumer in consumers {
             consumer.join().expect("consumer");
         }
