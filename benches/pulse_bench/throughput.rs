@@ -373,16 +373,14 @@ pub fn run(
         ),
     ];
     for (key, depth, deferred, pattern) in pipelines {
-        for mode in [Mode::Pool, Mode::Inline] {
-            let ops = vec![pipelined_op(
-                clients[0].clone(),
-                mode,
-                value.clone(),
-                depth,
-                deferred,
-            )];
-            let m = measure(ops, window, None);
-            push(row(key, mode.label(), pattern, 1, 1, depth, m), &mut rows);
+        let shape = Pipeline {
+            key,
+            pattern,
+            depth,
+            deferred,
+        };
+        for r in shape.rows(&clients[0], &value, window) {
+            push(r, &mut rows);
         }
     }
     for r in placed_pipelines(&value, window)? {
@@ -432,9 +430,8 @@ pub fn run(
 /// on one CPU.
 fn placed_pipelines(value: &Value, window: Duration) -> Result<Vec<ThroughputRow>, String> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut rows = Vec::new();
     if cpus < 2 {
-        return Ok(rows);
+        return Ok(Vec::new());
     }
     let mut server_config = ServerConfig::default();
     server_config.connection.loop_cpus = vec![cpus - 1];
@@ -448,26 +445,43 @@ fn placed_pipelines(value: &Value, window: Duration) -> Result<Vec<ThroughputRow
         "one thread, 64 outstanding (start_deferred), loops placed: client CPU 0, provider CPU {}",
         cpus - 1
     );
-    for mode in [Mode::Pool, Mode::Inline] {
-        let ops = vec![pipelined_op(
-            client.clone(),
-            mode,
-            value.clone(),
-            PIPELINE_DEPTH,
-            true,
-        )];
-        let m = measure(ops, window, None);
-        rows.push(row(
-            "pipelined-deferred-placed",
-            mode.label(),
-            &pattern,
-            1,
-            1,
-            PIPELINE_DEPTH,
-            m,
-        ));
+    let shape = Pipeline {
+        key: "pipelined-deferred-placed",
+        pattern: &pattern,
+        depth: PIPELINE_DEPTH,
+        deferred: true,
+    };
+    Ok(shape.rows(&client, value, window))
+}
+
+/// One pipelined shape, measured once with pool and once with inline handlers.
+struct Pipeline<'a> {
+    key: &'a str,
+    pattern: &'a str,
+    /// Calls kept outstanding.
+    depth: usize,
+    /// `start_deferred` instead of `start`.
+    deferred: bool,
+}
+
+impl Pipeline<'_> {
+    /// One row per handler mode, one caller thread on `client` each.
+    fn rows(&self, client: &Client, value: &Value, window: Duration) -> Vec<ThroughputRow> {
+        [Mode::Pool, Mode::Inline]
+            .into_iter()
+            .map(|mode| {
+                let op = pipelined_op(
+                    client.clone(),
+                    mode,
+                    value.clone(),
+                    self.depth,
+                    self.deferred,
+                );
+                let m = measure(vec![op], window, None);
+                row(self.key, mode.label(), self.pattern, 1, 1, self.depth, m)
+            })
+            .collect()
     }
-    Ok(rows)
 }
 
 /// Sets `baseline` and `ratio` of every pulse row: the raw row with the same
