@@ -1,0 +1,192 @@
+//! Closing connections: the Close frame, releasing everything a connection
+//! owned, and what a consumer link does next (reconnect or stop).
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use socket2::Socket;
+
+use crate::client::LinkState;
+use crate::event::{DisconnectReason, Event};
+use crate::protocol::{CloseStatus, encode_close};
+use crate::reactor::outbound::Flush;
+use crate::reactor::{TimerEvent, TimerTarget};
+
+use super::{EventLoop, Phase, Role};
+
+impl EventLoop {
+    /// Ends a connection. With `close_frame`, a Close is sent first: where the
+    /// socket takes it at once the connection is finalized now, otherwise it
+    /// lingers (`Closing`) until the frame is written or the linger ends.
+    pub(super) fn close(
+        &mut self,
+        token: usize,
+        reason: DisconnectReason,
+        close_frame: Option<(CloseStatus, String)>,
+        now: Instant,
+    ) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if let Phase::Closing { .. } = conn.phase {
+            self.finalize(token, now);
+            return;
+        }
+        // Calls in flight fail now, not when the Close has been written.
+        conn.shared
+            .calls
+            .fail_all(conn.shared.peer, reason.as_str());
+        if let Role::Provider { server } = &conn.role {
+            let peer = conn.shared.peer;
+            server.events().emit(Event::Disconnected {
+                peer,
+                reason: reason.clone(),
+            });
+            conn.reported = true;
+        }
+        conn.closing_reason = Some(reason);
+        let Some((status, text)) = close_frame else {
+            self.finalize(token, now);
+            return;
+        };
+        // A graceful Close goes behind the responses already queued; any
+        // other Close replaces what has not started to be written.
+        let graceful = status == CloseStatus::Normal;
+        let shared = &conn.shared;
+        let sent = shared
+            .out
+            .send_final(&shared.socket, encode_close(status, &text), graceful);
+        let linger = match &conn.role {
+            // A consumer reconnects at once: its peer is gone or going.
+            Role::Consumer { .. } => None,
+            Role::Provider { server } => Some(server.config().linger),
+        };
+        match (sent, linger) {
+            (Ok(Flush::Blocked), Some(linger)) if !conn.shared.out.is_empty() => {
+                conn.phase = Phase::Closing {
+                    deadline: now + linger,
+                };
+                self.rearm(token);
+            }
+            _ => self.finalize(token, now),
+        }
+    }
+
+    /// Releases everything the connection owns: registration, socket, queued
+    /// frames, waiting calls and its timer; then reports the end.
+    pub(super) fn finalize(&mut self, token: usize, now: Instant) {
+        if !self.conns.contains(token) {
+            return;
+        }
+        let conn = self.conns.remove(token);
+        let shared = &conn.shared;
+        let fd = shared.socket.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            log::debug!("{}: deregister failed: {e}", shared.peer);
+        }
+        // Shut down our sending side (writers on other threads now fail fast),
+        // then drain what the peer already sent: closing a socket with unread
+        // bytes makes the kernel send a reset, which can destroy our Close
+        // frame before the peer reads it.
+        let _ = shared.socket.shutdown(Shutdown::Write);
+        drain_unread(&shared.socket);
+        shared.out.close();
+        let reason = conn.closing_reason.unwrap_or(DisconnectReason::Shutdown);
+        shared.calls.fail_all(shared.peer, reason.as_str());
+        if conn.armed.is_some() {
+            self.timer.disarm(shared.id);
+        }
+        match conn.role {
+            Role::Provider { server } => {
+                server.release_connection();
+                if !conn.reported {
+                    server.events().emit(Event::Disconnected {
+                        peer: shared.peer,
+                        reason,
+                    });
+                }
+            }
+            Role::Consumer { link } => self.link_conn_gone(link.id(), conn.was_ready, reason, now),
+        }
+    }
+
+    /// A link's connection (or connect attempt) ended: report it and schedule
+    /// the next attempt, after the old connection was fully released.
+    pub(super) fn link_conn_gone(
+        &mut self,
+        link_id: u64,
+        was_ready: bool,
+        reason: DisconnectReason,
+        now: Instant,
+    ) {
+        let Some(ctl) = self.links.get_mut(&link_id) else {
+            return;
+        };
+        ctl.conn = None;
+        let link = ctl.link.clone();
+        let peer = link.addr();
+        if was_ready {
+            ctl.backoff.on_disconnected(now);
+        } else {
+            log::debug!("{peer}: connect attempt failed: {reason}");
+        }
+        // The link's state changes before `Disconnected` is emitted, so
+        // whoever reacts to the event never finds the link still Ready.
+        // `next`: the next attempt and its delay, if there is one.
+        let next = if ctl.removed {
+            self.links.remove(&link_id);
+            link.set_state(LinkState::Shutdown);
+            None
+        } else {
+            let delay = ctl.backoff.next_delay();
+            let attempt = ctl.backoff.attempt();
+            match delay {
+                Some(_) => link.set_state(LinkState::Connecting {
+                    attempt,
+                    last_error: Some(reason.to_string()),
+                }),
+                None => {
+                    log::warn!("{peer}: giving up after {attempt} reconnect attempts");
+                    link.set_state(LinkState::Failed(format!(
+                        "gave up after {attempt} reconnect attempts; last error: {reason}"
+                    )));
+                    self.links.remove(&link_id);
+                }
+            }
+            delay.map(|delay| (attempt, delay))
+        };
+        if was_ready {
+            link.events().emit(Event::Disconnected { peer, reason });
+        }
+        if let Some((attempt, delay)) = next {
+            link.events().emit(Event::Reconnecting {
+                peer,
+                attempt,
+                delay,
+            });
+            let event = TimerEvent {
+                loop_index: self.index,
+                target: TimerTarget::Link { id: link_id },
+            };
+            self.timer.arm(link_id, now + delay, event);
+        }
+    }
+}
+
+/// Bytes read and discarded from a socket being closed, at most.
+const DRAIN_LIMIT: usize = 256 * 1024;
+
+/// Reads and discards what is already buffered on a non-blocking socket.
+fn drain_unread(socket: &Socket) {
+    let mut scratch = [0u8; 16 * 1024];
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        match io::Read::read(&mut &*socket, &mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! One event loop: owns its connections and drives their I/O and liveness.
+//!
+//! Each turn it (1) polls, (2) handles readiness — reads before anything else,
+//! so bytes that arrived are counted as proof of life before any deadline is
+//! judged — and (3) drains its command channel (timers, new sockets, links,
+//! shutdown). It reads every readable socket until `WouldBlock` or a short
+//! read (edge triggered), and registers each socket once for both read and
+//! write: writes happen from whichever thread sends (see `outbound`), and the
+//! loop only resumes a write that the socket refused.
+//!
+//! This file holds the loop's state, its turn and its commands; the rest of
+//! `impl EventLoop` is split by concern:
+//! - `read`: readiness, reads and the frames they bring;
+//! - `timers`: heartbeats, connection bounds and each connection's timer;
+//! - `open`: accepting, connecting, the handshake;
+//! - `close`: Close frames, releasing a connection, reconnecting a link.
+
+mod close;
+mod open;
+mod read;
+mod timers;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::Receiver;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use socket2::Socket;
+
+use super::conn::ConnShared;
+use super::{Command, LISTENER_TOKEN, LoopHandle, PeerInfo, TimerEvent, WAKER_TOKEN};
+use crate::client::{Link, LinkState};
+use crate::event::{DisconnectReason, Event};
+use crate::liveness::{Backoff, Heartbeat};
+use crate::protocol::{CloseStatus, Frame, FrameDecoder};
+use crate::server::{Route, ServerShared};
+use crate::timer::TimerHandle;
+
+/// Readiness events handled per poll call at most.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Consumer: TCP connect in progress, to finish by the deadline.
+    Connecting { deadline: Instant },
+    /// Consumer: connected, our first Ping sent, waiting for any frame back.
+    Handshaking,
+    /// Calls flow.
+    Ready,
+    /// Our Close frame is queued; the socket closes once it is written or at
+    /// the deadline, whichever comes first. Nothing else is sent or read.
+    Closing { deadline: Instant },
+}
+
+/// Which side of the protocol a connection plays here.
+enum Role {
+    /// We called out; responses go to waiting callers.
+    Consumer { link: Arc<Link> },
+    /// We accepted; requests go to the server's services.
+    Provider { server: Arc<ServerShared> },
+}
+
+/// The loop-owned state of one connection.
+struct Conn {
+    shared: Arc<ConnShared>,
+    decoder: FrameDecoder,
+    heartbeat: Heartbeat,
+    role: Role,
+    phase: Phase,
+    /// The connection reached `Ready` at some point (so its end is a
+    /// disconnect, not a failed attempt).
+    was_ready: bool,
+    /// Why the connection is closing, once it is.
+    closing_reason: Option<DisconnectReason>,
+    /// The provider already reported this connection's end (at the moment it
+    /// decided to close, not after the Close frame lingered out).
+    reported: bool,
+    /// The deadline the timer thread holds for this connection, if any.
+    armed: Option<Instant>,
+    /// Latest write time already fed to the heartbeat.
+    fed_write: Option<Instant>,
+    connected_since: SystemTime,
+    /// When the connection became usable (for `max_age`).
+    opened_at: Instant,
+    /// When the frame now arriving started (for `frame_timeout`).
+    frame_started: Option<Instant>,
+    /// When the peer last pinged us, and how many reads in a row brought a
+    /// ping too soon after the previous one.
+    last_ping_in: Option<Instant>,
+    ping_strikes: u32,
+    /// Successful reads so far, and the read that last earned a strike: pings
+    /// that arrive together in one read were queued somewhere on the way
+    /// (behind a large frame, in a proxy) and count as one arrival.
+    reads: u64,
+    strike_read: u64,
+    /// Last time a call moved on this connection (for `max_idle`).
+    last_call: Instant,
+    /// `max_age` reached: finishing running calls until this deadline.
+    draining_until: Option<Instant>,
+    /// Provider: where the last request went (see `server::Route`); boxed so
+    /// a connection that makes no calls pays one pointer.
+    last_route: Option<Box<Route>>,
+}
+
+impl Conn {
+    /// Settings shared by both roles.
+    fn config(&self) -> &crate::config::ConnectionConfig {
+        match &self.role {
+            Role::Consumer { link } => &link.config().connection,
+            Role::Provider { server } => &server.config().connection,
+        }
+    }
+
+    /// The earliest moment something must be checked on this connection.
+    fn next_deadline(&self) -> Option<Instant> {
+        let phase_deadline = match self.phase {
+            Phase::Connecting { deadline } | Phase::Closing { deadline } => return Some(deadline),
+            Phase::Handshaking | Phase::Ready => self.heartbeat.next_deadline(),
+        };
+        let frame = self
+            .frame_started
+            .zip(self.config().frame_timeout)
+            .map(|(s, t)| s + t);
+        let (idle, age) = match &self.role {
+            Role::Provider { server } => {
+                let config = server.config();
+                let idle = config.max_idle.map(|t| self.last_call + t);
+                let age = match self.draining_until {
+                    // Check often while draining: it ends when calls finish.
+                    Some(_) => Some(Instant::now() + config.connection.timer_tick),
+                    None => config.max_age.map(|t| self.opened_at + t),
+                };
+                (idle, age)
+            }
+            Role::Consumer { .. } => (None, None),
+        };
+        [phase_deadline, frame, idle, age]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// A consumer link this loop keeps connected.
+struct LinkCtl {
+    link: Arc<Link>,
+    backoff: Backoff,
+    /// Slab token of the link's current connection (any phase).
+    conn: Option<usize>,
+    /// The client is gone: close, do not reconnect.
+    removed: bool,
+}
+
+/// Whether the connection survived handling some input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Open,
+    Closed,
+}
+
+pub(super) struct EventLoop {
+    index: usize,
+    poll: Poll,
+    commands: Receiver<Command>,
+    /// Every loop of the runtime (index = loop index), for handing out
+    /// accepted sockets round-robin and for connections to reach their owner.
+    loops: Vec<LoopHandle>,
+    timer: TimerHandle<TimerEvent>,
+    conns: Slab<Conn>,
+    links: HashMap<u64, LinkCtl>,
+    listener: Option<(Socket, Arc<ServerShared>)>,
+    next_loop: usize,
+    /// Exit once no connection is left.
+    exiting: bool,
+    /// A read buffer lent to whichever connection reads next, and taken back
+    /// when its bytes are all decoded: an idle connection holds no read
+    /// buffer (see `read`).
+    spare_read_buf: Option<Vec<u8>>,
+    /// `ConnectionConfig::busy_poll`, or zero on one core (see
+    /// `Runtime::start`).
+    busy_poll: Duration,
+    /// This turn read a request or a response (see [`EventLoop::wait`]).
+    moved_calls: bool,
+    /// Responses decoded from the current read and not yet handed to their
+    /// callers (see [`complete_responses`](Self::complete_responses)), and
+    /// scratch space for their call slots; both empty between reads.
+    responses: Vec<Frame>,
+    response_slots: Vec<Option<Arc<super::conn::CallSlot>>>,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        index: usize,
+        poll: Poll,
+        commands: Receiver<Command>,
+        loops: Vec<LoopHandle>,
+        timer: TimerHandle<TimerEvent>,
+        busy_poll: Duration,
+    ) -> EventLoop {
+        EventLoop {
+            index,
+            poll,
+            commands,
+            loops,
+            timer,
+            conns: Slab::new(),
+            links: HashMap::new(),
+            listener: None,
+            next_loop: index,
+            exiting: false,
+            spare_read_buf: None,
+            busy_poll,
+            moved_calls: false,
+            responses: Vec::new(),
+            response_slots: Vec::new(),
+        }
+    }
+
+    /// Waits for events: polls without sleeping for up to `busy_poll` after
+    /// a turn that moved calls (the next request or response of a busy
+    /// connection is then picked up without a wake-up), then sleeps.
+    fn wait(&mut self, events: &mut Events) -> io::Result<()> {
+        if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
+            let until = Instant::now() + self.busy_poll;
+            loop {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() || Instant::now() >= until {
+                    return Ok(());
+                }
+                // Let a caller or worker that shares this core run first.
+                std::thread::yield_now();
+            }
+        }
+        self.poll.poll(events, None)
+    }
+
+    pub(super) fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            if let Err(e) = self.wait(&mut events) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!(
+                    "event loop {}: poll failed, closing its connections: {e}",
+                    self.index
+                );
+                self.exit_now();
+                return;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN => {}
+                    LISTENER_TOKEN => self.accept_all(now),
+                    Token(token) => self.on_ready(token, event, now),
+                }
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                self.on_command(command);
+            }
+            if self.exiting && self.conns.is_empty() {
+                log::debug!("event loop {} exits", self.index);
+                return;
+            }
+        }
+    }
+
+    fn emit(&self, token: usize, event: Event) {
+        if let Some(conn) = self.conns.get(token) {
+            match &conn.role {
+                Role::Consumer { link } => link.events().emit(event),
+                Role::Provider { server } => server.events().emit(event),
+            }
+        }
+    }
+
+    // ----- commands ----------------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Timers(targets) => self.on_timers(targets),
+            Command::Listen { listener, server } => {
+                let fd = listener.as_raw_fd();
+                match self.poll.registry().register(
+                    &mut SourceFd(&fd),
+                    LISTENER_TOKEN,
+                    Interest::READABLE,
+                ) {
+                    Ok(()) => {
+                        self.listener = Some((listener, server));
+                        self.accept_all(now);
+                    }
+                    Err(e) => log::error!("cannot register listener: {e}"),
+                }
+            }
+            Command::Adopt {
+                socket,
+                peer,
+                server,
+            } => self.adopt(socket, peer, server, now),
+            Command::AddLink(link) => {
+                let id = link.id();
+                let backoff = Backoff::new(
+                    link.config().backoff.clone(),
+                    id ^ crate::clock::to_nanos(now),
+                );
+                self.links.insert(
+                    id,
+                    LinkCtl {
+                        link,
+                        backoff,
+                        conn: None,
+                        removed: false,
+                    },
+                );
+                self.connect_link(id, now);
+            }
+            Command::RemoveLink { link_id } => {
+                let Some(ctl) = self.links.get_mut(&link_id) else {
+                    return;
+                };
+                ctl.removed = true;
+                match ctl.conn {
+                    Some(token) => {
+                        let close = Some((CloseStatus::Normal, "client shutting down".to_string()));
+                        self.close(token, DisconnectReason::Shutdown, close, now);
+                    }
+                    None => {
+                        self.timer.disarm(link_id);
+                        if let Some(ctl) = self.links.remove(&link_id) {
+                            ctl.link.set_state(LinkState::Shutdown);
+                        }
+                    }
+                }
+            }
+            Command::CloseConn {
+                token,
+                id,
+                status,
+                reason,
+            } => {
+                if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
+                    let text = reason.detail().unwrap_or(reason.as_str()).to_string();
+                    self.close(token, reason, Some((status, text)), now);
+                }
+            }
+            Command::FlushHeld { token, id } => {
+                if let Some(conn) = self.conns.get(token)
+                    && conn.shared.id == id
+                    && conn.shared.flush_held_responses().is_err()
+                {
+                    let reason = DisconnectReason::Io("write failed".into());
+                    self.close(token, reason, None, now);
+                }
+            }
+            Command::Peers(reply) => {
+                let wall = SystemTime::now();
+                let peers = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| {
+                        matches!(c.role, Role::Provider { .. }) && c.phase == Phase::Ready
+                    })
+                    .map(|(_, c)| PeerInfo {
+                        addr: c.shared.peer,
+                        connected_since: c.connected_since,
+                        last_seen: wall
+                            .checked_sub(now.saturating_duration_since(c.heartbeat.last_read()))
+                            .unwrap_or(wall),
+                        srtt: c.heartbeat.srtt(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::StopAccepting(done) => {
+                if let Some((listener, _)) = self.listener.take() {
+                    let fd = listener.as_raw_fd();
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                let _ = done.send(());
+            }
+            Command::CloseAll { status, reason } => {
+                self.exiting = true;
+                self.listener = None;
+                for ctl in self.links.values_mut() {
+                    ctl.removed = true;
+                }
+                let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+                for token in tokens {
+                    self.close(
+                        token,
+                        DisconnectReason::Shutdown,
+                        Some((status, reason.clone())),
+                        now,
+                    );
+                }
+                // Connections still writing their Close linger at most
+                // `ServerConfig::linger`, then the loop exits.
+            }
+            Command::Exit => self.exit_now(),
+        }
+    }
+
+    fn exit_now(&mut self) {
+        self.exiting = true;
+        self.listener = None;
+        for ctl in self.links.values_mut() {
+            ctl.removed = true;
+        }
+        let now = Instant::now();
+        let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        for token in tokens {
+            if let Some(conn) = self.conns.get_mut(token)
+                && conn.closing_reason.is_none()
+            {
+                conn.closing_reason = Some(DisconnectReason::Shutdown);
+            }
+            self.finalize(token, now);
+        }
+        for (_, ctl) in self.links.drain() {
+            self.timer.disarm(ctl.link.id());
+            ctl.link.set_state(LinkState::Shutdown);
+        }
+    }
+}

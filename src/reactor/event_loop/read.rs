@@ -1,0 +1,326 @@
+//! Readiness: reads and the frames they bring, resumed writes.
+
+use std::io;
+use std::time::Instant;
+
+use crate::event::DisconnectReason;
+use crate::protocol::{
+    CloseStatus, Frame, Kind, ResponseStatus, decode_text_body, encode_error_response, encode_pong,
+};
+use crate::reactor::outbound::{Class, Flush};
+
+use super::{EventLoop, Flow, Phase, Role};
+
+impl EventLoop {
+    pub(super) fn on_ready(&mut self, token: usize, event: &mio::event::Event, now: Instant) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        if let Phase::Connecting { .. } = conn.phase {
+            self.finish_connect(token, now);
+            return;
+        }
+        let hangup = event.is_read_closed() || event.is_error();
+        if (event.is_readable() || hangup) && self.read(token, hangup, now) == Flow::Closed {
+            return;
+        }
+        if event.is_writable() || event.is_error() {
+            self.resume_write(token, now);
+        }
+    }
+
+    fn resume_write(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        let flushed = conn.shared.out.flush(&conn.shared.socket);
+        match (flushed, conn.phase) {
+            (Err(_), Phase::Closing { .. }) => self.finalize(token, now),
+            (Err(_), _) => self.close(
+                token,
+                DisconnectReason::Io("write failed".into()),
+                None,
+                now,
+            ),
+            (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_empty() => {
+                self.finalize(token, now)
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads until `WouldBlock` or a short read, handling every complete
+    /// frame, with the loop's spare read buffer lent to the connection.
+    fn read(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
+        if let Some(conn) = self.conns.get_mut(token) {
+            if let Some(spare) = self.spare_read_buf.take() {
+                self.spare_read_buf = conn.decoder.adopt_buffer(spare);
+            }
+            // What the frames of this read make us send goes out in one write.
+            conn.shared.out.cork();
+        }
+        let flow = self.read_frames(token, hangup, now);
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        // Drained: the buffer goes back to the loop (or is freed if the loop
+        // has one already), so no idle connection keeps one. A connection
+        // left mid-frame keeps it until the frame completes.
+        if let Some(buf) = conn.decoder.release_buffer()
+            && self.spare_read_buf.is_none()
+        {
+            self.spare_read_buf = Some(buf);
+        }
+        if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
+            let reason = DisconnectReason::Io("write failed".into());
+            self.close(token, reason, None, now);
+            return Flow::Closed;
+        }
+        if flow == Flow::Open {
+            self.rearm_after_read(token);
+        }
+        flow
+    }
+
+    /// The read loop of [`read`](Self::read).
+    ///
+    /// A read that did not fill the buffer emptied the socket, so the next
+    /// read would only return `WouldBlock`; the loop stops there and waits for
+    /// the next edge, unless the peer hung up (`hangup`): then it reads on
+    /// until the end of stream, which a short read may precede.
+    fn read_frames(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
+        loop {
+            let Some(conn) = self.conns.get_mut(token) else {
+                return Flow::Closed;
+            };
+            if let Phase::Closing { .. } = conn.phase {
+                // Nothing read matters any more; let the socket buffer absorb it.
+                return Flow::Open;
+            }
+            match conn.decoder.read_from(&conn.shared.socket) {
+                Ok(0) => {
+                    let reason = DisconnectReason::PeerClosed {
+                        status: None,
+                        detail: "connection closed by the peer without a Close frame".into(),
+                    };
+                    self.close(token, reason, None, now);
+                    return Flow::Closed;
+                }
+                Ok(_) => {
+                    // Any bytes, even of an unfinished frame, prove the peer alive.
+                    conn.heartbeat.on_read(now);
+                    conn.reads = conn.reads.wrapping_add(1); // only compared for equality
+                    let mut completed_any = false;
+                    loop {
+                        let Some(conn) = self.conns.get_mut(token) else {
+                            return Flow::Closed;
+                        };
+                        match conn.decoder.next_frame() {
+                            Ok(Some(frame)) => {
+                                completed_any = true;
+                                if frame.header.kind != Kind::Response {
+                                    // Responses read before this frame are
+                                    // delivered before it can end the connection.
+                                    self.complete_responses(token);
+                                }
+                                if self.on_frame(token, frame, now) == Flow::Closed {
+                                    return Flow::Closed;
+                                }
+                            }
+                            Ok(None) => {
+                                // The frame timeout runs from a frame's first byte.
+                                let started = match (conn.decoder.is_mid_frame(), completed_any) {
+                                    (false, _) => None,
+                                    (true, true) => Some(now),
+                                    (true, false) => conn.frame_started.or(Some(now)),
+                                };
+                                let newly = started.is_some() && conn.frame_started != started;
+                                conn.frame_started = started;
+                                let drained = !hangup && !conn.decoder.last_read_was_full();
+                                self.complete_responses(token);
+                                if newly {
+                                    self.rearm(token);
+                                }
+                                if drained {
+                                    return Flow::Open;
+                                }
+                                break;
+                            }
+                            Err(e) => {
+                                self.complete_responses(token);
+                                self.protocol_error(token, e.to_string(), now);
+                                return Flow::Closed;
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close(token, DisconnectReason::Io(e.to_string()), None, now);
+                    return Flow::Closed;
+                }
+            }
+        }
+    }
+
+    /// Hands the responses decoded so far (queued by `on_frame`) to their
+    /// callers, with one lock of the call table for all of them. `read_frames`
+    /// calls it before any other kind of frame and at the end of each read,
+    /// so no response waits past the read that brought it.
+    pub(super) fn complete_responses(&mut self, token: usize) {
+        if self.responses.is_empty() {
+            return;
+        }
+        let Some(conn) = self.conns.get(token) else {
+            self.responses.clear();
+            return;
+        };
+        let orphans = conn
+            .shared
+            .calls
+            .complete_all(&mut self.responses, &mut self.response_slots);
+        for id in orphans {
+            log::debug!(
+                "{}: response {id} came after its call gave up",
+                conn.shared.peer
+            );
+        }
+    }
+
+    fn on_frame(&mut self, token: usize, frame: Frame, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        // Any frame but a Close answers the handshake; a Close instead is a
+        // refused attempt: the connection was never usable.
+        if conn.phase == Phase::Handshaking && frame.header.kind != Kind::Close {
+            self.on_handshake_done(token, now);
+        }
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        let id = frame.header.id;
+        log::trace!(
+            "{}: {:?} id {id} ({} bytes)",
+            conn.shared.peer,
+            frame.header.kind,
+            frame.body.len()
+        );
+        match frame.header.kind {
+            Kind::Ping => {
+                let min_interval = conn.config().min_ping_interval;
+                let max_strikes = conn.config().max_ping_strikes;
+                let too_soon = conn
+                    .last_ping_in
+                    .is_some_and(|last| now.saturating_duration_since(last) < min_interval);
+                conn.last_ping_in = Some(now);
+                if let Role::Provider { .. } = conn.role {
+                    // The consumer pings: in Idle mode the provider then holds
+                    // its own pings instead of racing the consumer's next one.
+                    // Never on both sides (see `Heartbeat::on_peer_ping`).
+                    conn.heartbeat.on_peer_ping(now);
+                }
+                if !too_soon {
+                    conn.ping_strikes = 0;
+                } else if conn.strike_read != conn.reads {
+                    // Saturating: `max_ping_strikes` may be configured as u32::MAX.
+                    conn.ping_strikes = conn.ping_strikes.saturating_add(1);
+                    conn.strike_read = conn.reads;
+                }
+                if conn.ping_strikes > max_strikes {
+                    let text = format!(
+                        "more than {max_strikes} reads in a row brought pings closer than {min_interval:?}"
+                    );
+                    let close = Some((CloseStatus::TooManyPings, text));
+                    self.close(token, DisconnectReason::TooManyPings, close, now);
+                    return Flow::Closed;
+                }
+                // Answered here, by the loop, never queued behind handlers.
+                let _ = conn.shared.send(encode_pong(id), Class::Control);
+                // A Fixed-mode provider's own ping may ride along: queued
+                // after the Pong, it leaves in the same write (the read is
+                // corked).
+                self.heartbeat_actions(token, now)
+            }
+            Kind::Pong => {
+                if let Some(rtt) = conn.heartbeat.on_pong(now, id)
+                    && let Role::Consumer { link } = &conn.role
+                {
+                    let srtt = conn.heartbeat.srtt().unwrap_or(rtt);
+                    link.set_srtt(srtt);
+                }
+                Flow::Open
+            }
+            Kind::Close => {
+                let reason = match CloseStatus::from_u8(frame.header.status) {
+                    Some(CloseStatus::Normal) => DisconnectReason::PeerShutdown,
+                    status => DisconnectReason::PeerClosed {
+                        status,
+                        detail: decode_text_body(&frame.body),
+                    },
+                };
+                self.close(token, reason, None, now);
+                Flow::Closed
+            }
+            Kind::Response => {
+                self.moved_calls = true;
+                conn.ping_strikes = 0; // pings between calls are not abuse
+                if let Role::Consumer { .. } = conn.role {
+                    // Handed to its caller with the rest of this read's
+                    // responses (`read_frames`, `complete_responses`).
+                    self.responses.push(frame);
+                } else {
+                    log::debug!(
+                        "{}: a consumer sent a Response (id {id}); ignored",
+                        conn.shared.peer
+                    );
+                }
+                Flow::Open
+            }
+            Kind::Request | Kind::OneWay => {
+                self.moved_calls = true;
+                conn.ping_strikes = 0; // pings between calls are not abuse
+                conn.last_call = now;
+                match &conn.role {
+                    Role::Provider { .. } if conn.draining_until.is_some() => {
+                        if frame.header.kind == Kind::Request {
+                            let message = "this connection reached max_age and is closing; retry on a new one";
+                            let response =
+                                encode_error_response(id, ResponseStatus::ShuttingDown, message);
+                            let _ = conn.shared.send(response, Class::Data);
+                        }
+                        Flow::Open
+                    }
+                    Role::Provider { server } => {
+                        match server.dispatch(&conn.shared, frame, &mut conn.last_route) {
+                            Ok(()) => Flow::Open,
+                            Err(violation) => {
+                                self.protocol_error(token, violation, now);
+                                Flow::Closed
+                            }
+                        }
+                    }
+                    Role::Consumer { .. } => {
+                        if frame.header.kind == Kind::Request {
+                            let message = "this endpoint is a consumer and serves no services";
+                            let _ = conn.shared.send(
+                                encode_error_response(id, ResponseStatus::ServiceNotFound, message),
+                                Class::Data,
+                            );
+                        }
+                        Flow::Open
+                    }
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, token: usize, what: String, now: Instant) {
+        if let Some(conn) = self.conns.get(token) {
+            log::warn!("{}: protocol error, closing: {what}", conn.shared.peer);
+        }
+        let close = Some((CloseStatus::ProtocolError, what.clone()));
+        self.close(token, DisconnectReason::Protocol(what), close, now);
+    }
+}

@@ -1,0 +1,229 @@
+//! Deadlines: heartbeats, connection bounds and the one timer each
+//! connection holds with the timer thread.
+
+use std::time::Instant;
+
+use crate::event::{DisconnectReason, Event};
+use crate::liveness::HeartbeatAction;
+use crate::protocol::{CloseStatus, encode_ping};
+use crate::reactor::{TimerEvent, TimerTarget};
+
+use super::{EventLoop, Flow, Phase, Role};
+
+impl EventLoop {
+    pub(super) fn on_timers(&mut self, targets: Vec<TimerTarget>) {
+        let now = Instant::now();
+        for target in targets {
+            match target {
+                TimerTarget::Conn { token, id } => {
+                    let Some(conn) = self.conns.get_mut(token) else {
+                        continue;
+                    };
+                    if conn.shared.id != id {
+                        continue; // the slot was reused by a newer connection
+                    }
+                    conn.armed = None;
+                    self.on_conn_timeout(token, now);
+                }
+                TimerTarget::Link { id } => self.connect_link(id, now),
+            }
+        }
+    }
+
+    fn on_conn_timeout(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Connecting { deadline } if now >= deadline => {
+                let reason = DisconnectReason::Io("connect timed out".into());
+                self.close(token, reason, None, now);
+                return;
+            }
+            Phase::Closing { deadline } if now >= deadline => {
+                self.finalize(token, now);
+                return;
+            }
+            Phase::Connecting { .. } | Phase::Closing { .. } => {}
+            Phase::Handshaking | Phase::Ready => {
+                if let Some(written) = conn.shared.out.last_write()
+                    && conn.fed_write.is_none_or(|fed| written > fed)
+                {
+                    conn.heartbeat.on_write(written);
+                    conn.fed_write = Some(written);
+                }
+                conn.heartbeat.handle_timeout(now);
+                if self.heartbeat_actions(token, now) == Flow::Closed {
+                    return;
+                }
+                if self.check_bounds(token, now) == Flow::Closed {
+                    return;
+                }
+            }
+        }
+        self.rearm(token);
+    }
+
+    /// Frame timeout (both roles), then idle time and age (providers).
+    fn check_bounds(&mut self, token: usize, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        if let (Some(started), Some(limit)) = (conn.frame_started, conn.config().frame_timeout)
+            && now >= started + limit
+        {
+            let text = format!(
+                "a frame started {:?} ago is still incomplete (frame_timeout {limit:?})",
+                now - started
+            );
+            let close = Some((CloseStatus::ProtocolError, text));
+            self.close(token, DisconnectReason::FrameTimeout, close, now);
+            return Flow::Closed;
+        }
+        let Role::Provider { server } = &conn.role else {
+            return Flow::Open;
+        };
+        let config = server.config();
+        let running = conn
+            .shared
+            .handling
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if running > 0 {
+            conn.last_call = now; // a call in progress is not idleness
+        }
+        if let Some(done) = conn.shared.last_call_done() {
+            conn.last_call = conn.last_call.max(done);
+        }
+        if let Some(max_idle) = config.max_idle
+            && now >= conn.last_call + max_idle
+        {
+            let text = format!("no calls for {max_idle:?} (max_idle)");
+            let close = Some((CloseStatus::IdleTimeout, text));
+            self.close(token, DisconnectReason::IdleTimeout, close, now);
+            return Flow::Closed;
+        }
+        if let Some(max_age) = config.max_age
+            && now >= conn.opened_at + max_age
+        {
+            let until = *conn.draining_until.get_or_insert(now + config.linger);
+            if running == 0 || now >= until {
+                let text = format!("connection reached max_age {max_age:?}");
+                let close = Some((CloseStatus::Normal, text));
+                self.close(token, DisconnectReason::MaxAge, close, now);
+                return Flow::Closed;
+            }
+        }
+        Flow::Open
+    }
+
+    /// Carries out what the connection's heartbeat machine has queued.
+    pub(super) fn heartbeat_actions(&mut self, token: usize, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Flow::Closed;
+        };
+        // Taken first: acting needs `self`. (An empty `Vec` does not allocate.)
+        let actions: Vec<HeartbeatAction> =
+            std::iter::from_fn(|| conn.heartbeat.poll_action()).collect();
+        for action in actions {
+            if self.on_heartbeat_action(token, action, now) == Flow::Closed {
+                return Flow::Closed;
+            }
+        }
+        Flow::Open
+    }
+
+    fn on_heartbeat_action(&mut self, token: usize, action: HeartbeatAction, now: Instant) -> Flow {
+        let Some(conn) = self.conns.get(token) else {
+            return Flow::Closed;
+        };
+        let peer = conn.shared.peer;
+        match action {
+            HeartbeatAction::SendPing { seq } => {
+                let _ = conn
+                    .shared
+                    .out
+                    .send_control_once(&conn.shared.socket, encode_ping(seq));
+            }
+            HeartbeatAction::Missed { count } => {
+                // Before the handshake completes there is nobody to miss yet.
+                if conn.was_ready {
+                    self.emit(
+                        token,
+                        Event::HeartbeatMissed {
+                            peer,
+                            missed: count,
+                        },
+                    );
+                }
+            }
+            HeartbeatAction::Stalled { late_by } => {
+                log::warn!(
+                    "{peer}: this side ran {late_by:?} late; the missed intervals are not counted against the peer"
+                );
+            }
+            HeartbeatAction::Dead { missed, silent_for } => {
+                let text =
+                    format!("nothing received for {silent_for:?} ({missed} heartbeat intervals)");
+                let close = Some((CloseStatus::HeartbeatTimeout, text));
+                self.close(token, DisconnectReason::HeartbeatTimeout, close, now);
+                return Flow::Closed;
+            }
+        }
+        Flow::Open
+    }
+
+    /// Makes sure the timer thread will call back by the connection's next deadline.
+    pub(super) fn rearm(&mut self, token: usize) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        if let Some(at) = conn.next_deadline()
+            && conn.armed.is_none_or(|armed| at < armed)
+        {
+            self.arm(token, at);
+        }
+    }
+
+    /// Arms (or moves) the connection's timer for `at` and remembers it.
+    fn arm(&mut self, token: usize, at: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let target = TimerTarget::Conn {
+            token,
+            id: conn.shared.id,
+        };
+        self.timer.arm(
+            conn.shared.id,
+            at,
+            TimerEvent {
+                loop_index: self.index,
+                target,
+            },
+        );
+        conn.armed = Some(at);
+    }
+
+    /// Moves the connection's timer later when a read pushed its deadline
+    /// back by more than half a heartbeat interval.
+    ///
+    /// [`rearm`](Self::rearm) alone is lazy: a timer armed for a deadline
+    /// that a read has since pushed back still fires, only to be re-armed.
+    /// On an idle connection whose peer pings, that is one wasted trip per
+    /// interval through the timer thread, the loop's command channel and its
+    /// waker. Re-arming from the read costs one mailbox post instead, which
+    /// never wakes the timer thread (the new deadline is later). Smaller moves
+    /// stay lazy, so a busy connection posts at most about two re-arms per
+    /// interval, not one per read.
+    pub(super) fn rearm_after_read(&mut self, token: usize) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        let slack = conn.heartbeat.config().interval / 2;
+        if let (Some(armed), Some(at)) = (conn.armed, conn.next_deadline())
+            && at > armed + slack
+        {
+            self.arm(token, at);
+        }
+    }
+}
