@@ -353,32 +353,26 @@ pub fn run(
         );
     }
     let pipelines = [
-        (
-            "pipelined",
-            PIPELINE_DEPTH,
-            false,
-            "one thread, 64 outstanding (start, wait later)",
-        ),
-        (
-            "pipelined-deferred",
-            PIPELINE_DEPTH,
-            true,
-            "one thread, 64 outstanding (start_deferred, wait later)",
-        ),
-        (
-            "pipelined-deferred-256",
-            256,
-            true,
-            "one thread, 256 outstanding (start_deferred, wait later)",
-        ),
+        Pipeline {
+            key: "pipelined",
+            pattern: "one thread, 64 outstanding (start, wait later)",
+            depth: PIPELINE_DEPTH,
+            deferred: false,
+        },
+        Pipeline {
+            key: "pipelined-deferred",
+            pattern: "one thread, 64 outstanding (start_deferred, wait later)",
+            depth: PIPELINE_DEPTH,
+            deferred: true,
+        },
+        Pipeline {
+            key: "pipelined-deferred-256",
+            pattern: "one thread, 256 outstanding (start_deferred, wait later)",
+            depth: 256,
+            deferred: true,
+        },
     ];
-    for (key, depth, deferred, pattern) in pipelines {
-        let shape = Pipeline {
-            key,
-            pattern,
-            depth,
-            deferred,
-        };
+    for shape in pipelines {
         for r in shape.rows(&clients[0], &value, window) {
             push(r, &mut rows);
         }
