@@ -44,9 +44,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-/// Looks at the queue between two `sched_yield`s of a spinning consumer.
-const SPINS_PER_YIELD: u32 = 64;
-
 /// Why [`JobQueue::try_push`] handed the job back.
 pub(crate) enum PushError<T> {
     /// `capacity` jobs wait already.
@@ -174,15 +171,7 @@ impl<T> JobQueue<T> {
     /// caller that shares it runs at once.
     fn spin_for_a_job(&self) {
         let until = Instant::now() + self.spin;
-        while Instant::now() < until {
-            for _ in 0..SPINS_PER_YIELD {
-                if self.has_jobs.load(Ordering::Acquire) {
-                    return;
-                }
-                std::hint::spin_loop();
-            }
-            std::thread::yield_now();
-        }
+        crate::reactor::spin_until(until, || true, || self.has_jobs.load(Ordering::Acquire));
     }
 
     /// Whether no job waits (a snapshot: another thread may push one next).

