@@ -46,9 +46,10 @@ pub struct HeartbeatConfig {
     pub stall_threshold: Option<Duration>,
     /// Extra time after each interval before it counts as missed, so that the
     /// answer to a ping sent at the same instant (or a tick late) can arrive
-    /// first. The peer is declared dead `max_missed × interval + miss_grace`
-    /// after its last byte. Default 0 here; pulse's event loops raise it to at
-    /// least one timer tick + 1 ms.
+    /// first; a `Missed` (not `Dead`) also waits this long after a ping of
+    /// this side that left late and is unanswered. The peer is declared dead
+    /// `max_missed × interval + miss_grace` after its last byte. Default 0
+    /// here; pulse's event loops raise it to at least one timer tick + 1 ms.
     pub miss_grace: Duration,
 }
 
@@ -174,6 +175,12 @@ pub enum HeartbeatAction {
 /// shell calls `handle_timeout` at the deadline it was given, and never
 /// earlier: a call before a deadline does nothing at all.
 ///
+/// A `Missed` (not `Dead`) also waits until `G` after this side's last
+/// ping, while that ping is unanswered (sent after the evidence), and never
+/// past the `Dead` deadline. A shell running late by more than `G` would
+/// otherwise find the ping and the miss due in one call and count the
+/// interval before its ping had even left. `Dead` keeps its bound.
+///
 /// # Pings
 ///
 /// Sequence numbers start at 1 and increase by one per
@@ -230,7 +237,8 @@ pub enum HeartbeatAction {
 ///
 /// When several things are due in one call they come out in this order:
 /// `Stalled` then `SendPing`; or `Missed`/`Dead` then `SendPing` (nothing
-/// after `Dead`).
+/// after `Dead`). With a grace, a `Missed` due with a ping waits for the
+/// ping's grace (above), so it comes in a later call if at all.
 ///
 /// # Timeline
 ///
@@ -443,7 +451,9 @@ impl Heartbeat {
             return;
         }
 
-        let missed = self.missed_at(now);
+        // A ping due now goes out in this call: its answer gets the grace
+        // before a (non-fatal) miss counts, as if it had left on time.
+        let missed = self.missed_at(now, ping_due.is_some());
         if missed > self.reported {
             self.reported = missed;
             if missed >= self.config.max_missed {
@@ -523,7 +533,11 @@ impl Heartbeat {
 
     /// `floor((now - evidence - grace) / interval)`, saturating; 0 before
     /// the held first miss (see [`held_first_miss`](Self::held_first_miss)).
-    fn missed_at(&self, now: Instant) -> u32 {
+    /// A count below `max_missed` is not reported (the last reported count
+    /// is returned instead) while this side's last ping, or the one
+    /// `pinging_now`, is younger than the grace and unanswered (see
+    /// [`unanswered_ping_grace`](Self::unanswered_ping_grace)).
+    fn missed_at(&self, now: Instant, pinging_now: bool) -> u32 {
         if self
             .held_first_miss()
             .is_some_and(|first_miss| now < first_miss)
@@ -537,22 +551,62 @@ impl Heartbeat {
             .saturating_sub(self.config.miss_grace)
             .as_nanos();
         let intervals = silent / self.config.interval.as_nanos();
-        u32::try_from(intervals).unwrap_or(u32::MAX)
+        let missed = u32::try_from(intervals).unwrap_or(u32::MAX);
+        let last_ping = if pinging_now {
+            Some(now)
+        } else {
+            self.last_ping
+        };
+        if missed < self.config.max_missed
+            && self
+                .unanswered_ping_grace(last_ping)
+                .is_some_and(|answer_by| now < answer_by)
+        {
+            return missed.min(self.reported);
+        }
+        missed
+    }
+
+    /// The grace's end for this side's ping sent at `last_ping`, while it is
+    /// unanswered (sent after the evidence); `None` otherwise.
+    ///
+    /// Why: a missed interval should mean the peer had a ping's grace to
+    /// answer and did not. The miss deadline counts from the evidence, and
+    /// the ping for that interval from the same evidence, `grace` apart. A
+    /// side that runs late by more than the grace (its loop or timer thread
+    /// was not scheduled: a few milliseconds on a loaded machine, well short
+    /// of a stall) found both due in one call and counted the interval
+    /// before its ping even left. So a non-fatal miss waits for the grace
+    /// after the ping; `Dead` does not wait (its bound is the brief's).
+    fn unanswered_ping_grace(&self, last_ping: Option<Instant>) -> Option<Instant> {
+        let sent = last_ping.filter(|&sent| sent > self.evidence())?;
+        sent.checked_add(self.config.miss_grace)
     }
 
     /// `evidence + (reported + 1) × interval + grace`, or for the first miss
-    /// while the peer's pings are awaited, `hold + grace` if later; `None`
-    /// only on overflow.
+    /// while the peer's pings are awaited, `hold + grace` if later; a
+    /// non-fatal miss no earlier than the grace after an unanswered ping,
+    /// but never after the fatal one's deadline. `None` only on overflow.
     fn miss_deadline(&self) -> Option<Instant> {
         let n = self.reported.saturating_add(1);
-        let deadline = self
-            .evidence()
-            .checked_add(self.config.interval.checked_mul(n)?)?
-            .checked_add(self.config.miss_grace)?;
-        match self.held_first_miss() {
-            Some(first_miss) if self.reported == 0 => Some(deadline.max(first_miss)),
-            _ => Some(deadline),
+        let after_evidence = |n: u32| {
+            self.evidence()
+                .checked_add(self.config.interval.checked_mul(n)?)?
+                .checked_add(self.config.miss_grace)
+        };
+        let mut deadline = after_evidence(n)?;
+        if let Some(first_miss) = self.held_first_miss()
+            && self.reported == 0
+        {
+            deadline = deadline.max(first_miss);
         }
+        if n < self.config.max_missed
+            && let Some(answer_by) = self.unanswered_ping_grace(self.last_ping)
+        {
+            let fatal = after_evidence(self.config.max_missed)?;
+            deadline = deadline.max(answer_by).min(fatal);
+        }
+        Some(deadline)
     }
 
     /// While the peer's pings are awaited ([`peer_ping_hold`](Self::peer_ping_hold)),
@@ -906,6 +960,80 @@ mod tests {
             hb.on_write(ping_at);
         }
         assert_eq!(hb.missed(), 0);
+    }
+
+    #[test]
+    fn a_ping_sent_late_has_the_grace_to_be_answered_before_a_miss_counts() {
+        // Idle mode, grace 6 ms, the shell 20 ms late (far from a stall):
+        // the ping (due at 1000) and the first miss (1006) come due in one
+        // call. The ping goes; the interval counts only if nothing answers
+        // within the grace after it.
+        let t0 = Instant::now();
+        let mut cfg = config(HeartbeatMode::Idle);
+        cfg.miss_grace = ms(6);
+        let mut hb = Heartbeat::new(cfg, t0);
+        assert_eq!(step(&mut hb, t0 + ms(1020)), [SendPing { seq: 1 }]);
+        hb.on_write(t0 + ms(1020));
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1026)));
+        hb.on_read(t0 + ms(1021));
+        assert_eq!(step(&mut hb, t0 + ms(1026)), []);
+        assert_eq!(hb.missed(), 0);
+
+        // Late again (ping due at 2020, miss at 2027), and no answer.
+        assert_eq!(step(&mut hb, t0 + ms(2040)), [SendPing { seq: 2 }]);
+        hb.on_write(t0 + ms(2040));
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(2046)));
+        assert_eq!(step(&mut hb, t0 + ms(2045)), []);
+        assert_eq!(step(&mut hb, t0 + ms(2046)), [Missed { count: 1 }]);
+    }
+
+    #[test]
+    fn a_late_shell_does_not_delay_death() {
+        // Every call 20 ms after the deadline it was given: the misses wait
+        // for the grace after each late ping, `Dead` does not.
+        let t0 = Instant::now();
+        let mut cfg = config(HeartbeatMode::Idle);
+        cfg.miss_grace = ms(6);
+        let mut hb = Heartbeat::new(cfg, t0);
+        let mut seen = Vec::new();
+        while let Some(deadline) = hb.next_deadline() {
+            let now = deadline + ms(20);
+            for action in step(&mut hb, now) {
+                if matches!(action, SendPing { .. }) {
+                    hb.on_write(now);
+                }
+                seen.push(((now - t0).as_millis(), action));
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (1020, SendPing { seq: 1 }),
+                (1046, Missed { count: 1 }),
+                (2026, SendPing { seq: 2 }),
+                (2052, Missed { count: 2 }),
+                (
+                    3026,
+                    Dead {
+                        missed: 3,
+                        silent_for: ms(3026)
+                    }
+                ),
+            ]
+        );
+
+        // A single miss is fatal: no wait for the ping's grace either.
+        let mut cfg = config(HeartbeatMode::Idle);
+        cfg.miss_grace = ms(6);
+        cfg.max_missed = 1;
+        let mut hb = Heartbeat::new(cfg, t0);
+        assert_eq!(
+            step(&mut hb, t0 + ms(1020)),
+            [Dead {
+                missed: 1,
+                silent_for: ms(1020)
+            }]
+        );
     }
 
     #[test]
@@ -1769,6 +1897,55 @@ mod tests {
     }
 
     proptest! {
+        /// A peer that answers every ping within the grace is never counted
+        /// as missing an interval, however late (short of a stall) the shell
+        /// calls: each call comes up to half an interval after the deadline
+        /// it was given.
+        #[test]
+        fn pings_answered_within_the_grace_are_never_missed(
+            interval_ms in 21u64..2_000,
+            max_missed in 2u32..6,
+            idle in any::<bool>(),
+            grace_ms in 1u64..30,
+            rtt_fraction in 0u32..100,
+            late_permille in proptest::collection::vec(0u64..500, 50..200),
+        ) {
+            let t0 = Instant::now();
+            let interval = ms(interval_ms);
+            let grace = ms(grace_ms);
+            let config = HeartbeatConfig {
+                interval,
+                max_missed,
+                mode: if idle { HeartbeatMode::Idle } else { HeartbeatMode::Fixed },
+                miss_grace: grace,
+                ..HeartbeatConfig::default()
+            };
+            let rtt = grace * rtt_fraction / 100;
+            let mut hb = Heartbeat::new(config, t0);
+            let mut pongs: VecDeque<(Instant, u64)> = VecDeque::new();
+            let mut pings = 0;
+            for permille in late_permille {
+                let now = hb.next_deadline().unwrap() + interval * permille as u32 / 1000;
+                while let Some(&(at, seq)) = pongs.front() && at <= now {
+                    pongs.pop_front();
+                    hb.on_read(at);
+                    hb.on_pong(at, seq);
+                }
+                hb.handle_timeout(now);
+                while let Some(action) = hb.poll_action() {
+                    match action {
+                        SendPing { seq } => {
+                            hb.on_write(now);
+                            pongs.push_back((now + rtt, seq));
+                            pings += 1;
+                        }
+                        other => prop_assert!(false, "{:?} at {:?}", other, now - t0),
+                    }
+                }
+            }
+            prop_assert!(pings > 0);
+        }
+
         /// A silent peer is declared dead within one timer tick after
         /// `t_silent + M × I`, and never before, when the shell rounds each
         /// deadline up to its tick (and sometimes fires early).
