@@ -415,15 +415,27 @@ fn a_window_of_deferred_calls_from_one_thread() {
 fn deferred_requests_go_out_in_batches_of_half_the_window() {
     let (_server, client, calls) = counting_pair();
     let start = |n: u64| client.start_deferred::<_, u64>("count", "add", &n).unwrap();
+    // Held requests leave with any write on the connection, the client
+    // loop's too: while it reads a batch's answers it corks the queue and
+    // writes what was queued meanwhile. So each batch's answers are all in,
+    // and the loop quiet again, before the next batch starts.
+    let settled = |handled: usize| {
+        wait_until(PROMPTLY, &format!("{handled} calls answered"), || {
+            calls.load(Ordering::SeqCst) == handled && client.inflight() == 0
+        });
+        thread::sleep(Duration::from_millis(100));
+    };
     // 100 started on an idle connection: 32 are written at the 32nd start,
     // 32 more at the 64th; the next batch would be 64 (half of 128), so the
     // last 36 stay held.
-    let mut first: Vec<_> = (0..100).map(start).collect();
-    wait_until(PROMPTLY, "64 calls handled", || {
-        calls.load(Ordering::SeqCst) == 64 && client.inflight() == 36
-    });
+    let mut first: Vec<_> = (0..32).map(start).collect();
+    settled(32);
+    first.extend((32..64).map(start));
+    settled(64);
+    first.extend((64..100).map(start));
     thread::sleep(Duration::from_millis(200));
     assert_eq!(calls.load(Ordering::SeqCst), 64, "36 requests are held");
+    assert_eq!(client.inflight(), 36);
     // Their responses are all there, so these waits write nothing...
     let held = first.split_off(64);
     for (n, call) in first.into_iter().enumerate() {
