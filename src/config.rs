@@ -65,9 +65,9 @@ pub struct ConnectionConfig {
     /// loop on one core and the provider's loop on the other, 64
     /// `start_deferred` calls in flight with inline handlers did 1.29 M
     /// calls/s on two cores against 0.71 M with the kernel's placement (no
-    /// gain with pool handlers or many callers; docs/BENCHMARKS.md). A pinned loop
-    /// cannot move away from a core that other work keeps busy, so it is not
-    /// the default. A CPU that does not exist or is outside the process's
+    /// gain with pool handlers or many callers;
+    /// docs/BENCHMARKS-HISTORY.md). A pinned loop cannot move away from a
+    /// core that other work keeps busy, so it is not the default. A CPU that does not exist or is outside the process's
     /// cpuset (cgroup) makes `Client::connect` / `ServerBuilder::bind` fail;
     /// an affinity mask set with `taskset` does not, since a thread may set
     /// its own mask to any CPU of its cpuset.
@@ -280,7 +280,7 @@ pub struct ServerConfig {
     /// two cores, 64 callers sharing a Client did about 25 % more pool
     /// calls and a sequential caller's p99 halved, while one thread
     /// pipelining pool calls with `Client::start` lost about 12 %
-    /// (docs/BENCHMARKS.md).
+    /// (docs/BENCHMARKS-HISTORY.md).
     /// At most one worker spins at a time, yielding its core between looks,
     /// and never on a single core (the process's CPU affinity or quota),
     /// where it would only take turns with the threads bringing it work.
