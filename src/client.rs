@@ -309,6 +309,14 @@ impl Client {
     /// default call timeout counted from now. Many calls can be outstanding
     /// at once on one connection (up to `max_inflight`).
     ///
+    /// The calling thread usually writes the request itself before this
+    /// returns. While other calls are in flight on the connection and its
+    /// event loop is busy-polling for their answers
+    /// ([`ConnectionConfig::busy_poll`](crate::ConnectionConfig::busy_poll)),
+    /// the loop writes it instead, microseconds later, together with the
+    /// requests queued by then: a pipelining caller then costs one write per
+    /// batch, not one per call.
+    ///
     /// # Errors
     /// As [`Client::call`], for what fails before the request is sent.
     pub fn start<'s, A, R>(
@@ -490,15 +498,21 @@ impl Client {
     ) -> std::result::Result<PendingCall<R>, SendOnError> {
         let config = &self.inner.link.config;
         let slot = CallSlot::new();
-        match conn
+        let waiting = match conn
             .calls
             .register(id, slot.clone(), config.max_inflight, conn.peer)
         {
-            Ok(()) => {}
+            Ok(waiting) => waiting,
             Err(Error::ConnectionLost { .. }) => return Err(SendOnError::Dead(frame)),
             Err(e) => return Err(SendOnError::Failed(e)),
-        }
+        };
+        // While the connection's loop busy-polls for the answers of other
+        // calls, it writes this request with whatever else is queued by then
+        // (see `ConnShared::hold_for_loop`): the caller skips its own
+        // `sendmsg`, and a pipelining caller's requests leave in batches.
+        let by_loop = matches!(write, Write::Now) && waiting > 1 && conn.owner.is_polling();
         let sent = match write {
+            Write::Now if by_loop => conn.hold_for_loop(frame),
             Write::Now => conn.send(frame, Class::Data),
             Write::Deferred => conn.hold(frame),
         };
@@ -512,6 +526,7 @@ impl Client {
                 spin: config.spin_wait,
                 waited: false,
                 deferred: matches!(write, Write::Deferred),
+                by_loop,
                 _result: PhantomData,
             }),
             Err(SendError::Closed(Some(unsent))) => {
@@ -645,7 +660,8 @@ impl Client {
 /// When a request is written.
 #[derive(Debug, Clone, Copy)]
 enum Write {
-    /// Before `start` returns, unless another thread is writing already.
+    /// Before `start` returns, unless another thread is writing already or
+    /// the connection's busy-polling loop is asked to (see `Client::send_on`).
     Now,
     /// With a later write (see [`Client::start_deferred`]).
     Deferred,
@@ -689,6 +705,8 @@ pub struct PendingCall<R> {
     /// Started by `start_deferred`: counted in `ConnShared::deferred_open`
     /// until dropped.
     deferred: bool,
+    /// Its request was left to the loop to write (see `Client::send_on`).
+    by_loop: bool,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -701,7 +719,7 @@ impl<R: DeserializeOwned> PendingCall<R> {
     /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`.
     pub fn wait(mut self) -> Result<R> {
         self.waited = true;
-        if !self.slot.is_done() {
+        if !self.by_loop && !self.slot.is_done() {
             // This request may be among those deferred (`start_deferred`):
             // they go out now rather than wait for a write that may never
             // come. A failed write closes the connection, which fails this
@@ -752,5 +770,91 @@ fn decode_response<R: DeserializeOwned>(frame: Frame) -> Result<R> {
             frame.header.status,
             decode_text_body(&frame.body)
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
+
+    /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`.
+    fn provider() -> Server {
+        let service = ServiceBuilder::new("t").method("sleep", |ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms.min(10_000)));
+            Ok::<_, String>(ms)
+        });
+        Server::builder()
+            .config(ServerConfig::default())
+            .service(service)
+            .bind("127.0.0.1:0")
+            .expect("bind a provider on loopback")
+    }
+
+    /// A client whose loop polls on for `busy_poll` after a call's turn,
+    /// with heartbeats too rare to start a turn during a test.
+    fn client(server: &Server, busy_poll: Duration) -> Client {
+        let mut config = ClientConfig::default();
+        config.connection.busy_poll = busy_poll;
+        config.connection.heartbeat.interval = Duration::from_secs(60);
+        Client::connect(server.local_addr(), config).expect("connect")
+    }
+
+    /// While a slow call is in flight and the client loop polls on (for
+    /// 1 s after the warm-up call's answer), a second `start` is left to
+    /// that loop, which must write it at once: the loop's poll ends on the
+    /// command (no wake-up is sent to a polling loop). Were the command only
+    /// seen at the next event, the quick call would wait for the end of the
+    /// polling or for the slow answer, 1 to 1.5 s later.
+    #[test]
+    fn a_request_left_to_the_polling_loop_goes_out_at_once() {
+        let server = provider();
+        let client = client(&server, Duration::from_secs(1));
+        if crate::reactor::poll_time_here(Duration::from_secs(1)).is_zero() {
+            eprintln!("one core: the loops never poll on, nothing is left to them");
+            return;
+        }
+        let polling = || match &*client.inner.link.state.lock() {
+            super::LinkState::Ready(conn) => conn.owner.is_polling(),
+            _ => false,
+        };
+        for round in 0..2 {
+            assert_eq!(client.call::<_, u64>("t", "sleep", &0).unwrap(), 0);
+            // The answer is handed over before the loop's turn ends.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !polling() {
+                assert!(Instant::now() < deadline, "the client loop never polled on");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let slow = client.start::<_, u64>("t", "sleep", &1_500).unwrap();
+            assert!(!slow.by_loop, "a lone call is written by its caller");
+            let started = Instant::now();
+            let quick = client.start::<_, u64>("t", "sleep", &0).unwrap();
+            assert!(
+                quick.by_loop,
+                "round {round}: the polling loop was not asked to write"
+            );
+            assert_eq!(quick.wait().unwrap(), 0);
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_millis(500),
+                "round {round}: the request left to the loop took {took:?}"
+            );
+            assert_eq!(slow.wait().unwrap(), 1_500);
+        }
+    }
+
+    /// Without busy polling a caller always writes its own request.
+    #[test]
+    fn without_busy_polling_callers_write_their_requests() {
+        let server = provider();
+        let client = client(&server, Duration::ZERO);
+        assert_eq!(client.call::<_, u64>("t", "sleep", &0).unwrap(), 0);
+        let slow = client.start::<_, u64>("t", "sleep", &300).unwrap();
+        let quick = client.start::<_, u64>("t", "sleep", &0).unwrap();
+        assert!(!quick.by_loop);
+        assert_eq!(quick.wait().unwrap(), 0);
+        assert_eq!(slow.wait().unwrap(), 300);
     }
 }

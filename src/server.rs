@@ -278,7 +278,7 @@ fn run_worker(jobs: &JobQueue<Job>) {
                     // writes them on its next turn, however long the next
                     // jobs take; a lone response is written at once, above.
                     conn.call_finished();
-                    respond_with(&conn, conn.hold_response(response));
+                    respond_with(&conn, conn.hold_for_loop(response));
                 }
             }
         }

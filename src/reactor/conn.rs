@@ -43,8 +43,8 @@ pub(crate) struct ConnShared {
     /// whose `PendingCall` is not yet waited for or dropped: the window a
     /// pipelining caller keeps in flight (consumer side).
     pub(crate) deferred_open: AtomicUsize,
-    /// Provider: a `Command::FlushHeld` for this connection is on its way
-    /// to the loop (see [`hold_response`](Self::hold_response)).
+    /// A `Command::FlushHeld` for this connection is on its way to the loop
+    /// (see [`hold_for_loop`](Self::hold_for_loop)).
     pub(crate) flush_requested: AtomicBool,
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
@@ -73,12 +73,14 @@ impl ConnShared {
         held
     }
 
-    /// Queues a worker's response for the owning loop to write with the
-    /// others that follow it (see `server::run_worker`), and asks the loop for
-    /// that write unless it was asked already.
-    pub(crate) fn hold_response(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
+    /// Queues a frame for the owning loop to write with the others that
+    /// follow it, and asks the loop for that write unless it was asked
+    /// already: a worker's response while more jobs are queued (see
+    /// `server::run_worker`), or a caller's request while the loop
+    /// busy-polls for the answers of other calls (see `Client::send_on`).
+    pub(crate) fn hold_for_loop(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
         let held = self.out.hold(&self.socket, frame, MAX_IOV)?;
-        // The loop clears the flag before it writes (`flush_held_responses`),
+        // The loop clears the flag before it writes (`flush_held_for_loop`),
         // so a response queued while a request is pending is in the queue
         // that write takes.
         if !self.flush_requested.swap(true, Ordering::AcqRel) {
@@ -91,8 +93,8 @@ impl ConnShared {
     }
 
     /// The loop's answer to a `Command::FlushHeld`: clears the request, then
-    /// writes what workers hold (see [`hold_response`](Self::hold_response)).
-    pub(crate) fn flush_held_responses(&self) -> Result<Flush, SendError> {
+    /// writes what was held for it (see [`hold_for_loop`](Self::hold_for_loop)).
+    pub(crate) fn flush_held_for_loop(&self) -> Result<Flush, SendError> {
         self.flush_requested.store(false, Ordering::Release);
         self.flush_held()
     }
@@ -168,7 +170,7 @@ fn max_spinning() -> usize {
 /// and 6.8 system calls instead of 4 and 12 (inline handler), 5.3 and 9.2
 /// instead of 6 and 14 (worker pool); p50 in the bench's pinned section,
 /// six alternating runs each: 6.9–7.4 µs against 7.5–8.4 µs inline, 8.7–9.7
-/// against 9.3–10.4 µs pool (raw TCP 3.7–4.3 µs; docs/BENCHMARKS.md).
+/// against 9.3–10.4 µs pool (raw TCP 3.7–4.3 µs; docs/BENCHMARKS-HISTORY.md).
 fn spinning_room(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }
@@ -186,7 +188,7 @@ impl Waiting {
     /// [`max_spinning`] callers wait. With more, the process is busy with
     /// concurrent calls; a spinner would take a core from the loops, workers
     /// and callers that have work, and the measured throughput of 16 callers
-    /// on two cores halves (see docs/BENCHMARKS.md).
+    /// on two cores halves (see docs/BENCHMARKS-HISTORY.md).
     fn few_enough_to_spin() -> bool {
         WAITING.load(Ordering::Relaxed) <= max_spinning()
     }
@@ -270,14 +272,15 @@ impl CallTable {
         }
     }
 
-    /// Registers a call; fails if the connection is dead or `max` calls wait.
+    /// Registers a call and returns how many wait now, this one included;
+    /// fails if the connection is dead or `max` calls wait.
     pub(crate) fn register(
         &self,
         id: u64,
         slot: Arc<CallSlot>,
         max: usize,
         peer: SocketAddr,
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
         let mut calls = self.inner.lock();
         if let Some(reason) = &calls.closed {
             return Err(Error::ConnectionLost {
@@ -291,7 +294,7 @@ impl CallTable {
             )));
         }
         calls.map.insert(id, slot);
-        Ok(())
+        Ok(calls.map.len())
     }
 
     /// Hands each response of `responses` (drained) to its caller, taking

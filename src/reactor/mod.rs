@@ -17,7 +17,7 @@ pub(crate) use socket::listen;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -110,8 +110,8 @@ pub(crate) enum Command {
         status: CloseStatus,
         reason: DisconnectReason,
     },
-    /// Write the responses that workers hold on this connection (see
-    /// `ConnShared::hold_response`).
+    /// Write the frames held on this connection for the loop (see
+    /// `ConnShared::hold_for_loop`).
     FlushHeld { token: usize, id: u64 },
     /// Reply with a snapshot of this loop's provider connections.
     Peers(Sender<Vec<PeerInfo>>),
@@ -158,16 +158,31 @@ pub(crate) struct LoopHandle {
     index: usize,
     tx: Sender<Command>,
     waker: Arc<Waker>,
+    /// The loop is busy-polling and checks its commands between polls: a
+    /// command needs no wake-up (see `EventLoop::wait`).
+    polling: Arc<AtomicBool>,
 }
 
 impl LoopHandle {
-    /// Sends a command and wakes the loop. A loop that has exited drops it.
+    /// Sends a command and wakes the loop, unless it is busy-polling. A loop
+    /// that has exited drops it.
     pub(crate) fn send(&self, command: Command) {
-        if self.tx.send(command).is_ok()
+        if self.tx.send(command).is_err() {
+            return;
+        }
+        // Pairs with the fence in `EventLoop::wait`: either the loop sees
+        // this command after it stops polling, or this sees it stopped.
+        fence(Ordering::SeqCst);
+        if !self.polling.load(Ordering::Relaxed)
             && let Err(e) = self.waker.wake()
         {
             log::error!("cannot wake event loop {}: {e}", self.index);
         }
+    }
+
+    /// Whether the loop is busy-polling right now.
+    pub(crate) fn is_polling(&self) -> bool {
+        self.polling.load(Ordering::Relaxed)
     }
 }
 
@@ -211,6 +226,7 @@ impl Runtime {
                 index,
                 tx,
                 waker: Arc::new(waker),
+                polling: Arc::new(AtomicBool::new(false)),
             });
             polls.push(poll);
             receivers.push(rx);

@@ -24,8 +24,9 @@
 //! the connection (they are ordinary queued frames to a writer), or at once
 //! when enough are held ([`held_frames_limit`], or [`HOLD_MAX_BYTES`]). A
 //! provider's worker holds its response the same way when more jobs are
-//! queued, and the connection's loop flushes it on its next turn
-//! (`ConnShared::hold_response`).
+//! queued, and so does a caller its request (`Client::start`) while the
+//! connection's loop busy-polls for the answers of other calls; the loop
+//! then flushes it on its next turn (`ConnShared::hold_for_loop`).
 //!
 //! # Priority
 //! Control frames (Ping, Pong, Close) jump ahead of queued requests and

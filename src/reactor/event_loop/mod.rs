@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Receiver;
@@ -225,17 +226,30 @@ impl EventLoop {
     /// Waits for events: polls without sleeping for up to `busy_poll` after
     /// a turn that moved calls (the next request or response of a busy
     /// connection is then picked up without a wake-up), then sleeps.
+    ///
+    /// While it polls, the loop's `LoopHandle::polling` flag is up: threads
+    /// sending it a command skip the wake-up, and the poll ends as soon as a
+    /// command is there. Lowering the flag is followed by a fence that
+    /// pairs with the one in `LoopHandle::send`, so a command sent as the
+    /// polling ends is either seen by this turn or wakes the next sleep.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
         if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
             let until = Instant::now() + self.busy_poll;
-            loop {
-                self.poll.poll(events, Some(Duration::ZERO))?;
-                if !events.is_empty() || Instant::now() >= until {
-                    return Ok(());
+            let polling = &self.loops[self.index].polling;
+            polling.store(true, Ordering::Relaxed);
+            let polled = loop {
+                if let Err(e) = self.poll.poll(events, Some(Duration::ZERO)) {
+                    break Err(e);
+                }
+                if !events.is_empty() || !self.commands.is_empty() || Instant::now() >= until {
+                    break Ok(());
                 }
                 // Let a caller or worker that shares this core run first.
                 std::thread::yield_now();
-            }
+            };
+            polling.store(false, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            return polled;
         }
         self.poll.poll(events, None)
     }
@@ -353,9 +367,12 @@ impl EventLoop {
                 }
             }
             Command::FlushHeld { token, id } => {
+                // Calls were written: their answers are due soon, so poll on
+                // for them (see `wait`).
+                self.moved_calls = true;
                 if let Some(conn) = self.conns.get(token)
                     && conn.shared.id == id
-                    && conn.shared.flush_held_responses().is_err()
+                    && conn.shared.flush_held_for_loop().is_err()
                 {
                     let reason = DisconnectReason::Io("write failed".into());
                     self.close(token, reason, None, now);
