@@ -277,7 +277,7 @@ fn run_worker(jobs: &JobQueue<Job>) {
                     // one write each from whichever worker ran them. The loop
                     // writes them on its next turn, however long the next
                     // jobs take; a lone response is written at once, above.
-                    conn.call_finished();
+                    let _replying = conn.call_finished();
                     respond_with(&conn, conn.hold_for_loop(response));
                 }
             }
@@ -285,9 +285,10 @@ fn run_worker(jobs: &JobQueue<Job>) {
     }
 }
 
-/// Sends a handler's response (unless one-way) and ends its in-flight count.
+/// Ends a request's in-flight count and sends its response (unless
+/// one-way); a graceful close waits for both (see `ConnShared::call_finished`).
 fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
-    conn.call_finished();
+    let _replying = conn.call_finished();
     if !one_way {
         respond(conn, response);
     }

@@ -699,6 +699,86 @@ fn max_age_sends_every_finished_response_before_its_close_and_nothing_after() {
     );
 }
 
+/// A response that a worker is still writing when the connection reaches
+/// max_age goes out whole before the Close. The loop may close the connection
+/// the moment the last call finishes; if it did so while the worker was
+/// inside its write (or before the response was queued), the consumer saw its
+/// response cut short, or none, then the end of the stream. Eight consumers
+/// read their 12 MiB responses as they come, so each worker spends a while
+/// writing while the loops check the age every tick: with the race, 8 runs
+/// of this test in 10 cut at least one response.
+#[test]
+fn max_age_waits_for_responses_their_workers_are_still_writing() {
+    let _exclusive = MEMORY.exclusive(); // 8 × 12 MiB of responses
+    const CONSUMERS: u64 = 8;
+    const SIZE: u64 = 12 << 20;
+    let slow = pulse::ServiceBuilder::new("slow").method("blob_after", |(ms, n): (u64, u64)| {
+        std::thread::sleep(Duration::from_millis(ms.min(5_000)));
+        let n = usize::try_from(n).map_err(|e| e.to_string())?.min(14 << 20);
+        Ok::<_, String>(rmpv::Value::Binary(vec![0x5a; n]))
+    });
+    let server = Server::builder()
+        .config(ServerConfig {
+            max_age: Some(Duration::from_millis(150)),
+            linger: Duration::from_secs(5),
+            worker_threads: CONSUMERS as usize,
+            ..ServerConfig::default()
+        })
+        .service(slow)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let request = encode_request(
+        Kind::Request,
+        1,
+        "slow",
+        "",
+        "",
+        "blob_after",
+        &(300u64, SIZE),
+    )
+    .expect("encode a request");
+    /// What one consumer read: each frame's kind, id and body length, then
+    /// how the stream ended.
+    type Received = (Vec<(Kind, u64, usize)>, End);
+    let outcomes: Vec<Received> = std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..CONSUMERS)
+            .map(|_| {
+                let mut raw = RawPeer::connect(server.local_addr());
+                raw.send(&request);
+                scope.spawn(move || {
+                    let (frames, end) = raw.read_to_end(PROMPTLY);
+                    let frames = frames
+                        .iter()
+                        .map(|f| (f.header.kind, f.header.id, f.body.len()))
+                        .collect();
+                    (frames, end)
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|reader| reader.join().expect("reader thread"))
+            .collect()
+    });
+    for (consumer, (frames, end)) in outcomes.iter().enumerate() {
+        assert!(
+            !matches!(end, End::Eof { mid_frame: true }),
+            "consumer {consumer}: the stream ended mid-frame after {frames:?}"
+        );
+        let kinds: Vec<(Kind, u64)> = frames.iter().map(|(k, id, _)| (*k, *id)).collect();
+        assert_eq!(
+            kinds,
+            [(Kind::Response, 1), (Kind::Close, 0)],
+            "consumer {consumer}: the whole response, then the Close"
+        );
+        assert!(
+            frames[0].2 > SIZE as usize,
+            "consumer {consumer}: a response of {} bytes",
+            frames[0].2
+        );
+    }
+}
+
 // ----- the consumer facing a hostile provider -----------------------------------------------
 
 /// What the consumer should make of the provider's bad behaviour.

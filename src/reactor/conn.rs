@@ -37,8 +37,12 @@ pub(crate) struct ConnShared {
     pub(crate) out: Outbound,
     /// Calls waiting for a response (consumer side; empty on a provider).
     pub(crate) calls: CallTable,
-    /// Requests of this connection being handled (provider side).
+    /// Requests of this connection being handled (provider side); what
+    /// `ServerConfig::max_inflight` bounds.
     pub(crate) handling: AtomicUsize,
+    /// Handled requests whose response is still on its way into `out`
+    /// (provider side; see [`call_finished`](Self::call_finished)).
+    pub(crate) replying: AtomicUsize,
     /// Deferred calls (`Client::start_deferred`) started on this connection
     /// whose `PendingCall` is not yet waited for or dropped: the window a
     /// pipelining caller keeps in flight (consumer side).
@@ -110,11 +114,34 @@ impl ConnShared {
         self.out.flush_held(&self.socket)
     }
 
-    /// Records that a request of this connection finished handling.
-    pub(crate) fn call_finished(&self) {
+    /// Records that a request of this connection finished handling; its
+    /// response is to be queued while the returned guard lives.
+    ///
+    /// Why the guard: the in-flight count drops first, so that a consumer
+    /// which has read the response and sends its next request is never
+    /// refused by `max_inflight` for the call it saw end. But the loop must
+    /// not take the connection for quiet before the response is queued and
+    /// written as far as the socket takes it: a graceful close (`max_age`)
+    /// would then seal the queue before the response, or end the stream in
+    /// the middle of it. [`requests_open`](Self::requests_open) counts the
+    /// call until the guard drops.
+    pub(crate) fn call_finished(&self) -> Replying<'_> {
         let now = crate::clock::to_nanos(Instant::now()).max(1);
         self.call_done.store(now, Ordering::Relaxed);
-        self.handling.fetch_sub(1, Ordering::Relaxed);
+        // Raised before `handling` drops, and that drop releases it: a loop
+        // that sees the lower `handling` (acquire) sees `replying` raised.
+        self.replying.fetch_add(1, Ordering::Relaxed);
+        self.handling.fetch_sub(1, Ordering::Release);
+        Replying { conn: self }
+    }
+
+    /// Requests of this connection being handled or whose response is still
+    /// being queued (provider side). Zero means every response of a finished
+    /// call is in the write queue and no worker is writing.
+    pub(crate) fn requests_open(&self) -> usize {
+        // `handling` first: see `call_finished`.
+        let handling = self.handling.load(Ordering::Acquire);
+        handling + self.replying.load(Ordering::Acquire)
     }
 
     /// When the last handled request finished, if any did.
@@ -173,6 +200,19 @@ fn max_spinning() -> usize {
 /// against 9.3–10.4 µs pool (raw TCP 3.7–4.3 µs; docs/BENCHMARKS-HISTORY.md).
 fn spinning_room(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
+}
+
+/// A finished call whose response is being queued, counted by
+/// [`ConnShared::requests_open`] until dropped.
+pub(crate) struct Replying<'a> {
+    conn: &'a ConnShared,
+}
+
+impl Drop for Replying<'_> {
+    fn drop(&mut self) {
+        // Release: whoever sees the count drop sees the response queued.
+        self.conn.replying.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// One caller counted in [`WAITING`] until dropped.

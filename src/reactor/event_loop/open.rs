@@ -145,6 +145,7 @@ impl EventLoop {
             out: Outbound::new(max_write_queue),
             calls: CallTable::new(),
             handling: Default::default(),
+            replying: Default::default(),
             deferred_open: Default::default(),
             flush_requested: Default::default(),
             call_done: Default::default(),

@@ -84,10 +84,7 @@ impl EventLoop {
             return Flow::Open;
         };
         let config = server.config();
-        let running = conn
-            .shared
-            .handling
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let running = conn.shared.requests_open();
         if running > 0 {
             conn.last_call = now; // a call in progress is not idleness
         }
