@@ -779,14 +779,18 @@ mod tests {
 
     use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
 
-    /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`.
+    /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`,
+    /// with heartbeats too rare to send anything during a test: its Ping
+    /// would end the client loop's polling (any event does).
     fn provider() -> Server {
         let service = ServiceBuilder::new("t").method("sleep", |ms: u64| {
             std::thread::sleep(Duration::from_millis(ms.min(10_000)));
             Ok::<_, String>(ms)
         });
+        let mut config = ServerConfig::default();
+        config.connection.heartbeat.interval = Duration::from_secs(60);
         Server::builder()
-            .config(ServerConfig::default())
+            .config(config)
             .service(service)
             .bind("127.0.0.1:0")
             .expect("bind a provider on loopback")
