@@ -75,7 +75,50 @@ fn cpus_allowed_list(status: &std::path::Path) -> Option<String> {
 /// so far by the live threads of this process whose name starts with
 /// `prefix` (names are cut to 15 bytes: `pulse-server-lo` for loops).
 pub fn threads_cpu_ticks(prefix: &str) -> u64 {
-    let mut ticks = 0;
+    threads_stat(prefix)
+        .iter()
+        .map(|fields| {
+            // After the name: utime and stime are fields 14 and 15.
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            field(11) + field(12)
+        })
+        .sum()
+}
+
+/// Whether any live thread whose name starts with `prefix` is running or
+/// waiting for a CPU right now (state `R`). A thread that polls or spins
+/// (yielding between looks) stays `R` however busy the machine is; one
+/// asleep in `epoll_wait` or on a futex is `S`. So unlike CPU time, which
+/// a loaded machine shares out, the share of samples in which a thread is
+/// `R` tells polling from sleeping on a noisy machine.
+pub fn any_thread_running(prefix: &str) -> bool {
+    threads_stat(prefix)
+        .iter()
+        .any(|fields| fields.first().is_some_and(|state| state == "R"))
+}
+
+/// The share of samples, taken every 5 ms for `window`, in which
+/// [`any_thread_running`] held.
+pub fn share_running(prefix: &str, window: std::time::Duration) -> f64 {
+    let end = std::time::Instant::now() + window;
+    let (mut samples, mut running) = (0u32, 0u32);
+    while samples == 0 || std::time::Instant::now() < end {
+        samples += 1;
+        running += u32::from(any_thread_running(prefix));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    f64::from(running) / f64::from(samples)
+}
+
+/// The fields after the name in `/proc/self/task/*/stat` (state first) of
+/// each live thread whose name starts with `prefix`.
+fn threads_stat(prefix: &str) -> Vec<Vec<String>> {
+    let mut threads = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
         let Ok(task) = task else { continue };
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
@@ -88,17 +131,10 @@ pub fn threads_cpu_ticks(prefix: &str) -> u64 {
         if !stat[open + 1..close].starts_with(prefix) {
             continue;
         }
-        // After the name: state is field 3; utime and stime are 14 and 15.
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        ticks += field(11) + field(12);
+        let rest = stat.get(close + 2..).unwrap_or_default();
+        threads.push(rest.split(' ').map(str::to_string).collect());
     }
-    ticks
+    threads
 }
 
 /// Resident set size of this process in KiB (`VmRSS`).
