@@ -8,11 +8,13 @@
 
 mod support;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use pulse::protocol::{
-    CloseStatus, HEADER_LEN, Header, Kind, ResponseStatus, decode_text_body, encode_close,
-    encode_ok_response, encode_ping, encode_pong, encode_request,
+    CloseStatus, DEFAULT_MAX_FRAME_LEN, FrameDecoder, HEADER_LEN, Header, Kind, ResponseStatus,
+    decode_text_body, encode_close, encode_ok_response, encode_ping, encode_pong, encode_request,
 };
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
@@ -714,31 +716,13 @@ fn max_age_waits_for_responses_their_workers_are_still_writing() {
     let _exclusive = MEMORY.exclusive(); // 8 × 12 MiB of responses
     const CONSUMERS: u64 = 8;
     const SIZE: u64 = 12 << 20;
-    let slow = pulse::ServiceBuilder::new("slow").method("blob_after", |(ms, n): (u64, u64)| {
-        std::thread::sleep(Duration::from_millis(ms.min(5_000)));
-        let n = usize::try_from(n).map_err(|e| e.to_string())?.min(14 << 20);
-        Ok::<_, String>(rmpv::Value::Binary(vec![0x5a; n]))
+    let server = slow_blob_server(ServerConfig {
+        max_age: Some(Duration::from_millis(150)),
+        linger: Duration::from_secs(5),
+        worker_threads: CONSUMERS as usize,
+        ..ServerConfig::default()
     });
-    let server = Server::builder()
-        .config(ServerConfig {
-            max_age: Some(Duration::from_millis(150)),
-            linger: Duration::from_secs(5),
-            worker_threads: CONSUMERS as usize,
-            ..ServerConfig::default()
-        })
-        .service(slow)
-        .bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0");
-    let request = encode_request(
-        Kind::Request,
-        1,
-        "slow",
-        "",
-        "",
-        "blob_after",
-        &(300u64, SIZE),
-    )
-    .expect("encode a request");
+    let request = blob_after(300, SIZE);
     /// What one consumer read: each frame's kind, id and body length, then
     /// how the stream ended.
     type Received = (Vec<(Kind, u64, usize)>, End);
@@ -777,6 +761,109 @@ fn max_age_waits_for_responses_their_workers_are_still_writing() {
             frames[0].2 > SIZE as usize,
             "consumer {consumer}: a response of {} bytes",
             frames[0].2
+        );
+    }
+}
+
+/// A provider whose `slow.blob_after(ms, n)` runs on a worker: it sleeps
+/// `ms` (at most 5 s), then returns a binary of `n` bytes (at most 14 MiB).
+/// It pings every minute, so that the frames a test's raw consumer reads
+/// are the ones the test is about, however slow the machine.
+fn slow_blob_server(mut config: ServerConfig) -> Server {
+    config.connection.heartbeat = heartbeat(60_000, 3);
+    let slow = pulse::ServiceBuilder::new("slow").method("blob_after", |(ms, n): (u64, u64)| {
+        std::thread::sleep(Duration::from_millis(ms.min(5_000)));
+        let n = usize::try_from(n).map_err(|e| e.to_string())?.min(14 << 20);
+        Ok::<_, String>(rmpv::Value::Binary(vec![0x5a; n]))
+    });
+    Server::builder()
+        .config(config)
+        .service(slow)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Request 1: `slow.blob_after(ms, n)`.
+fn blob_after(ms: u64, n: u64) -> Vec<u8> {
+    encode_request(Kind::Request, 1, "slow", "", "", "blob_after", &(ms, n))
+        .expect("encode a request")
+}
+
+/// A Close for a protocol error, made while a worker writes a large
+/// response, follows that response instead of cutting it. Each consumer
+/// sends a bad frame as soon as the first bytes of its 12 MiB response
+/// arrive, while the response is still being written; the loop used to
+/// shut the socket down at once when another thread was writing, so the
+/// consumer read part of the response and then the end of the stream,
+/// never the Close. Now the loop lingers until that writer is done and the
+/// Close has followed.
+#[test]
+fn a_protocol_error_close_waits_for_the_response_a_worker_is_writing() {
+    let _exclusive = MEMORY.exclusive(); // 8 × 12 MiB of responses
+    const CONSUMERS: usize = 8;
+    const SIZE: u64 = 12 << 20;
+    let server = slow_blob_server(ServerConfig {
+        linger: Duration::from_secs(5),
+        worker_threads: CONSUMERS,
+        ..ServerConfig::default()
+    });
+    let request = blob_after(0, SIZE);
+    let bad_magic = [0xFF; HEADER_LEN];
+    /// What one consumer read: each frame's kind, id, status and body
+    /// length, and whether the stream ended in the middle of a frame.
+    type Received = (Vec<(Kind, u64, u8, usize)>, bool);
+    let outcomes: Vec<Received> = std::thread::scope(|scope| {
+        let consumers: Vec<_> = (0..CONSUMERS)
+            .map(|_| {
+                let mut stream = TcpStream::connect(server.local_addr()).expect("connect");
+                stream
+                    .set_read_timeout(Some(PROMPTLY))
+                    .expect("read timeout");
+                stream.write_all(&request).expect("send the request");
+                scope.spawn(move || {
+                    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+                    let mut buf = vec![0u8; 1 << 16];
+                    let (mut frames, mut sent_bad) = (Vec::new(), false);
+                    loop {
+                        let n = stream.read(&mut buf).expect("read until the end");
+                        if n == 0 {
+                            return (frames, decoder.is_mid_frame());
+                        }
+                        decoder.feed(&buf[..n]);
+                        if !sent_bad {
+                            stream.write_all(&bad_magic).expect("send the bad frame");
+                            sent_bad = true;
+                        }
+                        while let Some(f) = decoder.next_frame().expect("well-formed frames") {
+                            let header = f.header;
+                            frames.push((header.kind, header.id, header.status, f.body.len()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        consumers
+            .into_iter()
+            .map(|consumer| consumer.join().expect("consumer thread"))
+            .collect()
+    });
+    for (consumer, (frames, cut)) in outcomes.iter().enumerate() {
+        assert!(
+            !cut,
+            "consumer {consumer}: the stream ended mid-frame after {frames:?}"
+        );
+        let kinds: Vec<(Kind, u64, u8)> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (Kind::Response, 1, 0),
+                (Kind::Close, 0, CloseStatus::ProtocolError as u8)
+            ],
+            "consumer {consumer}: the whole response, then the Close"
+        );
+        assert!(
+            frames[0].3 > SIZE as usize,
+            "consumer {consumer}: {frames:?}"
         );
     }
 }

@@ -345,9 +345,14 @@ impl Outbound {
         q.bytes = 0;
     }
 
-    /// True when every queued frame has been written.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.queue.lock().is_empty()
+    /// True when every queued frame has been written: nothing is queued and
+    /// no thread is inside a write (a writer takes frames out of the queue
+    /// before it writes them, so an empty queue alone does not say they are
+    /// out). What a closing connection waits for before the loop shuts its
+    /// socket down.
+    pub(crate) fn is_drained(&self) -> bool {
+        let q = self.queue.lock();
+        q.is_empty() && !q.writing
     }
 
     /// Bytes queued and not yet written.
@@ -581,7 +586,26 @@ mod tests {
         assert_eq!(&got[big.len()..big.len() + 20], &[b'P'; 20][..]);
         assert_eq!(&got[big.len() + 20..big.len() + 30], &[b'B'; 10][..]);
         assert_eq!(&got[big.len() + 30..], &[b'C'; 10][..]);
-        assert!(out.is_empty());
+        assert!(out.is_drained());
+    }
+
+    /// A writer takes its frames out of the queue before writing them, so
+    /// while it writes the queue is empty but not drained; a Close queued
+    /// meanwhile is left to it, and the queue is drained once it is out.
+    #[test]
+    fn a_queue_is_drained_only_when_no_writer_is_left() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        assert!(out.is_drained());
+        out.queue.lock().writing = true; // as a worker inside `writev`
+        assert!(!out.is_drained());
+        assert_eq!(out.send_final(&a, vec![b'Z'; 5], false), Ok(Flush::Done));
+        assert!(!out.is_drained(), "the Close waits for the writer");
+        // The writer goes round again and takes the Close with it.
+        let q = out.queue.lock();
+        assert_eq!(out.write_batches(q, &a, None), Ok(Flush::Done));
+        assert!(out.is_drained());
+        assert_eq!(drain(&out, &a, &b, 5), vec![b'Z'; 5]);
     }
 
     #[test]
@@ -654,7 +678,7 @@ mod tests {
         assert_eq!(read_now(&b), b"", "held frames are not written");
         assert_eq!(out.flush_held(&a), Ok(Flush::Done));
         assert_eq!(read_now(&b), b"onetwo");
-        assert!(out.is_empty());
+        assert!(out.is_drained());
 
         // Any other write carries held frames along, in order.
         out.hold(&a, b"three".to_vec(), HOLD_MIN_FRAMES).unwrap();

@@ -12,7 +12,6 @@ use socket2::Socket;
 use crate::client::LinkState;
 use crate::event::{DisconnectReason, Event};
 use crate::protocol::{CloseStatus, encode_close};
-use crate::reactor::outbound::Flush;
 use crate::reactor::{TimerEvent, TimerTarget};
 
 use super::{EventLoop, Phase, Role};
@@ -64,8 +63,13 @@ impl EventLoop {
             Role::Consumer { .. } => None,
             Role::Provider { server } => Some(server.config().linger),
         };
+        // Linger while the Close is not written: the socket is full
+        // (`Blocked`), or another thread (a worker writing a response) is
+        // inside a write and will write the Close after its frames (`Done`
+        // with frames still out). Finalizing now would shut the socket down
+        // under that writer, in the middle of a frame, and lose the Close.
         match (sent, linger) {
-            (Ok(Flush::Blocked), Some(linger)) if !conn.shared.out.is_empty() => {
+            (Ok(_), Some(linger)) if !conn.shared.out.is_drained() => {
                 conn.phase = Phase::Closing {
                     deadline: now + linger,
                 };

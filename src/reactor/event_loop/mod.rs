@@ -121,7 +121,12 @@ impl Conn {
     /// The earliest moment something must be checked on this connection.
     fn next_deadline(&self) -> Option<Instant> {
         let phase_deadline = match self.phase {
-            Phase::Connecting { deadline } | Phase::Closing { deadline } => return Some(deadline),
+            Phase::Connecting { deadline } => return Some(deadline),
+            // Check every tick whether the Close is out: a writer on another
+            // thread may finish it without the loop getting an event.
+            Phase::Closing { deadline } => {
+                return Some(deadline.min(Instant::now() + self.config().timer_tick));
+            }
             Phase::Handshaking | Phase::Ready => self.heartbeat.next_deadline(),
         };
         let frame = self

@@ -42,7 +42,7 @@ impl EventLoop {
                 None,
                 now,
             ),
-            (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_empty() => {
+            (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_drained() => {
                 self.finalize(token, now)
             }
             _ => {}

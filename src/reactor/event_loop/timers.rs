@@ -40,7 +40,9 @@ impl EventLoop {
                 self.close(token, reason, None, now);
                 return;
             }
-            Phase::Closing { deadline } if now >= deadline => {
+            // Drained by another thread's write, which the loop hears
+            // nothing of: checked every tick (see `next_deadline`).
+            Phase::Closing { deadline } if now >= deadline || conn.shared.out.is_drained() => {
                 self.finalize(token, now);
                 return;
             }
