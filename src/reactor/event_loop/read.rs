@@ -21,15 +21,19 @@ impl EventLoop {
             return;
         }
         let hangup = event.is_read_closed() || event.is_error();
-        if (event.is_readable() || hangup) && self.read(token, hangup, now) == Flow::Closed {
-            return;
+        if event.is_readable() || hangup {
+            // Even when the read closed the connection: one that lingers to
+            // finish its writes (Closing) still needs the writable edge this
+            // event may carry, the only one it gets (`resume_write` does
+            // nothing for a connection that is gone).
+            let _ = self.read(token, hangup, now);
         }
         if event.is_writable() || event.is_error() {
             self.resume_write(token, now);
         }
     }
 
-    fn resume_write(&mut self, token: usize, now: Instant) {
+    pub(super) fn resume_write(&mut self, token: usize, now: Instant) {
         let Some(conn) = self.conns.get(token) else {
             return;
         };

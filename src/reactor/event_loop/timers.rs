@@ -46,7 +46,15 @@ impl EventLoop {
                 self.finalize(token, now);
                 return;
             }
-            Phase::Connecting { .. } | Phase::Closing { .. } => {}
+            // A lost writable edge must not leave the Close unwritten until
+            // the linger ends: each tick retries the write.
+            Phase::Closing { .. } => {
+                self.resume_write(token, now);
+                if !self.conns.contains(token) {
+                    return;
+                }
+            }
+            Phase::Connecting { .. } => {}
             Phase::Handshaking | Phase::Ready => {
                 if let Some(written) = conn.shared.out.last_write()
                     && conn.fed_write.is_none_or(|fed| written > fed)
