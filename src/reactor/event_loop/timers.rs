@@ -40,20 +40,16 @@ impl EventLoop {
                 self.close(token, reason, None, now);
                 return;
             }
-            // Drained by another thread's write, which the loop hears
-            // nothing of: checked every tick (see `next_deadline`).
-            Phase::Closing { deadline } if now >= deadline || conn.shared.out.is_drained() => {
+            Phase::Closing { deadline } if now >= deadline => {
                 self.finalize(token, now);
                 return;
             }
-            // A lost writable edge must not leave the Close unwritten until
-            // the linger ends: each tick retries the write.
-            Phase::Closing { .. } => {
-                self.resume_write(token, now);
-                if !self.conns.contains(token) {
-                    return;
-                }
-            }
+            // Every tick (see `next_deadline`), a lingering connection
+            // resumes its write, which finalizes it once drained: another
+            // thread's write may have drained it, or a writable edge may
+            // have been lost, and the loop hears of neither. (`rearm`
+            // below does nothing for a connection that is gone.)
+            Phase::Closing { .. } => self.resume_write(token, now),
             Phase::Connecting { .. } => {}
             Phase::Handshaking | Phase::Ready => {
                 if let Some(written) = conn.shared.out.last_write()
