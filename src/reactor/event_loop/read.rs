@@ -26,7 +26,7 @@ impl EventLoop {
             // finish its writes (Closing) still needs the writable edge this
             // event may carry, the only one it gets (`resume_write` does
             // nothing for a connection that is gone).
-            let _ = self.read(token, hangup, now);
+            self.read(token, hangup, now);
         }
         if event.is_writable() || event.is_error() {
             self.resume_write(token, now);
@@ -55,7 +55,7 @@ impl EventLoop {
 
     /// Reads until `WouldBlock` or a short read, handling every complete
     /// frame, with the loop's spare read buffer lent to the connection.
-    fn read(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
+    fn read(&mut self, token: usize, hangup: bool, now: Instant) {
         if let Some(conn) = self.conns.get_mut(token) {
             if let Some(spare) = self.spare_read_buf.take() {
                 self.spare_read_buf = conn.decoder.adopt_buffer(spare);
@@ -65,7 +65,7 @@ impl EventLoop {
         }
         let flow = self.read_frames(token, hangup, now);
         let Some(conn) = self.conns.get_mut(token) else {
-            return Flow::Closed;
+            return;
         };
         // Drained: the buffer goes back to the loop (or is freed if the loop
         // has one already), so no idle connection keeps one. A connection
@@ -78,12 +78,11 @@ impl EventLoop {
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
             let reason = DisconnectReason::Io("write failed".into());
             self.close(token, reason, None, now);
-            return Flow::Closed;
+            return;
         }
         if flow == Flow::Open {
             self.rearm_after_read(token);
         }
-        flow
     }
 
     /// The read loop of [`read`](Self::read).
