@@ -191,7 +191,21 @@ impl Proxy {
 
     /// When each Ping forwarded in `dir` went through, in order.
     pub fn ping_times(&self, dir: Dir) -> Vec<Instant> {
-        self.shared.stats[dir.index()].pings.lock().clone()
+        let pings = self.shared.stats[dir.index()].pings.lock();
+        pings.iter().map(|ping| ping.at).collect()
+    }
+
+    /// When each Ping forwarded in `dir` went through that did *not* come in
+    /// the same read as a Pong before it, in order. A Ping written in one
+    /// `write` with a Pong reaches the proxy in one read (loopback keeps a
+    /// small write whole), so these are the Pings that left on their own.
+    pub fn ping_times_without_pong(&self, dir: Dir) -> Vec<Instant> {
+        let pings = self.shared.stats[dir.index()].pings.lock();
+        pings
+            .iter()
+            .filter(|ping| !ping.behind_pong)
+            .map(|ping| ping.at)
+            .collect()
     }
 
     /// The instant just before the last forwarding write in `dir` started:
@@ -250,11 +264,19 @@ struct Cut {
 struct DirStats {
     /// Frames forwarded, by kind byte (1..=6).
     frames: [AtomicU64; 8],
-    /// When each forwarded Ping's header went through.
-    pings: Mutex<Vec<Instant>>,
+    /// Each forwarded Ping, in order.
+    pings: Mutex<Vec<SeenPing>>,
     /// Taken just *before* the last forwarding write started, so the receiver
     /// cannot have read those bytes earlier than this instant.
     last_forward: Mutex<Option<Instant>>,
+}
+
+/// A Ping the proxy forwarded.
+struct SeenPing {
+    /// When its header went through.
+    at: Instant,
+    /// A Pong's header went through earlier in the same read.
+    behind_pong: bool,
 }
 
 struct ProxyShared {
@@ -604,6 +626,7 @@ struct FrameCounter {
 
 impl FrameCounter {
     fn feed(&mut self, mut bytes: &[u8], at: Instant, stats: &DirStats) {
+        let mut pong_in_this_read = false;
         while !bytes.is_empty() && !self.lost {
             if self.skip > 0 {
                 let k = self.skip.min(bytes.len() as u64) as usize;
@@ -622,8 +645,14 @@ impl FrameCounter {
                     return;
                 }
                 stats.frames[usize::from(self.header[3])].fetch_add(1, Ordering::SeqCst);
+                if self.header[3] == Kind::Pong as u8 {
+                    pong_in_this_read = true;
+                }
                 if self.header[3] == Kind::Ping as u8 {
-                    stats.pings.lock().push(at);
+                    stats.pings.lock().push(SeenPing {
+                        at,
+                        behind_pong: pong_in_this_read,
+                    });
                 }
                 let len = &self.header[16..20];
                 self.skip = u64::from(u32::from_be_bytes([len[0], len[1], len[2], len[3]]));
