@@ -30,7 +30,9 @@ pub enum Event {
     },
     /// `missed` consecutive heartbeat intervals passed with nothing read
     /// from the peer (fewer than `max_missed`; at `max_missed` the
-    /// connection is closed and a `Disconnected` follows).
+    /// connection is closed and a `Disconnected` follows). Reported once
+    /// this side's last ping, if unanswered, has waited half an interval for
+    /// its answer, so the first report may already count 2.
     HeartbeatMissed {
         /// The other end.
         peer: SocketAddr,

@@ -46,8 +46,8 @@ pub struct HeartbeatConfig {
     pub stall_threshold: Option<Duration>,
     /// Extra time after each interval before it counts as missed, so that the
     /// answer to a ping sent at the same instant (or a tick late) can arrive
-    /// first; a `Missed` (not `Dead`) also waits this long after a ping of
-    /// this side that left late and is unanswered. The peer is declared dead
+    /// first; a `Missed` (not `Dead`) also waits half an interval plus this
+    /// long after an unanswered ping of this side. The peer is declared dead
     /// `max_missed × interval + miss_grace` after its last byte. Default 0
     /// here; pulse's event loops raise it to at least one timer tick + 1 ms.
     pub miss_grace: Duration,
@@ -175,11 +175,11 @@ pub enum HeartbeatAction {
 /// shell calls `handle_timeout` at the deadline it was given, and never
 /// earlier: a call before a deadline does nothing at all.
 ///
-/// A `Missed` (not `Dead`) also waits until `G` after this side's last
-/// ping, while that ping is unanswered (sent after the evidence), and never
-/// past the `Dead` deadline. A shell running late by more than `G` would
-/// otherwise find the ping and the miss due in one call and count the
-/// interval before its ping had even left. `Dead` keeps its bound.
+/// A `Missed` (not `Dead`) also waits until `I / 2 + G` after this side's
+/// last ping, while that ping is unanswered (sent after the evidence), and
+/// never past the `Dead` deadline: a missed interval means the peer left a
+/// ping unanswered for half an interval, not that its answer came a little
+/// later than the one before. `Dead` keeps its bound.
 ///
 /// # Pings
 ///
@@ -236,9 +236,9 @@ pub enum HeartbeatAction {
 /// longer than a tick.
 ///
 /// When several things are due in one call they come out in this order:
-/// `Stalled` then `SendPing`; or `Missed`/`Dead` then `SendPing` (nothing
-/// after `Dead`). With a grace, a `Missed` due with a ping waits for the
-/// ping's grace (above), so it comes in a later call if at all.
+/// `Stalled` then `SendPing`. Nothing comes after `Dead`, and a `Missed` due
+/// with a ping waits for that ping's answer (above), so it comes in a later
+/// call if at all.
 ///
 /// # Timeline
 ///
@@ -248,10 +248,10 @@ pub enum HeartbeatAction {
 /// t (s)  input              actions                           next_deadline
 /// 0.0    new                                                  1.0
 /// 0.4    on_read                                              1.0
-/// 1.0    handle_timeout     SendPing{seq: 1}                  1.4
-/// 1.4    handle_timeout     Missed{count: 1}                  2.0
-/// 2.0    handle_timeout     SendPing{seq: 2}                  2.4
-/// 2.4    handle_timeout     Missed{count: 2}                  3.0
+/// 1.0    handle_timeout     SendPing{seq: 1}                  1.5
+/// 1.5    handle_timeout     Missed{count: 1}                  2.0
+/// 2.0    handle_timeout     SendPing{seq: 2}                  2.5
+/// 2.5    handle_timeout     Missed{count: 2}                  3.0
 /// 3.0    handle_timeout     SendPing{seq: 3}                  3.4
 /// 3.4    handle_timeout     Dead{missed: 3, silent_for: 3 s}  None
 /// ```
@@ -280,9 +280,9 @@ pub enum HeartbeatAction {
 /// }
 /// assert_eq!(log, [
 ///     (ms(1000), HeartbeatAction::SendPing { seq: 1 }),
-///     (ms(1400), HeartbeatAction::Missed { count: 1 }),
+///     (ms(1500), HeartbeatAction::Missed { count: 1 }),
 ///     (ms(2000), HeartbeatAction::SendPing { seq: 2 }),
-///     (ms(2400), HeartbeatAction::Missed { count: 2 }),
+///     (ms(2500), HeartbeatAction::Missed { count: 2 }),
 ///     (ms(3000), HeartbeatAction::SendPing { seq: 3 }),
 ///     (ms(3400), HeartbeatAction::Dead { missed: 3, silent_for: ms(3000) }),
 /// ]);
@@ -535,8 +535,8 @@ impl Heartbeat {
     /// the held first miss (see [`held_first_miss`](Self::held_first_miss)).
     /// A count below `max_missed` is not reported (the last reported count
     /// is returned instead) while this side's last ping, or the one
-    /// `pinging_now`, is younger than the grace and unanswered (see
-    /// [`unanswered_ping_grace`](Self::unanswered_ping_grace)).
+    /// `pinging_now`, is unanswered and still awaits its answer (see
+    /// [`answer_awaited_until`](Self::answer_awaited_until)).
     fn missed_at(&self, now: Instant, pinging_now: bool) -> u32 {
         if self
             .held_first_miss()
@@ -559,7 +559,7 @@ impl Heartbeat {
         };
         if missed < self.config.max_missed
             && self
-                .unanswered_ping_grace(last_ping)
+                .answer_awaited_until(last_ping)
                 .is_some_and(|answer_by| now < answer_by)
         {
             return missed.min(self.reported);
@@ -567,26 +567,38 @@ impl Heartbeat {
         missed
     }
 
-    /// The grace's end for this side's ping sent at `last_ping`, while it is
-    /// unanswered (sent after the evidence); `None` otherwise.
+    /// Until when the answer to this side's ping sent at `last_ping` is
+    /// awaited before a (non-fatal) miss counts: half an interval plus the
+    /// grace after it, while it is unanswered (sent after the evidence);
+    /// `None` otherwise.
     ///
-    /// Why: a missed interval should mean the peer had a ping's grace to
-    /// answer and did not. The miss deadline counts from the evidence, and
-    /// the ping for that interval from the same evidence, `grace` apart. A
-    /// side that runs late by more than the grace (its loop or timer thread
-    /// was not scheduled: a few milliseconds on a loaded machine, well short
-    /// of a stall) found both due in one call and counted the interval
-    /// before its ping even left. So a non-fatal miss waits for the grace
-    /// after the ping; `Dead` does not wait (its bound is the brief's).
-    fn unanswered_ping_grace(&self, last_ping: Option<Instant>) -> Option<Instant> {
+    /// Why: a missed interval should mean the peer had time to answer a ping
+    /// and did not. The miss deadline counts from the evidence, and the ping
+    /// for that interval from the same evidence, `grace` apart, so:
+    ///
+    /// * a side that runs late by more than the grace (its loop or timer
+    ///   thread not scheduled for a few milliseconds on a loaded machine,
+    ///   well short of a stall) found both due in one call and counted the
+    ///   interval before its ping even left;
+    /// * a side whose only reads are the answers to its pings (a Fixed-mode
+    ///   pulse consumer of an idle provider, whose Ping rides with its Pong)
+    ///   counted an interval as missed whenever an answer took more than the
+    ///   grace longer than the one before: jitter, not silence.
+    ///
+    /// Half an interval is the same allowance the peer-ping hold gives
+    /// ([`peer_ping_hold`](Self::peer_ping_hold)). `Dead` does not wait (its
+    /// bound is the brief's).
+    fn answer_awaited_until(&self, last_ping: Option<Instant>) -> Option<Instant> {
         let sent = last_ping.filter(|&sent| sent > self.evidence())?;
-        sent.checked_add(self.config.miss_grace)
+        sent.checked_add(self.config.interval / 2)?
+            .checked_add(self.config.miss_grace)
     }
 
     /// `evidence + (reported + 1) × interval + grace`, or for the first miss
     /// while the peer's pings are awaited, `hold + grace` if later; a
-    /// non-fatal miss no earlier than the grace after an unanswered ping,
-    /// but never after the fatal one's deadline. `None` only on overflow.
+    /// non-fatal miss no earlier than the end of the wait for an unanswered
+    /// ping's answer, but never after the fatal one's deadline. `None` only
+    /// on overflow.
     fn miss_deadline(&self) -> Option<Instant> {
         let n = self.reported.saturating_add(1);
         let after_evidence = |n: u32| {
@@ -601,7 +613,7 @@ impl Heartbeat {
             deadline = deadline.max(first_miss);
         }
         if n < self.config.max_missed
-            && let Some(answer_by) = self.unanswered_ping_grace(self.last_ping)
+            && let Some(answer_by) = self.answer_awaited_until(self.last_ping)
         {
             let fatal = after_evidence(self.config.max_missed)?;
             deadline = deadline.max(answer_by).min(fatal);
@@ -935,10 +947,9 @@ mod tests {
             hb.on_read(t0 + ms(k * 1000 - 500));
             assert_eq!(step(&mut hb, t0 + ms(k * 1000 + 5)), [SendPing { seq: k }]);
         }
-        assert_eq!(
-            hb.next_deadline(),
-            Some(t0 + ms(10_500)).min(Some(t0 + ms(11_000)))
-        );
+        // Next: the miss, half an interval after the unanswered 10th ping
+        // (sent at 10.005 s), before the 11th ping at 11 s.
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(10_505)));
     }
 
     #[test]
@@ -963,34 +974,35 @@ mod tests {
     }
 
     #[test]
-    fn a_ping_sent_late_has_the_grace_to_be_answered_before_a_miss_counts() {
+    fn a_ping_sent_late_has_half_an_interval_to_be_answered_before_a_miss_counts() {
         // Idle mode, grace 6 ms, the shell 20 ms late (far from a stall):
         // the ping (due at 1000) and the first miss (1006) come due in one
         // call. The ping goes; the interval counts only if nothing answers
-        // within the grace after it.
+        // within half an interval and the grace after it.
         let t0 = Instant::now();
         let mut cfg = config(HeartbeatMode::Idle);
         cfg.miss_grace = ms(6);
         let mut hb = Heartbeat::new(cfg, t0);
         assert_eq!(step(&mut hb, t0 + ms(1020)), [SendPing { seq: 1 }]);
         hb.on_write(t0 + ms(1020));
-        assert_eq!(hb.next_deadline(), Some(t0 + ms(1026)));
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1526)));
         hb.on_read(t0 + ms(1021));
-        assert_eq!(step(&mut hb, t0 + ms(1026)), []);
+        assert_eq!(step(&mut hb, t0 + ms(1526)), []);
         assert_eq!(hb.missed(), 0);
 
         // Late again (ping due at 2020, miss at 2027), and no answer.
         assert_eq!(step(&mut hb, t0 + ms(2040)), [SendPing { seq: 2 }]);
         hb.on_write(t0 + ms(2040));
-        assert_eq!(hb.next_deadline(), Some(t0 + ms(2046)));
-        assert_eq!(step(&mut hb, t0 + ms(2045)), []);
-        assert_eq!(step(&mut hb, t0 + ms(2046)), [Missed { count: 1 }]);
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(2546)));
+        assert_eq!(step(&mut hb, t0 + ms(2545)), []);
+        assert_eq!(step(&mut hb, t0 + ms(2546)), [Missed { count: 1 }]);
     }
 
     #[test]
     fn a_late_shell_does_not_delay_death() {
         // Every call 20 ms after the deadline it was given: the misses wait
-        // for the grace after each late ping, `Dead` does not.
+        // half an interval and the grace after each late ping, `Dead` does
+        // not.
         let t0 = Instant::now();
         let mut cfg = config(HeartbeatMode::Idle);
         cfg.miss_grace = ms(6);
@@ -1009,9 +1021,9 @@ mod tests {
             seen,
             [
                 (1020, SendPing { seq: 1 }),
-                (1046, Missed { count: 1 }),
+                (1546, Missed { count: 1 }),
                 (2026, SendPing { seq: 2 }),
-                (2052, Missed { count: 2 }),
+                (2552, Missed { count: 2 }),
                 (
                     3026,
                     Dead {
@@ -1022,7 +1034,7 @@ mod tests {
             ]
         );
 
-        // A single miss is fatal: no wait for the ping's grace either.
+        // A single miss is fatal: no wait for the ping's answer either.
         let mut cfg = config(HeartbeatMode::Idle);
         cfg.miss_grace = ms(6);
         cfg.max_missed = 1;
@@ -1092,9 +1104,9 @@ mod tests {
             seen,
             [
                 (t0 + ms(1000), SendPing { seq: 1 }),
-                (last + ms(1000), Missed { count: 1 }),
+                (t0 + ms(1500), Missed { count: 1 }),
                 (t0 + ms(2000), SendPing { seq: 2 }),
-                (last + ms(2000), Missed { count: 2 }),
+                (t0 + ms(2500), Missed { count: 2 }),
                 (t0 + ms(3000), SendPing { seq: 3 }),
                 (
                     last + ms(3000),
@@ -1197,17 +1209,14 @@ mod tests {
     }
 
     #[test]
-    fn miss_and_ping_due_together_come_out_miss_first() {
+    fn a_miss_due_with_a_ping_waits_for_its_answer() {
         let t0 = Instant::now();
         let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
-        assert_eq!(
-            step(&mut hb, t0 + ms(1000)),
-            [Missed { count: 1 }, SendPing { seq: 1 }]
-        );
-        assert_eq!(
-            step(&mut hb, t0 + ms(2000)),
-            [Missed { count: 2 }, SendPing { seq: 2 }]
-        );
+        assert_eq!(step(&mut hb, t0 + ms(1000)), [SendPing { seq: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(1499)), []);
+        assert_eq!(step(&mut hb, t0 + ms(1500)), [Missed { count: 1 }]);
+        assert_eq!(step(&mut hb, t0 + ms(2000)), [SendPing { seq: 2 }]);
+        assert_eq!(step(&mut hb, t0 + ms(2500)), [Missed { count: 2 }]);
         assert_eq!(
             step(&mut hb, t0 + ms(3000)),
             [Dead {
@@ -1317,10 +1326,10 @@ mod tests {
         assert_eq!(
             out,
             [
-                (3300, Missed { count: 1 }),
                 (3300, SendPing { seq: 1 }),
-                (4300, Missed { count: 2 }),
+                (3800, Missed { count: 1 }),
                 (4300, SendPing { seq: 2 }),
+                (4800, Missed { count: 2 }),
             ]
         );
     }
@@ -1504,7 +1513,8 @@ mod tests {
                         seq: rode as u64 + 1,
                     },
                 ),
-                (3_506, Missed { count: 1 }),
+                // The first miss waits for the answer to the held ping,
+                // half an interval: by then a second interval went by too.
                 (4_006, Missed { count: 2 }),
                 (
                     4_500,
@@ -1581,10 +1591,10 @@ mod tests {
         assert_eq!(
             out,
             [
-                (ms(1000), Missed { count: 1 }),
                 (ms(1000), SendPing { seq: 2 }),
-                (ms(2000), Missed { count: 2 }),
+                (ms(1500), Missed { count: 1 }),
                 (ms(2000), SendPing { seq: 3 }),
+                (ms(2500), Missed { count: 2 }),
                 (
                     ms(3000),
                     Dead {
@@ -1674,8 +1684,9 @@ mod tests {
         let mut hb = Heartbeat::new(c, t0);
         hb.on_read(t0 + ms(500));
         assert_eq!(step(&mut hb, t0 + ms(1099)), [SendPing { seq: 1 }]);
+        // The miss is due half an interval after that ping, at 1599.
         assert_eq!(
-            step(&mut hb, t0 + ms(1600)),
+            step(&mut hb, t0 + ms(1699)),
             [Stalled { late_by: ms(100) }, SendPing { seq: 2 }]
         );
     }
@@ -1684,10 +1695,7 @@ mod tests {
     fn pong_gives_rtt_and_smoothed_srtt() {
         let t0 = Instant::now();
         let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
-        assert_eq!(
-            step(&mut hb, t0 + ms(1000)),
-            [Missed { count: 1 }, SendPing { seq: 1 }]
-        );
+        assert_eq!(step(&mut hb, t0 + ms(1000)), [SendPing { seq: 1 }]);
         assert_eq!(hb.on_pong(t0 + ms(1080), 1), Some(ms(80)));
         assert_eq!(hb.srtt(), Some(ms(80)));
         hb.on_read(t0 + ms(1080));
