@@ -1139,29 +1139,8 @@ fn model_answers_slower_than_the_grace_but_within_half_an_interval_are_never_mis
         ("idle mode, max_missed 3", HeartbeatMode::Idle, 3),
         ("idle mode, max_missed 2", HeartbeatMode::Idle, 2),
     ];
-    let mut failures = Vec::new();
-    for (name, mode, max_missed) in cases {
-        let log = simulate_shell(
-            shell_config(mode, max_missed),
-            TICK,
-            |_| Duration::from_micros(100),
-            rtt,
-            Duration::from_secs(10),
-        );
-        let pings = log
-            .iter()
-            .filter(|(_, a)| matches!(a, HeartbeatAction::SendPing { .. }))
-            .count();
-        assert!(pings >= 70, "{name}: only {pings} pings in 100 intervals");
-        let missed = misses(&log);
-        if !missed.is_empty() {
-            failures.push(format!(
-                "{name}: {} misses for a peer answering in 0.2 to 45 ms, first: {:?}",
-                missed.len(),
-                &missed[..missed.len().min(4)]
-            ));
-        }
-    }
+    let on_time = |_| Duration::from_micros(100);
+    let failures = misses_in_100_intervals(&cases, on_time, rtt, "answering in 0.2 to 45 ms");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -1186,32 +1165,40 @@ fn model_a_late_shell_does_not_count_its_own_late_pings_as_missed() {
         ("idle mode, max_missed 3", HeartbeatMode::Idle, 3),
         ("idle mode, max_missed 2", HeartbeatMode::Idle, 2),
     ];
+    let rtt = |_| Duration::from_micros(200);
+    let failures = misses_in_100_intervals(&cases, lateness, rtt, "answering in 200 µs");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Runs [`simulate_shell`] for 100 intervals (10 s) with each of `cases`
+/// (name, mode, max_missed) and describes each case that counted a miss.
+/// Every case must ping at least 70 times: Idle mode pings an interval after
+/// its last ping, late or not, so about once per 120 ms with a late shell.
+fn misses_in_100_intervals(
+    cases: &[(&str, HeartbeatMode, u32)],
+    lat: impl Fn(Duration) -> Duration + Copy,
+    rtt: impl Fn(u64) -> Duration + Copy,
+    peer: &str,
+) -> Vec<String> {
     let mut failures = Vec::new();
-    for (name, mode, max_missed) in cases {
-        let log = simulate_shell(
-            shell_config(mode, max_missed),
-            TICK,
-            lateness,
-            |_| Duration::from_micros(200),
-            Duration::from_secs(10),
-        );
+    for &(name, mode, max_missed) in cases {
+        let config = shell_config(mode, max_missed);
+        let log = simulate_shell(config, TICK, lat, rtt, Duration::from_secs(10));
         let pings = log
             .iter()
             .filter(|(_, a)| matches!(a, HeartbeatAction::SendPing { .. }))
             .count();
-        // Idle mode pings an interval after its last ping, late or not:
-        // about one per 120 ms here.
         assert!(pings >= 70, "{name}: only {pings} pings in 100 intervals");
         let missed = misses(&log);
         if !missed.is_empty() {
             failures.push(format!(
-                "{name}: {} misses for a peer answering in 200 µs, first: {:?}",
+                "{name}: {} misses for a peer {peer}, first: {:?}",
                 missed.len(),
                 &missed[..missed.len().min(4)]
             ));
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures
 }
 
 /// A provider in Idle mode whose consumer pings (Fixed mode, the default)
