@@ -178,10 +178,10 @@ impl Report {
                         "{mode}: pipelined from one thread ({how}) ≥ 1,000,000 calls/s"
                     ),
                     measured: r.map_or("–".into(), |r| {
-                        let [low, mid, high] = r.slice_ops_per_s;
                         format!(
-                            "{:.0} calls/s (0.5 s slices: {low:.0} / {mid:.0} / {high:.0})",
-                            r.ops_per_s
+                            "{:.0} calls/s (rounds: {})",
+                            r.ops_per_s,
+                            rounds_cell(&r.round_ops_per_s)
                         )
                     }),
                     met: r.map(|r| r.ops_per_s >= 1e6),
@@ -329,18 +329,19 @@ impl Report {
             let _ = writeln!(s, "## Throughput (32 B payload)\n");
             let _ = writeln!(
                 s,
-                "| pattern | impl | threads | conns/Clients | calls/s | 0.5 s slices: low / median / high | vs raw | handled/s | CPU µs/call | errors |\n|---|---|---|---|---|---|---|---|---|---|"
+                "| pattern | impl | threads | conns/Clients | calls/s (median of rounds) | rounds, in order | slices: low / median / high | vs raw | handled/s | CPU µs/call | errors |\n|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for r in &self.throughput {
                 let [low, mid, high] = r.slice_ops_per_s;
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {:.0} | {low:.0} / {mid:.0} / {high:.0} | {} | {} | {:.1} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {} | {low:.0} / {mid:.0} / {high:.0} | {} | {} | {:.1} | {} |",
                     r.pattern,
                     r.implementation,
                     r.threads,
                     r.connections,
                     r.ops_per_s,
+                    rounds_cell(&r.round_ops_per_s),
                     r.baseline
                         .as_ref()
                         .map_or("–".into(), |b| format!("{} of {b}", fmt_ratio(r.ratio))),
@@ -748,6 +749,18 @@ pub fn print_tp(r: &ThroughputRow) {
             String::new()
         }
     );
+}
+
+/// A throughput row's round rates, in the order measured: `a / b / c`.
+fn rounds_cell(rates: &[f64]) -> String {
+    if rates.is_empty() {
+        return "–".into();
+    }
+    rates
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 pub fn size_label(n: usize) -> String {

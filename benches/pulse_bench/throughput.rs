@@ -17,10 +17,20 @@ use crate::rpc::{self, Mode, SERVICE};
 
 pub const PAYLOAD: usize = 32;
 pub const PIPELINE_DEPTH: usize = 64;
-const WINDOW: Duration = Duration::from_secs(3);
-/// The window is also read in slices this long, to show how steady the
-/// rate was (a burst of load from another process shows as a low slice).
-const SLICE: Duration = Duration::from_millis(500);
+/// Each row's measuring time, split into [`ROUNDS`] windows.
+pub const WINDOW: Duration = Duration::from_secs(3);
+/// Every row is measured this many times, one window each, the rounds
+/// interleaved: round 1 of every row, then round 2 of every row, and so on.
+/// A row's figure is the median of its rounds. Why: the machine's speed
+/// drifts over the minute and a half the section takes (raw 16 threads
+/// did 276 k calls/s in one run and 208 k in the next, minutes apart), and
+/// measured one after the other, a pulse row and its raw baseline could
+/// land on different sides of a drift. Interleaved, each round of a pulse
+/// row sits between rounds of its baseline.
+pub const ROUNDS: usize = 3;
+/// Each round's window is also read in this many slices, to show how steady
+/// the rate was (a burst of load from another process shows as a low slice).
+const SLICES_PER_ROUND: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ThroughputRow {
@@ -36,17 +46,23 @@ pub struct ThroughputRow {
     /// Calls outstanding per thread.
     pub depth: usize,
     pub payload: usize,
+    /// Seconds measured, all rounds together.
     pub window_s: f64,
+    /// Calls counted, all rounds together.
     pub ops: u64,
     pub errors: u64,
     pub first_error: Option<String>,
-    /// Calls completed (or one-way sends accepted) per second, over the
-    /// whole window: the figure compared and checked against targets.
+    /// Calls completed (or one-way sends accepted) per second: the median
+    /// of the [`ROUNDS`] rounds' rates, the figure compared and checked
+    /// against targets.
     pub ops_per_s: f64,
-    /// The same, per [`SLICE`] of the window: lowest, median and highest.
+    /// Each round's rate, in the order measured.
+    #[serde(default)]
+    pub round_ops_per_s: Vec<f64>,
+    /// The rate per slice of the rounds' windows: lowest, median, highest.
     #[serde(default)]
     pub slice_ops_per_s: [f64; 3],
-    /// One-way only: calls the provider handled per second, same window.
+    /// One-way only: calls the provider handled per second, over all rounds.
     pub handled_per_s: Option<f64>,
     /// Process CPU (client and server threads) per op.
     pub cpu_us_per_op: f64,
@@ -126,8 +142,9 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
     let handled0 = handled.map(|h| h.load(Ordering::Relaxed));
     let mut slices = Vec::new();
     let (mut slice_ops, mut slice_t) = (ops0, t0);
-    while t0.elapsed() + SLICE <= window {
-        std::thread::sleep(SLICE);
+    let slice = window / SLICES_PER_ROUND;
+    while t0.elapsed() + slice <= window {
+        std::thread::sleep(slice);
         let (ops, now) = (total(&counters), Instant::now());
         slices.push((ops - slice_ops) as f64 / (now - slice_t).as_secs_f64());
         (slice_ops, slice_t) = (ops, now);
@@ -165,35 +182,280 @@ fn spread(mut rates: Vec<f64>) -> [f64; 3] {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn row(
-    key: &str,
-    implementation: &str,
-    pattern: &str,
+/// What a row measures: its labels, how to make its ops afresh for each
+/// round, and the counter of what its provider handled (one-way rows).
+struct Spec<'a> {
+    key: String,
+    implementation: &'static str,
+    pattern: String,
     threads: usize,
     connections: usize,
     depth: usize,
-    m: Measured,
-) -> ThroughputRow {
-    let per_s = |n: u64| n as f64 / m.secs;
-    ThroughputRow {
-        key: key.into(),
-        implementation: implementation.into(),
-        pattern: pattern.into(),
-        threads,
-        connections,
-        depth,
-        payload: PAYLOAD,
-        window_s: m.secs,
-        ops: m.ops,
-        errors: m.errors,
-        first_error: m.first_error,
-        ops_per_s: per_s(m.ops),
-        slice_ops_per_s: spread(m.slices),
-        handled_per_s: m.handled.map(per_s),
-        cpu_us_per_op: m.cpu.as_secs_f64() * 1e6 / m.ops.max(1) as f64,
-        baseline: None,
-        ratio: None,
+    make_ops: Box<dyn Fn() -> Result<Vec<Op>, String> + 'a>,
+    handled: Option<&'a AtomicU64>,
+}
+
+impl<'a> Spec<'a> {
+    fn new(
+        key: &str,
+        implementation: &'static str,
+        pattern: &str,
+        (threads, connections, depth): (usize, usize, usize),
+        make_ops: impl Fn() -> Result<Vec<Op>, String> + 'a,
+    ) -> Spec<'a> {
+        Spec {
+            key: key.into(),
+            implementation,
+            pattern: pattern.into(),
+            threads,
+            connections,
+            depth,
+            make_ops: Box::new(make_ops),
+            handled: None,
+        }
+    }
+
+    fn counting(mut self, handled: &'a AtomicU64) -> Spec<'a> {
+        self.handled = Some(handled);
+        self
+    }
+
+    /// The row of this spec's `rounds`: their median rate, and their ops,
+    /// time, CPU and slices together.
+    fn row(&self, rounds: Vec<Measured>) -> ThroughputRow {
+        let secs: f64 = rounds.iter().map(|m| m.secs).sum();
+        let ops: u64 = rounds.iter().map(|m| m.ops).sum();
+        let cpu: Duration = rounds.iter().map(|m| m.cpu).sum();
+        let round_rates: Vec<f64> = rounds.iter().map(|m| m.ops as f64 / m.secs).collect();
+        let handled = rounds
+            .iter()
+            .map(|m| m.handled)
+            .sum::<Option<u64>>()
+            .map(|n| n as f64 / secs);
+        let [_, median, _] = spread(round_rates.clone());
+        let mut errors = 0;
+        let mut first_error = None;
+        let mut slices = Vec::new();
+        for m in rounds {
+            errors += m.errors;
+            first_error = first_error.or(m.first_error);
+            slices.extend(m.slices);
+        }
+        ThroughputRow {
+            key: self.key.clone(),
+            implementation: self.implementation.into(),
+            pattern: self.pattern.clone(),
+            threads: self.threads,
+            connections: self.connections,
+            depth: self.depth,
+            payload: PAYLOAD,
+            window_s: secs,
+            ops,
+            errors,
+            first_error,
+            ops_per_s: median,
+            round_ops_per_s: round_rates,
+            slice_ops_per_s: spread(slices),
+            handled_per_s: handled,
+            cpu_us_per_op: cpu.as_secs_f64() * 1e6 / ops.max(1) as f64,
+            baseline: None,
+            ratio: None,
+        }
+    }
+}
+
+/// Measures every row of the section, the rounds interleaved (see
+/// [`ROUNDS`]), and reports each row once all its rounds are in.
+pub fn run(
+    settings: &Settings,
+    log: &mut dyn FnMut(&ThroughputRow),
+) -> Result<Vec<ThroughputRow>, String> {
+    let round_window = settings.window(WINDOW) / ROUNDS as u32;
+    let value = rpc::payload(PAYLOAD);
+    let echo = RawServer::start(RawMode::Echo).map_err(|e| e.to_string())?;
+    let sink = RawServer::start(RawMode::Sink).map_err(|e| e.to_string())?;
+    let provider =
+        rpc::start_provider(ServerConfig::default()).map_err(|e| format!("start provider: {e}"))?;
+    let clients: Vec<Client> = (0..4)
+        .map(|_| rpc::connect(&provider).map_err(|e| format!("connect: {e}")))
+        .collect::<Result<_, _>>()?;
+    let placed = Placed::start()?;
+
+    let mut specs = raw_specs(echo.addr(), sink.addr(), &sink.received);
+    for mode in [Mode::Pool, Mode::Inline] {
+        for threads in [1, 16, 64] {
+            let (client, value) = (&clients[0], &value);
+            specs.push(Spec::new(
+                &format!("seq-{threads}"),
+                mode.label(),
+                "sequential callers sharing one Client",
+                (threads, 1, 1),
+                move || {
+                    Ok((0..threads)
+                        .map(|_| call_op(client.clone(), mode, value.clone()))
+                        .collect())
+                },
+            ));
+        }
+    }
+    for mode in [Mode::Pool, Mode::Inline] {
+        let (clients, value) = (&clients, &value);
+        specs.push(Spec::new(
+            "seq-64",
+            mode.label(),
+            "sequential callers over 4 Clients",
+            (64, 4, 1),
+            move || {
+                Ok((0..64)
+                    .map(|i| call_op(clients[i % 4].clone(), mode, value.clone()))
+                    .collect())
+            },
+        ));
+    }
+    let pipelines = [
+        Pipeline {
+            key: "pipelined",
+            pattern: "one thread, 64 outstanding (start, wait later)",
+            depth: PIPELINE_DEPTH,
+            deferred: false,
+        },
+        Pipeline {
+            key: "pipelined-deferred",
+            pattern: "one thread, 64 outstanding (start_deferred, wait later)",
+            depth: PIPELINE_DEPTH,
+            deferred: true,
+        },
+        Pipeline {
+            key: "pipelined-deferred-256",
+            pattern: "one thread, 256 outstanding (start_deferred, wait later)",
+            depth: 256,
+            deferred: true,
+        },
+    ];
+    for shape in pipelines {
+        specs.extend(shape.specs(&clients[0], &value));
+    }
+    if let Some(placed) = &placed {
+        specs.extend(placed.specs(&value));
+    }
+    for mode in [Mode::Pool, Mode::Inline] {
+        let (client, value) = (&clients[0], &value);
+        let spec = Spec::new(
+            "oneway",
+            mode.label(),
+            "one thread, one-way sends",
+            (1, 1, 0),
+            move || {
+                let (client, value) = (client.clone(), value.clone());
+                let op: Op = Box::new(move || {
+                    client
+                        .send_one_way(SERVICE, mode.sink(), &value)
+                        .map_err(|e| e.to_string())
+                });
+                Ok(vec![op])
+            },
+        );
+        specs.push(spec.counting(&provider.sunk));
+    }
+
+    let mut rounds: Vec<Vec<Measured>> = specs.iter().map(|_| Vec::new()).collect();
+    for round in 1..=ROUNDS {
+        eprintln!(
+            "  throughput round {round} of {ROUNDS} ({} rows)",
+            specs.len()
+        );
+        for (spec, measured) in specs.iter().zip(&mut rounds) {
+            let m = measure((spec.make_ops)()?, round_window, spec.handled);
+            measured.push(m);
+            if let Some(counter) = spec.handled {
+                // Let the receiver drain before the next measurement.
+                wait_until_still(counter);
+            }
+        }
+    }
+    let rows: Vec<ThroughputRow> = specs
+        .iter()
+        .zip(rounds)
+        .map(|(spec, measured)| spec.row(measured))
+        .collect();
+    for r in &rows {
+        log(r);
+    }
+    drop(specs);
+    drop(clients);
+    drop(placed);
+    drop(provider);
+    Ok(rows)
+}
+
+/// The raw baselines: thread-per-connection request/response with 1, 16
+/// and 64 threads, one thread pipelining, and one-way sends to `sink`.
+fn raw_specs<'a>(
+    echo: std::net::SocketAddr,
+    sink: std::net::SocketAddr,
+    received: &'a AtomicU64,
+) -> Vec<Spec<'a>> {
+    let mut specs = Vec::new();
+    for threads in [1, 16, 64] {
+        specs.push(Spec::new(
+            &format!("seq-{threads}"),
+            "raw",
+            "sequential callers, one connection each",
+            (threads, threads, 1),
+            move || {
+                raw_ops(echo, threads, |mut c| {
+                    Box::new(move || c.call().map_err(|e| e.to_string()))
+                })
+            },
+        ));
+    }
+    specs.push(Spec::new(
+        "pipelined",
+        "raw",
+        "one thread, 64 outstanding",
+        (1, 1, PIPELINE_DEPTH),
+        move || {
+            raw_ops(echo, 1, |mut c| {
+                let mut outstanding = 0usize;
+                Box::new(move || {
+                    while outstanding < PIPELINE_DEPTH {
+                        c.send().map_err(|e| e.to_string())?;
+                        outstanding += 1;
+                    }
+                    c.recv().map_err(|e| e.to_string())?;
+                    outstanding -= 1;
+                    Ok(())
+                })
+            })
+        },
+    ));
+    let oneway = Spec::new(
+        "oneway",
+        "raw",
+        "one thread, one-way sends",
+        (1, 1, 0),
+        move || {
+            raw_ops(sink, 1, |mut c| {
+                Box::new(move || c.send().map_err(|e| e.to_string()))
+            })
+        },
+    );
+    specs.push(oneway.counting(received));
+    specs
+}
+
+/// Waits (up to 10 s) until `counter` stops moving: the receiver of one-way
+/// sends has drained what was sent, so it does not load the next row.
+fn wait_until_still(counter: &AtomicU64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = counter.load(Ordering::Relaxed);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = counter.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
     }
 }
 
@@ -238,217 +500,56 @@ fn pipelined_op(client: Client, mode: Mode, value: Value, depth: usize, deferred
     })
 }
 
-pub fn run(
-    settings: &Settings,
-    log: &mut dyn FnMut(&ThroughputRow),
-) -> Result<Vec<ThroughputRow>, String> {
-    let window = settings.window(WINDOW);
-    let mut rows = Vec::new();
-    let mut push = |r: ThroughputRow, rows: &mut Vec<ThroughputRow>| {
-        log(&r);
-        rows.push(r);
-    };
-    let value = rpc::payload(PAYLOAD);
-
-    // Raw baselines: thread-per-connection request/response, pipelined, one-way.
-    {
-        let echo = RawServer::start(RawMode::Echo).map_err(|e| e.to_string())?;
-        for threads in [1, 16, 64] {
-            let ops = raw_ops(echo.addr(), threads, |mut c| {
-                Box::new(move || c.call().map_err(|e| e.to_string()))
-            })?;
-            let m = measure(ops, window, None);
-            push(
-                row(
-                    &format!("seq-{threads}"),
-                    "raw",
-                    "sequential callers, one connection each",
-                    threads,
-                    threads,
-                    1,
-                    m,
-                ),
-                &mut rows,
-            );
-        }
-        let ops = raw_ops(echo.addr(), 1, |mut c| {
-            let mut outstanding = 0usize;
-            Box::new(move || {
-                while outstanding < PIPELINE_DEPTH {
-                    c.send().map_err(|e| e.to_string())?;
-                    outstanding += 1;
-                }
-                c.recv().map_err(|e| e.to_string())?;
-                outstanding -= 1;
-                Ok(())
-            })
-        })?;
-        let m = measure(ops, window, None);
-        push(
-            row(
-                "pipelined",
-                "raw",
-                "one thread, 64 outstanding",
-                1,
-                1,
-                PIPELINE_DEPTH,
-                m,
-            ),
-            &mut rows,
-        );
-        drop(echo);
-        let sink = RawServer::start(RawMode::Sink).map_err(|e| e.to_string())?;
-        let ops = raw_ops(sink.addr(), 1, |mut c| {
-            Box::new(move || c.send().map_err(|e| e.to_string()))
-        })?;
-        let m = measure(ops, window, Some(&sink.received));
-        push(
-            row("oneway", "raw", "one thread, one-way sends", 1, 1, 0, m),
-            &mut rows,
-        );
-    }
-
-    // pulse: one provider (default config), four clients.
-    let provider =
-        rpc::start_provider(ServerConfig::default()).map_err(|e| format!("start provider: {e}"))?;
-    let clients: Vec<Client> = (0..4)
-        .map(|_| rpc::connect(&provider).map_err(|e| format!("connect: {e}")))
-        .collect::<Result<_, _>>()?;
-    for mode in [Mode::Pool, Mode::Inline] {
-        for threads in [1, 16, 64] {
-            let ops = (0..threads)
-                .map(|_| call_op(clients[0].clone(), mode, value.clone()))
-                .collect();
-            let m = measure(ops, window, None);
-            push(
-                row(
-                    &format!("seq-{threads}"),
-                    mode.label(),
-                    "sequential callers sharing one Client",
-                    threads,
-                    1,
-                    1,
-                    m,
-                ),
-                &mut rows,
-            );
-        }
-    }
-    for mode in [Mode::Pool, Mode::Inline] {
-        let ops = (0..64)
-            .map(|i| call_op(clients[i % 4].clone(), mode, value.clone()))
-            .collect();
-        let m = measure(ops, window, None);
-        push(
-            row(
-                "seq-64",
-                mode.label(),
-                "sequential callers over 4 Clients",
-                64,
-                4,
-                1,
-                m,
-            ),
-            &mut rows,
-        );
-    }
-    let pipelines = [
-        Pipeline {
-            key: "pipelined",
-            pattern: "one thread, 64 outstanding (start, wait later)",
-            depth: PIPELINE_DEPTH,
-            deferred: false,
-        },
-        Pipeline {
-            key: "pipelined-deferred",
-            pattern: "one thread, 64 outstanding (start_deferred, wait later)",
-            depth: PIPELINE_DEPTH,
-            deferred: true,
-        },
-        Pipeline {
-            key: "pipelined-deferred-256",
-            pattern: "one thread, 256 outstanding (start_deferred, wait later)",
-            depth: 256,
-            deferred: true,
-        },
-    ];
-    for shape in pipelines {
-        for r in shape.rows(&clients[0], &value, window) {
-            push(r, &mut rows);
-        }
-    }
-    for r in placed_pipelines(&value, window)? {
-        push(r, &mut rows);
-    }
-    for mode in [Mode::Pool, Mode::Inline] {
-        let client = clients[0].clone();
-        let v = value.clone();
-        let ops: Vec<Op> = vec![Box::new(move || {
-            client
-                .send_one_way(SERVICE, mode.sink(), &v)
-                .map_err(|e| e.to_string())
-        })];
-        let m = measure(ops, window, Some(&provider.sunk));
-        push(
-            row(
-                "oneway",
-                mode.label(),
-                "one thread, one-way sends",
-                1,
-                1,
-                0,
-                m,
-            ),
-            &mut rows,
-        );
-        // Let the provider drain before the next measurement.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last = provider.sunk.load(Ordering::Relaxed);
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = provider.sunk.load(Ordering::Relaxed);
-            if now == last {
-                break;
-            }
-            last = now;
-        }
-    }
-    drop(clients);
-    drop(provider);
-    Ok(rows)
+/// A provider and a client of their own for the `start_deferred` pipeline
+/// with the loops placed by `ConnectionConfig::loop_cpus` (opt-in): the
+/// client's loop on CPU 0, the provider's loops on the last CPU, the caller
+/// left to the kernel.
+struct Placed {
+    /// Declared before `_provider`: dropped (disconnected) first.
+    client: Client,
+    /// Kept running for `client`.
+    _provider: rpc::Provider,
+    pattern: String,
 }
 
-/// The `start_deferred` pipeline again with the loops placed by
-/// `ConnectionConfig::loop_cpus` (opt-in): the client's loop on CPU 0, the
-/// provider's loops on the last CPU, the caller left to the kernel. Skipped
-/// on one CPU.
-fn placed_pipelines(value: &Value, window: Duration) -> Result<Vec<ThroughputRow>, String> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus < 2 {
-        return Ok(Vec::new());
+impl Placed {
+    /// `None` on one CPU, where there is nothing to place.
+    fn start() -> Result<Option<Placed>, String> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            return Ok(None);
+        }
+        let mut server_config = ServerConfig::default();
+        server_config.connection.loop_cpus = vec![cpus - 1];
+        let provider =
+            rpc::start_provider(server_config).map_err(|e| format!("start provider: {e}"))?;
+        let mut client_config = pulse::ClientConfig::default();
+        client_config.connection.loop_cpus = vec![0];
+        let client =
+            rpc::connect_with(&provider, client_config).map_err(|e| format!("connect: {e}"))?;
+        let pattern = format!(
+            "one thread, 64 outstanding (start_deferred), loops placed: client CPU 0, provider CPU {}",
+            cpus - 1
+        );
+        Ok(Some(Placed {
+            client,
+            _provider: provider,
+            pattern,
+        }))
     }
-    let mut server_config = ServerConfig::default();
-    server_config.connection.loop_cpus = vec![cpus - 1];
-    let provider =
-        rpc::start_provider(server_config).map_err(|e| format!("start provider: {e}"))?;
-    let mut client_config = pulse::ClientConfig::default();
-    client_config.connection.loop_cpus = vec![0];
-    let client =
-        rpc::connect_with(&provider, client_config).map_err(|e| format!("connect: {e}"))?;
-    let pattern = format!(
-        "one thread, 64 outstanding (start_deferred), loops placed: client CPU 0, provider CPU {}",
-        cpus - 1
-    );
-    let shape = Pipeline {
-        key: "pipelined-deferred-placed",
-        pattern: &pattern,
-        depth: PIPELINE_DEPTH,
-        deferred: true,
-    };
-    Ok(shape.rows(&client, value, window))
+
+    fn specs<'a>(&'a self, value: &'a Value) -> Vec<Spec<'a>> {
+        let shape = Pipeline {
+            key: "pipelined-deferred-placed",
+            pattern: &self.pattern,
+            depth: PIPELINE_DEPTH,
+            deferred: true,
+        };
+        shape.specs(&self.client, value)
+    }
 }
 
-/// One pipelined shape, measured once with pool and once with inline handlers.
+/// One pipelined shape, measured with pool and with inline handlers.
 struct Pipeline<'a> {
     key: &'a str,
     pattern: &'a str,
@@ -459,20 +560,22 @@ struct Pipeline<'a> {
 }
 
 impl Pipeline<'_> {
-    /// One row per handler mode, one caller thread on `client` each.
-    fn rows(&self, client: &Client, value: &Value, window: Duration) -> Vec<ThroughputRow> {
+    /// One spec per handler mode, one caller thread on `client` each.
+    fn specs<'a>(&self, client: &'a Client, value: &'a Value) -> Vec<Spec<'a>> {
+        let (depth, deferred) = (self.depth, self.deferred);
         [Mode::Pool, Mode::Inline]
             .into_iter()
             .map(|mode| {
-                let op = pipelined_op(
-                    client.clone(),
-                    mode,
-                    value.clone(),
-                    self.depth,
-                    self.deferred,
-                );
-                let m = measure(vec![op], window, None);
-                row(self.key, mode.label(), self.pattern, 1, 1, self.depth, m)
+                Spec::new(
+                    self.key,
+                    mode.label(),
+                    self.pattern,
+                    (1, 1, depth),
+                    move || {
+                        let op = pipelined_op(client.clone(), mode, value.clone(), depth, deferred);
+                        Ok(vec![op])
+                    },
+                )
             })
             .collect()
     }
