@@ -185,17 +185,22 @@ fn spread(mut rates: Vec<f64>) -> [f64; 3] {
 /// What a row measures: its labels, how to make its ops afresh for each
 /// round, and the counter of what its provider handled (one-way rows).
 struct Spec<'a> {
+    /// See [`ThroughputRow`]'s fields of the same names.
     key: String,
     implementation: &'static str,
     pattern: String,
     threads: usize,
     connections: usize,
     depth: usize,
+    /// Makes one op per caller thread (and connects raw clients) for a
+    /// round: ops are consumed by [`measure`].
     make_ops: Box<dyn Fn() -> Result<Vec<Op>, String> + 'a>,
+    /// One-way rows: what the receiver has handled so far.
     handled: Option<&'a AtomicU64>,
 }
 
 impl<'a> Spec<'a> {
+    /// A spec with `(threads, connections, depth)` as the row shows them.
     fn new(
         key: &str,
         implementation: &'static str,
@@ -215,6 +220,7 @@ impl<'a> Spec<'a> {
         }
     }
 
+    /// The same spec, reporting what `handled` counts per second.
     fn counting(mut self, handled: &'a AtomicU64) -> Spec<'a> {
         self.handled = Some(handled);
         self
