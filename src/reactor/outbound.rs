@@ -131,12 +131,23 @@ struct Queue {
     queued_while_corked: bool,
     /// No new frames are accepted; what is queued is still written.
     sealed: bool,
+    /// A non-graceful final frame was queued while a writer was inside its
+    /// `writev`: that writer drops the frames of its batch it had not
+    /// started, as `send_final` dropped the queued ones.
+    drop_unstarted: bool,
     closed: bool,
 }
 
 impl Queue {
     fn is_empty(&self) -> bool {
         self.partial.is_none() && self.control.is_empty() && self.data.is_empty()
+    }
+
+    /// Bytes of the frames in the queue, a partial frame counted whole.
+    fn counted_bytes(&self) -> usize {
+        let partial = self.partial.as_ref().map_or(0, |(f, _)| f.len());
+        let queued = self.control.iter().chain(&self.data).map(Vec::len);
+        partial + queued.sum::<usize>()
     }
 }
 
@@ -284,6 +295,9 @@ impl Outbound {
             q.control.clear();
             q.data.clear();
             q.bytes = q.partial.as_ref().map_or(0, |(f, _)| f.len());
+            // A writer inside `writev` holds frames taken out of the queue;
+            // it drops the ones it did not start when it comes back.
+            q.drop_unstarted = q.writing;
         }
         q.bytes += frame.len();
         q.data.push_back(frame);
@@ -419,19 +433,10 @@ impl Outbound {
 
             q = self.queue.lock();
             // `done <= batch.len()`: it counts frames of this batch written whole.
-            let written_bytes: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
             mine_written |= batch[..done]
                 .iter()
                 .any(|(f, _)| Some(f.as_ptr() as usize) == mine);
-            q.bytes = q.bytes.saturating_sub(written_bytes);
-            // Put back what was not written, ahead of anything queued meanwhile.
-            let mut rest: Vec<(Vec<u8>, Class)> = batch.drain(done..).collect();
-            if offset > 0 && !rest.is_empty() {
-                let (frame, _) = rest.remove(0);
-                q.partial = Some((frame, offset));
-            }
-            requeue_front(&mut q, rest.into_iter());
-            batch.clear();
+            put_back(&mut q, &mut batch, done, offset);
 
             match result {
                 Ok(()) => continue,
@@ -473,6 +478,32 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Settles a writer's `batch` after a `writev` that wrote its first `done`
+/// frames whole and `offset` bytes of the next: the written ones leave the
+/// byte count, the rest go back ahead of anything queued meanwhile (the
+/// partly written one as the partial frame). Unless a non-graceful
+/// `send_final` came meanwhile: then the unstarted ones are dropped too, and
+/// only the partial frame is finished before the Close. Leaves `batch` empty.
+fn put_back(q: &mut Queue, batch: &mut Vec<(Vec<u8>, Class)>, done: usize, offset: usize) {
+    let written_bytes: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
+    q.bytes = q.bytes.saturating_sub(written_bytes);
+    let mut rest = batch.drain(done..);
+    if offset > 0
+        && let Some((frame, _)) = rest.next()
+    {
+        q.partial = Some((frame, offset));
+    }
+    if q.drop_unstarted {
+        q.drop_unstarted = false;
+        drop(rest);
+        // `send_final` counted only what was in the queue; recount.
+        q.bytes = q.counted_bytes();
+    } else {
+        requeue_front(q, rest);
+    }
+    batch.clear();
 }
 
 /// Puts frames back at the front of their queues, keeping their order.
@@ -531,7 +562,7 @@ fn write_all_or_block(
 mod tests {
     use super::*;
     use socket2::{Domain, Type};
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     /// A connected non-blocking pair with a tiny send buffer, so writes block.
     fn pair() -> (Socket, Socket) {
@@ -634,6 +665,68 @@ mod tests {
             b"ZZZZZ",
             "unstarted data is dropped, the Close follows the started frame"
         );
+    }
+
+    /// A non-graceful Close queued while a writer is inside its `writev`:
+    /// the writer finishes the frame it started, drops the ones of its
+    /// batch it had not started (as `send_final` dropped the queued ones),
+    /// and the byte count stays true. Before, those frames went back ahead
+    /// of the Close and the count fell short by their size.
+    #[test]
+    fn an_error_final_frame_drops_the_unstarted_frames_of_a_writer_in_flight() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        // A writer took three frames and is inside `writev`.
+        let batch = [b"AAAAAAAA".to_vec(), b"BBBB".to_vec(), b"CCCC".to_vec()];
+        let mut taken: Vec<(Vec<u8>, Class)> =
+            batch.iter().map(|f| (f.clone(), Class::Data)).collect();
+        {
+            let mut q = out.queue.lock();
+            q.bytes = 16;
+            q.writing = true;
+        }
+        out.send(&a, b"queued".to_vec(), Class::Data).unwrap();
+        assert_eq!(out.send_final(&a, b"ZZ".to_vec(), false), Ok(Flush::Done));
+        // Its `writev` wrote 3 bytes of the first frame.
+        (&a).write_all(&batch[0][..3]).unwrap();
+        let mut q = out.queue.lock();
+        put_back(&mut q, &mut taken, 0, 3);
+        assert_eq!(
+            q.bytes,
+            batch[0].len() + 2,
+            "the started frame and the Close"
+        );
+        assert_eq!(q.data.len(), 1, "only the Close is queued");
+        assert_eq!(out.write_batches(q, &a, None), Ok(Flush::Done));
+        assert!(out.is_drained());
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(drain(&out, &a, &b, 10), b"AAAAAAAAZZ");
+    }
+
+    /// The same writer without a final frame puts back all it did not
+    /// write, ahead of frames queued meanwhile.
+    #[test]
+    fn a_writer_puts_back_its_unwritten_frames_ahead_of_newer_ones() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        let mut taken: Vec<(Vec<u8>, Class)> = [b"AAAA".to_vec(), b"BB".to_vec(), b"CC".to_vec()]
+            .into_iter()
+            .map(|f| (f, Class::Data))
+            .collect();
+        {
+            let mut q = out.queue.lock();
+            q.bytes = 8;
+            q.writing = true;
+        }
+        out.send(&a, b"DD".to_vec(), Class::Data).unwrap();
+        // Its `writev` wrote the first frame and one byte of the second.
+        (&a).write_all(b"AAAAB").unwrap();
+        let mut q = out.queue.lock();
+        put_back(&mut q, &mut taken, 1, 1);
+        assert!(taken.is_empty());
+        assert_eq!(q.bytes, 6, "BB (partly written), CC and DD");
+        assert_eq!(out.write_batches(q, &a, None), Ok(Flush::Done));
+        assert_eq!(drain(&out, &a, &b, 10), b"AAAABBCCDD");
     }
 
     #[test]
