@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::event::{DisconnectReason, Event, EventSink};
 use crate::job_queue::{JobQueue, PushError};
 use crate::protocol::{
-    CloseStatus, Frame, Kind, ResponseStatus, decode_request_body, encode_error_response,
+    CloseStatus, FrameRef, Kind, ResponseStatus, decode_request_body, encode_error_response,
     request_args,
 };
 use crate::reactor::{Class, Command, ConnShared, Flush, PeerInfo, Runtime, SendError};
@@ -372,7 +372,7 @@ impl ServerShared {
     pub(crate) fn dispatch(
         &self,
         conn: &Arc<ConnShared>,
-        frame: Frame,
+        frame: FrameRef<'_>,
         last_route: &mut Option<Box<Route>>,
     ) -> std::result::Result<(), String> {
         let id = frame.header.id;
@@ -459,7 +459,8 @@ impl ServerShared {
                     conn: conn.clone(),
                     id,
                     handler: method.handler.clone(),
-                    body: frame.body,
+                    // Out of the read buffer: the job outlives this read.
+                    body: frame.body.into_owned(),
                     args_at,
                     one_way,
                 };

@@ -4,9 +4,11 @@
 //!
 //! Bytes live in one read buffer (`buf`) between a read offset `start` and a
 //! write offset `end`. Returning a frame only moves `start`, so many small
-//! frames received in one read cost one copy each (their body into its own
-//! `Vec`) and no memmove. The unread tail is moved to the front only when the
-//! spare space at the end runs low, or for free when the buffer empties.
+//! frames received in one read cost no memmove, and each costs one copy (its
+//! body into its own `Vec`) only if it is taken with `next_frame`; the event
+//! loop takes frames with `next_frame_ref`, which lends the body from the
+//! buffer. The unread tail is moved to the front only when the spare space
+//! at the end runs low, or for free when the buffer empties.
 //!
 //! A frame whose body is bigger than [`LARGE_BODY`] and not yet complete leaves
 //! the read buffer: its body `Vec` becomes the destination of the following
@@ -19,6 +21,7 @@
 //! [`FrameDecoder::next_frame`] is called, before anything is allocated for
 //! its body.
 
+use std::borrow::Cow;
 use std::io;
 
 use super::{FrameError, HEADER_LEN, Header};
@@ -46,6 +49,29 @@ pub struct Frame {
     pub header: Header,
     /// The raw body bytes (MessagePack for every kind of version 1).
     pub body: Vec<u8>,
+}
+
+/// One complete frame as [`FrameDecoder::next_frame_ref`] returns it: its
+/// body still lies in the decoder's read buffer when it fit there (no copy
+/// and no allocation for a handler that only reads it), or is the buffer a
+/// large body was received into.
+#[derive(Debug)]
+pub(crate) struct FrameRef<'a> {
+    /// The validated header; `header.body_len == body.len()`.
+    pub(crate) header: Header,
+    /// The raw body bytes.
+    pub(crate) body: Cow<'a, [u8]>,
+}
+
+impl FrameRef<'_> {
+    /// The frame with a body of its own (copied out of the read buffer, or
+    /// moved if it already had its own buffer).
+    pub(crate) fn into_owned(self) -> Frame {
+        Frame {
+            header: self.header,
+            body: self.body.into_owned(),
+        }
+    }
 }
 
 /// A large body being received straight into its own buffer.
@@ -317,12 +343,22 @@ impl FrameDecoder {
     /// [`Header::decode`]), before anything is allocated for its body. The
     /// decoder is then poisoned and returns the same error on every call.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        Ok(self.next_frame_ref()?.map(FrameRef::into_owned))
+    }
+
+    /// [`next_frame`](Self::next_frame) without copying a body that lies in
+    /// the read buffer: the frame borrows it until the decoder is used again.
+    /// The event loop dispatches inline requests this way (one allocation
+    /// and one copy fewer per request).
+    pub(crate) fn next_frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, FrameError> {
         if let Some(err) = &self.poisoned {
             return Err(err.clone());
         }
         if let Some(partial) = self.partial.take() {
             if partial.is_complete() {
-                return Ok(Some(partial.into_frame()));
+                let Frame { header, body } = partial.into_frame();
+                let body = Cow::Owned(body);
+                return Ok(Some(FrameRef { header, body }));
             }
             self.partial = Some(partial);
             return Ok(None);
@@ -340,10 +376,27 @@ impl FrameDecoder {
         };
         let body_len = header.body_len as usize;
         let received = pending.get(HEADER_LEN..).unwrap_or_default();
-        if let Some(body) = received.get(..body_len) {
-            let body = body.to_vec();
+        if received.len() >= body_len {
+            let body_at = self.start + HEADER_LEN;
+            let emptied = body_at + body_len == self.end;
+            if emptied && self.buf.len() > MAX_IDLE_BUF {
+                // `consume` shrinks this buffer, so the body leaves it first.
+                let body = Cow::Owned(received.get(..body_len).unwrap_or_default().to_vec());
+                self.consume(HEADER_LEN + body_len);
+                return Ok(Some(FrameRef { header, body }));
+            }
+            // Moves only the offsets here (no shrink: checked above); the
+            // bytes stay where they are until the next read or feed.
             self.consume(HEADER_LEN + body_len);
-            return Ok(Some(Frame { header, body }));
+            // Always all of it: `buf[body_at..body_at + body_len]` was received.
+            let body = self
+                .buf
+                .get(body_at..body_at + body_len)
+                .unwrap_or_default();
+            return Ok(Some(FrameRef {
+                header,
+                body: Cow::Borrowed(body),
+            }));
         }
         if body_len > LARGE_BODY {
             // Move the received part of the body into its own buffer; the
@@ -546,6 +599,31 @@ mod tests {
         assert_eq!(decoder.next_frame(), Ok(None));
         assert!(decoder.is_mid_frame());
         assert_eq!(decoder.buffered_len(), 7);
+    }
+
+    /// A body that lies whole in the read buffer is lent, not copied; one
+    /// received into its own buffer (a large body) is handed over as is.
+    #[test]
+    fn a_frame_in_the_read_buffer_is_lent_and_a_large_one_moved() {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut bytes = frame_bytes(Kind::Request, 1, b"first");
+        bytes.extend(frame_bytes(Kind::Request, 2, b"second"));
+        decoder.feed(&bytes);
+        for (id, body) in [(1, &b"first"[..]), (2, b"second")] {
+            let frame = decoder.next_frame_ref().unwrap().expect("fed whole");
+            assert_eq!(frame.header.id, id);
+            assert!(matches!(&frame.body, Cow::Borrowed(lent) if *lent == body));
+        }
+        assert!(decoder.next_frame_ref().unwrap().is_none());
+
+        let large = vec![7u8; LARGE_BODY + 1];
+        let bytes = frame_bytes(Kind::Request, 3, &large);
+        decoder.feed(&bytes[..HEADER_LEN + 10]);
+        assert!(decoder.next_frame_ref().unwrap().is_none(), "mid-frame");
+        decoder.feed(&bytes[HEADER_LEN + 10..]);
+        let frame = decoder.next_frame_ref().unwrap().expect("fed whole");
+        assert!(matches!(&frame.body, Cow::Owned(own) if *own == large));
+        assert_eq!(frame.into_owned().body, large);
     }
 
     #[test]

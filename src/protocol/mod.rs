@@ -15,6 +15,7 @@ pub use body::{
     BodyError, RequestBody, decode_request_body, decode_text_body, encode_close,
     encode_error_response, encode_ok_response, encode_ping, encode_pong, encode_request,
 };
+pub(crate) use decoder::FrameRef;
 pub use decoder::{Frame, FrameDecoder};
 pub use header::{FrameError, Header};
 

@@ -1,11 +1,13 @@
 //! Readiness: reads and the frames they bring, resumed writes.
 
 use std::io;
+use std::mem;
 use std::time::Instant;
 
 use crate::event::DisconnectReason;
 use crate::protocol::{
-    CloseStatus, Frame, Kind, ResponseStatus, decode_text_body, encode_error_response, encode_pong,
+    CloseStatus, FrameDecoder, FrameRef, Kind, ResponseStatus, decode_text_body,
+    encode_error_response, encode_pong,
 };
 use crate::reactor::outbound::{Class, Flush};
 
@@ -55,26 +57,35 @@ impl EventLoop {
 
     /// Reads until `WouldBlock` or a short read, handling every complete
     /// frame, with the loop's spare read buffer lent to the connection.
+    ///
+    /// The connection's decoder is taken out of it meanwhile (nothing else
+    /// uses it), so that a frame handed to [`on_frame`](Self::on_frame) can
+    /// borrow its body from the read buffer while the loop changes: an
+    /// inline request is handled without copying its body out.
     fn read(&mut self, token: usize, hangup: bool, now: Instant) {
-        if let Some(conn) = self.conns.get_mut(token) {
-            if let Some(spare) = self.spare_read_buf.take() {
-                self.spare_read_buf = conn.decoder.adopt_buffer(spare);
-            }
-            // What the frames of this read make us send goes out in one write.
-            conn.shared.out.cork();
-        }
-        let flow = self.read_frames(token, hangup, now);
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
+        // A placeholder allocates nothing.
+        let mut decoder = mem::replace(&mut conn.decoder, FrameDecoder::new(0));
+        if let Some(spare) = self.spare_read_buf.take() {
+            self.spare_read_buf = decoder.adopt_buffer(spare);
+        }
+        // What the frames of this read make us send goes out in one write.
+        conn.shared.out.cork();
+        let flow = self.read_frames(token, &mut decoder, hangup, now);
         // Drained: the buffer goes back to the loop (or is freed if the loop
         // has one already), so no idle connection keeps one. A connection
         // left mid-frame keeps it until the frame completes.
-        if let Some(buf) = conn.decoder.release_buffer()
+        if let Some(buf) = decoder.release_buffer()
             && self.spare_read_buf.is_none()
         {
             self.spare_read_buf = Some(buf);
         }
+        let Some(conn) = self.conns.get_mut(token) else {
+            return; // closed by a frame: its decoder goes with it
+        };
+        conn.decoder = decoder;
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
             let reason = DisconnectReason::Io("write failed".into());
             self.close(token, reason, None, now);
@@ -91,7 +102,13 @@ impl EventLoop {
     /// read would only return `WouldBlock`; the loop stops there and waits for
     /// the next edge, unless the peer hung up (`hangup`): then it reads on
     /// until the end of stream, which a short read may precede.
-    fn read_frames(&mut self, token: usize, hangup: bool, now: Instant) -> Flow {
+    fn read_frames(
+        &mut self,
+        token: usize,
+        decoder: &mut FrameDecoder,
+        hangup: bool,
+        now: Instant,
+    ) -> Flow {
         loop {
             let Some(conn) = self.conns.get_mut(token) else {
                 return Flow::Closed;
@@ -100,7 +117,7 @@ impl EventLoop {
                 // Nothing read matters any more; let the socket buffer absorb it.
                 return Flow::Open;
             }
-            match conn.decoder.read_from(&conn.shared.socket) {
+            match decoder.read_from(&conn.shared.socket) {
                 Ok(0) => {
                     let reason = DisconnectReason::PeerClosed {
                         status: None,
@@ -118,7 +135,7 @@ impl EventLoop {
                         let Some(conn) = self.conns.get_mut(token) else {
                             return Flow::Closed;
                         };
-                        match conn.decoder.next_frame() {
+                        match decoder.next_frame_ref() {
                             Ok(Some(frame)) => {
                                 completed_any = true;
                                 if frame.header.kind != Kind::Response {
@@ -132,14 +149,14 @@ impl EventLoop {
                             }
                             Ok(None) => {
                                 // The frame timeout runs from a frame's first byte.
-                                let started = match (conn.decoder.is_mid_frame(), completed_any) {
+                                let started = match (decoder.is_mid_frame(), completed_any) {
                                     (false, _) => None,
                                     (true, true) => Some(now),
                                     (true, false) => conn.frame_started.or(Some(now)),
                                 };
                                 let newly = started.is_some() && conn.frame_started != started;
                                 conn.frame_started = started;
-                                let drained = !hangup && !conn.decoder.last_read_was_full();
+                                let drained = !hangup && !decoder.last_read_was_full();
                                 self.complete_responses(token);
                                 if newly {
                                     self.rearm(token);
@@ -191,7 +208,7 @@ impl EventLoop {
         }
     }
 
-    fn on_frame(&mut self, token: usize, frame: Frame, now: Instant) -> Flow {
+    fn on_frame(&mut self, token: usize, frame: FrameRef<'_>, now: Instant) -> Flow {
         let Some(conn) = self.conns.get_mut(token) else {
             return Flow::Closed;
         };
@@ -272,7 +289,7 @@ impl EventLoop {
                 if let Role::Consumer { .. } = conn.role {
                     // Handed to its caller with the rest of this read's
                     // responses (`read_frames`, `complete_responses`).
-                    self.responses.push(frame);
+                    self.responses.push(frame.into_owned());
                 } else {
                     log::debug!(
                         "{}: a consumer sent a Response (id {id}); ignored",
