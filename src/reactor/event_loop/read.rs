@@ -68,6 +68,7 @@ impl EventLoop {
         };
         // A placeholder allocates nothing.
         let mut decoder = mem::replace(&mut conn.decoder, FrameDecoder::new(0));
+        let conn_id = conn.shared.id;
         if let Some(spare) = self.spare_read_buf.take() {
             self.spare_read_buf = decoder.adopt_buffer(spare);
         }
@@ -82,8 +83,11 @@ impl EventLoop {
         {
             self.spare_read_buf = Some(buf);
         }
-        let Some(conn) = self.conns.get_mut(token) else {
-            return; // closed by a frame: its decoder goes with it
+        // Closed by a frame: the decoder goes with it. (Its slot cannot
+        // hold a new connection yet, as reconnects wait for the timer, but
+        // a decoder never goes to another connection.)
+        let Some(conn) = self.conns.get_mut(token).filter(|c| c.shared.id == conn_id) else {
+            return;
         };
         conn.decoder = decoder;
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
