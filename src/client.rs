@@ -750,6 +750,7 @@ impl<R> Drop for PendingCall<R> {
         if self.deferred {
             self.conn.deferred_done();
         }
+        CallSlot::recycle(&mut self.slot);
     }
 }
 
