@@ -38,8 +38,10 @@
 //! `max_bytes` are queued. Control frames get [`CONTROL_ALLOWANCE`] bytes on
 //! top, so a Pong still goes out when the data queue is full.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -392,7 +394,7 @@ impl Outbound {
         socket: &Socket,
         mine: Option<usize>,
     ) -> Result<Flush, SendError> {
-        let mut batch: Vec<(Vec<u8>, Class)> = Vec::new();
+        let mut batch = Batch::lend();
         // The sender's own frame went out whole in an earlier round.
         let mut mine_written = false;
         q.blocked = false;
@@ -526,17 +528,13 @@ fn write_all_or_block(
 ) -> Result<usize, (usize, io::Error)> {
     let mut done = 0;
     while done < batch.len() {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n_iov = 0;
-        // Cannot panic: `done < batch.len()`, a batch holds at most MAX_IOV
-        // frames (so `n_iov < MAX_IOV`), and `offset` stays below the length
-        // of the frame it is into (see the advance below).
-        for (i, (frame, _)) in batch[done..].iter().enumerate() {
-            let start = if i == 0 { *offset } else { 0 };
-            iov[n_iov] = IoSlice::new(&frame[start..]);
-            n_iov += 1;
-        }
-        let mut written = match socket.send_vectored(&iov[..n_iov]) {
+        let frames = batch.get(done..).unwrap_or_default();
+        let sent = if frames.len() <= FEW_IOV {
+            send_frames::<FEW_IOV>(socket, frames, *offset)
+        } else {
+            send_frames::<MAX_IOV>(socket, frames, *offset)
+        };
+        let mut written = match sent {
             Ok(0) => return Err((done, io::Error::from(io::ErrorKind::WriteZero))),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -556,6 +554,66 @@ fn write_all_or_block(
         }
     }
     Ok(done)
+}
+
+thread_local! {
+    /// The list a writer on this thread last took its frames into, empty,
+    /// kept for its next write (see [`Batch`]).
+    static SPARE_BATCH: Cell<Vec<(Vec<u8>, Class)>> = const { Cell::new(Vec::new()) };
+}
+
+/// The frames a writer took out of the queue, in a list its thread lends
+/// it: a write allocates no list of its own (it did, at every write).
+/// Whatever is left in it is dropped with it; the list goes back empty.
+struct Batch(Vec<(Vec<u8>, Class)>);
+
+impl Batch {
+    fn lend() -> Batch {
+        Batch(SPARE_BATCH.try_with(Cell::take).unwrap_or_default())
+    }
+}
+
+impl Deref for Batch {
+    type Target = Vec<(Vec<u8>, Class)>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for Batch {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let mut list = std::mem::take(&mut self.0);
+        list.clear();
+        // A batch holds at most MAX_IOV frames, so the list stays small.
+        let _ = SPARE_BATCH.try_with(|spare| spare.set(list));
+    }
+}
+
+/// Frames up to which a write lists them in a small array: a lone request
+/// or response (the usual write) then does not fill a whole [`MAX_IOV`] one.
+const FEW_IOV: usize = 4;
+
+/// One `writev` of the first `N` of `frames` at most, the first one from
+/// `offset` (which stays below its length, see `write_all_or_block`).
+fn send_frames<const N: usize>(
+    socket: &Socket,
+    frames: &[(Vec<u8>, Class)],
+    offset: usize,
+) -> io::Result<usize> {
+    let mut iov = [IoSlice::new(&[]); N];
+    let mut listed = 0;
+    for (slot, (frame, _)) in iov.iter_mut().zip(frames) {
+        let start = if listed == 0 { offset } else { 0 };
+        *slot = IoSlice::new(frame.get(start..).unwrap_or_default());
+        listed += 1;
+    }
+    socket.send_vectored(iov.get(..listed).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -727,6 +785,42 @@ mod tests {
         assert_eq!(q.bytes, 6, "BB (partly written), CC and DD");
         assert_eq!(out.write_batches(q, &a, None), Ok(Flush::Done));
         assert_eq!(drain(&out, &a, &b, 10), b"AAAABBCCDD");
+    }
+
+    /// A writer's frame list goes back to its thread empty, and the next
+    /// write takes that same list instead of allocating one.
+    #[test]
+    fn a_writers_frame_list_is_lent_back_empty() {
+        let mut batch = Batch::lend();
+        batch.push((b"frame".to_vec(), Class::Data));
+        let list = batch.as_ptr();
+        drop(batch);
+        let again = Batch::lend();
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), list, "the same list, not a new one");
+    }
+
+    /// Writes of a few frames and of many list them in arrays of two sizes;
+    /// both write every frame in order, the first from its offset.
+    #[test]
+    fn few_and_many_frames_are_written_whole_and_in_order() {
+        let (a, b) = pair();
+        for count in [1, FEW_IOV, FEW_IOV + 1, MAX_IOV] {
+            let frames: Vec<(Vec<u8>, Class)> = (0..count)
+                .map(|i| (vec![b'a' + i as u8; 3], Class::Data))
+                .collect();
+            let mut offset = 1;
+            let written = write_all_or_block(&a, &frames, &mut offset).map_err(|(_, e)| e);
+            assert_eq!(written.unwrap(), count);
+            let mut expected: Vec<u8> = frames.iter().flat_map(|(f, _)| f.clone()).collect();
+            expected.remove(0);
+            let out = Outbound::new(1);
+            assert_eq!(
+                drain(&out, &a, &b, expected.len()),
+                expected,
+                "{count} frames"
+            );
+        }
     }
 
     #[test]
