@@ -447,3 +447,19 @@ pub fn ratio(a: f64, b: f64) -> Option<f64> {
 pub fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "–".to_string(), |r| format!("{r:.2}×"))
 }
+
+/// A ratio printed next to the goal it is judged against: with two
+/// decimals, or more when two would print the goal itself (2.002× against
+/// a goal of 2× would read "2.00×", not met).
+pub fn fmt_ratio_against(r: Option<f64>, goal: f64) -> String {
+    match r {
+        Some(r) if r != goal => {
+            let mut decimals = 2;
+            while decimals < 6 && format!("{r:.decimals$}") == format!("{goal:.decimals$}") {
+                decimals += 1;
+            }
+            format!("{r:.decimals$}×")
+        }
+        _ => fmt_ratio(r),
+    }
+}

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::common::{Machine, Settings, fmt_ratio, ratio};
+use crate::common::{Machine, Settings, fmt_ratio, fmt_ratio_against, ratio};
 use crate::heartbeat::HeartbeatRow;
 use crate::latency::{LatencyRow, LatencyRun};
 use crate::liveness::LivenessResult;
@@ -106,7 +106,7 @@ impl Report {
         let mut ratio_target = |name: String, value: Option<f64>, limit: f64, at_most: bool| {
             t.push(Target {
                 target: name,
-                measured: fmt_ratio(value),
+                measured: fmt_ratio_against(value, limit),
                 met: value.map(|v| if at_most { v <= limit } else { v >= limit }),
             });
         };
