@@ -84,6 +84,8 @@ struct Conn {
     reported: bool,
     /// The deadline the timer thread holds for this connection, if any.
     armed: Option<Instant>,
+    /// When a read last had the deadline computed (`rearm_after_read`).
+    deadline_checked: Option<Instant>,
     /// Latest write time already fed to the heartbeat.
     fed_write: Option<Instant>,
     connected_since: SystemTime,

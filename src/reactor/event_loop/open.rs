@@ -161,6 +161,7 @@ impl EventLoop {
             closing_reason: None,
             reported: false,
             armed: None,
+            deadline_checked: None,
             fed_write: None,
             connected_since: SystemTime::now(),
             opened_at: Instant::now(),

@@ -96,7 +96,7 @@ impl EventLoop {
             return;
         }
         if flow == Flow::Open {
-            self.rearm_after_read(token);
+            self.rearm_after_read(token, now);
         }
     }
 
