@@ -12,8 +12,16 @@ use crate::common::{self, Percentiles, Settings};
 use crate::raw::{RawClient, RawMode, RawServer};
 use crate::rpc::{self, Mode};
 
-/// Payload sizes and their call counts in a full run.
-pub const SIZES: [(usize, u64); 3] = [(32, 120_000), (1024, 30_000), (64 * 1024, 6_000)];
+/// Payload sizes and their call counts in a full run. 1 MiB is not in
+/// issue 4's list; it is here because large bodies take their own path
+/// through the decoder (a buffer of their own, grown as bytes arrive), and
+/// that path once made 1 MiB calls 5 times slower than it is now.
+pub const SIZES: [(usize, u64); 4] = [
+    (32, 120_000),
+    (1024, 30_000),
+    (64 * 1024, 6_000),
+    (1024 * 1024, 600),
+];
 /// Each measurement is split into this many rounds, interleaved between the
 /// implementations (in rotating order) so that a burst of noise from another
 /// process hits all of them alike.

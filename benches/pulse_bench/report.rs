@@ -509,7 +509,10 @@ impl Report {
             .into_iter()
             .filter(|p| self.latency.iter().any(|r| r.pinning == *p))
             .collect();
-        let sizes = [32usize, 1024, 64 * 1024];
+        let sizes: Vec<usize> = crate::latency::SIZES
+            .iter()
+            .map(|(size, _)| *size)
+            .collect();
         let value = |r: &LatencyRow, p: usize| match p {
             0 => r.latency.p50_us,
             1 => r.latency.p99_us,
@@ -764,7 +767,9 @@ fn rounds_cell(rates: &[f64]) -> String {
 }
 
 pub fn size_label(n: usize) -> String {
-    if n >= 1024 && n.is_multiple_of(1024) {
+    if n >= 1024 * 1024 && n.is_multiple_of(1024 * 1024) {
+        format!("{} MiB", n / (1024 * 1024))
+    } else if n >= 1024 && n.is_multiple_of(1024) {
         format!("{} KiB", n / 1024)
     } else {
         format!("{n} B")
