@@ -433,12 +433,17 @@ impl Outbound {
                     .store(clock::to_nanos(Instant::now()).max(1), Ordering::Relaxed);
             }
 
-            q = self.queue.lock();
             // `done <= batch.len()`: it counts frames of this batch written whole.
             mine_written |= batch[..done]
                 .iter()
                 .any(|(f, _)| Some(f.as_ptr() as usize) == mine);
-            put_back(&mut q, &mut batch, done, offset);
+            // Freed before the lock is taken again: a frame was allocated by
+            // the thread that queued it, so freeing it here can wait for
+            // that thread's allocator lock, and threads queueing frames
+            // should not wait behind that.
+            let written_bytes = free_written(&mut batch, done);
+            q = self.queue.lock();
+            put_back(&mut q, &mut batch, written_bytes, offset);
 
             match result {
                 Ok(()) => continue,
@@ -482,16 +487,23 @@ impl Outbound {
     }
 }
 
-/// Settles a writer's `batch` after a `writev` that wrote its first `done`
-/// frames whole and `offset` bytes of the next: the written ones leave the
-/// byte count, the rest go back ahead of anything queued meanwhile (the
-/// partly written one as the partial frame). Unless a non-graceful
-/// `send_final` came meanwhile: then the unstarted ones are dropped too, and
-/// only the partial frame is finished before the Close. Leaves `batch` empty.
-fn put_back(q: &mut Queue, batch: &mut Vec<(Vec<u8>, Class)>, done: usize, offset: usize) {
-    let written_bytes: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
+/// Drops the first `done` frames of a writer's `batch`, written whole, and
+/// returns how many bytes they held.
+fn free_written(batch: &mut Vec<(Vec<u8>, Class)>, done: usize) -> usize {
+    let done = done.min(batch.len());
+    batch.drain(..done).map(|(frame, _)| frame.len()).sum()
+}
+
+/// Settles a writer's `batch` after a `writev`, once
+/// [`free_written`] took out the frames it wrote whole (`written_bytes`):
+/// those bytes leave the count, and what is left goes back ahead of
+/// anything queued meanwhile, the first frame as the partial frame if
+/// `offset` of its bytes were written. Unless a non-graceful `send_final`
+/// came meanwhile: then the unstarted ones are dropped too, and only the
+/// partial frame is finished before the Close. Leaves `batch` empty.
+fn put_back(q: &mut Queue, batch: &mut Vec<(Vec<u8>, Class)>, written_bytes: usize, offset: usize) {
     q.bytes = q.bytes.saturating_sub(written_bytes);
-    let mut rest = batch.drain(done..);
+    let mut rest = batch.drain(..);
     if offset > 0
         && let Some((frame, _)) = rest.next()
     {
@@ -505,7 +517,6 @@ fn put_back(q: &mut Queue, batch: &mut Vec<(Vec<u8>, Class)>, done: usize, offse
     } else {
         requeue_front(q, rest);
     }
-    batch.clear();
 }
 
 /// Puts frames back at the front of their queues, keeping their order.
@@ -779,8 +790,9 @@ mod tests {
         out.send(&a, b"DD".to_vec(), Class::Data).unwrap();
         // Its `writev` wrote the first frame and one byte of the second.
         (&a).write_all(b"AAAAB").unwrap();
+        assert_eq!(free_written(&mut taken, 1), 4, "AAAA, freed unlocked");
         let mut q = out.queue.lock();
-        put_back(&mut q, &mut taken, 1, 1);
+        put_back(&mut q, &mut taken, 4, 1);
         assert!(taken.is_empty());
         assert_eq!(q.bytes, 6, "BB (partly written), CC and DD");
         assert_eq!(out.write_batches(q, &a, None), Ok(Flush::Done));
