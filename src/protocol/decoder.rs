@@ -571,6 +571,17 @@ mod tests {
         reads: usize,
     }
 
+    impl<'a> Chunked<'a> {
+        /// A reader of `data` that hands out at most `piece` bytes a read.
+        fn new(data: &'a [u8], piece: usize) -> Self {
+            Chunked {
+                data,
+                piece,
+                reads: 0,
+            }
+        }
+    }
+
     impl io::Read for Chunked<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             self.reads += 1;
@@ -729,19 +740,11 @@ mod tests {
     fn big_claim_small_delivery_grows_progressively() {
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
         let header = Header::new(Kind::Request, 0, 1, DEFAULT_MAX_FRAME_LEN).encode();
-        let mut reader = Chunked {
-            data: &header,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&header, usize::MAX);
         assert_eq!(decoder.read_from(&mut reader).unwrap(), HEADER_LEN);
         assert_eq!(decoder.next_frame(), Ok(None));
         let one_mib = vec![7u8; 1 << 20];
-        let mut reader = Chunked {
-            data: &one_mib,
-            piece: 4096,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&one_mib, 4096);
         while decoder.read_from(&mut reader).unwrap() > 0 {
             assert_eq!(decoder.next_frame(), Ok(None));
             let received = decoder.buffered_len();
@@ -760,11 +763,7 @@ mod tests {
         let mut bytes = frame_bytes(Kind::Response, 9, &body);
         bytes.extend(frame_bytes(Kind::Pong, 10, b""));
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
-        let mut reader = Chunked {
-            data: &bytes,
-            piece: 10_000,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&bytes, 10_000);
         let mut frames = Vec::new();
         let mut reads_into_body = 0;
         while decoder.read_from(&mut reader).unwrap() > 0 {
@@ -793,11 +792,7 @@ mod tests {
         let body: Vec<u8> = (0..READ_CHUNK as u32 + 4).map(|i| i as u8).collect();
         let bytes = frame_bytes(Kind::Response, 4, &body);
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
-        let mut reader = Chunked {
-            data: &bytes,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&bytes, usize::MAX);
         assert_eq!(decoder.read_from(&mut reader).unwrap(), READ_CHUNK);
         assert_eq!(decoder.next_frame(), Ok(None));
         let partial = decoder.partial.as_ref().expect("a large body in progress");
@@ -824,11 +819,7 @@ mod tests {
             .flat_map(|id| frame_bytes(Kind::Request, id, &[5; 97]))
             .collect();
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
-        let mut reader = Chunked {
-            data: &data,
-            piece: 1000,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&data, 1000);
         let mut count = 0u64;
         while decoder.read_from(&mut reader).unwrap() > 0 {
             for frame in drain(&mut decoder) {
@@ -844,11 +835,7 @@ mod tests {
     fn a_short_read_is_reported_and_an_idle_buffer_can_be_lent_out() {
         let ping = frame_bytes(Kind::Ping, 1, b"");
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
-        let mut reader = Chunked {
-            data: &ping,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&ping, usize::MAX);
         decoder.read_from(&mut reader).unwrap();
         assert!(!decoder.last_read_was_full(), "20 bytes into 64 KiB");
         assert!(decoder.next_frame().unwrap().is_some());
@@ -863,11 +850,7 @@ mod tests {
         assert_eq!(decoder.next_frame().unwrap().map(|f| f.header.id), Some(1));
         // A read that fills the room it was given says so.
         let big = vec![0u8; 200_000];
-        let mut reader = Chunked {
-            data: &big,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&big, usize::MAX);
         decoder.read_from(&mut reader).unwrap();
         assert!(decoder.last_read_was_full());
     }
@@ -876,11 +859,7 @@ mod tests {
     fn a_decoder_stopped_mid_frame_gives_its_buffer_back_and_keeps_the_bytes() {
         let request = frame_bytes(Kind::Request, 9, &[7u8; 300]);
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
-        let mut reader = Chunked {
-            data: &request[..25],
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&request[..25], usize::MAX);
         decoder.read_from(&mut reader).unwrap();
         assert!(decoder.next_frame().unwrap().is_none());
         let lent = decoder.release_buffer().expect("25 bytes are few");
@@ -895,11 +874,7 @@ mod tests {
         // Without one, the rest still completes the frame, and the kept
         // bytes grow into a whole read buffer again (never a small one that
         // would become a loop's spare).
-        let mut reader = Chunked {
-            data: &request[100..],
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&request[100..], usize::MAX);
         decoder.read_from(&mut reader).unwrap();
         assert_eq!(decoder.capacity(), READ_CHUNK);
         let frame = decoder.next_frame().unwrap().expect("complete");
@@ -936,18 +911,10 @@ mod tests {
             assert_eq!(reader.1, 1);
         }
         let data = [1u8; 100_000];
-        let mut reader = Chunked {
-            data: &data,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&data, usize::MAX);
         assert_eq!(decoder.read_from(&mut reader).unwrap(), READ_CHUNK);
         assert_eq!(reader.reads, 1);
-        let mut eof = Chunked {
-            data: &[],
-            piece: 1,
-            reads: 0,
-        };
+        let mut eof = Chunked::new(&[], 1);
         assert_eq!(decoder.read_from(&mut eof).unwrap(), 0);
     }
 
@@ -966,11 +933,7 @@ mod tests {
         decoder.feed(&frame_bytes(Kind::Ping, 4, b""));
         assert_eq!(decoder.next_frame(), Err(err.clone()));
         let data = frame_bytes(Kind::Ping, 5, b"");
-        let mut reader = Chunked {
-            data: &data,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&data, usize::MAX);
         assert_eq!(decoder.read_from(&mut reader).unwrap(), HEADER_LEN);
         assert_eq!(decoder.next_frame(), Err(err));
         assert_eq!(decoder.buffered_len(), 0);
@@ -982,11 +945,7 @@ mod tests {
             .flat_map(|id| frame_bytes(Kind::Request, id, &[3; 30_000]))
             .collect();
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
-        let mut reader = Chunked {
-            data: &data,
-            piece: usize::MAX,
-            reads: 0,
-        };
+        let mut reader = Chunked::new(&data, usize::MAX);
         while decoder.read_from(&mut reader).unwrap() > 0 {}
         assert_eq!(decoder.buffered_len(), data.len());
         let frames = drain(&mut decoder);
