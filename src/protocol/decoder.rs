@@ -15,8 +15,8 @@
 //! reads ([`FrameDecoder::read_from`] reads straight into it), and it grows
 //! geometrically with the bytes actually received, never to the announced
 //! `body_len` up front. A peer that announces 16 MiB and sends 10 bytes costs
-//! at most [`READ_CHUNK`] bytes of body allocation. A body that arrived at
-//! least half with its header gets a buffer of its whole size at once, so
+//! at most [`READ_CHUNK`] bytes of body allocation. A body of which at least
+//! half came with its header gets a buffer of its whole size at once, so
 //! the common large call (64 KiB, most of it in the first read) costs one
 //! allocation and one copy, not a buffer regrown and copied twice.
 //!
@@ -134,10 +134,10 @@ impl Partial {
                 .saturating_add(self.body.len().max(READ_CHUNK));
             let new_len = grown.min(target);
             // Grown in place: for a large block `realloc` moves its pages
-            // rather than copying them. A fresh zeroed buffer and a copy of
-            // what arrived instead (as up to 73b8492) made 1 MiB calls 5
-            // times slower: every step faulted in new pages for the copy
-            // and again for the reads, and glibc unmapped the old block.
+            // rather than copying them. Allocating a fresh zeroed buffer
+            // and copying what arrived made 1 MiB calls 5 times slower:
+            // each step faulted in new pages for the copy and again for the
+            // reads, and glibc unmapped the old block.
             // No underflow: `new_len > body.len()`, checked above.
             let more = new_len - self.body.len();
             grow_zeroed(&mut self.body, more);
