@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink};
-use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request};
+use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool};
 use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Runtime, SendError};
 
 /// Names a service: `name` plus `version` and `group` (both may be empty).
@@ -754,7 +754,16 @@ impl<R> Drop for PendingCall<R> {
     }
 }
 
+/// Decodes a response, then keeps its body's buffer for this thread's next
+/// request (see `frame_pool`): it came from the loop, and freeing it here
+/// would wait for the loop's allocator lock.
 fn decode_response<R: DeserializeOwned>(frame: Frame) -> Result<R> {
+    let result = decode_response_body(&frame);
+    frame_pool::recycle(frame.body);
+    result
+}
+
+fn decode_response_body<R: DeserializeOwned>(frame: &Frame) -> Result<R> {
     match ResponseStatus::from_u8(frame.header.status) {
         Some(ResponseStatus::Ok) => rmp_serde::from_slice(&frame.body).map_err(|e| {
             Error::Codec(format!(

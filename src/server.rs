@@ -25,7 +25,7 @@ use crate::event::{DisconnectReason, Event, EventSink};
 use crate::job_queue::{JobQueue, PushError};
 use crate::protocol::{
     CloseStatus, FrameRef, Kind, ResponseStatus, decode_request_body, encode_error_response,
-    request_args,
+    frame_pool, request_args,
 };
 use crate::reactor::{Class, Command, ConnShared, Flush, PeerInfo, Runtime, SendError};
 use crate::service::{Handler, Lookup, Method, Registry, ServiceBuilder};
@@ -269,6 +269,9 @@ fn run_worker(jobs: &JobQueue<Job>) {
                 one_way,
             } => {
                 let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
+                // The request's buffer came from the loop: this worker's
+                // next response may take it (see `frame_pool`).
+                frame_pool::recycle(body);
                 if one_way || jobs.is_empty() {
                     finish(&conn, response, one_way);
                 } else {
@@ -289,7 +292,9 @@ fn run_worker(jobs: &JobQueue<Job>) {
 /// one-way); a graceful close waits for both (see `ConnShared::call_finished`).
 fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
     let _replying = conn.call_finished();
-    if !one_way {
+    if one_way {
+        frame_pool::recycle(response);
+    } else {
         respond(conn, response);
     }
 }

@@ -70,9 +70,18 @@ impl FrameRef<'_> {
     /// The frame with a body of its own (copied out of the read buffer, or
     /// moved if it already had its own buffer).
     pub(crate) fn into_owned(self) -> Frame {
+        let body = match self.body {
+            Cow::Borrowed(bytes) => {
+                // A buffer that may have been another frame's (see `frame_pool`).
+                let mut body = super::frame_pool::take(bytes.len());
+                body.extend_from_slice(bytes);
+                body
+            }
+            Cow::Owned(body) => body,
+        };
         Frame {
             header: self.header,
-            body: self.body.into_owned(),
+            body,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod body;
 mod decoder;
+pub(crate) mod frame_pool;
 mod header;
 
 pub(crate) use body::request_args;

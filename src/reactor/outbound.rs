@@ -49,6 +49,7 @@ use parking_lot::Mutex;
 use socket2::Socket;
 
 use crate::clock;
+use crate::protocol::frame_pool;
 
 /// Extra bytes of control frames accepted beyond the data bound.
 pub(crate) const CONTROL_ALLOWANCE: usize = 64 * 1024;
@@ -487,11 +488,16 @@ impl Outbound {
     }
 }
 
-/// Drops the first `done` frames of a writer's `batch`, written whole, and
-/// returns how many bytes they held.
+/// Takes the first `done` frames of a writer's `batch`, written whole, out
+/// of it for reuse (see `frame_pool`) and returns how many bytes they held.
 fn free_written(batch: &mut Vec<(Vec<u8>, Class)>, done: usize) -> usize {
     let done = done.min(batch.len());
-    batch.drain(..done).map(|(frame, _)| frame.len()).sum()
+    let mut bytes = 0;
+    frame_pool::give_back(batch.drain(..done).map(|(frame, _)| {
+        bytes += frame.len();
+        frame
+    }));
+    bytes
 }
 
 /// Settles a writer's `batch` after a `writev`, once
