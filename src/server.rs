@@ -257,6 +257,8 @@ enum Job {
 }
 
 fn run_worker(jobs: &JobQueue<Job>) {
+    // A worker frees most of what it allocates itself (see `frame_pool::opt_out`).
+    frame_pool::opt_out();
     loop {
         match jobs.pop() {
             Job::Stop => return,
@@ -269,9 +271,6 @@ fn run_worker(jobs: &JobQueue<Job>) {
                 one_way,
             } => {
                 let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
-                // The request's buffer came from the loop: this worker's
-                // next response may take it (see `frame_pool`).
-                frame_pool::recycle(body);
                 if one_way || jobs.is_empty() {
                     finish(&conn, response, one_way);
                 } else {
@@ -292,9 +291,7 @@ fn run_worker(jobs: &JobQueue<Job>) {
 /// one-way); a graceful close waits for both (see `ConnShared::call_finished`).
 fn finish(conn: &ConnShared, response: Vec<u8>, one_way: bool) {
     let _replying = conn.call_finished();
-    if one_way {
-        frame_pool::recycle(response);
-    } else {
+    if !one_way {
         respond(conn, response);
     }
 }

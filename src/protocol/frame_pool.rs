@@ -1,9 +1,10 @@
 //! Frame buffers handed back for reuse instead of freed.
 //!
-//! Why: most frames die on another thread than the one that allocated them.
+//! Why: many frames die on another thread than the one that allocated them.
 //! A caller allocates its request and the connection's writer, often the
 //! event loop, frees it once written; the client loop allocates a response
-//! body and the caller frees it after decoding. With glibc's allocator a
+//! body and the caller frees it after decoding. (A provider's workers stay
+//! out: see [`opt_out`].) With glibc's allocator a
 //! free from another thread goes back to the allocating thread's arena under
 //! that arena's lock, and a writer frees a whole batch at once, past what
 //! glibc's small per-thread cache (7 chunks a size) takes. `perf` on one
@@ -21,7 +22,7 @@
 //! capacity are kept, at most [`SHARED_MAX`] in the shared stack and
 //! [`LOCAL_MAX`] per thread; the rest are freed as before.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, const_mutex};
@@ -43,13 +44,32 @@ static SHARED: SharedStack = SharedStack::new();
 thread_local! {
     /// This thread's buffers: recycled here, or moved from [`SHARED`].
     static LOCAL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Set by [`opt_out`]: this thread allocates and frees as if there
+    /// were no pool.
+    static OPTED_OUT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Keeps this thread out of the pool: its frames are allocated and freed
+/// as if there were none. For a provider's workers: a worker usually
+/// writes (and so frees) the response it allocated itself, which glibc's
+/// per-thread cache serves without a lock, while giving each written
+/// response to the shared stack took a lock per call that the event loops
+/// share; 64 pipelined pool calls (`Client::start`) took 9 to 20 % longer
+/// with the workers in the pool (alternated binaries, medians of 8 to 10).
+pub(crate) fn opt_out() {
+    let _ = OPTED_OUT.try_with(|opted_out| opted_out.set(true));
+}
+
+/// Whether this thread stays out of the pool (also while it exits).
+fn opted_out() -> bool {
+    OPTED_OUT.try_with(Cell::get).unwrap_or(true)
 }
 
 /// An empty buffer with room for at least `capacity` bytes: a kept one if
 /// there is any (grown if it is too small), else a new one. A capacity
 /// above [`MAX_KEPT`] always gets a new buffer.
 pub(crate) fn take(capacity: usize) -> Vec<u8> {
-    if capacity > MAX_KEPT {
+    if capacity > MAX_KEPT || opted_out() {
         return Vec::with_capacity(capacity);
     }
     let kept = LOCAL
@@ -68,6 +88,9 @@ pub(crate) fn take(capacity: usize) -> Vec<u8> {
 /// Keeps a buffer this thread is done with for its own next [`take`], or
 /// frees it if it is not worth keeping or the thread holds enough.
 pub(crate) fn recycle(buf: Vec<u8>) {
+    if opted_out() {
+        return;
+    }
     let _ = LOCAL.try_with(|local| keep_local(&mut local.borrow_mut(), buf));
 }
 
@@ -75,6 +98,10 @@ pub(crate) fn recycle(buf: Vec<u8>) {
 /// all of them; those not worth keeping, or beyond [`SHARED_MAX`], are
 /// freed once the lock is released.
 pub(crate) fn give_back(bufs: impl Iterator<Item = Vec<u8>>) {
+    if opted_out() {
+        bufs.for_each(drop);
+        return;
+    }
     SHARED.give_back(bufs);
 }
 
@@ -216,6 +243,20 @@ mod tests {
             keep_local(&mut local, Vec::with_capacity(200));
         }
         assert_eq!(local.len(), LOCAL_MAX);
+    }
+
+    #[test]
+    fn a_thread_that_opted_out_keeps_nothing() {
+        std::thread::spawn(|| {
+            opt_out();
+            recycle(Vec::with_capacity(200));
+            let kept = LOCAL.with(|local| local.borrow().len());
+            assert_eq!(kept, 0, "recycle frees");
+            let buf = take(10);
+            assert_eq!(buf.capacity(), 10, "take allocates exactly");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
