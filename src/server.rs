@@ -10,6 +10,7 @@
 //! # Ok::<(), pulse::Error>(())
 //! ```
 
+use std::borrow::Cow;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -271,6 +272,9 @@ fn run_worker(jobs: &JobQueue<Job>) {
                 one_way,
             } => {
                 let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
+                // A large body's buffer goes back for the loop's next one
+                // (see `frame_pool`); a small one is freed.
+                frame_pool::recycle(body);
                 if one_way || jobs.is_empty() {
                     finish(&conn, response, one_way);
                 } else {
@@ -455,6 +459,10 @@ impl ServerShared {
             HandlerMode::Inline => {
                 let response = method.handler.invoke(id, args);
                 finish(conn, response, one_way);
+                if let Cow::Owned(body) = frame.body {
+                    // A large body's own buffer: kept for the next one.
+                    frame_pool::recycle(body);
+                }
             }
             HandlerMode::Pool => {
                 let job = Job::Run {

@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-use super::{CloseStatus, HEADER_LEN, Header, Kind, ResponseStatus};
+use super::{CloseStatus, HEADER_LEN, Header, Kind, ResponseStatus, frame_pool};
 
 /// Deepest nesting of arrays and maps accepted in request `args`.
 const MAX_ARGS_DEPTH: usize = 512;
@@ -113,7 +113,9 @@ pub fn encode_request<A: Serialize + ?Sized>(
             )));
         }
     }
-    args.serialize(&mut rmp_serde::Serializer::new(&mut out))?;
+    args.serialize(&mut rmp_serde::Serializer::new(frame_pool::Growing(
+        &mut out,
+    )))?;
     finish_frame(out, kind, 0, id)
 }
 
@@ -176,7 +178,9 @@ pub fn encode_ok_response<R: Serialize + ?Sized>(
     result: &R,
 ) -> Result<Vec<u8>, rmp_serde::encode::Error> {
     let mut out = start_frame(VALUE_ROOM);
-    result.serialize(&mut rmp_serde::Serializer::new(&mut out))?;
+    result.serialize(&mut rmp_serde::Serializer::new(frame_pool::Growing(
+        &mut out,
+    )))?;
     finish_frame(out, Kind::Response, ResponseStatus::Ok as u8, id)
 }
 
@@ -233,7 +237,7 @@ const VALUE_ROOM: usize = 96;
 
 /// An output vector holding a header placeholder, with room for `body_hint` bytes.
 fn start_frame(body_hint: usize) -> Vec<u8> {
-    let mut out = super::frame_pool::take(HEADER_LEN + body_hint);
+    let mut out = frame_pool::take(HEADER_LEN + body_hint);
     out.extend_from_slice(&[0; HEADER_LEN]);
     out
 }

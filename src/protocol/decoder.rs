@@ -113,7 +113,8 @@ impl Partial {
         // `room` is at least that or twice it); the cut keeps `filled`
         // within the room whatever a caller passes.
         let received = received.get(..room).unwrap_or(received);
-        let mut body = Vec::with_capacity(room);
+        // This thread's large buffer if it is big enough (see `frame_pool`).
+        let mut body = super::frame_pool::take(room);
         body.extend_from_slice(received);
         grow_zeroed(&mut body, room - received.len());
         Partial {

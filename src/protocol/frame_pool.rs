@@ -37,9 +37,33 @@ const MIN_KEPT: usize = 128;
 const SHARED_MAX: usize = 256;
 /// Buffers one thread's stack holds at most, and how many a refill moves.
 const LOCAL_MAX: usize = 32;
+/// Largest capacity of a kept large buffer (see [`LARGE`]).
+pub(crate) const LARGE_MAX: usize = 4 * 1024 * 1024;
+/// Large buffers kept at most, process-wide: at most 16 MiB in all.
+const LARGE_KEPT: usize = 4;
 
 /// Buffers given back by writers, for any thread to take.
 static SHARED: SharedStack = SharedStack::new();
+
+/// Large buffers (above [`MAX_KEPT`], at most [`LARGE_MAX`] of capacity)
+/// kept for the next large frames or bodies, by any thread; at most
+/// [`LARGE_KEPT`].
+///
+/// Why: a large block that is freed and allocated again on every call is
+/// at glibc's mercy. After a free of 64 KiB or more glibc trims an arena
+/// whose free top exceeds its trim threshold (twice the largest block it
+/// ever unmapped, about 2 MiB here), and the next allocation faults every
+/// page in again. Whether the top grows that large depends on where the
+/// blocks happen to lie, and so on the threads' timing: 1 MiB calls ran
+/// in 0.75 ms or in 1.7–2.1 ms (2 of 11 runs in session 18; every run of
+/// some builds in session 19, with 486 k page faults against 8 k for
+/// `make bench`'s latency section). Kept and reused, the blocks are not
+/// freed. Shared rather than per thread: a provider loop's request body
+/// is freed by the worker that handled it, and a response body by the
+/// caller, so per-thread slots would fill on one side and stay empty on
+/// the other; and the memory kept is bounded whatever the thread count.
+/// One lock per large frame costs nothing beside copying a megabyte.
+static LARGE: LargeDepot = LargeDepot::new();
 
 thread_local! {
     /// This thread's buffers: recycled here, or moved from [`SHARED`].
@@ -69,7 +93,10 @@ fn opted_out() -> bool {
 /// there is any (grown if it is too small), else a new one. A capacity
 /// above [`MAX_KEPT`] always gets a new buffer.
 pub(crate) fn take(capacity: usize) -> Vec<u8> {
-    if capacity > MAX_KEPT || opted_out() {
+    if capacity > MAX_KEPT {
+        return take_large(capacity);
+    }
+    if opted_out() {
         return Vec::with_capacity(capacity);
     }
     let kept = LOCAL
@@ -88,21 +115,73 @@ pub(crate) fn take(capacity: usize) -> Vec<u8> {
 /// Keeps a buffer this thread is done with for its own next [`take`], or
 /// frees it if it is not worth keeping or the thread holds enough.
 pub(crate) fn recycle(buf: Vec<u8>) {
-    if opted_out() {
-        return;
+    if buf.capacity() > MAX_KEPT {
+        keep_large(buf);
+    } else if !opted_out() {
+        let _ = LOCAL.try_with(|local| keep_local(&mut local.borrow_mut(), buf));
     }
-    let _ = LOCAL.try_with(|local| keep_local(&mut local.borrow_mut(), buf));
 }
 
-/// Keeps the buffers of a written batch for any thread, with one lock for
-/// all of them; those not worth keeping, or beyond [`SHARED_MAX`], are
-/// freed once the lock is released.
+/// A kept large buffer that holds `capacity` bytes, else a new one.
+fn take_large(capacity: usize) -> Vec<u8> {
+    LARGE
+        .take(capacity)
+        .unwrap_or_else(|| Vec::with_capacity(capacity))
+}
+
+/// Keeps a large buffer for any thread's next large frame, or frees it
+/// (see [`LargeDepot::keep`]).
+fn keep_large(buf: Vec<u8>) {
+    if let Some(unkept) = LARGE.keep(buf) {
+        drop(unkept); // freed with the lock released
+    }
+}
+
+/// Keeps the buffers of a written batch for any thread: small ones with one
+/// lock for all of them, large ones in [`LARGE`]; those not worth keeping,
+/// or beyond [`SHARED_MAX`], are freed once the lock is released.
 pub(crate) fn give_back(bufs: impl Iterator<Item = Vec<u8>>) {
     if opted_out() {
-        bufs.for_each(drop);
+        bufs.for_each(|buf| {
+            if buf.capacity() > MAX_KEPT {
+                keep_large(buf);
+            }
+        });
         return;
     }
-    SHARED.give_back(bufs);
+    for unkept in SHARED.give_back(bufs) {
+        if unkept.capacity() > MAX_KEPT {
+            keep_large(unkept);
+        }
+    }
+}
+
+/// A frame being encoded: what the encoder writes is appended to the
+/// buffer, which grows as a `Vec` does, except that the first growth
+/// beyond [`MAX_KEPT`] moves the bytes into a new buffer and keeps the
+/// small one.
+///
+/// Why: a large frame then goes into a kept large buffer (see [`LARGE`])
+/// rather than a `realloc` of a small kept one, which would leave the
+/// large block in the arena of whichever thread allocated the small one.
+pub(crate) struct Growing<'a>(pub(crate) &'a mut Vec<u8>);
+
+impl std::io::Write for Growing<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let buf = &mut *self.0;
+        let needed = buf.len().saturating_add(bytes.len());
+        if needed > buf.capacity() && needed > MAX_KEPT && buf.capacity() <= MAX_KEPT {
+            let mut grown = take(needed.max(2 * buf.capacity()));
+            grown.extend_from_slice(buf);
+            recycle(std::mem::replace(buf, grown));
+        }
+        buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Whether a buffer of this capacity is worth keeping.
@@ -144,8 +223,9 @@ impl SharedStack {
         }
     }
 
-    /// See [`give_back`].
-    fn give_back(&self, bufs: impl Iterator<Item = Vec<u8>>) {
+    /// Keeps what it can of `bufs` (see [`give_back`]) and returns the
+    /// rest, to be dealt with once the lock is released.
+    fn give_back(&self, bufs: impl Iterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
         // Allocates only if some buffer is not kept.
         let mut unkept = Vec::new();
         {
@@ -160,7 +240,7 @@ impl SharedStack {
             }
             self.len.store(kept.len(), Ordering::Relaxed);
         }
-        drop(unkept);
+        unkept
     }
 
     /// Moves up to [`LOCAL_MAX`] buffers to a thread's stack `local`.
@@ -172,6 +252,52 @@ impl SharedStack {
         let from = kept.len().saturating_sub(LOCAL_MAX);
         local.extend(kept.drain(from..));
         self.len.store(kept.len(), Ordering::Relaxed);
+    }
+}
+
+/// Kept large buffers: at most [`LARGE_KEPT`], each above [`MAX_KEPT`]
+/// and at most [`LARGE_MAX`] of capacity (see [`LARGE`]).
+struct LargeDepot {
+    bufs: Mutex<Vec<Vec<u8>>>,
+}
+
+impl LargeDepot {
+    const fn new() -> LargeDepot {
+        LargeDepot {
+            bufs: const_mutex(Vec::new()),
+        }
+    }
+
+    /// The smallest kept buffer that holds `capacity` bytes, if any.
+    fn take(&self, capacity: usize) -> Option<Vec<u8>> {
+        let mut bufs = self.bufs.lock();
+        let fits = (0..bufs.len())
+            .filter(|&i| bufs[i].capacity() >= capacity)
+            .min_by_key(|&i| bufs[i].capacity());
+        fits.map(|i| bufs.swap_remove(i))
+    }
+
+    /// Keeps `buf`, emptied, if it is a large one within [`LARGE_MAX`] and
+    /// there is room, or in place of a smaller kept one. Returns what is
+    /// not kept (that smaller one, or `buf`), for the caller to free once
+    /// the lock is released.
+    fn keep(&self, mut buf: Vec<u8>) -> Option<Vec<u8>> {
+        if !(MAX_KEPT + 1..=LARGE_MAX).contains(&buf.capacity()) {
+            return Some(buf);
+        }
+        buf.clear();
+        let mut bufs = self.bufs.lock();
+        if bufs.len() < LARGE_KEPT {
+            bufs.push(buf);
+            return None;
+        }
+        let smallest = (0..bufs.len()).min_by_key(|&i| bufs[i].capacity());
+        if let Some(i) = smallest
+            && bufs[i].capacity() < buf.capacity()
+        {
+            std::mem::swap(&mut bufs[i], &mut buf);
+        }
+        Some(buf)
     }
 }
 
@@ -205,17 +331,59 @@ mod tests {
         keep_local(&mut local, Vec::with_capacity(MIN_KEPT - 1));
         assert!(local.is_empty());
         let shared = SharedStack::new();
-        shared.give_back([Vec::with_capacity(64 * 1024)].into_iter());
+        let unkept = shared.give_back([Vec::with_capacity(64 * 1024)].into_iter());
         assert_eq!(shared.len.load(Ordering::Relaxed), 0);
-        assert_eq!(
-            take(MAX_KEPT + 1).capacity(),
-            MAX_KEPT + 1,
-            "never from the pool"
-        );
+        assert_eq!(unkept.len(), 1, "a large one is the caller's to keep");
     }
 
-    /// Given back by one thread (a writer), taken by another (a caller
-    /// encoding its next request), a few at a time.
+    /// Large buffers are kept for any thread, the largest when more come
+    /// than are kept, and a take gets the smallest that fits.
+    #[test]
+    fn the_large_depot_keeps_the_largest_few_and_hands_out_the_smallest_fit() {
+        const MIB: usize = 1 << 20;
+        let depot = LargeDepot::new();
+        assert!(depot.take(MIB).is_none(), "empty");
+        let too_large = depot.keep(Vec::with_capacity(LARGE_MAX + 1));
+        assert!(too_large.is_some(), "above LARGE_MAX: not kept");
+        let small = depot.keep(Vec::with_capacity(MAX_KEPT));
+        assert!(small.is_some(), "a small one is not for the depot");
+
+        for mib in 1..=LARGE_KEPT {
+            let mut buf = Vec::with_capacity(mib * MIB);
+            buf.push(1);
+            assert!(depot.keep(buf).is_none(), "room for {mib} MiB");
+        }
+        // Full: a larger one replaces the smallest, a smaller one is refused.
+        let replaced = depot.keep(Vec::with_capacity(5 * MIB / 2)).unwrap();
+        assert_eq!(replaced.capacity(), MIB, "the smallest goes");
+        let refused = depot.keep(Vec::with_capacity(MIB)).unwrap();
+        assert_eq!(refused.capacity(), MIB);
+
+        let fit = depot.take(2 * MIB + 1).unwrap();
+        assert_eq!(fit.capacity(), 5 * MIB / 2, "the smallest that fits");
+        assert!(fit.is_empty(), "emptied when kept");
+        assert_eq!(depot.bufs.lock().len(), LARGE_KEPT - 1);
+        assert!(depot.take(8 * MIB).is_none(), "none that large");
+    }
+
+    /// What a thread keeps, another takes: a written request's buffer
+    /// serves the next response body the client loop reads.
+    #[test]
+    fn a_kept_large_buffer_serves_another_thread() {
+        let depot = std::sync::Arc::new(LargeDepot::new());
+        let from = std::sync::Arc::clone(&depot);
+        let at = std::thread::spawn(move || {
+            let buf = Vec::<u8>::with_capacity(1 << 20);
+            let at = buf.as_ptr() as usize;
+            assert!(from.keep(buf).is_none());
+            at
+        })
+        .join()
+        .unwrap();
+        let taken = depot.take(100 * 1024).unwrap();
+        assert_eq!(taken.as_ptr() as usize, at);
+    }
+
     #[test]
     fn a_written_batch_serves_other_threads_in_refills_of_bounded_size() {
         let shared = SharedStack::new();
@@ -257,6 +425,22 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_frame_growing_past_the_kept_size_moves_to_a_new_buffer() {
+        use std::io::Write;
+        let mut frame = take(100);
+        frame.extend_from_slice(b"header");
+        let small = frame.as_ptr();
+        Growing(&mut frame).write_all(&[7; 10]).unwrap();
+        assert_eq!(frame.as_ptr(), small, "room left: written in place");
+        Growing(&mut frame).write_all(&[9; 4 * MAX_KEPT]).unwrap();
+        assert_eq!(frame.len(), 6 + 10 + 4 * MAX_KEPT);
+        assert_eq!(&frame[..6], b"header");
+        assert!(frame[6..16].iter().all(|&b| b == 7) && frame[16..].iter().all(|&b| b == 9));
+        let kept = LOCAL.with(|local| local.borrow().iter().any(|b| b.as_ptr() == small));
+        assert!(kept, "the small buffer is kept for the next frame");
     }
 
     #[test]
