@@ -37,6 +37,10 @@ const MIN_KEPT: usize = 128;
 const SHARED_MAX: usize = 256;
 /// Buffers one thread's stack holds at most, and how many a refill moves.
 const LOCAL_MAX: usize = 32;
+/// Smallest capacity of a large buffer (see [`LARGE`]): what makes glibc
+/// check whether to trim its heap when freed. Buffers between
+/// [`MAX_KEPT`] and this are allocated and freed as before the pool.
+pub(crate) const LARGE_MIN: usize = 64 * 1024;
 /// Largest capacity of a kept large buffer (see [`LARGE`]).
 pub(crate) const LARGE_MAX: usize = 4 * 1024 * 1024;
 /// Large buffers kept at most, process-wide: at most 16 MiB in all.
@@ -45,7 +49,7 @@ const LARGE_KEPT: usize = 4;
 /// Buffers given back by writers, for any thread to take.
 static SHARED: SharedStack = SharedStack::new();
 
-/// Large buffers (above [`MAX_KEPT`], at most [`LARGE_MAX`] of capacity)
+/// Large buffers ([`LARGE_MIN`] to [`LARGE_MAX`] of capacity)
 /// kept for the next large frames or bodies, by any thread; at most
 /// [`LARGE_KEPT`].
 ///
@@ -90,13 +94,14 @@ fn opted_out() -> bool {
 }
 
 /// An empty buffer with room for at least `capacity` bytes: a kept one if
-/// there is any (grown if it is too small), else a new one. A capacity
-/// above [`MAX_KEPT`] always gets a new buffer.
+/// there is any (grown if it is too small), else a new one. Small ones (at
+/// most [`MAX_KEPT`]) come from this thread's stack, large ones (at least
+/// [`LARGE_MIN`]) from [`LARGE`]; those in between are always new.
 pub(crate) fn take(capacity: usize) -> Vec<u8> {
-    if capacity > MAX_KEPT {
+    if capacity >= LARGE_MIN {
         return take_large(capacity);
     }
-    if opted_out() {
+    if capacity > MAX_KEPT || opted_out() {
         return Vec::with_capacity(capacity);
     }
     let kept = LOCAL
@@ -255,8 +260,8 @@ impl SharedStack {
     }
 }
 
-/// Kept large buffers: at most [`LARGE_KEPT`], each above [`MAX_KEPT`]
-/// and at most [`LARGE_MAX`] of capacity (see [`LARGE`]).
+/// Kept large buffers: at most [`LARGE_KEPT`], each of [`LARGE_MIN`] to
+/// [`LARGE_MAX`] of capacity (see [`LARGE`]).
 struct LargeDepot {
     bufs: Mutex<Vec<Vec<u8>>>,
 }
@@ -282,7 +287,7 @@ impl LargeDepot {
     /// not kept (that smaller one, or `buf`), for the caller to free once
     /// the lock is released.
     fn keep(&self, mut buf: Vec<u8>) -> Option<Vec<u8>> {
-        if !(MAX_KEPT + 1..=LARGE_MAX).contains(&buf.capacity()) {
+        if !(LARGE_MIN..=LARGE_MAX).contains(&buf.capacity()) {
             return Some(buf);
         }
         buf.clear();
@@ -345,8 +350,8 @@ mod tests {
         assert!(depot.take(MIB).is_none(), "empty");
         let too_large = depot.keep(Vec::with_capacity(LARGE_MAX + 1));
         assert!(too_large.is_some(), "above LARGE_MAX: not kept");
-        let small = depot.keep(Vec::with_capacity(MAX_KEPT));
-        assert!(small.is_some(), "a small one is not for the depot");
+        let medium = depot.keep(Vec::with_capacity(LARGE_MIN - 1));
+        assert!(medium.is_some(), "below LARGE_MIN: not for the depot");
 
         for mib in 1..=LARGE_KEPT {
             let mut buf = Vec::with_capacity(mib * MIB);
