@@ -171,17 +171,47 @@ pub(crate) fn give_back(bufs: impl Iterator<Item = Vec<u8>>) {
 /// large block in the arena of whichever thread allocated the small one.
 pub(crate) struct Growing<'a>(pub(crate) &'a mut Vec<u8>);
 
-impl std::io::Write for Growing<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl Growing<'_> {
+    /// Appends `bytes`. The encoder calls this for every marker, length and
+    /// value, mostly a byte or two at a time (`rmp` writes a binary as a
+    /// marker, a length and the data: three calls), so the common case, room
+    /// left, is kept to a length check and a copy, and a single byte is
+    /// pushed rather than handed to `memcpy`.
+    #[inline]
+    fn append(&mut self, bytes: &[u8]) {
         let buf = &mut *self.0;
-        let needed = buf.len().saturating_add(bytes.len());
-        if needed > buf.capacity() && needed > MAX_KEPT && buf.capacity() <= MAX_KEPT {
+        if bytes.len() > buf.capacity() - buf.len() {
+            Self::grow(buf, bytes.len());
+        }
+        match bytes {
+            [byte] => buf.push(*byte),
+            _ => buf.extend_from_slice(bytes),
+        }
+    }
+
+    /// Makes room for `more` bytes (see the type's docs).
+    #[cold]
+    fn grow(buf: &mut Vec<u8>, more: usize) {
+        let needed = buf.len().saturating_add(more);
+        if needed > MAX_KEPT && buf.capacity() <= MAX_KEPT {
             let mut grown = take(needed.max(2 * buf.capacity()));
             grown.extend_from_slice(buf);
             recycle(std::mem::replace(buf, grown));
+        } else {
+            buf.reserve(more);
         }
-        buf.extend_from_slice(bytes);
+    }
+}
+
+impl std::io::Write for Growing<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.append(bytes);
         Ok(bytes.len())
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.append(bytes);
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -430,6 +460,25 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_frame_written_a_byte_at_a_time_grows_and_keeps_every_byte() {
+        use std::io::Write;
+        let mut frame = take(0);
+        let room = frame.capacity();
+        // Past the first capacity (grown in place, still small), then past
+        // MAX_KEPT (moved to a new buffer), one byte per call as the
+        // encoder writes markers, then a write of several bytes.
+        let bytes: Vec<u8> = (0..=(MAX_KEPT + room) as u32).map(|i| i as u8).collect();
+        for byte in &bytes {
+            Growing(&mut frame)
+                .write_all(std::slice::from_ref(byte))
+                .unwrap();
+        }
+        Growing(&mut frame).write_all(b"tail").unwrap();
+        assert_eq!(&frame[..bytes.len()], &bytes[..]);
+        assert_eq!(&frame[bytes.len()..], b"tail");
     }
 
     #[test]
