@@ -287,6 +287,21 @@ pub struct ServerConfig {
     /// Each burst of jobs may cost up to this much CPU after its last job.
     /// `Duration::ZERO` always sleeps. Default 50 µs.
     pub worker_spin: Duration,
+    /// How long a queued job waits for a busy worker to come back for it
+    /// before sleeping workers are woken to take it. A worker running a job
+    /// usually comes back within microseconds, and a burst of short jobs
+    /// then runs on the workers already awake instead of waking one worker
+    /// per job: one thread pipelining 64 pool calls did about a third more
+    /// calls per second (docs/BENCHMARKS-HISTORY.md, session 21). A job
+    /// queued behind a handler that blocks starts this much later, or up to
+    /// a millisecond more when the event loops sleep (they check the queue
+    /// as they poll and before they sleep; their sleep is timed in whole
+    /// milliseconds); then as many sleeping workers are woken as are busy,
+    /// so a burst of blocking jobs spreads over the pool within a few such
+    /// rounds. `Duration::ZERO` wakes a worker for every job at once (one
+    /// wake-up in flight), as does a process confined to a single core.
+    /// Default 100 µs; at most 1 s.
+    pub worker_wake_delay: Duration,
     /// Requests of one connection being handled at once; past it a request is
     /// answered with status Overloaded. Default 4,096.
     pub max_inflight: usize,
@@ -315,6 +330,7 @@ impl Default for ServerConfig {
             worker_threads: 32,
             worker_queue: 65_536,
             worker_spin: Duration::from_micros(50),
+            worker_wake_delay: Duration::from_micros(100),
             max_inflight: 4096,
             max_connections: 10_000,
             linger: Duration::from_secs(1),
@@ -341,6 +357,12 @@ impl ServerConfig {
             return Err(format!(
                 "worker_spin must be at most 1 s (it is CPU spent after each burst of jobs), got {:?}",
                 self.worker_spin
+            ));
+        }
+        if self.worker_wake_delay > Duration::from_secs(1) {
+            return Err(format!(
+                "worker_wake_delay must be at most 1 s (a job behind a blocking handler waits that long), got {:?}",
+                self.worker_wake_delay
             ));
         }
         if self.max_inflight == 0 || self.max_connections == 0 {
@@ -430,6 +452,17 @@ mod tests {
         };
         assert!(c.validate().unwrap_err().contains("worker_spin"));
         c.worker_spin = Duration::ZERO;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn worker_wake_delay_is_bounded() {
+        let mut c = ServerConfig {
+            worker_wake_delay: Duration::from_secs(2),
+            ..ServerConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("worker_wake_delay"));
+        c.worker_wake_delay = Duration::ZERO;
         assert!(c.validate().is_ok());
     }
 

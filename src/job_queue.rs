@@ -11,11 +11,26 @@
 //! A loop that reads 50 requests pushes 50 jobs. Waking 50 workers for 50
 //! short jobs costs 50 futex wakes and 50 context switches, and the workers
 //! then write 50 responses one by one. Instead at most one wake-up is in
-//! flight: a push wakes a worker only if no woken worker has yet to run, and
-//! the woken worker, once it has taken its job, wakes the next if jobs are
-//! left. Short jobs are then mostly taken by workers that are already awake
-//! (and their responses leave together), while jobs that block still spread
-//! over the pool, one extra worker per wake-up.
+//! flight: a push wakes a worker only if no woken worker has yet to run.
+//!
+//! # A job waits a little for a busy worker
+//! While a worker runs a job, a job pushed behind it (or left behind by the
+//! worker that took the one before) is not handed to a sleeping worker at
+//! once: the busy worker will most likely come back for it within
+//! microseconds, and a wake-up costs a futex call and a context switch on
+//! both sides. Only if the job is still queued `wake_delay` after it was
+//! left does [`JobQueue::watch`] (called by the event loops as they poll
+//! and before they sleep) wake sleepers for it: as many as workers are
+//! running, so a burst of jobs that block spreads over the pool in a few
+//! rounds (1, 2, 4, ... more workers). One thread keeping 64 pool calls in
+//! flight (`start_deferred`) did 400,000 in 310–402 ms against 569–693 ms
+//! with a wake-up passed from worker to worker for every job left
+//! (session 21, two cores); the price is that a job queued behind a
+//! handler that blocks starts up to `wake_delay` later (plus up to a
+//! millisecond when the loops sleep: their poll timeout is in whole
+//! milliseconds). With `wake_delay` zero, or on one core, a job is never
+//! left waiting: every push and every job taken with more behind it wakes
+//! a sleeper (one in flight), as before.
 //!
 //! # A worker looks a little longer before it sleeps
 //! A consumer that finds the queue empty first spins for up to `spin`
@@ -39,7 +54,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -62,16 +77,32 @@ pub(crate) struct JobQueue<T> {
     /// consumer watches without taking the lock (a hint; it takes the job
     /// under the lock).
     has_jobs: AtomicBool,
+    /// How long a job left for the running consumers may wait before
+    /// sleepers are woken for it (see the module docs); zero never leaves
+    /// one.
+    wake_delay: Duration,
+    /// `State::left_since` as `crate::clock::to_nanos` (0: none), written under
+    /// the lock, so that [`JobQueue::watch`] costs an atomic load while
+    /// nothing waits.
+    left_at: AtomicU64,
 }
 
 struct State<T> {
     jobs: VecDeque<T>,
     /// Consumers asleep in `pop`, the one that fell asleep last at the end.
     sleepers: Vec<Arc<Sleeper>>,
-    /// A consumer was signalled and has not taken the lock since.
-    wake_in_flight: bool,
+    /// Consumers signalled that have not taken the lock since.
+    woken: usize,
     /// A consumer is spinning for the next job: a push needs no wake-up.
     spinning: bool,
+    /// Consumers between taking a job and asking for the next one.
+    running: usize,
+    /// Since when queued jobs wait for a running consumer instead of a
+    /// woken one (see the module docs); `None` when no job was left so.
+    left_since: Option<Instant>,
+    /// A stop message was pushed: every push wakes a sleeper, so that each
+    /// consumer gets its own however many are still running.
+    stopping: bool,
     closed: bool,
 }
 
@@ -83,19 +114,26 @@ struct Sleeper {
 
 impl<T> JobQueue<T> {
     /// An empty queue that holds at most `capacity` jobs from `try_push`,
-    /// whose consumers spin for up to `spin` before they sleep.
-    pub(crate) fn new(capacity: usize, spin: Duration) -> JobQueue<T> {
+    /// whose consumers spin for up to `spin` before they sleep, and whose
+    /// jobs wait up to `wake_delay` for a running consumer (see the module
+    /// docs).
+    pub(crate) fn new(capacity: usize, spin: Duration, wake_delay: Duration) -> JobQueue<T> {
         JobQueue {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
                 sleepers: Vec::new(),
-                wake_in_flight: false,
+                woken: 0,
                 spinning: false,
+                running: 0,
+                left_since: None,
+                stopping: false,
                 closed: false,
             }),
             capacity,
             spin,
             has_jobs: AtomicBool::new(false),
+            wake_delay,
+            left_at: AtomicU64::new(0),
         }
     }
 
@@ -112,9 +150,11 @@ impl<T> JobQueue<T> {
         Ok(())
     }
 
-    /// Queues `job` past the bound (for the few stop messages of a shutdown).
+    /// Queues `job` past the bound (for the few stop messages of a
+    /// shutdown), and from now on wakes a sleeper for every job.
     pub(crate) fn push_always(&self, job: T) {
         let mut state = self.state.lock();
+        state.stopping = true;
         self.push_locked(&mut state, job);
     }
 
@@ -129,15 +169,24 @@ impl<T> JobQueue<T> {
         self.state.lock().closed = true;
     }
 
-    /// Takes the oldest job, sleeping until there is one.
-    pub(crate) fn pop(&self) -> T {
+    /// Takes the oldest job, sleeping until there is one. `finished`: the
+    /// consumer is done with the job it took last (it no longer counts as
+    /// running).
+    pub(crate) fn pop(&self, finished: bool) -> T {
         let mut state = self.state.lock();
+        if finished {
+            state.running = state.running.saturating_sub(1);
+        }
         loop {
             if let Some(job) = state.jobs.pop_front() {
+                state.running += 1;
                 if state.jobs.is_empty() {
                     self.has_jobs.store(false, Ordering::Release);
+                    self.set_left_since(&mut state, None);
                 } else {
-                    // Pass the wake-up on (see the module docs).
+                    // The next job: for a sleeper, or left for a while to
+                    // the running consumers, this one included (see the
+                    // module docs).
                     self.wake_one(&mut state);
                 }
                 return job;
@@ -162,7 +211,7 @@ impl<T> JobQueue<T> {
             while state.sleepers.iter().any(|s| Arc::ptr_eq(s, &me)) {
                 me.wake.wait(&mut state);
             }
-            state.wake_in_flight = false;
+            state.woken = state.woken.saturating_sub(1);
         }
     }
 
@@ -183,20 +232,99 @@ impl<T> JobQueue<T> {
     pub(crate) fn drain(&self) -> Vec<T> {
         let mut state = self.state.lock();
         self.has_jobs.store(false, Ordering::Release);
+        self.set_left_since(&mut state, None);
         state.jobs.drain(..).collect()
     }
 
+    /// Whether a job is left waiting for the running consumers (see
+    /// [`watch`](Self::watch)); one atomic load.
+    pub(crate) fn has_left_jobs(&self) -> bool {
+        self.left_at.load(Ordering::Relaxed) != 0
+    }
+
+    /// Wakes sleepers for jobs left to the running consumers `wake_delay`
+    /// ago or longer (see the module docs), as many as are running, and
+    /// says when to call again: `None` while no job is left waiting. The
+    /// event loops call it as they poll and before they sleep; `now` is
+    /// the caller's clock.
+    pub(crate) fn watch(&self, now: Instant) -> Option<Instant> {
+        let left_at = self.left_at.load(Ordering::Acquire);
+        if left_at == 0 {
+            return None;
+        }
+        let due = crate::clock::from_nanos(left_at) + self.wake_delay;
+        if now < due {
+            return Some(due);
+        }
+        let mut state = self.state.lock();
+        let since = state.left_since?;
+        if state.jobs.is_empty() {
+            self.set_left_since(&mut state, None);
+            return None;
+        }
+        if now < since + self.wake_delay {
+            return Some(since + self.wake_delay);
+        }
+        if state.sleepers.is_empty() {
+            // Every consumer is busy: each takes a job when it is done.
+            self.set_left_since(&mut state, None);
+            return None;
+        }
+        if state.woken == 0 && !state.spinning {
+            // The running consumers did not come back in time: double them.
+            let wanted = state.running.max(1).min(state.jobs.len());
+            for _ in 0..wanted {
+                let Some(sleeper) = state.sleepers.pop() else {
+                    break;
+                };
+                state.woken += 1;
+                sleeper.wake.notify_one();
+            }
+        }
+        // Whatever is still queued once they run waits one more delay.
+        self.set_left_since(&mut state, Some(now));
+        Some(now + self.wake_delay)
+    }
+
     /// Signals the consumer that fell asleep last, unless one was signalled
-    /// already.
+    /// already or a spinning consumer will take the job, or leaves the job
+    /// for a while to the running consumers (see the module docs).
+    ///
+    /// A job left so is watched from then on (`left_since`), also when it
+    /// was left to a signalled or spinning consumer: that one takes a job,
+    /// but it may leave the next behind a job that blocks, and only the
+    /// thread that pushed (an event loop, which then watches) is sure to
+    /// look again.
     fn wake_one(&self, state: &mut State<T>) {
-        if state.wake_in_flight || state.spinning {
-            // The signalled or the spinning consumer takes the job.
+        if state.sleepers.is_empty() {
+            // Every consumer is awake: one takes the job when it comes back.
+            return;
+        }
+        let taken_care_of = state.woken > 0 || state.spinning;
+        let leave =
+            !self.wake_delay.is_zero() && (taken_care_of || (state.running > 0 && !state.stopping));
+        if leave {
+            if state.left_since.is_none() {
+                self.set_left_since(state, Some(Instant::now()));
+            }
+            return;
+        }
+        if taken_care_of {
+            // The signalled or the spinning consumer takes the job (and the
+            // signalled one passes the wake-up on if more are queued).
             return;
         }
         if let Some(sleeper) = state.sleepers.pop() {
-            state.wake_in_flight = true;
+            state.woken += 1;
             sleeper.wake.notify_one();
         }
+    }
+
+    /// Sets `left_since` and its atomic copy `left_at`.
+    fn set_left_since(&self, state: &mut State<T>, since: Option<Instant>) {
+        state.left_since = since;
+        let nanos = since.map_or(0, |at| crate::clock::to_nanos(at).max(1));
+        self.left_at.store(nanos, Ordering::Release);
     }
 }
 
@@ -208,12 +336,12 @@ mod tests {
 
     #[test]
     fn the_bound_and_close_are_enforced_in_order() {
-        let queue = JobQueue::new(2, Duration::ZERO);
+        let queue = JobQueue::new(2, Duration::ZERO, Duration::ZERO);
         assert!(queue.try_push(1).is_ok());
         assert!(queue.try_push(2).is_ok());
         assert!(matches!(queue.try_push(3), Err(PushError::Full(3))));
         queue.push_always(4);
-        assert_eq!(queue.pop(), 1);
+        assert_eq!(queue.pop(false), 1);
         queue.close();
         assert!(matches!(queue.try_push(5), Err(PushError::Closed(5))));
         assert_eq!(queue.drain(), vec![2, 4]);
@@ -221,25 +349,47 @@ mod tests {
 
     #[test]
     fn jobs_pushed_in_a_burst_still_run_in_parallel() {
-        burst_of_two_runs_in_parallel(Duration::ZERO);
+        burst_of_two_runs_in_parallel(Duration::ZERO, Duration::ZERO);
     }
 
     #[test]
     fn jobs_pushed_in_a_burst_reach_a_sleeper_while_another_spins() {
         // The spinner takes the first job and must pass the wake-up on.
-        burst_of_two_runs_in_parallel(Duration::from_secs(30));
+        burst_of_two_runs_in_parallel(Duration::from_secs(30), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_job_left_behind_a_blocked_one_reaches_a_sleeper_through_watch() {
+        // The second job is left to the worker running the first, which
+        // waits for it: only `watch` (here a thread standing in for the
+        // event loops) can hand it to the other worker.
+        burst_of_two_runs_in_parallel(Duration::ZERO, Duration::from_millis(5));
+        burst_of_two_runs_in_parallel(Duration::from_secs(30), Duration::from_millis(5));
     }
 
     /// Two jobs that can only finish together: the second must reach a
     /// second worker although only one wake-up is in flight at a time (and,
     /// with `spin`, although the pushes find a spinning worker and wake
-    /// nobody).
-    fn burst_of_two_runs_in_parallel(spin: Duration) {
-        let queue: Arc<JobQueue<Box<dyn FnOnce() + Send>>> = Arc::new(JobQueue::new(16, spin));
+    /// nobody; with `wake_delay`, although the second is left to the worker
+    /// running the first until `watch` sees it waited too long).
+    fn burst_of_two_runs_in_parallel(spin: Duration, wake_delay: Duration) {
+        let queue: Arc<JobQueue<Box<dyn FnOnce() + Send>>> =
+            Arc::new(JobQueue::new(16, spin, wake_delay));
+        let watching = Arc::new(AtomicBool::new(true));
+        let watcher = {
+            let (queue, watching) = (Arc::clone(&queue), Arc::clone(&watching));
+            std::thread::spawn(move || {
+                while watching.load(Ordering::Relaxed) {
+                    queue.watch(Instant::now());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let _stop_watching = StopOnDropFlag(&watching);
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let queue = Arc::clone(&queue);
-                std::thread::spawn(move || queue.pop()())
+                std::thread::spawn(move || queue.pop(false)())
             })
             .collect();
         if spin.is_zero() {
@@ -270,12 +420,79 @@ mod tests {
         for worker in workers {
             worker.join().expect("worker");
         }
+        watching.store(false, Ordering::Relaxed);
+        watcher.join().expect("watcher");
+    }
+
+    /// Lowers a flag when dropped, so that a helper thread of a test ends
+    /// even when one of its assertions fails first.
+    struct StopOnDropFlag<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDropFlag<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_job_left_to_a_running_consumer_goes_to_a_sleeper_only_after_the_delay() {
+        let delay = Duration::from_secs(3600); // only `watch`'s clock moves
+        let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<()>>>> =
+            Arc::new(JobQueue::new(16, Duration::ZERO, delay));
+        let stop = StopOnDrop {
+            queue: &queue,
+            consumers: 2,
+        };
+        let (release, hold) = crossbeam_channel::bounded::<()>(0);
+        let consumers: Vec<_> = (0..2)
+            .map(|_| {
+                let (queue, hold) = (Arc::clone(&queue), hold.clone());
+                std::thread::spawn(move || {
+                    let mut finished = false;
+                    while let Some(reply) = queue.pop(finished) {
+                        let _ = reply.send(());
+                        // The first job blocks until the test releases it.
+                        let _ = hold.recv_timeout(Duration::from_secs(10));
+                        finished = true;
+                    }
+                })
+            })
+            .collect();
+        wait_for_state(&queue, |s| s.sleepers.len() == 2);
+        // Job 1 wakes a sleeper, which runs it (and blocks in it).
+        let (reply, first_ran) = crossbeam_channel::bounded(1);
+        assert!(queue.try_push(Some(reply)).is_ok());
+        assert_eq!(first_ran.recv_timeout(Duration::from_secs(5)), Ok(()));
+        wait_for_state(&queue, |s| s.running == 1 && s.woken == 0);
+        // Job 2 is left to that running consumer: nobody is woken for it...
+        let (reply, second_ran) = crossbeam_channel::bounded(1);
+        assert!(queue.try_push(Some(reply)).is_ok());
+        let left = queue
+            .state
+            .lock()
+            .left_since
+            .expect("job 2 was left waiting");
+        assert_eq!(queue.state.lock().sleepers.len(), 1);
+        // ... not even by a watch before the delay has passed ...
+        assert_eq!(queue.watch(left + delay / 2), Some(left + delay));
+        assert_eq!(queue.state.lock().sleepers.len(), 1);
+        assert!(second_ran.recv_timeout(Duration::from_millis(50)).is_err());
+        // ... but by the first watch after it.
+        assert!(queue.watch(left + delay).is_some());
+        assert_eq!(second_ran.recv_timeout(Duration::from_secs(5)), Ok(()));
+        // Both consumers are busy now: nothing left to watch.
+        assert_eq!(queue.watch(left + delay * 2), None);
+        drop(release);
+        drop(stop);
+        for consumer in consumers {
+            consumer.join().expect("consumer");
+        }
     }
 
     #[test]
     fn the_consumer_that_slept_last_is_woken_first() {
         let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<usize>>>> =
-            Arc::new(JobQueue::new(16, Duration::ZERO));
+            Arc::new(JobQueue::new(16, Duration::ZERO, Duration::ZERO));
         let stop = StopOnDrop {
             queue: &queue,
             consumers: 3,
@@ -287,7 +504,7 @@ mod tests {
                 let consumer = {
                     let queue = Arc::clone(&queue);
                     std::thread::spawn(move || {
-                        while let Some(reply) = queue.pop() {
+                        while let Some(reply) = queue.pop(false) {
                             let _ = reply.send(me);
                         }
                     })
@@ -340,7 +557,7 @@ mod tests {
         // A spin far longer than the test: the job can only be taken at
         // once by the spinner (a push wakes nobody while one spins).
         let queue: Arc<JobQueue<Option<crossbeam_channel::Sender<()>>>> =
-            Arc::new(JobQueue::new(16, Duration::from_secs(30)));
+            Arc::new(JobQueue::new(16, Duration::from_secs(30), Duration::ZERO));
         let stop = StopOnDrop {
             queue: &queue,
             consumers: 1,
@@ -348,7 +565,7 @@ mod tests {
         let consumer = {
             let queue = Arc::clone(&queue);
             std::thread::spawn(move || {
-                while let Some(reply) = queue.pop() {
+                while let Some(reply) = queue.pop(false) {
                     let _ = reply.send(());
                 }
             })
@@ -366,7 +583,8 @@ mod tests {
 
     #[test]
     fn one_consumer_spins_and_the_others_sleep() {
-        let queue: Arc<JobQueue<Option<()>>> = Arc::new(JobQueue::new(16, Duration::from_secs(30)));
+        let queue: Arc<JobQueue<Option<()>>> =
+            Arc::new(JobQueue::new(16, Duration::from_secs(30), Duration::ZERO));
         let stop = StopOnDrop {
             queue: &queue,
             consumers: 3,
@@ -374,7 +592,7 @@ mod tests {
         let consumers: Vec<_> = (0..3)
             .map(|_| {
                 let queue = Arc::clone(&queue);
-                std::thread::spawn(move || while queue.pop().is_some() {})
+                std::thread::spawn(move || while queue.pop(false).is_some() {})
             })
             .collect();
         wait_for_state(&queue, |s| s.spinning && s.sleepers.len() == 2);
@@ -386,14 +604,14 @@ mod tests {
 
     #[test]
     fn sleeping_consumers_are_woken_and_every_job_is_taken_once() {
-        let queue = Arc::new(JobQueue::new(1024, Duration::ZERO));
+        let queue = Arc::new(JobQueue::new(1024, Duration::ZERO, Duration::ZERO));
         let consumers: Vec<_> = (0..3)
             .map(|_| {
                 let queue = Arc::clone(&queue);
                 std::thread::spawn(move || {
                     let mut taken = Vec::new();
                     loop {
-                        match queue.pop() {
+                        match queue.pop(false) {
                             None => return taken,
                             Some(n) => taken.push(n),
                         }

@@ -72,7 +72,10 @@ impl ServerBuilder {
 
         let config = self.config;
         let worker_spin = crate::reactor::poll_time_here(config.worker_spin);
-        let jobs = Arc::new(JobQueue::new(config.worker_queue, worker_spin));
+        // On one core a job left for the running worker would wait for the
+        // loop's next millisecond: every job wakes a worker there.
+        let wake_delay = crate::reactor::poll_time_here(config.worker_wake_delay);
+        let jobs = Arc::new(JobQueue::new(config.worker_queue, worker_spin, wake_delay));
         let events = EventSink::new(config.connection.event_capacity, "server");
         let runtime = Runtime::start("pulse-server", config.event_loops, &config.connection)?;
         let shared = Arc::new(ServerShared {
@@ -260,8 +263,9 @@ enum Job {
 fn run_worker(jobs: &JobQueue<Job>) {
     // A worker frees most of what it allocates itself (see `frame_pool::opt_out`).
     frame_pool::opt_out();
+    let mut finished = false;
     loop {
-        match jobs.pop() {
+        match jobs.pop(finished) {
             Job::Stop => return,
             Job::Run {
                 conn,
@@ -286,6 +290,7 @@ fn run_worker(jobs: &JobQueue<Job>) {
                     let _replying = conn.call_finished();
                     respond_with(&conn, conn.hold_for_loop(response));
                 }
+                finished = true;
             }
         }
     }
@@ -369,6 +374,19 @@ impl ServerShared {
 
     pub(crate) fn release_connection(&self) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Wakes workers for pool jobs left waiting too long for a busy worker
+    /// (see `JobQueue::watch`); when to call again, `None` while no job
+    /// waits so. The event loops call it as they poll and before they sleep.
+    pub(crate) fn watch_jobs(&self, now: Instant) -> Option<Instant> {
+        self.jobs.watch(now)
+    }
+
+    /// Whether a pool job waits for a busy worker (see
+    /// [`watch_jobs`](Self::watch_jobs)); one atomic load.
+    pub(crate) fn jobs_waiting(&self) -> bool {
+        self.jobs.has_left_jobs()
     }
 
     /// Handles a Request or OneWay read by an event loop; `last_route` is the

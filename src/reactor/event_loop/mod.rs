@@ -200,6 +200,9 @@ pub(super) struct EventLoop {
     /// scratch space for their call slots; both empty between reads.
     responses: Vec<Frame>,
     response_slots: Vec<Option<Arc<super::conn::CallSlot>>>,
+    /// The server whose connections this loop serves, if any: its pool jobs
+    /// left waiting for a busy worker are watched here (see [`wait`](Self::wait)).
+    server: Option<Arc<ServerShared>>,
 }
 
 impl EventLoop {
@@ -227,6 +230,7 @@ impl EventLoop {
             moved_calls: false,
             responses: Vec::new(),
             response_slots: Vec::new(),
+            server: None,
         }
     }
 
@@ -239,6 +243,10 @@ impl EventLoop {
     /// command is there. Lowering the flag is followed by a fence that
     /// pairs with the one in `LoopHandle::send`, so a command sent as the
     /// polling ends is either seen by this turn or wakes the next sleep.
+    ///
+    /// A provider's loop also watches its server's pool jobs left waiting
+    /// for a busy worker (`ServerShared::watch_jobs`): at every poll, and
+    /// it sleeps no longer than until the next one is due.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
         if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
             let until = Instant::now() + self.busy_poll;
@@ -248,7 +256,13 @@ impl EventLoop {
                 if let Err(e) = self.poll.poll(events, Some(Duration::ZERO)) {
                     break Err(e);
                 }
-                if !events.is_empty() || !self.commands.is_empty() || Instant::now() >= until {
+                let now = Instant::now();
+                if let Some(server) = &self.server
+                    && server.jobs_waiting()
+                {
+                    server.watch_jobs(now);
+                }
+                if !events.is_empty() || !self.commands.is_empty() || now >= until {
                     break Ok(());
                 }
                 // Let a caller or worker that shares this core run first.
@@ -258,7 +272,16 @@ impl EventLoop {
             fence(Ordering::SeqCst);
             return polled;
         }
-        self.poll.poll(events, None)
+        let timeout = match &self.server {
+            Some(server) if server.jobs_waiting() => {
+                let now = Instant::now();
+                server
+                    .watch_jobs(now)
+                    .map(|due| due.saturating_duration_since(now))
+            }
+            _ => None,
+        };
+        self.poll.poll(events, timeout)
     }
 
     pub(super) fn run(mut self) {
@@ -316,6 +339,7 @@ impl EventLoop {
                     Interest::READABLE,
                 ) {
                     Ok(()) => {
+                        self.server.get_or_insert_with(|| server.clone());
                         self.listener = Some((listener, server));
                         self.accept_all(now);
                     }
@@ -326,7 +350,10 @@ impl EventLoop {
                 socket,
                 peer,
                 server,
-            } => self.adopt(socket, peer, server, now),
+            } => {
+                self.server.get_or_insert_with(|| server.clone());
+                self.adopt(socket, peer, server, now)
+            }
             Command::AddLink(link) => {
                 let id = link.id();
                 let backoff = Backoff::new(
