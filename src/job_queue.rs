@@ -118,6 +118,9 @@ impl<T> JobQueue<T> {
     /// jobs wait up to `wake_delay` for a running consumer (see the module
     /// docs).
     pub(crate) fn new(capacity: usize, spin: Duration, wake_delay: Duration) -> JobQueue<T> {
+        // Fixed before any instant is stored in `left_at`: one taken before
+        // the origin would be stored as the origin itself.
+        crate::clock::origin();
         JobQueue {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
