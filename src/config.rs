@@ -291,8 +291,9 @@ pub struct ServerConfig {
     /// before sleeping workers are woken to take it. A worker running a job
     /// usually comes back within microseconds, and a burst of short jobs
     /// then runs on the workers already awake instead of waking one worker
-    /// per job: one thread pipelining 64 pool calls did about a third more
-    /// calls per second (docs/BENCHMARKS-HISTORY.md, session 21). A job
+    /// per job: one thread keeping 64 pool calls in flight did 740–868 k
+    /// calls/s against 597–680 k on two cores (`make bench`,
+    /// docs/BENCHMARKS-HISTORY.md, session 21). A job
     /// queued behind a handler that blocks starts this much later, or up to
     /// a millisecond more when the event loops sleep (they check the queue
     /// as they poll and before they sleep; their sleep is timed in whole
