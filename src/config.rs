@@ -294,12 +294,12 @@ pub struct ServerConfig {
     /// per job: one thread keeping 64 pool calls in flight did 740–868 k
     /// calls/s against 597–680 k on two cores (`make bench`,
     /// docs/BENCHMARKS-HISTORY.md, session 21). A job
-    /// queued behind a handler that blocks starts this much later (the
-    /// event loops check the queue as they poll, and poll on until the
-    /// check is due; with `busy_poll` zero they sleep until then, rounded
-    /// up to a whole millisecond); then as many sleeping workers are woken
-    /// as are busy, so a burst of blocking jobs spreads over the pool within
-    /// a few such rounds. `Duration::ZERO` wakes a worker for every job at once (one
+    /// queued behind a handler that blocks starts this much later, or up to
+    /// a millisecond more when the event loops sleep (they check the queue
+    /// as they poll and before they sleep; their sleep is timed in whole
+    /// milliseconds); then as many sleeping workers are woken as are busy,
+    /// so a burst of blocking jobs spreads over the pool within a few such
+    /// rounds. `Duration::ZERO` wakes a worker for every job at once (one
     /// wake-up in flight), as does a process confined to a single core.
     /// Default 100 µs; at most 1 s.
     pub worker_wake_delay: Duration,

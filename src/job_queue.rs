@@ -26,10 +26,9 @@
 //! flight (`start_deferred`) did 400,000 in 310–402 ms against 569–693 ms
 //! with a wake-up passed from worker to worker for every job left
 //! (session 21, two cores); the price is that a job queued behind a
-//! handler that blocks starts up to `wake_delay` later (per round; a loop
-//! that may busy-poll polls on until the watch is due, one that may not
-//! sleeps until then, rounded up to a whole millisecond by `epoll`). With
-//! `wake_delay` zero, or on one core, a job is never
+//! handler that blocks starts up to `wake_delay` later (plus up to a
+//! millisecond when the loops sleep: their poll timeout is in whole
+//! milliseconds). With `wake_delay` zero, or on one core, a job is never
 //! left waiting: every push and every job taken with more behind it wakes
 //! a sleeper (one in flight), as before.
 //!

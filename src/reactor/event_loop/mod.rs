@@ -249,49 +249,39 @@ impl EventLoop {
     /// it sleeps no longer than until the next one is due.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
         if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
-            return self.poll_on(events, Instant::now() + self.busy_poll);
+            let until = Instant::now() + self.busy_poll;
+            let polling = &self.loops[self.index].polling;
+            polling.store(true, Ordering::Relaxed);
+            let polled = loop {
+                if let Err(e) = self.poll.poll(events, Some(Duration::ZERO)) {
+                    break Err(e);
+                }
+                let now = Instant::now();
+                if let Some(server) = &self.server
+                    && server.jobs_waiting()
+                {
+                    server.watch_jobs(now);
+                }
+                if !events.is_empty() || !self.commands.is_empty() || now >= until {
+                    break Ok(());
+                }
+                // Let a caller or worker that shares this core run first.
+                std::thread::yield_now();
+            };
+            polling.store(false, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            return polled;
         }
-        let now = Instant::now();
-        let watch_due = match &self.server {
-            Some(server) if server.jobs_waiting() => server.watch_jobs(now),
+        let timeout = match &self.server {
+            Some(server) if server.jobs_waiting() => {
+                let now = Instant::now();
+                server
+                    .watch_jobs(now)
+                    .map(|due| due.saturating_duration_since(now))
+            }
             _ => None,
         };
-        match watch_due.map(|due| due.saturating_duration_since(now)) {
-            // `epoll` would round the wait up to a whole millisecond: where
-            // the loop may busy-poll, it polls on until the watch is due
-            // instead (at most `worker_wake_delay`).
-            Some(wait) if wait < Duration::from_millis(1) && !self.busy_poll.is_zero() => {
-                self.poll_on(events, now + wait)
-            }
-            timeout => self.poll.poll(events, timeout),
-        }
-    }
-
-    /// Polls without sleeping until an event or a command arrives or
-    /// `until` passes, watching the server's left pool jobs at every poll
-    /// (see [`wait`](Self::wait)).
-    fn poll_on(&mut self, events: &mut Events, until: Instant) -> io::Result<()> {
-        let polling = &self.loops[self.index].polling;
-        polling.store(true, Ordering::Relaxed);
-        let polled = loop {
-            if let Err(e) = self.poll.poll(events, Some(Duration::ZERO)) {
-                break Err(e);
-            }
-            let now = Instant::now();
-            if let Some(server) = &self.server
-                && server.jobs_waiting()
-            {
-                server.watch_jobs(now);
-            }
-            if !events.is_empty() || !self.commands.is_empty() || now >= until {
-                break Ok(());
-            }
-            // Let a caller or worker that shares this core run first.
-            std::thread::yield_now();
-        };
-        polling.store(false, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        polled
+        self.poll.poll(events, timeout)
     }
 
     pub(super) fn run(mut self) {
