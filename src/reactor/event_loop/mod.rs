@@ -200,7 +200,8 @@ pub(super) struct EventLoop {
     /// scratch space for their call slots; both empty between reads.
     responses: Vec<Frame>,
     response_slots: Vec<Option<Arc<super::conn::CallSlot>>>,
-    /// The server whose connections this loop serves, if any: its pool jobs
+    /// The server whose connections this loop serves, if any (set by
+    /// `adopt`, which every accepted connection goes through): its pool jobs
     /// left waiting for a busy worker are watched here (see [`wait`](Self::wait)).
     server: Option<Arc<ServerShared>>,
 }
@@ -257,9 +258,7 @@ impl EventLoop {
                     break Err(e);
                 }
                 let now = Instant::now();
-                if let Some(server) = &self.server
-                    && server.jobs_waiting()
-                {
+                if let Some(server) = &self.server {
                     server.watch_jobs(now);
                 }
                 if !events.is_empty() || !self.commands.is_empty() || now >= until {
@@ -339,7 +338,6 @@ impl EventLoop {
                     Interest::READABLE,
                 ) {
                     Ok(()) => {
-                        self.server.get_or_insert_with(|| server.clone());
                         self.listener = Some((listener, server));
                         self.accept_all(now);
                     }
@@ -350,10 +348,7 @@ impl EventLoop {
                 socket,
                 peer,
                 server,
-            } => {
-                self.server.get_or_insert_with(|| server.clone());
-                self.adopt(socket, peer, server, now)
-            }
+            } => self.adopt(socket, peer, server, now),
             Command::AddLink(link) => {
                 let id = link.id();
                 let backoff = Backoff::new(

@@ -89,6 +89,9 @@ impl EventLoop {
             server.release_connection();
             return;
         }
+        // Only a loop with provider connections pushes pool jobs, so only
+        // such a loop needs to watch them (see `EventLoop::wait`).
+        self.server.get_or_insert_with(|| server.clone());
         let heartbeat = Heartbeat::new(heartbeat_config(&server.config().connection), now);
         let max_frame = server.config().connection.max_frame_len;
         let max_queue = server.config().connection.max_write_queue_bytes;
