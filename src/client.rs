@@ -585,6 +585,13 @@ impl Client {
     /// Sends a one-way call: no response, no result. Returns once the request
     /// is queued on a ready connection (waiting for one up to the call timeout).
     ///
+    /// A lone one-way call is written at once by the calling thread. One
+    /// that follows the connection's last one within
+    /// [`busy_poll`](crate::ConnectionConfig::busy_poll) (a caller sending
+    /// in a loop) is left to the connection's event loop, which writes it
+    /// together with the ones sent meanwhile, microseconds later; calls and
+    /// one-way calls still leave in the order they were made.
+    ///
     /// # Errors
     /// `NotConnected`, `ConnectionLost`, `Overloaded`, `Codec`, `Shutdown`.
     pub fn send_one_way<'s, A>(
@@ -596,15 +603,33 @@ impl Client {
     where
         A: Serialize + ?Sized,
     {
+        self.send_one_way_by(service.into(), method, args)
+            .map(|_by_loop| ())
+    }
+
+    /// [`send_one_way`](Self::send_one_way); `Ok(true)`: the call was left
+    /// to the connection's loop to write.
+    fn send_one_way_by<A>(&self, service: ServiceRef<'_>, method: &str, args: &A) -> Result<bool>
+    where
+        A: Serialize + ?Sized,
+    {
         let started = Instant::now();
         let link = &self.inner.link;
-        let (_, mut frame) = self.encode_call(Kind::OneWay, service.into(), method, args)?;
+        let (_, mut frame) = self.encode_call(Kind::OneWay, service, method, args)?;
         let deadline = started + link.config.call_timeout;
+        // Zero on one core, where the loop never polls on (see `OneWayPace`).
+        let pace_window = crate::reactor::poll_time_here(link.config.connection.busy_poll);
         let mut dead = None;
         loop {
             let conn = link.ready_conn(deadline, started, dead)?;
-            match conn.send(frame, Class::Data) {
-                Ok(_) => return Ok(()),
+            let by_loop = conn.one_way_pace.follows_within(started, pace_window);
+            let sent = if by_loop {
+                conn.hold_for_loop(frame)
+            } else {
+                conn.send(frame, Class::Data)
+            };
+            match sent {
+                Ok(_) => return Ok(by_loop),
                 Err(SendError::Closed(Some(unsent))) => {
                     frame = unsent;
                     dead = Some(conn.id);
@@ -785,6 +810,7 @@ fn decode_response_body<R: DeserializeOwned>(frame: &Frame) -> Result<R> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
@@ -857,6 +883,60 @@ mod tests {
             );
             assert_eq!(slow.wait().unwrap(), 1_500);
         }
+    }
+
+    /// A one-way call that follows another within `busy_poll` is left to
+    /// the loop, which must write it by itself (no later write carries it
+    /// here); the first one, and every one with busy polling off, is written
+    /// by its caller.
+    #[test]
+    fn a_one_way_call_right_after_another_is_written_by_the_loop() {
+        if crate::reactor::poll_time_here(Duration::from_secs(1)).is_zero() {
+            eprintln!("one core: the loops never poll on, nothing is left to them");
+            return;
+        }
+        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let added = Arc::clone(&total);
+        let service = ServiceBuilder::new("t").method("add", move |n: u64| {
+            added.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, String>(())
+        });
+        // Heartbeats too rare to write anything during the test: a Pong
+        // would carry the held call out too.
+        let mut config = ServerConfig::default();
+        config.connection.heartbeat.interval = Duration::from_secs(60);
+        let server = Server::builder()
+            .config(config)
+            .service(service)
+            .bind("127.0.0.1:0")
+            .expect("bind a provider on loopback");
+        let reaches = |want: u64| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while total.load(std::sync::atomic::Ordering::Relaxed) != want {
+                assert!(
+                    Instant::now() < deadline,
+                    "the one-way calls never all arrived"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // A window of 1 s: the second send follows the first in any case.
+        let pacing = client(&server, Duration::from_secs(1));
+        assert!(!pacing.send_one_way_by("t".into(), "add", &1u64).unwrap());
+        assert!(pacing.send_one_way_by("t".into(), "add", &10u64).unwrap());
+        reaches(11);
+        let not_polling = client(&server, Duration::ZERO);
+        assert!(
+            !not_polling
+                .send_one_way_by("t".into(), "add", &100u64)
+                .unwrap()
+        );
+        assert!(
+            !not_polling
+                .send_one_way_by("t".into(), "add", &1_000u64)
+                .unwrap()
+        );
+        reaches(1_111);
     }
 
     /// Without busy polling a caller always writes its own request.

@@ -780,6 +780,47 @@ fn one_way_sends_reach_the_handler() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// A caller sending one-way calls in a loop leaves most of them to the
+/// connection's loop (`OneWayPace`); calls made in between must still find
+/// every one-way call sent before them handled (inline handlers run in the
+/// order the provider reads), and none may be lost, doubled or reordered.
+#[test]
+fn one_way_calls_sent_in_a_loop_arrive_whole_and_in_order_with_calls() {
+    const SENDS: u64 = 20_000;
+    const CALL_EVERY: u64 = 1_000;
+    let log = Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
+    let (logged, counted) = (Arc::clone(&log), Arc::clone(&log));
+    let service = ServiceBuilder::new("log")
+        .method_inline("add", move |n: u64| {
+            logged.lock().push(n);
+            Ok::<_, String>(())
+        })
+        .method_inline("count", move |()| {
+            Ok::<_, String>(counted.lock().len() as u64)
+        });
+    let server = server_with(ServerConfig::default(), vec![service]);
+    let client = client(&server);
+    let started = Instant::now();
+    for n in 0..SENDS {
+        client.send_one_way("log", "add", &n).unwrap();
+        if (n + 1) % CALL_EVERY == 0 {
+            let count: u64 = client.call("log", "count", &()).unwrap();
+            assert_eq!(count, n + 1, "a call overtook one-way calls sent before it");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{n} one-way calls took a minute"
+        );
+    }
+    let log = log.lock();
+    assert_eq!(log.len() as u64, SENDS);
+    assert!(
+        log.iter().copied().eq(0..SENDS),
+        "one-way calls arrived out of order"
+    );
+    assert_eq!(server.connection_count(), 1);
+}
+
 #[test]
 fn shutdown_with_calls_in_flight_answers_or_fails_every_call() {
     const SLEEPERS: usize = 8;

@@ -55,8 +55,38 @@ pub(crate) struct ConnShared {
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
     pub(crate) call_done: AtomicU64,
+    /// When this connection's last one-way call was sent (consumer side;
+    /// see `Client::send_one_way`).
+    pub(crate) one_way_pace: OneWayPace,
     /// The loop that owns this connection, to ask it to close it.
     pub(crate) owner: LoopHandle,
+}
+
+/// When a connection's last one-way call was sent, to tell a caller
+/// sending them in a loop from one sending now and then.
+///
+/// Why: a one-way call that follows another within the loop's `busy_poll`
+/// is left to the connection's event loop (`ConnShared::hold_for_loop`),
+/// which writes it together with the ones sent meanwhile, and polls on for
+/// `busy_poll` after that write, so the next ones need no wake-up either. A
+/// caller sending in a loop then makes a `sendmsg` per batch instead of per
+/// call. A lone one-way call is written by its caller at once, as before.
+#[derive(Default)]
+pub(crate) struct OneWayPace {
+    /// `clock::to_nanos` of the last send (0 = none yet).
+    last_sent: AtomicU64,
+}
+
+impl OneWayPace {
+    /// Records a one-way call sent at `now` and says whether it follows the
+    /// one before by less than `window`. Concurrent senders each compare
+    /// with whichever send was recorded last.
+    pub(crate) fn follows_within(&self, now: Instant, window: Duration) -> bool {
+        let now = crate::clock::to_nanos(now).max(1); // 0 means "none yet"
+        let last = self.last_sent.swap(now, Ordering::Relaxed);
+        let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        last != 0 && now.saturating_sub(last) < window
+    }
 }
 
 impl ConnShared {
@@ -82,8 +112,9 @@ impl ConnShared {
     /// Queues a frame for the owning loop to write with the others that
     /// follow it, and asks the loop for that write unless it was asked
     /// already: a worker's response while more jobs are queued (see
-    /// `server::run_worker`), or a caller's request while the loop
-    /// busy-polls for the answers of other calls (see `Client::send_on`).
+    /// `server::run_worker`), a caller's request while the loop
+    /// busy-polls for the answers of other calls (see `Client::send_on`),
+    /// or a one-way call that closely follows another (see [`OneWayPace`]).
     pub(crate) fn hold_for_loop(&self, frame: Vec<u8>) -> Result<Flush, SendError> {
         let held = self.out.hold(&self.socket, frame, MAX_IOV)?;
         // The loop clears the flag before it writes (`flush_held_for_loop`),
@@ -450,6 +481,25 @@ mod tests {
 
     fn peer() -> SocketAddr {
         "127.0.0.1:1".parse().unwrap()
+    }
+
+    /// A send within the window of the one before follows it; the first,
+    /// one after a pause, and any with a zero window do not.
+    #[test]
+    fn a_one_way_send_follows_the_last_one_only_within_the_window() {
+        let window = Duration::from_micros(100);
+        let pace = OneWayPace::default();
+        let t0 = crate::clock::origin() + Duration::from_secs(1);
+        assert!(!pace.follows_within(t0, window), "the first send");
+        assert!(pace.follows_within(t0 + Duration::from_micros(30), window));
+        assert!(pace.follows_within(t0 + Duration::from_micros(129), window));
+        assert!(
+            !pace.follows_within(t0 + Duration::from_micros(229), window),
+            "exactly the window after the last send"
+        );
+        assert!(!pace.follows_within(t0 + Duration::from_millis(5), window));
+        assert!(pace.follows_within(t0 + Duration::from_micros(5010), window));
+        assert!(!pace.follows_within(t0 + Duration::from_micros(5011), Duration::ZERO));
     }
 
     fn id_hash(id: u64) -> u64 {

@@ -152,6 +152,7 @@ impl EventLoop {
             deferred_open: Default::default(),
             flush_requested: Default::default(),
             call_done: Default::default(),
+            one_way_pace: Default::default(),
             owner: self.loops[self.index].clone(), // `index` is this loop's own place in `loops`
         });
         entry.insert(Conn {
