@@ -272,7 +272,9 @@ pub struct ServerConfig {
     /// Default 32, so a few blocking handlers never starve the others.
     pub worker_threads: usize,
     /// Requests queued for the worker pool; past it a request is answered
-    /// with status Overloaded. Default 65,536.
+    /// with status Overloaded, and a one-way call is dropped and counted
+    /// ([`Server::one_way_dropped`](crate::Server::one_way_dropped)).
+    /// Default 65,536.
     pub worker_queue: usize,
     /// How long a worker that found the queue empty keeps looking for the
     /// next job before it sleeps. A job that arrives meanwhile is taken at
@@ -304,7 +306,9 @@ pub struct ServerConfig {
     /// Default 100 µs; at most 1 s.
     pub worker_wake_delay: Duration,
     /// Requests of one connection being handled at once; past it a request is
-    /// answered with status Overloaded. Default 4,096.
+    /// answered with status Overloaded, and a one-way call is dropped and
+    /// counted ([`Server::one_way_dropped`](crate::Server::one_way_dropped)).
+    /// Default 4,096.
     pub max_inflight: usize,
     /// Open consumer connections; a connection past it gets Close(Overloaded)
     /// and is closed. Default 10,000.

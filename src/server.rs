@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,7 @@ impl ServerBuilder {
             jobs: Arc::clone(&jobs),
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            one_way_dropped: AtomicU64::new(0),
             config: config.clone(),
             events,
         });
@@ -188,6 +189,18 @@ impl Server {
             .lock()
             .as_ref()
             .map_or(0, |r| r.runtime.timers_fired())
+    }
+
+    /// One-way calls read and never run since the server started, because
+    /// it was overloaded: `max_inflight` requests of that connection were
+    /// being handled, or the worker queue was full. A request would be
+    /// answered with status Overloaded; a one-way call has no answer, so it
+    /// is counted here instead, and logged (a warning at the 1st, 2nd, 4th,
+    /// 8th, ... so that a flood shows without a line per call). A consumer
+    /// that must not lose one-way calls keeps fewer of them in flight than
+    /// the provider's bounds, or makes them calls.
+    pub fn one_way_dropped(&self) -> u64 {
+        self.shared.one_way_dropped.load(Ordering::Relaxed)
     }
 
     /// Consumer connections open right now.
@@ -349,6 +362,8 @@ pub(crate) struct ServerShared {
     jobs: Arc<JobQueue<Job>>,
     shutting_down: AtomicBool,
     connections: AtomicUsize,
+    /// See [`Server::one_way_dropped`].
+    one_way_dropped: AtomicU64,
     config: ServerConfig,
     events: EventSink,
 }
@@ -389,6 +404,18 @@ impl ServerShared {
         self.jobs.has_left_jobs()
     }
 
+    /// Counts a one-way call refused for overload (see
+    /// [`Server::one_way_dropped`]) and logs the 1st, 2nd, 4th, ... of them.
+    fn count_dropped_one_way(&self, conn: &ConnShared, why: &str) {
+        let dropped = self.one_way_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped.is_power_of_two() {
+            log::warn!(
+                "{}: a one-way call was dropped: {why} ({dropped} dropped since the server started)",
+                conn.peer
+            );
+        }
+    }
+
     /// Handles a Request or OneWay read by an event loop; `last_route` is the
     /// connection's [`Route`] cache. `Err` is a protocol violation (the body
     /// is not a request); every other failure is answered with a Response
@@ -404,6 +431,8 @@ impl ServerShared {
         let refuse = |status: ResponseStatus, message: &str| {
             if !one_way {
                 respond(conn, encode_error_response(id, status, message));
+            } else if status == ResponseStatus::Overloaded {
+                self.count_dropped_one_way(conn, message);
             }
         };
         let shutting_down = || {

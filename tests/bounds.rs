@@ -247,6 +247,51 @@ fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// One-way calls past `max_inflight` have no response to carry Overloaded:
+/// they are dropped and counted (`Server::one_way_dropped`), and the
+/// connection stays served.
+#[test]
+fn server_max_inflight_drops_and_counts_the_excess_one_way_calls() {
+    let _shared = MEMORY.shared();
+    let server = server(ServerConfig {
+        max_inflight: 2,
+        ..server_config()
+    });
+    let mut raw = RawPeer::connect(server.local_addr());
+    let mut pipelined = Vec::new();
+    for id in 1..=6 {
+        let one_way = encode_request(Kind::OneWay, id, "demo", "", "", "sleep", &300u64);
+        pipelined.extend(one_way.expect("encode a one-way call"));
+    }
+    raw.send(&pipelined);
+    wait_until(PROMPTLY, "4 one-way calls dropped", || {
+        server.one_way_dropped() == 4
+    });
+    // No answer for any of them; the connection is served, and once the
+    // two running calls end their slots take requests again.
+    assert_pings(&mut raw, 9);
+    let deadline = Instant::now() + PROMPTLY;
+    loop {
+        raw.send(&request(10, "sleep", 1));
+        let response = raw.next_frame(PROMPTLY);
+        assert_eq!(
+            (response.header.kind, response.header.id),
+            (Kind::Response, 10)
+        );
+        if response.header.status == 0 {
+            break;
+        }
+        assert_eq!(response.header.status, ResponseStatus::Overloaded as u8);
+        assert!(
+            Instant::now() < deadline,
+            "the running one-way calls never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.one_way_dropped(), 4);
+    assert_eq!(server.connection_count(), 1);
+}
+
 // ----- write queue -----------------------------------------------------------------------
 
 #[test]
