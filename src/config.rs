@@ -306,9 +306,10 @@ pub struct ServerConfig {
     /// Default 100 µs; at most 1 s.
     pub worker_wake_delay: Duration,
     /// Requests of one connection being handled at once; past it a request is
-    /// answered with status Overloaded, and a one-way call is dropped and
-    /// counted ([`Server::one_way_dropped`](crate::Server::one_way_dropped)).
-    /// Default 4,096.
+    /// answered with status Overloaded, and a one-way call (which has no
+    /// answer) waits: the provider leaves it and everything after it unread
+    /// until half of the running ones have finished, so TCP's flow control
+    /// slows the consumer down. Default 4,096.
     pub max_inflight: usize,
     /// Open consumer connections; a connection past it gets Close(Overloaded)
     /// and is closed. Default 10,000.

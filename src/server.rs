@@ -192,13 +192,13 @@ impl Server {
     }
 
     /// One-way calls read and never run since the server started, because
-    /// it was overloaded: `max_inflight` requests of that connection were
-    /// being handled, or the worker queue was full. A request would be
-    /// answered with status Overloaded; a one-way call has no answer, so it
-    /// is counted here instead, and logged (a warning at the 1st, 2nd, 4th,
-    /// 8th, ... so that a flood shows without a line per call). A consumer
-    /// that must not lose one-way calls keeps fewer of them in flight than
-    /// the provider's bounds, or makes them calls.
+    /// the worker queue (`ServerConfig::worker_queue`, shared by all
+    /// connections) was full. A request would be answered with status
+    /// Overloaded; a one-way call has no answer, so it is counted here
+    /// instead, and logged (a warning at the 1st, 2nd, 4th, 8th, ... so that
+    /// a flood shows without a line per call). One-way calls past a
+    /// connection's `max_inflight` are not dropped: the provider leaves them
+    /// unread until half of the running ones have finished.
     pub fn one_way_dropped(&self) -> u64 {
         self.shared.one_way_dropped.load(Ordering::Relaxed)
     }

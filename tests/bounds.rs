@@ -10,6 +10,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pulse::protocol::{
@@ -18,6 +20,7 @@ use pulse::protocol::{
 };
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
+    ServiceBuilder,
 };
 use support::process::{ProcessLock, peak_rss_kib, rss_kib};
 use support::raw_peer::{End, FakeProvider, RawPeer};
@@ -247,48 +250,60 @@ fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
     assert_eq!(server.connection_count(), 1);
 }
 
-/// One-way calls past `max_inflight` have no response to carry Overloaded:
-/// they are dropped and counted (`Server::one_way_dropped`), and the
-/// connection stays served.
+/// One-way calls past `max_inflight` have no response to carry Overloaded,
+/// and are not dropped either: the provider leaves them (and what follows
+/// them, a Ping here) unread until half of the running ones have finished,
+/// then handles them all.
 #[test]
-fn server_max_inflight_drops_and_counts_the_excess_one_way_calls() {
+fn server_max_inflight_holds_back_the_excess_one_way_calls() {
     let _shared = MEMORY.shared();
-    let server = server(ServerConfig {
-        max_inflight: 2,
-        ..server_config()
+    let entered = Arc::new(AtomicUsize::new(0));
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let counted = Arc::clone(&entered);
+    let service = ServiceBuilder::new("gated").method("hold", move |()| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        // Returns when the test drops `gate` (or after 10 s).
+        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+        Ok::<_, String>(())
     });
+    let server = Server::builder()
+        .config(ServerConfig {
+            max_inflight: 2,
+            ..server_config()
+        })
+        .service(service)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
     let mut raw = RawPeer::connect(server.local_addr());
     let mut pipelined = Vec::new();
     for id in 1..=6 {
-        let one_way = encode_request(Kind::OneWay, id, "demo", "", "", "sleep", &300u64);
+        let one_way = encode_request(Kind::OneWay, id, "gated", "", "", "hold", &());
         pipelined.extend(one_way.expect("encode a one-way call"));
     }
+    pipelined.extend(encode_ping(9));
     raw.send(&pipelined);
-    wait_until(PROMPTLY, "4 one-way calls dropped", || {
-        server.one_way_dropped() == 4
+    wait_until(PROMPTLY, "2 one-way calls running", || {
+        entered.load(Ordering::SeqCst) == 2
     });
-    // No answer for any of them; the connection is served, and once the
-    // two running calls end their slots take requests again.
-    assert_pings(&mut raw, 9);
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        raw.send(&request(10, "sleep", 1));
-        let response = raw.next_frame(PROMPTLY);
+    // The rest wait unread, the Ping behind them too.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while let Ok(Some(frame)) = raw.read(deadline) {
         assert_eq!(
-            (response.header.kind, response.header.id),
-            (Kind::Response, 10)
+            frame.header.kind,
+            Kind::Ping,
+            "{:?} came while held",
+            frame.header
         );
-        if response.header.status == 0 {
-            break;
-        }
-        assert_eq!(response.header.status, ResponseStatus::Overloaded as u8);
-        assert!(
-            Instant::now() < deadline,
-            "the running one-way calls never ended"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(server.one_way_dropped(), 4);
+    assert_eq!(entered.load(Ordering::SeqCst), 2);
+    assert_eq!(server.one_way_dropped(), 0);
+    drop(gate);
+    wait_until(PROMPTLY, "all 6 one-way calls run", || {
+        entered.load(Ordering::SeqCst) == 6
+    });
+    let pong = raw.next_frame(PROMPTLY);
+    assert_eq!(pong.header, Header::new(Kind::Pong, 0, 9, 0));
+    assert_eq!(server.one_way_dropped(), 0);
     assert_eq!(server.connection_count(), 1);
 }
 

@@ -821,6 +821,81 @@ fn one_way_calls_sent_in_a_loop_arrive_whole_and_in_order_with_calls() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// A one-way flood to a pool handler, far faster than the handler runs
+/// (the client leaves the calls to its loop, which writes them in
+/// batches): the provider holds back what exceeds `max_inflight` instead of
+/// dropping it, so every call runs.
+#[test]
+fn a_one_way_flood_to_pool_handlers_loses_no_call() {
+    const SENDS: u64 = 100_000;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("sink").method("add", move |_: u64| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, String>(())
+    });
+    let config = ServerConfig {
+        max_inflight: 64,
+        ..ServerConfig::default()
+    };
+    let server = server_with(config, vec![service]);
+    let client = client(&server);
+    for n in 0..SENDS {
+        client.send_one_way("sink", "add", &n).unwrap();
+    }
+    let all = SENDS as usize;
+    wait_until(
+        Duration::from_secs(60),
+        "every one-way call handled",
+        || handled.load(Ordering::Relaxed) == all,
+    );
+    assert_eq!(server.one_way_dropped(), 0);
+    assert_eq!(server.connection_count(), 1);
+}
+
+/// While a provider holds a consumer's one-way calls back (its
+/// `max_inflight` calls block for longer than the heartbeat bound), it
+/// reads nothing from that consumer, Pings included: neither side may take
+/// the other for dead. The provider excuses the silence it causes; its own
+/// pings keep the consumer hearing from it.
+#[test]
+fn holding_back_one_way_calls_past_the_heartbeat_bound_keeps_the_connection() {
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("gated").method("hold", move |()| {
+        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(())
+    });
+    let mut config = ServerConfig {
+        max_inflight: 2,
+        ..ServerConfig::default()
+    };
+    config.connection.heartbeat = support::heartbeat(50, 3);
+    let server = server_with(config, vec![service]);
+    let server_events = server.events();
+    let mut client_config = ClientConfig::default();
+    client_config.connection.heartbeat = support::heartbeat(50, 3);
+    let client = Client::connect(server.local_addr(), client_config).unwrap();
+    let client_events = client.events();
+    for _ in 0..6 {
+        client.send_one_way("gated", "hold", &()).unwrap();
+    }
+    // Held for 4 heartbeat bounds (50 ms × 3).
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(handled.load(Ordering::SeqCst), 0, "the gate was open");
+    drop(gate);
+    wait_until(PROMPTLY, "all 6 one-way calls handled", || {
+        handled.load(Ordering::SeqCst) == 6
+    });
+    assert_eq!(client.call::<_, u64>("demo", "ping", &7u64).unwrap(), 7);
+    support::assert_no_disconnect(&support::drain(&server_events));
+    support::assert_no_disconnect(&support::drain(&client_events));
+    assert_eq!(server.one_way_dropped(), 0);
+    assert_eq!(server.connection_count(), 1);
+}
+
 #[test]
 fn shutdown_with_calls_in_flight_answers_or_fails_every_call() {
     const SLEEPERS: usize = 8;

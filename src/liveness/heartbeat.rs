@@ -370,6 +370,20 @@ impl Heartbeat {
         self.last_write = self.last_write.max(now);
     }
 
+    /// Records that this side leaves the peer's bytes unread on purpose at
+    /// `now` (pulse: a provider holding back one-way calls while its
+    /// handlers catch up): the peer's silence is this side's doing, so
+    /// evidence of life counts from `now`, as after a stall, but with no
+    /// action and no ping. Pings are sent as before, so the peer keeps
+    /// hearing from this side. Ignored once dead.
+    pub fn excuse_silence(&mut self, now: Instant) {
+        if self.dead {
+            return;
+        }
+        self.stall_reset = self.stall_reset.max(now);
+        self.reported = 0;
+    }
+
     /// Records that a Ping from the peer was read at `now`; it counts as a
     /// read too (see [`on_read`](Self::on_read)). Ignored once dead.
     ///
@@ -1600,6 +1614,48 @@ mod tests {
                     Dead {
                         missed: 3,
                         silent_for: resumed + ms(3000) - (t0 + ms(400))
+                    }
+                ),
+            ]
+        );
+    }
+
+    /// A side that holds its reads excuses the silence at each of its
+    /// timer calls: no miss is counted while it does, its pings go on on
+    /// their grid, and once it stops excusing, the peer is judged from the
+    /// last excuse: dead a full `M × I` after it.
+    #[test]
+    fn excused_silence_is_judged_from_the_last_excuse() {
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(config(HeartbeatMode::Fixed), t0);
+        let mut out = Vec::new();
+        // Excused at every deadline for 10 s: the peer is never missed.
+        while let Some(d) = hb.next_deadline().filter(|&d| d <= t0 + ms(10_000)) {
+            hb.excuse_silence(d);
+            out.extend(step(&mut hb, d));
+        }
+        assert_eq!(
+            out,
+            (1..=10).map(|seq| SendPing { seq }).collect::<Vec<_>>()
+        );
+        let excused = t0 + ms(10_000);
+        // Then silence that is not excused.
+        let mut out = Vec::new();
+        while let Some(d) = hb.next_deadline() {
+            out.extend(step(&mut hb, d).into_iter().map(|a| (d - excused, a)));
+        }
+        assert_eq!(
+            out,
+            [
+                (ms(1000), SendPing { seq: 11 }),
+                (ms(1500), Missed { count: 1 }),
+                (ms(2000), SendPing { seq: 12 }),
+                (ms(2500), Missed { count: 2 }),
+                (
+                    ms(3000),
+                    Dead {
+                        missed: 3,
+                        silent_for: ms(13_000)
                     }
                 ),
             ]

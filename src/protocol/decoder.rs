@@ -27,13 +27,16 @@
 use std::borrow::Cow;
 use std::io;
 
-use super::{FrameError, HEADER_LEN, Header};
+use super::{FrameError, HEADER_LEN, Header, Kind};
 
 /// Size of the read buffer and of one read: 64 KiB.
 const READ_CHUNK: usize = 64 * 1024;
 /// A read into the read buffer is preceded by a compaction when less than this
 /// much space is left at its end.
 const MIN_READ: usize = 8 * 1024;
+
+/// Where a header keeps its kind byte (see `docs/PROTOCOL.md`).
+const KIND_AT: usize = 3;
 /// Incomplete frames with a body above this size get their own body buffer
 /// that the next reads fill directly.
 const LARGE_BODY: usize = READ_CHUNK / 2;
@@ -460,6 +463,18 @@ impl FrameDecoder {
         Ok(None)
     }
 
+    /// Whether the next frame is a OneWay, as far as its buffered header
+    /// tells (false while fewer than a header's bytes are buffered). The
+    /// event loop leaves a one-way call here while its connection is at
+    /// `max_inflight` (see `EventLoop::holds_one_way`).
+    pub(crate) fn next_is_one_way(&self) -> bool {
+        if let Some(partial) = &self.partial {
+            return partial.header.kind == Kind::OneWay;
+        }
+        let pending = self.buf.get(self.start..self.end).unwrap_or_default();
+        pending.len() >= HEADER_LEN && pending.get(KIND_AT) == Some(&(Kind::OneWay as u8))
+    }
+
     /// True when bytes are buffered that do not (yet) form a complete frame,
     /// i.e. the peer stopped in the middle of a frame if the stream ends now.
     /// Buffered complete frames that were not yet taken do not count.
@@ -564,6 +579,29 @@ mod tests {
             .to_vec();
         out.extend_from_slice(body);
         out
+    }
+
+    /// The kind of the next frame shows once its whole header is buffered,
+    /// whether or not its body is; a large body being received keeps it.
+    #[test]
+    fn the_next_frame_is_seen_to_be_one_way_from_its_header() {
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        assert!(!d.next_is_one_way(), "nothing buffered");
+        let one_way = frame_bytes(Kind::OneWay, 1, b"abc");
+        d.feed(&one_way[..HEADER_LEN - 1]);
+        assert!(!d.next_is_one_way(), "header incomplete");
+        d.feed(&one_way[HEADER_LEN - 1..HEADER_LEN + 1]);
+        assert!(d.next_is_one_way(), "header whole, body not");
+        d.feed(&one_way[HEADER_LEN + 1..]);
+        d.feed(&frame_bytes(Kind::Request, 2, b"abc"));
+        assert!(d.next_is_one_way());
+        assert_eq!(d.next_frame().unwrap().unwrap().header.kind, Kind::OneWay);
+        assert!(!d.next_is_one_way(), "a Request is next");
+        assert_eq!(d.next_frame().unwrap().unwrap().header.kind, Kind::Request);
+        let large = frame_bytes(Kind::OneWay, 3, &vec![7; LARGE_BODY + 1]);
+        d.feed(&large[..HEADER_LEN + 10]);
+        assert_eq!(d.next_frame(), Ok(None)); // moves the body aside
+        assert!(d.next_is_one_way(), "a large one-way body being received");
     }
 
     fn drain(decoder: &mut FrameDecoder) -> Vec<Frame> {

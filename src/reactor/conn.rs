@@ -58,6 +58,11 @@ pub(crate) struct ConnShared {
     /// When this connection's last one-way call was sent (consumer side;
     /// see `Client::send_one_way`).
     pub(crate) one_way_pace: OneWayPace,
+    /// Provider side: while not zero, the loop leaves this connection's
+    /// frames unread (a one-way call found `max_inflight` requests being
+    /// handled), until `handling` drops below this mark (see
+    /// [`hold_reads`](Self::hold_reads)).
+    pub(super) reads_held_below: AtomicUsize,
     /// The loop that owns this connection, to ask it to close it.
     pub(crate) owner: LoopHandle,
 }
@@ -164,8 +169,49 @@ impl ConnShared {
         // Raised before `handling` drops, and that drop releases it: a loop
         // that sees the lower `handling` (acquire) sees `replying` raised.
         self.replying.fetch_add(1, Ordering::Relaxed);
-        self.handling.fetch_sub(1, Ordering::Release);
+        // SeqCst, with the load below: pairs with `hold_reads` (see there).
+        let left = self
+            .handling
+            .fetch_sub(1, Ordering::SeqCst)
+            .saturating_sub(1);
+        let mark = self.reads_held_below.load(Ordering::SeqCst);
+        if mark != 0 && left < mark && self.release_reads(mark) {
+            self.owner.send(Command::ResumeReads {
+                token: self.token,
+                id: self.id,
+            });
+        }
         Replying { conn: self }
+    }
+
+    /// Provider side: leaves this connection's frames unread until fewer
+    /// than `below` of its requests are being handled (`call_finished` then
+    /// sends the loop a `Command::ResumeReads`). False when that is already
+    /// the case: nothing is held.
+    ///
+    /// Why the check after the mark is set: a call that finished just
+    /// before may have looked at the mark before it was set. Both sides
+    /// write one value and then read the other (SeqCst), so at least one of
+    /// them sees the other's write, and the one that takes the mark off
+    /// (`release_reads`) resumes the reading.
+    pub(crate) fn hold_reads(&self, below: usize) -> bool {
+        let below = below.max(1);
+        self.reads_held_below.store(below, Ordering::SeqCst);
+        !(self.handling.load(Ordering::SeqCst) < below && self.release_reads(below))
+    }
+
+    /// Whether the loop leaves this connection's frames unread (see
+    /// [`hold_reads`](Self::hold_reads)).
+    pub(crate) fn reads_held(&self) -> bool {
+        self.reads_held_below.load(Ordering::Acquire) != 0
+    }
+
+    /// Takes the mark `below` off, if it is still set: true for the one
+    /// thread that did.
+    fn release_reads(&self, below: usize) -> bool {
+        self.reads_held_below
+            .compare_exchange(below, 0, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Requests of this connection being handled or whose response is still

@@ -113,6 +113,9 @@ pub(crate) enum Command {
     /// Write the frames held on this connection for the loop (see
     /// `ConnShared::hold_for_loop`).
     FlushHeld { token: usize, id: u64 },
+    /// Read on: the connection's held one-way calls may be handled now (see
+    /// `ConnShared::hold_reads`).
+    ResumeReads { token: usize, id: u64 },
     /// Reply with a snapshot of this loop's provider connections.
     Peers(Sender<Vec<PeerInfo>>),
     /// Stop accepting new connections; reply when done.

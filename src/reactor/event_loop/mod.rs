@@ -407,6 +407,22 @@ impl EventLoop {
                     self.close(token, reason, None, now);
                 }
             }
+            Command::ResumeReads { token, id } => {
+                // The frames left in the decoder first, then the socket up
+                // to `WouldBlock` (hence `hangup`: an end of stream that came
+                // while the reads were held had its only edge then).
+                if let Some(conn) = self.conns.get_mut(token)
+                    && conn.shared.id == id
+                    && !conn.shared.reads_held()
+                {
+                    // A frame left unfinished while the reads were held
+                    // times out from now, not from its first byte.
+                    if conn.frame_started.is_some() {
+                        conn.frame_started = Some(now);
+                    }
+                    self.read(token, true, now);
+                }
+            }
             Command::Peers(reply) => {
                 let wall = SystemTime::now();
                 let peers = self

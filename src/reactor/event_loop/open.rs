@@ -153,6 +153,7 @@ impl EventLoop {
             flush_requested: Default::default(),
             call_done: Default::default(),
             one_way_pace: Default::default(),
+            reads_held_below: Default::default(),
             owner: self.loops[self.index].clone(), // `index` is this loop's own place in `loops`
         });
         entry.insert(Conn {

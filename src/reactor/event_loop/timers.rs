@@ -58,6 +58,14 @@ impl EventLoop {
                     conn.heartbeat.on_write(written);
                     conn.fed_write = Some(written);
                 }
+                if conn.shared.reads_held() {
+                    // The consumer's bytes, its Pings and Pongs among them,
+                    // wait unread behind one-way calls this provider holds
+                    // back (`holds_one_way`): its silence is not its fault.
+                    // This side's own pings still go out, so the consumer
+                    // keeps hearing from it.
+                    conn.heartbeat.excuse_silence(now);
+                }
                 conn.heartbeat.handle_timeout(now);
                 if self.heartbeat_actions(token, now) == Flow::Closed {
                     return;
@@ -77,6 +85,7 @@ impl EventLoop {
         };
         if let (Some(started), Some(limit)) = (conn.frame_started, conn.config().frame_timeout)
             && now >= started + limit
+            && !conn.shared.reads_held()
         {
             let text = format!(
                 "a frame started {:?} ago is still incomplete (frame_timeout {limit:?})",
