@@ -223,7 +223,7 @@ fn method_notes(settings: &Settings) -> Vec<(String, String)> {
         (
             "throughput".into(),
             format!(
-                "32 B payload; each thread loops on its op; every row is measured in {} rounds, interleaved (round 1 of every row, then round 2 of every row, …), each counting calls over a {:?} window after a warm-up of a fifth of it (at least 200 ms), read in 2 slices; a row's calls/s is the median of its rounds' rates, its ratio to raw the ratio of the two medians; raw: one connection per thread; pulse: threads share one Client (or 4 Clients round-robin); pipelined: one thread keeps {} calls outstanding (Client::start, then PendingCall::wait of the oldest); one-way: one thread sending, with the provider's handled count over the same windows",
+                "32 B payload; each thread loops on its op; every row is measured in {} rounds, interleaved (round 1 of every row, then round 2 of every row, …), each counting calls over a {:?} window after a warm-up of a fifth of it (at least 200 ms), read in 2 slices; a row's calls/s is the median of its rounds' rates, its ratio to raw the ratio of the two medians; raw: one connection per thread; pulse: threads share one Client (or 4 Clients round-robin); pipelined: one thread keeps {} calls outstanding (Client::start, then PendingCall::wait of the oldest); one-way: one thread sending, with the provider's handled count over the same windows (the ratio to raw compares handled/s) and the sends it never handled once drained, warm-ups included (lost)",
                 throughput::ROUNDS,
                 settings.window(throughput::WINDOW) / throughput::ROUNDS as u32,
                 throughput::PIPELINE_DEPTH

@@ -289,6 +289,23 @@ pub fn probe_main() {
                 errors += thread_errors;
             }
         });
+        if depth == 0 {
+            // One-way sends: the time above is the senders'; say also when
+            // the provider had handled them all (or gave up waiting).
+            let sent = t0.elapsed();
+            let wanted = calls.saturating_sub(errors);
+            let deadline = Instant::now() + std::time::Duration::from_secs(30);
+            while provider.sunk.load(std::sync::atomic::Ordering::Relaxed) < wanted
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            println!(
+                "probe {which}: sent in {sent:.2?}, {} of {wanted} handled after {:.2?}",
+                provider.sunk.load(std::sync::atomic::Ordering::Relaxed),
+                t0.elapsed()
+            );
+        }
     }
     let p = Percentiles::of(&hist);
     let cpu = common::process_cpu().saturating_sub(cpu0);

@@ -345,7 +345,7 @@ impl Report {
                     r.baseline
                         .as_ref()
                         .map_or("–".into(), |b| format!("{} of {b}", fmt_ratio(r.ratio))),
-                    r.handled_per_s.map_or("–".into(), |h| format!("{h:.0}")),
+                    handled_cell(r),
                     r.cpu_us_per_op,
                     errors_cell(r.errors, r.first_error.as_deref()),
                 );
@@ -744,8 +744,10 @@ pub fn print_tp(r: &ThroughputRow) {
         r.ops_per_s,
         fmt_ratio(r.ratio),
         r.cpu_us_per_op,
-        r.handled_per_s
-            .map_or(String::new(), |h| format!("  handled {h:.0}/s")),
+        r.handled_per_s.map_or(String::new(), |_| format!(
+            "  handled/s {}",
+            handled_cell(r)
+        )),
         if r.errors > 0 {
             format!("  errors {}", r.errors)
         } else {
@@ -783,6 +785,16 @@ fn fmt_axis(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v:.1}")
+    }
+}
+
+/// A one-way row's handled calls per second, and how many of all its sends
+/// the receiver never handled ("–" for other rows).
+fn handled_cell(r: &ThroughputRow) -> String {
+    match (r.handled_per_s, r.sent_and_lost) {
+        (Some(h), Some((sent, lost))) => format!("{h:.0}; lost {lost} of {sent} sent"),
+        (Some(h), None) => format!("{h:.0}"),
+        (None, _) => "–".into(),
     }
 }
 

@@ -64,6 +64,11 @@ pub struct ThroughputRow {
     pub slice_ops_per_s: [f64; 3],
     /// One-way only: calls the provider handled per second, over all rounds.
     pub handled_per_s: Option<f64>,
+    /// One-way only: sends accepted in all rounds, warm-ups and the ends
+    /// after the windows included, and how many of them the provider never
+    /// handled (counted once it had drained each round).
+    #[serde(default)]
+    pub sent_and_lost: Option<(u64, u64)>,
     /// Process CPU (client and server threads) per op.
     pub cpu_us_per_op: f64,
     /// The raw row this one is compared with.
@@ -87,6 +92,13 @@ struct Measured {
     handled: Option<u64>,
     /// Calls per second in each slice of the window.
     slices: Vec<f64>,
+    /// Ops completed from the threads' start to their stop (warm-up and
+    /// window together) and the handled counter before they started: what
+    /// a one-way row's losses are counted from.
+    sent: u64,
+    handled_before: Option<u64>,
+    /// One-way rows, set after the receiver drained: sends never handled.
+    lost: Option<u64>,
 }
 
 /// Runs each op in a loop on its own thread; counts completions in a window
@@ -97,6 +109,7 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
         Arc::new((0..ops.len()).map(|_| Counter::default()).collect());
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(Mutex::new(None::<String>));
+    let handled_before = handled.map(|h| h.load(Ordering::Relaxed));
     let threads: Vec<_> = ops
         .into_iter()
         .enumerate()
@@ -161,6 +174,7 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
     for t in threads {
         let _ = t.join();
     }
+    let sent = total(&counters);
     let first_error = first_error.lock().take();
     Measured {
         ops: ops1 - ops0,
@@ -170,6 +184,9 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
         cpu: cpu1.saturating_sub(cpu0),
         handled: handled0.zip(handled1).map(|(a, b)| b - a),
         slices,
+        sent,
+        handled_before,
+        lost: None,
     }
 }
 
@@ -238,6 +255,9 @@ impl<'a> Spec<'a> {
             .map(|m| m.handled)
             .sum::<Option<u64>>()
             .map(|n| n as f64 / secs);
+        let sent_and_lost = rounds.iter().try_fold((0, 0), |(sent, lost), m| {
+            m.lost.map(|l| (sent + m.sent, lost + l))
+        });
         let [_, median, _] = spread(round_rates.clone());
         let mut errors = 0;
         let mut first_error = None;
@@ -263,6 +283,7 @@ impl<'a> Spec<'a> {
             round_ops_per_s: round_rates,
             slice_ops_per_s: spread(slices),
             handled_per_s: handled,
+            sent_and_lost,
             cpu_us_per_op: cpu.as_secs_f64() * 1e6 / ops.max(1) as f64,
             baseline: None,
             ratio: None,
@@ -371,12 +392,15 @@ pub fn run(
             specs.len()
         );
         for (spec, measured) in specs.iter().zip(&mut rounds) {
-            let m = measure((spec.make_ops)()?, round_window, spec.handled);
-            measured.push(m);
-            if let Some(counter) = spec.handled {
-                // Let the receiver drain before the next measurement.
+            let mut m = measure((spec.make_ops)()?, round_window, spec.handled);
+            if let (Some(counter), Some(before)) = (spec.handled, m.handled_before) {
+                // Let the receiver drain before the next measurement; what
+                // it has not handled by then was lost.
                 wait_until_still(counter);
+                let handled = counter.load(Ordering::Relaxed).saturating_sub(before);
+                m.lost = Some(m.sent.saturating_sub(handled));
             }
+            measured.push(m);
         }
     }
     let rows: Vec<ThroughputRow> = specs
@@ -588,17 +612,25 @@ impl Pipeline<'_> {
 }
 
 /// Sets `baseline` and `ratio` of every pulse row: the raw row with the same
-/// key (for `seq-64` over 4 Clients: raw with 64 connections).
+/// key (for `seq-64` over 4 Clients: raw with 64 connections). One-way
+/// rows compare what the receivers handled per second, not what the
+/// senders got accepted: a provider that drops calls must not look faster.
 pub fn add_ratios(rows: &mut [ThroughputRow]) {
+    let rate = |r: &ThroughputRow| r.handled_per_s.unwrap_or(r.ops_per_s);
     let raw: Vec<(String, f64)> = rows
         .iter()
         .filter(|r| r.implementation == "raw")
-        .map(|r| (r.key.clone(), r.ops_per_s))
+        .map(|r| (r.key.clone(), rate(r)))
         .collect();
     for r in rows.iter_mut().filter(|r| r.implementation != "raw") {
         if let Some((key, base)) = raw.iter().find(|(k, _)| *k == r.key) {
-            r.baseline = Some(format!("raw {key}"));
-            r.ratio = common::ratio(r.ops_per_s, *base);
+            let handled = if r.handled_per_s.is_some() {
+                ", handled/s"
+            } else {
+                ""
+            };
+            r.baseline = Some(format!("raw {key}{handled}"));
+            r.ratio = common::ratio(rate(r), *base);
         }
     }
 }
