@@ -853,6 +853,33 @@ fn a_one_way_flood_to_pool_handlers_loses_no_call() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// One-way calls left to the client's loop (sent in a loop) still go out
+/// when the client is dropped right after them: the Close goes last.
+#[test]
+fn one_way_calls_sent_just_before_the_client_is_dropped_arrive() {
+    const SENDS: usize = 2_000;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("sink").method_inline("add", move |_: u64| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, String>(())
+    });
+    let server = server_with(ServerConfig::default(), vec![service]);
+    for round in 0..5 {
+        let before = handled.load(Ordering::Relaxed);
+        let client = client(&server);
+        for n in 0..SENDS as u64 {
+            client.send_one_way("sink", "add", &n).unwrap();
+        }
+        drop(client);
+        wait_until(
+            PROMPTLY,
+            &format!("round {round}: all sent calls handled"),
+            || handled.load(Ordering::Relaxed) == before + SENDS,
+        );
+    }
+}
+
 /// While a provider holds a consumer's one-way calls back (its
 /// `max_inflight` calls block for longer than the heartbeat bound), it
 /// reads nothing from that consumer, Pings included: neither side may take
