@@ -307,6 +307,114 @@ fn server_max_inflight_holds_back_the_excess_one_way_calls() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// A provider (`max_inflight` 2, heartbeat `interval_ms` × 3) whose
+/// `gated.hold` calls block until `gate` is dropped, and a raw consumer
+/// that sent it six of them as one-way calls: two run, the rest are held.
+struct HeldConsumer {
+    server: Server,
+    raw: RawPeer,
+    gate: crossbeam_channel::Sender<()>,
+    entered: Arc<AtomicUsize>,
+}
+
+fn held_consumer(interval_ms: u64) -> HeldConsumer {
+    let entered = Arc::new(AtomicUsize::new(0));
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let counted = Arc::clone(&entered);
+    let service = ServiceBuilder::new("gated").method("hold", move |()| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+        Ok::<_, String>(())
+    });
+    let mut config = ServerConfig {
+        max_inflight: 2,
+        ..server_config()
+    };
+    config.connection.heartbeat = heartbeat(interval_ms, 3);
+    let server = Server::builder()
+        .config(config)
+        .service(service)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let mut raw = RawPeer::connect(server.local_addr());
+    let mut pipelined = Vec::new();
+    for id in 1..=6 {
+        let one_way = encode_request(Kind::OneWay, id, "gated", "", "", "hold", &());
+        pipelined.extend(one_way.expect("encode a one-way call"));
+    }
+    raw.send(&pipelined);
+    wait_until(PROMPTLY, "2 one-way calls running", || {
+        entered.load(Ordering::SeqCst) == 2
+    });
+    HeldConsumer {
+        server,
+        raw,
+        gate,
+        entered,
+    }
+}
+
+fn disconnect_reasons(events: &crossbeam_channel::Receiver<Event>) -> Vec<DisconnectReason> {
+    drain(events)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Disconnected { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A consumer whose one-way calls are held (its `max_inflight` calls never
+/// finish) is not judged on its silence while connected, but once it ends
+/// its stream the provider no longer excuses it: the connection ends within
+/// the heartbeat bound instead of living as long as the blocked calls.
+#[test]
+fn a_consumer_that_hangs_up_while_its_one_way_calls_are_held_is_released() {
+    let _shared = MEMORY.shared();
+    let held = held_consumer(50);
+    let events = held.server.events();
+    // Held: this peer never answers a ping, yet stays connected past the
+    // bound (150 ms and a tick).
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        held.server.connection_count(),
+        1,
+        "a held consumer was judged"
+    );
+    held.raw.shutdown_write().expect("end the stream");
+    wait_connection_count(&held.server, 0);
+    let reasons = disconnect_reasons(&events);
+    assert!(
+        matches!(reasons[..], [DisconnectReason::HeartbeatTimeout]),
+        "{reasons:?}"
+    );
+    assert_eq!(held.entered.load(Ordering::SeqCst), 2, "held calls ran");
+    drop(held.gate);
+}
+
+/// A held consumer whose connection is reset is dropped at once, however
+/// long the heartbeat would take (60 s here).
+#[test]
+fn a_held_consumer_whose_connection_is_reset_is_dropped_at_once() {
+    let _shared = MEMORY.shared();
+    let held = held_consumer(60_000);
+    let events = held.server.events();
+    let started = Instant::now();
+    held.raw.reset();
+    wait_connection_count(&held.server, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let reasons = disconnect_reasons(&events);
+    assert!(
+        matches!(reasons[..], [DisconnectReason::Io(_)]),
+        "{reasons:?}"
+    );
+    drop(held.gate);
+}
+
 // ----- write queue -----------------------------------------------------------------------
 
 #[test]

@@ -466,7 +466,7 @@ impl FrameDecoder {
     /// Whether the next frame is a OneWay, as far as its buffered header
     /// tells (false while fewer than a header's bytes are buffered). The
     /// event loop leaves a one-way call here while its connection is at
-    /// `max_inflight` (see `EventLoop::holds_one_way`).
+    /// `max_inflight` (see `holds_one_way` in `reactor/event_loop/read.rs`).
     pub(crate) fn next_is_one_way(&self) -> bool {
         if let Some(partial) = &self.partial {
             return partial.header.kind == Kind::OneWay;

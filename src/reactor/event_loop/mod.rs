@@ -109,6 +109,12 @@ struct Conn {
     /// Provider: where the last request went (see `server::Route`); boxed so
     /// a connection that makes no calls pays one pointer.
     last_route: Option<Box<Route>>,
+    /// Provider: the consumer ended its stream while this connection's
+    /// reads were held (see `read::holds_one_way`). Its silence is no longer
+    /// excused, so a connection whose running calls never finish still ends
+    /// (heartbeat timeout); if they finish first, the reads resume and reach
+    /// the end of the stream as usual.
+    ended_while_held: bool,
 }
 
 impl Conn {

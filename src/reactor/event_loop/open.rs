@@ -178,6 +178,7 @@ impl EventLoop {
             last_call: Instant::now(),
             draining_until: None,
             last_route: None,
+            ended_while_held: false,
         });
         Ok(token)
     }

@@ -18,7 +18,7 @@ use super::{Conn, EventLoop, Flow, Phase, Role};
 enum Frames {
     /// The connection is gone.
     Closed,
-    /// The connection's reads are held (see `EventLoop::holds_one_way`).
+    /// The connection's reads are held (see [`holds_one_way`]).
     Held,
     /// The decoder needs more bytes for its next frame.
     NeedMore,
@@ -34,6 +34,18 @@ impl EventLoop {
             return;
         }
         let hangup = event.is_read_closed() || event.is_error();
+        if hangup && conn.shared.reads_held() {
+            if event.is_error() {
+                // What was left unread is gone with the connection.
+                let reason =
+                    DisconnectReason::Io("connection error while its reads were held".into());
+                self.close(token, reason, None, now);
+                return;
+            }
+            if let Some(conn) = self.conns.get_mut(token) {
+                conn.ended_while_held = true;
+            }
+        }
         if event.is_readable() || hangup {
             // Even when the read closed the connection: one that lingers to
             // finish its writes (Closing) still needs the writable edge this

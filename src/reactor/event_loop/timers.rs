@@ -58,12 +58,14 @@ impl EventLoop {
                     conn.heartbeat.on_write(written);
                     conn.fed_write = Some(written);
                 }
-                if conn.shared.reads_held() {
+                if conn.shared.reads_held() && !conn.ended_while_held {
                     // The consumer's bytes, its Pings and Pongs among them,
                     // wait unread behind one-way calls this provider holds
                     // back (`holds_one_way`): its silence is not its fault.
                     // This side's own pings still go out, so the consumer
-                    // keeps hearing from it.
+                    // keeps hearing from it. Not once the consumer ended
+                    // its stream: then only finished calls (resuming the
+                    // reads) or the heartbeat's bound end the connection.
                     conn.heartbeat.excuse_silence(now);
                 }
                 conn.heartbeat.handle_timeout(now);
