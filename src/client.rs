@@ -592,8 +592,16 @@ impl Client {
     /// together with the ones sent meanwhile, microseconds later; calls and
     /// one-way calls still leave in the order they were made.
     ///
+    /// While the connection's write queue holds
+    /// [`max_write_queue_bytes`](crate::ConnectionConfig::max_write_queue_bytes)
+    /// (the provider takes calls slower than they are sent), this waits for
+    /// room, up to the call timeout: a caller sending in a loop is slowed to
+    /// the provider's pace instead of failing.
+    ///
     /// # Errors
-    /// `NotConnected`, `ConnectionLost`, `Overloaded`, `Codec`, `Shutdown`.
+    /// `NotConnected`, `ConnectionLost`, `Codec`, `Shutdown`; `Overloaded`
+    /// when the write queue stayed full for the whole call timeout, or the
+    /// call alone is larger than the queue's bound.
     pub fn send_one_way<'s, A>(
         &self,
         service: impl Into<ServiceRef<'s>>,
@@ -633,6 +641,17 @@ impl Client {
                 Err(SendError::Closed(Some(unsent))) => {
                     frame = unsent;
                     dead = Some(conn.id);
+                }
+                // A full write queue: the provider (or the network) takes
+                // calls slower than they come. Wait for room, up to the call
+                // timeout, rather than fail: the caller is slowed down to
+                // the provider's pace (a provider holding back one-way calls
+                // past its `max_inflight` passes its pace back this way).
+                Err(SendError::Overloaded(unsent)) => {
+                    if !conn.out.wait_for_room(unsent.len(), deadline) {
+                        return Err(send_error(&conn, SendError::Overloaded(unsent)));
+                    }
+                    frame = unsent;
                 }
                 Err(e) => return Err(send_error(&conn, e)),
             }

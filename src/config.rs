@@ -22,7 +22,8 @@ pub struct ConnectionConfig {
     /// connection with Close(ProtocolError). Default 16 MiB.
     pub max_frame_len: u32,
     /// Bytes of frames queued for writing on one connection before new
-    /// requests or responses are refused as overloaded. Default 64 MiB
+    /// requests or responses are refused as overloaded (a one-way call
+    /// waits for room instead, up to its call timeout). Default 64 MiB
     /// (room for several maximum-size frames).
     pub max_write_queue_bytes: usize,
     /// Resolution of the timer wheel. Default 5 ms.

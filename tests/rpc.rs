@@ -853,6 +853,98 @@ fn a_one_way_flood_to_pool_handlers_loses_no_call() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// A caller sending one-way calls faster than the provider takes them
+/// (here: not at all, its `max_inflight` calls block) fills the socket
+/// buffers and then its write queue; `send_one_way` then waits for room,
+/// up to the call timeout, instead of failing, and goes on once the
+/// provider catches up. With a short call timeout it fails with
+/// `Overloaded`, after waiting that long.
+#[test]
+fn one_way_calls_wait_for_room_in_a_full_write_queue() {
+    const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("gated").method("hold", move |_: Value| {
+        let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(())
+    });
+    let config = ServerConfig {
+        max_inflight: 2,
+        ..ServerConfig::default()
+    };
+    let server = server_with(config, vec![service]);
+    let mut client_config = ClientConfig {
+        call_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    client_config.connection.max_frame_len = 64 * 1024;
+    client_config.connection.max_write_queue_bytes = 256 * 1024;
+    let client = Client::connect(server.local_addr(), client_config.clone()).unwrap();
+    let body = Value::Binary(vec![7u8; 8 * 1024]);
+    let (sent_tx, sent_rx) = crossbeam_channel::unbounded::<Result<(), Error>>();
+    let sender = {
+        let (client, body) = (client.clone(), body.clone());
+        thread::spawn(move || {
+            for _ in 0..SENDS {
+                let sent = client.send_one_way("gated", "hold", &body);
+                let failed = sent.is_err();
+                let _ = sent_tx.send(sent);
+                if failed {
+                    return;
+                }
+            }
+        })
+    };
+    // The sender gets stuck, without an error, well before the end.
+    let mut sent = 0;
+    while let Ok(result) = sent_rx.recv_timeout(Duration::from_millis(500)) {
+        result.expect("a one-way call failed while the provider held them");
+        sent += 1;
+        assert!(
+            sent < SENDS,
+            "all {SENDS} calls were queued: nothing waited"
+        );
+    }
+    // A second client with a 200 ms call timeout, same provider: it fills
+    // its own queue, then one send fails after waiting for room.
+    let quick_config = ClientConfig {
+        call_timeout: Duration::from_millis(200),
+        ..client_config
+    };
+    let quick = Client::connect(server.local_addr(), quick_config).unwrap();
+    let started = Instant::now();
+    let refused = loop {
+        let attempt = Instant::now();
+        if let Err(e) = quick.send_one_way("gated", "hold", &body) {
+            break (e, attempt.elapsed());
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "never refused");
+    };
+    assert!(matches!(refused.0, Error::Overloaded(_)), "{:?}", refused.0);
+    assert!(
+        refused.1 >= Duration::from_millis(150),
+        "refused after {:?}",
+        refused.1
+    );
+    drop(quick);
+    // Released, the provider takes everything the first client sent.
+    drop(gate);
+    sender.join().unwrap();
+    let results: Vec<_> = sent_rx.try_iter().collect();
+    assert!(
+        results.iter().all(Result::is_ok),
+        "a send failed after waiting"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "every one-way call of the first client handled",
+        || handled.load(Ordering::SeqCst) >= SENDS,
+    );
+    assert_eq!(server.one_way_dropped(), 0);
+}
+
 /// One-way calls left to the client's loop (sent in a loop) still go out
 /// when the client is dropped right after them: the Close goes last.
 #[test]

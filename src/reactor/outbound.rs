@@ -45,7 +45,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use socket2::Socket;
 
 use crate::clock;
@@ -119,6 +119,8 @@ struct Queue {
     data: VecDeque<Vec<u8>>,
     /// Bytes of all queued frames, counting a partial frame whole.
     bytes: usize,
+    /// Senders waiting in [`Outbound::wait_for_room`].
+    room_waiters: usize,
     /// A thread is inside `write_batches` (outside the lock).
     writing: bool,
     /// The loop saw the socket become writable while someone was writing.
@@ -157,6 +159,9 @@ impl Queue {
 /// The outgoing side of one connection.
 pub(crate) struct Outbound {
     queue: Mutex<Queue>,
+    /// Signalled, while senders wait for room, when queued bytes leave or
+    /// the queue closes (see [`wait_for_room`](Self::wait_for_room)).
+    room: Condvar,
     max_bytes: usize,
     /// When bytes last left this side, as [`clock::to_nanos`].
     last_write: AtomicU64,
@@ -166,6 +171,7 @@ impl Outbound {
     pub(crate) fn new(max_bytes: usize) -> Outbound {
         Outbound {
             queue: Mutex::new(Queue::default()),
+            room: Condvar::new(),
             max_bytes,
             last_write: AtomicU64::new(0),
         }
@@ -305,6 +311,7 @@ impl Outbound {
         q.bytes += frame.len();
         q.data.push_back(frame);
         q.sealed = true;
+        self.signal_room(&q); // sealed: a waiting sender gives up
         q.corked = false; // the last frame goes out now
         if q.writing {
             return Ok(Flush::Done);
@@ -360,6 +367,41 @@ impl Outbound {
         q.control.clear();
         q.data.clear();
         q.bytes = 0;
+        self.signal_room(&q);
+    }
+
+    /// Waits until `len` more bytes of data fit under the bound, the queue
+    /// stops taking frames (closed or sealed), or `deadline` passes; true
+    /// when they fit. What a sender refused with `Overloaded` waits for
+    /// before it tries again (`Client::send_one_way`). A frame larger than
+    /// the whole bound never fits and is refused at once.
+    pub(crate) fn wait_for_room(&self, len: usize, deadline: Instant) -> bool {
+        if len > self.max_bytes {
+            return false;
+        }
+        let mut q = self.queue.lock();
+        q.room_waiters += 1;
+        let fits = loop {
+            if q.closed || q.sealed {
+                break false;
+            }
+            if q.bytes.saturating_add(len) <= self.max_bytes {
+                break true;
+            }
+            if self.room.wait_until(&mut q, deadline).timed_out() {
+                break q.bytes.saturating_add(len) <= self.max_bytes;
+            }
+        };
+        q.room_waiters -= 1;
+        fits
+    }
+
+    /// Wakes the senders waiting for room, if any (called with the lock
+    /// held, after bytes left the queue or it stopped taking frames).
+    fn signal_room(&self, q: &Queue) {
+        if q.room_waiters > 0 {
+            self.room.notify_all();
+        }
     }
 
     /// True when every queued frame has been written: nothing is queued and
@@ -445,6 +487,7 @@ impl Outbound {
             let written_bytes = free_written(&mut batch, done);
             q = self.queue.lock();
             put_back(&mut q, &mut batch, written_bytes, offset);
+            self.signal_room(&q);
 
             match result {
                 Ok(()) => continue,
@@ -475,6 +518,7 @@ impl Outbound {
                     q.control.clear();
                     q.data.clear();
                     q.bytes = 0;
+                    self.signal_room(&q);
                     if mine_written {
                         // The failure hit frames queued by others after ours
                         // was sent: ours is in flight, and its call ends with
@@ -977,5 +1021,59 @@ mod tests {
         let refused = out.send(&a, vec![1u8; 20 * 1024], Class::Data);
         assert!(matches!(refused, Err(SendError::Overloaded(frame)) if frame.len() == 20 * 1024));
         assert!(out.send(&a, vec![2u8; 20], Class::Control).is_ok());
+    }
+
+    /// A sender waiting for room is woken when written bytes leave the
+    /// queue, gives up at its deadline while none leave or when the queue
+    /// closes, and never waits for a frame larger than the whole bound.
+    #[test]
+    fn a_sender_waits_for_room_until_bytes_leave_the_queue() {
+        let (a, b) = pair();
+        let out = Outbound::new(300 * 1024);
+        // Fills the socket (a small send buffer) and then the queue.
+        out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
+        let soon = || Instant::now() + std::time::Duration::from_millis(50);
+        let started = Instant::now();
+        assert!(
+            !out.wait_for_room(20 * 1024, soon()),
+            "nothing left the queue"
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert!(!out.wait_for_room(301 * 1024, soon() + std::time::Duration::from_secs(60)));
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                let started = Instant::now();
+                let fits =
+                    out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
+                (fits, started.elapsed())
+            });
+            // The peer reads; the loop's `flush` writes the rest and the
+            // written bytes leave the queue.
+            drain(&out, &a, &b, 290 * 1024);
+            let (fits, waited) = waiter.join().unwrap();
+            assert!(
+                fits && waited < std::time::Duration::from_secs(10),
+                "not woken: {waited:?}"
+            );
+        });
+        out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                let started = Instant::now();
+                let fits =
+                    out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
+                (fits, started.elapsed())
+            });
+            while out.queue.lock().room_waiters == 0 {
+                std::thread::yield_now();
+            }
+            out.close();
+            let (fits, waited) = waiter.join().unwrap();
+            assert!(!fits, "a closed queue has no room");
+            assert!(
+                waited < std::time::Duration::from_secs(10),
+                "not woken: {waited:?}"
+            );
+        });
     }
 }
