@@ -257,37 +257,11 @@ fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
 #[test]
 fn server_max_inflight_holds_back_the_excess_one_way_calls() {
     let _shared = MEMORY.shared();
-    let entered = Arc::new(AtomicUsize::new(0));
-    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let counted = Arc::clone(&entered);
-    let service = ServiceBuilder::new("gated").method("hold", move |()| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        // Returns when the test drops `gate` (or after 10 s).
-        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
-        Ok::<_, String>(())
-    });
-    let server = Server::builder()
-        .config(ServerConfig {
-            max_inflight: 2,
-            ..server_config()
-        })
-        .service(service)
-        .bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0");
-    let mut raw = RawPeer::connect(server.local_addr());
-    let mut pipelined = Vec::new();
-    for id in 1..=6 {
-        let one_way = encode_request(Kind::OneWay, id, "gated", "", "", "hold", &());
-        pipelined.extend(one_way.expect("encode a one-way call"));
-    }
-    pipelined.extend(encode_ping(9));
-    raw.send(&pipelined);
-    wait_until(PROMPTLY, "2 one-way calls running", || {
-        entered.load(Ordering::SeqCst) == 2
-    });
+    let mut held = held_consumer(1000);
+    held.raw.send(&encode_ping(9));
     // The rest wait unread, the Ping behind them too.
     let deadline = Instant::now() + Duration::from_millis(300);
-    while let Ok(Some(frame)) = raw.read(deadline) {
+    while let Ok(Some(frame)) = held.raw.read(deadline) {
         assert_eq!(
             frame.header.kind,
             Kind::Ping,
@@ -295,16 +269,16 @@ fn server_max_inflight_holds_back_the_excess_one_way_calls() {
             frame.header
         );
     }
-    assert_eq!(entered.load(Ordering::SeqCst), 2);
-    assert_eq!(server.one_way_dropped(), 0);
-    drop(gate);
+    assert_eq!(held.entered.load(Ordering::SeqCst), 2);
+    assert_eq!(held.server.one_way_dropped(), 0);
+    drop(held.gate);
     wait_until(PROMPTLY, "all 6 one-way calls run", || {
-        entered.load(Ordering::SeqCst) == 6
+        held.entered.load(Ordering::SeqCst) == 6
     });
-    let pong = raw.next_frame(PROMPTLY);
+    let pong = held.raw.next_frame(PROMPTLY);
     assert_eq!(pong.header, Header::new(Kind::Pong, 0, 9, 0));
-    assert_eq!(server.one_way_dropped(), 0);
-    assert_eq!(server.connection_count(), 1);
+    assert_eq!(held.server.one_way_dropped(), 0);
+    assert_eq!(held.server.connection_count(), 1);
 }
 
 /// A provider (`max_inflight` 2, heartbeat `interval_ms` × 3) whose

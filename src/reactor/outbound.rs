@@ -1023,6 +1023,30 @@ mod tests {
         assert!(out.send(&a, vec![2u8; 20], Class::Control).is_ok());
     }
 
+    /// Whether a sender waiting (up to 30 s) for 20 KiB of room in `out`
+    /// gets it, once `then` ran while it waited; it must be woken within
+    /// 10 s either way, not at its deadline.
+    fn waits_for_room(out: &Outbound, then: impl FnOnce()) -> bool {
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                let started = Instant::now();
+                let fits =
+                    out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
+                (fits, started.elapsed())
+            });
+            while out.queue.lock().room_waiters == 0 {
+                std::thread::yield_now();
+            }
+            then();
+            let (fits, waited) = waiter.join().unwrap();
+            assert!(
+                waited < std::time::Duration::from_secs(10),
+                "not woken: {waited:?}"
+            );
+            fits
+        })
+    }
+
     /// A sender waiting for room is woken when written bytes leave the
     /// queue, gives up at its deadline while none leave or when the queue
     /// closes, and never waits for a frame larger than the whole bound.
@@ -1040,40 +1064,15 @@ mod tests {
         );
         assert!(started.elapsed() >= std::time::Duration::from_millis(50));
         assert!(!out.wait_for_room(301 * 1024, soon() + std::time::Duration::from_secs(60)));
-        std::thread::scope(|scope| {
-            let waiter = scope.spawn(|| {
-                let started = Instant::now();
-                let fits =
-                    out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
-                (fits, started.elapsed())
-            });
-            // The peer reads; the loop's `flush` writes the rest and the
-            // written bytes leave the queue.
+        // The peer reads; the loop's `flush` writes the rest and the
+        // written bytes leave the queue.
+        assert!(waits_for_room(&out, || {
             drain(&out, &a, &b, 290 * 1024);
-            let (fits, waited) = waiter.join().unwrap();
-            assert!(
-                fits && waited < std::time::Duration::from_secs(10),
-                "not woken: {waited:?}"
-            );
-        });
+        }));
         out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
-        std::thread::scope(|scope| {
-            let waiter = scope.spawn(|| {
-                let started = Instant::now();
-                let fits =
-                    out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
-                (fits, started.elapsed())
-            });
-            while out.queue.lock().room_waiters == 0 {
-                std::thread::yield_now();
-            }
-            out.close();
-            let (fits, waited) = waiter.join().unwrap();
-            assert!(!fits, "a closed queue has no room");
-            assert!(
-                waited < std::time::Duration::from_secs(10),
-                "not woken: {waited:?}"
-            );
-        });
+        assert!(
+            !waits_for_room(&out, || out.close()),
+            "a closed queue has no room"
+        );
     }
 }
