@@ -32,7 +32,7 @@ use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink};
 use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool};
-use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Runtime, SendError};
+use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Room, Runtime, SendError};
 
 /// Names a service: `name` plus `version` and `group` (both may be empty).
 ///
@@ -596,7 +596,9 @@ impl Client {
     /// [`max_write_queue_bytes`](crate::ConnectionConfig::max_write_queue_bytes)
     /// (the provider takes calls slower than they are sent), this waits for
     /// room, up to the call timeout: a caller sending in a loop is slowed to
-    /// the provider's pace instead of failing.
+    /// the provider's pace instead of failing. A call still waiting when
+    /// its connection dies was never queued, so it waits for the next
+    /// connection instead (within the same timeout).
     ///
     /// # Errors
     /// `NotConnected`, `ConnectionLost`, `Codec`, `Shutdown`; `Overloaded`
@@ -648,8 +650,13 @@ impl Client {
                 // the provider's pace (a provider holding back one-way calls
                 // past its `max_inflight` passes its pace back this way).
                 Err(SendError::Overloaded(unsent)) => {
-                    if !conn.out.wait_for_room(unsent.len(), deadline) {
-                        return Err(send_error(&conn, SendError::Overloaded(unsent)));
+                    match conn.out.wait_for_room(unsent.len(), deadline) {
+                        Room::Free => {}
+                        // Never queued: it goes on the next connection.
+                        Room::Closed => dead = Some(conn.id),
+                        Room::Full => {
+                            return Err(send_error(&conn, SendError::Overloaded(unsent)));
+                        }
                     }
                     frame = unsent;
                 }

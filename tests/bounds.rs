@@ -389,6 +389,72 @@ fn a_held_consumer_whose_connection_is_reset_is_dropped_at_once() {
     drop(held.gate);
 }
 
+/// A one-way call waiting for room in a full write queue (its provider,
+/// here a fake one, reads nothing) when the connection dies was never
+/// queued: it goes out on the next connection, not back as `Overloaded`.
+#[test]
+fn a_one_way_call_waiting_for_room_goes_out_on_the_next_connection() {
+    let _shared = MEMORY.shared();
+    const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
+    let fake = FakeProvider::bind();
+    let config = ClientConfig {
+        call_timeout: Duration::from_secs(30),
+        ..quick_reconnect_config_with(pulse::ConnectionConfig {
+            max_frame_len: 64 * 1024,
+            max_write_queue_bytes: 256 * 1024,
+            heartbeat: heartbeat(60_000, 3),
+            ..Default::default()
+        })
+    };
+    let addr = fake.addr();
+    let connecting = std::thread::spawn(move || Client::connect(addr, config));
+    let first = fake.accept_ready(PROMPTLY);
+    let client = connecting
+        .join()
+        .unwrap()
+        .expect("connect to the fake provider");
+    let (results, sent) = crossbeam_channel::unbounded::<Result<(), Error>>();
+    let sender = std::thread::spawn(move || {
+        let body = rmpv::Value::Binary(vec![7u8; 8 * 1024]);
+        for _ in 0..SENDS {
+            let result = client.send_one_way("s", "m", &body);
+            let failed = result.is_err();
+            let _ = results.send(result);
+            if failed {
+                return;
+            }
+        }
+    });
+    let mut before = 0;
+    while let Ok(result) = sent.recv_timeout(Duration::from_millis(500)) {
+        result.expect("a one-way call failed before the reset");
+        before += 1;
+        assert!(
+            before < SENDS,
+            "all {SENDS} calls were queued: nothing waited"
+        );
+    }
+    first.reset();
+    let mut second = fake.accept_ready(PROMPTLY);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut one_ways = 0;
+    while !sender.is_finished() {
+        assert!(Instant::now() < deadline, "the sender never finished");
+        if let Ok(Some(frame)) = second.read(Instant::now() + Duration::from_millis(50)) {
+            one_ways += usize::from(frame.header.kind == Kind::OneWay);
+        }
+    }
+    sender.join().unwrap();
+    let after: Vec<_> = sent.try_iter().collect();
+    assert!(
+        after.iter().all(Result::is_ok),
+        "{:?}",
+        after.iter().find(|r| r.is_err())
+    );
+    assert_eq!(before + after.len(), SENDS);
+    assert!(one_ways > 0, "nothing came on the second connection");
+}
+
 // ----- write queue -----------------------------------------------------------------------
 
 #[test]

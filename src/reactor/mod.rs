@@ -26,7 +26,7 @@ use mio::{Poll, Token, Waker};
 use socket2::Socket;
 
 pub(crate) use conn::{CallSlot, ConnShared};
-pub(crate) use outbound::{Class, Flush, SendError};
+pub(crate) use outbound::{Class, Flush, Room, SendError};
 
 use crate::error::{Error, Result};
 use crate::event::DisconnectReason;

@@ -102,6 +102,17 @@ pub(crate) enum SendError {
     Overloaded(Vec<u8>),
 }
 
+/// What [`Outbound::wait_for_room`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// The frame fits now.
+    Free,
+    /// Still full at the deadline, or the frame is larger than the bound.
+    Full,
+    /// The queue takes no more frames: the connection is closing.
+    Closed,
+}
+
 /// What a flush achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Flush {
@@ -371,29 +382,29 @@ impl Outbound {
     }
 
     /// Waits until `len` more bytes of data fit under the bound, the queue
-    /// stops taking frames (closed or sealed), or `deadline` passes; true
-    /// when they fit. What a sender refused with `Overloaded` waits for
-    /// before it tries again (`Client::send_one_way`). A frame larger than
-    /// the whole bound never fits and is refused at once.
-    pub(crate) fn wait_for_room(&self, len: usize, deadline: Instant) -> bool {
+    /// stops taking frames (closed or sealed), or `deadline` passes. What a
+    /// sender refused with `Overloaded` waits for before it tries again
+    /// (`Client::send_one_way`). A frame larger than the whole bound never
+    /// fits: `Full` at once.
+    pub(crate) fn wait_for_room(&self, len: usize, deadline: Instant) -> Room {
         if len > self.max_bytes {
-            return false;
+            return Room::Full;
         }
         let mut q = self.queue.lock();
         q.room_waiters += 1;
-        let fits = loop {
+        let room = loop {
             if q.closed || q.sealed {
-                break false;
+                break Room::Closed;
             }
             if q.bytes.saturating_add(len) <= self.max_bytes {
-                break true;
+                break Room::Free;
             }
             if self.room.wait_until(&mut q, deadline).timed_out() {
-                break q.bytes.saturating_add(len) <= self.max_bytes;
+                break Room::Full;
             }
         };
         q.room_waiters -= 1;
-        fits
+        room
     }
 
     /// Wakes the senders waiting for room, if any (called with the lock
@@ -1023,27 +1034,27 @@ mod tests {
         assert!(out.send(&a, vec![2u8; 20], Class::Control).is_ok());
     }
 
-    /// Whether a sender waiting (up to 30 s) for 20 KiB of room in `out`
-    /// gets it, once `then` ran while it waited; it must be woken within
-    /// 10 s either way, not at its deadline.
-    fn waits_for_room(out: &Outbound, then: impl FnOnce()) -> bool {
+    /// What a sender waiting (up to 30 s) for 20 KiB of room in `out`
+    /// finds once `then` ran while it waited; it must be woken within 10 s
+    /// either way, not at its deadline.
+    fn waits_for_room(out: &Outbound, then: impl FnOnce()) -> Room {
         std::thread::scope(|scope| {
             let waiter = scope.spawn(|| {
                 let started = Instant::now();
-                let fits =
+                let room =
                     out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
-                (fits, started.elapsed())
+                (room, started.elapsed())
             });
             while out.queue.lock().room_waiters == 0 {
                 std::thread::yield_now();
             }
             then();
-            let (fits, waited) = waiter.join().unwrap();
+            let (room, waited) = waiter.join().unwrap();
             assert!(
                 waited < std::time::Duration::from_secs(10),
                 "not woken: {waited:?}"
             );
-            fits
+            room
         })
     }
 
@@ -1058,21 +1069,21 @@ mod tests {
         out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
         let soon = || Instant::now() + std::time::Duration::from_millis(50);
         let started = Instant::now();
-        assert!(
-            !out.wait_for_room(20 * 1024, soon()),
+        assert_eq!(
+            out.wait_for_room(20 * 1024, soon()),
+            Room::Full,
             "nothing left the queue"
         );
         assert!(started.elapsed() >= std::time::Duration::from_millis(50));
-        assert!(!out.wait_for_room(301 * 1024, soon() + std::time::Duration::from_secs(60)));
+        let never = soon() + std::time::Duration::from_secs(60);
+        assert_eq!(out.wait_for_room(301 * 1024, never), Room::Full);
         // The peer reads; the loop's `flush` writes the rest and the
         // written bytes leave the queue.
-        assert!(waits_for_room(&out, || {
+        let drained = || {
             drain(&out, &a, &b, 290 * 1024);
-        }));
+        };
+        assert_eq!(waits_for_room(&out, drained), Room::Free);
         out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
-        assert!(
-            !waits_for_room(&out, || out.close()),
-            "a closed queue has no room"
-        );
+        assert_eq!(waits_for_room(&out, || out.close()), Room::Closed);
     }
 }
