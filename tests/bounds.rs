@@ -292,6 +292,12 @@ struct HeldConsumer {
 }
 
 fn held_consumer(interval_ms: u64) -> HeldConsumer {
+    held_consumer_ending(interval_ms, false)
+}
+
+/// [`held_consumer`]; `end_stream`: the consumer shuts its write side right
+/// after its calls, so that the end of stream comes with them.
+fn held_consumer_ending(interval_ms: u64, end_stream: bool) -> HeldConsumer {
     let entered = Arc::new(AtomicUsize::new(0));
     let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
     let counted = Arc::clone(&entered);
@@ -317,6 +323,9 @@ fn held_consumer(interval_ms: u64) -> HeldConsumer {
         pipelined.extend(one_way.expect("encode a one-way call"));
     }
     raw.send(&pipelined);
+    if end_stream {
+        raw.shutdown_write().expect("end the stream");
+    }
     wait_until(PROMPTLY, "2 one-way calls running", || {
         entered.load(Ordering::SeqCst) == 2
     });
@@ -356,6 +365,23 @@ fn a_consumer_that_hangs_up_while_its_one_way_calls_are_held_is_released() {
         "a held consumer was judged"
     );
     held.raw.shutdown_write().expect("end the stream");
+    wait_connection_count(&held.server, 0);
+    let reasons = disconnect_reasons(&events);
+    assert!(
+        matches!(reasons[..], [DisconnectReason::HeartbeatTimeout]),
+        "{reasons:?}"
+    );
+    assert_eq!(held.entered.load(Ordering::SeqCst), 2, "held calls ran");
+    drop(held.gate);
+}
+
+/// The same when the end of stream comes with the calls, before they are
+/// held: the read that holds them has already seen its only edge.
+#[test]
+fn a_consumer_that_ends_its_stream_with_its_calls_is_released_while_they_are_held() {
+    let _shared = MEMORY.shared();
+    let held = held_consumer_ending(50, true);
+    let events = held.server.events();
     wait_connection_count(&held.server, 0);
     let reasons = disconnect_reasons(&events);
     assert!(

@@ -34,27 +34,39 @@ impl EventLoop {
             return;
         }
         let hangup = event.is_read_closed() || event.is_error();
-        if hangup && conn.shared.reads_held() {
-            if event.is_error() {
-                // What was left unread is gone with the connection.
-                let reason =
-                    DisconnectReason::Io("connection error while its reads were held".into());
-                self.close(token, reason, None, now);
-                return;
-            }
-            if let Some(conn) = self.conns.get_mut(token) {
-                conn.ended_while_held = true;
-            }
-        }
         if event.is_readable() || hangup {
             // Even when the read closed the connection: one that lingers to
             // finish its writes (Closing) still needs the writable edge this
             // event may carry, the only one it gets (`resume_write` does
             // nothing for a connection that is gone).
             self.read(token, hangup, now);
+            if hangup {
+                self.hung_up_while_held(token, event.is_error(), now);
+            }
         }
         if event.is_writable() || event.is_error() {
             self.resume_write(token, now);
+        }
+    }
+
+    /// After a read that saw the peer hang up: if the connection's reads
+    /// are held (see [`holds_one_way`]), that read stopped short of the
+    /// end, and this edge will not come again. A reset closes the
+    /// connection at once (what was left unread is gone with it); after an
+    /// end of stream its silence is no longer excused
+    /// (`Conn::ended_while_held`).
+    fn hung_up_while_held(&mut self, token: usize, error: bool, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if !conn.shared.reads_held() || matches!(conn.phase, Phase::Closing { .. }) {
+            return;
+        }
+        if error {
+            let reason = DisconnectReason::Io("connection error while its reads were held".into());
+            self.close(token, reason, None, now);
+        } else {
+            conn.ended_while_held = true;
         }
     }
 
