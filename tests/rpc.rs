@@ -991,18 +991,18 @@ fn holding_back_one_way_calls_past_the_heartbeat_bound_keeps_the_connection() {
         max_inflight: 2,
         ..ServerConfig::default()
     };
-    config.connection.heartbeat = support::heartbeat(50, 3);
+    config.connection.heartbeat = support::heartbeat(100, 3);
     let server = server_with(config, vec![service]);
     let server_events = server.events();
     let mut client_config = ClientConfig::default();
-    client_config.connection.heartbeat = support::heartbeat(50, 3);
+    client_config.connection.heartbeat = support::heartbeat(100, 3);
     let client = Client::connect(server.local_addr(), client_config).unwrap();
     let client_events = client.events();
     for _ in 0..6 {
         client.send_one_way("gated", "hold", &()).unwrap();
     }
-    // Held for 4 heartbeat bounds (50 ms × 3).
-    thread::sleep(Duration::from_millis(600));
+    // Held for over 3 heartbeat bounds (100 ms × 3).
+    thread::sleep(Duration::from_millis(1_000));
     assert_eq!(handled.load(Ordering::SeqCst), 0, "the gate was open");
     drop(gate);
     wait_until(PROMPTLY, "all 6 one-way calls handled", || {
