@@ -273,9 +273,9 @@ pub struct ServerConfig {
     /// Default 32, so a few blocking handlers never starve the others.
     pub worker_threads: usize,
     /// Requests queued for the worker pool; past it a request is answered
-    /// with status Overloaded, and a one-way call is dropped and counted
-    /// ([`Server::one_way_dropped`](crate::Server::one_way_dropped)).
-    /// Default 65,536.
+    /// with status Overloaded, and a one-way call (which has no answer) is
+    /// queued anyway while its connection's reads wait until the workers
+    /// have taken the queue below half. Default 65,536.
     pub worker_queue: usize,
     /// How long a worker that found the queue empty keeps looking for the
     /// next job before it sleeps. A job that arrives meanwhile is taken at

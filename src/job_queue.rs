@@ -103,6 +103,10 @@ struct State<T> {
     /// A stop message was pushed: every push wakes a sleeper, so that each
     /// consumer gets its own however many are still running.
     stopping: bool,
+    /// A job was queued past the bound ([`JobQueue::push_past_bound`]): the
+    /// first consumer to leave fewer than half of `capacity` queued is told
+    /// so ([`JobQueue::pop_noting_room`]).
+    room_wanted: bool,
     closed: bool,
 }
 
@@ -130,6 +134,7 @@ impl<T> JobQueue<T> {
                 running: 0,
                 left_since: None,
                 stopping: false,
+                room_wanted: false,
                 closed: false,
             }),
             capacity,
@@ -149,6 +154,21 @@ impl<T> JobQueue<T> {
         if state.jobs.len() >= self.capacity {
             return Err(PushError::Full(job));
         }
+        self.push_locked(&mut state, job);
+        Ok(())
+    }
+
+    /// Queues `job` although `capacity` jobs wait (unless the queue is
+    /// closed), and asks to be told when fewer than half of `capacity` are
+    /// left: the first [`pop_noting_room`](Self::pop_noting_room) after that
+    /// returns `true`. A provider loop does this for a one-way call it may
+    /// not refuse, and holds that connection's reads until then.
+    pub(crate) fn push_past_bound(&self, job: T) -> Result<(), PushError<T>> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Err(PushError::Closed(job));
+        }
+        state.room_wanted = true;
         self.push_locked(&mut state, job);
         Ok(())
     }
@@ -175,7 +195,15 @@ impl<T> JobQueue<T> {
     /// Takes the oldest job, sleeping until there is one. `finished`: the
     /// consumer is done with the job it took last (it no longer counts as
     /// running).
+    #[cfg(test)]
     pub(crate) fn pop(&self, finished: bool) -> T {
+        self.pop_noting_room(finished).0
+    }
+
+    /// [`pop`](Self::pop), also saying whether this took the queue below
+    /// half of `capacity` after a [`push_past_bound`](Self::push_past_bound)
+    /// (true once per such push, for one consumer).
+    pub(crate) fn pop_noting_room(&self, finished: bool) -> (T, bool) {
         let mut state = self.state.lock();
         if finished {
             state.running = state.running.saturating_sub(1);
@@ -192,7 +220,11 @@ impl<T> JobQueue<T> {
                     // module docs).
                     self.wake_one(&mut state);
                 }
-                return job;
+                let room = state.room_wanted && state.jobs.len() < (self.capacity / 2).max(1);
+                if room {
+                    state.room_wanted = false;
+                }
+                return (job, room);
             }
             if !self.spin.is_zero() && !state.spinning {
                 state.spinning = true;
@@ -348,6 +380,31 @@ mod tests {
         queue.close();
         assert!(matches!(queue.try_push(5), Err(PushError::Closed(5))));
         assert_eq!(queue.drain(), vec![2, 4]);
+    }
+
+    /// A job pushed past the bound is queued, and exactly one later pop,
+    /// the first to leave fewer than half of `capacity` queued, says so;
+    /// a closed queue refuses it.
+    #[test]
+    fn a_push_past_the_bound_is_answered_by_the_pop_that_makes_room() {
+        let queue = JobQueue::new(4, Duration::ZERO, Duration::ZERO);
+        for job in 1..=4 {
+            assert!(queue.try_push(job).is_ok());
+        }
+        assert!(matches!(queue.try_push(5), Err(PushError::Full(5))));
+        assert!(queue.push_past_bound(5).is_ok());
+        let rooms: Vec<_> = (0..5).map(|_| queue.pop_noting_room(false)).collect();
+        // 4, 3, 2 queued after the first three pops; 1 (below 4 / 2) after
+        // the fourth; the fifth finds the signal taken.
+        assert_eq!(
+            rooms,
+            [(1, false), (2, false), (3, false), (4, true), (5, false)]
+        );
+        queue.close();
+        assert!(matches!(
+            queue.push_past_bound(6),
+            Err(PushError::Closed(6))
+        ));
     }
 
     #[test]

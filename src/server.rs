@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -78,21 +78,22 @@ impl ServerBuilder {
         let jobs = Arc::new(JobQueue::new(config.worker_queue, worker_spin, wake_delay));
         let events = EventSink::new(config.connection.event_capacity, "server");
         let runtime = Runtime::start("pulse-server", config.event_loops, &config.connection)?;
+        let queue_holds = Arc::new(QueueHolds::default());
         let shared = Arc::new(ServerShared {
             registry: self.registry,
             jobs: Arc::clone(&jobs),
+            queue_holds: Arc::clone(&queue_holds),
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
-            one_way_dropped: AtomicU64::new(0),
             config: config.clone(),
             events,
         });
         let mut workers = Vec::with_capacity(config.worker_threads);
         for i in 0..config.worker_threads {
-            let jobs = Arc::clone(&jobs);
+            let (jobs, queue_holds) = (Arc::clone(&jobs), Arc::clone(&queue_holds));
             let worker = std::thread::Builder::new()
                 .name(format!("pulse-worker-{i}"))
-                .spawn(move || run_worker(&jobs))
+                .spawn(move || run_worker(&jobs, &queue_holds))
                 .map_err(|e| Error::io("spawn worker thread", e))?;
             workers.push(worker);
         }
@@ -191,18 +192,6 @@ impl Server {
             .map_or(0, |r| r.runtime.timers_fired())
     }
 
-    /// One-way calls read and never run since the server started, because
-    /// the worker queue (`ServerConfig::worker_queue`, shared by all
-    /// connections) was full. A request would be answered with status
-    /// Overloaded; a one-way call has no answer, so it is counted here
-    /// instead, and logged (a warning at the 1st, 2nd, 4th, 8th, ... so that
-    /// a flood shows without a line per call). One-way calls past a
-    /// connection's `max_inflight` are not dropped: the provider leaves them
-    /// unread until half of the running ones have finished.
-    pub fn one_way_dropped(&self) -> u64 {
-        self.shared.one_way_dropped.load(Ordering::Relaxed)
-    }
-
     /// Consumer connections open right now.
     pub fn connection_count(&self) -> usize {
         self.shared.connections.load(Ordering::Relaxed)
@@ -273,12 +262,39 @@ enum Job {
     Stop,
 }
 
-fn run_worker(jobs: &JobQueue<Job>) {
+/// Provider connections whose reads are held because a one-way call found
+/// the worker queue full (see `ServerShared::dispatch`), until a worker
+/// takes the queue below half: then all of them read on together.
+#[derive(Default)]
+pub(crate) struct QueueHolds {
+    conns: Mutex<Vec<Arc<ConnShared>>>,
+}
+
+impl QueueHolds {
+    fn add(&self, conn: &Arc<ConnShared>) {
+        self.conns.lock().push(Arc::clone(conn));
+    }
+
+    /// Lets every held connection read on (one that closed meanwhile, or was
+    /// let go already, is skipped).
+    fn resume_all(&self) {
+        let conns = std::mem::take(&mut *self.conns.lock());
+        for conn in conns {
+            conn.resume_reads_held_for_queue();
+        }
+    }
+}
+
+fn run_worker(jobs: &JobQueue<Job>, queue_holds: &QueueHolds) {
     // A worker frees most of what it allocates itself (see `frame_pool::opt_out`).
     frame_pool::opt_out();
     let mut finished = false;
     loop {
-        match jobs.pop(finished) {
+        let (job, room) = jobs.pop_noting_room(finished);
+        if room {
+            queue_holds.resume_all();
+        }
+        match job {
             Job::Stop => return,
             Job::Run {
                 conn,
@@ -360,10 +376,10 @@ pub(crate) struct Route {
 pub(crate) struct ServerShared {
     registry: Registry,
     jobs: Arc<JobQueue<Job>>,
+    /// See [`QueueHolds`].
+    queue_holds: Arc<QueueHolds>,
     shutting_down: AtomicBool,
     connections: AtomicUsize,
-    /// See [`Server::one_way_dropped`].
-    one_way_dropped: AtomicU64,
     config: ServerConfig,
     events: EventSink,
 }
@@ -404,18 +420,6 @@ impl ServerShared {
         self.jobs.has_left_jobs()
     }
 
-    /// Counts a one-way call refused for overload (see
-    /// [`Server::one_way_dropped`]) and logs the 1st, 2nd, 4th, ... of them.
-    fn count_dropped_one_way(&self, conn: &ConnShared, why: &str) {
-        let dropped = self.one_way_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        if dropped.is_power_of_two() {
-            log::warn!(
-                "{}: a one-way call was dropped: {why} ({dropped} dropped since the server started)",
-                conn.peer
-            );
-        }
-    }
-
     /// Handles a Request or OneWay read by an event loop; `last_route` is the
     /// connection's [`Route`] cache. `Err` is a protocol violation (the body
     /// is not a request); every other failure is answered with a Response
@@ -428,11 +432,17 @@ impl ServerShared {
     ) -> std::result::Result<(), String> {
         let id = frame.header.id;
         let one_way = frame.header.kind == Kind::OneWay;
+        // A one-way call has no answer to carry a refusal. Overload never
+        // refuses one: past `max_inflight` the loop holds the connection's
+        // reads before it gets here (`holds_one_way`), and a full worker
+        // queue takes it anyway (below). What is left is a shutdown, an
+        // unknown method or arguments that do not fit: dropped, as the
+        // protocol says (docs/PROTOCOL.md, section 2).
         let refuse = |status: ResponseStatus, message: &str| {
-            if !one_way {
+            if one_way {
+                log::debug!("{}: one-way call {id} dropped: {message}", conn.peer);
+            } else {
                 respond(conn, encode_error_response(id, status, message));
-            } else if status == ResponseStatus::Overloaded {
-                self.count_dropped_one_way(conn, message);
             }
         };
         let shutting_down = || {
@@ -521,7 +531,25 @@ impl ServerShared {
                     args_at,
                     one_way,
                 };
-                if let Err(e) = self.jobs.try_push(job) {
+                let pushed = match self.jobs.try_push(job) {
+                    // A one-way call has no answer to refuse it with: it is
+                    // queued anyway, and the connection reads nothing more
+                    // until the workers have taken the queue below half (a
+                    // queue over its bound by at most one job per provider
+                    // connection). Marked and listed before the push, so
+                    // that the worker told of room finds it.
+                    Err(PushError::Full(job)) if one_way => {
+                        conn.hold_reads_for_queue();
+                        self.queue_holds.add(conn);
+                        let pushed = self.jobs.push_past_bound(job);
+                        if pushed.is_err() {
+                            conn.resume_reads_held_for_queue();
+                        }
+                        pushed
+                    }
+                    pushed => pushed,
+                };
+                if let Err(e) = pushed {
                     conn.handling.fetch_sub(1, Ordering::Relaxed);
                     let (status, message) = match e {
                         PushError::Full(_) => {

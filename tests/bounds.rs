@@ -257,28 +257,21 @@ fn server_max_inflight_answers_the_excess_requests_with_overloaded() {
 #[test]
 fn server_max_inflight_holds_back_the_excess_one_way_calls() {
     let _shared = MEMORY.shared();
-    let mut held = held_consumer(1000);
-    held.raw.send(&encode_ping(9));
-    // The rest wait unread, the Ping behind them too.
-    let deadline = Instant::now() + Duration::from_millis(300);
-    while let Ok(Some(frame)) = held.raw.read(deadline) {
-        assert_eq!(
-            frame.header.kind,
-            Kind::Ping,
-            "{:?} came while held",
-            frame.header
-        );
-    }
-    assert_eq!(held.entered.load(Ordering::SeqCst), 2);
-    assert_eq!(held.server.one_way_dropped(), 0);
-    drop(held.gate);
-    wait_until(PROMPTLY, "all 6 one-way calls run", || {
-        held.entered.load(Ordering::SeqCst) == 6
-    });
-    let pong = held.raw.next_frame(PROMPTLY);
-    assert_eq!(pong.header, Header::new(Kind::Pong, 0, 9, 0));
-    assert_eq!(held.server.one_way_dropped(), 0);
-    assert_eq!(held.server.connection_count(), 1);
+    held_consumer(1000).expect_held_until_released(2, 6);
+}
+
+/// A full worker queue does not drop a one-way call either: it is queued
+/// past the bound, and the connection reads nothing more (a Ping behind
+/// the calls waits too) until the worker has taken the queue below half.
+#[test]
+fn a_full_worker_queue_holds_back_one_way_calls() {
+    let _shared = MEMORY.shared();
+    let config = ServerConfig {
+        worker_threads: 1,
+        worker_queue: 4,
+        ..server_config()
+    };
+    gated_consumer(config, 20, 1, false).expect_held_until_released(1, 20);
 }
 
 /// A provider (`max_inflight` 2, heartbeat `interval_ms` × 3) whose
@@ -292,6 +285,30 @@ struct HeldConsumer {
 }
 
 impl HeldConsumer {
+    /// A Ping sent after the calls waits unread behind them while `running`
+    /// of them run (300 ms here), then, the gate open, all `calls` run and
+    /// the Pong comes; the connection stays.
+    fn expect_held_until_released(mut self, running: usize, calls: usize) {
+        self.raw.send(&encode_ping(9));
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(frame)) = self.raw.read(deadline) {
+            assert_eq!(
+                frame.header.kind,
+                Kind::Ping,
+                "{:?} came while held",
+                frame.header
+            );
+        }
+        assert_eq!(self.entered.load(Ordering::SeqCst), running);
+        drop(self.gate);
+        wait_until(PROMPTLY, &format!("all {calls} one-way calls run"), || {
+            self.entered.load(Ordering::SeqCst) == calls
+        });
+        let pong = self.raw.next_frame(PROMPTLY);
+        assert_eq!(pong.header, Header::new(Kind::Pong, 0, 9, 0));
+        assert_eq!(self.server.connection_count(), 1);
+    }
+
     /// The provider drops the consumer for its silence (heartbeat timeout)
     /// while the two running calls still block, the rest unrun; then the
     /// gate opens.
@@ -314,6 +331,24 @@ fn held_consumer(interval_ms: u64) -> HeldConsumer {
 /// [`held_consumer`]; `end_stream`: the consumer shuts its write side right
 /// after its calls, so that the end of stream comes with them.
 fn held_consumer_ending(interval_ms: u64, end_stream: bool) -> HeldConsumer {
+    let mut config = ServerConfig {
+        max_inflight: 2,
+        ..server_config()
+    };
+    config.connection.heartbeat = heartbeat(interval_ms, 3);
+    gated_consumer(config, 6, 2, end_stream)
+}
+
+/// A provider with `config` whose `gated.hold` calls block until `gate` is
+/// dropped, and a raw consumer that sent it `calls` of them as one-way
+/// calls (and ended its stream, if `end_stream`); returns once `running`
+/// of them run.
+fn gated_consumer(
+    config: ServerConfig,
+    calls: u64,
+    running: usize,
+    end_stream: bool,
+) -> HeldConsumer {
     let entered = Arc::new(AtomicUsize::new(0));
     let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
     let counted = Arc::clone(&entered);
@@ -322,11 +357,6 @@ fn held_consumer_ending(interval_ms: u64, end_stream: bool) -> HeldConsumer {
         let _ = gate_rx.recv_timeout(Duration::from_secs(10));
         Ok::<_, String>(())
     });
-    let mut config = ServerConfig {
-        max_inflight: 2,
-        ..server_config()
-    };
-    config.connection.heartbeat = heartbeat(interval_ms, 3);
     let server = Server::builder()
         .config(config)
         .service(service)
@@ -334,7 +364,7 @@ fn held_consumer_ending(interval_ms: u64, end_stream: bool) -> HeldConsumer {
         .expect("bind 127.0.0.1:0");
     let mut raw = RawPeer::connect(server.local_addr());
     let mut pipelined = Vec::new();
-    for id in 1..=6 {
+    for id in 1..=calls {
         let one_way = encode_request(Kind::OneWay, id, "gated", "", "", "hold", &());
         pipelined.extend(one_way.expect("encode a one-way call"));
     }
@@ -342,9 +372,11 @@ fn held_consumer_ending(interval_ms: u64, end_stream: bool) -> HeldConsumer {
     if end_stream {
         raw.shutdown_write().expect("end the stream");
     }
-    wait_until(PROMPTLY, "2 one-way calls running", || {
-        entered.load(Ordering::SeqCst) == 2
-    });
+    wait_until(
+        PROMPTLY,
+        &format!("{running} one-way calls running"),
+        || entered.load(Ordering::SeqCst) == running,
+    );
     HeldConsumer {
         server,
         raw,

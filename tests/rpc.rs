@@ -849,7 +849,6 @@ fn a_one_way_flood_to_pool_handlers_loses_no_call() {
         "every one-way call handled",
         || handled.load(Ordering::Relaxed) == all,
     );
-    assert_eq!(server.one_way_dropped(), 0);
     assert_eq!(server.connection_count(), 1);
 }
 
@@ -942,7 +941,6 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
         "every one-way call of the first client handled",
         || handled.load(Ordering::SeqCst) >= SENDS,
     );
-    assert_eq!(server.one_way_dropped(), 0);
 }
 
 /// One-way calls left to the client's loop (sent in a loop) still go out
@@ -1011,7 +1009,6 @@ fn holding_back_one_way_calls_past_the_heartbeat_bound_keeps_the_connection() {
     assert_eq!(client.call::<_, u64>("demo", "ping", &7u64).unwrap(), 7);
     support::assert_no_disconnect(&support::drain(&server_events));
     support::assert_no_disconnect(&support::drain(&client_events));
-    assert_eq!(server.one_way_dropped(), 0);
     assert_eq!(server.connection_count(), 1);
 }
 

@@ -67,6 +67,10 @@ pub(crate) struct ConnShared {
     pub(crate) owner: LoopHandle,
 }
 
+/// `ConnShared::reads_held_below` while the reads wait for room in the
+/// worker queue rather than for the connection's own calls.
+const HELD_FOR_QUEUE: usize = usize::MAX;
+
 /// When a connection's last one-way call was sent, to tell a caller
 /// sending them in a loop from one sending now and then.
 ///
@@ -175,7 +179,7 @@ impl ConnShared {
             .fetch_sub(1, Ordering::SeqCst)
             .saturating_sub(1);
         let mark = self.reads_held_below.load(Ordering::SeqCst);
-        if mark != 0 && left < mark && self.release_reads(mark) {
+        if mark != 0 && mark != HELD_FOR_QUEUE && left < mark && self.release_reads(mark) {
             self.owner.send(Command::ResumeReads {
                 token: self.token,
                 id: self.id,
@@ -198,6 +202,26 @@ impl ConnShared {
         let below = below.max(1);
         self.reads_held_below.store(below, Ordering::SeqCst);
         !(self.handling.load(Ordering::SeqCst) < below && self.release_reads(below))
+    }
+
+    /// Provider side: leaves this connection's frames unread until
+    /// [`resume_reads_held_for_queue`](Self::resume_reads_held_for_queue):
+    /// a one-way call of it found the worker queue full (see
+    /// `server::QueueHolds`). Its own calls finishing do not end this hold.
+    pub(crate) fn hold_reads_for_queue(&self) {
+        self.reads_held_below
+            .store(HELD_FOR_QUEUE, Ordering::SeqCst);
+    }
+
+    /// Ends a [`hold_reads_for_queue`](Self::hold_reads_for_queue), if it
+    /// still holds, and tells the loop to read on.
+    pub(crate) fn resume_reads_held_for_queue(&self) {
+        if self.release_reads(HELD_FOR_QUEUE) {
+            self.owner.send(Command::ResumeReads {
+                token: self.token,
+                id: self.id,
+            });
+        }
     }
 
     /// Whether the loop leaves this connection's frames unread (see
