@@ -435,9 +435,9 @@ impl ServerShared {
         // A one-way call has no answer to carry a refusal. Overload never
         // refuses one: past `max_inflight` the loop holds the connection's
         // reads before it gets here (`holds_one_way`), and a full worker
-        // queue takes it anyway (below). What is left is a shutdown, an
-        // unknown method or arguments that do not fit: dropped, as the
-        // protocol says (docs/PROTOCOL.md, section 2).
+        // queue takes it anyway (below). What is left is a shutdown or an
+        // unknown service or method: dropped, as the protocol says
+        // (docs/PROTOCOL.md, section 2).
         let refuse = |status: ResponseStatus, message: &str| {
             if one_way {
                 log::debug!("{}: one-way call {id} dropped: {message}", conn.peer);
