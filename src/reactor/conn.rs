@@ -179,11 +179,8 @@ impl ConnShared {
             .fetch_sub(1, Ordering::SeqCst)
             .saturating_sub(1);
         let mark = self.reads_held_below.load(Ordering::SeqCst);
-        if mark != 0 && mark != HELD_FOR_QUEUE && left < mark && self.release_reads(mark) {
-            self.owner.send(Command::ResumeReads {
-                token: self.token,
-                id: self.id,
-            });
+        if mark != 0 && mark != HELD_FOR_QUEUE && left < mark {
+            self.resume_reads(mark);
         }
         Replying { conn: self }
     }
@@ -216,7 +213,13 @@ impl ConnShared {
     /// Ends a [`hold_reads_for_queue`](Self::hold_reads_for_queue), if it
     /// still holds, and tells the loop to read on.
     pub(crate) fn resume_reads_held_for_queue(&self) {
-        if self.release_reads(HELD_FOR_QUEUE) {
+        self.resume_reads(HELD_FOR_QUEUE);
+    }
+
+    /// Takes the mark `below` off, if it is still set, and then tells the
+    /// loop to read on (only the thread that took it off does).
+    fn resume_reads(&self, below: usize) {
+        if self.release_reads(below) {
             self.owner.send(Command::ResumeReads {
                 token: self.token,
                 id: self.id,

@@ -258,12 +258,7 @@ impl Outbound {
         if q.closed || q.sealed {
             return Err(SendError::Closed(Some(frame)));
         }
-        let limit = match class {
-            Class::Data => self.max_bytes,
-            // Saturating: `max_write_queue_bytes` is the user's, up to usize::MAX.
-            Class::Control => self.max_bytes.saturating_add(CONTROL_ALLOWANCE),
-        };
-        if q.bytes.saturating_add(frame.len()) > limit {
+        if !self.fits(q, frame.len(), class) {
             return Err(SendError::Overloaded(frame));
         }
         q.bytes += frame.len();
@@ -396,7 +391,7 @@ impl Outbound {
             if q.closed || q.sealed {
                 break Room::Closed;
             }
-            if q.bytes.saturating_add(len) <= self.max_bytes {
+            if self.fits(&q, len, Class::Data) {
                 break Room::Free;
             }
             if self.room.wait_until(&mut q, deadline).timed_out() {
@@ -405,6 +400,17 @@ impl Outbound {
         };
         q.room_waiters -= 1;
         room
+    }
+
+    /// Whether `len` more bytes of `class` fit under the bound: data up to
+    /// `max_bytes`, control frames [`CONTROL_ALLOWANCE`] more.
+    fn fits(&self, q: &Queue, len: usize, class: Class) -> bool {
+        let limit = match class {
+            Class::Data => self.max_bytes,
+            // Saturating: `max_write_queue_bytes` is the user's, up to usize::MAX.
+            Class::Control => self.max_bytes.saturating_add(CONTROL_ALLOWANCE),
+        };
+        q.bytes.saturating_add(len) <= limit
     }
 
     /// Wakes the senders waiting for room, if any (called with the lock
