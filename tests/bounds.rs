@@ -473,39 +473,19 @@ fn a_one_way_call_waiting_for_room_goes_out_on_the_next_connection() {
         .join()
         .unwrap()
         .expect("connect to the fake provider");
-    let (results, sent) = crossbeam_channel::unbounded::<Result<(), Error>>();
-    let sender = std::thread::spawn(move || {
-        let body = rmpv::Value::Binary(vec![7u8; 8 * 1024]);
-        for _ in 0..SENDS {
-            let result = client.send_one_way("s", "m", &body);
-            let failed = result.is_err();
-            let _ = results.send(result);
-            if failed {
-                return;
-            }
-        }
-    });
-    let mut before = 0;
-    while let Ok(result) = sent.recv_timeout(Duration::from_millis(500)) {
-        result.expect("a one-way call failed before the reset");
-        before += 1;
-        assert!(
-            before < SENDS,
-            "all {SENDS} calls were queued: nothing waited"
-        );
-    }
+    let sender = support::spawn_one_way_sender(client, "s", "m", SENDS);
+    let before = sender.sent_until_stuck("before the reset");
     first.reset();
     let mut second = fake.accept_ready(PROMPTLY);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut one_ways = 0;
-    while !sender.is_finished() {
+    while !sender.thread.is_finished() {
         assert!(Instant::now() < deadline, "the sender never finished");
         if let Ok(Some(frame)) = second.read(Instant::now() + Duration::from_millis(50)) {
             one_ways += usize::from(frame.header.kind == Kind::OneWay);
         }
     }
-    sender.join().unwrap();
-    let after: Vec<_> = sent.try_iter().collect();
+    let after = sender.finish();
     assert!(
         after.iter().all(Result::is_ok),
         "{:?}",

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use pulse::protocol::ResponseStatus;
 use pulse::{
-    Client, ClientConfig, DisconnectReason, Error, Event, Server, ServerConfig, ServiceBuilder,
-    ServiceRef,
+    Client, ClientConfig, DisconnectReason, Error, Event, HandlerMode, Server, ServerConfig,
+    ServiceBuilder, ServiceRef,
 };
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
@@ -821,6 +821,18 @@ fn one_way_calls_sent_in_a_loop_arrive_whole_and_in_order_with_calls() {
     assert_eq!(server.connection_count(), 1);
 }
 
+/// A service `sink` whose `add(u64)` counts its calls, run in `mode`, and
+/// the count.
+fn counting_sink(mode: HandlerMode) -> (ServiceBuilder, Arc<AtomicUsize>) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("sink").method_with_mode("add", mode, move |_: u64| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, String>(())
+    });
+    (service, handled)
+}
+
 /// A one-way flood to a pool handler, far faster than the handler runs
 /// (the client leaves the calls to its loop, which writes them in
 /// batches): the provider holds back what exceeds `max_inflight` instead of
@@ -828,12 +840,7 @@ fn one_way_calls_sent_in_a_loop_arrive_whole_and_in_order_with_calls() {
 #[test]
 fn a_one_way_flood_to_pool_handlers_loses_no_call() {
     const SENDS: u64 = 100_000;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&handled);
-    let service = ServiceBuilder::new("sink").method("add", move |_: u64| {
-        counted.fetch_add(1, Ordering::Relaxed);
-        Ok::<_, String>(())
-    });
+    let (service, handled) = counting_sink(HandlerMode::Pool);
     let config = ServerConfig {
         max_inflight: 64,
         ..ServerConfig::default()
@@ -882,30 +889,9 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
     client_config.connection.max_write_queue_bytes = 256 * 1024;
     let client = Client::connect(server.local_addr(), client_config.clone()).unwrap();
     let body = Value::Binary(vec![7u8; 8 * 1024]);
-    let (sent_tx, sent_rx) = crossbeam_channel::unbounded::<Result<(), Error>>();
-    let sender = {
-        let (client, body) = (client.clone(), body.clone());
-        thread::spawn(move || {
-            for _ in 0..SENDS {
-                let sent = client.send_one_way("gated", "hold", &body);
-                let failed = sent.is_err();
-                let _ = sent_tx.send(sent);
-                if failed {
-                    return;
-                }
-            }
-        })
-    };
+    let sender = support::spawn_one_way_sender(client.clone(), "gated", "hold", SENDS);
     // The sender gets stuck, without an error, well before the end.
-    let mut sent = 0;
-    while let Ok(result) = sent_rx.recv_timeout(Duration::from_millis(500)) {
-        result.expect("a one-way call failed while the provider held them");
-        sent += 1;
-        assert!(
-            sent < SENDS,
-            "all {SENDS} calls were queued: nothing waited"
-        );
-    }
+    sender.sent_until_stuck("while the provider held them");
     // A second client with a 200 ms call timeout, same provider: it fills
     // its own queue, then one send fails after waiting for room.
     let quick_config = ClientConfig {
@@ -930,8 +916,7 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
     drop(quick);
     // Released, the provider takes everything the first client sent.
     drop(gate);
-    sender.join().unwrap();
-    let results: Vec<_> = sent_rx.try_iter().collect();
+    let results = sender.finish();
     assert!(
         results.iter().all(Result::is_ok),
         "a send failed after waiting"
@@ -948,12 +933,7 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
 #[test]
 fn one_way_calls_sent_just_before_the_client_is_dropped_arrive() {
     const SENDS: usize = 2_000;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&handled);
-    let service = ServiceBuilder::new("sink").method_inline("add", move |_: u64| {
-        counted.fetch_add(1, Ordering::Relaxed);
-        Ok::<_, String>(())
-    });
+    let (service, handled) = counting_sink(HandlerMode::Inline);
     let server = server_with(ServerConfig::default(), vec![service]);
     for round in 0..5 {
         let before = handled.load(Ordering::Relaxed);

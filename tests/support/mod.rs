@@ -292,3 +292,64 @@ pub fn assert_no_disconnect(events: &[Event]) {
     let bad = disconnects(events);
     assert!(bad.is_empty(), "unexpected disconnects: {bad:?}");
 }
+
+/// A thread sending one-way calls of 8 KiB to `service.method` through a
+/// `Client`, reporting each result and stopping at the first error: how the
+/// backpressure tests fill a provider that reads none of them.
+pub struct OneWaySender {
+    pub thread: std::thread::JoinHandle<()>,
+    results: Receiver<pulse::Result<()>>,
+    sends: usize,
+}
+
+/// Starts a [`OneWaySender`] making `sends` calls.
+pub fn spawn_one_way_sender(
+    client: Client,
+    service: &'static str,
+    method: &'static str,
+    sends: usize,
+) -> OneWaySender {
+    let (report, results) = crossbeam_channel::unbounded();
+    let thread = std::thread::spawn(move || {
+        let body = rmpv::Value::Binary(vec![7u8; 8 * 1024]);
+        for _ in 0..sends {
+            let result = client.send_one_way(service, method, &body);
+            let failed = result.is_err();
+            let _ = report.send(result);
+            if failed {
+                return;
+            }
+        }
+    });
+    OneWaySender {
+        thread,
+        results,
+        sends,
+    }
+}
+
+impl OneWaySender {
+    /// The calls sent until none returned for 500 ms (the sender waits for
+    /// room), each one `Ok` (`what` names the test's situation) and fewer
+    /// than all of them.
+    pub fn sent_until_stuck(&self, what: &str) -> usize {
+        let mut sent = 0;
+        while let Ok(result) = self.results.recv_timeout(ms(500)) {
+            result.unwrap_or_else(|e| panic!("a one-way call failed {what}: {e}"));
+            sent += 1;
+            assert!(
+                sent < self.sends,
+                "all {} calls were queued: nothing waited",
+                self.sends
+            );
+        }
+        sent
+    }
+
+    /// Waits for the thread to end; the results it reported since
+    /// [`sent_until_stuck`](Self::sent_until_stuck).
+    pub fn finish(self) -> Vec<pulse::Result<()>> {
+        self.thread.join().expect("the one-way sender panicked");
+        self.results.try_iter().collect()
+    }
+}
