@@ -278,9 +278,11 @@ fn a_full_worker_queue_holds_back_one_way_calls() {
 /// `gated.hold` calls block until `gate` is dropped, and a raw consumer
 /// that sent it six of them as one-way calls: two run, the rest are held.
 struct HeldConsumer {
+    // First, so dropped first if an assertion fails: the gated handlers
+    // then end before the server joins its workers.
+    gate: crossbeam_channel::Sender<()>,
     server: Server,
     raw: RawPeer,
-    gate: crossbeam_channel::Sender<()>,
     entered: Arc<AtomicUsize>,
 }
 
@@ -378,9 +380,9 @@ fn gated_consumer(
         || entered.load(Ordering::SeqCst) == running,
     );
     HeldConsumer {
+        gate,
         server,
         raw,
-        gate,
         entered,
     }
 }

@@ -881,6 +881,9 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
         ..ServerConfig::default()
     };
     let server = server_with(config, vec![service]);
+    // Bound after the server, so dropped before it if an assertion fails:
+    // the gated handlers then end before the server joins its workers.
+    let gate = gate;
     let mut client_config = ClientConfig {
         call_timeout: Duration::from_secs(60),
         ..ClientConfig::default()
@@ -971,6 +974,9 @@ fn holding_back_one_way_calls_past_the_heartbeat_bound_keeps_the_connection() {
     };
     config.connection.heartbeat = support::heartbeat(100, 3);
     let server = server_with(config, vec![service]);
+    // Bound after the server, so dropped before it if an assertion fails:
+    // the gated handlers then end before the server joins its workers.
+    let gate = gate;
     let server_events = server.events();
     let mut client_config = ClientConfig::default();
     client_config.connection.heartbeat = support::heartbeat(100, 3);
