@@ -174,20 +174,30 @@ impl Distribution {
 /// CPU time (user + system) of this whole process, all threads including
 /// exited ones, from `/proc/self/stat` (10 ms resolution).
 pub fn process_cpu() -> Duration {
+    let (user, system) = process_cpu_split();
+    user + system
+}
+
+/// CPU time of this whole process in user space and in the kernel (`utime`
+/// and `stime` of `/proc/self/stat`, 10 ms resolution); zero when unreadable.
+pub fn process_cpu_split() -> (Duration, Duration) {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     };
     // Fields after the command name, which is in parentheses and may hold spaces.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return Duration::ZERO;
+        return (Duration::ZERO, Duration::ZERO);
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    Duration::from_millis(ticks * 10)
+    let ticks = |i: usize| {
+        let n = fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+        Duration::from_millis(n * 10)
+    };
+    (ticks(11), ticks(12))
 }
 
 /// CPU time of the live threads of this process with nanosecond precision

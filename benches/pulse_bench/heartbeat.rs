@@ -32,6 +32,9 @@ use crate::rpc;
 pub const INTERVAL: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_secs(2);
+/// CPU time below which the user/kernel split is not reported: 20 ticks of
+/// `/proc/self/stat` (a quick run's provider uses about 3).
+const MIN_CPU_FOR_SPLIT: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConsumerStats {
@@ -66,6 +69,13 @@ pub struct HeartbeatRow {
     /// Provider CPU (all threads) over the window, % of one core.
     pub cpu_pct_one_core: f64,
     pub cpu_source: String,
+    /// Share of the provider's CPU over the window spent in the kernel:
+    /// `stime` / (`utime` + `stime`). The kernel splits a thread's run time
+    /// by which side its timer ticks fell on, so the share means something
+    /// only over many ticks: `None` when the window had less than
+    /// [`MIN_CPU_FOR_SPLIT`] of CPU.
+    #[serde(default)]
+    pub kernel_share_pct: Option<f64>,
     pub provider_threads: u64,
     pub rss_before_kib: u64,
     pub rss_connected_kib: u64,
@@ -190,9 +200,14 @@ fn provider(
         row.open_at_start = provider.server.connection_count();
         row.provider_threads = common::thread_count();
         let (cpu0, source) = common::threads_cpu_precise();
+        let (user0, system0) = common::process_cpu_split();
         let t0 = Instant::now();
         std::thread::sleep(window);
         let (cpu1, _) = common::threads_cpu_precise();
+        let (user1, system1) = common::process_cpu_split();
+        let (user, system) = (user1.saturating_sub(user0), system1.saturating_sub(system0));
+        row.kernel_share_pct = (user + system >= MIN_CPU_FOR_SPLIT)
+            .then(|| system.as_secs_f64() / (user + system).as_secs_f64() * 100.0);
         let secs = t0.elapsed().as_secs_f64();
         row.window_s = secs;
         row.cpu_pct_one_core = cpu1.saturating_sub(cpu0).as_secs_f64() / secs * 100.0;
