@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use pulse::liveness::HeartbeatConfig;
 use pulse::protocol::ResponseStatus;
 use pulse::{
     Client, ClientConfig, DisconnectReason, Error, Event, HandlerMode, Server, ServerConfig,
@@ -960,6 +961,18 @@ fn one_way_calls_sent_just_before_the_client_is_dropped_arrive() {
 /// pings keep the consumer hearing from it.
 #[test]
 fn holding_back_one_way_calls_past_the_heartbeat_bound_keeps_the_connection() {
+    hold_one_way_calls_past_the_heartbeat_bound(true);
+}
+
+/// The same with a provider configured not to ping (`send_pings: false`):
+/// it pings a consumer whose reads it holds anyway, since that consumer's
+/// own Pings go unanswered meanwhile.
+#[test]
+fn a_provider_that_does_not_ping_still_pings_a_consumer_it_holds_back() {
+    hold_one_way_calls_past_the_heartbeat_bound(false);
+}
+
+fn hold_one_way_calls_past_the_heartbeat_bound(provider_pings: bool) {
     let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
     let handled = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&handled);
@@ -972,7 +985,10 @@ fn holding_back_one_way_calls_past_the_heartbeat_bound_keeps_the_connection() {
         max_inflight: 2,
         ..ServerConfig::default()
     };
-    config.connection.heartbeat = support::heartbeat(100, 3);
+    config.connection.heartbeat = HeartbeatConfig {
+        send_pings: provider_pings,
+        ..support::heartbeat(100, 3)
+    };
     let server = server_with(config, vec![service]);
     // Bound after the server, so dropped before it if an assertion fails:
     // the gated handlers then end before the server joins its workers.

@@ -38,7 +38,11 @@ pub struct HeartbeatConfig {
     /// When pings are sent. Default [`HeartbeatMode::Fixed`].
     pub mode: HeartbeatMode,
     /// Whether this side sends pings. Default `true`; with `false` the side
-    /// relies on the peer's pings but still detects silence.
+    /// relies on the peer's pings but still detects silence. Even then it
+    /// pings once right after its own stall, and once an interval while it
+    /// leaves the peer's bytes unread on purpose (see
+    /// [`Heartbeat::excuse_silence`]), since the peer's pings then go
+    /// unanswered.
     pub send_pings: bool,
     /// How late a due deadline must be for the machine to conclude that this
     /// side stalled (see the [`Heartbeat` docs](Heartbeat#own-stalls)). `None`, the
@@ -215,8 +219,10 @@ pub enum HeartbeatAction {
 ///   A peer that stops pinging gets this side's ping then, and `Dead` comes
 ///   at the same time as without the hold.
 /// * With [`send_pings`](HeartbeatConfig::send_pings) `false` no ping is sent
-///   (except one right after a stall); silence is still detected, relying on
-///   the peer's pings to keep the connection alive.
+///   (except one right after a stall, and one an interval while silence is
+///   excused, see [`excuse_silence`](Heartbeat::excuse_silence)); silence is
+///   still detected, relying on the peer's pings to keep the connection
+///   alive.
 ///
 /// # Own stalls
 ///
@@ -295,6 +301,10 @@ pub struct Heartbeat {
     last_write: Instant,
     /// The end of this side's last stall; evidence of life is never older.
     stall_reset: Instant,
+    /// When this side started excusing the peer's silence (leaving its
+    /// bytes unread), until the next read; see
+    /// [`excuse_silence`](Self::excuse_silence).
+    excused_since: Option<Instant>,
     /// The missed count reported last (0 after a read or a stall).
     reported: u32,
     /// When the last ping was emitted, if any.
@@ -336,6 +346,7 @@ impl Heartbeat {
             last_read: now,
             last_write: now,
             stall_reset: now,
+            excused_since: None,
             reported: 0,
             last_ping: None,
             peer_ping: None,
@@ -358,6 +369,8 @@ impl Heartbeat {
         }
         self.last_read = self.last_read.max(now);
         self.reported = 0;
+        // Reading again ends an excused silence.
+        self.excused_since = None;
     }
 
     /// Records that bytes were written to the peer at `now` (used by
@@ -374,14 +387,22 @@ impl Heartbeat {
     /// `now` (pulse: a provider holding back one-way calls while its
     /// handlers catch up): the peer's silence is this side's doing, so
     /// evidence of life counts from `now`, as after a stall, but with no
-    /// action and no ping. Pings are sent as before, so the peer keeps
-    /// hearing from this side. Ignored once dead.
+    /// action. Pings are sent as before, so the peer keeps hearing from
+    /// this side; with [`send_pings`](HeartbeatConfig::send_pings) `false`
+    /// a ping is due at once and then every interval until the next
+    /// [`on_read`](Self::on_read), because the peer, whose own pings wait
+    /// unread, hears nothing else from this side. Ignored once dead.
+    ///
+    /// Call it when handling a timeout, just before
+    /// [`handle_timeout`](Self::handle_timeout) with the same `now`: the ping
+    /// it makes due goes out in that call.
     pub fn excuse_silence(&mut self, now: Instant) {
         if self.dead {
             return;
         }
         self.stall_reset = self.stall_reset.max(now);
         self.reported = 0;
+        self.excused_since.get_or_insert(now);
     }
 
     /// Records that a Ping from the peer was read at `now`; it counts as a
@@ -504,6 +525,9 @@ impl Heartbeat {
     /// Inputs only ever move it later (with a non-decreasing `now`), so a
     /// shell may keep a timer armed for an earlier value: it will fire early,
     /// the call does nothing, and the shell re-arms with the new deadline.
+    /// The exception, [`excuse_silence`](Self::excuse_silence) with
+    /// `send_pings` off, makes a ping due at its own `now`: the
+    /// `handle_timeout` that follows it sends that ping.
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.dead {
             return None;
@@ -736,7 +760,13 @@ impl Heartbeat {
     /// When the next ping is due, if this side sends pings.
     fn ping_deadline(&self) -> Option<Instant> {
         if !self.config.send_pings {
-            return None;
+            // Only while the silence is excused: at once, then an interval
+            // after the last ping.
+            let since = self.excused_since?;
+            return match self.last_ping {
+                Some(at) if at >= since => at.checked_add(self.config.interval),
+                _ => Some(since),
+            };
         }
         let interval = self.config.interval;
         match self.config.mode {
@@ -1614,6 +1644,57 @@ mod tests {
                     Dead {
                         missed: 3,
                         silent_for: resumed + ms(3000) - (t0 + ms(400))
+                    }
+                ),
+            ]
+        );
+    }
+
+    /// A side configured not to ping pings while it excuses the peer's
+    /// silence (the peer's own pings wait unread, unanswered): at the first
+    /// excuse, then every interval, until it reads again; after that it is
+    /// silent again and judges the peer from the read.
+    #[test]
+    fn excused_silence_makes_a_side_that_does_not_ping_ping_until_it_reads() {
+        let t0 = Instant::now();
+        let config = HeartbeatConfig {
+            send_pings: false,
+            ..HeartbeatConfig::default()
+        };
+        let mut hb = Heartbeat::new(config, t0);
+        // Without an excuse: no ping, the first miss at 1 s.
+        assert_eq!(hb.next_deadline(), Some(t0 + ms(1000)));
+        let mut out = Vec::new();
+        while let Some(d) = hb.next_deadline().filter(|&d| d <= t0 + ms(4_000)) {
+            hb.excuse_silence(d);
+            out.extend(step(&mut hb, d).into_iter().map(|a| (d - t0, a)));
+        }
+        assert_eq!(
+            out,
+            [
+                (ms(1000), SendPing { seq: 1 }),
+                (ms(2000), SendPing { seq: 2 }),
+                (ms(3000), SendPing { seq: 3 }),
+                (ms(4000), SendPing { seq: 4 }),
+            ]
+        );
+        // The read that ends the hold ends the pings.
+        let read = t0 + ms(4_200);
+        hb.on_read(read);
+        let mut out = Vec::new();
+        while let Some(d) = hb.next_deadline() {
+            out.extend(step(&mut hb, d).into_iter().map(|a| (d - read, a)));
+        }
+        assert_eq!(
+            out,
+            [
+                (ms(1000), Missed { count: 1 }),
+                (ms(2000), Missed { count: 2 }),
+                (
+                    ms(3000),
+                    Dead {
+                        missed: 3,
+                        silent_for: ms(3000)
                     }
                 ),
             ]

@@ -63,7 +63,8 @@ impl EventLoop {
                     // wait unread behind one-way calls this provider holds
                     // back (`holds_one_way`): its silence is not its fault.
                     // This side's own pings still go out, so the consumer
-                    // keeps hearing from it. Not once the consumer ended
+                    // keeps hearing from it (also with `send_pings` off:
+                    // see `Heartbeat::excuse_silence`). Not once the consumer ended
                     // its stream: then only finished calls (resuming the
                     // reads) or the heartbeat's bound end the connection.
                     conn.heartbeat.excuse_silence(now);
