@@ -19,7 +19,9 @@
 //!   1,000) and keeps calling through outages: a failed call is reported and
 //!   the next one waits for the reconnect. It stops after `--count` calls
 //!   (0, the default here, means never) or at Ctrl-C / SIGTERM: it prints its
-//!   summary and closes with Close(Normal).
+//!   summary and closes with Close(Normal). A call still waiting then (on a
+//!   provider that is down or frozen) ends at once: the signal shuts the
+//!   client down (`Client::shutdown`), and that call fails with `shut down`.
 //!
 //! To watch the other endings, stop a half abruptly instead: `kill -9` is an
 //! end without a Close frame (`peer_closed`), `kill -STOP` a frozen peer that
@@ -89,7 +91,7 @@ use std::process::ExitCode;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use hdrhistogram::Histogram;
 use pulse::liveness::HeartbeatMode;
 use pulse::{Client, ClientConfig, ConnectionConfig, Event, Server, ServerConfig, ServiceBuilder};
@@ -726,7 +728,7 @@ fn ping_loop(
 ) -> Stats {
     let mut stats = Stats::new();
     let mut seq = 0u64;
-    while (count == 0 || seq < count) && stop.try_recv().is_err() {
+    while (count == 0 || seq < count) && !fired(stop) {
         seq += 1;
         let started = Instant::now();
         let result: pulse::Result<u64> = client.call("demo", "ping", &seq);
@@ -766,17 +768,53 @@ fn ping_loop(
     stats
 }
 
-/// Fires once at Ctrl-C (SIGINT) or SIGTERM. If the handler cannot be
-/// installed, it never fires (the process then ends at the signal, as any
-/// process would, without a graceful close) and a warning says so.
+/// Fires at Ctrl-C (SIGINT) or SIGTERM by disconnecting: every clone of the
+/// receiver sees it (`recv` returns `Err`), so several threads can wait for
+/// it. If the handler cannot be installed, it never fires (the process then
+/// ends at the signal, as any process would, without a graceful close) and a
+/// warning says so.
 fn stop_signal() -> Receiver<()> {
-    let (fire, fired) = crossbeam_channel::bounded(1);
-    if let Err(e) = ctrlc::set_handler(move || {
-        let _ = fire.try_send(());
-    }) {
+    let (fire, stop) = crossbeam_channel::bounded::<()>(0);
+    let mut fire = Some(fire);
+    if let Err(e) = ctrlc::set_handler(move || drop(fire.take())) {
         eprintln!("ping_pong: Ctrl-C will not close gracefully: {e}");
     }
-    fired
+    stop
+}
+
+/// Whether [`stop_signal`] fired.
+fn fired(stop: &Receiver<()>) -> bool {
+    matches!(stop.try_recv(), Err(TryRecvError::Disconnected))
+}
+
+/// A thread that shuts `client` down when `stop` fires, so that a call
+/// waiting on a provider that is down or frozen ends at once (with
+/// `Error::Shutdown`) instead of at its call timeout.
+struct ShutdownOnStop {
+    /// Dropped to end the thread when the calls ended on their own.
+    done: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl ShutdownOnStop {
+    fn start(client: &Client, stop: &Receiver<()>) -> ShutdownOnStop {
+        let (done, finished) = crossbeam_channel::bounded::<()>(0);
+        let (client, stop) = (client.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            crossbeam_channel::select! {
+                recv(stop) -> _ => client.shutdown(),
+                recv(finished) -> _ => {}
+            }
+        });
+        ShutdownOnStop { done, thread }
+    }
+
+    /// Ends the thread and with it its clone of the client, so that
+    /// dropping the caller's clone closes the connection.
+    fn finish(self) {
+        drop(self.done);
+        let _ = self.thread.join();
+    }
 }
 
 // ----- the three modes ----------------------------------------------------------
@@ -840,7 +878,10 @@ fn run_client(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
     let printer = print_events("client", client.events());
 
     let interval = Duration::from_millis(options.interval_ms);
-    let stats = ping_loop(&client, options.count, interval, true, &stop_signal());
+    let stop = stop_signal();
+    let shutdown_on_stop = ShutdownOnStop::start(&client, &stop);
+    let stats = ping_loop(&client, options.count, interval, true, &stop);
+    shutdown_on_stop.finish();
     print_json(&stats.summary());
 
     // Close(Normal) to the provider, which reports `peer_shutdown`.

@@ -123,8 +123,16 @@ impl Link {
     }
 
     /// Publishes a new state and wakes callers waiting for a connection.
+    /// `Shutdown` is final: [`Client::shutdown`] sets it before its loop
+    /// has closed the link, and a connect that completes in between must
+    /// not make the link usable again.
     pub(crate) fn set_state(&self, state: LinkState) {
-        *self.state.lock() = state;
+        {
+            let mut current = self.state.lock();
+            if !matches!(*current, LinkState::Shutdown) {
+                *current = state;
+            }
+        }
         self.changed.notify_all();
     }
 
@@ -203,6 +211,8 @@ impl Drop for ClientInner {
 ///
 /// Dropping the last clone closes the connection with Close(Normal) and stops
 /// the client's threads (one event loop and one timer thread).
+/// [`Client::shutdown`] closes it earlier, for every clone, and ends the
+/// calls they are waiting in.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -663,6 +673,21 @@ impl Client {
                 Err(e) => return Err(send_error(&conn, e)),
             }
         }
+    }
+
+    /// Shuts the client down for every clone: the connection is closed with
+    /// Close(Normal) (the provider reports `peer_shutdown`) and not
+    /// reconnected, calls waiting for a connection or for their response
+    /// fail at once with [`Error::Shutdown`] (a request already sent may
+    /// have run), and so does every later call. For a thread blocked in a
+    /// call that another thread wants to end, e.g. at Ctrl-C while the
+    /// provider is unreachable. Idempotent; the client's threads stop when
+    /// the last clone is dropped, as without it.
+    pub fn shutdown(&self) {
+        self.inner.link.set_state(LinkState::Shutdown);
+        self.inner.owner.send(Command::RemoveLink {
+            link_id: self.inner.link.id,
+        });
     }
 
     /// The provider's address.

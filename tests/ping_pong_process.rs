@@ -881,6 +881,40 @@ fn sigterm_and_sigint_stop_either_half_with_a_close_normal() {
     assert!(status.success(), "server exit status {status}");
 }
 
+/// Ctrl-C on a client whose call waits for a provider that is not there
+/// ends that call at once (the client shuts down: `shut down`), not at its
+/// 5 s call timeout (`not connected`), and the client exits 0.
+#[test]
+fn ctrl_c_ends_a_client_call_waiting_for_a_missing_provider_at_once() {
+    let _serial = serial();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut client = Proc::start("client", &["client", "--addr", &addr]);
+    // Its first call waits for a connection that never comes.
+    client.wait_for("reconnecting", Instant::now() + STARTUP, |l| {
+        l.event() == "reconnecting"
+    });
+    client.signal("INT");
+    let (failed, _) = client.wait_for("call_failed", Instant::now() + RECOVERY, |l| {
+        l.event() == "call_failed"
+    });
+    assert_eq!(failed.str("error"), "shut down", "{}", failed.text);
+    let (summary, _) = client.wait_for("summary", Instant::now() + RECOVERY, |l| {
+        l.event() == "summary"
+    });
+    assert_eq!(
+        (summary.u64("count"), summary.u64("failed")),
+        (1, 1),
+        "{}",
+        summary.text
+    );
+    let status = client.wait_exit(Instant::now() + RECOVERY);
+    assert!(status.success(), "client exit status {status}");
+}
+
 #[test]
 fn the_client_starts_before_the_server_and_stops_after_count_calls() {
     let _serial = serial();

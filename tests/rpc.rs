@@ -1146,6 +1146,104 @@ fn dropping_the_last_client_closes_its_connection_gracefully() {
     assert!(server.peers().is_empty());
 }
 
+/// `Client::shutdown` from another thread ends a call that is waiting for
+/// its response at once, with `Shutdown`: the provider sees a graceful close
+/// and the client does not reconnect; every later call fails the same way.
+#[test]
+fn shutting_a_client_down_fails_its_call_in_flight_and_closes_gracefully() {
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let gated = ServiceBuilder::new("gated").method("hold", move |()| {
+        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+        Ok::<_, String>(())
+    });
+    let server = server_with(ServerConfig::default(), vec![gated]);
+    // Bound after the server, so dropped before it: the gated handler then
+    // ends before the server joins its workers.
+    let gate = gate;
+    let server_events = server.events();
+    let client = client(&server);
+    let client_events = client.events();
+    let peer = match wait_event(&server_events, PROMPTLY, |e| {
+        matches!(e, Event::Connected { .. })
+    }) {
+        Event::Connected { peer } => peer,
+        _ => unreachable!(),
+    };
+    // A call the provider answers only when the gate opens (or after 10 s).
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let result = client.call::<_, ()>("gated", "hold", &());
+            (result, started.elapsed())
+        })
+    };
+    wait_until(PROMPTLY, "the call in flight", || client.inflight() == 1);
+    client.shutdown();
+    let (result, took) = caller.join().unwrap();
+    assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+    assert!(took < Duration::from_secs(10), "the call took {took:?}");
+    drop(gate);
+    assert_eq!(client.state(), pulse::ConnectionState::Shutdown);
+
+    assert_eq!(
+        wait_disconnected(&server_events, peer),
+        DisconnectReason::PeerShutdown
+    );
+    assert_eq!(
+        support::wait_any_disconnected(&client_events),
+        DisconnectReason::Shutdown
+    );
+    // Later calls and one-way calls fail at once; no reconnect.
+    assert!(matches!(
+        client.call::<_, u64>("demo", "ping", &1u64),
+        Err(Error::Shutdown)
+    ));
+    assert!(matches!(
+        client.send_one_way("demo", "ping", &1u64),
+        Err(Error::Shutdown)
+    ));
+    client.shutdown();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.connection_count(), 0);
+    assert!(
+        !support::drain(&client_events)
+            .iter()
+            .any(|e| matches!(e, Event::Connected { .. } | Event::Reconnecting { .. })),
+        "the client reconnected after its shutdown"
+    );
+}
+
+/// A call waiting for a connection to a provider that is not there ends
+/// at once at `Client::shutdown`, not at its timeout.
+#[test]
+fn shutting_a_client_down_ends_a_call_waiting_for_a_connection() {
+    // A port that was free a moment ago; nothing listens on it now.
+    let addr = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let config = ClientConfig {
+        call_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_lazy(addr, config).unwrap();
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let result = client.call::<_, u64>("demo", "ping", &1u64);
+            (result, started.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_millis(200));
+    client.shutdown();
+    let (result, took) = caller.join().unwrap();
+    assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+    assert!(took < PROMPTLY, "the call took {took:?} of its 60 s");
+    assert_eq!(client.state(), pulse::ConnectionState::Shutdown);
+}
+
 #[test]
 fn connecting_to_a_closed_port_fails_with_not_connected() {
     // A port that was free a moment ago; nothing listens on it now.

@@ -451,6 +451,19 @@ impl Hasher for CallIdHasher {
     }
 }
 
+/// The error of a call whose connection ended for `reason` before its
+/// response came: `Shutdown` when this side shut the client down (the caller
+/// asked for it, nothing to retry), otherwise `ConnectionLost`.
+fn call_lost(peer: SocketAddr, reason: &DisconnectReason) -> Error {
+    match reason {
+        DisconnectReason::Shutdown => Error::Shutdown,
+        _ => Error::ConnectionLost {
+            peer,
+            reason: reason.as_str().to_string(),
+        },
+    }
+}
+
 /// The calls waiting for a response on one connection.
 pub(crate) struct CallTable {
     inner: Mutex<Calls>,
@@ -459,7 +472,7 @@ pub(crate) struct CallTable {
 struct Calls {
     map: HashMap<u64, Arc<CallSlot>, BuildHasherDefault<CallIdHasher>>,
     /// Set once the connection died: why, for calls that arrive late.
-    closed: Option<String>,
+    closed: Option<DisconnectReason>,
 }
 
 impl CallTable {
@@ -483,10 +496,7 @@ impl CallTable {
     ) -> Result<usize, Error> {
         let mut calls = self.inner.lock();
         if let Some(reason) = &calls.closed {
-            return Err(Error::ConnectionLost {
-                peer,
-                reason: reason.clone(),
-            });
+            return Err(call_lost(peer, reason));
         }
         if calls.map.len() >= max {
             return Err(Error::Overloaded(format!(
@@ -527,18 +537,15 @@ impl CallTable {
         self.inner.lock().map.remove(&id);
     }
 
-    /// Fails every waiting call with `ConnectionLost` and refuses new ones.
-    pub(crate) fn fail_all(&self, peer: SocketAddr, reason: &str) {
+    /// Fails every waiting call (see [`call_lost`]) and refuses new ones.
+    pub(crate) fn fail_all(&self, peer: SocketAddr, reason: &DisconnectReason) {
         let slots: Vec<_> = {
             let mut calls = self.inner.lock();
-            calls.closed = Some(reason.to_string());
+            calls.closed = Some(reason.clone());
             calls.map.drain().map(|(_, slot)| slot).collect()
         };
         for slot in slots {
-            slot.complete(Err(Error::ConnectionLost {
-                peer,
-                reason: reason.to_string(),
-            }));
+            slot.complete(Err(call_lost(peer, reason)));
         }
     }
 
@@ -691,7 +698,7 @@ mod tests {
         let table = CallTable::new();
         let slot = CallSlot::new();
         table.register(1, slot.clone(), 10, peer()).unwrap();
-        table.fail_all(peer(), "heartbeat_timeout");
+        table.fail_all(peer(), &DisconnectReason::HeartbeatTimeout);
         assert!(matches!(
             slot.wait(Instant::now(), Duration::ZERO),
             Some(Err(Error::ConnectionLost { .. }))

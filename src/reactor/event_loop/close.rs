@@ -35,9 +35,7 @@ impl EventLoop {
             return;
         }
         // Calls in flight fail now, not when the Close has been written.
-        conn.shared
-            .calls
-            .fail_all(conn.shared.peer, reason.as_str());
+        conn.shared.calls.fail_all(conn.shared.peer, &reason);
         if let Role::Provider { server } = &conn.role {
             let peer = conn.shared.peer;
             server.events().emit(Event::Disconnected {
@@ -99,7 +97,7 @@ impl EventLoop {
         drain_unread(&shared.socket);
         shared.out.close();
         let reason = conn.closing_reason.unwrap_or(DisconnectReason::Shutdown);
-        shared.calls.fail_all(shared.peer, reason.as_str());
+        shared.calls.fail_all(shared.peer, &reason);
         if conn.armed.is_some() {
             self.timer.disarm(shared.id);
         }
