@@ -513,7 +513,11 @@ impl Client {
             .register(id, slot.clone(), config.max_inflight, conn.peer)
         {
             Ok(waiting) => waiting,
-            Err(Error::ConnectionLost { .. }) => return Err(SendOnError::Dead(frame)),
+            // The connection ended (for this side's shutdown too) before
+            // the request was queued: never written.
+            Err(Error::ConnectionLost { .. } | Error::Shutdown) => {
+                return Err(SendOnError::Dead(frame));
+            }
             Err(e) => return Err(SendOnError::Failed(e)),
         };
         // While the connection's loop busy-polls for the answers of other

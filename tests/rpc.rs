@@ -1214,6 +1214,52 @@ fn shutting_a_client_down_fails_its_call_in_flight_and_closes_gracefully() {
     );
 }
 
+/// `Client::shutdown` while 16 threads call in a loop: every call ends
+/// with its answer or with `Shutdown` (no other error, no hang), every
+/// thread sees `Shutdown` and stops, and the provider drops the connection.
+#[test]
+fn shutting_a_client_down_under_concurrent_calls_ends_every_call_cleanly() {
+    const CALLERS: usize = 16;
+    let server = demo_server();
+    let client = client(&server);
+    let (started_tx, started_rx) = crossbeam_channel::bounded::<()>(CALLERS);
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let client = client.clone();
+            let started = started_tx.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + PROMPTLY;
+                let mut answered = 0u64;
+                while Instant::now() < deadline {
+                    match client.call::<_, u64>("demo", "ping", &answered) {
+                        Ok(n) => {
+                            assert_eq!(n, answered);
+                            answered += 1;
+                            if answered == 1 {
+                                let _ = started.send(());
+                            }
+                        }
+                        Err(Error::Shutdown) => return Ok(answered),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                Err("still calling when the test's time was up".to_string())
+            })
+        })
+        .collect();
+    for _ in 0..CALLERS {
+        started_rx
+            .recv_timeout(PROMPTLY)
+            .expect("every caller got an answer before the shutdown");
+    }
+    client.shutdown();
+    for caller in callers {
+        let answered = caller.join().unwrap().unwrap();
+        assert!(answered >= 1);
+    }
+    support::wait_connection_count(&server, 0);
+}
+
 /// A call waiting for a connection to a provider that is not there ends
 /// at once at `Client::shutdown`, not at its timeout.
 #[test]
