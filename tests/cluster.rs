@@ -757,7 +757,10 @@ fn with_no_healthy_provider_calls_fail_fast() {
     let _serial = serial();
     let registry = StaticRegistry::new().with(
         service(),
-        [Endpoint::new(dead_addr()), Endpoint::new(dead_addr())],
+        [
+            Endpoint::new(support::unused_loopback_addr()),
+            Endpoint::new(support::unused_loopback_addr()),
+        ],
     );
     let config = ClusterConfig {
         ready_timeout: Duration::from_millis(200),

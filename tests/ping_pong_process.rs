@@ -887,11 +887,7 @@ fn sigterm_and_sigint_stop_either_half_with_a_close_normal() {
 #[test]
 fn ctrl_c_ends_a_client_call_waiting_for_a_missing_provider_at_once() {
     let _serial = serial();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = support::unused_loopback_addr().to_string();
     let mut client = Proc::start("client", &["client", "--addr", &addr]);
     // Its first call waits for a connection that never comes.
     client.wait_for("reconnecting", Instant::now() + STARTUP, |l| {
@@ -918,13 +914,7 @@ fn ctrl_c_ends_a_client_call_waiting_for_a_missing_provider_at_once() {
 #[test]
 fn the_client_starts_before_the_server_and_stops_after_count_calls() {
     let _serial = serial();
-    // A port that was free a moment ago (a tiny race with other processes,
-    // acceptable for a test).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = support::unused_loopback_addr().to_string();
     let hb = HEARTBEAT_MS.to_string();
     let mut client = Proc::start(
         "client",

@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -1264,11 +1263,7 @@ fn shutting_a_client_down_under_concurrent_calls_ends_every_call_cleanly() {
 /// at once at `Client::shutdown`, not at its timeout.
 #[test]
 fn shutting_a_client_down_ends_a_call_waiting_for_a_connection() {
-    // A port that was free a moment ago; nothing listens on it now.
-    let addr = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let addr = support::unused_loopback_addr();
     let config = ClientConfig {
         call_timeout: Duration::from_secs(60),
         ..ClientConfig::default()
@@ -1292,11 +1287,7 @@ fn shutting_a_client_down_ends_a_call_waiting_for_a_connection() {
 
 #[test]
 fn connecting_to_a_closed_port_fails_with_not_connected() {
-    // A port that was free a moment ago; nothing listens on it now.
-    let addr = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let addr = support::unused_loopback_addr();
     let config = ClientConfig {
         connect_timeout: Duration::from_secs(1),
         ..ClientConfig::default()

@@ -8,7 +8,7 @@
 
 #![allow(dead_code)] // each test crate uses a different subset
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -215,10 +215,4 @@ impl Provider {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
     }
-}
-
-/// A loopback port nothing listens on (bound, then released).
-pub fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
 }

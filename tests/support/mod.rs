@@ -111,6 +111,14 @@ pub fn quick_reconnect_config_with(connection: ConnectionConfig) -> ClientConfig
     }
 }
 
+/// A loopback address nothing listens on: a port that was free a moment
+/// ago (another process could take it in between; a tiny race, acceptable
+/// for a test).
+pub fn unused_loopback_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("the bound address")
+}
+
 /// A fixed-mode heartbeat of `interval_ms` × `max_missed`.
 pub fn heartbeat(interval_ms: u64, max_missed: u32) -> HeartbeatConfig {
     HeartbeatConfig {
