@@ -122,18 +122,28 @@ impl Link {
         &self.events
     }
 
-    /// Publishes a new state and wakes callers waiting for a connection.
-    /// `Shutdown` is final: [`Client::shutdown`] sets it before its loop
-    /// has closed the link, and a connect that completes in between must
-    /// not make the link usable again.
-    pub(crate) fn set_state(&self, state: LinkState) {
-        {
+    /// Publishes a new state and wakes callers waiting for a connection;
+    /// false, changing nothing, once the link is shut down. `Shutdown` is
+    /// final: [`Client::shutdown`] sets it before its loop has closed the
+    /// link, and a connect that completes in between must not make the link
+    /// usable again.
+    pub(crate) fn set_state(&self, state: LinkState) -> bool {
+        let changed = {
             let mut current = self.state.lock();
-            if !matches!(*current, LinkState::Shutdown) {
+            let open = !matches!(*current, LinkState::Shutdown);
+            if open {
                 *current = state;
             }
-        }
+            open
+        };
         self.changed.notify_all();
+        changed
+    }
+
+    /// Whether [`Client::shutdown`] (or the loop, on `RemoveLink`) shut the
+    /// link down.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        matches!(*self.state.lock(), LinkState::Shutdown)
     }
 
     pub(crate) fn set_srtt(&self, srtt: Duration) {
@@ -866,9 +876,43 @@ fn decode_response_body<R: DeserializeOwned>(frame: &Frame) -> Result<R> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
     use std::time::{Duration, Instant};
 
+    use parking_lot::{Condvar, Mutex};
+
+    use super::{Link, LinkState};
+    use crate::event::EventSink;
     use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
+
+    /// `Shutdown` is final: what the loop publishes after a
+    /// `Client::shutdown` (a reconnect scheduled, a connect completing)
+    /// cannot replace it.
+    #[test]
+    fn a_shut_down_link_stays_shut_down() {
+        let link = Link {
+            id: 1,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            events: EventSink::new(16, "client"),
+            config: ClientConfig::default(),
+            state: Mutex::new(LinkState::Connecting {
+                attempt: 0,
+                last_error: None,
+            }),
+            changed: Condvar::new(),
+            srtt_nanos: AtomicU64::new(0),
+        };
+        let connecting = |attempt| LinkState::Connecting {
+            attempt,
+            last_error: None,
+        };
+        assert!(link.set_state(connecting(1)));
+        assert!(!link.is_shut_down());
+        assert!(link.set_state(LinkState::Shutdown));
+        assert!(!link.set_state(connecting(2)));
+        assert!(!link.set_state(LinkState::Failed("gave up".into())));
+        assert!(link.is_shut_down());
+    }
 
     /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`,
     /// with heartbeats too rare to send anything during a test: its Ping

@@ -1259,6 +1259,30 @@ fn shutting_a_client_down_under_concurrent_calls_ends_every_call_cleanly() {
     support::wait_connection_count(&server, 0);
 }
 
+/// `Client::shutdown` at any point of the connect (before, during or just
+/// after the handshake): the link stays shut down, calls fail with
+/// `Shutdown`, and the provider is left with no connection.
+#[test]
+fn shutting_a_client_down_while_it_connects_leaves_no_connection() {
+    let server = demo_server();
+    for round in 0..20u64 {
+        let client = Client::connect_lazy(server.local_addr(), ClientConfig::default()).unwrap();
+        // 0 to 1.9 ms after the start: the handshake takes about that long.
+        thread::sleep(Duration::from_micros(round * 100));
+        client.shutdown();
+        assert_eq!(client.state(), pulse::ConnectionState::Shutdown);
+        assert!(matches!(
+            client.call::<_, u64>("demo", "ping", &1u64),
+            Err(Error::Shutdown)
+        ));
+        support::wait_connection_count(&server, 0);
+        assert_eq!(client.state(), pulse::ConnectionState::Shutdown);
+    }
+    // None came back later (a reconnect would show here).
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.connection_count(), 0);
+}
+
 /// A call waiting for a connection to a provider that is not there ends
 /// at once at `Client::shutdown`, not at its timeout.
 #[test]

@@ -138,7 +138,9 @@ impl EventLoop {
         // The link's state changes before `Disconnected` is emitted, so
         // whoever reacts to the event never finds the link still Ready.
         // `next`: the next attempt and its delay, if there is one.
-        let next = if ctl.removed {
+        // Shut down but not yet removed: `Client::shutdown` came first and
+        // its `RemoveLink` is queued behind; no reconnect either way.
+        let next = if ctl.removed || link.is_shut_down() {
             self.links.remove(&link_id);
             link.set_state(LinkState::Shutdown);
             None
@@ -146,10 +148,14 @@ impl EventLoop {
             let delay = ctl.backoff.next_delay();
             let attempt = ctl.backoff.attempt();
             match delay {
-                Some(_) => link.set_state(LinkState::Connecting {
-                    attempt,
-                    last_error: Some(reason.to_string()),
-                }),
+                Some(_) => {
+                    // Refused only if the client shut down since the check
+                    // above: its `RemoveLink` then ends the retry.
+                    link.set_state(LinkState::Connecting {
+                        attempt,
+                        last_error: Some(reason.to_string()),
+                    });
+                }
                 None => {
                     log::warn!("{peer}: giving up after {attempt} reconnect attempts");
                     link.set_state(LinkState::Failed(format!(

@@ -260,10 +260,14 @@ impl EventLoop {
         };
         let link = link.clone();
         let shared = conn.shared.clone();
+        if !link.set_state(LinkState::Ready(shared.clone())) {
+            // `Client::shutdown` came first: its `RemoveLink`, queued behind
+            // this, closes the connection. Nothing to announce.
+            return;
+        }
         if let Some(ctl) = self.links.get_mut(&link.id()) {
             ctl.backoff.on_connected(now);
         }
-        link.set_state(LinkState::Ready(shared.clone()));
         self.emit(token, Event::Connected { peer: shared.peer });
     }
 }
