@@ -2,8 +2,8 @@
 //! providers: every balancing strategy spreads calls as it promises, a frozen
 //! or stopped provider leaves rotation within the heartbeat bound without
 //! losing an idempotent call and comes back after recovery, non-idempotent
-//! calls are never retried, the provider set follows the registry, and with
-//! no healthy provider calls fail fast.
+//! calls are never retried, the provider set follows the registry, with
+//! no healthy provider calls fail fast, and a shutdown ends every call.
 //!
 //! Providers and consumers use a 100 ms heartbeat with 3 missed intervals,
 //! so a frozen provider is declared dead within 300 ms plus a timer tick.
@@ -817,4 +817,55 @@ fn with_no_healthy_provider_calls_fail_fast() {
         assert!(took < Duration::from_secs(1), "{method} took {took:?}");
         assert!(matches!(err, Error::NoProvider { .. }), "{method}: {err}");
     }
+}
+
+/// `ClusterClient::shutdown` ends a call waiting on a provider at once with
+/// `Shutdown` (the provider is still working on it), fails every later call
+/// the same way, closes every provider connection and stops following the
+/// registry: providers it lists afterwards get no connection.
+#[test]
+fn shutting_a_cluster_client_down_ends_its_calls_and_connections() {
+    let _serial = serial();
+    // `work` takes 2 s: far longer than the shutdown needs.
+    let providers: Vec<Provider> = (0..3).map(|id| Provider::start(id, 2_000)).collect();
+    let (registry, cluster) = cluster_with(
+        vec![
+            Endpoint::new(providers[0].addr()),
+            Endpoint::new(providers[1].addr()),
+        ],
+        RoundRobin::new(),
+        config(),
+    );
+    let caller = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || cluster.call::<_, u32>("work", &()))
+    };
+    wait_until(PROMPTLY, "the call in flight", || {
+        cluster
+            .providers()
+            .iter()
+            .map(|p| p.inflight)
+            .sum::<usize>()
+            == 1
+    });
+    cluster.shutdown();
+    let result = caller.join().unwrap();
+    assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+    assert!(matches!(
+        cluster.call::<_, u32>("whoami", &()),
+        Err(Error::Shutdown)
+    ));
+    assert!(!cluster.wait_ready(1, PROMPTLY));
+    for p in &providers[..2] {
+        support::wait_connection_count(&p.server, 0);
+    }
+
+    // The registry adds a provider: not followed any more.
+    registry.set(
+        &service(),
+        providers.iter().map(|p| Endpoint::new(p.addr())),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(providers[2].server.connection_count(), 0);
+    assert!(providers.iter().all(|p| p.server.connection_count() == 0));
 }

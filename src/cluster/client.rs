@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -220,6 +220,9 @@ struct Shared {
     /// Notified when a provider connects (for `wait_ready`).
     ready_lock: Mutex<()>,
     ready: Condvar,
+    /// Set by [`ClusterClient::shutdown`], under the `providers` write lock,
+    /// so that `apply` never publishes a provider it would miss.
+    shut_down: AtomicBool,
 }
 
 impl Shared {
@@ -347,7 +350,15 @@ impl Shared {
             .filter(|p| !next.iter().any(|n| n.addr == p.addr))
             .cloned()
             .collect();
-        *self.providers.write() = Arc::new(next);
+        {
+            let mut providers = self.providers.write();
+            if self.shut_down.load(Ordering::SeqCst) {
+                // `ClusterClient::shutdown` came first: the clients opened
+                // here close as `next` drops; nothing changed to announce.
+                return;
+            }
+            *providers = Arc::new(next);
+        }
         for e in added {
             log::info!(
                 "cluster {}: provider {} added (weight {})",
@@ -393,13 +404,14 @@ impl Shared {
 
 struct Inner {
     shared: Arc<Shared>,
-    stop: Option<Sender<()>>,
+    /// Dropped to stop the updater thread (at `shutdown` or drop).
+    stop: Mutex<Option<Sender<()>>>,
     updater: Option<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.stop.lock().take());
         if let Some(updater) = self.updater.take()
             && updater.join().is_err()
         {
@@ -505,6 +517,7 @@ impl ClusterClient {
             events_rx,
             ready_lock: Mutex::new(()),
             ready: Condvar::new(),
+            shut_down: AtomicBool::new(false),
         });
         // The first event of a watch is the current set.
         if let Some(WatchEvent::Providers(set)) = watch.recv_timeout(Duration::from_secs(10)) {
@@ -526,7 +539,7 @@ impl ClusterClient {
         let client = ClusterClient {
             inner: Arc::new(Inner {
                 shared,
-                stop: Some(stop_tx),
+                stop: Mutex::new(Some(stop_tx)),
                 updater: Some(updater),
             }),
         };
@@ -534,6 +547,27 @@ impl ClusterClient {
             client.wait_ready(1, ready_timeout);
         }
         Ok(client)
+    }
+
+    /// Shuts the cluster client down for every clone: it stops following
+    /// the registry, shuts down the [`Client`] of every provider
+    /// ([`Client::shutdown`]: Close(Normal) to each, and the calls waiting
+    /// on them fail at once with [`Error::Shutdown`]), and every later call
+    /// fails with `Shutdown` too; [`wait_ready`](Self::wait_ready) returns
+    /// false. Idempotent; the threads end when the last clone is dropped.
+    pub fn shutdown(&self) {
+        let shared = &self.inner.shared;
+        let providers = {
+            let providers = shared.providers.write();
+            shared.shut_down.store(true, Ordering::SeqCst);
+            providers.clone()
+        };
+        drop(self.inner.stop.lock().take());
+        for p in providers.iter() {
+            p.client.shutdown();
+        }
+        let _guard = shared.ready_lock.lock();
+        shared.ready.notify_all();
     }
 
     /// The service this client calls.
@@ -548,6 +582,9 @@ impl ClusterClient {
         let deadline = Instant::now() + timeout;
         let mut guard = shared.ready_lock.lock();
         loop {
+            if shared.shut_down.load(Ordering::SeqCst) {
+                return false;
+            }
             let now = now_nanos();
             let healthy = shared
                 .snapshot()
@@ -665,6 +702,9 @@ impl ClusterClient {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
         loop {
+            if shared.shut_down.load(Ordering::SeqCst) {
+                return Err(Error::Shutdown);
+            }
             let providers = shared.snapshot();
             let Some(p) = shared.choose(&providers, &tried, options.key) else {
                 return Err(match last_error {
