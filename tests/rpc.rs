@@ -1283,6 +1283,50 @@ fn shutting_a_client_down_while_it_connects_leaves_no_connection() {
     assert_eq!(server.connection_count(), 0);
 }
 
+/// A one-way sender waiting for room in a full write queue (the provider
+/// holds its calls back) ends at `Client::shutdown` with `Shutdown`, not at
+/// its 60 s call timeout.
+#[test]
+fn shutting_a_client_down_ends_a_one_way_send_waiting_for_room() {
+    const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let service = ServiceBuilder::new("gated").method("hold", move |_: Value| {
+        let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        Ok::<_, String>(())
+    });
+    let config = ServerConfig {
+        max_inflight: 2,
+        ..ServerConfig::default()
+    };
+    let server = server_with(config, vec![service]);
+    // Bound after the server, so dropped before it: the gated handlers then
+    // end before the server joins its workers.
+    let gate = gate;
+    let mut client_config = ClientConfig {
+        call_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    client_config.connection.max_frame_len = 64 * 1024;
+    client_config.connection.max_write_queue_bytes = 256 * 1024;
+    let client = Client::connect(server.local_addr(), client_config).unwrap();
+    let sender = support::spawn_one_way_sender(client.clone(), "gated", "hold", SENDS);
+    sender.sent_until_stuck("while the provider held them");
+    let shut_down = Instant::now();
+    client.shutdown();
+    let results = sender.finish();
+    assert!(
+        shut_down.elapsed() < Duration::from_secs(30),
+        "the sender ended {:?} after the shutdown",
+        shut_down.elapsed()
+    );
+    assert!(
+        matches!(results.last(), Some(Err(Error::Shutdown))),
+        "{:?}",
+        results.last()
+    );
+    drop(gate);
+}
+
 /// A call waiting for a connection to a provider that is not there ends
 /// at once at `Client::shutdown`, not at its timeout.
 #[test]
