@@ -17,6 +17,7 @@ mod liveness_support;
 mod support;
 
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -34,7 +35,7 @@ use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
     ServiceBuilder,
 };
-use support::process::fd_count;
+use support::process::{fd_count, thread_count};
 use support::proxy::{Dir, Proxy};
 use support::{SetOnDrop, ms, wait_until};
 
@@ -547,6 +548,64 @@ fn provider_restarted_on_the_same_port() {
 }
 
 // ----- 5. many reconnects leak nothing ----------------------------------------------
+
+/// 100 clients, each shut down (`Client::shutdown`) while one of its calls
+/// waits on the provider, then dropped: every socket and thread they had is
+/// released, and the provider is left with no connection.
+#[test]
+fn a_hundred_shut_down_clients_leak_nothing() {
+    let _serial = serial_exclusive();
+    // Call `n` (its argument) is answered only once `released` reaches `n`,
+    // that is after its client was shut down.
+    let released = Arc::new(AtomicU64::new(0));
+    let (entered, entries) = crossbeam_channel::unbounded::<()>();
+    let held = {
+        let released = Arc::clone(&released);
+        ServiceBuilder::new("held").method("wait", move |n: u64| {
+            let _ = entered.send(());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while released.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+                thread::sleep(ms(1));
+            }
+            Ok::<_, String>(())
+        })
+    };
+    let server = Server::builder()
+        .config(server_config(ms(100), 3))
+        .service(held)
+        .bind("127.0.0.1:0")
+        .expect("bind a server on 127.0.0.1:0");
+    let (fds, threads) = (fd_count(), thread_count());
+    for n in 1..=100u64 {
+        let client =
+            Client::connect(server.local_addr(), client_config(ms(100), 3)).expect("connect");
+        let caller = {
+            let client = client.clone();
+            thread::spawn(move || client.call::<_, ()>("held", "wait", &n))
+        };
+        // The provider is running it (so it has nothing left to read).
+        entries
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the handler started");
+        client.shutdown();
+        let result = caller.join().expect("the caller panicked");
+        released.store(n, Ordering::SeqCst);
+        assert!(
+            matches!(result, Err(Error::Shutdown)),
+            "call {n}: {result:?}"
+        );
+        drop(client);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the provider's connections closed",
+        || server.connection_count() == 0,
+    );
+    let settle = Duration::from_secs(2);
+    wait_until(settle, "fds and threads back to where they were", || {
+        fd_count() <= fds && thread_count() <= threads
+    });
+}
 
 #[test]
 fn two_hundred_reconnects_leak_nothing() {
