@@ -20,6 +20,20 @@ pub fn thread_count() -> usize {
         .count()
 }
 
+/// Live threads of this process whose name starts with `prefix`: unlike
+/// [`thread_count`], not moved by the test harness starting another test's
+/// thread meanwhile.
+pub fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with(prefix))
+        })
+        .count()
+}
+
 /// The CPUs each live thread of this process whose name starts with
 /// `prefix` may run on, as `/proc` lists them (`Cpus_allowed_list`, e.g.
 /// "0" or "0-1"), one entry per thread.
