@@ -83,6 +83,19 @@ fn cluster_with(
     (registry, cluster)
 }
 
+/// A round-robin cluster client (liveness config) over `providers[0]` and
+/// `providers[1]` only, for the tests that then change the registry.
+fn round_robin_over_the_first_two(providers: &[Provider]) -> (StaticRegistry, ClusterClient) {
+    cluster_with(
+        vec![
+            Endpoint::new(providers[0].addr()),
+            Endpoint::new(providers[1].addr()),
+        ],
+        RoundRobin::new(),
+        config(),
+    )
+}
+
 /// `n` providers with the liveness tests' 100 ms heartbeat.
 fn start_providers(n: u32) -> Vec<Provider> {
     (0..n).map(|id| Provider::start(id, 0)).collect()
@@ -708,14 +721,7 @@ fn an_overloaded_provider_is_passed_over_for_any_method() {
 fn the_provider_set_follows_the_registry() {
     let _serial = serial();
     let providers = start_providers(3);
-    let (registry, cluster) = cluster_with(
-        vec![
-            Endpoint::new(providers[0].addr()),
-            Endpoint::new(providers[1].addr()),
-        ],
-        RoundRobin::new(),
-        config(),
-    );
+    let (registry, cluster) = round_robin_over_the_first_two(&providers);
     let events = cluster.events();
     assert_eq!(spread(&cluster, 30)[2], 0);
 
@@ -828,14 +834,7 @@ fn shutting_a_cluster_client_down_ends_its_calls_and_connections() {
     let _serial = serial();
     // `work` takes 2 s: far longer than the shutdown needs.
     let providers: Vec<Provider> = (0..3).map(|id| Provider::start(id, 2_000)).collect();
-    let (registry, cluster) = cluster_with(
-        vec![
-            Endpoint::new(providers[0].addr()),
-            Endpoint::new(providers[1].addr()),
-        ],
-        RoundRobin::new(),
-        config(),
-    );
+    let (registry, cluster) = round_robin_over_the_first_two(&providers);
     let caller = {
         let cluster = cluster.clone();
         std::thread::spawn(move || cluster.call::<_, u32>("work", &()))

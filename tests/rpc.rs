@@ -865,9 +865,21 @@ fn a_one_way_flood_to_pool_handlers_loses_no_call() {
 /// up to the call timeout, instead of failing, and goes on once the
 /// provider catches up. With a short call timeout it fails with
 /// `Overloaded`, after waiting that long.
-#[test]
-fn one_way_calls_wait_for_room_in_a_full_write_queue() {
-    const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
+/// One-way calls to this provider's `gated.hold` wait for `gate` (up to
+/// 30 s each; `handled` counts them) and it runs at most 2 of a
+/// connection's calls at once (`max_inflight`), so it holds back the rest;
+/// `client_config` gives a client a 256 KiB write queue, which then fills
+/// at once, and a 60 s call timeout. `gate` is declared first, so dropped
+/// before `server`: the gated handlers then end before the server joins
+/// its workers, also when a test fails.
+struct HoldingProvider {
+    gate: crossbeam_channel::Sender<()>,
+    server: Server,
+    handled: Arc<AtomicUsize>,
+    client_config: ClientConfig,
+}
+
+fn holding_provider() -> HoldingProvider {
     let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
     let handled = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&handled);
@@ -881,15 +893,30 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
         ..ServerConfig::default()
     };
     let server = server_with(config, vec![service]);
-    // Bound after the server, so dropped before it if an assertion fails:
-    // the gated handlers then end before the server joins its workers.
-    let gate = gate;
     let mut client_config = ClientConfig {
         call_timeout: Duration::from_secs(60),
         ..ClientConfig::default()
     };
     client_config.connection.max_frame_len = 64 * 1024;
     client_config.connection.max_write_queue_bytes = 256 * 1024;
+    HoldingProvider {
+        gate,
+        server,
+        handled,
+        client_config,
+    }
+}
+
+#[test]
+fn one_way_calls_wait_for_room_in_a_full_write_queue() {
+    const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
+    // `gate` bound last, so dropped first (see `HoldingProvider`).
+    let HoldingProvider {
+        server,
+        handled,
+        client_config,
+        gate,
+    } = holding_provider();
     let client = Client::connect(server.local_addr(), client_config.clone()).unwrap();
     let body = Value::Binary(vec![7u8; 8 * 1024]);
     let sender = support::spawn_one_way_sender(client.clone(), "gated", "hold", SENDS);
@@ -1289,26 +1316,9 @@ fn shutting_a_client_down_while_it_connects_leaves_no_connection() {
 #[test]
 fn shutting_a_client_down_ends_a_one_way_send_waiting_for_room() {
     const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
-    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let service = ServiceBuilder::new("gated").method("hold", move |_: Value| {
-        let _ = gate_rx.recv_timeout(Duration::from_secs(30));
-        Ok::<_, String>(())
-    });
-    let config = ServerConfig {
-        max_inflight: 2,
-        ..ServerConfig::default()
-    };
-    let server = server_with(config, vec![service]);
-    // Bound after the server, so dropped before it: the gated handlers then
-    // end before the server joins its workers.
-    let gate = gate;
-    let mut client_config = ClientConfig {
-        call_timeout: Duration::from_secs(60),
-        ..ClientConfig::default()
-    };
-    client_config.connection.max_frame_len = 64 * 1024;
-    client_config.connection.max_write_queue_bytes = 256 * 1024;
-    let client = Client::connect(server.local_addr(), client_config).unwrap();
+    let provider = holding_provider();
+    let client =
+        Client::connect(provider.server.local_addr(), provider.client_config.clone()).unwrap();
     let sender = support::spawn_one_way_sender(client.clone(), "gated", "hold", SENDS);
     sender.sent_until_stuck("while the provider held them");
     let shut_down = Instant::now();
@@ -1324,7 +1334,6 @@ fn shutting_a_client_down_ends_a_one_way_send_waiting_for_room() {
         "{:?}",
         results.last()
     );
-    drop(gate);
 }
 
 /// A call waiting for a connection to a provider that is not there ends
