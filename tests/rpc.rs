@@ -859,27 +859,19 @@ fn a_one_way_flood_to_pool_handlers_loses_no_call() {
     assert_eq!(server.connection_count(), 1);
 }
 
-/// A caller sending one-way calls faster than the provider takes them
-/// (here: not at all, its `max_inflight` calls block) fills the socket
-/// buffers and then its write queue; `send_one_way` then waits for room,
-/// up to the call timeout, instead of failing, and goes on once the
-/// provider catches up. With a short call timeout it fails with
-/// `Overloaded`, after waiting that long.
-/// One-way calls to this provider's `gated.hold` wait for `gate` (up to
-/// 30 s each; `handled` counts them) and it runs at most 2 of a
-/// connection's calls at once (`max_inflight`), so it holds back the rest;
-/// `client_config` gives a client a 256 KiB write queue, which then fills
-/// at once, and a 60 s call timeout. `gate` is declared first, so dropped
-/// before `server`: the gated handlers then end before the server joins
-/// its workers, also when a test fails.
+/// A provider with `config` and service `gated`, whose `hold` calls (any
+/// arguments) wait for `gate`, up to 30 s each; `handled` counts them.
+/// With `max_inflight` 2 it holds back a connection's one-way calls past
+/// the two that wait. `gate` is declared first, so dropped before
+/// `server`: the gated handlers then end before the server joins its
+/// workers, also when a test fails.
 struct HoldingProvider {
     gate: crossbeam_channel::Sender<()>,
     server: Server,
     handled: Arc<AtomicUsize>,
-    client_config: ClientConfig,
 }
 
-fn holding_provider() -> HoldingProvider {
+fn holding_provider(config: ServerConfig) -> HoldingProvider {
     let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
     let handled = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&handled);
@@ -888,25 +880,39 @@ fn holding_provider() -> HoldingProvider {
         counted.fetch_add(1, Ordering::SeqCst);
         Ok::<_, String>(())
     });
-    let config = ServerConfig {
-        max_inflight: 2,
-        ..ServerConfig::default()
-    };
-    let server = server_with(config, vec![service]);
-    let mut client_config = ClientConfig {
-        call_timeout: Duration::from_secs(60),
-        ..ClientConfig::default()
-    };
-    client_config.connection.max_frame_len = 64 * 1024;
-    client_config.connection.max_write_queue_bytes = 256 * 1024;
     HoldingProvider {
         gate,
-        server,
+        server: server_with(config, vec![service]),
         handled,
-        client_config,
     }
 }
 
+/// `max_inflight` 2: see [`HoldingProvider`].
+fn holding_config() -> ServerConfig {
+    ServerConfig {
+        max_inflight: 2,
+        ..ServerConfig::default()
+    }
+}
+
+/// A client config whose write queue (256 KiB) fills at once behind a
+/// provider that holds its one-way calls back, with a 60 s call timeout.
+fn small_queue_client_config() -> ClientConfig {
+    let mut config = ClientConfig {
+        call_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    config.connection.max_frame_len = 64 * 1024;
+    config.connection.max_write_queue_bytes = 256 * 1024;
+    config
+}
+
+/// A caller sending one-way calls faster than the provider takes them
+/// (here: not at all, its `max_inflight` calls block) fills the socket
+/// buffers and then its write queue; `send_one_way` then waits for room,
+/// up to the call timeout, instead of failing, and goes on once the
+/// provider catches up. With a short call timeout it fails with
+/// `Overloaded`, after waiting that long.
 #[test]
 fn one_way_calls_wait_for_room_in_a_full_write_queue() {
     const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
@@ -914,9 +920,9 @@ fn one_way_calls_wait_for_room_in_a_full_write_queue() {
     let HoldingProvider {
         server,
         handled,
-        client_config,
         gate,
-    } = holding_provider();
+    } = holding_provider(holding_config());
+    let client_config = small_queue_client_config();
     let client = Client::connect(server.local_addr(), client_config.clone()).unwrap();
     let body = Value::Binary(vec![7u8; 8 * 1024]);
     let sender = support::spawn_one_way_sender(client.clone(), "gated", "hold", SENDS);
@@ -999,26 +1005,17 @@ fn a_provider_that_does_not_ping_still_pings_a_consumer_it_holds_back() {
 }
 
 fn hold_one_way_calls_past_the_heartbeat_bound(provider_pings: bool) {
-    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&handled);
-    let service = ServiceBuilder::new("gated").method("hold", move |()| {
-        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
-        counted.fetch_add(1, Ordering::SeqCst);
-        Ok::<_, String>(())
-    });
-    let mut config = ServerConfig {
-        max_inflight: 2,
-        ..ServerConfig::default()
-    };
+    let mut config = holding_config();
     config.connection.heartbeat = HeartbeatConfig {
         send_pings: provider_pings,
         ..support::heartbeat(100, 3)
     };
-    let server = server_with(config, vec![service]);
-    // Bound after the server, so dropped before it if an assertion fails:
-    // the gated handlers then end before the server joins its workers.
-    let gate = gate;
+    // `gate` bound last, so dropped first (see `HoldingProvider`).
+    let HoldingProvider {
+        server,
+        handled,
+        gate,
+    } = holding_provider(config);
     let server_events = server.events();
     let mut client_config = ClientConfig::default();
     client_config.connection.heartbeat = support::heartbeat(100, 3);
@@ -1172,20 +1169,28 @@ fn dropping_the_last_client_closes_its_connection_gracefully() {
     assert!(server.peers().is_empty());
 }
 
+/// A thread making one `service.method(())` call through `client`: the
+/// call's result and how long it took.
+fn call_in_thread(
+    client: &Client,
+    service: &'static str,
+    method: &'static str,
+) -> thread::JoinHandle<(pulse::Result<()>, Duration)> {
+    let client = client.clone();
+    thread::spawn(move || {
+        let started = Instant::now();
+        let result = client.call::<_, ()>(service, method, &());
+        (result, started.elapsed())
+    })
+}
+
 /// `Client::shutdown` from another thread ends a call that is waiting for
 /// its response at once, with `Shutdown`: the provider sees a graceful close
 /// and the client does not reconnect; every later call fails the same way.
 #[test]
 fn shutting_a_client_down_fails_its_call_in_flight_and_closes_gracefully() {
-    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let gated = ServiceBuilder::new("gated").method("hold", move |()| {
-        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
-        Ok::<_, String>(())
-    });
-    let server = server_with(ServerConfig::default(), vec![gated]);
-    // Bound after the server, so dropped before it: the gated handler then
-    // ends before the server joins its workers.
-    let gate = gate;
+    // `gate` bound last, so dropped first (see `HoldingProvider`).
+    let HoldingProvider { server, gate, .. } = holding_provider(ServerConfig::default());
     let server_events = server.events();
     let client = client(&server);
     let client_events = client.events();
@@ -1195,15 +1200,8 @@ fn shutting_a_client_down_fails_its_call_in_flight_and_closes_gracefully() {
         Event::Connected { peer } => peer,
         _ => unreachable!(),
     };
-    // A call the provider answers only when the gate opens (or after 10 s).
-    let caller = {
-        let client = client.clone();
-        thread::spawn(move || {
-            let started = Instant::now();
-            let result = client.call::<_, ()>("gated", "hold", &());
-            (result, started.elapsed())
-        })
-    };
+    // A call the provider answers only when the gate opens (or after 30 s).
+    let caller = call_in_thread(&client, "gated", "hold");
     wait_until(PROMPTLY, "the call in flight", || client.inflight() == 1);
     client.shutdown();
     let (result, took) = caller.join().unwrap();
@@ -1316,9 +1314,9 @@ fn shutting_a_client_down_while_it_connects_leaves_no_connection() {
 #[test]
 fn shutting_a_client_down_ends_a_one_way_send_waiting_for_room() {
     const SENDS: usize = 4_000; // 32 MiB: more than loopback socket buffers hold
-    let provider = holding_provider();
+    let provider = holding_provider(holding_config());
     let client =
-        Client::connect(provider.server.local_addr(), provider.client_config.clone()).unwrap();
+        Client::connect(provider.server.local_addr(), small_queue_client_config()).unwrap();
     let sender = support::spawn_one_way_sender(client.clone(), "gated", "hold", SENDS);
     sender.sent_until_stuck("while the provider held them");
     let shut_down = Instant::now();
@@ -1346,14 +1344,7 @@ fn shutting_a_client_down_ends_a_call_waiting_for_a_connection() {
         ..ClientConfig::default()
     };
     let client = Client::connect_lazy(addr, config).unwrap();
-    let caller = {
-        let client = client.clone();
-        thread::spawn(move || {
-            let started = Instant::now();
-            let result = client.call::<_, u64>("demo", "ping", &1u64);
-            (result, started.elapsed())
-        })
-    };
+    let caller = call_in_thread(&client, "demo", "ping");
     thread::sleep(Duration::from_millis(200));
     client.shutdown();
     let (result, took) = caller.join().unwrap();

@@ -374,8 +374,7 @@ impl Report {
                     h.open_at_end,
                     h.idle_conns,
                     h.cpu_pct_one_core,
-                    h.kernel_share_pct
-                        .map_or("—".to_string(), |k| format!("{k:.0} %")),
+                    kernel_cell(h),
                     h.consumers.cpu_pct,
                     h.rss_before_kib,
                     h.rss_end_kib,
@@ -691,8 +690,7 @@ impl Report {
                 h.heartbeats,
                 h.open_at_end,
                 h.cpu_pct_one_core,
-                h.kernel_share_pct
-                    .map_or("—".to_string(), |k| format!("{k:.0} %")),
+                kernel_cell(h),
                 h.consumers.cpu_pct,
                 h.rss_per_conn_bytes,
                 h.error
@@ -807,6 +805,13 @@ fn handled_cell(r: &ThroughputRow) -> String {
         (Some(h), None) => format!("{h:.0}"),
         (None, _) => "–".into(),
     }
+}
+
+/// A heartbeat row's kernel share of the provider's CPU ("—" when the
+/// window had too little CPU to split).
+fn kernel_cell(h: &HeartbeatRow) -> String {
+    h.kernel_share_pct
+        .map_or("—".to_string(), |k| format!("{k:.0} %"))
 }
 
 fn errors_cell(n: u64, first: Option<&str>) -> String {

@@ -24,14 +24,7 @@ pub fn thread_count() -> usize {
 /// [`thread_count`], not moved by the test harness starting another test's
 /// thread meanwhile.
 pub fn threads_named(prefix: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .expect("read /proc/self/task")
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with(prefix))
-        })
-        .count()
+    threads_stat(prefix).len()
 }
 
 /// The CPUs each live thread of this process whose name starts with

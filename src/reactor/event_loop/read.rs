@@ -417,9 +417,10 @@ impl EventLoop {
 /// answered Overloaded, but a one-way call has no answer, and dropping
 /// it lost calls without a word (27–69 % of a one-way flood to a pool
 /// handler in session 22). Held, the call waits in the decoder and the
-/// socket; TCP's window then slows the consumer down, whose write queue
-/// refuses more with `Overloaded` once full. Meanwhile the consumer's
-/// Pings are not read either: see `on_conn_timeout`.
+/// socket; TCP's window then slows the consumer down, whose
+/// `send_one_way` waits for room once its write queue is full.
+/// Meanwhile the consumer's Pings are not read either: see
+/// `on_conn_timeout`.
 fn holds_one_way(conn: &Conn, decoder: &FrameDecoder) -> bool {
     let Role::Provider { server } = &conn.role else {
         return false; // only a provider holds reads
