@@ -816,7 +816,7 @@ impl<R: DeserializeOwned> PendingCall<R> {
             // call (ConnectionLost) through the loop.
             let _ = self.conn.flush_held();
         }
-        let outcome = match self.slot.wait(self.deadline, self.spin) {
+        let outcome = match self.slot.wait_reading(self.deadline, self.spin, &self.conn) {
             Some(outcome) => outcome,
             None => {
                 self.conn.calls.remove(self.id);
@@ -932,10 +932,14 @@ mod tests {
     }
 
     /// A client whose loop polls on for `busy_poll` after a call's turn,
-    /// with heartbeats too rare to start a turn during a test.
+    /// with heartbeats too rare to start a turn during a test. Its callers
+    /// do not spin, so its loop reads every response: a spinning caller
+    /// reads them itself, and the loop then has no call's turn to poll on
+    /// after.
     fn client(server: &Server, busy_poll: Duration) -> Client {
         let mut config = ClientConfig::default();
         config.connection.busy_poll = busy_poll;
+        config.spin_wait = Duration::ZERO;
         config.connection.heartbeat.interval = Duration::from_secs(60);
         Client::connect(server.local_addr(), config).expect("connect")
     }

@@ -195,13 +195,15 @@ pub struct ClientConfig {
     /// fails at once with `Overloaded`. Default 4,096.
     pub max_inflight: usize,
     /// How long a caller waiting for its response busy-polls before it
-    /// sleeps. A response that comes back within it costs the caller no
-    /// sleep and no wake-up: on a multi-core machine that halves a short
-    /// call's latency, for up to this much CPU per call. A caller spins only
-    /// while at most one caller fewer than the process's cores wait for
-    /// responses (one caller on a single core, where it yields the core
-    /// every few spins): with more, spinners would take the cores that
-    /// concurrent calls need. `Duration::ZERO` never spins.
+    /// sleeps, reading the connection's socket for the responses itself
+    /// while nobody else does. A response that comes back within it costs
+    /// the caller no sleep and no wake-up: on a multi-core machine that
+    /// halves a short call's latency, for up to this much CPU per call. A
+    /// caller spins only while at most one caller fewer than the process's
+    /// cores wait for responses (one caller on a single core, where it
+    /// yields the core every few spins): with more, spinners would take the
+    /// cores that concurrent calls need. `Duration::ZERO` never spins (and
+    /// leaves every read to the event loop).
     /// Default 100 µs.
     pub spin_wait: Duration,
 }

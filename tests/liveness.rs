@@ -30,6 +30,7 @@ use pulse::config::{BackoffConfig, HeartbeatConfig, HeartbeatMode};
 use pulse::liveness::{Heartbeat, HeartbeatAction};
 use pulse::protocol::{
     CloseStatus, FrameDecoder, HEADER_LEN, Header, Kind, decode_text_body, encode_close,
+    encode_ok_response,
 };
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
@@ -37,6 +38,7 @@ use pulse::{
 };
 use support::process::{fd_count, threads_named};
 use support::proxy::{Dir, Proxy};
+use support::raw_peer::FakeProvider;
 use support::{SetOnDrop, ms, wait_until};
 
 /// The timer tick used everywhere (the default).
@@ -939,6 +941,85 @@ fn a_slow_large_transfer_counts_as_life() {
         dumps()
     );
     eprintln!("slow transfer: {SIZE} bytes in {took:?} (heartbeat bound {bound:?}), no misses");
+}
+
+/// Responses that a waiting caller reads from the socket itself (the
+/// consumer's loop never sees those bytes) prove the provider alive as
+/// much as bytes the loop reads. The provider here answers every call and
+/// never a Ping, so the responses are all the consumer hears: for 4 × the
+/// heartbeat bound of back-to-back calls the connection must stay up.
+#[test]
+fn responses_a_waiting_caller_reads_count_as_life() {
+    let _serial = serial_shared();
+    let (interval, max_missed) = (ms(100), 3);
+    let bound = interval * max_missed;
+    let monitor = StallMonitor::start(interval / 2);
+    let fake = FakeProvider::bind();
+    let config = ClientConfig {
+        // Spins (reading) through the provider's pause below.
+        spin_wait: ms(50),
+        ..client_config(interval, max_missed)
+    };
+    let client = Client::connect_lazy(fake.addr(), config).expect("client");
+    let client_log = EventLog::start("client", client.events());
+    let mut peer = fake.accept_ready(support::PROMPTLY);
+    let stop = Arc::new(AtomicBool::new(false));
+    let provider = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut answered = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match peer.read(Instant::now() + ms(50)) {
+                    Ok(Some(frame)) if frame.header.kind == Kind::Request => {
+                        // The consumer's loop sleeps meanwhile, so the
+                        // caller spinning for the answer reads it first.
+                        thread::sleep(ms(2));
+                        let response = encode_ok_response(frame.header.id, &answered)
+                            .expect("encode a response");
+                        if peer.try_send(&response).is_err() {
+                            break;
+                        }
+                        answered += 1;
+                    }
+                    Ok(_) => {} // Pings go unanswered; nothing else comes
+                    Err(_) => break,
+                }
+            }
+            answered
+        })
+    };
+    let _stop = SetOnDrop(&stop);
+    let from = client_log.len();
+    let t0 = Instant::now();
+    let mut calls = 0u64;
+    while t0.elapsed() < bound * 4 && calls < 1_000_000 {
+        let answer = client.call::<_, u64>("demo", "ping", &calls);
+        assert_eq!(
+            answer.unwrap_or_else(|e| panic!(
+                "call {calls} after {:?} failed: {e}\n{}",
+                t0.elapsed(),
+                client_log.dump(from, t0)
+            )),
+            calls
+        );
+        calls += 1;
+    }
+    let took = t0.elapsed();
+    // Judged before the provider goes away, which ends the connection.
+    let lookback = interval + TICK + ms(50);
+    let (left, excused) = unexplained_trouble(&client_log, from, lookback, &monitor, None);
+    stop.store(true, Ordering::Relaxed);
+    let answered = provider.join().expect("the fake provider thread");
+    assert_eq!(answered, calls);
+    assert!(
+        left.is_empty(),
+        "the consumer missed a provider whose responses it kept reading:\n{}",
+        client_log.dump(from, t0)
+    );
+    eprintln!(
+        "{calls} calls in {took:?} (heartbeat bound {bound:?}) to a provider that answers no Ping; \
+         misses excused by stalls: {excused}"
+    );
 }
 
 // ----- 8. idle mode stays quiet under traffic ---------------------------------------

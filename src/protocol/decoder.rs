@@ -475,6 +475,18 @@ impl FrameDecoder {
         pending.len() >= HEADER_LEN && pending.get(KIND_AT) == Some(&(Kind::OneWay as u8))
     }
 
+    /// Whether the next frame may be a Response: it is one, or too little of
+    /// it is buffered to tell (its header is incomplete). For a caller that
+    /// takes responses only and leaves every other frame to the event loop
+    /// (`ConnShared::read_responses`).
+    pub(crate) fn next_may_be_response(&self) -> bool {
+        if let Some(partial) = &self.partial {
+            return partial.header.kind == Kind::Response;
+        }
+        let pending = self.buf.get(self.start..self.end).unwrap_or_default();
+        pending.len() < HEADER_LEN || pending.get(KIND_AT) == Some(&(Kind::Response as u8))
+    }
+
     /// True when bytes are buffered that do not (yet) form a complete frame,
     /// i.e. the peer stopped in the middle of a frame if the stream ends now.
     /// Buffered complete frames that were not yet taken do not count.

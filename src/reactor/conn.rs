@@ -1,10 +1,13 @@
 //! The part of a connection that other threads may touch.
 //!
-//! The event loop owns each connection's read side, decoder and heartbeat
-//! state. Callers and workers reach a connection through an `Arc<ConnShared>`:
-//! they write through its [`Outbound`] queue and, on a consumer, park on a
-//! [`CallSlot`] registered in its [`CallTable`] until the loop delivers the
-//! response or fails the call.
+//! The event loop owns each connection's heartbeat state and handles every
+//! frame but responses read by a caller. Callers and workers reach a
+//! connection through an `Arc<ConnShared>`: they write through its
+//! [`Outbound`] queue and, on a consumer, wait on a [`CallSlot`] registered in
+//! its [`CallTable`] until the response arrives or the call fails. A caller
+//! that waits may read the socket itself for the responses
+//! ([`ConnShared::read_responses`]); the decoder they share is locked by
+//! whoever reads.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -21,7 +24,7 @@ use super::outbound::{Class, Flush, MAX_IOV, Outbound, SendError, held_frames_li
 use super::{Command, LoopHandle};
 use crate::error::Error;
 use crate::event::DisconnectReason;
-use crate::protocol::{CloseStatus, Frame};
+use crate::protocol::{CloseStatus, Frame, FrameDecoder};
 
 /// Everything about one connection that is shared beyond its event loop.
 pub(crate) struct ConnShared {
@@ -65,6 +68,20 @@ pub(crate) struct ConnShared {
     pub(super) reads_held_below: AtomicUsize,
     /// The loop that owns this connection, to ask it to close it.
     pub(crate) owner: LoopHandle,
+    /// The connection's frame decoder, for whoever reads the socket: a
+    /// caller waiting for a response locks it while it reads
+    /// ([`read_responses`](Self::read_responses)); the loop takes it out
+    /// while it reads (`EventLoop::read`). `None` then, and once the
+    /// connection is finalized, so its buffers go with it even while
+    /// callers still hold this struct.
+    pub(crate) reader: Mutex<Option<FrameDecoder>>,
+    /// When a caller last read bytes from the socket, as `clock::to_nanos`
+    /// (0 = never): the loop counts them as the peer's life, as if it had
+    /// read them itself (`EventLoop::on_conn_timeout`).
+    caller_read_at: AtomicU64,
+    /// The loop is about to read: callers leave the decoder alone until it
+    /// took it (see `EventLoop::read`).
+    pub(crate) loop_wants_reader: AtomicBool,
 }
 
 /// `ConnShared::reads_held_below` while the reads wait for room in the
@@ -98,7 +115,140 @@ impl OneWayPace {
     }
 }
 
+thread_local! {
+    /// A caller thread's read buffer for [`ConnShared::read_responses`],
+    /// lent to the decoder for one read and taken back once its bytes are
+    /// decoded, like an event loop's `spare_read_buf`.
+    static CALLER_READ_BUF: Cell<Option<Vec<u8>>> = const { Cell::new(None) };
+}
+
+/// Size of [`CALLER_READ_BUF`]: a few hundred small responses per read, and
+/// little memory for each thread that waits for calls. A larger response
+/// is read into its own buffer all the same (see `FrameDecoder`).
+const CALLER_READ_BUF_LEN: usize = 16 * 1024;
+
 impl ConnShared {
+    /// A connection's shared part, with its decoder for frames up to
+    /// `max_frame_len` bytes.
+    pub(crate) fn new(
+        token: usize,
+        peer: SocketAddr,
+        socket: Socket,
+        max_write_queue: usize,
+        max_frame_len: u32,
+        owner: LoopHandle,
+    ) -> ConnShared {
+        // Fixed before any instant is stored in `caller_read_at`.
+        crate::clock::origin();
+        ConnShared {
+            id: crate::next_id(),
+            token,
+            peer,
+            socket,
+            out: Outbound::new(max_write_queue),
+            calls: CallTable::new(),
+            handling: Default::default(),
+            replying: Default::default(),
+            deferred_open: Default::default(),
+            flush_requested: Default::default(),
+            call_done: Default::default(),
+            one_way_pace: Default::default(),
+            reads_held_below: Default::default(),
+            owner,
+            reader: Mutex::new(Some(FrameDecoder::new(max_frame_len))),
+            caller_read_at: AtomicU64::new(0),
+            loop_wants_reader: AtomicBool::new(false),
+        }
+    }
+
+    /// Reads the socket on behalf of a caller waiting for a response, and
+    /// hands every response it finds to its caller. Returns whether it read
+    /// at all: `false` when the loop or another caller is reading, the loop
+    /// wants to (`loop_wants_reader`), or the connection is finalized; then
+    /// nothing was touched.
+    ///
+    /// Why: otherwise the loop reads the responses and completes the
+    /// caller's slot, a hand-off between two threads for every batch, and
+    /// one more busy thread on the cores that the caller and the provider
+    /// need (figures in docs/DESIGN.md, "The caller's side of a call").
+    ///
+    /// Only responses: at any other frame (Ping, Pong, Close, a Request a
+    /// provider should not send, or a header the decoder refuses) it stops
+    /// and leaves that frame, and what follows it, for the loop; an end of
+    /// stream, a read error and `WouldBlock` are left to the loop as well.
+    /// The loop hears of all of them anyway: every arrival of bytes is an
+    /// edge for it, and it reads after this read let go of the decoder (see
+    /// `EventLoop::read`). The bytes read here count as the peer's life
+    /// (`caller_read_at`).
+    pub(crate) fn read_responses(&self) -> bool {
+        if self.loop_wants_reader.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(mut reader) = self.reader.try_lock() else {
+            return false;
+        };
+        let Some(decoder) = reader.as_mut() else {
+            return false; // finalized
+        };
+        let spare = CALLER_READ_BUF
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| vec![0; CALLER_READ_BUF_LEN]);
+        let unused = decoder.adopt_buffer(spare);
+        let mut responses = Vec::new();
+        let mut read_any = false;
+        loop {
+            // Frames already buffered first (the loop may have left some).
+            let stop = loop {
+                if !decoder.next_may_be_response() {
+                    break true; // the loop's
+                }
+                match decoder.next_frame_ref() {
+                    Ok(Some(frame)) => responses.push(frame.into_owned()),
+                    Ok(None) => break false, // more bytes needed
+                    Err(_) => break true,    // the loop closes the connection
+                }
+            };
+            // A short read emptied the socket: the next would block.
+            if stop || (read_any && !decoder.last_read_was_full()) {
+                break;
+            }
+            match decoder.read_from(&self.socket) {
+                Ok(n) if n > 0 => {
+                    read_any = true;
+                    // At least 1: 0 means never.
+                    let now = crate::clock::to_nanos(Instant::now()).max(1);
+                    self.caller_read_at.fetch_max(now, Ordering::Relaxed);
+                }
+                _ => break, // end of stream, error, WouldBlock: the loop's
+            }
+        }
+        // Drained: the buffer goes back to this thread (a connection left
+        // mid-frame keeps it until the frame completes).
+        let back = unused.or_else(|| decoder.release_buffer());
+        drop(reader);
+        if let Some(buf) = back {
+            let _ = CALLER_READ_BUF.try_with(|spare| spare.set(Some(buf)));
+        }
+        if !responses.is_empty() {
+            let mut slots = Vec::with_capacity(responses.len());
+            for id in self.calls.complete_all(&mut responses, &mut slots) {
+                log::debug!("{}: response {id} came after its call gave up", self.peer);
+            }
+        }
+        true
+    }
+
+    /// When a caller last read bytes from the socket
+    /// ([`read_responses`](Self::read_responses)), if ever.
+    pub(crate) fn caller_read_at(&self) -> Option<Instant> {
+        match self.caller_read_at.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(crate::clock::from_nanos(nanos)),
+        }
+    }
+
     /// Queues a frame and writes what the socket takes now.
     pub(crate) fn send(&self, frame: Vec<u8>, class: Class) -> Result<Flush, SendError> {
         self.out.send(&self.socket, frame, class)
@@ -402,6 +552,26 @@ impl CallSlot {
     /// costs the caller no sleep and no wake-up, which is most of a call's
     /// latency when the caller and the event loop run on different cores.
     pub(crate) fn wait(&self, deadline: Instant, spin: Duration) -> Option<CallOutcome> {
+        self.wait_with(deadline, spin, None)
+    }
+
+    /// [`wait`](Self::wait), reading `conn`'s socket for the responses while
+    /// it spins (see [`ConnShared::read_responses`]).
+    pub(crate) fn wait_reading(
+        &self,
+        deadline: Instant,
+        spin: Duration,
+        conn: &ConnShared,
+    ) -> Option<CallOutcome> {
+        self.wait_with(deadline, spin, Some(conn))
+    }
+
+    fn wait_with(
+        &self,
+        deadline: Instant,
+        spin: Duration,
+        conn: Option<&ConnShared>,
+    ) -> Option<CallOutcome> {
         if self.is_done() {
             // Already there (a pipelining caller's usual case): no clock
             // reads, no waiter count.
@@ -410,7 +580,10 @@ impl CallSlot {
         let _waiting = Waiting::start();
         if !spin.is_zero() {
             let until = deadline.min(Instant::now() + spin);
-            super::spin_until(until, Waiting::few_enough_to_spin, || self.is_done());
+            match conn {
+                Some(conn) => self.spin_reading(until, conn),
+                None => super::spin_until(until, Waiting::few_enough_to_spin, || self.is_done()),
+            }
         }
         let mut slot = self.outcome.lock();
         while slot.is_none() {
@@ -419,6 +592,28 @@ impl CallSlot {
             }
         }
         slot.take()
+    }
+
+    /// Spins like [`spin_until`](super::spin_until) until the outcome is
+    /// there, `until` passes or too many callers wait, but in each round
+    /// first reads `conn`'s socket for the responses. When nobody else was
+    /// reading, that read was this round's look (a system call, like the
+    /// loop's `epoll_wait` when it polls); otherwise the round spins as
+    /// usual while the loop or another caller reads.
+    fn spin_reading(&self, until: Instant, conn: &ConnShared) {
+        while !self.is_done() && Waiting::few_enough_to_spin() && Instant::now() < until {
+            if !conn.read_responses() {
+                for _ in 0..super::SPINS_PER_YIELD {
+                    if self.is_done() {
+                        return;
+                    }
+                    std::hint::spin_loop();
+                }
+            } else if self.is_done() {
+                return; // no yield once it is there
+            }
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -708,6 +903,77 @@ mod tests {
         assert!(
             matches!(late, Err(Error::ConnectionLost { reason, .. }) if reason == "heartbeat_timeout")
         );
+    }
+
+    /// A connection over a Unix socket pair (the far end returned) whose
+    /// owner loop never runs.
+    fn conn_over_a_pair() -> (ConnShared, Socket) {
+        use socket2::{Domain, Type};
+        let (near, far) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        near.set_nonblocking(true).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let owner = LoopHandle {
+            index: 0,
+            tx,
+            waker: Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap()),
+            polling: Arc::new(AtomicBool::new(false)),
+        };
+        (
+            ConnShared::new(0, peer(), near, 1 << 20, 1 << 20, owner),
+            far,
+        )
+    }
+
+    /// A waiting caller takes the responses and stops at the first other
+    /// frame, which it leaves, with all that follows, for the loop; its
+    /// read is recorded as the peer's life. It keeps off while the loop
+    /// wants the decoder or has taken it.
+    #[test]
+    fn a_caller_reads_responses_and_leaves_every_other_frame_to_the_loop() {
+        use crate::protocol::{Kind, encode_ok_response, encode_pong};
+        use std::io::Write;
+        let (conn, far) = conn_over_a_pair();
+        let slots: Vec<_> = (1..=3).map(|_| CallSlot::new()).collect();
+        for (id, slot) in (1..).zip(&slots) {
+            conn.calls.register(id, slot.clone(), 10, peer()).unwrap();
+        }
+        let mut bytes = encode_ok_response(1, &"one").unwrap();
+        bytes.extend(encode_pong(7));
+        bytes.extend(encode_ok_response(2, &"two").unwrap());
+        (&far).write_all(&bytes).unwrap();
+
+        let before = Instant::now();
+        assert!(conn.read_responses(), "nobody else reads: the caller does");
+        assert!(slots[0].is_done(), "the response ahead of the Pong");
+        assert!(
+            !slots[1].is_done(),
+            "the response behind the Pong is the loop's"
+        );
+        assert!(conn.caller_read_at().is_some_and(|at| at >= before));
+        // Called again, it still leaves the Pong (and the rest) alone.
+        assert!(conn.read_responses());
+        assert!(!slots[1].is_done());
+        let mut reader = conn.reader.lock();
+        let decoder = reader.as_mut().unwrap();
+        let kinds: Vec<_> = std::iter::from_fn(|| decoder.next_frame().unwrap())
+            .map(|f| (f.header.kind, f.header.id))
+            .collect();
+        assert_eq!(kinds, [(Kind::Pong, 7), (Kind::Response, 2)]);
+        drop(reader);
+
+        (&far)
+            .write_all(&encode_ok_response(3, &"three").unwrap())
+            .unwrap();
+        conn.loop_wants_reader.store(true, Ordering::Relaxed);
+        assert!(!conn.read_responses(), "the loop wants the decoder");
+        conn.loop_wants_reader.store(false, Ordering::Relaxed);
+        let taken = conn.reader.lock().take();
+        assert!(!conn.read_responses(), "the loop has the decoder");
+        *conn.reader.lock() = taken;
+        assert!(!slots[2].is_done());
+        assert!(conn.read_responses());
+        assert!(slots[2].is_done(), "read once the loop let go");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::{Command, LISTENER_TOKEN, LoopHandle, PeerInfo, TimerEvent, WAKER_TOK
 use crate::client::{Link, LinkState};
 use crate::event::{DisconnectReason, Event};
 use crate::liveness::{Backoff, Heartbeat};
-use crate::protocol::{CloseStatus, Frame, FrameDecoder};
+use crate::protocol::{CloseStatus, Frame};
 use crate::server::{Route, ServerShared};
 use crate::timer::TimerHandle;
 
@@ -70,7 +70,6 @@ enum Role {
 /// The loop-owned state of one connection.
 struct Conn {
     shared: Arc<ConnShared>,
-    decoder: FrameDecoder,
     heartbeat: Heartbeat,
     role: Role,
     phase: Phase,

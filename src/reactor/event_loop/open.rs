@@ -14,9 +14,9 @@ use socket2::Socket;
 use crate::client::LinkState;
 use crate::event::{DisconnectReason, Event};
 use crate::liveness::Heartbeat;
-use crate::protocol::{CloseStatus, FrameDecoder, encode_close, encode_ping};
-use crate::reactor::conn::{CallTable, ConnShared};
-use crate::reactor::outbound::{Class, Outbound};
+use crate::protocol::{CloseStatus, encode_close, encode_ping};
+use crate::reactor::conn::ConnShared;
+use crate::reactor::outbound::Class;
 use crate::reactor::{Command, socket};
 use crate::server::ServerShared;
 
@@ -140,25 +140,17 @@ impl EventLoop {
         ) {
             return Err((e, role));
         }
-        let shared = Arc::new(ConnShared {
-            id: crate::next_id(),
+        let owner = self.loops[self.index].clone(); // `index` is this loop's own place in `loops`
+        let shared = Arc::new(ConnShared::new(
             token,
             peer,
             socket,
-            out: Outbound::new(max_write_queue),
-            calls: CallTable::new(),
-            handling: Default::default(),
-            replying: Default::default(),
-            deferred_open: Default::default(),
-            flush_requested: Default::default(),
-            call_done: Default::default(),
-            one_way_pace: Default::default(),
-            reads_held_below: Default::default(),
-            owner: self.loops[self.index].clone(), // `index` is this loop's own place in `loops`
-        });
+            max_write_queue,
+            max_frame_len,
+            owner,
+        ));
         entry.insert(Conn {
             shared,
-            decoder: FrameDecoder::new(max_frame_len),
             heartbeat,
             role,
             phase,

@@ -1,7 +1,6 @@
 //! Readiness: reads and the frames they bring, resumed writes.
 
 use std::io;
-use std::mem;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -93,17 +92,37 @@ impl EventLoop {
     /// Reads until `WouldBlock` or a short read, handling every complete
     /// frame, with the loop's spare read buffer lent to the connection.
     ///
-    /// The connection's decoder is taken out of it meanwhile (nothing else
-    /// uses it), so that a frame handed to [`on_frame`](Self::on_frame) can
-    /// borrow its body from the read buffer while the loop changes: an
-    /// inline request is handled without copying its body out.
+    /// The connection's decoder is taken out of it meanwhile, so that a
+    /// frame handed to [`on_frame`](Self::on_frame) can borrow its body from
+    /// the read buffer while the loop changes: an inline request is handled
+    /// without copying its body out. A caller reading responses
+    /// (`ConnShared::read_responses`) then finds it gone and leaves the
+    /// socket to the loop.
+    ///
+    /// When a caller holds the decoder, the loop waits for it, and raises
+    /// `loop_wants_reader` first so that no caller takes it again meanwhile:
+    /// a caller holds it for one non-blocking read and the decoding of what
+    /// came, and leaves every frame but responses to the loop, which this
+    /// edge may have brought. (Without the flag, a caller spinning on its
+    /// reads took the lock again and again ahead of the waiting loop.)
     pub(super) fn read(&mut self, token: usize, hangup: bool, now: Instant) {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
-        // A placeholder allocates nothing.
-        let mut decoder = mem::replace(&mut conn.decoder, FrameDecoder::new(0));
         let conn_id = conn.shared.id;
+        let taken = match conn.shared.reader.try_lock() {
+            Some(mut reader) => reader.take(),
+            None => {
+                let wants = &conn.shared.loop_wants_reader;
+                wants.store(true, Ordering::Relaxed);
+                let taken = conn.shared.reader.lock().take();
+                wants.store(false, Ordering::Relaxed);
+                taken
+            }
+        };
+        let Some(mut decoder) = taken else {
+            return; // finalized
+        };
         if let Some(spare) = self.spare_read_buf.take() {
             self.spare_read_buf = decoder.adopt_buffer(spare);
         }
@@ -124,7 +143,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token).filter(|c| c.shared.id == conn_id) else {
             return;
         };
-        conn.decoder = decoder;
+        *conn.shared.reader.lock() = Some(decoder);
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
             let reason = DisconnectReason::Io("write failed".into());
             self.close(token, reason, None, now);

@@ -52,6 +52,10 @@ impl EventLoop {
             Phase::Closing { .. } => self.resume_write(token, now),
             Phase::Connecting { .. } => {}
             Phase::Handshaking | Phase::Ready => {
+                // Responses a waiting caller read itself are life too.
+                if let Some(read) = conn.shared.caller_read_at() {
+                    conn.heartbeat.on_read(read);
+                }
                 if let Some(written) = conn.shared.out.last_write()
                     && conn.fed_write.is_none_or(|fed| written > fed)
                 {
