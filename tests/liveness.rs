@@ -30,7 +30,7 @@ use pulse::config::{BackoffConfig, HeartbeatConfig, HeartbeatMode};
 use pulse::liveness::{Heartbeat, HeartbeatAction};
 use pulse::protocol::{
     CloseStatus, FrameDecoder, HEADER_LEN, Header, Kind, decode_text_body, encode_close,
-    encode_ok_response,
+    encode_ok_response, encode_pong,
 };
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
@@ -962,32 +962,11 @@ fn responses_a_waiting_caller_reads_count_as_life() {
     };
     let client = Client::connect_lazy(fake.addr(), config).expect("client");
     let client_log = EventLog::start("client", client.events());
-    let mut peer = fake.accept_ready(support::PROMPTLY);
+    let peer = fake.accept_ready(support::PROMPTLY);
     let stop = Arc::new(AtomicBool::new(false));
-    let provider = {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut answered = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                match peer.read(Instant::now() + ms(50)) {
-                    Ok(Some(frame)) if frame.header.kind == Kind::Request => {
-                        // The consumer's loop sleeps meanwhile, so the
-                        // caller spinning for the answer reads it first.
-                        thread::sleep(ms(2));
-                        let response = encode_ok_response(frame.header.id, &answered)
-                            .expect("encode a response");
-                        if peer.try_send(&response).is_err() {
-                            break;
-                        }
-                        answered += 1;
-                    }
-                    Ok(_) => {} // Pings go unanswered; nothing else comes
-                    Err(_) => break,
-                }
-            }
-            answered
-        })
-    };
+    let provider = answer_each_request_after_a_pause(peer, &stop, |id, n| {
+        encode_ok_response(id, &n).expect("encode a response")
+    });
     let _stop = SetOnDrop(&stop);
     let from = client_log.len();
     let t0 = Instant::now();
@@ -1020,6 +999,72 @@ fn responses_a_waiting_caller_reads_count_as_life() {
         "{calls} calls in {took:?} (heartbeat bound {bound:?}) to a provider that answers no Ping; \
          misses excused by stalls: {excused}"
     );
+}
+
+/// A waiting caller that reads a Pong together with its response stops
+/// at the Pong and leaves both to the loop, which must then be told to
+/// read them: the socket is empty by the time the loop looks at its
+/// readiness. Nothing else arrives here (heartbeats of 10 s), so a call
+/// left behind would end only at its 2 s timeout.
+#[test]
+fn a_response_a_caller_leaves_behind_a_pong_reaches_it() {
+    let _serial = serial_shared();
+    let fake = FakeProvider::bind();
+    let config = ClientConfig {
+        // Spins (reading) through the provider's pause.
+        spin_wait: ms(50),
+        call_timeout: Duration::from_secs(2),
+        ..client_config(Duration::from_secs(10), 3)
+    };
+    let client = Client::connect_lazy(fake.addr(), config).expect("client");
+    let peer = fake.accept_ready(support::PROMPTLY);
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = SetOnDrop(&stop);
+    let provider = answer_each_request_after_a_pause(peer, &stop, |id, n| {
+        let mut bytes = encode_pong(1_000 + n); // answers no ping of this side
+        bytes.extend(encode_ok_response(id, &n).expect("encode a response"));
+        bytes
+    });
+    for n in 0..20u64 {
+        let t = Instant::now();
+        let answer = client.call::<_, u64>("demo", "ping", &n);
+        assert_eq!(
+            answer.unwrap_or_else(|e| panic!("call {n} failed after {:?}: {e}", t.elapsed())),
+            n
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(provider.join().expect("the fake provider thread"), 20);
+}
+
+/// Plays a provider on `peer` until `stop` is set or the stream ends:
+/// answers the `n`th Request (from 0), 2 ms after it came, with
+/// `answer(request id, n)`, and leaves Pings unanswered. The pause lets
+/// the consumer's loop fall asleep, so a caller spinning for its answer
+/// reads it first. Returns how many requests it answered.
+fn answer_each_request_after_a_pause(
+    mut peer: support::raw_peer::RawPeer,
+    stop: &Arc<AtomicBool>,
+    answer: impl Fn(u64, u64) -> Vec<u8> + Send + 'static,
+) -> thread::JoinHandle<u64> {
+    let stop = Arc::clone(stop);
+    thread::spawn(move || {
+        let mut answered = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            match peer.read(Instant::now() + ms(50)) {
+                Ok(Some(frame)) if frame.header.kind == Kind::Request => {
+                    thread::sleep(ms(2));
+                    if peer.try_send(&answer(frame.header.id, answered)).is_err() {
+                        break;
+                    }
+                    answered += 1;
+                }
+                Ok(_) => {} // Pings go unanswered; nothing else comes
+                Err(_) => break,
+            }
+        }
+        answered
+    })
 }
 
 // ----- 8. idle mode stays quiet under traffic ---------------------------------------

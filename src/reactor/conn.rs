@@ -174,12 +174,15 @@ impl ConnShared {
     ///
     /// Only responses: at any other frame (Ping, Pong, Close, a Request a
     /// provider should not send, or a header the decoder refuses) it stops
-    /// and leaves that frame, and what follows it, for the loop; an end of
-    /// stream, a read error and `WouldBlock` are left to the loop as well.
-    /// The loop hears of all of them anyway: every arrival of bytes is an
-    /// edge for it, and it reads after this read let go of the decoder (see
-    /// `EventLoop::read`). The bytes read here count as the peer's life
-    /// (`caller_read_at`).
+    /// and leaves that frame, and what follows it, for the loop, which it
+    /// then asks to read (`Command::ReadLeft`) if this read brought them:
+    /// the readiness edge of those bytes does not do it, because epoll
+    /// reports an edge with the socket's state when the loop collects it,
+    /// and by then this read has emptied the socket (found in session 24:
+    /// a Pong read with a response left that response behind it until the
+    /// next heartbeat, a 1 s stall). An end of stream or a read error is
+    /// left to the loop as is (the socket still reports it). The bytes read
+    /// here count as the peer's life (`caller_read_at`).
     pub(crate) fn read_responses(&self) -> bool {
         if self.loop_wants_reader.load(Ordering::Relaxed) {
             return false;
@@ -198,7 +201,7 @@ impl ConnShared {
         let unused = decoder.adopt_buffer(spare);
         let mut responses = Vec::new();
         let mut read_any = false;
-        loop {
+        let left_for_loop = loop {
             // Frames already buffered first (the loop may have left some).
             let stop = loop {
                 if !decoder.next_may_be_response() {
@@ -212,7 +215,7 @@ impl ConnShared {
             };
             // A short read emptied the socket: the next would block.
             if stop || (read_any && !decoder.last_read_was_full()) {
-                break;
+                break stop;
             }
             match decoder.read_from(&self.socket) {
                 Ok(n) if n > 0 => {
@@ -221,15 +224,21 @@ impl ConnShared {
                     let now = crate::clock::to_nanos(Instant::now()).max(1);
                     self.caller_read_at.fetch_max(now, Ordering::Relaxed);
                 }
-                _ => break, // end of stream, error, WouldBlock: the loop's
+                _ => break false, // end of stream, error, WouldBlock: the loop's
             }
-        }
+        };
         // Drained: the buffer goes back to this thread (a connection left
         // mid-frame keeps it until the frame completes).
         let back = unused.or_else(|| decoder.release_buffer());
         drop(reader);
         if let Some(buf) = back {
             let _ = CALLER_READ_BUF.try_with(|spare| spare.set(Some(buf)));
+        }
+        if left_for_loop && read_any {
+            self.owner.send(Command::ReadLeft {
+                token: self.token,
+                id: self.id,
+            });
         }
         if !responses.is_empty() {
             let mut slots = Vec::with_capacity(responses.len());
@@ -906,34 +915,39 @@ mod tests {
     }
 
     /// A connection over a Unix socket pair (the far end returned) whose
-    /// owner loop never runs.
-    fn conn_over_a_pair() -> (ConnShared, Socket) {
+    /// owner loop never runs: the commands sent to it wait in the receiver.
+    fn conn_over_a_pair() -> (ConnShared, Socket, crossbeam_channel::Receiver<Command>) {
         use socket2::{Domain, Type};
         let (near, far) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
         near.set_nonblocking(true).unwrap();
         let poll = mio::Poll::new().unwrap();
-        let (tx, _rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::unbounded();
         let owner = LoopHandle {
             index: 0,
             tx,
             waker: Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap()),
             polling: Arc::new(AtomicBool::new(false)),
         };
-        (
-            ConnShared::new(0, peer(), near, 1 << 20, 1 << 20, owner),
-            far,
-        )
+        let conn = ConnShared::new(0, peer(), near, 1 << 20, 1 << 20, owner);
+        (conn, far, rx)
     }
 
     /// A waiting caller takes the responses and stops at the first other
-    /// frame, which it leaves, with all that follows, for the loop; its
-    /// read is recorded as the peer's life. It keeps off while the loop
-    /// wants the decoder or has taken it.
+    /// frame, which it leaves, with all that follows, for the loop, and
+    /// asks the loop to read them (the socket it emptied gives the loop no
+    /// readable edge); its read is recorded as the peer's life. It keeps
+    /// off while the loop wants the decoder or has taken it.
     #[test]
     fn a_caller_reads_responses_and_leaves_every_other_frame_to_the_loop() {
         use crate::protocol::{Kind, encode_ok_response, encode_pong};
         use std::io::Write;
-        let (conn, far) = conn_over_a_pair();
+        let (conn, far, commands) = conn_over_a_pair();
+        let read_left = || {
+            commands
+                .try_iter()
+                .filter(|c| matches!(c, Command::ReadLeft { token: 0, id } if *id == conn.id))
+                .count()
+        };
         let slots: Vec<_> = (1..=3).map(|_| CallSlot::new()).collect();
         for (id, slot) in (1..).zip(&slots) {
             conn.calls.register(id, slot.clone(), 10, peer()).unwrap();
@@ -951,9 +965,12 @@ mod tests {
             "the response behind the Pong is the loop's"
         );
         assert!(conn.caller_read_at().is_some_and(|at| at >= before));
-        // Called again, it still leaves the Pong (and the rest) alone.
+        assert_eq!(read_left(), 1, "the loop is asked to read what was left");
+        // Called again, it still leaves the Pong (and the rest) alone, and
+        // asks no more: it brought nothing new.
         assert!(conn.read_responses());
         assert!(!slots[1].is_done());
+        assert_eq!(read_left(), 0);
         let mut reader = conn.reader.lock();
         let decoder = reader.as_mut().unwrap();
         let kinds: Vec<_> = std::iter::from_fn(|| decoder.next_frame().unwrap())
@@ -974,6 +991,7 @@ mod tests {
         assert!(!slots[2].is_done());
         assert!(conn.read_responses());
         assert!(slots[2].is_done(), "read once the loop let go");
+        assert_eq!(read_left(), 0, "nothing was left for the loop");
     }
 
     #[test]

@@ -116,6 +116,9 @@ pub(crate) enum Command {
     /// Read on: the connection's held one-way calls may be handled now (see
     /// `ConnShared::hold_reads`).
     ResumeReads { token: usize, id: u64 },
+    /// Handle the frames a caller left in the connection's decoder (see
+    /// `ConnShared::read_responses`), then read on.
+    ReadLeft { token: usize, id: u64 },
     /// Reply with a snapshot of this loop's provider connections.
     Peers(Sender<Vec<PeerInfo>>),
     /// Stop accepting new connections; reply when done.

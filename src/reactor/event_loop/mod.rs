@@ -412,6 +412,11 @@ impl EventLoop {
                     self.close(token, reason, None, now);
                 }
             }
+            Command::ReadLeft { token, id } => {
+                if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
+                    self.read(token, false, now);
+                }
+            }
             Command::ResumeReads { token, id } => {
                 // The frames left in the decoder first, then the socket up
                 // to `WouldBlock` (hence `hangup`: an end of stream that came
