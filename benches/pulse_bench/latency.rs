@@ -231,7 +231,8 @@ pub fn pinned_child_main() {
 }
 
 /// Role `probe`: N sequential calls of one kind, for `strace -c -f` or
-/// `perf stat`. `PULSE_BENCH_PROBE=raw|pool|inline`, `PULSE_BENCH_CALLS`
+/// `perf stat`; prints the time taken, p50 / p99 / p99.9, the slowest call
+/// and CPU per call. `PULSE_BENCH_PROBE=raw|pool|inline`, `PULSE_BENCH_CALLS`
 /// (default 20,000), `PULSE_BENCH_PAYLOAD` (bytes, default 32),
 /// `PULSE_BENCH_LOOPS` (server event loops, default: cores),
 /// `PULSE_BENCH_WORKERS` (the server's worker threads, default 32),
@@ -310,10 +311,12 @@ pub fn probe_main() {
     let p = Percentiles::of(&hist);
     let cpu = common::process_cpu().saturating_sub(cpu0);
     println!(
-        "probe {which}: {calls} calls of {size} B in {:.2?}, errors {errors}, p50 {:.1} µs, p99 {:.1} µs, cpu {:.1} µs/call",
+        "probe {which}: {calls} calls of {size} B in {:.2?}, errors {errors}, p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs, cpu {:.1} µs/call",
         t0.elapsed(),
         p.p50_us,
         p.p99_us,
+        p.p999_us,
+        p.max_us,
         cpu.as_secs_f64() * 1e6 / calls.max(1) as f64
     );
 }
