@@ -934,8 +934,7 @@ mod tests {
     /// A client whose loop polls on for `busy_poll` after a call's turn,
     /// with heartbeats too rare to start a turn during a test. Its callers
     /// do not spin, so its loop reads every response: a spinning caller
-    /// reads them itself, and the loop then has no call's turn to poll on
-    /// after.
+    /// reads them itself, and a sleeping loop is not woken to poll on.
     fn client(server: &Server, busy_poll: Duration) -> Client {
         let mut config = ClientConfig::default();
         config.connection.busy_poll = busy_poll;

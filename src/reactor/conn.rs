@@ -245,6 +245,10 @@ impl ConnShared {
             for id in self.calls.complete_all(&mut responses, &mut slots) {
                 log::debug!("{}: response {id} came after its call gave up", self.peer);
             }
+            // The loop stays ready to take the next answers itself, as if
+            // it had read these: a caller that shares its core with a busy
+            // thread is slow to read them, and a sleeping loop slower.
+            self.owner.note_callers_moved_calls();
         }
         true
     }
@@ -927,6 +931,7 @@ mod tests {
             tx,
             waker: Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap()),
             polling: Arc::new(AtomicBool::new(false)),
+            callers_moved_calls: Arc::new(AtomicBool::new(false)),
         };
         let conn = ConnShared::new(0, peer(), near, 1 << 20, 1 << 20, owner);
         (conn, far, rx)
@@ -966,11 +971,16 @@ mod tests {
         );
         assert!(conn.caller_read_at().is_some_and(|at| at >= before));
         assert_eq!(read_left(), 1, "the loop is asked to read what was left");
+        assert!(
+            conn.owner.take_callers_moved_calls(),
+            "a completed call keeps a polling loop polling"
+        );
         // Called again, it still leaves the Pong (and the rest) alone, and
         // asks no more: it brought nothing new.
         assert!(conn.read_responses());
         assert!(!slots[1].is_done());
         assert_eq!(read_left(), 0);
+        assert!(!conn.owner.take_callers_moved_calls(), "no call completed");
         let mut reader = conn.reader.lock();
         let decoder = reader.as_mut().unwrap();
         let kinds: Vec<_> = std::iter::from_fn(|| decoder.next_frame().unwrap())

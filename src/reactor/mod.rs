@@ -167,6 +167,10 @@ pub(crate) struct LoopHandle {
     /// The loop is busy-polling and checks its commands between polls: a
     /// command needs no wake-up (see `EventLoop::wait`).
     polling: Arc<AtomicBool>,
+    /// A waiting caller completed calls on one of this loop's connections
+    /// since the loop last looked (see `ConnShared::read_responses`): the
+    /// loop polls on as if it had read them itself.
+    callers_moved_calls: Arc<AtomicBool>,
 }
 
 impl LoopHandle {
@@ -189,6 +193,21 @@ impl LoopHandle {
     /// Whether the loop is busy-polling right now.
     pub(crate) fn is_polling(&self) -> bool {
         self.polling.load(Ordering::Relaxed)
+    }
+
+    /// Tells the loop that a caller completed calls on one of its
+    /// connections (see `callers_moved_calls`).
+    pub(crate) fn note_callers_moved_calls(&self) {
+        // A load first: no cache-line write while the flag is up already.
+        if !self.callers_moved_calls.load(Ordering::Relaxed) {
+            self.callers_moved_calls.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether callers completed calls since the last call of this; clears it.
+    fn take_callers_moved_calls(&self) -> bool {
+        self.callers_moved_calls.load(Ordering::Relaxed)
+            && self.callers_moved_calls.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -233,6 +252,7 @@ impl Runtime {
                 tx,
                 waker: Arc::new(waker),
                 polling: Arc::new(AtomicBool::new(false)),
+                callers_moved_calls: Arc::new(AtomicBool::new(false)),
             });
             polls.push(poll);
             receivers.push(rx);

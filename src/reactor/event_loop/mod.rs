@@ -254,9 +254,11 @@ impl EventLoop {
     /// for a busy worker (`ServerShared::watch_jobs`): at every poll, and
     /// it sleeps no longer than until the next one is due.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
-        if std::mem::take(&mut self.moved_calls) && !self.busy_poll.is_zero() {
-            let until = Instant::now() + self.busy_poll;
-            let polling = &self.loops[self.index].polling;
+        let handle = &self.loops[self.index];
+        let moved = std::mem::take(&mut self.moved_calls) | handle.take_callers_moved_calls();
+        if moved && !self.busy_poll.is_zero() {
+            let mut until = Instant::now() + self.busy_poll;
+            let polling = &handle.polling;
             polling.store(true, Ordering::Relaxed);
             let polled = loop {
                 if let Err(e) = self.poll.poll(events, Some(Duration::ZERO)) {
@@ -265,6 +267,10 @@ impl EventLoop {
                 let now = Instant::now();
                 if let Some(server) = &self.server {
                     server.watch_jobs(now);
+                }
+                if now >= until && handle.take_callers_moved_calls() {
+                    // Callers read answers meanwhile: calls are moving.
+                    until = now + self.busy_poll;
                 }
                 if !events.is_empty() || !self.commands.is_empty() || now >= until {
                     break Ok(());
