@@ -736,6 +736,116 @@ fn a_trickling_frame_is_closed_by_frame_timeout_not_by_the_heartbeat() {
     assert_eq!(rmp_serde::from_slice::<u64>(&response.body).unwrap(), 77);
 }
 
+/// A client whose caller spins (reading the socket itself) through all of
+/// `spin`, with `frame_timeout` and a heartbeat of 1 h (no pings).
+fn spinning_client(fake: &FakeProvider, spin: Duration, frame_timeout: Duration) -> Client {
+    let config = ClientConfig {
+        spin_wait: spin,
+        call_timeout: Duration::from_secs(8),
+        ..quick_reconnect_config_with(pulse::ConnectionConfig {
+            heartbeat: heartbeat(3_600_000, 3),
+            frame_timeout: Some(frame_timeout),
+            ..Default::default()
+        })
+    };
+    Client::connect_lazy(fake.addr(), config).expect("client")
+}
+
+/// The consumer's side of slowloris: a provider trickles a response, byte
+/// by byte, to a caller that spins for it and reads the bytes itself. The
+/// loop must still time the frame (the caller tells it a frame began,
+/// `Command::ReadLeft`; the unit test `a_caller_that_starts_a_frame_tells_
+/// the_loop_once` checks that command, since here the loop may also win
+/// the read of some byte and start timing then) and close at
+/// `frame_timeout`; the call then fails with `ConnectionLost`, not at its
+/// 8 s timeout.
+#[test]
+fn a_provider_trickling_a_response_to_a_reading_caller_meets_frame_timeout() {
+    let _shared = MEMORY.shared();
+    let frame_timeout = Duration::from_millis(300);
+    let fake = FakeProvider::bind();
+    let client = spinning_client(&fake, Duration::from_secs(10), frame_timeout);
+    let events = client.events();
+    let caller = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (client.call::<_, u64>("demo", "ping", &1u64), t.elapsed())
+        })
+    };
+    let mut peer = fake.accept_ready(PROMPTLY);
+    let request = peer.next_frame(PROMPTLY);
+    assert_eq!(request.header.kind, Kind::Request);
+    peer.send(&Header::new(Kind::Response, 0, request.header.id, 1000).encode());
+    let started = Instant::now();
+    // One byte every 20 ms until the client hangs up (or 5 s).
+    while started.elapsed() < Duration::from_secs(5) && peer.try_send(&[0xc0]).is_ok() {
+        match peer.read(Instant::now() + Duration::from_millis(20)) {
+            Err(_) => break,
+            Ok(Some(f)) if f.header.kind == Kind::Close => break,
+            Ok(_) => {}
+        }
+    }
+    let (result, took) = caller.join().expect("the caller thread");
+    assert!(
+        matches!(result, Err(Error::ConnectionLost { .. })),
+        "the trickled call ended with {result:?} after {took:?}"
+    );
+    assert!(
+        took < frame_timeout + Duration::from_secs(3),
+        "the call waited {took:?}"
+    );
+    let reason = wait_any_disconnected(&events);
+    assert_eq!(reason, DisconnectReason::FrameTimeout);
+}
+
+/// The other way round: the loop starts timing a response it got half of,
+/// and a spinning caller reads the other half. The loop, which never saw
+/// the frame end, must not close the connection at `frame_timeout` for it
+/// (it checks whether callers finished frames meanwhile).
+#[test]
+fn a_response_finished_by_a_reading_caller_is_no_frame_timeout() {
+    let _shared = MEMORY.shared();
+    let frame_timeout = Duration::from_millis(200);
+    let fake = FakeProvider::bind();
+    let client = spinning_client(&fake, Duration::from_millis(40), frame_timeout);
+    let events = client.events();
+    let mut peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+    // Started, not waited for: nobody spins, so the loop reads the first
+    // half of its answer and times the frame from there.
+    let first = client
+        .start::<_, String>("demo", "blob", &1000u64)
+        .expect("start");
+    let request = peer.next_frame(PROMPTLY);
+    let response = encode_ok_response(request.header.id, &"x".repeat(1000)).expect("encode");
+    let (head, tail) = response.split_at(500);
+    peer.send(head);
+    std::thread::sleep(Duration::from_millis(20));
+    // A caller waiting for a second call spins (40 ms) and reads: it takes
+    // the other half (the loop sleeps) and finishes the first answer.
+    let second = client
+        .start::<_, u64>("demo", "ping", &2u64)
+        .expect("start");
+    let second_request = peer.next_frame(PROMPTLY);
+    let waiter = std::thread::spawn(move || second.wait());
+    std::thread::sleep(Duration::from_millis(10));
+    peer.send(tail);
+    // Past the frame timeout of the half the loop saw, with nothing read
+    // since, then the second answer.
+    std::thread::sleep(frame_timeout * 2);
+    peer.send(&encode_ok_response(second_request.header.id, &2u64).expect("encode"));
+    assert_eq!(
+        waiter
+            .join()
+            .expect("the second caller")
+            .expect("the second call"),
+        2
+    );
+    assert_eq!(first.wait().expect("the first call").len(), 1000);
+    assert_no_disconnect(&drain(&events));
+}
+
 // ----- max idle ----------------------------------------------------------------------------
 
 #[test]

@@ -82,6 +82,10 @@ pub(crate) struct ConnShared {
     /// The loop is about to read: callers leave the decoder alone until it
     /// took it (see `EventLoop::read`).
     pub(crate) loop_wants_reader: AtomicBool,
+    /// Responses that callers took from the decoder so far, counted under
+    /// its lock: the loop, timing an unfinished frame for `frame_timeout`,
+    /// compares it to tell that a caller finished that frame meanwhile.
+    pub(crate) responses_taken: AtomicU64,
 }
 
 /// `ConnShared::reads_held_below` while the reads wait for room in the
@@ -158,6 +162,7 @@ impl ConnShared {
             reader: Mutex::new(Some(FrameDecoder::new(max_frame_len))),
             caller_read_at: AtomicU64::new(0),
             loop_wants_reader: AtomicBool::new(false),
+            responses_taken: AtomicU64::new(0),
         }
     }
 
@@ -175,7 +180,9 @@ impl ConnShared {
     /// Only responses: at any other frame (Ping, Pong, Close, a Request a
     /// provider should not send, or a header the decoder refuses) it stops
     /// and leaves that frame, and what follows it, for the loop, which it
-    /// then asks to read (`Command::ReadLeft`) if this read brought them:
+    /// then asks to read (`Command::ReadLeft`) if this read brought them
+    /// (and likewise when this read left a frame half received, so that
+    /// the loop times it from its start, `frame_timeout`):
     /// the readiness edge of those bytes does not do it, because epoll
     /// reports an edge with the socket's state when the loop collects it,
     /// and by then this read has emptied the socket (found in session 24:
@@ -199,6 +206,7 @@ impl ConnShared {
             .flatten()
             .unwrap_or_else(|| vec![0; CALLER_READ_BUF_LEN]);
         let unused = decoder.adopt_buffer(spare);
+        let was_mid_frame = decoder.is_mid_frame();
         let mut responses = Vec::new();
         let mut read_any = false;
         let left_for_loop = loop {
@@ -227,6 +235,13 @@ impl ConnShared {
                 _ => break false, // end of stream, error, WouldBlock: the loop's
             }
         };
+        // A frame this read started and left unfinished: the loop is to know
+        // when it started, for `frame_timeout` (a provider that trickles a
+        // frame to a caller spinning on it is closed like any other).
+        let started_a_frame = read_any && !was_mid_frame && decoder.is_mid_frame();
+        // Counted before the lock goes, with the decoder's state it explains.
+        self.responses_taken
+            .fetch_add(responses.len() as u64, Ordering::Relaxed);
         // Drained: the buffer goes back to this thread (a connection left
         // mid-frame keeps it until the frame completes).
         let back = unused.or_else(|| decoder.release_buffer());
@@ -234,7 +249,7 @@ impl ConnShared {
         if let Some(buf) = back {
             let _ = CALLER_READ_BUF.try_with(|spare| spare.set(Some(buf)));
         }
-        if left_for_loop && read_any {
+        if (left_for_loop && read_any) || started_a_frame {
             self.owner.send(Command::ReadLeft {
                 token: self.token,
                 id: self.id,
@@ -1002,6 +1017,33 @@ mod tests {
         assert!(conn.read_responses());
         assert!(slots[2].is_done(), "read once the loop let go");
         assert_eq!(read_left(), 0, "nothing was left for the loop");
+    }
+
+    /// A read that leaves a frame half received asks the loop to read once
+    /// (so that it times the frame from its start, `frame_timeout`); reads
+    /// of the same frame's later parts do not ask again; the caller that
+    /// reads its last part takes it and counts it in `responses_taken`.
+    #[test]
+    fn a_caller_that_starts_a_frame_tells_the_loop_once() {
+        use crate::protocol::encode_ok_response;
+        use std::io::Write;
+        let (conn, far, commands) = conn_over_a_pair();
+        let slot = CallSlot::new();
+        conn.calls.register(1, slot.clone(), 10, peer()).unwrap();
+        let response = encode_ok_response(1, &"x".repeat(1000)).unwrap();
+        let read_left = || {
+            commands
+                .try_iter()
+                .filter(|c| matches!(c, Command::ReadLeft { .. }))
+                .count()
+        };
+        for (part, asks) in [(0..300, 1), (300..600, 0), (600..response.len(), 0)] {
+            (&far).write_all(&response[part.clone()]).unwrap();
+            assert!(conn.read_responses());
+            assert_eq!(read_left(), asks, "after bytes {part:?}");
+        }
+        assert!(slot.is_done());
+        assert_eq!(conn.responses_taken.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -92,6 +92,9 @@ struct Conn {
     opened_at: Instant,
     /// When the frame now arriving started (for `frame_timeout`).
     frame_started: Option<Instant>,
+    /// `ConnShared::responses_taken` when the loop last looked: a change
+    /// means callers finished frames since (see `read::handle_frames`).
+    seen_taken: u64,
     /// When the peer last pinged us, and how many reads in a row brought a
     /// ping too soon after the previous one.
     last_ping_in: Option<Instant>,

@@ -163,6 +163,7 @@ impl EventLoop {
             connected_since: SystemTime::now(),
             opened_at: Instant::now(),
             frame_started: None,
+            seen_taken: 0,
             last_ping_in: None,
             ping_strikes: 0,
             reads: 0,

@@ -243,8 +243,13 @@ impl EventLoop {
                     }
                 }
                 Ok(None) => {
-                    // The frame timeout runs from a frame's first byte.
-                    let started = match (decoder.is_mid_frame(), completed_any) {
+                    // The frame timeout runs from a frame's first byte. A
+                    // frame finished since the loop last looked (by this
+                    // read, or by a caller's) ends the one it was timing.
+                    let taken = conn.shared.responses_taken.load(Ordering::Relaxed);
+                    let callers_finished = std::mem::replace(&mut conn.seen_taken, taken) != taken;
+                    let started = match (decoder.is_mid_frame(), completed_any || callers_finished)
+                    {
                         (false, _) => None,
                         (true, true) => Some(now),
                         (true, false) => conn.frame_started.or(Some(now)),
