@@ -753,12 +753,11 @@ fn spinning_client(fake: &FakeProvider, spin: Duration, frame_timeout: Duration)
 
 /// The consumer's side of slowloris: a provider trickles a response, byte
 /// by byte, to a caller that spins for it and reads the bytes itself. The
-/// loop must still time the frame (the caller tells it a frame began,
-/// `Command::ReadLeft`; the unit test `a_caller_that_starts_a_frame_tells_
-/// the_loop_once` checks that command, since here the loop may also win
-/// the read of some byte and start timing then) and close at
-/// `frame_timeout`; the call then fails with `ConnectionLost`, not at its
-/// 8 s timeout.
+/// loop must still time the frame and close at `frame_timeout`; the call
+/// then fails with `ConnectionLost`, not at its 8 s timeout. (The caller
+/// tells the loop a frame began, `Command::ReadLeft`, which the unit test
+/// `a_caller_that_starts_a_frame_tells_the_loop_once` checks: here the
+/// loop may also win the read of some byte and start timing then.)
 #[test]
 fn a_provider_trickling_a_response_to_a_reading_caller_meets_frame_timeout() {
     let _shared = MEMORY.shared();
