@@ -1037,6 +1037,73 @@ fn a_response_a_caller_leaves_behind_a_pong_reaches_it() {
     assert_eq!(provider.join().expect("the fake provider thread"), 20);
 }
 
+/// A provider frozen while a caller keeps calling (and reading the answers
+/// itself) is reported missed 1, then 2, then dead, each once. The loop
+/// feeds the callers' last read to the heartbeat only when it is news: fed
+/// at every timer although the loop had read a later Ping itself, it reset
+/// the count of missed intervals, and each miss was reported twice (the
+/// ping_pong pair showed it, 2 of 2 freezes; so does this test).
+#[test]
+fn each_miss_is_reported_once_while_callers_read() {
+    let _serial = serial_shared();
+    let (interval, max_missed) = (ms(200), 3);
+    let monitor = StallMonitor::start(interval / 2);
+    let (_server, _server_log, proxy, client, client_log) = through_proxy(
+        server_config(interval, max_missed),
+        client_config(interval, max_missed),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = SetOnDrop(&stop);
+    let caller = {
+        let (client, stop) = (client.clone(), Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 100_000 {
+                let _ = ping(&client, n); // fails once the provider is frozen
+                n += 1;
+                thread::sleep(ms(20));
+            }
+        })
+    };
+    // Calls and heartbeats flow for a while, then the provider goes silent.
+    thread::sleep(ms(600));
+    let from = client_log.len();
+    let t0 = proxy.blackhole();
+    let (_, dead) = client_log.wait_for(from, support::PROMPTLY, "a disconnect", is_disconnected);
+    stop.store(true, Ordering::Relaxed);
+    caller.join().expect("the calling thread");
+    let misses: Vec<u32> = client_log
+        .all(from, |e| matches!(e, Event::HeartbeatMissed { .. }))
+        .into_iter()
+        .filter(|(_, e)| e.at <= dead.at)
+        .filter_map(|(_, e)| match e.event {
+            Event::HeartbeatMissed { missed, .. } => Some(missed),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            dead.event,
+            Event::Disconnected {
+                reason: DisconnectReason::HeartbeatTimeout,
+                ..
+            }
+        ),
+        "{:?}",
+        dead.event
+    );
+    if misses != [1, 2] {
+        // A stall of this process restarts the count (see `unexplained`).
+        let stall = monitor.overlapping(t0, dead.at);
+        assert!(
+            stall.is_some(),
+            "misses reported {misses:?}, not 1 then 2:\n{}",
+            client_log.dump(from, t0)
+        );
+        eprintln!("excused (a {stall:?} stall): misses {misses:?}");
+    }
+}
+
 /// Plays a provider on `peer` until `stop` is set or the stream ends:
 /// answers the `n`th Request (from 0), 2 ms after it came, with
 /// `answer(request id, n)`, and leaves Pings unanswered. The pause lets

@@ -52,8 +52,13 @@ impl EventLoop {
             Phase::Closing { .. } => self.resume_write(token, now),
             Phase::Connecting { .. } => {}
             Phase::Handshaking | Phase::Ready => {
-                // Responses a waiting caller read itself are life too.
-                if let Some(read) = conn.shared.caller_read_at() {
+                // Responses a waiting caller read itself are life too, when
+                // newer than what the heartbeat knows: an older read fed
+                // again would reset its count of missed intervals and report
+                // the same miss twice.
+                if let Some(read) = conn.shared.caller_read_at()
+                    && read > conn.heartbeat.last_read()
+                {
                     conn.heartbeat.on_read(read);
                 }
                 if let Some(written) = conn.shared.out.last_write()
