@@ -188,8 +188,9 @@ impl ConnShared {
     /// and by then this read has emptied the socket (found in session 24:
     /// a Pong read with a response left that response behind it until the
     /// next heartbeat, a 1 s stall). An end of stream or a read error is
-    /// left to the loop as is (the socket still reports it). The bytes read
-    /// here count as the peer's life (`caller_read_at`).
+    /// left to the loop as is: the socket still reports the hang-up (after
+    /// a reset this read took, as an end of stream). The bytes read here
+    /// count as the peer's life (`caller_read_at`).
     pub(crate) fn read_responses(&self) -> bool {
         if self.loop_wants_reader.load(Ordering::Relaxed) {
             return false;

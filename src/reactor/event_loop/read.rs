@@ -102,9 +102,9 @@ impl EventLoop {
     /// When a caller holds the decoder, the loop waits for it, and raises
     /// `loop_wants_reader` first so that no caller takes it again meanwhile:
     /// a caller holds it for one non-blocking read and the decoding of what
-    /// came, and leaves every frame but responses to the loop, which this
-    /// edge may have brought. (Without the flag, a caller spinning on its
-    /// reads took the lock again and again ahead of the waiting loop.)
+    /// came (what it leaves for the loop, it announces with
+    /// `Command::ReadLeft`). Without the flag, a caller spinning on its
+    /// reads took the lock again and again ahead of the waiting loop.
     pub(super) fn read(&mut self, token: usize, hangup: bool, now: Instant) {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
