@@ -798,6 +798,36 @@ fn a_provider_trickling_a_response_to_a_reading_caller_meets_frame_timeout() {
     assert_eq!(reason, DisconnectReason::FrameTimeout);
 }
 
+/// A provider that resets the connection while a caller spins for its
+/// answer, reading the socket itself: the caller's read takes the reset
+/// (the socket reports it once) and hands it to the loop, so the
+/// disconnect says `Io`, as when the loop reads it, not a plain end of
+/// stream; the call ends with `ConnectionLost`.
+#[test]
+fn a_reset_a_reading_caller_meets_is_reported_as_an_io_error() {
+    let _shared = MEMORY.shared();
+    let fake = FakeProvider::bind();
+    let client = spinning_client(&fake, Duration::from_secs(2), Duration::from_secs(30));
+    let events = client.events();
+    let mut peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+    let call = client
+        .start::<_, u64>("demo", "ping", &1u64)
+        .expect("start");
+    let _request = peer.next_frame(PROMPTLY);
+    let waiter = std::thread::spawn(move || call.wait());
+    // The caller spins by now, reading; the loop sleeps.
+    std::thread::sleep(Duration::from_millis(20));
+    peer.reset();
+    let result = waiter.join().expect("the caller thread");
+    assert!(
+        matches!(result, Err(Error::ConnectionLost { .. })),
+        "{result:?}"
+    );
+    let reason = wait_any_disconnected(&events);
+    assert!(matches!(reason, DisconnectReason::Io(_)), "{reason:?}");
+}
+
 /// The other way round: the loop starts timing a response it got half of,
 /// and a spinning caller reads the other half. The loop, which never saw
 /// the frame end, must not close the connection at `frame_timeout` for it

@@ -12,6 +12,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -86,6 +87,10 @@ pub(crate) struct ConnShared {
     /// its lock: the loop, timing an unfinished frame for `frame_timeout`,
     /// compares it to tell that a caller finished that frame meanwhile.
     pub(crate) responses_taken: AtomicU64,
+    /// The error a caller's read got (a reset, say), for the loop to close
+    /// the connection with: the socket reports such an error once, to
+    /// whoever reads, and would show the loop only an end of stream.
+    caller_read_error: Mutex<Option<String>>,
 }
 
 /// `ConnShared::reads_held_below` while the reads wait for room in the
@@ -163,6 +168,7 @@ impl ConnShared {
             caller_read_at: AtomicU64::new(0),
             loop_wants_reader: AtomicBool::new(false),
             responses_taken: AtomicU64::new(0),
+            caller_read_error: Mutex::new(None),
         }
     }
 
@@ -187,10 +193,11 @@ impl ConnShared {
     /// reports an edge with the socket's state when the loop collects it,
     /// and by then this read has emptied the socket (found in session 24:
     /// a Pong read with a response left that response behind it until the
-    /// next heartbeat, a 1 s stall). An end of stream or a read error is
-    /// left to the loop as is: the socket still reports the hang-up (after
-    /// a reset this read took, as an end of stream). The bytes read here
-    /// count as the peer's life (`caller_read_at`).
+    /// next heartbeat, a 1 s stall). An end of stream is left to the loop
+    /// as is (the socket keeps reporting it); a read error is handed to the
+    /// loop with the same command (`caller_read_error`), as the socket
+    /// reports it only once. The bytes read here count as the peer's life
+    /// (`caller_read_at`).
     pub(crate) fn read_responses(&self) -> bool {
         if self.loop_wants_reader.load(Ordering::Relaxed) {
             return false;
@@ -210,6 +217,7 @@ impl ConnShared {
         let was_mid_frame = decoder.is_mid_frame();
         let mut responses = Vec::new();
         let mut read_any = false;
+        let mut failed = false;
         let left_for_loop = loop {
             // Frames already buffered first (the loop may have left some).
             let stop = loop {
@@ -233,7 +241,20 @@ impl ConnShared {
                     let now = crate::clock::to_nanos(Instant::now()).max(1);
                     self.caller_read_at.fetch_max(now, Ordering::Relaxed);
                 }
-                _ => break false, // end of stream, error, WouldBlock: the loop's
+                Ok(_) => break false, // end of stream: the socket keeps reporting it
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    break false;
+                }
+                Err(e) => {
+                    *self.caller_read_error.lock() = Some(e.to_string());
+                    failed = true;
+                    break false;
+                }
             }
         };
         // A frame this read started and left unfinished: the loop is to know
@@ -250,7 +271,7 @@ impl ConnShared {
         if let Some(buf) = back {
             let _ = CALLER_READ_BUF.try_with(|spare| spare.set(Some(buf)));
         }
-        if (left_for_loop && read_any) || started_a_frame {
+        if (left_for_loop && read_any) || started_a_frame || failed {
             self.owner.send(Command::ReadLeft {
                 token: self.token,
                 id: self.id,
@@ -267,6 +288,11 @@ impl ConnShared {
             self.owner.note_callers_moved_calls();
         }
         true
+    }
+
+    /// The error a caller's read got, once (see `caller_read_error`).
+    pub(crate) fn take_caller_read_error(&self) -> Option<String> {
+        self.caller_read_error.lock().take()
     }
 
     /// When a caller last read bytes from the socket
@@ -1045,6 +1071,25 @@ mod tests {
         }
         assert!(slot.is_done());
         assert_eq!(conn.responses_taken.load(Ordering::Relaxed), 1);
+    }
+
+    /// A read error a caller meets (here a Unix socket's reset: its peer
+    /// closed with our bytes unread) is handed to the loop, once, with a
+    /// `ReadLeft`: the socket will not report it again.
+    #[test]
+    fn a_read_error_a_caller_meets_is_kept_for_the_loop() {
+        let (conn, far, commands) = conn_over_a_pair();
+        conn.socket.send(b"unread").unwrap();
+        drop(far);
+        assert!(conn.read_responses());
+        let error = conn.take_caller_read_error().expect("the error is kept");
+        assert!(error.contains("reset"), "{error}");
+        assert_eq!(conn.take_caller_read_error(), None, "handed over once");
+        let read_left = commands
+            .try_iter()
+            .filter(|c| matches!(c, Command::ReadLeft { .. }))
+            .count();
+        assert_eq!(read_left, 1);
     }
 
     #[test]

@@ -192,6 +192,11 @@ impl EventLoop {
                 return Flow::Closed;
             };
             just_read = false;
+            // A caller's read met an error first (`ConnShared::read_responses`).
+            if let Some(error) = conn.shared.take_caller_read_error() {
+                self.close(token, DisconnectReason::Io(error), None, now);
+                return Flow::Closed;
+            }
             match decoder.read_from(&conn.shared.socket) {
                 Ok(0) => {
                     let reason = DisconnectReason::PeerClosed {
