@@ -24,6 +24,17 @@ pub(crate) fn from_nanos(nanos: u64) -> Instant {
     origin() + std::time::Duration::from_nanos(nanos)
 }
 
+/// `at` for an `AtomicU64` in which 0 means "never": [`to_nanos`], at
+/// least 1. Read back with [`from_stamp`].
+pub(crate) fn to_stamp(at: Instant) -> u64 {
+    to_nanos(at).max(1)
+}
+
+/// The instant a [`to_stamp`] value stands for; `None` for 0 ("never").
+pub(crate) fn from_stamp(stamp: u64) -> Option<Instant> {
+    (stamp != 0).then(|| from_nanos(stamp))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +52,15 @@ mod tests {
         origin();
         let now = Instant::now();
         assert_eq!(from_nanos(to_nanos(now)), now);
+    }
+
+    /// A stamp is never 0, which stands for "never"; later ones round-trip.
+    #[test]
+    fn a_stamp_is_never_the_never_value() {
+        let origin = origin();
+        assert_eq!(to_stamp(origin), 1);
+        assert_eq!(from_stamp(0), None);
+        let later = origin + std::time::Duration::from_millis(5);
+        assert_eq!(from_stamp(to_stamp(later)), Some(later));
     }
 }

@@ -283,11 +283,8 @@ impl<T> JobQueue<T> {
     /// event loops call it as they poll and before they sleep; `now` is
     /// the caller's clock.
     pub(crate) fn watch(&self, now: Instant) -> Option<Instant> {
-        let left_at = self.left_at.load(Ordering::Acquire);
-        if left_at == 0 {
-            return None;
-        }
-        let due = crate::clock::from_nanos(left_at) + self.wake_delay;
+        let left_at = crate::clock::from_stamp(self.left_at.load(Ordering::Acquire))?;
+        let due = left_at + self.wake_delay;
         if now < due {
             return Some(due);
         }
@@ -358,7 +355,7 @@ impl<T> JobQueue<T> {
     /// Sets `left_since` and its atomic copy `left_at`.
     fn set_left_since(&self, state: &mut State<T>, since: Option<Instant>) {
         state.left_since = since;
-        let nanos = since.map_or(0, |at| crate::clock::to_nanos(at).max(1));
+        let nanos = since.map_or(0, crate::clock::to_stamp);
         self.left_at.store(nanos, Ordering::Release);
     }
 }

@@ -117,7 +117,7 @@ impl OneWayPace {
     /// one before by less than `window`. Concurrent senders each compare
     /// with whichever send was recorded last.
     pub(crate) fn follows_within(&self, now: Instant, window: Duration) -> bool {
-        let now = crate::clock::to_nanos(now).max(1); // 0 means "none yet"
+        let now = crate::clock::to_stamp(now);
         let last = self.last_sent.swap(now, Ordering::Relaxed);
         let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         last != 0 && now.saturating_sub(last) < window
@@ -237,8 +237,7 @@ impl ConnShared {
             match decoder.read_from(&self.socket) {
                 Ok(n) if n > 0 => {
                     read_any = true;
-                    // At least 1: 0 means never.
-                    let now = crate::clock::to_nanos(Instant::now()).max(1);
+                    let now = crate::clock::to_stamp(Instant::now());
                     self.caller_read_at.fetch_max(now, Ordering::Relaxed);
                 }
                 Ok(_) => break false, // end of stream: the socket keeps reporting it
@@ -261,9 +260,13 @@ impl ConnShared {
         // when it started, for `frame_timeout` (a provider that trickles a
         // frame to a caller spinning on it is closed like any other).
         let started_a_frame = read_any && !was_mid_frame && decoder.is_mid_frame();
-        // Counted before the lock goes, with the decoder's state it explains.
-        self.responses_taken
-            .fetch_add(responses.len() as u64, Ordering::Relaxed);
+        // Counted before the lock goes, with the decoder's state it explains
+        // (and only when there is something to count: this runs at every
+        // round of a spinning caller).
+        if !responses.is_empty() {
+            self.responses_taken
+                .fetch_add(responses.len() as u64, Ordering::Relaxed);
+        }
         // Drained: the buffer goes back to this thread (a connection left
         // mid-frame keeps it until the frame completes).
         let back = unused.or_else(|| decoder.release_buffer());
@@ -298,10 +301,7 @@ impl ConnShared {
     /// When a caller last read bytes from the socket
     /// ([`read_responses`](Self::read_responses)), if ever.
     pub(crate) fn caller_read_at(&self) -> Option<Instant> {
-        match self.caller_read_at.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(crate::clock::from_nanos(nanos)),
-        }
+        crate::clock::from_stamp(self.caller_read_at.load(Ordering::Relaxed))
     }
 
     /// Queues a frame and writes what the socket takes now.
@@ -373,7 +373,7 @@ impl ConnShared {
     /// the middle of it. [`requests_open`](Self::requests_open) counts the
     /// call until the guard drops.
     pub(crate) fn call_finished(&self) -> Replying<'_> {
-        let now = crate::clock::to_nanos(Instant::now()).max(1);
+        let now = crate::clock::to_stamp(Instant::now());
         self.call_done.store(now, Ordering::Relaxed);
         // Raised before `handling` drops, and that drop releases it: a loop
         // that sees the lower `handling` (acquire) sees `replying` raised.
@@ -457,10 +457,7 @@ impl ConnShared {
 
     /// When the last handled request finished, if any did.
     pub(crate) fn last_call_done(&self) -> Option<Instant> {
-        match self.call_done.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(crate::clock::from_nanos(nanos)),
-        }
+        crate::clock::from_stamp(self.call_done.load(Ordering::Relaxed))
     }
 
     /// Asks the owning loop to close this connection with a Close frame.

@@ -438,10 +438,7 @@ impl Outbound {
 
     /// When this side last wrote bytes (`None` if never).
     pub(crate) fn last_write(&self) -> Option<Instant> {
-        match self.last_write.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(clock::from_nanos(nanos)),
-        }
+        clock::from_stamp(self.last_write.load(Ordering::Relaxed))
     }
 
     /// The writer's loop: take frames, write them unlocked, put back the rest.
@@ -490,7 +487,7 @@ impl Outbound {
             };
             if done > 0 || offset > 0 {
                 self.last_write
-                    .store(clock::to_nanos(Instant::now()).max(1), Ordering::Relaxed);
+                    .store(clock::to_stamp(Instant::now()), Ordering::Relaxed);
             }
 
             // `done <= batch.len()`: it counts frames of this batch written whole.

@@ -120,6 +120,14 @@ struct Conn {
 }
 
 impl Conn {
+    /// Whether callers finished frames (took responses from the shared
+    /// decoder) since the loop last asked: a frame the loop was timing for
+    /// `frame_timeout` may have ended without a read of its own.
+    fn callers_finished_frames(&mut self) -> bool {
+        let taken = self.shared.responses_taken.load(Ordering::Relaxed);
+        std::mem::replace(&mut self.seen_taken, taken) != taken
+    }
+
     /// Settings shared by both roles.
     fn config(&self) -> &crate::config::ConnectionConfig {
         match &self.role {

@@ -251,8 +251,7 @@ impl EventLoop {
                     // The frame timeout runs from a frame's first byte. A
                     // frame finished since the loop last looked (by this
                     // read, or by a caller's) ends the one it was timing.
-                    let taken = conn.shared.responses_taken.load(Ordering::Relaxed);
-                    let callers_finished = std::mem::replace(&mut conn.seen_taken, taken) != taken;
+                    let callers_finished = conn.callers_finished_frames();
                     let started = match (decoder.is_mid_frame(), completed_any || callers_finished)
                     {
                         (false, _) => None,

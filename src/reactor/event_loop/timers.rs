@@ -102,14 +102,13 @@ impl EventLoop {
             // A caller may have finished that frame (and no read of the
             // loop's seen it since): then only a frame unfinished now
             // counts, from now.
-            let taken = conn
-                .shared
-                .responses_taken
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if std::mem::replace(&mut conn.seen_taken, taken) != taken {
-                let reader = conn.shared.reader.lock();
-                let unfinished = reader.as_ref().is_some_and(|d| d.is_mid_frame());
-                drop(reader);
+            if conn.callers_finished_frames() {
+                let unfinished = conn
+                    .shared
+                    .reader
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|d| d.is_mid_frame());
                 conn.frame_started = unfinished.then_some(now);
                 return Flow::Open;
             }
