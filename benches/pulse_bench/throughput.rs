@@ -18,16 +18,20 @@ use crate::rpc::{self, Mode, SERVICE};
 pub const PAYLOAD: usize = 32;
 pub const PIPELINE_DEPTH: usize = 64;
 /// Each row's measuring time, split into [`ROUNDS`] windows.
-pub const WINDOW: Duration = Duration::from_secs(3);
+pub const WINDOW: Duration = Duration::from_secs(5);
 /// Every row is measured this many times, one window each, the rounds
 /// interleaved: round 1 of every row, then round 2 of every row, and so on.
 /// A row's figure is the median of its rounds. Why: the machine's speed
-/// drifts over the minute and a half the section takes (raw 16 threads
+/// drifts over the minutes the section takes (raw 16 threads
 /// did 276 k calls/s in one run and 208 k in the next, minutes apart), and
 /// measured one after the other, a pulse row and its raw baseline could
 /// land on different sides of a drift. Interleaved, each round of a pulse
-/// row sits between rounds of its baseline.
-pub const ROUNDS: usize = 3;
+/// row sits between rounds of its baseline. Why five: a round's rate can
+/// swing by a factor of two with where the scheduler puts the busy threads
+/// (one 64-deep pool pipeline did 613 k, 1,174 k and 854 k calls/s in the
+/// three rounds of run 56), and the median of three then rests on one
+/// round; of five, on two of them either way.
+pub const ROUNDS: usize = 5;
 /// Each round's window is also read in this many slices, to show how steady
 /// the rate was (a burst of load from another process shows as a low slice).
 const SLICES_PER_ROUND: u32 = 2;
