@@ -14,14 +14,15 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use socket2::Socket;
 
 use super::outbound::{Class, Flush, MAX_IOV, Outbound, SendError, held_frames_limit};
+use super::read_bufs::{Lent, ReadBufs};
 use super::{Command, LoopHandle};
 use crate::error::Error;
 use crate::event::DisconnectReason;
@@ -124,17 +125,9 @@ impl OneWayPace {
     }
 }
 
-thread_local! {
-    /// A caller thread's read buffer for [`ConnShared::read_responses`],
-    /// lent to the decoder for one read and taken back once its bytes are
-    /// decoded, like an event loop's `spare_read_buf`.
-    static CALLER_READ_BUF: Cell<Option<Vec<u8>>> = const { Cell::new(None) };
-}
-
-/// Size of [`CALLER_READ_BUF`]: a few hundred small responses per read, and
-/// little memory for each thread that waits for calls. A larger response
-/// is read into its own buffer all the same (see `FrameDecoder`).
-const CALLER_READ_BUF_LEN: usize = 16 * 1024;
+/// The read buffers of callers that read their own responses: at most one
+/// per caller that may spin at once (see `read_bufs`).
+static CALLER_READ_BUFS: LazyLock<ReadBufs> = LazyLock::new(|| ReadBufs::new(max_spinning()));
 
 impl ConnShared {
     /// A connection's shared part, with its decoder for frames up to
@@ -176,7 +169,8 @@ impl ConnShared {
     /// hands every response it finds to its caller. Returns whether it read
     /// at all: `false` when the loop or another caller is reading, the loop
     /// wants to (`loop_wants_reader`), or the connection is finalized; then
-    /// nothing was touched.
+    /// nothing was touched. The read goes into the buffer on loan to this
+    /// caller's spin (`lent`; see `read_bufs`).
     ///
     /// Why: otherwise the loop reads the responses and completes the
     /// caller's slot, a hand-off between two threads for every batch, and
@@ -198,7 +192,7 @@ impl ConnShared {
     /// loop with the same command (`caller_read_error`), as the socket
     /// reports it only once. The bytes read here count as the peer's life
     /// (`caller_read_at`).
-    pub(crate) fn read_responses(&self) -> bool {
+    pub(crate) fn read_responses(&self, lent: &mut Lent<'_>) -> bool {
         if self.loop_wants_reader.load(Ordering::Relaxed) {
             return false;
         }
@@ -208,12 +202,7 @@ impl ConnShared {
         let Some(decoder) = reader.as_mut() else {
             return false; // finalized
         };
-        let spare = CALLER_READ_BUF
-            .try_with(Cell::take)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| vec![0; CALLER_READ_BUF_LEN]);
-        let unused = decoder.adopt_buffer(spare);
+        let unused = decoder.adopt_buffer(lent.take());
         let was_mid_frame = decoder.is_mid_frame();
         let mut responses = Vec::new();
         let mut read_any = false;
@@ -267,12 +256,12 @@ impl ConnShared {
             self.responses_taken
                 .fetch_add(responses.len() as u64, Ordering::Relaxed);
         }
-        // Drained: the buffer goes back to this thread (a connection left
+        // Drained: the buffer goes back to the loan (a connection left
         // mid-frame keeps it until the frame completes).
         let back = unused.or_else(|| decoder.release_buffer());
         drop(reader);
         if let Some(buf) = back {
-            let _ = CALLER_READ_BUF.try_with(|spare| spare.set(Some(buf)));
+            lent.put(buf);
         }
         if (left_for_loop && read_any) || started_a_frame || failed {
             self.owner.send(Command::ReadLeft {
@@ -653,8 +642,10 @@ impl CallSlot {
     /// loop's `epoll_wait` when it polls); otherwise the round spins as
     /// usual while the loop or another caller reads.
     fn spin_reading(&self, until: Instant, conn: &ConnShared) {
+        // One read buffer for the whole spin, given back when it ends.
+        let mut lent = CALLER_READ_BUFS.lend();
         while !self.is_done() && Waiting::few_enough_to_spin() && Instant::now() < until {
-            if !conn.read_responses() {
+            if !conn.read_responses(&mut lent) {
                 for _ in 0..super::SPINS_PER_YIELD {
                     if self.is_done() {
                         return;
@@ -986,6 +977,8 @@ mod tests {
         use crate::protocol::{Kind, encode_ok_response, encode_pong};
         use std::io::Write;
         let (conn, far, commands) = conn_over_a_pair();
+        let bufs = ReadBufs::new(1);
+        let mut lent = bufs.lend();
         let read_left = || {
             commands
                 .try_iter()
@@ -1002,7 +995,10 @@ mod tests {
         (&far).write_all(&bytes).unwrap();
 
         let before = Instant::now();
-        assert!(conn.read_responses(), "nobody else reads: the caller does");
+        assert!(
+            conn.read_responses(&mut lent),
+            "nobody else reads: the caller does"
+        );
         assert!(slots[0].is_done(), "the response ahead of the Pong");
         assert!(
             !slots[1].is_done(),
@@ -1016,7 +1012,7 @@ mod tests {
         );
         // Called again, it still leaves the Pong (and the rest) alone, and
         // asks no more: it brought nothing new.
-        assert!(conn.read_responses());
+        assert!(conn.read_responses(&mut lent));
         assert!(!slots[1].is_done());
         assert_eq!(read_left(), 0);
         assert!(!conn.owner.take_callers_moved_calls(), "no call completed");
@@ -1032,13 +1028,16 @@ mod tests {
             .write_all(&encode_ok_response(3, &"three").unwrap())
             .unwrap();
         conn.loop_wants_reader.store(true, Ordering::Relaxed);
-        assert!(!conn.read_responses(), "the loop wants the decoder");
+        assert!(
+            !conn.read_responses(&mut lent),
+            "the loop wants the decoder"
+        );
         conn.loop_wants_reader.store(false, Ordering::Relaxed);
         let taken = conn.reader.lock().take();
-        assert!(!conn.read_responses(), "the loop has the decoder");
+        assert!(!conn.read_responses(&mut lent), "the loop has the decoder");
         *conn.reader.lock() = taken;
         assert!(!slots[2].is_done());
-        assert!(conn.read_responses());
+        assert!(conn.read_responses(&mut lent));
         assert!(slots[2].is_done(), "read once the loop let go");
         assert_eq!(read_left(), 0, "nothing was left for the loop");
     }
@@ -1052,6 +1051,8 @@ mod tests {
         use crate::protocol::encode_ok_response;
         use std::io::Write;
         let (conn, far, commands) = conn_over_a_pair();
+        let bufs = ReadBufs::new(1);
+        let mut lent = bufs.lend();
         let slot = CallSlot::new();
         conn.calls.register(1, slot.clone(), 10, peer()).unwrap();
         let response = encode_ok_response(1, &"x".repeat(1000)).unwrap();
@@ -1063,7 +1064,7 @@ mod tests {
         };
         for (part, asks) in [(0..300, 1), (300..600, 0), (600..response.len(), 0)] {
             (&far).write_all(&response[part.clone()]).unwrap();
-            assert!(conn.read_responses());
+            assert!(conn.read_responses(&mut lent));
             assert_eq!(read_left(), asks, "after bytes {part:?}");
         }
         assert!(slot.is_done());
@@ -1076,9 +1077,11 @@ mod tests {
     #[test]
     fn a_read_error_a_caller_meets_is_kept_for_the_loop() {
         let (conn, far, commands) = conn_over_a_pair();
+        let bufs = ReadBufs::new(1);
+        let mut lent = bufs.lend();
         conn.socket.send(b"unread").unwrap();
         drop(far);
-        assert!(conn.read_responses());
+        assert!(conn.read_responses(&mut lent));
         let error = conn.take_caller_read_error().expect("the error is kept");
         assert!(error.contains("reset"), "{error}");
         assert_eq!(conn.take_caller_read_error(), None, "handed over once");
