@@ -70,13 +70,12 @@ pub(crate) struct ConnShared {
     pub(super) reads_held_below: AtomicUsize,
     /// The loop that owns this connection, to ask it to close it.
     pub(crate) owner: LoopHandle,
-    /// The connection's frame decoder, for whoever reads the socket: a
-    /// caller waiting for a response locks it while it reads
-    /// ([`read_responses`](Self::read_responses)); the loop takes it out
-    /// while it reads (`EventLoop::read`). `None` then, and once the
-    /// connection is finalized, so its buffers go with it even while
-    /// callers still hold this struct.
-    pub(crate) reader: Mutex<Option<FrameDecoder>>,
+    /// The connection's frame decoder, and what a caller's read left for
+    /// the loop, for whoever reads the socket: a caller waiting for a
+    /// response locks it while it reads
+    /// ([`read_responses`](Self::read_responses)); the loop takes the
+    /// decoder out while it reads (`EventLoop::read`).
+    pub(crate) reader: Mutex<Reader>,
     /// When a caller last read bytes from the socket, as `clock::to_nanos`
     /// (0 = never): the loop counts them as the peer's life, as if it had
     /// read them itself (`EventLoop::on_conn_timeout`).
@@ -88,10 +87,20 @@ pub(crate) struct ConnShared {
     /// its lock: the loop, timing an unfinished frame for `frame_timeout`,
     /// compares it to tell that a caller finished that frame meanwhile.
     pub(crate) responses_taken: AtomicU64,
+}
+
+/// What the socket's readers share, behind [`ConnShared::reader`]'s lock.
+pub(crate) struct Reader {
+    /// The connection's frame decoder: `None` while the loop reads, and
+    /// once the connection is finalized, so its buffers go with it even
+    /// while callers still hold the shared part.
+    pub(crate) decoder: Option<FrameDecoder>,
     /// The error a caller's read got (a reset, say), for the loop to close
     /// the connection with: the socket reports such an error once, to
-    /// whoever reads, and would show the loop only an end of stream.
-    caller_read_error: Mutex<Option<String>>,
+    /// whoever reads, and would show the loop only an end of stream. Set
+    /// by a caller holding the decoder, so the loop finds it when it next
+    /// takes the decoder, and no read of its own can come first.
+    pub(crate) caller_error: Option<String>,
 }
 
 /// `ConnShared::reads_held_below` while the reads wait for room in the
@@ -157,11 +166,13 @@ impl ConnShared {
             one_way_pace: Default::default(),
             reads_held_below: Default::default(),
             owner,
-            reader: Mutex::new(Some(FrameDecoder::new(max_frame_len))),
+            reader: Mutex::new(Reader {
+                decoder: Some(FrameDecoder::new(max_frame_len)),
+                caller_error: None,
+            }),
             caller_read_at: AtomicU64::new(0),
             loop_wants_reader: AtomicBool::new(false),
             responses_taken: AtomicU64::new(0),
-            caller_read_error: Mutex::new(None),
         }
     }
 
@@ -189,7 +200,7 @@ impl ConnShared {
     /// a Pong read with a response left that response behind it until the
     /// next heartbeat, a 1 s stall). An end of stream is left to the loop
     /// as is (the socket keeps reporting it); a read error is handed to the
-    /// loop with the same command (`caller_read_error`), as the socket
+    /// loop with the same command (`Reader::caller_error`), as the socket
     /// reports it only once. The bytes read here count as the peer's life
     /// (`caller_read_at`).
     pub(crate) fn read_responses(&self, lent: &mut Lent<'_>) -> bool {
@@ -199,7 +210,11 @@ impl ConnShared {
         let Some(mut reader) = self.reader.try_lock() else {
             return false;
         };
-        let Some(decoder) = reader.as_mut() else {
+        let Reader {
+            decoder,
+            caller_error,
+        } = &mut *reader;
+        let Some(decoder) = decoder.as_mut() else {
             return false; // finalized
         };
         let unused = decoder.adopt_buffer(lent.take());
@@ -239,7 +254,7 @@ impl ConnShared {
                     break false;
                 }
                 Err(e) => {
-                    *self.caller_read_error.lock() = Some(e.to_string());
+                    *caller_error = Some(e.to_string());
                     failed = true;
                     break false;
                 }
@@ -280,11 +295,6 @@ impl ConnShared {
             self.owner.note_callers_moved_calls();
         }
         true
-    }
-
-    /// The error a caller's read got, once (see `caller_read_error`).
-    pub(crate) fn take_caller_read_error(&self) -> Option<String> {
-        self.caller_read_error.lock().take()
     }
 
     /// When a caller last read bytes from the socket
@@ -1017,7 +1027,7 @@ mod tests {
         assert_eq!(read_left(), 0);
         assert!(!conn.owner.take_callers_moved_calls(), "no call completed");
         let mut reader = conn.reader.lock();
-        let decoder = reader.as_mut().unwrap();
+        let decoder = reader.decoder.as_mut().unwrap();
         let kinds: Vec<_> = std::iter::from_fn(|| decoder.next_frame().unwrap())
             .map(|f| (f.header.kind, f.header.id))
             .collect();
@@ -1033,9 +1043,9 @@ mod tests {
             "the loop wants the decoder"
         );
         conn.loop_wants_reader.store(false, Ordering::Relaxed);
-        let taken = conn.reader.lock().take();
+        let taken = conn.reader.lock().decoder.take();
         assert!(!conn.read_responses(&mut lent), "the loop has the decoder");
-        *conn.reader.lock() = taken;
+        conn.reader.lock().decoder = taken;
         assert!(!slots[2].is_done());
         assert!(conn.read_responses(&mut lent));
         assert!(slots[2].is_done(), "read once the loop let go");
@@ -1082,9 +1092,9 @@ mod tests {
         conn.socket.send(b"unread").unwrap();
         drop(far);
         assert!(conn.read_responses(&mut lent));
-        let error = conn.take_caller_read_error().expect("the error is kept");
+        let error = conn.reader.lock().caller_error.take();
+        let error = error.expect("the error is kept");
         assert!(error.contains("reset"), "{error}");
-        assert_eq!(conn.take_caller_read_error(), None, "handed over once");
         let read_left = commands
             .try_iter()
             .filter(|c| matches!(c, Command::ReadLeft { .. }))

@@ -101,7 +101,7 @@ impl EventLoop {
         // instant (`ConnShared::read_responses`), the decoder goes with the
         // last holder of the shared part instead.
         if let Some(mut reader) = shared.reader.try_lock() {
-            reader.take();
+            reader.decoder.take();
         }
         let reason = conn.closing_reason.unwrap_or(DisconnectReason::Shutdown);
         shared.calls.fail_all(shared.peer, &reason);

@@ -9,6 +9,7 @@ use crate::protocol::{
     CloseStatus, FrameDecoder, FrameRef, Kind, ResponseStatus, decode_text_body,
     encode_error_response, encode_pong,
 };
+use crate::reactor::conn::Reader;
 use crate::reactor::outbound::{Class, Flush};
 
 use super::{Conn, EventLoop, Flow, Phase, Role};
@@ -110,12 +111,13 @@ impl EventLoop {
             return;
         };
         let conn_id = conn.shared.id;
-        let taken = match conn.shared.reader.try_lock() {
-            Some(mut reader) => reader.take(),
+        let take = |reader: &mut Reader| (reader.decoder.take(), reader.caller_error.take());
+        let (taken, caller_error) = match conn.shared.reader.try_lock() {
+            Some(mut reader) => take(&mut reader),
             None => {
                 let wants = &conn.shared.loop_wants_reader;
                 wants.store(true, Ordering::Relaxed);
-                let taken = conn.shared.reader.lock().take();
+                let taken = take(&mut conn.shared.reader.lock());
                 wants.store(false, Ordering::Relaxed);
                 taken
             }
@@ -123,6 +125,13 @@ impl EventLoop {
         let Some(mut decoder) = taken else {
             return; // finalized
         };
+        // A caller's read met an error (`ConnShared::read_responses`): the
+        // socket will not report it again.
+        if let Some(error) = caller_error {
+            conn.shared.reader.lock().decoder = Some(decoder);
+            self.close(token, DisconnectReason::Io(error), None, now);
+            return;
+        }
         if let Some(spare) = self.spare_read_buf.take() {
             self.spare_read_buf = decoder.adopt_buffer(spare);
         }
@@ -143,7 +152,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token).filter(|c| c.shared.id == conn_id) else {
             return;
         };
-        *conn.shared.reader.lock() = Some(decoder);
+        conn.shared.reader.lock().decoder = Some(decoder);
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
             let reason = DisconnectReason::Io("write failed".into());
             self.close(token, reason, None, now);
@@ -192,11 +201,6 @@ impl EventLoop {
                 return Flow::Closed;
             };
             just_read = false;
-            // A caller's read met an error first (`ConnShared::read_responses`).
-            if let Some(error) = conn.shared.take_caller_read_error() {
-                self.close(token, DisconnectReason::Io(error), None, now);
-                return Flow::Closed;
-            }
             match decoder.read_from(&conn.shared.socket) {
                 Ok(0) => {
                     let reason = DisconnectReason::PeerClosed {

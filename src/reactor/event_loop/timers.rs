@@ -107,6 +107,7 @@ impl EventLoop {
                     .shared
                     .reader
                     .lock()
+                    .decoder
                     .as_ref()
                     .is_some_and(|d| d.is_mid_frame());
                 conn.frame_started = unfinished.then_some(now);
