@@ -14,15 +14,14 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use socket2::Socket;
 
 use super::outbound::{Class, Flush, MAX_IOV, Outbound, SendError, held_frames_limit};
-use super::read_bufs::{Lent, ReadBufs};
 use super::{Command, LoopHandle};
 use crate::error::Error;
 use crate::event::DisconnectReason;
@@ -95,6 +94,13 @@ pub(crate) struct Reader {
     /// once the connection is finalized, so its buffers go with it even
     /// while callers still hold the shared part.
     pub(crate) decoder: Option<FrameDecoder>,
+    /// The read buffer of the callers that read the socket
+    /// ([`ConnShared::read_responses`]), lent to the decoder for a read
+    /// and taken back once its bytes are decoded, like an event loop's
+    /// `spare_read_buf`. One per connection is enough: its callers read
+    /// one at a time, under this lock. Allocated at a caller's first read;
+    /// a provider's connections, which callers never read, have none.
+    pub(crate) caller_buf: Option<Vec<u8>>,
     /// The error a caller's read got (a reset, say), for the loop to close
     /// the connection with: the socket reports such an error once, to
     /// whoever reads, and would show the loop only an end of stream. Set
@@ -134,9 +140,10 @@ impl OneWayPace {
     }
 }
 
-/// The read buffers of callers that read their own responses: at most one
-/// per caller that may spin at once (see `read_bufs`).
-static CALLER_READ_BUFS: LazyLock<ReadBufs> = LazyLock::new(|| ReadBufs::new(max_spinning()));
+/// Size of [`Reader::caller_buf`]: a few hundred small responses per read.
+/// A larger response is read into its own buffer all the same (see
+/// `FrameDecoder`).
+const CALLER_READ_BUF_LEN: usize = 16 * 1024;
 
 impl ConnShared {
     /// A connection's shared part, with its decoder for frames up to
@@ -168,6 +175,7 @@ impl ConnShared {
             owner,
             reader: Mutex::new(Reader {
                 decoder: Some(FrameDecoder::new(max_frame_len)),
+                caller_buf: None,
                 caller_error: None,
             }),
             caller_read_at: AtomicU64::new(0),
@@ -180,8 +188,8 @@ impl ConnShared {
     /// hands every response it finds to its caller. Returns whether it read
     /// at all: `false` when the loop or another caller is reading, the loop
     /// wants to (`loop_wants_reader`), or the connection is finalized; then
-    /// nothing was touched. The read goes into the buffer on loan to this
-    /// caller's spin (`lent`; see `read_bufs`).
+    /// nothing was touched. The read goes into the connection's
+    /// [`Reader::caller_buf`].
     ///
     /// Why: otherwise the loop reads the responses and completes the
     /// caller's slot, a hand-off between two threads for every batch, and
@@ -203,7 +211,7 @@ impl ConnShared {
     /// loop with the same command (`Reader::caller_error`), as the socket
     /// reports it only once. The bytes read here count as the peer's life
     /// (`caller_read_at`).
-    pub(crate) fn read_responses(&self, lent: &mut Lent<'_>) -> bool {
+    pub(crate) fn read_responses(&self) -> bool {
         if self.loop_wants_reader.load(Ordering::Relaxed) {
             return false;
         }
@@ -212,12 +220,16 @@ impl ConnShared {
         };
         let Reader {
             decoder,
+            caller_buf,
             caller_error,
         } = &mut *reader;
         let Some(decoder) = decoder.as_mut() else {
             return false; // finalized
         };
-        let unused = decoder.adopt_buffer(lent.take());
+        let buf = caller_buf
+            .take()
+            .unwrap_or_else(|| vec![0; CALLER_READ_BUF_LEN]);
+        let unused = decoder.adopt_buffer(buf);
         let was_mid_frame = decoder.is_mid_frame();
         let mut responses = Vec::new();
         let mut read_any = false;
@@ -271,13 +283,12 @@ impl ConnShared {
             self.responses_taken
                 .fetch_add(responses.len() as u64, Ordering::Relaxed);
         }
-        // Drained: the buffer goes back to the loan (a connection left
-        // mid-frame keeps it until the frame completes).
-        let back = unused.or_else(|| decoder.release_buffer());
-        drop(reader);
-        if let Some(buf) = back {
-            lent.put(buf);
+        // Drained: the buffer goes back to the callers' slot (a connection
+        // left mid-frame keeps it until the frame completes).
+        if let Some(buf) = unused.or_else(|| decoder.release_buffer()) {
+            *caller_buf = Some(buf);
         }
+        drop(reader);
         if (left_for_loop && read_any) || started_a_frame || failed {
             self.owner.send(Command::ReadLeft {
                 token: self.token,
@@ -295,6 +306,18 @@ impl ConnShared {
             self.owner.note_callers_moved_calls();
         }
         true
+    }
+
+    /// Drops the decoder and the callers' read buffer, for a connection
+    /// that is finalized: they go with it, although callers may hold this
+    /// struct a while longer. If a caller is reading at this instant
+    /// ([`read_responses`](Self::read_responses)), they go with the last
+    /// holder of this struct instead.
+    pub(crate) fn release_read_buffers(&self) {
+        if let Some(mut reader) = self.reader.try_lock() {
+            reader.decoder = None;
+            reader.caller_buf = None;
+        }
     }
 
     /// When a caller last read bytes from the socket
@@ -652,10 +675,8 @@ impl CallSlot {
     /// loop's `epoll_wait` when it polls); otherwise the round spins as
     /// usual while the loop or another caller reads.
     fn spin_reading(&self, until: Instant, conn: &ConnShared) {
-        // One read buffer for the whole spin, given back when it ends.
-        let mut lent = CALLER_READ_BUFS.lend();
         while !self.is_done() && Waiting::few_enough_to_spin() && Instant::now() < until {
-            if !conn.read_responses(&mut lent) {
+            if !conn.read_responses() {
                 for _ in 0..super::SPINS_PER_YIELD {
                     if self.is_done() {
                         return;
@@ -987,8 +1008,6 @@ mod tests {
         use crate::protocol::{Kind, encode_ok_response, encode_pong};
         use std::io::Write;
         let (conn, far, commands) = conn_over_a_pair();
-        let bufs = ReadBufs::new(1);
-        let mut lent = bufs.lend();
         let read_left = || {
             commands
                 .try_iter()
@@ -1005,10 +1024,7 @@ mod tests {
         (&far).write_all(&bytes).unwrap();
 
         let before = Instant::now();
-        assert!(
-            conn.read_responses(&mut lent),
-            "nobody else reads: the caller does"
-        );
+        assert!(conn.read_responses(), "nobody else reads: the caller does");
         assert!(slots[0].is_done(), "the response ahead of the Pong");
         assert!(
             !slots[1].is_done(),
@@ -1022,7 +1038,7 @@ mod tests {
         );
         // Called again, it still leaves the Pong (and the rest) alone, and
         // asks no more: it brought nothing new.
-        assert!(conn.read_responses(&mut lent));
+        assert!(conn.read_responses());
         assert!(!slots[1].is_done());
         assert_eq!(read_left(), 0);
         assert!(!conn.owner.take_callers_moved_calls(), "no call completed");
@@ -1038,18 +1054,55 @@ mod tests {
             .write_all(&encode_ok_response(3, &"three").unwrap())
             .unwrap();
         conn.loop_wants_reader.store(true, Ordering::Relaxed);
-        assert!(
-            !conn.read_responses(&mut lent),
-            "the loop wants the decoder"
-        );
+        assert!(!conn.read_responses(), "the loop wants the decoder");
         conn.loop_wants_reader.store(false, Ordering::Relaxed);
         let taken = conn.reader.lock().decoder.take();
-        assert!(!conn.read_responses(&mut lent), "the loop has the decoder");
+        assert!(!conn.read_responses(), "the loop has the decoder");
         conn.reader.lock().decoder = taken;
         assert!(!slots[2].is_done());
-        assert!(conn.read_responses(&mut lent));
+        assert!(conn.read_responses());
         assert!(slots[2].is_done(), "read once the loop let go");
         assert_eq!(read_left(), 0, "nothing was left for the loop");
+    }
+
+    /// The callers of a connection read into one buffer, whichever thread
+    /// they run on, kept with the connection between reads and dropped
+    /// with its decoder when it is finalized.
+    #[test]
+    fn the_callers_of_a_connection_share_one_read_buffer() {
+        use crate::protocol::encode_ok_response;
+        use std::io::Write;
+        let (conn, far, _commands) = conn_over_a_pair();
+        let buf_at = || {
+            let reader = conn.reader.lock();
+            reader
+                .caller_buf
+                .as_ref()
+                .map(|buf| (buf.as_ptr() as usize, buf.len()))
+        };
+        assert_eq!(buf_at(), None, "no buffer before a caller reads");
+        let mut first = None;
+        for id in 1..=8u64 {
+            let slot = CallSlot::new();
+            conn.calls.register(id, slot.clone(), 10, peer()).unwrap();
+            (&far)
+                .write_all(&encode_ok_response(id, &"x").unwrap())
+                .unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| assert!(conn.read_responses()));
+            });
+            assert!(slot.is_done());
+            let at = buf_at().expect("the buffer stays with the connection");
+            assert_eq!(at.1, CALLER_READ_BUF_LEN);
+            assert_eq!(
+                *first.get_or_insert(at),
+                at,
+                "read {id} used the same buffer"
+            );
+        }
+        conn.release_read_buffers();
+        assert_eq!(buf_at(), None);
+        assert!(conn.reader.lock().decoder.is_none());
     }
 
     /// A read that leaves a frame half received asks the loop to read once
@@ -1061,8 +1114,6 @@ mod tests {
         use crate::protocol::encode_ok_response;
         use std::io::Write;
         let (conn, far, commands) = conn_over_a_pair();
-        let bufs = ReadBufs::new(1);
-        let mut lent = bufs.lend();
         let slot = CallSlot::new();
         conn.calls.register(1, slot.clone(), 10, peer()).unwrap();
         let response = encode_ok_response(1, &"x".repeat(1000)).unwrap();
@@ -1074,7 +1125,7 @@ mod tests {
         };
         for (part, asks) in [(0..300, 1), (300..600, 0), (600..response.len(), 0)] {
             (&far).write_all(&response[part.clone()]).unwrap();
-            assert!(conn.read_responses(&mut lent));
+            assert!(conn.read_responses());
             assert_eq!(read_left(), asks, "after bytes {part:?}");
         }
         assert!(slot.is_done());
@@ -1087,11 +1138,9 @@ mod tests {
     #[test]
     fn a_read_error_a_caller_meets_is_kept_for_the_loop() {
         let (conn, far, commands) = conn_over_a_pair();
-        let bufs = ReadBufs::new(1);
-        let mut lent = bufs.lend();
         conn.socket.send(b"unread").unwrap();
         drop(far);
-        assert!(conn.read_responses(&mut lent));
+        assert!(conn.read_responses());
         let error = conn.reader.lock().caller_error.take();
         let error = error.expect("the error is kept");
         assert!(error.contains("reset"), "{error}");

@@ -11,7 +11,6 @@ mod affinity;
 mod conn;
 mod event_loop;
 mod outbound;
-mod read_bufs;
 mod socket;
 
 pub(crate) use socket::listen;

@@ -96,13 +96,9 @@ impl EventLoop {
         let _ = shared.socket.shutdown(Shutdown::Write);
         drain_unread(&shared.socket);
         shared.out.close();
-        // The decoder's buffers go now, although callers may hold the
-        // shared part a while longer. If a caller is reading at this
-        // instant (`ConnShared::read_responses`), the decoder goes with the
-        // last holder of the shared part instead.
-        if let Some(mut reader) = shared.reader.try_lock() {
-            reader.decoder.take();
-        }
+        // The read buffers go now, although callers may hold the shared
+        // part a while longer.
+        shared.release_read_buffers();
         let reason = conn.closing_reason.unwrap_or(DisconnectReason::Shutdown);
         shared.calls.fail_all(shared.peer, &reason);
         if conn.armed.is_some() {
