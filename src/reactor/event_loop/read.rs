@@ -112,7 +112,7 @@ impl EventLoop {
         };
         let conn_id = conn.shared.id;
         let take = |reader: &mut Reader| (reader.decoder.take(), reader.caller_error.take());
-        let (taken, caller_error) = match conn.shared.reader.try_lock() {
+        let (taken, mut caller_error) = match conn.shared.reader.try_lock() {
             Some(mut reader) => take(&mut reader),
             None => {
                 let wants = &conn.shared.loop_wants_reader;
@@ -125,19 +125,12 @@ impl EventLoop {
         let Some(mut decoder) = taken else {
             return; // finalized
         };
-        // A caller's read met an error (`ConnShared::read_responses`): the
-        // socket will not report it again.
-        if let Some(error) = caller_error {
-            conn.shared.reader.lock().decoder = Some(decoder);
-            self.close(token, DisconnectReason::Io(error), None, now);
-            return;
-        }
         if let Some(spare) = self.spare_read_buf.take() {
             self.spare_read_buf = decoder.adopt_buffer(spare);
         }
         // What the frames of this read make us send goes out in one write.
         conn.shared.out.cork();
-        let flow = self.read_frames(token, &mut decoder, hangup, now);
+        let flow = self.read_frames(token, &mut decoder, &mut caller_error, hangup, now);
         // Drained: the buffer goes back to the loop (or is freed if the loop
         // has one already), so no idle connection keeps one. A connection
         // left mid-frame keeps it until the frame completes.
@@ -152,7 +145,12 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token).filter(|c| c.shared.id == conn_id) else {
             return;
         };
-        conn.shared.reader.lock().decoder = Some(decoder);
+        {
+            let mut reader = conn.shared.reader.lock();
+            reader.decoder = Some(decoder);
+            // Not reached (the reads are held): kept for the next read.
+            reader.caller_error = caller_error;
+        }
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
             let reason = DisconnectReason::Io("write failed".into());
             self.close(token, reason, None, now);
@@ -177,6 +175,7 @@ impl EventLoop {
         &mut self,
         token: usize,
         decoder: &mut FrameDecoder,
+        caller_error: &mut Option<String>,
         hangup: bool,
         now: Instant,
     ) -> Flow {
@@ -201,6 +200,13 @@ impl EventLoop {
                 return Flow::Closed;
             };
             just_read = false;
+            // A caller's read met an error (`ConnShared::read_responses`),
+            // after the frames it left, which were handled above: the
+            // socket will not report it again.
+            if let Some(error) = caller_error.take() {
+                self.close(token, DisconnectReason::Io(error), None, now);
+                return Flow::Closed;
+            }
             match decoder.read_from(&conn.shared.socket) {
                 Ok(0) => {
                     let reason = DisconnectReason::PeerClosed {
