@@ -55,15 +55,19 @@ pub fn start_provider(config: ServerConfig) -> pulse::Result<Provider> {
     start_provider_at("127.0.0.1:0", config)
 }
 
-/// A provider on `addr`; `PULSE_BENCH_BUSY_POLL_US` and
-/// `PULSE_BENCH_WORKER_SPIN_US`, when set, override
-/// `config.connection.busy_poll` and `config.worker_spin` (for profiling).
+/// A provider on `addr`; `PULSE_BENCH_BUSY_POLL_US`,
+/// `PULSE_BENCH_WORKER_SPIN_US` and `PULSE_BENCH_WORKER_WAKE_DELAY_US`,
+/// when set, override `config.connection.busy_poll`, `config.worker_spin`
+/// and `config.worker_wake_delay` (for profiling).
 pub fn start_provider_at(addr: &str, mut config: ServerConfig) -> pulse::Result<Provider> {
     if let Some(busy_poll) = env_micros("PULSE_BENCH_BUSY_POLL_US") {
         config.connection.busy_poll = busy_poll;
     }
     if let Some(worker_spin) = env_micros("PULSE_BENCH_WORKER_SPIN_US") {
         config.worker_spin = worker_spin;
+    }
+    if let Some(wake_delay) = env_micros("PULSE_BENCH_WORKER_WAKE_DELAY_US") {
+        config.worker_wake_delay = wake_delay;
     }
     let sunk = Arc::new(AtomicU64::new(0));
     let (a, b) = (sunk.clone(), sunk.clone());
