@@ -554,6 +554,12 @@ impl Heartbeat {
         self.last_read
     }
 
+    /// When bytes were last written to the peer, as far as
+    /// [`on_write`](Self::on_write) was told (creation time if never).
+    pub fn last_write(&self) -> Instant {
+        self.last_write
+    }
+
     /// The smoothed round-trip time, once a pong was matched.
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt

@@ -85,8 +85,6 @@ struct Conn {
     armed: Option<Instant>,
     /// When a read last had the deadline computed (`rearm_after_read`).
     deadline_checked: Option<Instant>,
-    /// Latest write time already fed to the heartbeat.
-    fed_write: Option<Instant>,
     connected_since: SystemTime,
     /// When the connection became usable (for `max_age`).
     opened_at: Instant,

@@ -159,7 +159,6 @@ impl EventLoop {
             reported: false,
             armed: None,
             deadline_checked: None,
-            fed_write: None,
             connected_since: SystemTime::now(),
             opened_at: Instant::now(),
             frame_started: None,

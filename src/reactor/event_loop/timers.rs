@@ -62,10 +62,9 @@ impl EventLoop {
                     conn.heartbeat.on_read(read);
                 }
                 if let Some(written) = conn.shared.out.last_write()
-                    && conn.fed_write.is_none_or(|fed| written > fed)
+                    && written > conn.heartbeat.last_write()
                 {
                     conn.heartbeat.on_write(written);
-                    conn.fed_write = Some(written);
                 }
                 if conn.shared.reads_held() && !conn.ended_while_held {
                     // The consumer's bytes, its Pings and Pongs among them,
