@@ -3,6 +3,8 @@
 //!
 //! Sections, in order (select some with `PULSE_BENCH_ONLY=latency,pinned,...`):
 //! `latency`, `pinned`, `throughput`, `heartbeat`, `timer`, `liveness`.
+//! `PULSE_BENCH_ROWS=pipelined,pipelined-deferred,...` keeps only those
+//! throughput rows (by key, raw and pulse).
 //! `PULSE_BENCH_QUICK=1` divides every count by about 10 for a smoke run.
 //!
 //! Outputs: a table on stdout, `target/bench/report.md`,

@@ -21,6 +21,11 @@ pub struct Settings {
     pub quick: bool,
     /// `PULSE_BENCH_ONLY=latency,throughput,...`: run only these sections.
     pub only: Option<Vec<String>>,
+    /// `PULSE_BENCH_ROWS=pipelined,oneway,...`: of the throughput section,
+    /// run only the rows with these keys (raw and pulse alike; for
+    /// profiling one row in the bench's own harness).
+    #[serde(default)]
+    pub rows: Option<Vec<String>>,
     /// `PULSE_BENCH_IDLE_CONNS` (default 5,000; quick 1,000).
     pub idle_conns: usize,
 }
@@ -28,19 +33,13 @@ pub struct Settings {
 impl Settings {
     pub fn from_env() -> Settings {
         let quick = std::env::var("PULSE_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let only = std::env::var("PULSE_BENCH_ONLY")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                v.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            });
+        let only = env_list("PULSE_BENCH_ONLY");
+        let rows = env_list("PULSE_BENCH_ROWS");
         let idle_conns = env_parse("PULSE_BENCH_IDLE_CONNS", if quick { 1_000 } else { 5_000 });
         Settings {
             quick,
             only,
+            rows,
             idle_conns,
         }
     }
@@ -59,6 +58,13 @@ impl Settings {
         self.only
             .as_ref()
             .is_none_or(|only| only.iter().any(|s| s == section))
+    }
+
+    /// Whether the throughput row with `key` is to run (`PULSE_BENCH_ROWS`).
+    pub fn wants_row(&self, key: &str) -> bool {
+        self.rows
+            .as_ref()
+            .is_none_or(|rows| rows.iter().any(|r| r == key))
     }
 }
 
@@ -84,6 +90,18 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+}
+
+/// The environment variable `key` as a comma-separated list, if it is set
+/// and names something.
+fn env_list(key: &str) -> Option<Vec<String>> {
+    let list: Vec<String> = std::env::var(key)
+        .ok()?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!list.is_empty()).then_some(list)
 }
 
 /// The environment variable `key` parsed as a `T`, or `default` when it is

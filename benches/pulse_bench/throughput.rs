@@ -388,6 +388,7 @@ pub fn run(
         );
         specs.push(spec.counting(&provider.sunk));
     }
+    specs.retain(|spec| settings.wants_row(&spec.key));
 
     let mut rounds: Vec<Vec<Measured>> = specs.iter().map(|_| Vec::new()).collect();
     for round in 1..=ROUNDS {
