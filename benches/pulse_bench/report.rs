@@ -164,6 +164,10 @@ impl Report {
             ("pipelined", "64 outstanding, start"),
             ("pipelined-deferred", "64 outstanding, start_deferred"),
             (
+                "pipelined-placed",
+                "64 outstanding, start, loops placed with loop_cpus",
+            ),
+            (
                 "pipelined-deferred-placed",
                 "64 outstanding, start_deferred, loops placed with loop_cpus",
             ),

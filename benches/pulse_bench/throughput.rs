@@ -535,16 +535,19 @@ fn pipelined_op(client: Client, mode: Mode, value: Value, depth: usize, deferred
     })
 }
 
-/// A provider and a client of their own for the `start_deferred` pipeline
-/// with the loops placed by `ConnectionConfig::loop_cpus` (opt-in): the
-/// client's loop on CPU 0, the provider's loops on the last CPU, the caller
-/// left to the kernel.
+/// A provider and a client of their own for the 64-deep pipelines (`start`
+/// and `start_deferred`) with the loops placed by
+/// `ConnectionConfig::loop_cpus` (opt-in): the client's loop on CPU 0, the
+/// provider's loops on the last CPU, the caller and the workers left to the
+/// kernel. Why: with four busy threads on two cores, which of them share a
+/// core sets the rate (see docs/BENCHMARKS.md, "where the time goes").
 struct Placed {
     /// Declared before `_provider`: dropped (disconnected) first.
     client: Client,
     /// Kept running for `client`.
     _provider: rpc::Provider,
-    pattern: String,
+    /// The provider's CPU, for the rows' descriptions.
+    provider_cpu: usize,
 }
 
 impl Placed {
@@ -562,25 +565,34 @@ impl Placed {
         client_config.connection.loop_cpus = vec![0];
         let client =
             rpc::connect_with(&provider, client_config).map_err(|e| format!("connect: {e}"))?;
-        let pattern = format!(
-            "one thread, 64 outstanding (start_deferred), loops placed: client CPU 0, provider CPU {}",
-            cpus - 1
-        );
         Ok(Some(Placed {
             client,
             _provider: provider,
-            pattern,
+            provider_cpu: cpus - 1,
         }))
     }
 
+    /// The pool and inline rows of both placed pipelines.
     fn specs<'a>(&'a self, value: &'a Value) -> Vec<Spec<'a>> {
-        let shape = Pipeline {
-            key: "pipelined-deferred-placed",
-            pattern: &self.pattern,
-            depth: PIPELINE_DEPTH,
-            deferred: true,
-        };
-        shape.specs(&self.client, value)
+        [
+            ("pipelined-placed", "start", false),
+            ("pipelined-deferred-placed", "start_deferred", true),
+        ]
+        .into_iter()
+        .flat_map(|(key, how, deferred)| {
+            let pattern = format!(
+                "one thread, 64 outstanding ({how}), loops placed: client CPU 0, provider CPU {}",
+                self.provider_cpu
+            );
+            let shape = Pipeline {
+                key,
+                pattern: &pattern,
+                depth: PIPELINE_DEPTH,
+                deferred,
+            };
+            shape.specs(&self.client, value)
+        })
+        .collect()
     }
 }
 
