@@ -62,15 +62,18 @@ pub struct ConnectionConfig {
     /// the kernel place the loops.
     ///
     /// Pinning pays where the same threads keep handing work to each other
-    /// at a high rate, as when one thread pipelines calls: with the client's
-    /// loop on one core and the provider's loop on the other, 64
-    /// `start_deferred` calls in flight with inline handlers did 1.29 M
-    /// calls/s on two cores against 0.71 M with the kernel's placement (no
-    /// gain with pool handlers or many callers;
-    /// docs/BENCHMARKS-HISTORY.md). A pinned loop cannot move away from a
-    /// core that other work keeps busy, so it is not the default. A CPU that does not exist or is outside the process's
-    /// cpuset (cgroup) makes `Client::connect` / `ServerBuilder::bind` fail;
-    /// an affinity mask set with `taskset` does not, since a thread may set
+    /// at a high rate, as when one thread pipelines calls: the kernel
+    /// spreads busy threads over the cores without knowing which of them
+    /// talk. With the client's loop on one core and the provider's on the
+    /// other, 64 calls in flight from one thread with pool handlers did
+    /// 1.15–1.24 M calls/s on two cores (`start`) against 0.81–1.12 M with
+    /// the kernel's placement (no gain with many callers; the placed rows
+    /// of docs/BENCHMARKS.md). A pinned loop cannot move away from a core
+    /// that other work keeps busy, so it is not the default.
+    ///
+    /// A CPU that does not exist or is outside the process's cpuset
+    /// (cgroup) makes `Client::connect` / `ServerBuilder::bind` fail; an
+    /// affinity mask set with `taskset` does not, since a thread may set
     /// its own mask to any CPU of its cpuset.
     pub loop_cpus: Vec<usize>,
 }
