@@ -822,7 +822,7 @@ impl<R: DeserializeOwned> PendingCall<R> {
                 self.conn.calls.remove(self.id);
                 // The response may have been delivered between the timeout and
                 // the removal: take it rather than lose it.
-                match self.slot.wait(Instant::now(), Duration::ZERO) {
+                match self.slot.wait(Instant::now()) {
                     Some(outcome) => outcome,
                     None => return Err(Error::Timeout(self.timeout)),
                 }

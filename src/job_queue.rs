@@ -255,7 +255,7 @@ impl<T> JobQueue<T> {
     /// caller that shares it runs at once.
     fn spin_for_a_job(&self) {
         let until = Instant::now() + self.spin;
-        crate::reactor::spin_until(until, || true, || self.has_jobs.load(Ordering::Acquire));
+        crate::reactor::spin_until(until, || self.has_jobs.load(Ordering::Acquire));
     }
 
     /// Whether no job waits (a snapshot: another thread may push one next).

@@ -619,32 +619,30 @@ impl CallSlot {
         self.done.load(Ordering::Acquire)
     }
 
+    /// Waits until the outcome arrives or `deadline` passes (`None`),
+    /// asleep: for an outcome that is there or imminent (a timed-out
+    /// call's last look; tests).
+    pub(crate) fn wait(&self, deadline: Instant) -> Option<CallOutcome> {
+        if self.is_done() {
+            return self.outcome.lock().take();
+        }
+        let _waiting = Waiting::start();
+        self.sleep_until(deadline)
+    }
+
     /// Waits until the outcome arrives or `deadline` passes (`None`).
     ///
     /// Busy-polls for up to `spin` first, while few callers wait (see
-    /// [`Waiting::few_enough_to_spin`]): a response that arrives meanwhile
-    /// costs the caller no sleep and no wake-up, which is most of a call's
-    /// latency when the caller and the event loop run on different cores.
-    pub(crate) fn wait(&self, deadline: Instant, spin: Duration) -> Option<CallOutcome> {
-        self.wait_with(deadline, spin, None)
-    }
-
-    /// [`wait`](Self::wait), reading `conn`'s socket for the responses while
-    /// it spins (see [`ConnShared::read_responses`]).
+    /// [`Waiting::few_enough_to_spin`]), reading `conn`'s socket for the
+    /// responses as it does (see [`ConnShared::read_responses`]): a response
+    /// that arrives meanwhile costs the caller no sleep and no wake-up, which
+    /// is most of a call's latency when the caller and the event loop run on
+    /// different cores.
     pub(crate) fn wait_reading(
         &self,
         deadline: Instant,
         spin: Duration,
         conn: &ConnShared,
-    ) -> Option<CallOutcome> {
-        self.wait_with(deadline, spin, Some(conn))
-    }
-
-    fn wait_with(
-        &self,
-        deadline: Instant,
-        spin: Duration,
-        conn: Option<&ConnShared>,
     ) -> Option<CallOutcome> {
         if self.is_done() {
             // Already there (a pipelining caller's usual case): no clock
@@ -653,12 +651,13 @@ impl CallSlot {
         }
         let _waiting = Waiting::start();
         if !spin.is_zero() {
-            let until = deadline.min(Instant::now() + spin);
-            match conn {
-                Some(conn) => self.spin_reading(until, conn),
-                None => super::spin_until(until, Waiting::few_enough_to_spin, || self.is_done()),
-            }
+            self.spin_reading(deadline.min(Instant::now() + spin), conn);
         }
+        self.sleep_until(deadline)
+    }
+
+    /// Sleeps until the outcome arrives (and takes it) or `deadline` passes.
+    fn sleep_until(&self, deadline: Instant) -> Option<CallOutcome> {
         let mut slot = self.outcome.lock();
         while slot.is_none() {
             if self.ready.wait_until(&mut slot, deadline).timed_out() {
@@ -879,7 +878,7 @@ mod tests {
         slot.complete(Err(Error::Shutdown));
         slot.complete(Err(Error::Timeout(Duration::ZERO)));
         assert!(matches!(
-            slot.wait(Instant::now(), Duration::ZERO),
+            slot.wait(Instant::now()),
             Some(Err(Error::Shutdown))
         ));
     }
@@ -904,10 +903,13 @@ mod tests {
         let threads: Vec<_> = (0..waiters)
             .map(|_| {
                 std::thread::spawn(|| {
+                    // A silent peer: each spinning round's read finds nothing.
+                    let (conn, _far, _commands) = conn_over_a_pair();
                     let slot = CallSlot::new();
                     let wait = Duration::from_millis(400);
                     let before = thread_cpu_ticks();
-                    assert!(slot.wait(Instant::now() + wait, wait).is_none());
+                    let outcome = slot.wait_reading(Instant::now() + wait, wait, &conn);
+                    assert!(outcome.is_none());
                     thread_cpu_ticks() - before
                 })
             })
@@ -941,7 +943,7 @@ mod tests {
         assert!(!again.is_done(), "and it is empty");
         assert!(
             again
-                .wait(Instant::now() + Duration::from_millis(5), Duration::ZERO)
+                .wait(Instant::now() + Duration::from_millis(5))
                 .is_none()
         );
         assert_ne!(Arc::as_ptr(&CallSlot::new()), first, "taken only once");
@@ -957,7 +959,7 @@ mod tests {
     fn an_empty_slot_times_out() {
         let slot = CallSlot::new();
         assert!(
-            slot.wait(Instant::now() + Duration::from_millis(5), Duration::ZERO)
+            slot.wait(Instant::now() + Duration::from_millis(5))
                 .is_none()
         );
     }
@@ -969,7 +971,7 @@ mod tests {
         table.register(1, slot.clone(), 10, peer()).unwrap();
         table.fail_all(peer(), &DisconnectReason::HeartbeatTimeout);
         assert!(matches!(
-            slot.wait(Instant::now(), Duration::ZERO),
+            slot.wait(Instant::now()),
             Some(Err(Error::ConnectionLost { .. }))
         ));
         assert_eq!(table.len(), 0);
@@ -1169,7 +1171,7 @@ mod tests {
         assert!(responses.is_empty() && slots.is_empty());
         assert_eq!(table.len(), 0);
         for (slot, body) in [(first, b"a"), (second, b"b")] {
-            match slot.wait(Instant::now(), Duration::ZERO) {
+            match slot.wait(Instant::now()) {
                 Some(Ok(frame)) => assert_eq!(frame.body, body),
                 other => panic!("expected the response body {body:?}, got {other:?}"),
             }

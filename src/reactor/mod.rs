@@ -63,12 +63,12 @@ pub(crate) fn poll_time_here(configured: Duration) -> Duration {
 /// round is cheaper, too.
 const SPINS_PER_YIELD: u32 = 64;
 
-/// Spins until `done()` holds, `until` passes or `may_spin()` stops
-/// holding, whichever comes first, yielding the core every
-/// [`SPINS_PER_YIELD`] looks. `may_spin` and the clock are checked once per
-/// round, `done` at every look.
-pub(crate) fn spin_until(until: Instant, may_spin: impl Fn() -> bool, done: impl Fn() -> bool) {
-    while may_spin() && Instant::now() < until {
+/// Spins until `done()` holds or `until` passes, whichever comes first,
+/// yielding the core every [`SPINS_PER_YIELD`] looks. The clock is checked
+/// once per round, `done` at every look. (A waiting caller spins its own
+/// way, reading its socket: `CallSlot::spin_reading`.)
+pub(crate) fn spin_until(until: Instant, done: impl Fn() -> bool) {
+    while Instant::now() < until {
         for _ in 0..SPINS_PER_YIELD {
             if done() {
                 return; // no yield once it is there
