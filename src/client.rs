@@ -1041,6 +1041,37 @@ mod tests {
         reaches(1_111);
     }
 
+    /// A connection whose callers read their answers keeps their read
+    /// buffer while they do, and gives it back once they have not for a
+    /// heartbeat interval (checked at each of the consumer's pings).
+    #[test]
+    fn an_idle_connection_gives_back_its_callers_read_buffer() {
+        let server = provider();
+        let mut config = ClientConfig::default();
+        config.connection.heartbeat.interval = Duration::from_millis(50);
+        let client = Client::connect(server.local_addr(), config).expect("connect");
+        let has_buf = || match &*client.inner.link.state.lock() {
+            LinkState::Ready(conn) => conn.reader.lock().caller_buf.is_some(),
+            _ => false,
+        };
+        // A caller reads its answer itself only when it may spin (few
+        // callers wait in the whole process, other tests' included) and
+        // gets to the socket before the loop: call until one has.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_buf() {
+            assert!(Instant::now() < deadline, "no caller read its own answer");
+            assert_eq!(client.call::<_, u64>("t", "sleep", &0).unwrap(), 0);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while has_buf() {
+            assert!(
+                Instant::now() < deadline,
+                "the idle connection kept its callers' read buffer"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Without busy polling a caller always writes its own request.
     #[test]
     fn without_busy_polling_callers_write_their_requests() {

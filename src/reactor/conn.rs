@@ -320,6 +320,20 @@ impl ConnShared {
         }
     }
 
+    /// Drops the callers' read buffer if no caller has read bytes since
+    /// `since`: an idle consumer connection keeps no 16 KiB it does not
+    /// use (a `ClusterClient` holds one connection per provider). The
+    /// next caller that reads allocates it again. Skipped while a caller
+    /// reads, which has the buffer out anyway.
+    pub(crate) fn release_caller_buf_unused_since(&self, since: Instant) {
+        if self.caller_read_at().is_some_and(|at| at >= since) {
+            return;
+        }
+        if let Some(mut reader) = self.reader.try_lock() {
+            reader.caller_buf = None;
+        }
+    }
+
     /// When a caller last read bytes from the socket
     /// ([`read_responses`](Self::read_responses)), if ever.
     pub(crate) fn caller_read_at(&self) -> Option<Instant> {
@@ -1105,6 +1119,38 @@ mod tests {
         conn.release_read_buffers();
         assert_eq!(buf_at(), None);
         assert!(conn.reader.lock().decoder.is_none());
+    }
+
+    /// The callers' read buffer is kept while callers read and dropped once
+    /// they have not for a while (see `EventLoop::on_heartbeat_action`).
+    #[test]
+    fn an_idle_connection_gives_back_its_callers_read_buffer() {
+        use crate::protocol::encode_ok_response;
+        use std::io::Write;
+        let (conn, far, _commands) = conn_over_a_pair();
+        let has_buf = || conn.reader.lock().caller_buf.is_some();
+        let before_read = Instant::now();
+        let slot = CallSlot::new();
+        conn.calls.register(1, slot.clone(), 10, peer()).unwrap();
+        (&far)
+            .write_all(&encode_ok_response(1, &"x").unwrap())
+            .unwrap();
+        assert!(conn.read_responses());
+        assert!(slot.is_done() && has_buf());
+
+        conn.release_caller_buf_unused_since(before_read);
+        assert!(has_buf(), "a caller read since: kept");
+        conn.release_caller_buf_unused_since(Instant::now() + Duration::from_millis(1));
+        assert!(!has_buf(), "no caller read since: dropped");
+
+        // The next read allocates one again.
+        let slot = CallSlot::new();
+        conn.calls.register(2, slot.clone(), 10, peer()).unwrap();
+        (&far)
+            .write_all(&encode_ok_response(2, &"y").unwrap())
+            .unwrap();
+        assert!(conn.read_responses());
+        assert!(slot.is_done() && has_buf());
     }
 
     /// A read that leaves a frame half received asks the loop to read once

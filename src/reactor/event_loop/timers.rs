@@ -180,6 +180,14 @@ impl EventLoop {
                     .shared
                     .out
                     .send_control_once(&conn.shared.socket, encode_ping(seq));
+                // A consumer whose callers read nothing for an interval
+                // gives back their read buffer (a provider never has one).
+                if let Role::Consumer { .. } = conn.role {
+                    let interval = conn.heartbeat.config().interval;
+                    if let Some(since) = now.checked_sub(interval) {
+                        conn.shared.release_caller_buf_unused_since(since);
+                    }
+                }
             }
             HeartbeatAction::Missed { count } => {
                 // Before the handshake completes there is nobody to miss yet.
