@@ -1129,14 +1129,18 @@ mod tests {
         use std::io::Write;
         let (conn, far, _commands) = conn_over_a_pair();
         let has_buf = || conn.reader.lock().caller_buf.is_some();
+        // Call `id` is answered, and a caller reads the answer.
+        let caller_reads_answer = |id: u64| {
+            let slot = CallSlot::new();
+            conn.calls.register(id, slot.clone(), 10, peer()).unwrap();
+            (&far)
+                .write_all(&encode_ok_response(id, &"x").unwrap())
+                .unwrap();
+            assert!(conn.read_responses());
+            assert!(slot.is_done() && has_buf());
+        };
         let before_read = Instant::now();
-        let slot = CallSlot::new();
-        conn.calls.register(1, slot.clone(), 10, peer()).unwrap();
-        (&far)
-            .write_all(&encode_ok_response(1, &"x").unwrap())
-            .unwrap();
-        assert!(conn.read_responses());
-        assert!(slot.is_done() && has_buf());
+        caller_reads_answer(1);
 
         conn.release_caller_buf_unused_since(before_read);
         assert!(has_buf(), "a caller read since: kept");
@@ -1144,13 +1148,7 @@ mod tests {
         assert!(!has_buf(), "no caller read since: dropped");
 
         // The next read allocates one again.
-        let slot = CallSlot::new();
-        conn.calls.register(2, slot.clone(), 10, peer()).unwrap();
-        (&far)
-            .write_all(&encode_ok_response(2, &"y").unwrap())
-            .unwrap();
-        assert!(conn.read_responses());
-        assert!(slot.is_done() && has_buf());
+        caller_reads_answer(2);
     }
 
     /// A read that leaves a frame half received asks the loop to read once
