@@ -1003,13 +1003,8 @@ mod tests {
         near.set_nonblocking(true).unwrap();
         let poll = mio::Poll::new().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let owner = LoopHandle {
-            index: 0,
-            tx,
-            waker: Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap()),
-            polling: Arc::new(AtomicBool::new(false)),
-            callers_moved_calls: Arc::new(AtomicBool::new(false)),
-        };
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let owner = LoopHandle::new(0, tx, waker);
         let conn = ConnShared::new(0, peer(), near, 1 << 20, 1 << 20, owner);
         (conn, far, rx)
     }

@@ -174,6 +174,18 @@ pub(crate) struct LoopHandle {
 }
 
 impl LoopHandle {
+    /// The handle of loop `index`, whose commands go to `tx` and whose
+    /// sleep `waker` ends; neither polling nor told of callers' calls yet.
+    pub(crate) fn new(index: usize, tx: Sender<Command>, waker: Waker) -> LoopHandle {
+        LoopHandle {
+            index,
+            tx,
+            waker: Arc::new(waker),
+            polling: Arc::new(AtomicBool::new(false)),
+            callers_moved_calls: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// Sends a command and wakes the loop, unless it is busy-polling. A loop
     /// that has exited drops it.
     pub(crate) fn send(&self, command: Command) {
@@ -247,13 +259,7 @@ impl Runtime {
             let waker = Waker::new(poll.registry(), WAKER_TOKEN)
                 .map_err(|e| Error::io("create mio::Waker", e))?;
             let (tx, rx) = crossbeam_channel::unbounded();
-            handles.push(LoopHandle {
-                index,
-                tx,
-                waker: Arc::new(waker),
-                polling: Arc::new(AtomicBool::new(false)),
-                callers_moved_calls: Arc::new(AtomicBool::new(false)),
-            });
+            handles.push(LoopHandle::new(index, tx, waker));
             polls.push(poll);
             receivers.push(rx);
         }
