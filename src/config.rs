@@ -66,10 +66,11 @@ pub struct ConnectionConfig {
     /// spreads busy threads over the cores without knowing which of them
     /// talk. With the client's loop on one core and the provider's on the
     /// other, 64 calls in flight from one thread with pool handlers did
-    /// 1.15–1.24 M calls/s on two cores (`start`) against 0.81–1.12 M with
-    /// the kernel's placement (no gain with many callers; the placed rows
-    /// of docs/BENCHMARKS.md). A pinned loop cannot move away from a core
-    /// that other work keeps busy, so it is not the default.
+    /// 1.07–1.24 M calls/s on two cores (`start`, five runs) against
+    /// 0.81–1.12 M with the kernel's placement (no gain with many callers;
+    /// the placed rows of docs/BENCHMARKS.md). A pinned loop cannot move
+    /// away from a core that other work keeps busy, so it is not the
+    /// default.
     ///
     /// A CPU that does not exist or is outside the process's cpuset
     /// (cgroup) makes `Client::connect` / `ServerBuilder::bind` fail; an
