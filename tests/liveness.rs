@@ -340,6 +340,17 @@ fn raw_silent_consumer_is_pinged_then_closed() {
         }
     };
     assert_eq!(close.header.status, CloseStatus::HeartbeatTimeout as u8);
+    // The text says how long, in whole milliseconds, and how many intervals.
+    let text = decode_text_body(&close.body);
+    let silent_ms: u128 = text
+        .strip_prefix("nothing received for ")
+        .and_then(|rest| rest.strip_suffix(&format!(" ms ({max_missed} heartbeat intervals)")))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected Close text {text:?}"));
+    assert!(
+        silent_ms >= bound.as_millis(),
+        "silent for {silent_ms} ms, under the bound {bound:?}: {text:?}"
+    );
     let took = close_at - t_connect;
     assert!(
         took >= bound,

@@ -207,8 +207,13 @@ impl EventLoop {
                 );
             }
             HeartbeatAction::Dead { missed, silent_for } => {
-                let text =
-                    format!("nothing received for {silent_for:?} ({missed} heartbeat intervals)");
+                // Whole milliseconds: the peer shows this text to people
+                // (`PeerClosed`'s detail), and `{:?}` of a Duration prints
+                // nine digits of noise ("605.061839ms").
+                let text = format!(
+                    "nothing received for {} ms ({missed} heartbeat intervals)",
+                    silent_for.as_millis()
+                );
                 let close = Some((CloseStatus::HeartbeatTimeout, text));
                 self.close(token, DisconnectReason::HeartbeatTimeout, close, now);
                 return Flow::Closed;
