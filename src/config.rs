@@ -289,7 +289,12 @@ pub struct ServerConfig {
     /// two cores, 64 callers sharing a Client did about 25 % more pool
     /// calls and a sequential caller's p99 halved, while one thread
     /// pipelining pool calls with `Client::start` lost about 12 %
-    /// (docs/BENCHMARKS-HISTORY.md).
+    /// (docs/BENCHMARKS-HISTORY.md, sessions 10 and 11). On a later
+    /// two-core host pipelines need it most: `make bench`'s throughput
+    /// section with `Duration::ZERO` did 296–375 k pool `start` calls/s
+    /// against 897–910 k at the default, and 16 callers 0.79–0.92× raw
+    /// against 1.11–1.12× (two runs each, session 27); 200 µs did no
+    /// better than 50 (one run).
     /// At most one worker spins at a time, yielding its core between looks,
     /// and never on a single core (the process's CPU affinity or quota),
     /// where it would only take turns with the threads bringing it work.
