@@ -68,6 +68,14 @@
 //! turned away before serving it (past `--max-connections`), with the same
 //! `"reason"` and `"detail"` fields.
 //!
+//! Lines come out in the order things happened as far as one process can
+//! tell: a `pong` never precedes its connection's `connected` (pulse emits the
+//! event before a call can use the connection, and a call's line is written
+//! after the events already emitted). A failed call's `call_failed` and the
+//! `disconnected` of the connection it was lost with may come in either
+//! order: the calls fail as the connection is closed, and the event follows
+//! once its resources are released.
+//!
 //! Logs (`RUST_LOG=debug`, through `env_logger`) go to standard error only, so
 //! they never mix with the JSON lines.
 //!
@@ -88,11 +96,13 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use pulse::liveness::HeartbeatMode;
 use pulse::{Client, ClientConfig, ConnectionConfig, Event, Server, ServerConfig, ServiceBuilder};
 use serde::Serialize;
@@ -629,30 +639,99 @@ enum Line {
     },
 }
 
-/// Prints one JSON line. Stdout is locked for the whole line, so lines from
-/// the event threads and the calling thread never interleave; a closed stdout
-/// (`| head`) is ignored rather than a panic.
-fn print_json(value: &impl Serialize) {
-    let Ok(mut line) = serde_json::to_string(value) else {
-        return;
-    };
-    line.push('\n');
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(line.as_bytes());
-    let _ = out.flush();
+/// Where every output line goes, so that lines come out in the order things
+/// happened. Events are taken off their channels only under the output's
+/// lock, and a call's line first writes the events already emitted: pulse
+/// emits `connected` before a call can use the connection, so a `pong` never
+/// comes out ahead of its connection's `connected` (as it could when a
+/// printer thread and the calling thread each wrote as soon as they had a
+/// line). A closed stdout (`| head`) is ignored rather than a panic.
+#[derive(Clone)]
+struct Output {
+    inner: Arc<Mutex<OutputInner>>,
 }
 
-/// Prints every event of one side until the side is gone (its channel closes
-/// when the `Client` or `Server` and its threads have been dropped).
-fn print_events(side: &'static str, events: Receiver<Event>) -> JoinHandle<()> {
-    thread::Builder::new()
-        .name(format!("{side}-events"))
-        .spawn(move || {
-            for event in events {
-                print_json(&EventLine::new(side, &event));
+struct OutputInner {
+    out: Box<dyn Write + Send>,
+    /// Each watched side's name and events, until its channel closes.
+    sources: Vec<(&'static str, Receiver<Event>)>,
+}
+
+impl Output {
+    fn stdout() -> Output {
+        Output::to(Box::new(std::io::stdout()))
+    }
+
+    fn to(out: Box<dyn Write + Send>) -> Output {
+        let sources = Vec::new();
+        Output {
+            inner: Arc::new(Mutex::new(OutputInner { out, sources })),
+        }
+    }
+
+    /// Writes one JSON line, after the events already emitted.
+    fn line(&self, value: &impl Serialize) {
+        let mut inner = self.inner.lock();
+        inner.write_events();
+        inner.write(value);
+    }
+
+    /// Adds a side's events to what the output writes.
+    fn add_source(&self, side: &'static str, events: Receiver<Event>) {
+        self.inner.lock().sources.push((side, events));
+    }
+
+    /// Adds a side's events and starts a thread that writes them as they
+    /// come, until the side is gone (its channel closes when the `Client` or
+    /// `Server` and its threads have been dropped).
+    fn watch(&self, side: &'static str, events: Receiver<Event>) -> JoinHandle<()> {
+        self.add_source(side, events.clone());
+        let output = self.clone();
+        thread::Builder::new()
+            .name(format!("{side}-events"))
+            .spawn(move || {
+                loop {
+                    // Wait for an event without taking it: it is taken, and
+                    // written, under the lock.
+                    let mut ready = Select::new();
+                    ready.recv(&events);
+                    ready.ready();
+                    let mut inner = output.inner.lock();
+                    inner.write_events();
+                    if !inner.sources.iter().any(|(_, s)| s.same_channel(&events)) {
+                        return; // closed and drained
+                    }
+                }
+            })
+            .expect("spawn an event printer thread")
+    }
+}
+
+impl OutputInner {
+    /// Writes every event waiting in the sources; forgets a source whose
+    /// channel is closed and empty.
+    fn write_events(&mut self) {
+        let mut sources = std::mem::take(&mut self.sources);
+        sources.retain(|(side, events)| {
+            loop {
+                match events.try_recv() {
+                    Ok(event) => self.write(&EventLine::new(side, &event)),
+                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Disconnected) => return false,
+                }
             }
-        })
-        .expect("spawn an event printer thread")
+        });
+        self.sources = sources;
+    }
+
+    fn write(&mut self, value: &impl Serialize) {
+        let Ok(mut line) = serde_json::to_string(value) else {
+            return;
+        };
+        line.push('\n');
+        let _ = self.out.write_all(line.as_bytes());
+        let _ = self.out.flush();
+    }
 }
 
 /// Waits up to `limit` for an event printer to drain and exit. It exits once
@@ -713,13 +792,12 @@ impl Stats {
     }
 }
 
-/// Calls `demo.ping` `count` times (0: forever), `interval` apart. With
-/// `print_pongs` each answer gets a `pong` line; failures always get a
-/// `call_failed` line, and the loop carries on: the client reconnects by
-/// itself, and the next call waits for it (up to the call timeout).
 /// Calls `demo.ping` `count` times (0 = until `stop` fires), `interval`
-/// apart.
+/// apart. With `print_pongs` each answer gets a `pong` line; failures always
+/// get a `call_failed` line, and the loop carries on: the client reconnects
+/// by itself, and the next call waits for it (up to the call timeout).
 fn ping_loop(
+    output: &Output,
     client: &Client,
     count: u64,
     interval: Duration,
@@ -740,17 +818,17 @@ fn ping_loop(
                     .rtt_us
                     .saturating_record(rtt_us.clamp(1, HISTOGRAM_MAX_US));
                 if print_pongs {
-                    print_json(&Line::Pong { seq, rtt_us });
+                    output.line(&Line::Pong { seq, rtt_us });
                 }
             }
             Ok(answer) => {
                 stats.failed += 1;
                 let error = format!("ping {seq} was answered with {answer}");
-                print_json(&Line::CallFailed { seq, error });
+                output.line(&Line::CallFailed { seq, error });
             }
             Err(e) => {
                 stats.failed += 1;
-                print_json(&Line::CallFailed {
+                output.line(&Line::CallFailed {
                     seq,
                     error: e.to_string(),
                 });
@@ -821,15 +899,23 @@ impl ShutdownOnStop {
 
 /// Provider and consumer in one process; exits 0 when every call succeeded.
 fn run_both(options: &Options) -> Result<ExitCode, pulse::Error> {
+    let output = Output::stdout();
     let server = start_server(options, "127.0.0.1:0")?;
-    let server_events = print_events("server", server.events());
+    let server_events = output.watch("server", server.events());
     let client = Client::connect(server.local_addr(), client_config(options))?;
-    let client_events = print_events("client", client.events());
+    let client_events = output.watch("client", client.events());
 
     // Pongs are not printed here: 1,000 lines would bury the summary.
     let interval = Duration::from_millis(options.interval_ms);
-    let stats = ping_loop(&client, options.count, interval, false, &stop_signal());
-    print_json(&stats.summary());
+    let stats = ping_loop(
+        &output,
+        &client,
+        options.count,
+        interval,
+        false,
+        &stop_signal(),
+    );
+    output.line(&stats.summary());
 
     // Shut down in order, so the last lines are deterministic: the client
     // closes with Close(Normal) ("shutdown" on its side), the provider sees it
@@ -853,12 +939,13 @@ fn run_both(options: &Options) -> Result<ExitCode, pulse::Error> {
 /// The provider alone, until Ctrl-C or SIGTERM.
 fn run_server(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
     let stop = stop_signal();
+    let output = Output::stdout();
     let server = start_server(options, addr)?;
     // First line: the real address (useful with port 0).
-    print_json(&Line::Listening {
+    output.line(&Line::Listening {
         addr: server.local_addr().to_string(),
     });
-    let printer = print_events("server", server.events());
+    let printer = output.watch("server", server.events());
     // Serving happens on pulse's own threads; this one waits for the signal.
     let _ = stop.recv();
     // Dropping the server shuts it down: Close(Normal) to every consumer
@@ -874,15 +961,16 @@ fn run_client(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
     // `connect_lazy` returns at once and connects in the background, so the
     // client starts even when the provider is not up yet; the first call waits
     // for the connection (up to the call timeout, then `call_failed`).
+    let output = Output::stdout();
     let client = Client::connect_lazy(addr, client_config(options))?;
-    let printer = print_events("client", client.events());
+    let printer = output.watch("client", client.events());
 
     let interval = Duration::from_millis(options.interval_ms);
     let stop = stop_signal();
     let shutdown_on_stop = ShutdownOnStop::start(&client, &stop);
-    let stats = ping_loop(&client, options.count, interval, true, &stop);
+    let stats = ping_loop(&output, &client, options.count, interval, true, &stop);
     shutdown_on_stop.finish();
-    print_json(&stats.summary());
+    output.line(&stats.summary());
 
     // Close(Normal) to the provider, which reports `peer_shutdown`.
     drop(client);
@@ -916,4 +1004,85 @@ fn main() -> ExitCode {
         eprintln!("ping_pong: {e}");
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose lines the test reads back.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Buffer {
+        /// The `"event"` field of each line written, in order.
+        fn events(&self) -> Vec<String> {
+            let text = String::from_utf8(self.0.lock().clone()).expect("UTF-8 output");
+            text.lines()
+                .map(|line| {
+                    let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                    value["event"].as_str().expect("an event field").to_string()
+                })
+                .collect()
+        }
+    }
+
+    fn peer() -> std::net::SocketAddr {
+        "127.0.0.1:7000".parse().unwrap()
+    }
+
+    /// An event already emitted when a call's line is written comes out
+    /// first, even with no printer thread to write it (none here).
+    #[test]
+    fn a_call_line_comes_after_the_events_emitted_before_it() {
+        let buffer = Buffer::default();
+        let output = Output::to(Box::new(buffer.clone()));
+        let (emit, events) = crossbeam_channel::unbounded();
+        output.add_source("client", events);
+        emit.send(Event::Connected { peer: peer() }).unwrap();
+        output.line(&Line::Pong { seq: 1, rtt_us: 5 });
+        output.line(&Line::Pong { seq: 2, rtt_us: 5 });
+        assert_eq!(buffer.events(), ["connected", "pong", "pong"]);
+    }
+
+    /// A watched side's events are written as they come, and its printer
+    /// thread ends once the channel is closed and drained.
+    #[test]
+    fn a_watched_side_is_written_until_its_channel_closes() {
+        let buffer = Buffer::default();
+        let output = Output::to(Box::new(buffer.clone()));
+        let (emit, events) = crossbeam_channel::unbounded();
+        let printer = output.watch("server", events);
+        emit.send(Event::Connected { peer: peer() }).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while buffer.events().is_empty() {
+            assert!(Instant::now() < deadline, "the event was not written");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let reason = pulse::DisconnectReason::PeerShutdown;
+        emit.send(Event::Disconnected {
+            peer: peer(),
+            reason,
+        })
+        .unwrap();
+        drop(emit);
+        while !printer.is_finished() {
+            assert!(Instant::now() < deadline, "the printer did not end");
+            thread::sleep(Duration::from_millis(1));
+        }
+        printer.join().expect("the printer thread");
+        assert_eq!(buffer.events(), ["connected", "disconnected"]);
+        assert!(output.inner.lock().sources.is_empty());
+    }
 }

@@ -128,11 +128,31 @@ impl Link {
     /// link, and a connect that completes in between must not make the link
     /// usable again.
     pub(crate) fn set_state(&self, state: LinkState) -> bool {
+        self.set_state_then(state, || {})
+    }
+
+    /// Makes `conn` the link's ready connection and emits `Connected`, unless
+    /// the link is shut down (false). The event goes out before the lock is
+    /// released, so it is in the events channel before any caller can use
+    /// the connection: whoever reads the events alongside calls' results
+    /// never sees an answer from a connection before its `connected`.
+    pub(crate) fn set_ready(&self, conn: Arc<ConnShared>) -> bool {
+        let peer = conn.peer;
+        self.set_state_then(LinkState::Ready(conn), || {
+            self.events.emit(Event::Connected { peer })
+        })
+    }
+
+    /// [`set_state`](Self::set_state), running `announce` after the change
+    /// but while callers still cannot see it (the state's lock is held).
+    /// `announce` must not block or touch the link's state.
+    fn set_state_then(&self, state: LinkState, announce: impl FnOnce()) -> bool {
         let changed = {
             let mut current = self.state.lock();
             let open = !matches!(*current, LinkState::Shutdown);
             if open {
                 *current = state;
+                announce();
             }
             open
         };
@@ -890,18 +910,7 @@ mod tests {
     /// cannot replace it.
     #[test]
     fn a_shut_down_link_stays_shut_down() {
-        let link = Link {
-            id: 1,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            events: EventSink::new(16, "client"),
-            config: ClientConfig::default(),
-            state: Mutex::new(LinkState::Connecting {
-                attempt: 0,
-                last_error: None,
-            }),
-            changed: Condvar::new(),
-            srtt_nanos: AtomicU64::new(0),
-        };
+        let link = connecting_link();
         let connecting = |attempt| LinkState::Connecting {
             attempt,
             last_error: None,
@@ -912,6 +921,106 @@ mod tests {
         assert!(!link.set_state(connecting(2)));
         assert!(!link.set_state(LinkState::Failed("gave up".into())));
         assert!(link.is_shut_down());
+    }
+
+    /// A link still connecting, whose events go to a 16-slot channel.
+    fn connecting_link() -> Link {
+        Link {
+            id: 1,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            events: EventSink::new(16, "client"),
+            config: ClientConfig::default(),
+            state: Mutex::new(LinkState::Connecting {
+                attempt: 0,
+                last_error: None,
+            }),
+            changed: Condvar::new(),
+            srtt_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// A connection's shared part over one end of a Unix socket pair, owned
+    /// by a loop that never runs (nothing here sends it a command).
+    fn idle_conn() -> Arc<crate::reactor::ConnShared> {
+        use socket2::{Domain, Socket, Type};
+        let (near, _far) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let owner = crate::reactor::LoopHandle::new(0, tx, waker);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        Arc::new(crate::reactor::ConnShared::new(
+            0,
+            peer,
+            near,
+            1 << 20,
+            1 << 20,
+            owner,
+        ))
+    }
+
+    /// What `set_state_then` announces is announced while callers cannot
+    /// see the new state yet (the state's lock is still held), and nothing
+    /// is announced once the link is shut down.
+    #[test]
+    fn a_state_change_is_announced_before_callers_can_see_it() {
+        let link = connecting_link();
+        let mut announced = 0;
+        let ready = link.set_state_then(LinkState::Failed("test".into()), || {
+            announced += 1;
+            assert!(link.state.try_lock().is_none(), "announced after unlocking");
+        });
+        assert!(ready);
+        assert_eq!(announced, 1);
+        assert!(link.set_state(LinkState::Shutdown));
+        let changed = link.set_state_then(LinkState::Failed("late".into()), || announced += 1);
+        assert!(!changed);
+        assert_eq!(announced, 1, "a shut-down link announced a change");
+    }
+
+    /// A caller that finds the link ready finds its `Connected` already in
+    /// the events channel: a watcher spinning on the state's lock takes it
+    /// the moment `set_ready` lets go. Repeated, since the watcher need not
+    /// win that race every time (emitting after unlocking, when tried,
+    /// failed in the first round in three runs of three).
+    #[test]
+    fn connected_is_emitted_before_a_caller_can_see_the_link_ready() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let link = connecting_link();
+        let events = link.events.receiver();
+        let conn = idle_conn();
+        let peer = conn.peer;
+        for round in 0..200 {
+            assert!(link.set_state(LinkState::Connecting {
+                attempt: round,
+                last_error: None,
+            }));
+            while events.try_recv().is_ok() {}
+            let watching = AtomicBool::new(false);
+            let seen = std::thread::scope(|scope| {
+                let watcher = scope.spawn(|| {
+                    watching.store(true, Ordering::Release);
+                    loop {
+                        let state = link.state.lock();
+                        if matches!(*state, LinkState::Ready(_)) {
+                            return events.try_recv().ok();
+                        }
+                        drop(state);
+                        std::hint::spin_loop();
+                    }
+                });
+                while !watching.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                assert!(link.set_ready(conn.clone()));
+                watcher.join().expect("the watcher thread")
+            });
+            assert_eq!(
+                seen,
+                Some(crate::Event::Connected { peer }),
+                "round {round}: the link was ready before its Connected was emitted"
+            );
+        }
     }
 
     /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`,

@@ -23,7 +23,9 @@ use crate::protocol::CloseStatus;
 #[non_exhaustive]
 pub enum Event {
     /// A connection is up. For a consumer: the provider answered its first
-    /// ping (or sent any frame), so calls can flow.
+    /// ping (or sent any frame), so calls can flow. The event is in the
+    /// channel before any call can use the connection: a call answered on
+    /// it returns after its `Connected` was emitted.
     Connected {
         /// The other end.
         peer: SocketAddr,

@@ -11,7 +11,6 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use socket2::Socket;
 
-use crate::client::LinkState;
 use crate::event::{DisconnectReason, Event};
 use crate::liveness::Heartbeat;
 use crate::protocol::{CloseStatus, encode_close, encode_ping};
@@ -251,8 +250,8 @@ impl EventLoop {
             return;
         };
         let link = link.clone();
-        let shared = conn.shared.clone();
-        if !link.set_state(LinkState::Ready(shared.clone())) {
+        // `Connected` is emitted inside, before a caller can see the link ready.
+        if !link.set_ready(conn.shared.clone()) {
             // `Client::shutdown` came first: its `RemoveLink`, queued behind
             // this, closes the connection. Nothing to announce.
             return;
@@ -260,7 +259,6 @@ impl EventLoop {
         if let Some(ctl) = self.links.get_mut(&link.id()) {
             ctl.backoff.on_connected(now);
         }
-        self.emit(token, Event::Connected { peer: shared.peer });
     }
 }
 
