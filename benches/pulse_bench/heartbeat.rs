@@ -112,15 +112,20 @@ pub fn run(settings: &Settings) -> Vec<HeartbeatRow> {
         .collect()
 }
 
-/// Role `provider`.
+/// Role `provider`. `PULSE_BENCH_HB` is `on`, `idle` or `off` (the rows of
+/// [`run`]), or `answer`, for profiling only: the consumers ping every
+/// interval as for `on`, and the provider runs no heartbeat of its own (no
+/// pings, a 1 h interval, so no timer fires) but answers them, as any side
+/// does: what answering costs without any liveness work.
 pub fn provider_main() {
     let hb = std::env::var("PULSE_BENCH_HB").unwrap_or_default();
-    let hb_on = hb == "on" || hb == "idle";
+    let answer_only = hb == "answer";
+    let hb_on = hb == "on" || hb == "idle" || answer_only;
     let n: usize = common::env_parse("PULSE_BENCH_IDLE_CONNS", 5_000);
     let window = Duration::from_millis(common::env_parse("PULSE_BENCH_WINDOW_MS", 10_000));
     let mut row = HeartbeatRow {
         heartbeats: if hb_on { hb.as_str() } else { "off" }.into(),
-        interval_ms: if hb_on {
+        interval_ms: if hb_on && !answer_only {
             INTERVAL.as_millis() as u64
         } else {
             3_600_000
@@ -129,7 +134,7 @@ pub fn provider_main() {
         ..HeartbeatRow::default()
     };
     let idle_mode = hb == "idle";
-    if let Err(e) = provider(hb_on, idle_mode, n, window, &mut row) {
+    if let Err(e) = provider(hb_on, idle_mode, answer_only, n, window, &mut row) {
         row.error = Some(e);
     }
     common::print_result(&row);
@@ -138,13 +143,14 @@ pub fn provider_main() {
 fn provider(
     hb_on: bool,
     idle_mode: bool,
+    answer_only: bool,
     n: usize,
     window: Duration,
     row: &mut HeartbeatRow,
 ) -> Result<(), String> {
     let mut config = ServerConfig::default();
     config.max_connections = config.max_connections.max(n + 100);
-    if hb_on {
+    if hb_on && !answer_only {
         config.connection.heartbeat.interval = INTERVAL;
         config.connection.heartbeat.send_pings = true;
         if idle_mode {
