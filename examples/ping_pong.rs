@@ -68,13 +68,14 @@
 //! turned away before serving it (past `--max-connections`), with the same
 //! `"reason"` and `"detail"` fields.
 //!
-//! Lines come out in the order things happened as far as one process can
-//! tell: a `pong` never precedes its connection's `connected` (pulse emits the
-//! event before a call can use the connection, and a call's line is written
-//! after the events already emitted). A failed call's `call_failed` and the
-//! `disconnected` of the connection it was lost with may come in either
-//! order: the calls fail as the connection is closed, and the event follows
-//! once its resources are released.
+//! Lines come out in the order things happened: a `pong` never precedes its
+//! connection's `connected`, and a call lost with a connection comes out
+//! (`call_failed`) after that connection's `disconnected`. pulse emits
+//! `connected` before a call can use the connection and `disconnected`
+//! before the calls in flight on it fail, and a call's line is written after
+//! the events already emitted. (One exception: a call whose own write meets
+//! a broken socket fails at once, and may come out before the loop has
+//! noticed and reported the connection's end.)
 //!
 //! Logs (`RUST_LOG=debug`, through `env_logger`) go to standard error only, so
 //! they never mix with the JSON lines.

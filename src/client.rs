@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::event::{Event, EventSink};
+use crate::event::{DisconnectReason, Event, EventSink};
 use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool};
 use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Room, Runtime, SendError};
 
@@ -140,6 +140,25 @@ impl Link {
         let peer = conn.peer;
         self.set_state_then(LinkState::Ready(conn), || {
             self.events.emit(Event::Connected { peer })
+        })
+    }
+
+    /// Takes the link out of `Ready` as its connection is closed, so that no
+    /// new call picks that connection, and emits `Disconnected` before any
+    /// caller can see the change: the event is in the channel before the
+    /// calls in flight fail with `ConnectionLost`. False, changing nothing,
+    /// once the link is shut down (the end is then reported once the
+    /// connection is gone, as for a connection that never became ready).
+    pub(crate) fn set_lost(&self, reason: &DisconnectReason) -> bool {
+        let state = LinkState::Connecting {
+            attempt: 0,
+            last_error: Some(reason.to_string()),
+        };
+        self.set_state_then(state, || {
+            self.events.emit(Event::Disconnected {
+                peer: self.addr,
+                reason: reason.clone(),
+            })
         })
     }
 
@@ -1021,6 +1040,48 @@ mod tests {
                 "round {round}: the link was ready before its Connected was emitted"
             );
         }
+    }
+
+    /// `set_lost` takes a ready link out of `Ready` (no attempt made yet
+    /// since the healthy connection) and emits `Disconnected` with the
+    /// reason; on a shut-down link it changes and emits nothing, leaving
+    /// the report to the end of the connection.
+    #[test]
+    fn a_lost_connection_is_reported_as_the_link_leaves_ready() {
+        use crate::DisconnectReason;
+        let link = connecting_link();
+        let events = link.events.receiver();
+        let conn = idle_conn();
+        let peer = conn.peer;
+        assert!(link.set_ready(conn));
+        assert_eq!(
+            events.try_recv().ok(),
+            Some(crate::Event::Connected { peer })
+        );
+
+        assert!(link.set_lost(&DisconnectReason::HeartbeatTimeout));
+        assert_eq!(
+            events.try_recv().ok(),
+            Some(crate::Event::Disconnected {
+                peer,
+                reason: DisconnectReason::HeartbeatTimeout
+            })
+        );
+        match &*link.state.lock() {
+            LinkState::Connecting {
+                attempt: 0,
+                last_error: Some(e),
+            } => assert_eq!(*e, DisconnectReason::HeartbeatTimeout.to_string()),
+            _ => panic!("a lost link should be Connecting, no attempt made yet"),
+        }
+
+        assert!(link.set_state(LinkState::Shutdown));
+        assert!(!link.set_lost(&DisconnectReason::Shutdown));
+        assert!(
+            events.try_recv().is_err(),
+            "a shut-down link reported a loss"
+        );
+        assert!(link.is_shut_down());
     }
 
     /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`,

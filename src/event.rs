@@ -41,9 +41,13 @@ pub enum Event {
         /// Consecutive silent intervals so far.
         missed: u32,
     },
-    /// A connection ended. Reported when this side decides it (or learns it):
-    /// a provider that lingers to write its final Close reports before the
-    /// socket is released, so `connection_count` may lag the event briefly.
+    /// A connection ended. Reported when this side decides it (or learns it),
+    /// before the connection's resources are released: a provider that
+    /// lingers to write its final Close reports first, so `connection_count`
+    /// may lag the event briefly; a consumer reports as its connection stops
+    /// being usable, before the calls in flight on it fail with
+    /// `ConnectionLost` (so the event is in the channel when they return),
+    /// and emits `Reconnecting` once the connection is released.
     Disconnected {
         /// The other end.
         peer: SocketAddr,

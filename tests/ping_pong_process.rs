@@ -473,7 +473,15 @@ fn a_frozen_server_is_detected_within_the_bound_and_the_client_reconnects() {
         ms(detection)
     );
 
-    let (reconnecting, _) = client.wait_for("reconnecting", gone.at + MARGIN, |l| {
+    // The call sent after the STOP (calls go every 50 ms, the bound is far
+    // longer) was in flight when the connection was declared dead: it fails,
+    // and its line comes after the `disconnected`, never before.
+    assert!(
+        !before.iter().any(|l| l.event() == "call_failed"),
+        "a call failed before the disconnect was reported: {:?}",
+        before.iter().map(|l| &l.text).collect::<Vec<_>>()
+    );
+    let (reconnecting, mut after) = client.wait_for("reconnecting", gone.at + MARGIN, |l| {
         l.event() == "reconnecting"
     });
     assert!(reconnecting.u64("attempt") >= 1, "{}", reconnecting.text);
@@ -484,9 +492,18 @@ fn a_frozen_server_is_detected_within_the_bound_and_the_client_reconnects() {
     let resumed = Instant::now();
     // The call that waited for the reconnect is answered at once, but its
     // pong comes out after the new connection's `connected`.
-    let (first, _) = client.wait_for("client connected again", resumed + RECOVERY, |l| {
-        matches!(l.event(), "connected" | "pong")
-    });
+    let (first, until_connected) =
+        client.wait_for("client connected again", resumed + RECOVERY, |l| {
+            matches!(l.event(), "connected" | "pong")
+        });
+    after.extend(until_connected);
+    assert!(
+        after
+            .iter()
+            .any(|l| l.event() == "call_failed" && l.str("error").contains("heartbeat_timeout")),
+        "no call failed with the lost connection: {:?}",
+        after.iter().map(|l| &l.text).collect::<Vec<_>>()
+    );
     assert_eq!(
         first.event(),
         "connected",

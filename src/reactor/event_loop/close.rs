@@ -34,16 +34,22 @@ impl EventLoop {
             self.finalize(token, now);
             return;
         }
+        // The end is reported now, before the calls in flight fail (so that
+        // whoever watches both sees the cause first), and a consumer's link
+        // leaves `Ready` with it, so no new call picks this connection.
+        match &conn.role {
+            Role::Provider { server } => {
+                server.events().emit(Event::Disconnected {
+                    peer: conn.shared.peer,
+                    reason: reason.clone(),
+                });
+                conn.reported = true;
+            }
+            Role::Consumer { link } if conn.was_ready => conn.reported = link.set_lost(&reason),
+            Role::Consumer { .. } => {}
+        }
         // Calls in flight fail now, not when the Close has been written.
         conn.shared.calls.fail_all(conn.shared.peer, &reason);
-        if let Role::Provider { server } = &conn.role {
-            let peer = conn.shared.peer;
-            server.events().emit(Event::Disconnected {
-                peer,
-                reason: reason.clone(),
-            });
-            conn.reported = true;
-        }
         conn.closing_reason = Some(reason);
         let Some((status, text)) = close_frame else {
             self.finalize(token, now);
@@ -114,7 +120,14 @@ impl EventLoop {
                     });
                 }
             }
-            Role::Consumer { link } => self.link_conn_gone(link.id(), conn.was_ready, reason, now),
+            Role::Consumer { link } => {
+                let end = match (conn.was_ready, conn.reported) {
+                    (false, _) => LinkEnd::AttemptFailed,
+                    (true, false) => LinkEnd::Disconnected,
+                    (true, true) => LinkEnd::DisconnectReported,
+                };
+                self.link_conn_gone(link.id(), end, reason, now)
+            }
         }
     }
 
@@ -123,10 +136,11 @@ impl EventLoop {
     pub(super) fn link_conn_gone(
         &mut self,
         link_id: u64,
-        was_ready: bool,
+        end: LinkEnd,
         reason: DisconnectReason,
         now: Instant,
     ) {
+        let was_ready = end != LinkEnd::AttemptFailed;
         let Some(ctl) = self.links.get_mut(&link_id) else {
             return;
         };
@@ -169,7 +183,7 @@ impl EventLoop {
             }
             delay.map(|delay| (attempt, delay))
         };
-        if was_ready {
+        if end == LinkEnd::Disconnected {
             link.events().emit(Event::Disconnected { peer, reason });
         }
         if let Some((attempt, delay)) = next {
@@ -185,6 +199,20 @@ impl EventLoop {
             self.timer.arm(link_id, now + delay, event);
         }
     }
+}
+
+/// How a link's connection ended, for [`EventLoop::link_conn_gone`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkEnd {
+    /// A connect attempt failed before the connection became ready: no
+    /// `Disconnected`, only the next attempt.
+    AttemptFailed,
+    /// A ready connection ended and its `Disconnected` is still to be
+    /// emitted.
+    Disconnected,
+    /// A ready connection ended and `close` already emitted its
+    /// `Disconnected` (as the link left `Ready`).
+    DisconnectReported,
 }
 
 /// Bytes read and discarded from a socket being closed, at most.

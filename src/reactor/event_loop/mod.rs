@@ -78,8 +78,9 @@ struct Conn {
     was_ready: bool,
     /// Why the connection is closing, once it is.
     closing_reason: Option<DisconnectReason>,
-    /// The provider already reported this connection's end (at the moment it
-    /// decided to close, not after the Close frame lingered out).
+    /// This connection's end was already reported, when the loop decided to
+    /// close it: by a provider before its Close frame lingers out, by a
+    /// consumer before its calls in flight fail (see `Link::set_lost`).
     reported: bool,
     /// The deadline the timer thread holds for this connection, if any.
     armed: Option<Instant>,

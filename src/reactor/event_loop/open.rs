@@ -19,6 +19,7 @@ use crate::reactor::outbound::Class;
 use crate::reactor::{Command, socket};
 use crate::server::ServerShared;
 
+use super::close::LinkEnd;
 use super::{Conn, EventLoop, Phase, Role};
 
 impl EventLoop {
@@ -187,7 +188,12 @@ impl EventLoop {
         let socket = match socket::start_connect(link.addr()) {
             Ok(socket) => socket,
             Err(e) => {
-                self.link_conn_gone(link_id, false, DisconnectReason::Io(e.to_string()), now);
+                self.link_conn_gone(
+                    link_id,
+                    LinkEnd::AttemptFailed,
+                    DisconnectReason::Io(e.to_string()),
+                    now,
+                );
                 return;
             }
         };
@@ -215,9 +221,12 @@ impl EventLoop {
                 }
                 self.rearm(token);
             }
-            Err((e, _)) => {
-                self.link_conn_gone(link_id, false, DisconnectReason::Io(e.to_string()), now)
-            }
+            Err((e, _)) => self.link_conn_gone(
+                link_id,
+                LinkEnd::AttemptFailed,
+                DisconnectReason::Io(e.to_string()),
+                now,
+            ),
         }
     }
 
