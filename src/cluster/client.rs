@@ -629,7 +629,10 @@ impl ClusterClient {
 
     /// Provider changes, their liveness events and the registry's state.
     /// Clones of the receiver share one stream; events past the channel's
-    /// capacity (the client config's `event_capacity`) are dropped.
+    /// capacity (the client config's `event_capacity`) are dropped. A
+    /// provider's events keep their order but are forwarded by the updater
+    /// thread, so (unlike [`Client::events`]) a call may return before the
+    /// event that explains it arrives here.
     pub fn events(&self) -> Receiver<ClusterEvent> {
         self.inner.shared.events_rx.clone()
     }
