@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::event::{DisconnectReason, Event, EventSink};
+use crate::event::{DisconnectReason, Event, EventHook, EventSink};
 use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool};
 use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Room, Runtime, SendError};
 
@@ -293,6 +293,33 @@ impl Client {
     /// `InvalidConfig`, or `Io` when the address does not resolve or the
     /// client's threads cannot start.
     pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
+        let events = EventSink::new(config.connection.event_capacity, "client");
+        let client = Client::open(addr, config, events)?;
+        client.start_connecting();
+        Ok(client)
+    }
+
+    /// A client whose events go to `hook` as they are emitted
+    /// ([`events`](Self::events) stays empty), not connecting until
+    /// [`start_connecting`](Self::start_connecting): a cluster announces the
+    /// provider first.
+    pub(crate) fn unstarted_with_hook(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+        hook: EventHook,
+    ) -> Result<Client> {
+        Client::open(addr, config, EventSink::with_hook("client", hook))
+    }
+
+    /// Hands the link to its loop, which starts connecting. Once per client.
+    pub(crate) fn start_connecting(&self) {
+        self.inner
+            .owner
+            .send(Command::AddLink(self.inner.link.clone()));
+    }
+
+    /// The client's threads and link, not yet connecting.
+    fn open(addr: impl ToSocketAddrs, config: ClientConfig, events: EventSink) -> Result<Client> {
         config.validate().map_err(Error::InvalidConfig)?;
         let addr = addr
             .to_socket_addrs()
@@ -306,7 +333,7 @@ impl Client {
         let link = Arc::new(Link {
             id: crate::next_id(),
             addr,
-            events: EventSink::new(config.connection.event_capacity, "client"),
+            events,
             config,
             state: Mutex::new(LinkState::Connecting {
                 attempt: 0,
@@ -315,7 +342,6 @@ impl Client {
             changed: Condvar::new(),
             srtt_nanos: AtomicU64::new(0),
         });
-        owner.send(Command::AddLink(link.clone()));
         Ok(Client {
             inner: Arc::new(ClientInner {
                 link,

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -198,11 +199,20 @@ impl fmt::Display for DisconnectReason {
     }
 }
 
-/// Where a side publishes its events: a bounded channel, plus the log.
+/// Receives a side's events in place of its channel (see
+/// [`EventSink::with_hook`]). It runs on the thread that emits, sometimes
+/// while a client's state lock is held: it must not block, and must not
+/// touch a client's state or drop the last handle to one.
+pub(crate) type EventHook = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Where a side publishes its events: a bounded channel (or a hook), plus
+/// the log.
 #[derive(Clone)]
 pub(crate) struct EventSink {
     tx: Sender<Event>,
     rx: Receiver<Event>,
+    /// Takes every event instead of the channel, when set.
+    hook: Option<EventHook>,
     /// Which side publishes, for log lines ("client" or "server").
     side: &'static str,
 }
@@ -210,7 +220,24 @@ pub(crate) struct EventSink {
 impl EventSink {
     pub(crate) fn new(capacity: usize, side: &'static str) -> EventSink {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        EventSink { tx, rx, side }
+        EventSink {
+            tx,
+            rx,
+            hook: None,
+            side,
+        }
+    }
+
+    /// A sink that hands every event to `hook` as it is emitted, in order,
+    /// and leaves its own channel empty: for a cluster, which publishes its
+    /// providers' events in its own channel without a thread in between
+    /// (so they keep their place relative to the calls, as a lone
+    /// client's do).
+    pub(crate) fn with_hook(side: &'static str, hook: EventHook) -> EventSink {
+        EventSink {
+            hook: Some(hook),
+            ..EventSink::new(1, side)
+        }
     }
 
     /// A receiver for users. All receivers share one queue: each event is
@@ -233,7 +260,9 @@ impl EventSink {
                 _ => log::warn!("{}: {event}", self.side),
             },
         }
-        if let Err(TrySendError::Full(event)) = self.tx.try_send(event) {
+        if let Some(hook) = &self.hook {
+            hook(event);
+        } else if let Err(TrySendError::Full(event)) = self.tx.try_send(event) {
             log::debug!("{}: event channel full, dropped: {event}", self.side);
         }
     }

@@ -23,7 +23,9 @@ use pulse::cluster::{
     LeastInflight, LoadBalancer, LowestRtt, Random, RoundRobin, ServiceKey,
     SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
 };
-use pulse::{ConnectionState, Error, Server, ServerConfig, ServiceBuilder};
+use pulse::{
+    ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig, ServiceBuilder,
+};
 use support::PROMPTLY;
 use support::proxy::Proxy;
 
@@ -523,6 +525,7 @@ fn only_idempotent_calls_are_retried_on_another_provider() {
         Prefer(target),
         config(),
     );
+    let events = cluster.events();
     assert_eq!(cluster.call::<_, u32>("incr", &()).unwrap(), 1);
     let served_elsewhere = || providers[0].served() + providers[2].served();
     let others_before = served_elsewhere();
@@ -541,6 +544,17 @@ fn only_idempotent_calls_are_retried_on_another_provider() {
         served_elsewhere(),
         others_before,
         "the non-idempotent call was retried"
+    );
+    // The provider's Disconnected was published before the call failed:
+    // it is in the cluster's channel already, without waiting.
+    let seen: Vec<ClusterEvent> = events.try_iter().collect();
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            ClusterEvent::Provider(Event::Disconnected { peer, reason: DisconnectReason::HeartbeatTimeout })
+                if *peer == target
+        )),
+        "the call failed before its provider's Disconnected was published: {seen:?}"
     );
 
     // Once the provider is back, freeze it again under an idempotent call:
@@ -744,18 +758,55 @@ fn the_provider_set_follows_the_registry() {
     wait_until(PROMPTLY, "the removed providers' connections close", || {
         providers[1].server.connection_count() == 0 && providers[2].server.connection_count() == 0
     });
-    let seen: Vec<ClusterEvent> = events.try_iter().collect();
-    assert!(
+    // The removed provider's connection reports its end after its removal.
+    let removed = providers[1].addr();
+    let mut seen: Vec<ClusterEvent> = Vec::new();
+    let deadline = Instant::now() + PROMPTLY;
+    while !seen.iter().any(|e| is_disconnected(e, removed)) {
+        match events.recv_deadline(deadline) {
+            Ok(event) => seen.push(event),
+            Err(_) => panic!("no Disconnected for the removed provider {removed}: {seen:?}"),
+        }
+    }
+    let added = providers[2].addr();
+    let position = |pred: &dyn Fn(&ClusterEvent) -> bool, what: &str| {
         seen.iter()
-            .any(|e| matches!(e, ClusterEvent::ProviderAdded { addr, .. } if *addr == providers[2].addr())),
-        "{seen:?}"
+            .position(pred)
+            .unwrap_or_else(|| panic!("no {what}: {seen:?}"))
+    };
+    let announced = position(
+        &|e| matches!(e, ClusterEvent::ProviderAdded { addr, .. } if *addr == added),
+        "ProviderAdded",
+    );
+    let connected = position(
+        &|e| matches!(e, ClusterEvent::Provider(Event::Connected { peer }) if *peer == added),
+        "Connected of the added provider",
     );
     assert!(
-        seen.iter().any(
-            |e| matches!(e, ClusterEvent::ProviderRemoved { addr } if *addr == providers[1].addr())
-        ),
-        "{seen:?}"
+        announced < connected,
+        "the added provider's Connected came before its ProviderAdded: {seen:?}"
     );
+    let removal = position(
+        &|e| matches!(e, ClusterEvent::ProviderRemoved { addr } if *addr == removed),
+        "ProviderRemoved",
+    );
+    let gone = position(&|e| is_disconnected(e, removed), "Disconnected");
+    assert!(removal < gone, "{seen:?}");
+    assert!(
+        matches!(
+            &seen[gone],
+            ClusterEvent::Provider(Event::Disconnected {
+                reason: DisconnectReason::Shutdown,
+                ..
+            })
+        ),
+        "a removed provider's connection ends as this side's shutdown: {seen:?}"
+    );
+}
+
+/// Whether `event` is the `Disconnected` of provider `addr`.
+fn is_disconnected(event: &ClusterEvent, addr: SocketAddr) -> bool {
+    matches!(event, ClusterEvent::Provider(Event::Disconnected { peer, .. }) if *peer == addr)
 }
 
 #[test]
@@ -835,6 +886,7 @@ fn shutting_a_cluster_client_down_ends_its_calls_and_connections() {
     // `work` takes 2 s: far longer than the shutdown needs.
     let providers: Vec<Provider> = (0..3).map(|id| Provider::start(id, 2_000)).collect();
     let (registry, cluster) = round_robin_over_the_first_two(&providers);
+    let events = cluster.events();
     let caller = {
         let cluster = cluster.clone();
         std::thread::spawn(move || cluster.call::<_, u32>("work", &()))
@@ -857,6 +909,35 @@ fn shutting_a_cluster_client_down_ends_its_calls_and_connections() {
     assert!(!cluster.wait_ready(1, PROMPTLY));
     for p in &providers[..2] {
         support::wait_connection_count(&p.server, 0);
+    }
+    // Each provider's connection reports its end, shutdown and all.
+    let mut seen: Vec<ClusterEvent> = Vec::new();
+    let deadline = Instant::now() + PROMPTLY;
+    let both_ended = |seen: &[ClusterEvent]| {
+        providers[..2]
+            .iter()
+            .all(|p| seen.iter().any(|e| is_disconnected(e, p.addr())))
+    };
+    while !both_ended(&seen) {
+        match events.recv_deadline(deadline) {
+            Ok(event) => seen.push(event),
+            Err(_) => panic!("no Disconnected of each provider after the shutdown: {seen:?}"),
+        }
+    }
+    for event in seen
+        .iter()
+        .filter(|e| providers[..2].iter().any(|p| is_disconnected(e, p.addr())))
+    {
+        assert!(
+            matches!(
+                event,
+                ClusterEvent::Provider(Event::Disconnected {
+                    reason: DisconnectReason::Shutdown,
+                    ..
+                })
+            ),
+            "{event:?}"
+        );
     }
 
     // The registry adds a provider: not followed any more.

@@ -19,7 +19,7 @@ use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
 use crate::client::{Client, ConnectionState};
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::event::Event;
+use crate::event::{Event, EventHook};
 use crate::protocol::ResponseStatus;
 
 /// Configuration of a [`ClusterClient`].
@@ -197,10 +197,10 @@ struct Provider {
     addr: SocketAddr,
     weight: AtomicU32,
     client: Client,
-    events: Receiver<Event>,
     /// While `now_nanos()` is below this, a heartbeat was missed and the
-    /// provider is out of rotation (unless no other is healthy).
-    suspect_until: AtomicU64,
+    /// provider is out of rotation (unless no other is healthy). Shared
+    /// with the hook that takes the client's events.
+    suspect_until: Arc<AtomicU64>,
 }
 
 /// Nanoseconds since a process-wide origin (for atomics).
@@ -217,6 +217,11 @@ struct Shared {
     providers: RwLock<Arc<Vec<Arc<Provider>>>>,
     events_tx: Sender<ClusterEvent>,
     events_rx: Receiver<ClusterEvent>,
+    /// A provider connected: the updater thread then notifies `ready`
+    /// (the providers' hooks cannot take `ready_lock` themselves: they may
+    /// run under a client's state lock, which `wait_ready` takes under
+    /// `ready_lock`).
+    connected_tx: Sender<()>,
     /// Notified when a provider connects (for `wait_ready`).
     ready_lock: Mutex<()>,
     ready: Condvar,
@@ -231,12 +236,42 @@ impl Shared {
     }
 
     fn emit(&self, event: ClusterEvent) {
-        if let Err(TrySendError::Full(event)) = self.events_tx.try_send(event) {
-            log::debug!(
-                "cluster {}: event channel full, dropped: {event}",
-                self.service
-            );
-        }
+        emit_to(&self.events_tx, &self.service, event);
+    }
+
+    /// What a provider's client does with each of its events, on the thread
+    /// that emits it (its loop, at times under the client's state lock; see
+    /// `EventHook`): puts the provider out of rotation on missed heartbeats
+    /// or back in, has the updater wake `wait_ready` on a connect, and
+    /// publishes the event in the cluster's channel at once, so it keeps its
+    /// place relative to the calls as a lone client's events do.
+    fn provider_hook(&self, suspect_until: Arc<AtomicU64>) -> EventHook {
+        let events_tx = self.events_tx.clone();
+        let connected_tx = self.connected_tx.clone();
+        let service = self.service.clone();
+        let suspect_after = self.config.suspect_after_missed;
+        let interval = self.config.client.connection.heartbeat.interval;
+        Arc::new(move |event: Event| {
+            match &event {
+                Event::HeartbeatMissed { missed, .. }
+                    if suspect_after > 0 && *missed >= suspect_after =>
+                {
+                    // Out of rotation until an interval and a half passes
+                    // without another miss (or the connection is declared
+                    // dead).
+                    let until = now_nanos() + (interval + interval / 2).as_nanos() as u64;
+                    suspect_until.store(until, Ordering::Relaxed);
+                }
+                Event::Connected { .. } => {
+                    suspect_until.store(0, Ordering::Relaxed);
+                    // Full: a wake-up is pending already.
+                    let _ = connected_tx.try_send(());
+                }
+                Event::Disconnected { .. } => suspect_until.store(0, Ordering::Relaxed),
+                _ => {}
+            }
+            emit_to(&events_tx, &service, ClusterEvent::Provider(event));
+        })
     }
 
     fn healthy(p: &Provider, now: u64) -> bool {
@@ -326,17 +361,18 @@ impl Shared {
                 next.push(p.clone());
                 continue;
             }
-            match Client::connect_lazy(e.addr, self.config.client.clone()) {
+            let suspect_until = Arc::new(AtomicU64::new(0));
+            let hook = self.provider_hook(suspect_until.clone());
+            match Client::unstarted_with_hook(e.addr, self.config.client.clone(), hook) {
                 Ok(client) => {
-                    let events = client.events();
-                    next.push(Arc::new(Provider {
+                    let provider = Arc::new(Provider {
                         addr: e.addr,
                         weight: AtomicU32::new(e.weight),
                         client,
-                        events,
-                        suspect_until: AtomicU64::new(0),
-                    }));
-                    added.push(e);
+                        suspect_until,
+                    });
+                    next.push(provider.clone());
+                    added.push((e, provider));
                 }
                 Err(err) => log::warn!(
                     "cluster {}: cannot open a connection to provider {}: {err}",
@@ -359,7 +395,9 @@ impl Shared {
             }
             *providers = Arc::new(next);
         }
-        for e in added {
+        // Announced before their clients start connecting, so a provider's
+        // own events come after its `ProviderAdded`.
+        for (e, provider) in added {
             log::info!(
                 "cluster {}: provider {} added (weight {})",
                 self.service,
@@ -370,35 +408,13 @@ impl Shared {
                 addr: e.addr,
                 weight: e.weight,
             });
+            provider.client.start_connecting();
         }
         for p in removed {
             log::info!("cluster {}: provider {} removed", self.service, p.addr);
             self.emit(ClusterEvent::ProviderRemoved { addr: p.addr });
             // The connection closes when the last call using it returns.
         }
-    }
-
-    fn on_provider_event(&self, p: &Provider, event: Event) {
-        match &event {
-            Event::HeartbeatMissed { missed, .. }
-                if self.config.suspect_after_missed > 0
-                    && *missed >= self.config.suspect_after_missed =>
-            {
-                // Out of rotation until an interval and a half passes without
-                // another miss (or the connection is declared dead).
-                let interval = self.config.client.connection.heartbeat.interval;
-                let until = now_nanos() + (interval + interval / 2).as_nanos() as u64;
-                p.suspect_until.store(until, Ordering::Relaxed);
-            }
-            Event::Connected { .. } => {
-                p.suspect_until.store(0, Ordering::Relaxed);
-                let _guard = self.ready_lock.lock();
-                self.ready.notify_all();
-            }
-            Event::Disconnected { .. } => p.suspect_until.store(0, Ordering::Relaxed),
-            _ => {}
-        }
-        self.emit(ClusterEvent::Provider(event));
     }
 }
 
@@ -507,6 +523,7 @@ impl ClusterClient {
         let watch = registry.watch(&service)?;
         let (events_tx, events_rx) =
             crossbeam_channel::bounded(config.client.connection.event_capacity);
+        let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
         let ready_timeout = config.ready_timeout;
         let shared = Arc::new(Shared {
             service: service.clone(),
@@ -515,6 +532,7 @@ impl ClusterClient {
             providers: RwLock::new(Arc::new(Vec::new())),
             events_tx,
             events_rx,
+            connected_tx,
             ready_lock: Mutex::new(()),
             ready: Condvar::new(),
             shut_down: AtomicBool::new(false),
@@ -533,7 +551,7 @@ impl ClusterClient {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("pulse-cluster-{}", service.name))
-                .spawn(move || run_updater(&shared, watch, stop_rx))
+                .spawn(move || run_updater(&shared, watch, connected_rx, stop_rx))
                 .map_err(|e| Error::io("spawn the cluster updater thread", e))?
         };
         let client = ClusterClient {
@@ -630,9 +648,10 @@ impl ClusterClient {
     /// Provider changes, their liveness events and the registry's state.
     /// Clones of the receiver share one stream; events past the channel's
     /// capacity (the client config's `event_capacity`) are dropped. A
-    /// provider's events keep their order but are forwarded by the updater
-    /// thread, so (unlike [`Client::events`]) a call may return before the
-    /// event that explains it arrives here.
+    /// provider's events are published as its [`Client`] emits them, with
+    /// the same order guarantees as [`Client::events`]: its `Connected`
+    /// before a call can go to it, its `Disconnected` before the calls lost
+    /// with it fail, all after its `ProviderAdded`.
     pub fn events(&self) -> Receiver<ClusterEvent> {
         self.inner.shared.events_rx.clone()
     }
@@ -798,58 +817,156 @@ impl fmt::Debug for ClusterClient {
     }
 }
 
-/// Follows the watch and every provider's liveness events until `stop`
-/// closes.
-fn run_updater(shared: &Shared, watch: Watch, stop: Receiver<()>) {
+/// Follows the watch, and wakes `wait_ready` when a provider connects,
+/// until `stop` closes. (The providers' events reach the cluster's channel
+/// through their hooks, not through this thread.)
+fn run_updater(shared: &Shared, watch: Watch, connected: Receiver<()>, stop: Receiver<()>) {
     let mut watching = true;
     loop {
-        let providers = shared.snapshot();
         let mut select = Select::new();
         let stop_index = select.recv(&stop);
+        let connected_index = select.recv(&connected);
         let watch_index = if watching {
             select.recv(watch.receiver())
         } else {
             usize::MAX
         };
-        let first_provider = if watching { 2 } else { 1 };
-        for p in providers.iter() {
-            select.recv(&p.events);
-        }
         let op = select.select();
         let index = op.index();
         if index == stop_index {
             let _ = op.recv(&stop);
             return;
         }
-        if index == watch_index {
-            match op.recv(watch.receiver()) {
-                Ok(WatchEvent::Providers(set)) => shared.apply(set),
-                Ok(WatchEvent::RegistryLost { error }) => {
-                    log::warn!(
-                        "cluster {}: registry unreachable ({error}); keeping the {} known \
-                         provider(s) until it returns",
-                        shared.service,
-                        providers.len()
-                    );
-                    shared.emit(ClusterEvent::RegistryLost { error });
-                }
-                Ok(WatchEvent::RegistryResumed) => {
-                    log::info!("cluster {}: registry reachable again", shared.service);
-                    shared.emit(ClusterEvent::RegistryResumed);
-                }
-                Err(_) => {
-                    log::warn!(
-                        "cluster {}: the registry watch ended; keeping the current providers",
-                        shared.service
-                    );
-                    watching = false;
-                }
+        if index == connected_index {
+            if op.recv(&connected).is_ok() {
+                let _guard = shared.ready_lock.lock();
+                shared.ready.notify_all();
             }
             continue;
         }
-        let p = &providers[index - first_provider];
-        if let Ok(event) = op.recv(&p.events) {
-            shared.on_provider_event(p, event);
+        debug_assert_eq!(index, watch_index);
+        match op.recv(watch.receiver()) {
+            Ok(WatchEvent::Providers(set)) => shared.apply(set),
+            Ok(WatchEvent::RegistryLost { error }) => {
+                log::warn!(
+                    "cluster {}: registry unreachable ({error}); keeping the {} known \
+                     provider(s) until it returns",
+                    shared.service,
+                    shared.snapshot().len()
+                );
+                shared.emit(ClusterEvent::RegistryLost { error });
+            }
+            Ok(WatchEvent::RegistryResumed) => {
+                log::info!("cluster {}: registry reachable again", shared.service);
+                shared.emit(ClusterEvent::RegistryResumed);
+            }
+            Err(_) => {
+                log::warn!(
+                    "cluster {}: the registry watch ended; keeping the current providers",
+                    shared.service
+                );
+                watching = false;
+            }
         }
+    }
+}
+
+/// Offers `event` to a cluster's channel without blocking (a full channel
+/// drops it, as a client's does).
+fn emit_to(events: &Sender<ClusterEvent>, service: &ServiceKey, event: ClusterEvent) {
+    if let Err(TrySendError::Full(event)) = events.try_send(event) {
+        log::debug!("cluster {service}: event channel full, dropped: {event}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::balance::RoundRobin;
+    use crate::event::DisconnectReason;
+
+    /// A cluster's shared part with no providers and no updater, suspecting
+    /// a provider from its second missed heartbeat; and the receiving end
+    /// of its connect wake-ups.
+    fn shared() -> (Shared, Receiver<()>) {
+        let (events_tx, events_rx) = crossbeam_channel::bounded(16);
+        let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
+        let shared = Shared {
+            service: ServiceKey::from("t"),
+            config: ClusterConfig {
+                suspect_after_missed: 2,
+                ..ClusterConfig::default()
+            },
+            balancer: Box::new(RoundRobin::new()),
+            providers: RwLock::new(Arc::new(Vec::new())),
+            events_tx,
+            events_rx,
+            connected_tx,
+            ready_lock: Mutex::new(()),
+            ready: Condvar::new(),
+            shut_down: AtomicBool::new(false),
+        };
+        (shared, connected_rx)
+    }
+
+    /// The hook on a provider's client does everything on the emitting
+    /// thread, before it returns: the event is in the cluster's channel,
+    /// the provider's suspicion is set or cleared, a connect has queued a
+    /// wake-up for `wait_ready`. (That is what keeps a cluster's events in
+    /// order with its calls: the client emits under its state lock.)
+    #[test]
+    fn a_providers_events_are_published_and_acted_on_as_they_are_emitted() {
+        let (shared, connected) = shared();
+        let suspect_until = Arc::new(AtomicU64::new(0));
+        let hook = shared.provider_hook(suspect_until.clone());
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let published = || shared.events_rx.try_recv().ok();
+
+        hook(Event::HeartbeatMissed { peer, missed: 1 });
+        assert_eq!(
+            published(),
+            Some(ClusterEvent::Provider(Event::HeartbeatMissed {
+                peer,
+                missed: 1
+            }))
+        );
+        assert_eq!(
+            suspect_until.load(Ordering::Relaxed),
+            0,
+            "suspected too early"
+        );
+        hook(Event::HeartbeatMissed { peer, missed: 2 });
+        assert!(published().is_some());
+        assert!(
+            suspect_until.load(Ordering::Relaxed) > now_nanos(),
+            "not suspected"
+        );
+
+        // Connects clear the suspicion; wake-ups do not pile up (the
+        // channel holds one) and never block the emitting thread.
+        for _ in 0..3 {
+            hook(Event::Connected { peer });
+            assert_eq!(
+                published(),
+                Some(ClusterEvent::Provider(Event::Connected { peer }))
+            );
+        }
+        assert_eq!(suspect_until.load(Ordering::Relaxed), 0);
+        assert!(connected.try_recv().is_ok(), "no wake-up for wait_ready");
+        assert!(connected.try_recv().is_err());
+
+        hook(Event::HeartbeatMissed { peer, missed: 2 });
+        assert!(published().is_some());
+        let reason = DisconnectReason::HeartbeatTimeout;
+        hook(Event::Disconnected {
+            peer,
+            reason: reason.clone(),
+        });
+        assert_eq!(
+            published(),
+            Some(ClusterEvent::Provider(Event::Disconnected { peer, reason }))
+        );
+        assert_eq!(suspect_until.load(Ordering::Relaxed), 0);
+        assert!(published().is_none());
     }
 }
