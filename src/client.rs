@@ -20,7 +20,7 @@
 use std::marker::PhantomData;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -243,7 +243,9 @@ impl Link {
 struct ClientInner {
     link: Arc<Link>,
     owner: LoopHandle,
-    runtime: Mutex<Runtime>,
+    /// Held only to be dropped, after the link's removal is sent: the last
+    /// client of a runtime stops its threads.
+    _runtime: Arc<ClientRuntime>,
     next_id: AtomicU64,
 }
 
@@ -252,7 +254,39 @@ impl Drop for ClientInner {
         self.owner.send(Command::RemoveLink {
             link_id: self.link.id,
         });
-        self.runtime.lock().shutdown(None);
+    }
+}
+
+/// The event-loop and timer threads that run clients' connections: a lone
+/// client's own (one loop), or those a cluster's providers share, whose
+/// clients take its loops in turn. The threads stop (the loops closing what
+/// they still hold) when the last client using them and the last other
+/// handle are dropped.
+pub(crate) struct ClientRuntime {
+    runtime: Runtime,
+    /// Counts the clients given a loop, to hand the loops out in turn.
+    handed_out: AtomicUsize,
+}
+
+impl ClientRuntime {
+    /// Starts `loops` event loops (threads `{name}-loop-{i}`) and a timer
+    /// thread, with the timer tick, busy polling and CPUs of `config`.
+    pub(crate) fn start(
+        name: &str,
+        loops: usize,
+        config: &ClientConfig,
+    ) -> Result<Arc<ClientRuntime>> {
+        Ok(Arc::new(ClientRuntime {
+            runtime: Runtime::start(name, loops, &config.connection)?,
+            handed_out: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The loop for the next client.
+    fn next_loop(&self) -> LoopHandle {
+        let loops = self.runtime.loops();
+        let turn = self.handed_out.fetch_add(1, Ordering::Relaxed);
+        loops[turn % loops.len()].clone() // `Runtime::start` made at least one
     }
 }
 
@@ -294,21 +328,23 @@ impl Client {
     /// client's threads cannot start.
     pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
         let events = EventSink::new(config.connection.event_capacity, "client");
-        let client = Client::open(addr, config, events)?;
+        let client = Client::open(addr, config, events, None)?;
         client.start_connecting();
         Ok(client)
     }
 
-    /// A client whose events go to `hook` as they are emitted
-    /// ([`events`](Self::events) stays empty), not connecting until
-    /// [`start_connecting`](Self::start_connecting): a cluster announces the
-    /// provider first.
+    /// A client on a loop of `runtime` whose events go to `hook` as they
+    /// are emitted ([`events`](Self::events) stays empty), not connecting
+    /// until [`start_connecting`](Self::start_connecting): a cluster
+    /// announces the provider first.
     pub(crate) fn unstarted_with_hook(
         addr: impl ToSocketAddrs,
         config: ClientConfig,
         hook: EventHook,
+        runtime: &Arc<ClientRuntime>,
     ) -> Result<Client> {
-        Client::open(addr, config, EventSink::with_hook("client", hook))
+        let events = EventSink::with_hook("client", hook);
+        Client::open(addr, config, events, Some(runtime.clone()))
     }
 
     /// Hands the link to its loop, which starts connecting. Once per client.
@@ -318,8 +354,14 @@ impl Client {
             .send(Command::AddLink(self.inner.link.clone()));
     }
 
-    /// The client's threads and link, not yet connecting.
-    fn open(addr: impl ToSocketAddrs, config: ClientConfig, events: EventSink) -> Result<Client> {
+    /// The client's link, not yet connecting, on a loop of `runtime` (or of
+    /// a runtime of its own, started here).
+    fn open(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+        events: EventSink,
+        runtime: Option<Arc<ClientRuntime>>,
+    ) -> Result<Client> {
         config.validate().map_err(Error::InvalidConfig)?;
         let addr = addr
             .to_socket_addrs()
@@ -328,8 +370,11 @@ impl Client {
             .ok_or_else(|| {
                 Error::InvalidConfig("the provider address resolved to nothing".into())
             })?;
-        let runtime = Runtime::start("pulse-client", 1, &config.connection)?;
-        let owner = runtime.loops()[0].clone(); // started with exactly one loop
+        let runtime = match runtime {
+            Some(shared) => shared,
+            None => ClientRuntime::start("pulse-client", 1, &config)?,
+        };
+        let owner = runtime.next_loop();
         let link = Arc::new(Link {
             id: crate::next_id(),
             addr,
@@ -346,7 +391,7 @@ impl Client {
             inner: Arc::new(ClientInner {
                 link,
                 owner,
-                runtime: Mutex::new(runtime),
+                _runtime: runtime,
                 next_id: AtomicU64::new(1),
             }),
         })

@@ -809,6 +809,64 @@ fn is_disconnected(event: &ClusterEvent, addr: SocketAddr) -> bool {
     matches!(event, ClusterEvent::Provider(Event::Disconnected { peer, .. }) if *peer == addr)
 }
 
+/// The providers' clients run on the cluster's event loops and timer: its
+/// threads do not grow with its providers (with one loop: the updater, the
+/// loop and the timer, where a client per provider used to bring two), and
+/// they end with the last clone.
+#[test]
+fn a_clusters_providers_share_its_threads() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let before = settled_pulse_threads();
+    let mut config = steady_config();
+    config.event_loops = 1;
+    let (_registry, cluster) = cluster_over_with(&providers, config);
+    assert_eq!(spread(&cluster, 30), [10, 10, 10]);
+    let with_cluster = settled_pulse_threads();
+    assert!(
+        with_cluster <= before + 3,
+        "a 3-provider cluster on one loop added {} threads",
+        with_cluster - before.min(with_cluster)
+    );
+    drop(cluster);
+    wait_until(PROMPTLY, "the cluster's threads end", || {
+        pulse_threads() <= before
+    });
+}
+
+/// A round-robin cluster client over every provider in `providers`.
+fn cluster_over_with(
+    providers: &[Provider],
+    config: ClusterConfig,
+) -> (StaticRegistry, ClusterClient) {
+    let endpoints = providers.iter().map(|p| Endpoint::new(p.addr())).collect();
+    cluster_with(endpoints, RoundRobin::new(), config)
+}
+
+/// [`pulse_threads`] once it held still for 100 ms: a thread just spawned
+/// shows its parent's name until it has set its own.
+fn settled_pulse_threads() -> usize {
+    let deadline = Instant::now() + PROMPTLY;
+    let mut last = pulse_threads();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = pulse_threads();
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// This process's threads named by pulse (`pulse-…`).
+fn pulse_threads() -> usize {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("pulse-"))
+        .count()
+}
+
 #[test]
 fn with_no_healthy_provider_calls_fail_fast() {
     let _serial = serial();

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::balance::{Candidate, LoadBalancer};
 use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
-use crate::client::{Client, ConnectionState};
+use crate::client::{Client, ClientRuntime, ConnectionState};
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventHook};
@@ -59,6 +59,11 @@ pub struct ClusterConfig {
     /// `max_missed` of 3 that is an interval before the connection is
     /// declared dead.
     pub suspect_after_missed: u32,
+    /// Event loops the providers' connections share, each provider's on
+    /// one loop (given out in turn), with one timer thread for all: with
+    /// its updater, a cluster of any size runs `event_loops + 2` threads.
+    /// Default: the number of cores. 1 to 1024.
+    pub event_loops: usize,
 }
 
 impl Default for ClusterConfig {
@@ -69,6 +74,7 @@ impl Default for ClusterConfig {
             idempotent_methods: HashSet::new(),
             ready_timeout: Duration::from_secs(3),
             suspect_after_missed: 2,
+            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -215,6 +221,8 @@ struct Shared {
     config: ClusterConfig,
     balancer: Box<dyn LoadBalancer>,
     providers: RwLock<Arc<Vec<Arc<Provider>>>>,
+    /// The loops and timer every provider's client runs on.
+    runtime: Arc<ClientRuntime>,
     events_tx: Sender<ClusterEvent>,
     events_rx: Receiver<ClusterEvent>,
     /// A provider connected: the updater thread then notifies `ready`
@@ -363,7 +371,8 @@ impl Shared {
             }
             let suspect_until = Arc::new(AtomicU64::new(0));
             let hook = self.provider_hook(suspect_until.clone());
-            match Client::unstarted_with_hook(e.addr, self.config.client.clone(), hook) {
+            let config = self.config.client.clone();
+            match Client::unstarted_with_hook(e.addr, config, hook, &self.runtime) {
                 Ok(client) => {
                     let provider = Arc::new(Provider {
                         addr: e.addr,
@@ -519,13 +528,21 @@ impl ClusterClient {
         config: ClusterConfig,
     ) -> Result<ClusterClient> {
         config.client.validate().map_err(Error::InvalidConfig)?;
+        if !(1..=1024).contains(&config.event_loops) {
+            return Err(Error::InvalidConfig(format!(
+                "event_loops must be in 1..=1024, got {}",
+                config.event_loops
+            )));
+        }
         let service = service.into();
         let watch = registry.watch(&service)?;
         let (events_tx, events_rx) =
             crossbeam_channel::bounded(config.client.connection.event_capacity);
         let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
         let ready_timeout = config.ready_timeout;
+        let runtime = ClientRuntime::start("pulse-cluster", config.event_loops, &config.client)?;
         let shared = Arc::new(Shared {
+            runtime,
             service: service.clone(),
             config,
             balancer: Box::new(balancer),
@@ -891,7 +908,9 @@ mod tests {
     fn shared() -> (Shared, Receiver<()>) {
         let (events_tx, events_rx) = crossbeam_channel::bounded(16);
         let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
+        let runtime = ClientRuntime::start("t", 1, &ClientConfig::default()).unwrap();
         let shared = Shared {
+            runtime,
             service: ServiceKey::from("t"),
             config: ClusterConfig {
                 suspect_after_missed: 2,
