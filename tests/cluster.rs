@@ -27,6 +27,7 @@ use pulse::{
     ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig, ServiceBuilder,
 };
 use support::PROMPTLY;
+use support::process::{fd_count, threads_named};
 use support::proxy::Proxy;
 
 /// Detection bound: `max_missed × interval` + one 5 ms tick + a margin for a
@@ -830,7 +831,7 @@ fn a_clusters_providers_share_its_threads() {
     );
     drop(cluster);
     wait_until(PROMPTLY, "the cluster's threads end", || {
-        pulse_threads() <= before
+        threads_named("pulse-") <= before
     });
 }
 
@@ -843,14 +844,14 @@ fn cluster_over_with(
     cluster_with(endpoints, RoundRobin::new(), config)
 }
 
-/// [`pulse_threads`] once it held still for 100 ms: a thread just spawned
-/// shows its parent's name until it has set its own.
+/// [`threads_named`]`("pulse-")` once it held still for 100 ms: a thread
+/// just spawned shows its parent's name until it has set its own.
 fn settled_pulse_threads() -> usize {
     let deadline = Instant::now() + PROMPTLY;
-    let mut last = pulse_threads();
+    let mut last = threads_named("pulse-");
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let now = pulse_threads();
+        let now = threads_named("pulse-");
         if now == last || Instant::now() > deadline {
             return now;
         }
@@ -858,13 +859,38 @@ fn settled_pulse_threads() -> usize {
     }
 }
 
-/// This process's threads named by pulse (`pulse-…`).
-fn pulse_threads() -> usize {
-    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
-    tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("pulse-"))
-        .count()
+/// Providers leaving and rejoining the registry, over and over, release
+/// what their connections held on the cluster's shared loops: descriptors
+/// and threads come back to where they were.
+#[test]
+fn provider_churn_on_shared_loops_leaks_nothing() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let (registry, cluster) = cluster_over_with(&providers[..1], steady_config());
+    let fds = fd_count();
+    let threads = settled_pulse_threads();
+    let all = || providers.iter().map(|p| Endpoint::new(p.addr()));
+    for cycle in 0..30 {
+        registry.set(&service(), all());
+        wait_until(PROMPTLY, "three providers healthy", || {
+            cluster.providers().iter().filter(|p| p.healthy).count() == 3
+        });
+        registry.set(&service(), [Endpoint::new(providers[0].addr())]);
+        wait_until(PROMPTLY, "the two leave", || {
+            cluster.providers().len() == 1
+                && providers[1..]
+                    .iter()
+                    .all(|p| p.server.connection_count() == 0)
+        });
+        let id: u32 = cluster
+            .call("whoami", &())
+            .unwrap_or_else(|e| panic!("a call after cycle {cycle}: {e}"));
+        assert_eq!(id, 0);
+    }
+    wait_until(PROMPTLY, "descriptors back to where they were", || {
+        fd_count() <= fds
+    });
+    assert_eq!(settled_pulse_threads(), threads);
 }
 
 #[test]
