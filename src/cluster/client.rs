@@ -239,6 +239,34 @@ struct Shared {
 }
 
 impl Shared {
+    /// A cluster's shared part with no providers yet, its providers' loops
+    /// started; and the receiving end of its connect wake-ups (for the
+    /// updater).
+    fn new(
+        service: ServiceKey,
+        config: ClusterConfig,
+        balancer: Box<dyn LoadBalancer>,
+    ) -> Result<(Shared, Receiver<()>)> {
+        let (events_tx, events_rx) =
+            crossbeam_channel::bounded(config.client.connection.event_capacity);
+        let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
+        let runtime = ClientRuntime::start("pulse-cluster", config.event_loops, &config.client)?;
+        let shared = Shared {
+            runtime,
+            service,
+            config,
+            balancer,
+            providers: RwLock::new(Arc::new(Vec::new())),
+            events_tx,
+            events_rx,
+            connected_tx,
+            ready_lock: Mutex::new(()),
+            ready: Condvar::new(),
+            shut_down: AtomicBool::new(false),
+        };
+        Ok((shared, connected_rx))
+    }
+
     fn snapshot(&self) -> Arc<Vec<Arc<Provider>>> {
         self.providers.read().clone()
     }
@@ -536,24 +564,9 @@ impl ClusterClient {
         }
         let service = service.into();
         let watch = registry.watch(&service)?;
-        let (events_tx, events_rx) =
-            crossbeam_channel::bounded(config.client.connection.event_capacity);
-        let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
         let ready_timeout = config.ready_timeout;
-        let runtime = ClientRuntime::start("pulse-cluster", config.event_loops, &config.client)?;
-        let shared = Arc::new(Shared {
-            runtime,
-            service: service.clone(),
-            config,
-            balancer: Box::new(balancer),
-            providers: RwLock::new(Arc::new(Vec::new())),
-            events_tx,
-            events_rx,
-            connected_tx,
-            ready_lock: Mutex::new(()),
-            ready: Condvar::new(),
-            shut_down: AtomicBool::new(false),
-        });
+        let (shared, connected_rx) = Shared::new(service.clone(), config, Box::new(balancer))?;
+        let shared = Arc::new(shared);
         // The first event of a watch is the current set.
         if let Some(WatchEvent::Providers(set)) = watch.recv_timeout(Duration::from_secs(10)) {
             shared.apply(set);
@@ -906,26 +919,12 @@ mod tests {
     /// a provider from its second missed heartbeat; and the receiving end
     /// of its connect wake-ups.
     fn shared() -> (Shared, Receiver<()>) {
-        let (events_tx, events_rx) = crossbeam_channel::bounded(16);
-        let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
-        let runtime = ClientRuntime::start("t", 1, &ClientConfig::default()).unwrap();
-        let shared = Shared {
-            runtime,
-            service: ServiceKey::from("t"),
-            config: ClusterConfig {
-                suspect_after_missed: 2,
-                ..ClusterConfig::default()
-            },
-            balancer: Box::new(RoundRobin::new()),
-            providers: RwLock::new(Arc::new(Vec::new())),
-            events_tx,
-            events_rx,
-            connected_tx,
-            ready_lock: Mutex::new(()),
-            ready: Condvar::new(),
-            shut_down: AtomicBool::new(false),
+        let config = ClusterConfig {
+            suspect_after_missed: 2,
+            event_loops: 1,
+            ..ClusterConfig::default()
         };
-        (shared, connected_rx)
+        Shared::new(ServiceKey::from("t"), config, Box::new(RoundRobin::new())).unwrap()
     }
 
     /// The hook on a provider's client does everything on the emitting
