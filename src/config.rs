@@ -162,6 +162,16 @@ pub const MAX_CPU: usize = 1024;
 /// "never".
 pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// Fails unless `event_loops` (a server's or a cluster's) is in 1..=1024.
+pub(crate) fn check_event_loops(event_loops: usize) -> Result<(), String> {
+    if event_loops == 0 || event_loops > 1024 {
+        return Err(format!(
+            "event_loops must be in 1..=1024, got {event_loops}"
+        ));
+    }
+    Ok(())
+}
+
 /// Fails with a message naming the first setting longer than
 /// [`MAX_SETTING_DURATION`].
 fn check_durations<'a>(
@@ -344,7 +354,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             connection: ConnectionConfig::default(),
-            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            event_loops: crate::reactor::usable_cores(),
             worker_threads: 32,
             worker_queue: 65_536,
             worker_spin: Duration::from_micros(50),
@@ -362,12 +372,7 @@ impl ServerConfig {
     /// Checks every field; the error names the field and the allowed range.
     pub fn validate(&self) -> Result<(), String> {
         self.connection.validate()?;
-        if self.event_loops == 0 || self.event_loops > 1024 {
-            return Err(format!(
-                "event_loops must be in 1..=1024, got {}",
-                self.event_loops
-            ));
-        }
+        check_event_loops(self.event_loops)?;
         if self.worker_threads == 0 || self.worker_queue == 0 {
             return Err("worker_threads and worker_queue must be at least 1".into());
         }

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use super::balance::{Candidate, LoadBalancer};
 use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
 use crate::client::{Client, ClientRuntime, ConnectionState};
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, check_event_loops};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventHook};
 use crate::protocol::ResponseStatus;
@@ -74,12 +74,19 @@ impl Default for ClusterConfig {
             idempotent_methods: HashSet::new(),
             ready_timeout: Duration::from_secs(3),
             suspect_after_missed: 2,
-            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            event_loops: crate::reactor::usable_cores(),
         }
     }
 }
 
 impl ClusterConfig {
+    /// Checks every field (the client's too); the error names the field
+    /// and the allowed range.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.client.validate()?;
+        check_event_loops(self.event_loops)
+    }
+
     /// Marks `methods` as idempotent (builder style).
     pub fn idempotent<I, S>(mut self, methods: I) -> ClusterConfig
     where
@@ -547,21 +554,16 @@ impl ClusterClient {
     /// when the registry lists any.
     ///
     /// # Errors
-    /// `InvalidConfig` for a bad client configuration; the registry's error
-    /// when it cannot be watched; `Io` when the updater thread cannot start.
+    /// `InvalidConfig` for a bad configuration (see
+    /// [`ClusterConfig::validate`]); the registry's error when it cannot be
+    /// watched; `Io` when the updater thread cannot start.
     pub fn new(
         registry: &dyn Registry,
         service: impl Into<ServiceKey>,
         balancer: impl LoadBalancer,
         config: ClusterConfig,
     ) -> Result<ClusterClient> {
-        config.client.validate().map_err(Error::InvalidConfig)?;
-        if !(1..=1024).contains(&config.event_loops) {
-            return Err(Error::InvalidConfig(format!(
-                "event_loops must be in 1..=1024, got {}",
-                config.event_loops
-            )));
-        }
+        config.validate().map_err(Error::InvalidConfig)?;
         let service = service.into();
         let watch = registry.watch(&service)?;
         let ready_timeout = config.ready_timeout;
@@ -925,6 +927,21 @@ mod tests {
             ..ClusterConfig::default()
         };
         Shared::new(ServiceKey::from("t"), config, Box::new(RoundRobin::new())).unwrap()
+    }
+
+    /// A cluster's `event_loops` is checked as a server's is, and so is
+    /// the configuration of its providers' clients.
+    #[test]
+    fn a_cluster_config_is_checked_whole() {
+        let mut config = ClusterConfig::default();
+        assert_eq!(config.validate(), Ok(()));
+        config.event_loops = 0;
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("event_loops"), "{err}");
+        config.event_loops = 1;
+        config.client.call_timeout = Duration::ZERO;
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("call_timeout"), "{err}");
     }
 
     /// The hook on a provider's client does everything on the emitting
