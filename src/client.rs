@@ -19,8 +19,8 @@
 
 use std::marker::PhantomData;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -257,29 +257,72 @@ impl Drop for ClientInner {
     }
 }
 
-/// The event-loop and timer threads that run clients' connections: a lone
-/// client's own (one loop), or those a cluster's providers share, whose
-/// clients take its loops in turn. The threads stop (the loops closing what
-/// they still hold) when the last client using them and the last other
-/// handle are dropped.
+/// The event-loop and timer threads that run clients' connections, shared
+/// by every client in the process whose settings give the same loops
+/// ([`LoopSettings`]): the first such client starts them, later ones take
+/// their loops in turn, and the threads stop (the loops closing what they
+/// still hold) when the last client using them and the last other handle
+/// are dropped. Sharing them keeps a consumer process at a loop per core
+/// however many providers it calls, as a provider is; Netty's clients
+/// share one event-loop group the same way.
 pub(crate) struct ClientRuntime {
     runtime: Runtime,
     /// Counts the clients given a loop, to hand the loops out in turn.
     handed_out: AtomicUsize,
 }
 
+/// What a client runtime is started with: clients whose settings agree on
+/// these share one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LoopSettings {
+    event_loops: usize,
+    timer_tick: Duration,
+    busy_poll: Duration,
+    loop_cpus: Vec<usize>,
+}
+
+impl LoopSettings {
+    fn of(config: &ClientConfig) -> LoopSettings {
+        LoopSettings {
+            event_loops: config.event_loops,
+            timer_tick: config.connection.timer_tick,
+            busy_poll: config.connection.busy_poll,
+            loop_cpus: config.connection.loop_cpus.clone(),
+        }
+    }
+}
+
+/// The runtimes clients run on, by their settings. Weak: a runtime's
+/// clients own it, and the entry only lets the next client find it while
+/// one does. Entries whose runtime is gone are dropped as new ones are
+/// added, so the list is as long as the kinds of settings in use.
+static RUNTIMES: Mutex<Vec<(LoopSettings, Weak<ClientRuntime>)>> = Mutex::new(Vec::new());
+
 impl ClientRuntime {
-    /// Starts `loops` event loops (threads `{name}-loop-{i}`) and a timer
-    /// thread, with the timer tick, busy polling and CPUs of `config`.
-    pub(crate) fn start(
-        name: &str,
-        loops: usize,
-        config: &ClientConfig,
-    ) -> Result<Arc<ClientRuntime>> {
-        Ok(Arc::new(ClientRuntime {
-            runtime: Runtime::start(name, loops, &config.connection)?,
+    /// The runtime for clients with `config`'s loop settings: the one that
+    /// runs already, or a new one (threads `pulse-client-loop-{i}` and the
+    /// timer thread).
+    pub(crate) fn shared(config: &ClientConfig) -> Result<Arc<ClientRuntime>> {
+        let settings = LoopSettings::of(config);
+        // Held while a runtime starts, so that two clients connecting at
+        // once do not start two. Dropping a runtime (joining its threads)
+        // never happens under it: only the upgraded `Arc`s can drop it,
+        // and they leave this function.
+        let mut runtimes = RUNTIMES.lock();
+        if let Some(running) = runtimes
+            .iter()
+            .filter(|(s, _)| *s == settings)
+            .find_map(|(_, runtime)| runtime.upgrade())
+        {
+            return Ok(running);
+        }
+        let runtime = Arc::new(ClientRuntime {
+            runtime: Runtime::start("pulse-client", config.event_loops, &config.connection)?,
             handed_out: AtomicUsize::new(0),
-        }))
+        });
+        runtimes.retain(|(_, runtime)| runtime.strong_count() > 0);
+        runtimes.push((settings, Arc::downgrade(&runtime)));
+        Ok(runtime)
     }
 
     /// The loop for the next client.
@@ -292,8 +335,10 @@ impl ClientRuntime {
 
 /// A consumer of one provider; clones share one multiplexed connection.
 ///
-/// Dropping the last clone closes the connection with Close(Normal) and stops
-/// the client's threads (one event loop and one timer thread).
+/// Dropping the last clone closes the connection with Close(Normal). The
+/// connection runs on an event loop the process's clients share
+/// ([`ClientConfig::event_loops`] loops and one timer thread, started with
+/// the first client and stopped with the last).
 /// [`Client::shutdown`] closes it earlier, for every clone, and ends the
 /// calls they are waiting in.
 #[derive(Clone)]
@@ -355,7 +400,7 @@ impl Client {
     }
 
     /// The client's link, not yet connecting, on a loop of `runtime` (or of
-    /// a runtime of its own, started here).
+    /// the runtime shared by clients with its loop settings).
     fn open(
         addr: impl ToSocketAddrs,
         config: ClientConfig,
@@ -371,8 +416,8 @@ impl Client {
                 Error::InvalidConfig("the provider address resolved to nothing".into())
             })?;
         let runtime = match runtime {
-            Some(shared) => shared,
-            None => ClientRuntime::start("pulse-client", 1, &config)?,
+            Some(runtime) => runtime,
+            None => ClientRuntime::shared(&config)?,
         };
         let owner = runtime.next_loop();
         let link = Arc::new(Link {
@@ -994,6 +1039,41 @@ mod tests {
     use super::{Link, LinkState};
     use crate::event::EventSink;
     use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
+
+    /// Clients whose loop settings agree run on one runtime; other settings
+    /// get another; the runtime ends with the last of its clients, and the
+    /// next client with those settings starts a new one. (Settings no other
+    /// test uses, so that no other test's clients hold the runtime.)
+    #[test]
+    fn clients_share_the_runtime_of_their_loop_settings() {
+        let mut config = ClientConfig {
+            event_loops: 3,
+            ..ClientConfig::default()
+        };
+        config.connection.timer_tick = Duration::from_millis(7);
+        // Nothing listens there: the clients keep trying, which is enough.
+        let nowhere = "127.0.0.1:9";
+        let open = |config: &ClientConfig| Client::connect_lazy(nowhere, config.clone()).unwrap();
+        let runtime = |client: &Client| Arc::clone(&client.inner._runtime);
+
+        let (a, b) = (open(&config), open(&config));
+        assert!(Arc::ptr_eq(&runtime(&a), &runtime(&b)));
+        assert_eq!(runtime(&a).runtime.loops().len(), 3);
+        let mut other = config.clone();
+        other.connection.busy_poll = Duration::from_micros(77);
+        let c = open(&other);
+        assert!(!Arc::ptr_eq(&runtime(&a), &runtime(&c)));
+
+        let first = Arc::downgrade(&runtime(&a));
+        drop((a, b));
+        assert!(
+            first.upgrade().is_none(),
+            "the runtime outlived its clients"
+        );
+        let d = open(&config);
+        assert!(!std::ptr::eq(first.as_ptr(), Arc::as_ptr(&runtime(&d))));
+        drop((c, d));
+    }
 
     /// `Shutdown` is final: what the loop publishes after a
     /// `Client::shutdown` (a reconnect scheduled, a connect completing)

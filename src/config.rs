@@ -162,7 +162,7 @@ pub const MAX_CPU: usize = 1024;
 /// "never".
 pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// Fails unless `event_loops` (a server's or a cluster's) is in 1..=1024.
+/// Fails unless `event_loops` (a server's or a client's) is in 1..=1024.
 pub(crate) fn check_event_loops(event_loops: usize) -> Result<(), String> {
     if event_loops == 0 || event_loops > 1024 {
         return Err(format!(
@@ -220,6 +220,14 @@ pub struct ClientConfig {
     /// leaves every read to the event loop).
     /// Default 100 µs.
     pub spin_wait: Duration,
+    /// Event loops that clients share: every client in the process (lone
+    /// or a cluster's provider) whose settings give the same loops (this,
+    /// `connection.timer_tick`, `connection.busy_poll` and
+    /// `connection.loop_cpus`) runs on one set of this many loops and one
+    /// timer thread, each client's connection on one loop, given out in
+    /// turn. The threads start with the first such client and stop when
+    /// the last one is dropped. Default: the number of cores. 1 to 1024.
+    pub event_loops: usize,
 }
 
 impl Default for ClientConfig {
@@ -232,6 +240,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             max_inflight: 4096,
             spin_wait: Duration::from_micros(100),
+            event_loops: crate::reactor::usable_cores(),
         }
     }
 }
@@ -249,6 +258,7 @@ impl ClientConfig {
         if self.max_inflight == 0 {
             return Err("max_inflight must be at least 1".into());
         }
+        check_event_loops(self.event_loops)?;
         let backoff = &self.backoff;
         check_durations([
             ("call_timeout", Some(self.call_timeout)),
@@ -452,6 +462,11 @@ mod tests {
             ..ClientConfig::default()
         };
         assert!(c.validate().unwrap_err().contains("max_inflight"));
+        let c = ClientConfig {
+            event_loops: 1025,
+            ..ClientConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("event_loops"));
     }
 
     #[test]

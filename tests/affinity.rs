@@ -23,18 +23,24 @@ fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
     };
     config.connection.loop_cpus = vec![last];
     let server = server_with(config, Vec::new());
-    let mut client_config = ClientConfig::default();
+    let mut client_config = ClientConfig {
+        event_loops: 2,
+        ..ClientConfig::default()
+    };
     client_config.connection.loop_cpus = vec![first];
     let client = Client::connect(server.local_addr(), client_config).expect("connect");
     assert_eq!(client.call::<_, u64>("demo", "ping", &7).unwrap(), 7);
 
-    // Thread names are cut to 15 bytes: pulse-server-loop-N, pulse-client-loop-0.
+    // Thread names are cut to 15 bytes: pulse-server-loop-N, pulse-client-loop-N.
     let (first, last) = (first.to_string(), last.to_string());
     assert_eq!(
         threads_allowed_cpus("pulse-server-lo"),
         vec![last.clone(), last]
     );
-    assert_eq!(threads_allowed_cpus("pulse-client-lo"), vec![first]);
+    assert_eq!(
+        threads_allowed_cpus("pulse-client-lo"),
+        vec![first.clone(), first]
+    );
     drop(client);
     server.shutdown();
 

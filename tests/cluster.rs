@@ -820,7 +820,7 @@ fn a_clusters_providers_share_its_threads() {
     let providers = steady_providers(3);
     let before = settled_pulse_threads();
     let mut config = steady_config();
-    config.event_loops = 1;
+    config.client.event_loops = 1;
     let (_registry, cluster) = cluster_over_with(&providers, config);
     assert_eq!(spread(&cluster, 30), [10, 10, 10]);
     let with_cluster = settled_pulse_threads();

@@ -39,7 +39,7 @@ use pulse::{
 use support::process::{fd_count, threads_named};
 use support::proxy::{Dir, Proxy};
 use support::raw_peer::FakeProvider;
-use support::{SetOnDrop, ms, wait_until};
+use support::{SetOnDrop, demo_service, ms, wait_until};
 
 /// The timer tick used everywhere (the default).
 const TICK: Duration = Duration::from_millis(5);
@@ -561,6 +561,45 @@ fn provider_restarted_on_the_same_port() {
 }
 
 // ----- 5. many reconnects leak nothing ----------------------------------------------
+
+/// Lone clients share the process's client loops: twenty of them, each
+/// with its own connection, run `event_loops` loop threads between them
+/// (each client used to bring a loop and a timer thread of its own), keep
+/// their connections up on the shared loops and timer through five
+/// heartbeat intervals, answer, and the loops end with the last client.
+#[test]
+fn lone_clients_share_a_loop_per_core() {
+    let _serial = serial_exclusive();
+    let server = Server::builder()
+        .config(server_config(ms(100), 3))
+        .service(demo_service())
+        .bind("127.0.0.1:0")
+        .expect("bind a server on 127.0.0.1:0");
+    let config = client_config(ms(100), 3);
+    let clients: Vec<Client> = (0..20)
+        .map(|_| Client::connect(server.local_addr(), config.clone()).expect("connect"))
+        .collect();
+    assert_eq!(server.connection_count(), 20);
+    assert_eq!(threads_named("pulse-client"), config.event_loops);
+
+    thread::sleep(ms(500));
+    for (i, client) in (0u64..).zip(&clients) {
+        assert_eq!(client.state(), ConnectionState::Ready, "client {i}");
+        let events: Vec<Event> = client.events().try_iter().collect();
+        // (A missed interval is only a warning on a loaded machine.)
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::Disconnected { .. })),
+            "client {i}: {events:?}"
+        );
+        assert_eq!(client.call::<_, u64>("demo", "ping", &i).expect("ping"), i);
+    }
+    drop(clients);
+    wait_until(Duration::from_secs(10), "the clients' loops end", || {
+        threads_named("pulse-client") == 0
+    });
+}
 
 /// 100 clients, each shut down (`Client::shutdown`) while one of its calls
 /// waits on the provider, then dropped: every socket and thread they had is

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use super::balance::{Candidate, LoadBalancer};
 use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
 use crate::client::{Client, ClientRuntime, ConnectionState};
-use crate::config::{ClientConfig, check_event_loops};
+use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventHook};
 use crate::protocol::ResponseStatus;
@@ -59,11 +59,6 @@ pub struct ClusterConfig {
     /// `max_missed` of 3 that is an interval before the connection is
     /// declared dead.
     pub suspect_after_missed: u32,
-    /// Event loops the providers' connections share, each provider's on
-    /// one loop (given out in turn), with one timer thread for all: with
-    /// its updater, a cluster of any size runs `event_loops + 2` threads.
-    /// Default: the number of cores. 1 to 1024.
-    pub event_loops: usize,
 }
 
 impl Default for ClusterConfig {
@@ -74,7 +69,6 @@ impl Default for ClusterConfig {
             idempotent_methods: HashSet::new(),
             ready_timeout: Duration::from_secs(3),
             suspect_after_missed: 2,
-            event_loops: crate::reactor::usable_cores(),
         }
     }
 }
@@ -83,8 +77,7 @@ impl ClusterConfig {
     /// Checks every field (the client's too); the error names the field
     /// and the allowed range.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        self.client.validate()?;
-        check_event_loops(self.event_loops)
+        self.client.validate()
     }
 
     /// Marks `methods` as idempotent (builder style).
@@ -257,7 +250,7 @@ impl Shared {
         let (events_tx, events_rx) =
             crossbeam_channel::bounded(config.client.connection.event_capacity);
         let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
-        let runtime = ClientRuntime::start("pulse-cluster", config.event_loops, &config.client)?;
+        let runtime = ClientRuntime::shared(&config.client)?;
         let shared = Shared {
             runtime,
             service,
@@ -921,24 +914,24 @@ mod tests {
     /// a provider from its second missed heartbeat; and the receiving end
     /// of its connect wake-ups.
     fn shared() -> (Shared, Receiver<()>) {
-        let config = ClusterConfig {
+        let mut config = ClusterConfig {
             suspect_after_missed: 2,
-            event_loops: 1,
             ..ClusterConfig::default()
         };
+        config.client.event_loops = 1;
         Shared::new(ServiceKey::from("t"), config, Box::new(RoundRobin::new())).unwrap()
     }
 
-    /// A cluster's `event_loops` is checked as a server's is, and so is
-    /// the configuration of its providers' clients.
+    /// A cluster's configuration is checked with its providers' clients'
+    /// (their shared `event_loops` included).
     #[test]
     fn a_cluster_config_is_checked_whole() {
         let mut config = ClusterConfig::default();
         assert_eq!(config.validate(), Ok(()));
-        config.event_loops = 0;
+        config.client.event_loops = 0;
         let err = config.validate().unwrap_err();
         assert!(err.contains("event_loops"), "{err}");
-        config.event_loops = 1;
+        config.client.event_loops = 1;
         config.client.call_timeout = Duration::ZERO;
         let err = config.validate().unwrap_err();
         assert!(err.contains("call_timeout"), "{err}");
