@@ -249,11 +249,34 @@ struct ClientInner {
     next_id: AtomicU64,
 }
 
-impl Drop for ClientInner {
-    fn drop(&mut self) {
+impl ClientInner {
+    /// Has the loop close the connection with Close(Normal) and stop
+    /// reconnecting, and waits until it has (up to [`REMOVE_WAIT`]): the
+    /// loop may go on serving other clients, and a program that drops or
+    /// shuts down a client and then exits must not lose the Close with the
+    /// process. An event loop's thread does not wait: the loop it would
+    /// wait for could be its own.
+    fn remove_link(&self) {
+        let (done, closed) = crossbeam_channel::bounded::<()>(0);
         self.owner.send(Command::RemoveLink {
             link_id: self.link.id,
+            done,
         });
+        if !crate::reactor::on_event_loop() {
+            // Nothing is ever sent: the loop drops `done` when it is done.
+            let _ = closed.recv_timeout(REMOVE_WAIT);
+        }
+    }
+}
+
+/// The longest a client's drop or `shutdown` waits for its loop to close
+/// the connection. A loop takes its commands between turns, so this is
+/// reached only behind an inline handler that runs that long.
+const REMOVE_WAIT: Duration = Duration::from_secs(1);
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.remove_link();
     }
 }
 
@@ -335,7 +358,8 @@ impl ClientRuntime {
 
 /// A consumer of one provider; clones share one multiplexed connection.
 ///
-/// Dropping the last clone closes the connection with Close(Normal). The
+/// Dropping the last clone closes the connection with Close(Normal) before
+/// the drop returns (see [`Client::shutdown`] for the bound). The
 /// connection runs on an event loop the process's clients share
 /// ([`ClientConfig::event_loops`] loops and one timer thread, started with
 /// the first client and stopped with the last).
@@ -850,13 +874,12 @@ impl Client {
     /// fail at once with [`Error::Shutdown`] (a request already sent may
     /// have run), and so does every later call. For a thread blocked in a
     /// call that another thread wants to end, e.g. at Ctrl-C while the
-    /// provider is unreachable. Idempotent; the client's threads stop when
-    /// the last clone is dropped, as without it.
+    /// provider is unreachable. The connection is closed when it returns
+    /// (it waits for the event loop, up to a second, except on an event
+    /// loop's own thread). Idempotent.
     pub fn shutdown(&self) {
         self.inner.link.set_state(LinkState::Shutdown);
-        self.inner.owner.send(Command::RemoveLink {
-            link_id: self.inner.link.id,
-        });
+        self.inner.remove_link();
     }
 
     /// The provider's address.

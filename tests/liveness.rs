@@ -36,7 +36,7 @@ use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
     ServiceBuilder,
 };
-use support::process::{fd_count, threads_named};
+use support::process::{fd_count, open_sockets_to_port, socket_open, threads_named};
 use support::proxy::{Dir, Proxy};
 use support::raw_peer::FakeProvider;
 use support::{SetOnDrop, demo_service, ms, wait_until};
@@ -561,6 +561,45 @@ fn provider_restarted_on_the_same_port() {
 }
 
 // ----- 5. many reconnects leak nothing ----------------------------------------------
+
+/// A client's connection is closed by the time its drop or `shutdown`
+/// returns, although the loop it ran on goes on serving another client
+/// (so no runtime is joined): its socket is no longer open, ten times
+/// each way. A program that then exits has sent its Close.
+#[test]
+fn a_client_is_closed_when_its_drop_or_shutdown_returns() {
+    let _serial = serial_exclusive();
+    let server = Server::builder()
+        .config(server_config(ms(100), 3))
+        .service(demo_service())
+        .bind("127.0.0.1:0")
+        .expect("bind a server on 127.0.0.1:0");
+    let (addr, port) = (server.local_addr(), server.local_addr().port());
+    let config = client_config(ms(100), 3);
+    let keeper = Client::connect(addr, config.clone()).expect("connect");
+    for i in 0..20u64 {
+        let before = open_sockets_to_port(port);
+        let client = Client::connect(addr, config.clone()).expect("connect");
+        assert_eq!(client.call::<_, u64>("demo", "ping", &i).expect("ping"), i);
+        let theirs: Vec<u64> = open_sockets_to_port(port)
+            .into_iter()
+            .filter(|inode| !before.contains(inode))
+            .collect();
+        assert_eq!(theirs.len(), 1, "round {i}: the new client's socket");
+        let how = if i % 2 == 0 {
+            client.shutdown();
+            "shutdown"
+        } else {
+            drop(client);
+            "drop"
+        };
+        assert!(
+            !socket_open(theirs[0]),
+            "round {i}: the socket is still open when {how} returns"
+        );
+    }
+    assert_eq!(keeper.call::<_, u64>("demo", "ping", &7).expect("ping"), 7);
+}
 
 /// Lone clients share the process's client loops: twenty of them, each
 /// with its own connection, run `event_loops` loop threads between them

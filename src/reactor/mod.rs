@@ -42,6 +42,17 @@ pub(crate) fn usable_cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+thread_local! {
+    /// Set on an event loop's thread for its whole life.
+    static ON_EVENT_LOOP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current thread is an event loop (a server's or a client's):
+/// such a thread must never wait for a loop, which could be itself.
+pub(crate) fn on_event_loop() -> bool {
+    ON_EVENT_LOOP.with(|on| on.get())
+}
+
 /// `configured` time to poll or spin for work before sleeping, or zero in a
 /// process confined to one core: there the poller only takes turns with the
 /// threads that would bring it work (event loops' `busy_poll`, the worker
@@ -101,8 +112,10 @@ pub(crate) enum Command {
     },
     /// Start connecting a consumer link and keep it connected.
     AddLink(Arc<crate::client::Link>),
-    /// Close a link's connection gracefully and stop reconnecting.
-    RemoveLink { link_id: u64 },
+    /// Close a link's connection gracefully and stop reconnecting. `done`
+    /// is dropped once that is done (or with the command, if the loop is
+    /// gone): whoever removed the link may wait for it.
+    RemoveLink { link_id: u64, done: Sender<()> },
     /// Close one connection with a Close frame (from a worker thread).
     CloseConn {
         token: usize,
@@ -310,6 +323,7 @@ impl Runtime {
                             return;
                         }
                     }
+                    ON_EVENT_LOOP.with(|on| on.set(true));
                     event_loop::EventLoop::new(index, poll, rx, all, timer, busy_poll).run()
                 });
             match thread {

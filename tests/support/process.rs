@@ -195,3 +195,32 @@ impl ProcessLock {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+/// Inodes of the IPv4 TCP sockets this process holds open whose remote
+/// port is `port` (the client ends of connections to a local server on
+/// it), from `/proc/net/tcp` and `/proc/self/fd`.
+pub fn open_sockets_to_port(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let remote_port = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote = fields.get(2)?;
+            let inode = fields.get(9)?.parse::<u64>().ok()?;
+            (remote.ends_with(&remote_port) && inode != 0).then_some(inode)
+        })
+        .filter(|&inode| socket_open(inode))
+        .collect()
+}
+
+/// Whether a descriptor of this process refers to the socket `inode`.
+pub fn socket_open(inode: u64) -> bool {
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| target.to_str() == Some(wanted.as_str()))
+}

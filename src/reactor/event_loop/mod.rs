@@ -387,7 +387,12 @@ impl EventLoop {
                 );
                 self.connect_link(id, now);
             }
-            Command::RemoveLink { link_id } => {
+            // `done` is dropped at the end of this arm, the connection
+            // closed: that is what the remover waits for.
+            Command::RemoveLink {
+                link_id,
+                done: _done,
+            } => {
                 let Some(ctl) = self.links.get_mut(&link_id) else {
                     return;
                 };
