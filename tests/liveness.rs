@@ -39,7 +39,7 @@ use pulse::{
 use support::process::{fd_count, open_sockets_to_port, socket_open, threads_named};
 use support::proxy::{Dir, Proxy};
 use support::raw_peer::FakeProvider;
-use support::{SetOnDrop, demo_service, ms, wait_until};
+use support::{SetOnDrop, ms, server_with, wait_until};
 
 /// The timer tick used everywhere (the default).
 const TICK: Duration = Duration::from_millis(5);
@@ -569,11 +569,7 @@ fn provider_restarted_on_the_same_port() {
 #[test]
 fn a_client_is_closed_when_its_drop_or_shutdown_returns() {
     let _serial = serial_exclusive();
-    let server = Server::builder()
-        .config(server_config(ms(100), 3))
-        .service(demo_service())
-        .bind("127.0.0.1:0")
-        .expect("bind a server on 127.0.0.1:0");
+    let server = server_with(server_config(ms(100), 3), Vec::new());
     let (addr, port) = (server.local_addr(), server.local_addr().port());
     let config = client_config(ms(100), 3);
     let keeper = Client::connect(addr, config.clone()).expect("connect");
@@ -609,11 +605,7 @@ fn a_client_is_closed_when_its_drop_or_shutdown_returns() {
 #[test]
 fn lone_clients_share_a_loop_per_core() {
     let _serial = serial_exclusive();
-    let server = Server::builder()
-        .config(server_config(ms(100), 3))
-        .service(demo_service())
-        .bind("127.0.0.1:0")
-        .expect("bind a server on 127.0.0.1:0");
+    let server = server_with(server_config(ms(100), 3), Vec::new());
     let config = client_config(ms(100), 3);
     let clients: Vec<Client> = (0..20)
         .map(|_| Client::connect(server.local_addr(), config.clone()).expect("connect"))
