@@ -47,6 +47,10 @@
 //! {"event":"summary","calls":90,"ok":90,"failed":0,"retried":1,"by_provider":{"p0":35,"p1":21,"p2":34}}
 //! ```
 //!
+//! The consumer's lines come out in the order things happened: a call's line
+//! follows every cluster event already emitted, so a call retried after a
+//! provider died comes after that provider's `disconnected`.
+//!
 //! Logs (`RUST_LOG=info`) go to standard error.
 
 use std::collections::BTreeMap;
@@ -57,6 +61,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Select};
+use parking_lot::Mutex;
 use pulse::cluster::{
     CallOptions, ClusterClient, ClusterConfig, ClusterEvent, ConsistentHash, Endpoint,
     EtcdRegistry, LeastInflight, LoadBalancer, LowestRtt, Random, Registration, Registry,
@@ -193,6 +199,47 @@ fn print(value: serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{value}");
     let _ = out.flush();
+}
+
+/// The consumer's output, in the order things happened: the cluster's
+/// events are taken off their channel only under `order`, and a call's line
+/// first prints the events already emitted. pulse puts a provider's event
+/// in the channel before a call can see its effect (a `disconnected`
+/// before the calls lost with it fail), so no call line comes out ahead
+/// of the event that explains it, as it could when a printer thread and
+/// the calling thread each printed as soon as they had a line.
+struct Output {
+    events: Receiver<ClusterEvent>,
+    order: Mutex<()>,
+}
+
+impl Output {
+    /// Prints `value` after the events already emitted.
+    fn line(&self, value: serde_json::Value) {
+        let _order = self.order.lock();
+        self.print_events();
+        print(value);
+    }
+
+    /// Prints the events that come until `done` is set, as they come.
+    fn follow(&self, done: &AtomicBool) {
+        while !done.load(Ordering::Relaxed) {
+            // Wait for an event without taking it: it is taken, and
+            // printed, under the lock.
+            let mut ready = Select::new();
+            ready.recv(&self.events);
+            if ready.ready_timeout(Duration::from_millis(50)).is_ok() {
+                let _order = self.order.lock();
+                self.print_events();
+            }
+        }
+    }
+
+    fn print_events(&self) {
+        for event in self.events.try_iter() {
+            print(cluster_event_json(&event));
+        }
+    }
 }
 
 fn heartbeat(o: &Options) -> HeartbeatConfig {
@@ -347,16 +394,13 @@ fn run_consumer(
             .unwrap_or_else(|| addr.to_string())
     };
     let done = Arc::new(AtomicBool::new(false));
+    let output = Arc::new(Output {
+        events: cluster.events(),
+        order: Mutex::new(()),
+    });
     let printer = {
-        let events = cluster.events();
-        let done = done.clone();
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                if let Ok(event) = events.recv_timeout(Duration::from_millis(50)) {
-                    print(cluster_event_json(&event));
-                }
-            }
-        })
+        let (output, done) = (output.clone(), done.clone());
+        std::thread::spawn(move || output.follow(&done))
     };
 
     let mut rotation: Vec<String> = Vec::new();
@@ -367,10 +411,10 @@ fn run_consumer(
         if let Some(proxy) = freeze {
             if seq == o.calls / 3 {
                 proxy.set_blackhole(true);
-                print(json!({"event": "freeze", "provider": name_of(proxy.addr)}));
+                output.line(json!({"event": "freeze", "provider": name_of(proxy.addr)}));
             } else if seq == 2 * o.calls / 3 {
                 proxy.set_blackhole(false);
-                print(json!({"event": "thaw", "provider": name_of(proxy.addr)}));
+                output.line(json!({"event": "thaw", "provider": name_of(proxy.addr)}));
             }
         }
         let healthy: Vec<String> = cluster
@@ -380,7 +424,7 @@ fn run_consumer(
             .map(|p| name_of(p.addr))
             .collect();
         if healthy != rotation {
-            print(json!({"event": "rotation", "healthy": healthy}));
+            output.line(json!({"event": "rotation", "healthy": healthy}));
             rotation = healthy;
         }
         let key = (seq % 10).to_be_bytes();
@@ -392,7 +436,7 @@ fn run_consumer(
                     retried += 1;
                 }
                 *by_provider.entry(traced.value.clone()).or_default() += 1;
-                print(json!({
+                output.line(json!({
                     "event": "call", "seq": seq, "provider": traced.value,
                     "addr": traced.provider.to_string(), "attempts": traced.attempts,
                     "rtt_us": started.elapsed().as_micros() as u64,
@@ -400,7 +444,7 @@ fn run_consumer(
             }
             Err(e) => {
                 failed += 1;
-                print(json!({"event": "call_failed", "seq": seq, "error": e.to_string()}));
+                output.line(json!({"event": "call_failed", "seq": seq, "error": e.to_string()}));
             }
         }
         seq += 1;
@@ -408,7 +452,7 @@ fn run_consumer(
     }
     done.store(true, Ordering::Relaxed);
     let _ = printer.join();
-    print(json!({
+    output.line(json!({
         "event": "summary", "calls": seq, "ok": ok, "failed": failed, "retried": retried,
         "by_provider": by_provider, "balancer": o.balancer,
     }));
