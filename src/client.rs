@@ -282,8 +282,9 @@ impl Drop for ClientInner {
 
 /// The event-loop and timer threads that run clients' connections, shared
 /// by every client in the process whose settings give the same loops
-/// ([`LoopSettings`]): the first such client starts them, later ones take
-/// their loops in turn, and the threads stop (the loops closing what they
+/// ([`LoopSettings`]): the first such client starts them (a loop's thread
+/// when the loop gets its first client), later ones take their loops in
+/// turn, and the threads stop (the loops closing what they
 /// still hold) when the last client using them and the last other handle
 /// are dropped. Sharing them keeps a consumer process at a loop per core
 /// however many providers it calls, as a provider is; Netty's clients
@@ -340,7 +341,7 @@ impl ClientRuntime {
             return Ok(running);
         }
         let runtime = Arc::new(ClientRuntime {
-            runtime: Runtime::start("pulse-client", config.event_loops, &config.connection)?,
+            runtime: Runtime::start_lazily("pulse-client", config.event_loops, &config.connection)?,
             handed_out: AtomicUsize::new(0),
         });
         runtimes.retain(|(_, runtime)| runtime.strong_count() > 0);
@@ -348,11 +349,15 @@ impl ClientRuntime {
         Ok(runtime)
     }
 
-    /// The loop for the next client.
-    fn next_loop(&self) -> LoopHandle {
+    /// The loop for the next client, its thread started if this is the
+    /// loop's first client: loops are handed out in turn, so a process
+    /// with fewer clients than loops runs only as many loops as clients.
+    fn next_loop(&self) -> Result<LoopHandle> {
         let loops = self.runtime.loops();
         let turn = self.handed_out.fetch_add(1, Ordering::Relaxed);
-        loops[turn % loops.len()].clone() // `Runtime::start` made at least one
+        let index = turn % loops.len(); // `Runtime::start_lazily` made at least one
+        self.runtime.start_loop(index)?;
+        Ok(loops[index].clone())
     }
 }
 
@@ -361,8 +366,8 @@ impl ClientRuntime {
 /// Dropping the last clone closes the connection with Close(Normal) before
 /// the drop returns (see [`Client::shutdown`] for the bound). The
 /// connection runs on an event loop the process's clients share
-/// ([`ClientConfig::event_loops`] loops and one timer thread, started with
-/// the first client and stopped with the last).
+/// ([`ClientConfig::event_loops`] loops, each started with its first
+/// client, and one timer thread; all stopped with the last client).
 /// [`Client::shutdown`] closes it earlier, for every clone, and ends the
 /// calls they are waiting in.
 #[derive(Clone)]
@@ -443,7 +448,7 @@ impl Client {
             Some(runtime) => runtime,
             None => ClientRuntime::shared(&config)?,
         };
-        let owner = runtime.next_loop();
+        let owner = runtime.next_loop()?;
         let link = Arc::new(Link {
             id: crate::next_id(),
             addr,
@@ -1063,8 +1068,9 @@ mod tests {
     use crate::event::EventSink;
     use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
 
-    /// Clients whose loop settings agree run on one runtime; other settings
-    /// get another; the runtime ends with the last of its clients, and the
+    /// Clients whose loop settings agree run on one runtime, whose loops
+    /// start as clients are handed them; other settings get another
+    /// runtime; the runtime ends with the last of its clients, and the
     /// next client with those settings starts a new one. (Settings no other
     /// test uses, so that no other test's clients hold the runtime.)
     #[test]
@@ -1079,9 +1085,13 @@ mod tests {
         let open = |config: &ClientConfig| Client::connect_lazy(nowhere, config.clone()).unwrap();
         let runtime = |client: &Client| Arc::clone(&client.inner._runtime);
 
-        let (a, b) = (open(&config), open(&config));
-        assert!(Arc::ptr_eq(&runtime(&a), &runtime(&b)));
+        let a = open(&config);
         assert_eq!(runtime(&a).runtime.loops().len(), 3);
+        // A loop's thread starts with its first client.
+        assert_eq!(runtime(&a).runtime.running_loops(), 1);
+        let b = open(&config);
+        assert!(Arc::ptr_eq(&runtime(&a), &runtime(&b)));
+        assert_eq!(runtime(&a).runtime.running_loops(), 2);
         let mut other = config.clone();
         other.connection.busy_poll = Duration::from_micros(77);
         let c = open(&other);

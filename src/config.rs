@@ -225,8 +225,9 @@ pub struct ClientConfig {
     /// `connection.timer_tick`, `connection.busy_poll` and
     /// `connection.loop_cpus`) runs on one set of this many loops and one
     /// timer thread, each client's connection on one loop, given out in
-    /// turn. The threads start with the first such client and stop when
-    /// the last one is dropped. Default: the number of cores. 1 to 1024.
+    /// turn. A loop's thread starts when the loop gets its first client
+    /// (so one client runs one loop), and the threads stop when the last
+    /// such client is dropped. Default: the number of cores. 1 to 1024.
     pub event_loops: usize,
 }
 

@@ -23,24 +23,18 @@ fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
     };
     config.connection.loop_cpus = vec![last];
     let server = server_with(config, Vec::new());
-    let mut client_config = ClientConfig {
-        event_loops: 2,
-        ..ClientConfig::default()
-    };
+    let mut client_config = ClientConfig::default();
     client_config.connection.loop_cpus = vec![first];
     let client = Client::connect(server.local_addr(), client_config).expect("connect");
     assert_eq!(client.call::<_, u64>("demo", "ping", &7).unwrap(), 7);
 
-    // Thread names are cut to 15 bytes: pulse-server-loop-N, pulse-client-loop-N.
+    // Thread names are cut to 15 bytes: pulse-server-loop-N, pulse-client-loop-0.
     let (first, last) = (first.to_string(), last.to_string());
     assert_eq!(
         threads_allowed_cpus("pulse-server-lo"),
         vec![last.clone(), last]
     );
-    assert_eq!(
-        threads_allowed_cpus("pulse-client-lo"),
-        vec![first.clone(), first]
-    );
+    assert_eq!(threads_allowed_cpus("pulse-client-lo"), vec![first]);
     drop(client);
     server.shutdown();
 
@@ -62,4 +56,23 @@ fn loops_run_on_the_cpus_asked_for_and_a_missing_cpu_is_refused() {
         Ok(_) => panic!("a server pinned to CPU 1023 started"),
     }
     assert_eq!(thread_count(), threads_before, "threads left behind");
+
+    // The same for a client: its loop starts, and fails to pin itself, as
+    // the client is handed it; the error names the loop and the CPU, and
+    // nothing is left running.
+    let mut client_config = ClientConfig::default();
+    client_config.connection.loop_cpus = vec![1023];
+    for attempt in 1..=2 {
+        match Client::connect_lazy("127.0.0.1:9", client_config.clone()) {
+            Err(Error::Io { op, .. }) => {
+                assert!(
+                    op.contains("CPU 1023") && op.contains("loop_cpus"),
+                    "attempt {attempt}: {op}"
+                );
+            }
+            Err(other) => panic!("expected an I/O error naming the CPU, got {other}"),
+            Ok(_) => panic!("a client pinned to CPU 1023 started"),
+        }
+    }
+    assert_eq!(thread_count(), threads_before, "client threads left behind");
 }

@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use mio::{Poll, Token, Waker};
+use parking_lot::Mutex;
 use socket2::Socket;
 
 pub(crate) use conn::{CallSlot, ConnShared};
@@ -239,16 +240,66 @@ impl LoopHandle {
 /// Event-loop threads plus the timer thread that drives their deadlines.
 pub(crate) struct Runtime {
     loops: Vec<LoopHandle>,
-    threads: Vec<JoinHandle<()>>,
+    /// Each loop's thread: not started yet (with what it starts with), or
+    /// started, or failed to start. A server starts every loop at once; a
+    /// client runtime starts a loop when it hands out the loop for the first
+    /// time (`start_loop`), so a process with one client runs one loop
+    /// however many the runtime has.
+    threads: Mutex<Vec<LoopThread>>,
+    /// `{name}-loop-{i}` names loop `i`'s thread.
+    name: String,
+    /// What every loop busy-polls (zero in a process confined to one core).
+    busy_poll: Duration,
+    /// `ConnectionConfig::loop_cpus`: loop `i` is pinned to
+    /// `cpus[i % len]` (none when empty).
+    cpus: Vec<usize>,
     timer: Option<TimerThread<TimerEvent>>,
     /// Timer expiries delivered to the loops since the start.
     timers_fired: Arc<AtomicU64>,
 }
 
+/// Where one event loop's thread is.
+enum LoopThread {
+    /// Not started: the poll and command receiver it will run on (commands
+    /// sent meanwhile wait in the channel, and go with it if it never starts).
+    Unstarted {
+        poll: Poll,
+        commands: Receiver<Command>,
+    },
+    Running(JoinHandle<()>),
+    /// Could not start (say, pinned to a CPU that cannot be used): what was
+    /// tried and the error, to tell whoever asks for it again.
+    Failed {
+        op: String,
+        error: String,
+    },
+    /// Joined by `shutdown`.
+    Stopped,
+}
+
 impl Runtime {
     /// Starts `loops` event-loop threads named `{name}-loop-{i}` and a timer
-    /// thread, with the timer resolution and busy polling of `connection`.
+    /// thread, with the timer resolution, busy polling and CPUs of
+    /// `connection`.
     pub(crate) fn start(
+        name: &str,
+        loops: usize,
+        connection: &crate::config::ConnectionConfig,
+    ) -> Result<Runtime> {
+        let mut runtime = Runtime::start_lazily(name, loops, connection)?;
+        for index in 0..loops {
+            if let Err(e) = runtime.start_loop(index) {
+                runtime.shutdown(None);
+                return Err(e);
+            }
+        }
+        Ok(runtime)
+    }
+
+    /// Like [`start`](Self::start), but each loop's thread starts only when
+    /// [`start_loop`](Self::start_loop) asks for it; the timer thread starts
+    /// now.
+    pub(crate) fn start_lazily(
         name: &str,
         loops: usize,
         connection: &crate::config::ConnectionConfig,
@@ -264,17 +315,15 @@ impl Runtime {
         // from a pinned thread they would be its single CPU.)
         let busy_poll = poll_time_here(connection.busy_poll);
         crate::clock::origin(); // fix the origin before any instant is stored
-        let mut polls = Vec::with_capacity(loops);
         let mut handles = Vec::with_capacity(loops);
-        let mut receivers = Vec::with_capacity(loops);
+        let mut threads = Vec::with_capacity(loops);
         for index in 0..loops {
             let poll = Poll::new().map_err(|e| Error::io("create mio::Poll", e))?;
             let waker = Waker::new(poll.registry(), WAKER_TOKEN)
                 .map_err(|e| Error::io("create mio::Waker", e))?;
             let (tx, rx) = crossbeam_channel::unbounded();
             handles.push(LoopHandle::new(index, tx, waker));
-            polls.push(poll);
-            receivers.push(rx);
+            threads.push(LoopThread::Unstarted { poll, commands: rx });
         }
 
         let deliver_to = handles.clone();
@@ -297,56 +346,98 @@ impl Runtime {
         })
         .map_err(|e| Error::io("spawn timer thread", e))?;
 
-        let mut runtime = Runtime {
-            loops: handles.clone(),
-            threads: Vec::with_capacity(loops),
+        Ok(Runtime {
+            loops: handles,
+            threads: Mutex::new(threads),
+            name: name.to_owned(),
+            busy_poll,
+            cpus: connection.loop_cpus.clone(),
             timer: Some(timer),
             timers_fired,
+        })
+    }
+
+    /// Starts loop `index`'s thread unless it runs already (pinned to its
+    /// CPU, if `loop_cpus` names one). A loop that could not start fails
+    /// every later ask the same way.
+    pub(crate) fn start_loop(&self, index: usize) -> Result<()> {
+        let mut threads = self.threads.lock();
+        let Some(thread) = threads.get_mut(index) else {
+            return Err(Error::InvalidConfig(format!("no event loop {index}")));
         };
-        let cpus = &connection.loop_cpus;
-        for (index, (poll, rx)) in polls.into_iter().zip(receivers).enumerate() {
-            let timer = runtime.timer_handle();
-            let all = handles.clone();
-            // `None` when no CPUs are set (`checked_rem` by zero).
-            let cpu = index
-                .checked_rem(cpus.len())
-                .and_then(|i| cpus.get(i).copied());
-            let (pinned_tx, pinned) = crossbeam_channel::bounded(1);
-            let thread = std::thread::Builder::new()
-                .name(format!("{name}-loop-{index}"))
-                .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        let result = affinity::pin_current_thread(cpu);
-                        let failed = result.is_err();
-                        let _ = pinned_tx.send(result);
-                        if failed {
-                            return;
-                        }
-                    }
-                    ON_EVENT_LOOP.with(|on| on.set(true));
-                    event_loop::EventLoop::new(index, poll, rx, all, timer, busy_poll).run()
-                });
-            match thread {
-                Ok(thread) => runtime.threads.push(thread),
-                Err(e) => {
-                    runtime.shutdown(None);
-                    return Err(Error::io("spawn event loop thread", e));
-                }
+        let (poll, commands) = match std::mem::replace(thread, LoopThread::Stopped) {
+            LoopThread::Unstarted { poll, commands } => (poll, commands),
+            LoopThread::Failed { op, error } => {
+                let again = Error::io(op.clone(), std::io::Error::other(error.clone()));
+                *thread = LoopThread::Failed { op, error };
+                return Err(again);
             }
-            if let Some(cpu) = cpu {
-                // A loop that could not pin itself has exited; its sender is
-                // gone only if it panicked.
-                let pinned = pinned
-                    .recv()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the event loop thread died")));
-                if let Err(e) = pinned {
-                    runtime.shutdown(None);
-                    let what = format!("pin event loop {index} to CPU {cpu} (loop_cpus)");
-                    return Err(Error::io(what, e));
+            other => {
+                *thread = other;
+                return Ok(());
+            }
+        };
+        let timer = self.timer_handle();
+        let all = self.loops.clone();
+        let busy_poll = self.busy_poll;
+        // `None` when no CPUs are set (`checked_rem` by zero).
+        let cpu = index
+            .checked_rem(self.cpus.len())
+            .and_then(|i| self.cpus.get(i).copied());
+        let (pinned_tx, pinned) = crossbeam_channel::bounded(1);
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-loop-{index}", self.name))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    let result = affinity::pin_current_thread(cpu);
+                    let failed = result.is_err();
+                    let _ = pinned_tx.send(result);
+                    if failed {
+                        return;
+                    }
                 }
+                ON_EVENT_LOOP.with(|on| on.set(true));
+                event_loop::EventLoop::new(index, poll, commands, all, timer, busy_poll).run()
+            });
+        let handle = match spawned {
+            Ok(handle) => handle,
+            Err(e) => {
+                let op = "spawn event loop thread".to_string();
+                *thread = LoopThread::Failed {
+                    op: op.clone(),
+                    error: e.to_string(),
+                };
+                return Err(Error::io(op, e));
+            }
+        };
+        if let Some(cpu) = cpu {
+            // A loop that could not pin itself has exited; its sender is
+            // gone only if it panicked.
+            let pinned = pinned
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the event loop thread died")));
+            if let Err(e) = pinned {
+                let _ = handle.join();
+                let op = format!("pin event loop {index} to CPU {cpu} (loop_cpus)");
+                *thread = LoopThread::Failed {
+                    op: op.clone(),
+                    error: e.to_string(),
+                };
+                return Err(Error::io(op, e));
             }
         }
-        Ok(runtime)
+        *thread = LoopThread::Running(handle);
+        Ok(())
+    }
+
+    /// Loops whose thread was started and has not been joined.
+    #[cfg(test)]
+    pub(crate) fn running_loops(&self) -> usize {
+        let threads = self.threads.lock();
+        threads
+            .iter()
+            .filter(|t| matches!(t, LoopThread::Running(_)))
+            .count()
     }
 
     fn timer_handle(&self) -> TimerHandle<TimerEvent> {
@@ -385,8 +476,12 @@ impl Runtime {
                 None => handle.send(Command::Exit),
             }
         }
-        for thread in self.threads.drain(..) {
-            if thread.join().is_err() {
+        // A loop never started gets its command too, and drops it with its
+        // channel here, unread.
+        for thread in self.threads.get_mut().iter_mut() {
+            if let LoopThread::Running(handle) = std::mem::replace(thread, LoopThread::Stopped)
+                && handle.join().is_err()
+            {
                 log::error!("an event loop thread panicked");
             }
         }
@@ -399,5 +494,39 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.shutdown(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Runtime;
+    use crate::config::ConnectionConfig;
+    use crate::error::Error;
+
+    /// A lazily started runtime runs no loop until asked; a loop asked for
+    /// twice starts once; a loop that cannot start (pinned to a CPU no
+    /// machine here has) fails, and fails again when asked again, with the
+    /// loop and CPU named both times.
+    #[test]
+    fn loops_start_when_asked_and_a_failed_one_stays_failed() {
+        let mut connection = ConnectionConfig::default();
+        let runtime = Runtime::start_lazily("pulse-test", 2, &connection).unwrap();
+        assert_eq!(runtime.running_loops(), 0);
+        runtime.start_loop(1).unwrap();
+        runtime.start_loop(1).unwrap();
+        assert_eq!(runtime.running_loops(), 1);
+        drop(runtime);
+
+        connection.loop_cpus = vec![1023];
+        let runtime = Runtime::start_lazily("pulse-test", 1, &connection).unwrap();
+        for attempt in 1..=2 {
+            match runtime.start_loop(0) {
+                Err(Error::Io { op, .. }) => {
+                    assert!(op.contains("loop 0 to CPU 1023"), "attempt {attempt}: {op}")
+                }
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        assert_eq!(runtime.running_loops(), 0);
     }
 }
