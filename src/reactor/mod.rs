@@ -377,6 +377,31 @@ impl Runtime {
                 return Ok(());
             }
         };
+        match self.spawn_loop(index, poll, commands) {
+            Ok(handle) => {
+                *thread = LoopThread::Running(handle);
+                Ok(())
+            }
+            Err((op, e)) => {
+                *thread = LoopThread::Failed {
+                    op: op.clone(),
+                    error: e.to_string(),
+                };
+                Err(Error::io(op, e))
+            }
+        }
+    }
+
+    /// Spawns loop `index`'s thread on `poll` and `commands` and, when
+    /// `loop_cpus` names a CPU for it, waits until it has pinned itself
+    /// there. The error says what failed: spawning, or pinning (the thread
+    /// has then exited).
+    fn spawn_loop(
+        &self,
+        index: usize,
+        poll: Poll,
+        commands: Receiver<Command>,
+    ) -> std::result::Result<JoinHandle<()>, (String, std::io::Error)> {
         let timer = self.timer_handle();
         let all = self.loops.clone();
         let busy_poll = self.busy_poll;
@@ -385,7 +410,7 @@ impl Runtime {
             .checked_rem(self.cpus.len())
             .and_then(|i| self.cpus.get(i).copied());
         let (pinned_tx, pinned) = crossbeam_channel::bounded(1);
-        let spawned = std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("{}-loop-{index}", self.name))
             .spawn(move || {
                 if let Some(cpu) = cpu {
@@ -398,18 +423,8 @@ impl Runtime {
                 }
                 ON_EVENT_LOOP.with(|on| on.set(true));
                 event_loop::EventLoop::new(index, poll, commands, all, timer, busy_poll).run()
-            });
-        let handle = match spawned {
-            Ok(handle) => handle,
-            Err(e) => {
-                let op = "spawn event loop thread".to_string();
-                *thread = LoopThread::Failed {
-                    op: op.clone(),
-                    error: e.to_string(),
-                };
-                return Err(Error::io(op, e));
-            }
-        };
+            })
+            .map_err(|e| ("spawn event loop thread".to_string(), e))?;
         if let Some(cpu) = cpu {
             // A loop that could not pin itself has exited; its sender is
             // gone only if it panicked.
@@ -418,16 +433,13 @@ impl Runtime {
                 .unwrap_or_else(|_| Err(std::io::Error::other("the event loop thread died")));
             if let Err(e) = pinned {
                 let _ = handle.join();
-                let op = format!("pin event loop {index} to CPU {cpu} (loop_cpus)");
-                *thread = LoopThread::Failed {
-                    op: op.clone(),
-                    error: e.to_string(),
-                };
-                return Err(Error::io(op, e));
+                return Err((
+                    format!("pin event loop {index} to CPU {cpu} (loop_cpus)"),
+                    e,
+                ));
             }
         }
-        *thread = LoopThread::Running(handle);
-        Ok(())
+        Ok(handle)
     }
 
     /// Loops whose thread was started and has not been joined.
