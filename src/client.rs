@@ -284,9 +284,8 @@ impl Drop for ClientInner {
 /// by every client in the process whose settings give the same loops
 /// ([`LoopSettings`]): the first such client starts them (a loop's thread
 /// when the loop gets its first client), later ones take their loops in
-/// turn, and the threads stop (the loops closing what they
-/// still hold) when the last client using them and the last other handle
-/// are dropped. Sharing them keeps a consumer process at a loop per core
+/// turn, and the threads stop (the loops closing what they still hold)
+/// when the last client using them and the last other handle are dropped. Sharing them keeps a consumer process at a loop per core
 /// however many providers it calls, as a provider is; Netty's clients
 /// share one event-loop group the same way.
 pub(crate) struct ClientRuntime {
@@ -402,23 +401,22 @@ impl Client {
     /// client's threads cannot start.
     pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
         let events = EventSink::new(config.connection.event_capacity, "client");
-        let client = Client::open(addr, config, events, None)?;
+        let client = Client::open(addr, config, events)?;
         client.start_connecting();
         Ok(client)
     }
 
-    /// A client on a loop of `runtime` whose events go to `hook` as they
-    /// are emitted ([`events`](Self::events) stays empty), not connecting
-    /// until [`start_connecting`](Self::start_connecting): a cluster
-    /// announces the provider first.
+    /// A client whose events go to `hook` as they are emitted
+    /// ([`events`](Self::events) stays empty), not connecting until
+    /// [`start_connecting`](Self::start_connecting): a cluster announces
+    /// the provider first.
     pub(crate) fn unstarted_with_hook(
         addr: impl ToSocketAddrs,
         config: ClientConfig,
         hook: EventHook,
-        runtime: &Arc<ClientRuntime>,
     ) -> Result<Client> {
         let events = EventSink::with_hook("client", hook);
-        Client::open(addr, config, events, Some(runtime.clone()))
+        Client::open(addr, config, events)
     }
 
     /// Hands the link to its loop, which starts connecting. Once per client.
@@ -428,14 +426,9 @@ impl Client {
             .send(Command::AddLink(self.inner.link.clone()));
     }
 
-    /// The client's link, not yet connecting, on a loop of `runtime` (or of
-    /// the runtime shared by clients with its loop settings).
-    fn open(
-        addr: impl ToSocketAddrs,
-        config: ClientConfig,
-        events: EventSink,
-        runtime: Option<Arc<ClientRuntime>>,
-    ) -> Result<Client> {
+    /// The client's link, not yet connecting, on a loop of the runtime
+    /// shared by clients with its loop settings.
+    fn open(addr: impl ToSocketAddrs, config: ClientConfig, events: EventSink) -> Result<Client> {
         config.validate().map_err(Error::InvalidConfig)?;
         let addr = addr
             .to_socket_addrs()
@@ -444,10 +437,7 @@ impl Client {
             .ok_or_else(|| {
                 Error::InvalidConfig("the provider address resolved to nothing".into())
             })?;
-        let runtime = match runtime {
-            Some(runtime) => runtime,
-            None => ClientRuntime::shared(&config)?,
-        };
+        let runtime = ClientRuntime::shared(&config)?;
         let owner = runtime.next_loop()?;
         let link = Arc::new(Link {
             id: crate::next_id(),

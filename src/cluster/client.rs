@@ -221,8 +221,11 @@ struct Shared {
     config: ClusterConfig,
     balancer: Box<dyn LoadBalancer>,
     providers: RwLock<Arc<Vec<Arc<Provider>>>>,
-    /// The loops and timer every provider's client runs on.
-    runtime: Arc<ClientRuntime>,
+    /// The loops and timer every provider's client runs on (the runtime
+    /// shared by clients with `config.client`'s loop settings, which each
+    /// provider's client finds itself): held so that they keep running
+    /// while the cluster has no provider.
+    _runtime: Arc<ClientRuntime>,
     events_tx: Sender<ClusterEvent>,
     events_rx: Receiver<ClusterEvent>,
     /// A provider connected: the updater thread then notifies `ready`
@@ -252,7 +255,7 @@ impl Shared {
         let (connected_tx, connected_rx) = crossbeam_channel::bounded(1);
         let runtime = ClientRuntime::shared(&config.client)?;
         let shared = Shared {
-            runtime,
+            _runtime: runtime,
             service,
             config,
             balancer,
@@ -400,7 +403,7 @@ impl Shared {
             let suspect_until = Arc::new(AtomicU64::new(0));
             let hook = self.provider_hook(suspect_until.clone());
             let config = self.config.client.clone();
-            match Client::unstarted_with_hook(e.addr, config, hook, &self.runtime) {
+            match Client::unstarted_with_hook(e.addr, config, hook) {
                 Ok(client) => {
                     let provider = Arc::new(Provider {
                         addr: e.addr,
