@@ -28,10 +28,13 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::clock;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{DisconnectReason, Event, EventHook, EventSink};
-use crate::protocol::{Frame, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool};
+use crate::protocol::{
+    Frame, HEADER_LEN, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool,
+};
 use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Room, Runtime, SendError};
 
 /// Names a service: `name` plus `version` and `group` (both may be empty).
@@ -389,7 +392,7 @@ impl Client {
         client
             .inner
             .link
-            .ready_conn(started + wait, started, None)?;
+            .ready_conn(clock::deadline_after(started, wait), started, None)?;
         Ok(client)
     }
 
@@ -400,6 +403,9 @@ impl Client {
     /// `InvalidConfig`, or `Io` when the address does not resolve or the
     /// client's threads cannot start.
     pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
+        // Checked before the event channel takes its capacity's memory
+        // (`Client::open` checks again, for every way in).
+        config.validate().map_err(Error::InvalidConfig)?;
         let events = EventSink::new(config.connection.event_capacity, "client");
         let client = Client::open(addr, config, events)?;
         client.start_connecting();
@@ -638,7 +644,7 @@ impl Client {
         R: DeserializeOwned,
     {
         let started = Instant::now();
-        let deadline = started + timeout;
+        let deadline = clock::deadline_after(started, timeout);
         let (id, mut frame) = self.encode_call(Kind::Request, service, method, args)?;
         let link = &self.inner.link;
         let mut dead = None;
@@ -677,6 +683,16 @@ impl Client {
             args,
         )
         .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
+        // A provider with the same limit would close the connection on a
+        // larger frame, failing every call on it: this call fails alone.
+        let max_body = self.inner.link.config.connection.max_frame_len;
+        let body_len = frame.len().saturating_sub(HEADER_LEN);
+        if body_len > max_body as usize {
+            return Err(Error::Codec(format!(
+                "the request is {body_len} bytes, over max_frame_len ({max_body} bytes): \
+                 the provider would close the connection on it"
+            )));
+        }
         Ok((id, frame))
     }
 
@@ -773,7 +789,8 @@ impl Client {
             LinkState::Shutdown => return Err(unsent("the client is shut down")),
         };
         let (id, frame) = self.encode_call(Kind::Request, service.into(), method, args)?;
-        match self.send_on(conn, id, frame, started + timeout, timeout, Write::Now) {
+        let deadline = clock::deadline_after(started, timeout);
+        match self.send_on(conn, id, frame, deadline, timeout, Write::Now) {
             Ok(call) => call.wait(),
             Err(SendOnError::Dead(_)) => Err(unsent("the connection just died")),
             Err(SendOnError::Failed(e)) => Err(e),
@@ -824,7 +841,7 @@ impl Client {
         let started = Instant::now();
         let link = &self.inner.link;
         let (_, mut frame) = self.encode_call(Kind::OneWay, service, method, args)?;
-        let deadline = started + link.config.call_timeout;
+        let deadline = clock::deadline_after(started, link.config.call_timeout);
         // Zero on one core, where the loop never polls on (see `OneWayPace`).
         let pace_window = crate::reactor::poll_time_here(link.config.connection.busy_poll);
         let mut dead = None;

@@ -5,7 +5,9 @@
 //! cheapest way to share that, and the loop turns it back into an `Instant`.
 
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crate::config::MAX_SETTING_DURATION;
 
 static ORIGIN: OnceLock<Instant> = OnceLock::new();
 
@@ -21,7 +23,7 @@ pub(crate) fn to_nanos(at: Instant) -> u64 {
 
 /// The instant `nanos` after [`origin`].
 pub(crate) fn from_nanos(nanos: u64) -> Instant {
-    origin() + std::time::Duration::from_nanos(nanos)
+    origin() + Duration::from_nanos(nanos)
 }
 
 /// `at` for an `AtomicU64` in which 0 means "never": [`to_nanos`], at
@@ -33,6 +35,14 @@ pub(crate) fn to_stamp(at: Instant) -> u64 {
 /// The instant a [`to_stamp`] value stands for; `None` for 0 ("never").
 pub(crate) fn from_stamp(stamp: u64) -> Option<Instant> {
     (stamp != 0).then(|| from_nanos(stamp))
+}
+
+/// The instant `wait` after `start`, with `wait` capped at
+/// [`MAX_SETTING_DURATION`]: a caller's own timeout may be any `Duration`
+/// (`Duration::MAX` for "as long as it takes"), and `start + wait` past what
+/// an `Instant` holds would panic.
+pub(crate) fn deadline_after(start: Instant, wait: Duration) -> Instant {
+    start + wait.min(MAX_SETTING_DURATION)
 }
 
 #[cfg(test)]

@@ -20,6 +20,12 @@ pub struct ConnectionConfig {
     pub heartbeat: HeartbeatConfig,
     /// Largest frame body this side accepts; larger frames close the
     /// connection with Close(ProtocolError). Default 16 MiB.
+    ///
+    /// It is also the largest body this side sends, since a peer with the
+    /// same limit would close the connection (and fail every call on it):
+    /// a larger request fails alone with `Error::Codec` before it is sent,
+    /// and a provider answers a larger result with HandlerError. Give both
+    /// sides the same value.
     pub max_frame_len: u32,
     /// Bytes of frames queued for writing on one connection before new
     /// requests or responses are refused as overloaded (a one-way call
@@ -30,7 +36,7 @@ pub struct ConnectionConfig {
     pub timer_tick: Duration,
     /// Capacity of the event channel returned by `events()`; events past it
     /// are dropped (and logged at debug level) rather than blocking a loop.
-    /// Default 1,024.
+    /// Default 1,024, at most [`MAX_EVENT_CAPACITY`].
     pub event_capacity: usize,
     /// A frame whose first byte arrived must be complete within this time, or
     /// the connection is closed (Close(ProtocolError), reason
@@ -114,14 +120,17 @@ impl ConnectionConfig {
         if self.timer_tick < Duration::from_millis(1) {
             return Err("timer_tick must be at least 1 ms".into());
         }
-        if self.timer_tick * 2 > self.heartbeat.interval {
+        if self.timer_tick.saturating_mul(2) > self.heartbeat.interval {
             return Err(format!(
                 "timer_tick ({:?}) must be at most half the heartbeat interval ({:?})",
                 self.timer_tick, self.heartbeat.interval
             ));
         }
-        if self.event_capacity == 0 {
-            return Err("event_capacity must be at least 1".into());
+        if !(1..=MAX_EVENT_CAPACITY).contains(&self.event_capacity) {
+            return Err(format!(
+                "event_capacity must be 1 to {MAX_EVENT_CAPACITY} (the channel takes its memory up front), got {}",
+                self.event_capacity
+            ));
         }
         if self.busy_poll > Duration::from_secs(1) {
             return Err(format!(
@@ -151,6 +160,11 @@ impl ConnectionConfig {
         ])
     }
 }
+
+/// The largest `ConnectionConfig::event_capacity`: the event channel
+/// allocates every slot when it is made (80 bytes each on 64-bit Linux), so
+/// this is 80 MiB, far more than a reader that keeps up needs.
+pub const MAX_EVENT_CAPACITY: usize = 1 << 20;
 
 /// CPUs are numbered below this in `ConnectionConfig::loop_cpus` (the size
 /// of Linux's `cpu_set_t`).
@@ -511,6 +525,27 @@ mod tests {
         c.connection.busy_poll = Duration::from_secs(2);
         assert!(c.validate().unwrap_err().contains("busy_poll"));
         c.connection.busy_poll = Duration::ZERO;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_huge_timer_tick_is_refused_not_a_panic() {
+        let mut c = ClientConfig::default();
+        c.connection.timer_tick = Duration::MAX;
+        assert!(c.validate().unwrap_err().contains("timer_tick"));
+    }
+
+    #[test]
+    fn event_capacity_is_bounded_both_ways() {
+        let mut c = ServerConfig::default();
+        for bad in [0, MAX_EVENT_CAPACITY + 1, usize::MAX] {
+            c.connection.event_capacity = bad;
+            assert!(
+                c.validate().unwrap_err().contains("event_capacity"),
+                "{bad}"
+            );
+        }
+        c.connection.event_capacity = MAX_EVENT_CAPACITY;
         c.validate().unwrap();
     }
 }

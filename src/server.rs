@@ -91,9 +91,10 @@ impl ServerBuilder {
         let mut workers = Vec::with_capacity(config.worker_threads);
         for i in 0..config.worker_threads {
             let (jobs, queue_holds) = (Arc::clone(&jobs), Arc::clone(&queue_holds));
+            let max_body = config.connection.max_frame_len;
             let worker = std::thread::Builder::new()
                 .name(format!("pulse-worker-{i}"))
-                .spawn(move || run_worker(&jobs, &queue_holds))
+                .spawn(move || run_worker(&jobs, &queue_holds, max_body))
                 .map_err(|e| Error::io("spawn worker thread", e))?;
             workers.push(worker);
         }
@@ -285,7 +286,9 @@ impl QueueHolds {
     }
 }
 
-fn run_worker(jobs: &JobQueue<Job>, queue_holds: &QueueHolds) {
+/// A worker's life: runs jobs until `Job::Stop`, answering each with a body
+/// of at most `max_body` bytes (this provider's `max_frame_len`).
+fn run_worker(jobs: &JobQueue<Job>, queue_holds: &QueueHolds, max_body: u32) {
     // A worker frees most of what it allocates itself (see `frame_pool::opt_out`).
     frame_pool::opt_out();
     let mut finished = false;
@@ -304,7 +307,8 @@ fn run_worker(jobs: &JobQueue<Job>, queue_holds: &QueueHolds) {
                 args_at,
                 one_way,
             } => {
-                let response = handler.invoke(id, body.get(args_at..).unwrap_or_default());
+                let response =
+                    handler.invoke(id, body.get(args_at..).unwrap_or_default(), max_body);
                 // A large body's buffer goes back for the loop's next one
                 // (see `frame_pool`); a small one is freed.
                 frame_pool::recycle(body);
@@ -514,7 +518,8 @@ impl ServerShared {
         }
         match method.mode {
             HandlerMode::Inline => {
-                let response = method.handler.invoke(id, args);
+                let max_body = self.config.connection.max_frame_len;
+                let response = method.handler.invoke(id, args, max_body);
                 finish(conn, response, one_way);
                 if let Cow::Owned(body) = frame.body {
                     // A large body's own buffer: kept for the next one.

@@ -3,8 +3,11 @@
 //! A service is identified by `(name, version, group)`. Each method takes one
 //! `serde` value and returns one; pulse decodes the arguments and encodes the
 //! result (MessagePack), answers `BadRequest` when the arguments do not fit the
-//! parameter type and `HandlerError` when the handler fails or panics.
+//! parameter type (or their `Deserialize` panics) and `HandlerError` when the
+//! handler fails or panics, when the result's `Serialize` or the error's
+//! `Display` panics, or when the answer would be over `max_frame_len`.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::marker::PhantomData;
@@ -15,17 +18,31 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::HandlerMode;
-use crate::protocol::{ResponseStatus, encode_error_response, encode_ok_response};
+use crate::protocol::{
+    HEADER_LEN, ResponseStatus, encode_error_response, encode_error_response_within,
+    encode_ok_response,
+};
 
 /// A type-erased method: decodes arguments, runs, and encodes the whole
-/// response frame for request `id`.
+/// response frame for request `id`, whose body is at most `max_body` bytes.
 pub(crate) trait Handler: Send + Sync {
-    fn invoke(&self, id: u64, args: &[u8]) -> Vec<u8>;
+    fn invoke(&self, id: u64, args: &[u8], max_body: u32) -> Vec<u8>;
 }
 
 struct Typed<F, A, R, E> {
     handler: F,
     _types: PhantomData<fn(A) -> Result<R, E>>,
+}
+
+/// The step of a call that was running when a panic came.
+#[derive(Clone, Copy)]
+enum Step {
+    /// `A`'s `Deserialize`: the consumer's bytes chose what ran.
+    Decode,
+    /// The handler itself.
+    Handle,
+    /// `R`'s `Serialize` or `E`'s `Display`.
+    Encode,
 }
 
 impl<F, A, R, E> Handler for Typed<F, A, R, E>
@@ -35,7 +52,52 @@ where
     R: Serialize,
     E: Display,
 {
-    fn invoke(&self, id: u64, args: &[u8]) -> Vec<u8> {
+    fn invoke(&self, id: u64, args: &[u8], max_body: u32) -> Vec<u8> {
+        // Every step runs user code (the handler, and the `Deserialize`,
+        // `Serialize` and `Display` impls of its types), on an event loop or
+        // a worker: a panic in any of them must cost only this call's answer,
+        // never the thread and every connection or job it serves.
+        let step = Cell::new(Step::Decode);
+        let answered = catch_unwind(AssertUnwindSafe(|| self.answer(id, args, &step)));
+        let response = answered.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let (status, message) = match step.get() {
+                Step::Decode => (
+                    ResponseStatus::BadRequest,
+                    format!(
+                        "decoding the arguments into {} panicked: {what}",
+                        std::any::type_name::<A>()
+                    ),
+                ),
+                Step::Handle => (
+                    ResponseStatus::HandlerError,
+                    format!("handler panicked: {what}"),
+                ),
+                Step::Encode => (
+                    ResponseStatus::HandlerError,
+                    format!("encoding the handler's answer panicked: {what}"),
+                ),
+            };
+            log::error!("{message}");
+            encode_error_response(id, status, &message)
+        });
+        fit_response(response, id, max_body)
+    }
+}
+
+impl<F, A, R, E> Typed<F, A, R, E>
+where
+    F: Fn(A) -> Result<R, E> + Send + Sync,
+    A: DeserializeOwned,
+    R: Serialize,
+    E: Display,
+{
+    /// The response frame, noting in `step` what runs, for a panic's message.
+    fn answer(&self, id: u64, args: &[u8], step: &Cell<Step>) -> Vec<u8> {
         let args: A = match rmp_serde::from_slice(args) {
             Ok(args) => args,
             Err(e) => {
@@ -46,30 +108,37 @@ where
                 return encode_error_response(id, ResponseStatus::BadRequest, &message);
             }
         };
-        match catch_unwind(AssertUnwindSafe(|| (self.handler)(args))) {
-            Ok(Ok(result)) => encode_ok_response(id, &result).unwrap_or_else(|e| {
+        step.set(Step::Handle);
+        let result = (self.handler)(args);
+        step.set(Step::Encode);
+        match result {
+            Ok(result) => encode_ok_response(id, &result).unwrap_or_else(|e| {
                 encode_error_response(
                     id,
                     ResponseStatus::HandlerError,
                     &format!("result could not be encoded: {e}"),
                 )
             }),
-            Ok(Err(e)) => encode_error_response(id, ResponseStatus::HandlerError, &e.to_string()),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                log::error!("handler panicked: {what}");
-                encode_error_response(
-                    id,
-                    ResponseStatus::HandlerError,
-                    &format!("handler panicked: {what}"),
-                )
-            }
+            Err(e) => encode_error_response(id, ResponseStatus::HandlerError, &e.to_string()),
         }
     }
+}
+
+/// `response`, or a HandlerError in its place when its body is over
+/// `max_body` bytes. A consumer with the same `max_frame_len` would close the
+/// whole connection on such a frame (failing every call on it); answering
+/// the one call with an error keeps the others.
+fn fit_response(response: Vec<u8>, id: u64, max_body: u32) -> Vec<u8> {
+    let body_len = response.len().saturating_sub(HEADER_LEN);
+    if body_len <= max_body as usize {
+        return response;
+    }
+    let message = format!(
+        "the answer is {body_len} bytes, over max_frame_len ({max_body} bytes): \
+         the consumer would close the connection on it"
+    );
+    log::warn!("request {id}: {message}");
+    encode_error_response_within(id, ResponseStatus::HandlerError, &message, max_body)
 }
 
 /// A registered method and where it runs.
@@ -244,7 +313,7 @@ mod tests {
         args: &[u8],
     ) -> crate::protocol::Frame {
         match registry.find("math", version, "", method) {
-            Lookup::Found(m) => response(m.handler.invoke(9, args)),
+            Lookup::Found(m) => response(m.handler.invoke(9, args, 1 << 20)),
             _ => panic!("method {method} not found"),
         }
     }
@@ -285,6 +354,28 @@ mod tests {
         let frame = call(&registry(), "", "boom", &rmp_serde::to_vec(&()).unwrap());
         assert_eq!(frame.header.status, ResponseStatus::HandlerError as u8);
         assert!(decode_text_body(&frame.body).contains("kaboom"));
+    }
+
+    #[test]
+    fn an_answer_over_the_limit_becomes_a_handler_error_within_it() {
+        let mut registry = Registry::default();
+        registry.add(ServiceBuilder::new("math").method("bytes", |n: usize| {
+            Ok::<_, String>(rmpv::Value::Binary(vec![7; n]))
+        }));
+        let Lookup::Found(method) = registry.find("math", "", "", "bytes") else {
+            panic!("method not found");
+        };
+        let args = |n: usize| rmp_serde::to_vec(&n).unwrap();
+        // 59 bytes + a 2-byte bin8 marker: exactly at a 61-byte limit.
+        let at_limit = response(method.handler.invoke(1, &args(59), 61));
+        assert_eq!(at_limit.header.status, ResponseStatus::Ok as u8);
+        // One more byte: an error, itself cut to fit the smallest limit.
+        for max_body in [64, 1 << 20] {
+            let over = response(method.handler.invoke(1, &args(max_body as usize), max_body));
+            assert_eq!(over.header.status, ResponseStatus::HandlerError as u8);
+            assert!(over.body.len() <= max_body as usize);
+            assert!(decode_text_body(&over.body).starts_with("the answer is"));
+        }
     }
 
     #[test]

@@ -535,6 +535,23 @@ fn error_server() -> Server {
         .method_inline("panic_inline", |_: ()| -> Result<u64, String> {
             panic!("inline handler blew up")
         });
+    // Panics in the user's types rather than in the handler: their
+    // `Deserialize` (run on bytes the consumer chose), `Serialize` and
+    // `Display`, on the pool and on the loop.
+    let mut failing = failing;
+    for mode in [HandlerMode::Pool, HandlerMode::Inline] {
+        let name = |what: &str| format!("{what}_{mode:?}");
+        failing = failing
+            .method_with_mode(name("panic_decoding"), mode, |_: PanicsDecoding| {
+                Ok::<_, String>(0u64)
+            })
+            .method_with_mode(name("panic_encoding"), mode, |_: ()| {
+                Ok::<_, String>(PanicsEncoding)
+            })
+            .method_with_mode(name("panic_displaying"), mode, |_: ()| {
+                Err::<u64, _>(PanicsDisplaying)
+            });
+    }
     let v2 = ServiceBuilder::new("demo")
         .version("2")
         .group("blue")
@@ -544,6 +561,35 @@ fn error_server() -> Server {
         .service(v2)
         .bind("127.0.0.1:0")
         .unwrap()
+}
+
+/// Arguments whose `Deserialize` panics on a number of 100 or more.
+struct PanicsDecoding;
+
+impl<'de> Deserialize<'de> for PanicsDecoding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        assert!(n < 100, "decoding {n} blew up");
+        Ok(PanicsDecoding)
+    }
+}
+
+/// A result whose `Serialize` panics.
+struct PanicsEncoding;
+
+impl Serialize for PanicsEncoding {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("encoding blew up")
+    }
+}
+
+/// A handler error whose `Display` panics.
+struct PanicsDisplaying;
+
+impl std::fmt::Display for PanicsDisplaying {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("displaying blew up")
+    }
 }
 
 /// Asserts a `Remote` error with `status` whose message contains `has`.
@@ -694,6 +740,121 @@ fn a_panicking_handler_is_a_handler_error() {
         );
     }
     assert_still_connected(&server, &client, &events);
+}
+
+#[test]
+fn panics_in_the_types_of_a_method_are_answered_and_cost_no_thread() {
+    let (server, client, events) = error_fixture();
+    // More rounds than the pool has workers (32), and more than one on the
+    // loop: a panic that escaped would take a worker (the next calls time
+    // out) or the loop (this connection and the listener) with it.
+    for round in 0..40 {
+        for mode in ["Pool", "Inline"] {
+            assert_remote(
+                client.call::<_, u64>("demo", &format!("panic_decoding_{mode}"), &(100 + round)),
+                ResponseStatus::BadRequest,
+                "blew up",
+            );
+            assert_remote(
+                client.call::<_, u64>("demo", &format!("panic_encoding_{mode}"), &()),
+                ResponseStatus::HandlerError,
+                "encoding blew up",
+            );
+            assert_remote(
+                client.call::<_, u64>("demo", &format!("panic_displaying_{mode}"), &()),
+                ResponseStatus::HandlerError,
+                "displaying blew up",
+            );
+        }
+    }
+    // Arguments that decode fine still reach the handler.
+    assert_eq!(
+        client
+            .call::<_, u64>("demo", "panic_decoding_Inline", &7u64)
+            .unwrap(),
+        0
+    );
+    assert_still_connected(&server, &client, &events);
+    // The server still accepts: its loops are all alive.
+    let other = support::client(&server);
+    assert_eq!(other.call::<_, u64>("demo", "ping", &5u64).unwrap(), 5);
+}
+
+#[test]
+fn a_result_over_max_frame_len_fails_only_its_own_call() {
+    let small = |max_frame_len| pulse::ConnectionConfig {
+        max_frame_len,
+        ..pulse::ConnectionConfig::default()
+    };
+    let server = server_with(
+        ServerConfig {
+            connection: small(64 * 1024),
+            ..ServerConfig::default()
+        },
+        Vec::new(),
+    );
+    let config = ClientConfig {
+        connection: small(64 * 1024),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(server.local_addr(), config).unwrap();
+    let events = client.events();
+    wait_event(&events, PROMPTLY, |e| matches!(e, Event::Connected { .. }));
+    // A call in flight on the same connection meanwhile.
+    let slow = client.start::<_, u64>("demo", "sleep", &300u64).unwrap();
+    // `blob` is made on the loop (inline): 65,534 bytes encode to a body 1
+    // byte over the limit.
+    assert_remote(
+        client.call::<_, Value>("demo", "blob", &65_534u64),
+        ResponseStatus::HandlerError,
+        "over max_frame_len",
+    );
+    // Just under the limit both ways is fine.
+    let under = Value::Binary(vec![1; 60 * 1024]);
+    assert_eq!(
+        client.call::<_, Value>("demo", "echo", &under).unwrap(),
+        under
+    );
+    // The request side: refused before it is sent.
+    match client.call::<_, Value>("demo", "echo", &Value::Binary(vec![1; 64 * 1024])) {
+        Err(Error::Codec(message)) => assert!(message.contains("over max_frame_len"), "{message}"),
+        other => panic!("expected a Codec error, got {other:?}"),
+    }
+    assert_eq!(slow.wait().unwrap(), 300);
+    support::assert_no_disconnect(&support::drain(&events));
+    assert_eq!(server.connection_count(), 1);
+}
+
+#[test]
+fn a_call_may_wait_as_long_as_it_takes() {
+    let server = demo_server();
+    let client = client(&server);
+    // `Duration::MAX` is "no timeout": capped, never an overflow.
+    let forever = Duration::MAX;
+    assert_eq!(
+        client
+            .call_timeout::<_, u64>("demo", "ping", &7u64, forever)
+            .unwrap(),
+        7
+    );
+    let pending = client
+        .start_timeout::<_, u64>("demo", "ping", &8u64, forever)
+        .unwrap();
+    assert_eq!(pending.wait().unwrap(), 8);
+    let deferred = client
+        .start_deferred_timeout::<_, u64>("demo", "ping", &9u64, forever)
+        .unwrap();
+    assert_eq!(deferred.wait().unwrap(), 9);
+}
+
+#[test]
+fn a_client_with_a_huge_event_capacity_is_refused_before_it_allocates() {
+    let mut config = ClientConfig::default();
+    config.connection.event_capacity = usize::MAX;
+    match Client::connect_lazy("127.0.0.1:9", config) {
+        Err(Error::InvalidConfig(message)) => assert!(message.contains("event_capacity")),
+        other => panic!("expected InvalidConfig, got {:?}", other.map(|_| ())),
+    }
 }
 
 #[test]

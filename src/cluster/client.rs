@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use super::balance::{Candidate, LoadBalancer};
 use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
 use crate::client::{Client, ClientRuntime, ConnectionState};
+use crate::clock;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventHook};
@@ -625,7 +626,7 @@ impl ClusterClient {
     /// returns whether they are.
     pub fn wait_ready(&self, n: usize, timeout: Duration) -> bool {
         let shared = &self.inner.shared;
-        let deadline = Instant::now() + timeout;
+        let deadline = clock::deadline_after(Instant::now(), timeout);
         let mut guard = shared.ready_lock.lock();
         loop {
             if shared.shut_down.load(Ordering::SeqCst) {
@@ -744,7 +745,7 @@ impl ClusterClient {
         let shared = &self.inner.shared;
         let started = Instant::now();
         let timeout = options.timeout.unwrap_or(shared.config.client.call_timeout);
-        let deadline = started + timeout;
+        let deadline = clock::deadline_after(started, timeout);
         let idempotent = options
             .idempotent
             .unwrap_or_else(|| shared.config.idempotent_methods.contains(method));

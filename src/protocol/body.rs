@@ -189,7 +189,20 @@ pub fn encode_ok_response<R: Serialize + ?Sized>(
 /// `message` is cut to 64 KiB (at a char boundary). Passing
 /// [`ResponseStatus::Ok`] produces a frame whose result is the str `message`.
 pub fn encode_error_response(id: u64, status: ResponseStatus, message: &str) -> Vec<u8> {
-    text_frame(Kind::Response, status as u8, id, message)
+    text_frame(Kind::Response, status as u8, id, message, MAX_TEXT_LEN)
+}
+
+/// [`encode_error_response`] with the body kept within `max_body` bytes too
+/// (a receiver's `max_frame_len` may be as small as 64): `message` is cut to
+/// `max_body` less the 5 bytes of its longest str marker.
+pub(crate) fn encode_error_response_within(
+    id: u64,
+    status: ResponseStatus,
+    message: &str,
+    max_body: u32,
+) -> Vec<u8> {
+    let max_text = MAX_TEXT_LEN.min((max_body as usize).saturating_sub(5));
+    text_frame(Kind::Response, status as u8, id, message, max_text)
 }
 
 /// Encodes a whole Ping frame carrying sequence `seq`, empty body.
@@ -206,7 +219,7 @@ pub fn encode_pong(seq: u64) -> Vec<u8> {
 ///
 /// `reason` is cut to 64 KiB (at a char boundary).
 pub fn encode_close(status: CloseStatus, reason: &str) -> Vec<u8> {
-    text_frame(Kind::Close, status as u8, 0, reason)
+    text_frame(Kind::Close, status as u8, 0, reason, MAX_TEXT_LEN)
 }
 
 /// Reads a str body (error Response, Close) into a `String`. Never fails.
@@ -258,16 +271,17 @@ fn finish_frame(
     Ok(out)
 }
 
-/// A whole frame whose body is the str `text`, cut to [`MAX_TEXT_LEN`].
-fn text_frame(kind: Kind, status: u8, id: u64, text: &str) -> Vec<u8> {
-    let mut cut = text.len().min(MAX_TEXT_LEN);
+/// A whole frame whose body is the str `text`, cut to `max_text` bytes (at
+/// most [`MAX_TEXT_LEN`]).
+fn text_frame(kind: Kind, status: u8, id: u64, text: &str, max_text: usize) -> Vec<u8> {
+    let mut cut = text.len().min(max_text);
     while !text.is_char_boundary(cut) {
         cut -= 1; // stops at 0 at the latest: 0 is always a char boundary
     }
     let text = text.get(..cut).unwrap_or_default();
     let mut out = start_frame(text.len() + 5);
     write_str(&mut out, text);
-    let body_len = (out.len() - HEADER_LEN) as u32; // at most MAX_TEXT_LEN + 5
+    let body_len = (out.len() - HEADER_LEN) as u32; // at most max_text + 5
     if let Some(placeholder) = out.get_mut(..HEADER_LEN) {
         placeholder.copy_from_slice(&Header::new(kind, status, id, body_len).encode());
     }
@@ -394,10 +408,12 @@ fn skip_value(bytes: &[u8], max_depth: usize) -> Result<usize, String> {
                 cur.rest().len()
             ));
         }
+        // An empty array or map is a level too (`[[]]` is 2 deep, as `[[1]]`).
+        let container = matches!(marker, 0x80..=0x9f | 0xdc..=0xdf);
+        if container && open.len() >= max_depth {
+            return Err(format!("arrays/maps nested deeper than {max_depth} levels"));
+        }
         if children > 0 {
-            if open.len() >= max_depth {
-                return Err(format!("arrays/maps nested deeper than {max_depth} levels"));
-            }
             // Every element takes at least one byte.
             let left = cur.rest().len() as u64;
             if children > left {
@@ -759,6 +775,19 @@ mod tests {
                 decode_request_body(&nested(1_000_000, open)),
                 Err(BodyError::BadArgs(_))
             ));
+        }
+        // An empty array or map innermost is a level of its own: 511
+        // around an empty one is 512 deep, 512 around one is 513.
+        for empty in [0x90, 0x80] {
+            let mut body = nested(MAX_ARGS_DEPTH - 1, &[0x91]);
+            *body.last_mut().unwrap() = empty; // in place of the nil
+            assert!(decode_request_body(&body).is_ok());
+            let mut body = nested(MAX_ARGS_DEPTH, &[0x91]);
+            *body.last_mut().unwrap() = empty;
+            assert_eq!(
+                decode_request_body(&body).unwrap_err(),
+                BodyError::BadArgs("arrays/maps nested deeper than 512 levels".into())
+            );
         }
     }
 

@@ -11,11 +11,11 @@ mod decoder;
 pub(crate) mod frame_pool;
 mod header;
 
-pub(crate) use body::request_args;
 pub use body::{
     BodyError, RequestBody, decode_request_body, decode_text_body, encode_close,
     encode_error_response, encode_ok_response, encode_ping, encode_pong, encode_request,
 };
+pub(crate) use body::{encode_error_response_within, request_args};
 pub(crate) use decoder::FrameRef;
 pub use decoder::{Frame, FrameDecoder};
 pub use header::{FrameError, Header};
