@@ -5,7 +5,10 @@
 //! Examples live in fenced blocks whose info string is `hex <name>`; inside,
 //! `#` starts a comment and every other token is one byte in two hex digits.
 
+mod support;
+
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use pulse::protocol::{
     CloseStatus, DEFAULT_MAX_FRAME_LEN, FrameDecoder, HEADER_LEN, Kind, ResponseStatus,
@@ -13,6 +16,8 @@ use pulse::protocol::{
     encode_ping, encode_pong, encode_request,
 };
 use serde::Serialize;
+use support::PROMPTLY;
+use support::raw_peer::RawPeer;
 
 const DOC: &str = include_str!("../docs/PROTOCOL.md");
 
@@ -140,11 +145,27 @@ fn struct_request_example_matches_encoder() {
 }
 
 #[test]
-fn error_response_example_matches_encoder() {
-    let message = "method `pong` not found in service `demo`";
+fn error_response_example_is_what_a_server_answers() {
+    let message = r#"service "demo" has no method "pong""#;
     let encoded = encode_error_response(3, ResponseStatus::MethodNotFound, message);
     assert_eq!(block("error-response-example"), encoded);
     assert_eq!(decode_text_body(&single_frame(&encoded).body), message);
+
+    // The message is the one a real provider sends, byte for byte.
+    let server = support::demo_server();
+    let mut peer = RawPeer::connect(server.local_addr());
+    peer.send(&encode_request(Kind::Request, 3, "demo", "", "", "pong", &()).unwrap());
+    let deadline = Instant::now() + PROMPTLY;
+    let answer = loop {
+        match peer.read(deadline) {
+            Ok(Some(frame)) if frame.header.kind == Kind::Response => break frame,
+            Ok(Some(_)) => {} // the provider's handshake Ping, say
+            other => panic!("no Response from the server: {other:?}"),
+        }
+    };
+    let mut bytes = answer.header.encode().to_vec();
+    bytes.extend_from_slice(&answer.body);
+    assert_eq!(bytes, encoded);
 }
 
 #[test]
