@@ -198,6 +198,8 @@ pub(super) struct EventLoop {
     conns: Slab<Conn>,
     links: HashMap<u64, LinkCtl>,
     listener: Option<(Socket, Arc<ServerShared>)>,
+    /// `accept` failed (see `accept_all`): when to try again.
+    accept_retry: Option<Instant>,
     next_loop: usize,
     /// Exit once no connection is left.
     exiting: bool,
@@ -239,6 +241,7 @@ impl EventLoop {
             conns: Slab::new(),
             links: HashMap::new(),
             listener: None,
+            accept_retry: None,
             next_loop: index,
             exiting: false,
             spare_read_buf: None,
@@ -301,6 +304,13 @@ impl EventLoop {
             }
             _ => None,
         };
+        let timeout = match self.accept_retry {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                Some(timeout.map_or(left, |t| t.min(left)))
+            }
+            None => timeout,
+        };
         self.poll.poll(events, timeout)
     }
 
@@ -325,6 +335,9 @@ impl EventLoop {
                     LISTENER_TOKEN => self.accept_all(now),
                     Token(token) => self.on_ready(token, event, now),
                 }
+            }
+            if self.accept_retry.is_some_and(|at| now >= at) {
+                self.accept_all(now);
             }
             while let Ok(command) = self.commands.try_recv() {
                 self.on_command(command);

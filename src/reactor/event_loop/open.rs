@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
@@ -22,8 +22,16 @@ use crate::server::ServerShared;
 use super::close::LinkEnd;
 use super::{Conn, EventLoop, Phase, Role};
 
+/// How long a loop waits before accepting again after `accept` failed (out
+/// of file descriptors, say): long enough not to spin on an error that
+/// lasts, short next to a consumer's connect timeout.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
 impl EventLoop {
+    /// Accepts every connection waiting on the listener and hands each to a
+    /// loop, round-robin.
     pub(super) fn accept_all(&mut self, now: Instant) {
+        self.accept_retry = None;
         loop {
             let Some((listener, server)) = &self.listener else {
                 return;
@@ -33,8 +41,16 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // e.g. EMFILE: log and retry on the next readiness event.
-                    log::error!("accept failed: {e}");
+                    // e.g. EMFILE. The connections waiting in the backlog
+                    // bring no new readiness edge, so waiting for one would
+                    // leave them there until yet another consumer connects:
+                    // try again after a pause (`EventLoop::wait` wakes for it).
+                    if self.accept_retry.is_none() {
+                        log::error!("accept failed, retrying every {ACCEPT_RETRY:?}: {e}");
+                    } else {
+                        log::debug!("accept failed again: {e}");
+                    }
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
