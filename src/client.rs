@@ -865,7 +865,7 @@ impl Client {
                 // the provider's pace (a provider holding back one-way calls
                 // past its `max_inflight` passes its pace back this way).
                 Err(SendError::Overloaded(unsent)) => {
-                    match conn.out.wait_for_room(unsent.len(), deadline) {
+                    match conn.out.wait_for_room(&unsent, deadline) {
                         Room::Free => {}
                         // Never queued: it goes on the next connection.
                         Room::Closed => dead = Some(conn.id),

@@ -27,10 +27,17 @@ pub struct ConnectionConfig {
     /// and a provider answers a larger result with HandlerError. Give both
     /// sides the same value.
     pub max_frame_len: u32,
-    /// Bytes of frames queued for writing on one connection before new
-    /// requests or responses are refused as overloaded (a one-way call
-    /// waits for room instead, up to its call timeout). Default 64 MiB
-    /// (room for several maximum-size frames).
+    /// Memory that frames queued for writing on one connection may hold
+    /// before new requests or responses are refused as overloaded (a
+    /// one-way call waits for room instead, up to its call timeout).
+    /// Default 64 MiB (room for several maximum-size frames).
+    ///
+    /// A queued frame counts what it holds, not its length: its buffer's
+    /// capacity (128 bytes or more for a small request or response) plus
+    /// 40 bytes of bookkeeping (its queue slot and its heap block's
+    /// header): a 21-byte response counts 168 bytes or more. An empty
+    /// queue still takes one frame whose length is within this bound, so
+    /// it must be at least `max_frame_len`.
     pub max_write_queue_bytes: usize,
     /// Resolution of the timer wheel. Default 5 ms.
     pub timer_tick: Duration,

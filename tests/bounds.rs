@@ -593,6 +593,60 @@ fn a_consumer_that_never_reads_is_dropped_with_close_overloaded_and_memory_stays
     assert_eq!(healthy.state(), ConnectionState::Ready);
 }
 
+/// The bound counts the memory a queued frame holds, not only its bytes: a
+/// tiny response sits in a buffer of at least 128 bytes (see
+/// `frame_pool`) plus its allocation's header and its queue slot, about
+/// eight times its length. Counted by length, a queue of small responses
+/// held about 8× its bound (32,964 KiB of peak RSS growth for this 4 MiB
+/// bound) before the consumer was dropped.
+#[test]
+fn a_queue_of_small_responses_stays_near_its_byte_bound() {
+    let _exclusive = MEMORY.exclusive();
+    const BOUND: usize = 4 << 20;
+    let server = server(ServerConfig {
+        connection: pulse::ConnectionConfig {
+            max_frame_len: 1 << 20,
+            max_write_queue_bytes: BOUND,
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    });
+    let events = server.events();
+    // 400 k inline pings (~37 bytes each); their ~21-byte responses are
+    // twice the bound, so the server must give up on this reader.
+    let one = request(1, "ping", 1);
+    let batch: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * 10_000)
+        .collect();
+    let rss_before = rss_kib();
+    let peak_before = peak_rss_kib(true);
+    let mut raw = TcpStream::connect(server.local_addr()).expect("connect");
+    raw.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("set a write timeout");
+    for _ in 0..40 {
+        if raw.write_all(&batch).is_err() {
+            break; // closed on us
+        }
+    }
+    let reason = wait_event(&events, PROMPTLY, |e| {
+        matches!(e, Event::Disconnected { .. })
+    });
+    let peak = peak_rss_kib(false);
+    let growth_kib = peak.saturating_sub(peak_before.max(rss_before));
+    eprintln!(
+        "{reason:?}: growth {growth_kib} KiB for a bound of {} KiB",
+        BOUND / 1024
+    );
+    assert!(
+        growth_kib < 2 * (BOUND as u64 / 1024),
+        "peak RSS grew by {growth_kib} KiB for a write-queue bound of {} KiB",
+        BOUND / 1024
+    );
+}
+
 // ----- ping abuse ------------------------------------------------------------------------
 
 #[test]

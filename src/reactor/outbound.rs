@@ -35,8 +35,19 @@
 //!
 //! # Bounds
 //! Requests and responses are refused with [`SendError::Overloaded`] once
-//! `max_bytes` are queued. Control frames get [`CONTROL_ALLOWANCE`] bytes on
-//! top, so a Pong still goes out when the data queue is full.
+//! the queued frames hold `max_bytes` of memory. Control frames get
+//! [`CONTROL_ALLOWANCE`] bytes on top, so a Pong still goes out when the
+//! data queue is full.
+//!
+//! A frame is counted at what it holds, not at its length (see [`charge`]):
+//! its buffer's capacity (at least 128 bytes from `frame_pool`, where a
+//! 21-byte response lives) plus its queue slot and its allocation's header.
+//! Counted by length, a queue of small responses held about eight times its
+//! bound before it refused any. An empty queue still takes one frame whose
+//! length is within the bound, whatever its buffer's capacity, so that a
+//! bound as large as the largest frame still admits that frame. A queue that grew
+//! to many frames gives back its slots once it is empty again
+//! ([`Queue::shrink_emptied`]).
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -53,6 +64,37 @@ use crate::protocol::frame_pool;
 
 /// Extra bytes of control frames accepted beyond the data bound.
 pub(crate) const CONTROL_ALLOWANCE: usize = 64 * 1024;
+
+/// What a heap block costs beyond the bytes asked for: glibc's `malloc`
+/// puts an 8-byte size field before each block and rounds blocks up to 16
+/// bytes, so 16 is a fair average (a `take(128)` buffer is a 144-byte
+/// chunk); other allocators' size classes waste about as much.
+const MALLOC_HEADER: usize = 16;
+
+/// Memory a queued frame holds beside its buffer's capacity: its slot in
+/// the queue (a `Vec`'s pointer, capacity and length) and its buffer's
+/// [`MALLOC_HEADER`].
+const FRAME_OVERHEAD: usize = size_of::<Vec<u8>>() + MALLOC_HEADER;
+
+/// What a queued frame counts against the bound: the memory it holds, its
+/// buffer's capacity plus [`FRAME_OVERHEAD`], not its length (see "Bounds"
+/// in the module docs). A capacity is at most `isize::MAX`, so the sum
+/// cannot overflow.
+#[inline]
+fn charge(frame: &Vec<u8>) -> usize {
+    frame.capacity() + FRAME_OVERHEAD
+}
+
+/// Slots a queue of frames may keep once it is empty again; one that grew
+/// past [`SLOTS_KEPT_MAX`] is shrunk back to this many. A writer takes
+/// this many frames at most in one go.
+const SLOTS_KEPT: usize = MAX_IOV;
+
+/// Capacity above which an emptied queue of frames is shrunk (a
+/// `VecDeque` keeps its largest capacity otherwise, 24 bytes a slot, for
+/// the connection's life). Well above a pipelined window's usual depth, so
+/// a busy connection does not reallocate its queue after every burst.
+const SLOTS_KEPT_MAX: usize = 256;
 
 /// Frames handed to one `writev` call at most.
 pub(crate) const MAX_IOV: usize = 64;
@@ -79,7 +121,9 @@ pub(crate) fn held_frames_limit(window: usize) -> usize {
 }
 
 /// Held bytes that are written at once rather than held longer: holding
-/// more would not save another system call worth having.
+/// more would not save another system call worth having. Compared with the
+/// queue's count, which is at least the frames' length (see [`charge`]), so
+/// a held batch is written no later than when lengths were counted.
 const HOLD_MAX_BYTES: usize = 64 * 1024;
 
 /// Which queue a frame goes to.
@@ -128,7 +172,8 @@ struct Queue {
     partial: Option<(Vec<u8>, usize)>,
     control: VecDeque<Vec<u8>>,
     data: VecDeque<Vec<u8>>,
-    /// Bytes of all queued frames, counting a partial frame whole.
+    /// What all queued frames hold, a partial frame counted whole: the sum
+    /// of their [`charge`]s.
     bytes: usize,
     /// Senders waiting in [`Outbound::wait_for_room`].
     room_waiters: usize,
@@ -159,11 +204,24 @@ impl Queue {
         self.partial.is_none() && self.control.is_empty() && self.data.is_empty()
     }
 
-    /// Bytes of the frames in the queue, a partial frame counted whole.
+    /// The [`charge`]s of the frames in the queue, a partial frame counted
+    /// whole.
     fn counted_bytes(&self) -> usize {
-        let partial = self.partial.as_ref().map_or(0, |(f, _)| f.len());
-        let queued = self.control.iter().chain(&self.data).map(Vec::len);
+        let partial = self.partial.as_ref().map_or(0, |(f, _)| charge(f));
+        let queued = self.control.iter().chain(&self.data).map(charge);
         partial + queued.sum::<usize>()
+    }
+
+    /// Gives back the slots of a queue that is empty again after it grew
+    /// past [`SLOTS_KEPT_MAX`] frames. Two comparisons when there is
+    /// nothing to do; a reallocation only after such a backlog.
+    #[inline]
+    fn shrink_emptied(&mut self) {
+        for frames in [&mut self.control, &mut self.data] {
+            if frames.capacity() > SLOTS_KEPT_MAX && frames.is_empty() {
+                frames.shrink_to(SLOTS_KEPT);
+            }
+        }
     }
 }
 
@@ -258,10 +316,11 @@ impl Outbound {
         if q.closed || q.sealed {
             return Err(SendError::Closed(Some(frame)));
         }
-        if !self.fits(q, frame.len(), class) {
+        let charge = charge(&frame);
+        if !self.fits(q, frame.len(), charge, class) {
             return Err(SendError::Overloaded(frame));
         }
-        q.bytes += frame.len();
+        q.bytes += charge;
         let mine = frame.as_ptr() as usize;
         match class {
             Class::Control => q.control.push_back(frame),
@@ -309,12 +368,13 @@ impl Outbound {
         if !graceful {
             q.control.clear();
             q.data.clear();
-            q.bytes = q.partial.as_ref().map_or(0, |(f, _)| f.len());
+            q.shrink_emptied();
+            q.bytes = q.partial.as_ref().map_or(0, |(f, _)| charge(f));
             // A writer inside `writev` holds frames taken out of the queue;
             // it drops the ones it did not start when it comes back.
             q.drop_unstarted = q.writing;
         }
-        q.bytes += frame.len();
+        q.bytes += charge(&frame);
         q.data.push_back(frame);
         q.sealed = true;
         self.signal_room(&q); // sealed: a waiting sender gives up
@@ -370,18 +430,21 @@ impl Outbound {
         let mut q = self.queue.lock();
         q.closed = true;
         q.partial = None;
-        q.control.clear();
-        q.data.clear();
+        // Not `clear`: the slots go too, for good.
+        q.control = VecDeque::new();
+        q.data = VecDeque::new();
         q.bytes = 0;
         self.signal_room(&q);
     }
 
-    /// Waits until `len` more bytes of data fit under the bound, the queue
-    /// stops taking frames (closed or sealed), or `deadline` passes. What a
-    /// sender refused with `Overloaded` waits for before it tries again
-    /// (`Client::send_one_way`). A frame larger than the whole bound never
+    /// Waits until the data frame `frame` fits under the bound (as
+    /// [`send`](Self::send) counts it), the queue stops taking frames
+    /// (closed or sealed), or `deadline` passes. What a sender refused with
+    /// `Overloaded` waits for before it tries again
+    /// (`Client::send_one_way`). A frame longer than the whole bound never
     /// fits: `Full` at once.
-    pub(crate) fn wait_for_room(&self, len: usize, deadline: Instant) -> Room {
+    pub(crate) fn wait_for_room(&self, frame: &Vec<u8>, deadline: Instant) -> Room {
+        let (len, charge) = (frame.len(), charge(frame));
         if len > self.max_bytes {
             return Room::Full;
         }
@@ -391,7 +454,7 @@ impl Outbound {
             if q.closed || q.sealed {
                 break Room::Closed;
             }
-            if self.fits(&q, len, Class::Data) {
+            if self.fits(&q, len, charge, Class::Data) {
                 break Room::Free;
             }
             if self.room.wait_until(&mut q, deadline).timed_out() {
@@ -402,15 +465,20 @@ impl Outbound {
         room
     }
 
-    /// Whether `len` more bytes of `class` fit under the bound: data up to
-    /// `max_bytes`, control frames [`CONTROL_ALLOWANCE`] more.
-    fn fits(&self, q: &Queue, len: usize, class: Class) -> bool {
+    /// Whether a frame of `class`, `len` bytes long and holding `charge`,
+    /// fits under the bound: data up to `max_bytes`, control frames
+    /// [`CONTROL_ALLOWANCE`] more. An empty queue takes any frame whose
+    /// length is within the bound, even if its buffer holds more (see
+    /// "Bounds" in the module docs): the queue may then hold a little more
+    /// than the bound, and takes no other data frame until that one is out.
+    #[inline]
+    fn fits(&self, q: &Queue, len: usize, charge: usize, class: Class) -> bool {
         let limit = match class {
             Class::Data => self.max_bytes,
             // Saturating: `max_write_queue_bytes` is the user's, up to usize::MAX.
             Class::Control => self.max_bytes.saturating_add(CONTROL_ALLOWANCE),
         };
-        q.bytes.saturating_add(len) <= limit
+        q.bytes.saturating_add(charge) <= limit || (q.bytes == 0 && len <= limit)
     }
 
     /// Wakes the senders waiting for room, if any (called with the lock
@@ -431,7 +499,8 @@ impl Outbound {
         q.is_empty() && !q.writing
     }
 
-    /// Bytes queued and not yet written.
+    /// What the frames queued and not yet written hold (their [`charge`]s:
+    /// buffers' capacities and per-frame overhead, not only their lengths).
     pub(crate) fn queued_bytes(&self) -> usize {
         self.queue.lock().bytes
     }
@@ -478,6 +547,8 @@ impl Outbound {
                 q.writing = false;
                 return Ok(Flush::Done);
             }
+            // Taken all: a backlog's slots go back now, not with the connection.
+            q.shrink_emptied();
             drop(q);
 
             let outcome = write_all_or_block(socket, &batch, &mut offset);
@@ -529,8 +600,8 @@ impl Outbound {
                         None
                     };
                     q.partial = None;
-                    q.control.clear();
-                    q.data.clear();
+                    q.control = VecDeque::new();
+                    q.data = VecDeque::new();
                     q.bytes = 0;
                     self.signal_room(&q);
                     if mine_written {
@@ -547,12 +618,13 @@ impl Outbound {
 }
 
 /// Takes the first `done` frames of a writer's `batch`, written whole, out
-/// of it for reuse (see `frame_pool`) and returns how many bytes they held.
+/// of it for reuse (see `frame_pool`) and returns what they counted in the
+/// queue (their [`charge`]s).
 fn free_written(batch: &mut Vec<(Vec<u8>, Class)>, done: usize) -> usize {
     let done = done.min(batch.len());
     let mut bytes = 0;
     frame_pool::give_back(batch.drain(..done).map(|(frame, _)| {
-        bytes += frame.len();
+        bytes += charge(&frame);
         frame
     }));
     bytes
@@ -815,7 +887,7 @@ mod tests {
             batch.iter().map(|f| (f.clone(), Class::Data)).collect();
         {
             let mut q = out.queue.lock();
-            q.bytes = 16;
+            q.bytes = batch.iter().map(charge).sum();
             q.writing = true;
         }
         out.send(&a, b"queued".to_vec(), Class::Data).unwrap();
@@ -826,7 +898,7 @@ mod tests {
         put_back(&mut q, &mut taken, 0, 3);
         assert_eq!(
             q.bytes,
-            batch[0].len() + 2,
+            charge(&batch[0]) + charge(&b"ZZ".to_vec()),
             "the started frame and the Close"
         );
         assert_eq!(q.data.len(), 1, "only the Close is queued");
@@ -846,19 +918,22 @@ mod tests {
             .into_iter()
             .map(|f| (f, Class::Data))
             .collect();
+        // Each frame's buffer is exactly as long as the frame.
+        let count = |len: usize| len + FRAME_OVERHEAD;
         {
             let mut q = out.queue.lock();
-            q.bytes = 8;
+            q.bytes = count(4) + 2 * count(2);
             q.writing = true;
         }
         out.send(&a, b"DD".to_vec(), Class::Data).unwrap();
         // Its `writev` wrote the first frame and one byte of the second.
         (&a).write_all(b"AAAAB").unwrap();
-        assert_eq!(free_written(&mut taken, 1), 4, "AAAA, freed unlocked");
+        let freed = free_written(&mut taken, 1);
+        assert_eq!(freed, count(4), "AAAA, freed unlocked");
         let mut q = out.queue.lock();
-        put_back(&mut q, &mut taken, 4, 1);
+        put_back(&mut q, &mut taken, freed, 1);
         assert!(taken.is_empty());
-        assert_eq!(q.bytes, 6, "BB (partly written), CC and DD");
+        assert_eq!(q.bytes, 3 * count(2), "BB (partly written), CC and DD");
         assert_eq!(out.write_batches(q, &a, None), Ok(Flush::Done));
         assert_eq!(drain(&out, &a, &b, 10), b"AAAABBCCDD");
     }
@@ -1044,8 +1119,8 @@ mod tests {
         std::thread::scope(|scope| {
             let waiter = scope.spawn(|| {
                 let started = Instant::now();
-                let room =
-                    out.wait_for_room(20 * 1024, started + std::time::Duration::from_secs(30));
+                let frame = vec![0u8; 20 * 1024];
+                let room = out.wait_for_room(&frame, started + std::time::Duration::from_secs(30));
                 (room, started.elapsed())
             });
             while out.queue.lock().room_waiters == 0 {
@@ -1073,13 +1148,13 @@ mod tests {
         let soon = || Instant::now() + std::time::Duration::from_millis(50);
         let started = Instant::now();
         assert_eq!(
-            out.wait_for_room(20 * 1024, soon()),
+            out.wait_for_room(&vec![0u8; 20 * 1024], soon()),
             Room::Full,
             "nothing left the queue"
         );
         assert!(started.elapsed() >= std::time::Duration::from_millis(50));
         let never = soon() + std::time::Duration::from_secs(60);
-        assert_eq!(out.wait_for_room(301 * 1024, never), Room::Full);
+        assert_eq!(out.wait_for_room(&vec![0u8; 301 * 1024], never), Room::Full);
         // The peer reads; the loop's `flush` writes the rest and the
         // written bytes leave the queue.
         let drained = || {
@@ -1088,5 +1163,81 @@ mod tests {
         assert_eq!(waits_for_room(&out, drained), Room::Free);
         out.send(&a, vec![0u8; 290 * 1024], Class::Data).unwrap();
         assert_eq!(waits_for_room(&out, || out.close()), Room::Closed);
+    }
+
+    /// Small frames count what they hold (their buffers' capacity, at
+    /// least 128 bytes from `frame_pool`, and their overhead), not their
+    /// 21 bytes; the count is back at 0 and a backlog's slots are given
+    /// back once the queue drains.
+    #[test]
+    fn small_frames_count_their_capacity_and_the_count_drains_to_zero() {
+        const FRAMES: usize = 2_000;
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        out.cork(); // all stay queued until the uncork
+        let mut counted = 0;
+        for i in 0..FRAMES {
+            let mut frame = frame_pool::take(21);
+            frame.extend_from_slice(&[i as u8; 21]);
+            assert!(frame.capacity() >= 128);
+            counted += frame.capacity() + FRAME_OVERHEAD;
+            out.send(&a, frame, Class::Data).unwrap();
+        }
+        assert_eq!(out.queued_bytes(), counted);
+        assert!(counted >= FRAMES * (128 + FRAME_OVERHEAD), "{counted}");
+        assert!(out.queue.lock().data.capacity() >= FRAMES);
+
+        out.uncork(&a).unwrap();
+        let got = drain(&out, &a, &b, FRAMES * 21);
+        assert_eq!(got.len(), FRAMES * 21);
+        assert!(out.is_drained());
+        assert_eq!(out.queued_bytes(), 0);
+        let q = out.queue.lock();
+        assert!(
+            q.data.capacity() <= SLOTS_KEPT_MAX,
+            "{} slots kept",
+            q.data.capacity()
+        );
+    }
+
+    /// Counted by capacity, small frames fill a bound sooner: 100 bytes of
+    /// bound take no two 21-byte frames in 128-byte buffers, yet an empty
+    /// queue still takes a frame as long as the bound in a larger buffer.
+    #[test]
+    fn an_empty_queue_takes_one_frame_within_the_bound_whatever_its_capacity() {
+        let (a, _b) = pair();
+        let out = Outbound::new(4096);
+        out.cork();
+        let mut big = Vec::with_capacity(8192);
+        big.resize(4096, b'A');
+        out.send(&a, big, Class::Data).unwrap();
+        assert!(out.queued_bytes() > 4096, "counted at its capacity");
+        assert!(matches!(
+            out.send(&a, vec![b'B'; 1], Class::Data),
+            Err(SendError::Overloaded(_))
+        ));
+        assert!(out.send(&a, vec![b'P'; 20], Class::Control).is_ok());
+        // Longer than the bound: never, even into an empty queue.
+        out.close();
+        let out = Outbound::new(4096);
+        assert!(matches!(
+            out.send(&a, vec![b'C'; 4097], Class::Data),
+            Err(SendError::Overloaded(_))
+        ));
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        assert_eq!(out.wait_for_room(&vec![b'C'; 4097], deadline), Room::Full);
+
+        let out = Outbound::new(100);
+        out.cork();
+        let small = || {
+            let mut frame = Vec::with_capacity(128);
+            frame.extend_from_slice(&[b'x'; 21]);
+            frame
+        };
+        out.send(&a, small(), Class::Data).unwrap();
+        assert!(matches!(
+            out.send(&a, small(), Class::Data),
+            Err(SendError::Overloaded(_))
+        ));
     }
 }
