@@ -119,7 +119,10 @@ impl EtcdConfig {
 /// again.
 ///
 /// Requests go to the configured endpoints in turn, starting with the last
-/// one that answered.
+/// one that answered, until a member answers: one that is unreachable,
+/// answers a 5xx (such as 503 "etcdserver: no leader" from a member cut off
+/// from the majority), 408 or 429, or something that is not JSON is passed
+/// over; any other 4xx is the request's own fault and final.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -205,24 +208,17 @@ impl EtcdRegistry {
         ))
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers.
+    /// POSTs `body` to `path` on the first endpoint whose member answers
+    /// it (see [`judge`] for what counts as an answer): a member that is
+    /// down, cut off from the majority or overloaded is passed over for the
+    /// next one, a request refused for its own fault is not.
     fn request(&self, path: &str, body: &str) -> std::result::Result<Json, String> {
         let timeout = self.inner.config.request_timeout;
-        let (host, (status, reply)) =
-            self.on_first_answering(|host| http::post(host, path, body, timeout))?;
-        let value = json::parse(&reply)
-            .map_err(|e| format!("etcd {host} answered {path} with bad JSON: {e}"))?;
-        if status == 200 {
-            return Ok(value);
-        }
-        let message = value
-            .get("message")
-            .or_else(|| value.get("error"))
-            .and_then(Json::as_str)
-            .unwrap_or("no message");
-        Err(format!(
-            "etcd {host} answered {path} with HTTP {status}: {message}"
-        ))
+        let (host, answer) = self.on_first_answering(|host| {
+            let (status, reply) = http::post(host, path, body, timeout)?;
+            judge(path, status, &reply)
+        })?;
+        answer.map_err(|e| format!("etcd {host}: {e}"))
     }
 
     fn open_watch(&self, body: &str) -> std::result::Result<http::Stream, String> {
@@ -234,8 +230,8 @@ impl EtcdRegistry {
     }
 
     /// Runs `attempt` against each endpoint in turn, starting from the one
-    /// that answered last, until one answers; remembers that one and returns
-    /// its host with the answer, or the last endpoint's error.
+    /// that answered last, until one answers (`Ok`); remembers that one and
+    /// returns its host with the answer, or the last endpoint's error.
     fn on_first_answering<T>(
         &self,
         mut attempt: impl FnMut(&str) -> std::result::Result<T, String>,
@@ -336,6 +332,83 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0] // every key
+}
+
+/// Whether an HTTP status means that this member could not serve the
+/// request, so that another member may: a 5xx (etcd's gateway answers 503
+/// "etcdserver: no leader" on a member cut off from the majority, 503 or 504
+/// when a request timed out inside etcd, 500 on an internal error), 408 (a
+/// timeout) and 429 (too many requests).
+fn member_trouble(status: u16) -> bool {
+    status >= 500 || status == 408 || status == 429
+}
+
+/// The HTTP status etcd's gateway gives a gRPC code (the subset that
+/// matters to [`member_trouble`]; any other code is the request's fault).
+fn http_status_of_grpc(code: i64) -> u16 {
+    match code {
+        4 => 504,  // DeadlineExceeded: "etcdserver: request timed out"
+        8 => 429,  // ResourceExhausted: "etcdserver: too many requests"
+        13 => 500, // Internal
+        14 => 503, // Unavailable: "etcdserver: no leader", a stopping member
+        _ => 400,
+    }
+}
+
+/// Judges one member's HTTP answer to `path`.
+///
+/// `Err`: the member could not serve the request, try another one. That is
+/// [`member_trouble`] in the status, or in a 2xx whose body is a gRPC
+/// stream's error (a keep-alive is a stream: its error comes in a 200), and
+/// a body that is not JSON at all (not etcd's gateway: a proxy's error page,
+/// a wrong port).
+///
+/// `Ok`: the final outcome, the same on any member: the JSON of a 2xx, or
+/// the message of any other status (400 for a malformed request, 404 for a
+/// lease etcd does not know, 401/403 for auth; every member of the cluster
+/// would refuse it the same way, so asking another would only hide it).
+fn judge(
+    path: &str,
+    status: u16,
+    body: &[u8],
+) -> std::result::Result<std::result::Result<Json, String>, String> {
+    let value = json::parse(body).map_err(|e| {
+        format!("answered {path} with HTTP {status} and a body that is not JSON ({e})")
+    })?;
+    let error = value.get("error");
+    // A unary call's error is `{"error":"...","message":"...","code":14}`
+    // with its HTTP status; a stream's error is `{"error":{"grpc_code":14,
+    // "http_code":503,"message":"..."}}`, in a 200 once the stream started.
+    let stream_error = error.filter(|e| matches!(e, Json::Object(_)));
+    let status = match stream_error {
+        Some(e) if (200..300).contains(&status) => e
+            .get("http_code")
+            .and_then(Json::as_i64)
+            .and_then(|c| u16::try_from(c).ok())
+            .or_else(|| {
+                e.get("grpc_code")
+                    .or_else(|| e.get("code"))
+                    .and_then(Json::as_i64)
+                    .map(http_status_of_grpc)
+            })
+            .unwrap_or(500),
+        None if (200..300).contains(&status) => return Ok(Ok(value)),
+        _ => status,
+    };
+    let message = value
+        .get("message")
+        .or(error)
+        .and_then(Json::as_str)
+        .or_else(|| stream_error.and_then(|e| e.get("message")?.as_str()));
+    let text = format!(
+        "answered {path} with HTTP {status}: {}",
+        message.unwrap_or("no message")
+    );
+    if member_trouble(status) {
+        Err(text)
+    } else {
+        Ok(Err(text))
+    }
 }
 
 fn decode_kv(kv: &Json) -> Option<(String, Vec<u8>)> {
@@ -837,6 +910,185 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    /// An HTTP/1.1 response with a JSON body, the connection closed after it.
+    fn http_reply(status: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// Reads one request (head and `Content-Length` body) from `s`.
+    fn read_request(s: &mut TcpStream) -> String {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&req);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if req.len() >= end + 4 + length {
+                    return text.into_owned();
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&req).into_owned(),
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// A fake etcd member on loopback: answers every request with `reply`
+    /// and keeps the requests it got. Dropping it stops its thread (a flag,
+    /// then a connection of its own to wake the `accept`).
+    struct FakeMember {
+        host: String,
+        requests: Arc<Mutex<Vec<String>>>,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl FakeMember {
+        fn new(reply: String) -> FakeMember {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let host = listener.local_addr().unwrap().to_string();
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let (requests, stop) = (requests.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    for s in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let Ok(mut s) = s else { continue };
+                        let request = read_request(&mut s);
+                        requests.lock().unwrap().push(request);
+                        let _ = s.write_all(reply.as_bytes());
+                    }
+                })
+            };
+            FakeMember {
+                host,
+                requests,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        /// How many requests it got.
+        fn asked(&self) -> usize {
+            self.requests.lock().unwrap().len()
+        }
+    }
+
+    impl Drop for FakeMember {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = TcpStream::connect(&self.host);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn registry_of(members: &[&FakeMember]) -> EtcdRegistry {
+        let mut config = EtcdConfig::new(members.iter().map(|m| m.host.clone()));
+        config.request_timeout = Duration::from_millis(500);
+        EtcdRegistry::new(config).unwrap()
+    }
+
+    /// A member cut off from the majority answers 503 "no leader": the
+    /// request goes on to the next member, which is then asked first.
+    #[test]
+    fn a_member_answering_503_is_passed_over_for_the_next() {
+        let sick = FakeMember::new(http_reply(
+            "503 Service Unavailable",
+            r#"{"error":"etcdserver: no leader","code":14,"message":"etcdserver: no leader"}"#,
+        ));
+        let healthy = FakeMember::new(http_reply("200 OK", r#"{"header":{"revision":"7"}}"#));
+        let registry = registry_of(&[&sick, &healthy]);
+        let listed = registry.list(&ServiceKey::from("demo"));
+        assert_eq!(
+            listed.ok(),
+            Some(Vec::new()),
+            "the healthy member was not asked"
+        );
+        assert_eq!((sick.asked(), healthy.asked()), (1, 1));
+        // The member that answered is asked first next time.
+        registry.list(&ServiceKey::from("demo")).unwrap();
+        assert_eq!((sick.asked(), healthy.asked()), (1, 2));
+    }
+
+    /// A request refused for its own fault (here: a lease etcd does not
+    /// know) gets the same answer from every member: it is final.
+    #[test]
+    fn a_refusal_that_is_the_requests_fault_is_final() {
+        let first = FakeMember::new(http_reply(
+            "404 Not Found",
+            r#"{"error":"etcdserver: requested lease not found","code":5}"#,
+        ));
+        let second = FakeMember::new(http_reply("200 OK", "{}"));
+        let registry = registry_of(&[&first, &second]);
+        let err = registry.revoke(0x1234).unwrap_err();
+        assert!(
+            err.contains("HTTP 404") && err.contains("lease not found"),
+            "{err}"
+        );
+        assert_eq!((first.asked(), second.asked()), (1, 0));
+    }
+
+    #[test]
+    fn answers_are_judged_final_or_worth_another_member() {
+        let judged = |status, body: &str| judge("/v3/x", status, body.as_bytes());
+        assert!(matches!(judged(200, r#"{"header":{}}"#), Ok(Ok(_))));
+        // The member is in trouble: ask another.
+        for (status, body) in [
+            (503, r#"{"error":"etcdserver: no leader","code":14}"#),
+            (504, r#"{"error":"etcdserver: request timed out","code":4}"#),
+            (429, r#"{"error":"etcdserver: too many requests","code":8}"#),
+            (502, "<html>Bad Gateway</html>"),
+            (200, "not json"),
+            (
+                200,
+                r#"{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader"}}"#,
+            ),
+            (
+                200,
+                r#"{"error":{"code":14,"message":"etcdserver: no leader"}}"#,
+            ),
+        ] {
+            let got = judged(status, body);
+            assert!(got.is_err(), "{status} {body}: {got:?}");
+        }
+        let no_leader = judged(503, r#"{"error":"etcdserver: no leader","code":14}"#);
+        assert_eq!(
+            no_leader.unwrap_err(),
+            "answered /v3/x with HTTP 503: etcdserver: no leader"
+        );
+        // The request's own fault: final.
+        for (status, body) in [
+            (400, r#"{"error":"illegal base64 data","code":3}"#),
+            (
+                404,
+                r#"{"error":"etcdserver: requested lease not found","code":5}"#,
+            ),
+            (200, r#"{"error":{"grpc_code":3,"message":"bad"}}"#),
+        ] {
+            let got = judged(status, body);
+            assert!(matches!(got, Ok(Err(_))), "{status} {body}: {got:?}");
+        }
+    }
 
     #[test]
     fn prefix_end_covers_the_prefix() {
