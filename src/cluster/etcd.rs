@@ -20,6 +20,14 @@ use crate::error::{Error, Result};
 /// should stop; also the bound on how late it notices.
 const WATCH_POLL: Duration = Duration::from_millis(200);
 
+/// Sent with every request: etcd's gateway hands `Grpc-Metadata-*` headers
+/// to etcd as gRPC metadata, and `hasleader: true` (what etcd's own client
+/// sets with `WithRequireLeader`, and etcdctl for its watches) makes a
+/// member without a leader refuse a request at once (503 "etcdserver: no
+/// leader") instead of serving stale data or timing out, and cancel a watch
+/// stream when it loses its leader.
+const REQUIRE_LEADER: http::Headers<'static> = &[("Grpc-Metadata-Hasleader", "true")];
+
 /// Settings of an [`EtcdRegistry`].
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
@@ -31,8 +39,9 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Bound on one request (connect, send, whole answer). Default 2 s.
     pub request_timeout: Duration,
-    /// A watch stream silent for this long is probed with a status request;
-    /// if that fails, etcd counts as lost. Default 3 s.
+    /// A watch stream silent for this long has the member holding it
+    /// probed with a status request; if that member does not answer or has
+    /// no leader, etcd counts as lost (and the watch moves on). Default 3 s.
     pub idle_check: Duration,
     /// First delay between attempts to reach a lost etcd (then doubling).
     /// Default 200 ms.
@@ -112,7 +121,8 @@ impl EtcdConfig {
 /// `/v3/watch` from the listed revision + 1, so no change between the two is
 /// missed, and sends the whole provider set after each change. When the
 /// stream breaks (etcd killed, network cut) or stays silent past
-/// [`EtcdConfig::idle_check`] while a probe fails (etcd frozen), it reports
+/// [`EtcdConfig::idle_check`] while a probe of the member holding it fails
+/// (that member frozen, or without a leader), it reports
 /// [`WatchEvent::RegistryLost`], keeps the last set (consumers go on calling
 /// the providers they know), retries with backoff, and on success re-lists,
 /// sends the current set and [`WatchEvent::RegistryResumed`], and watches
@@ -215,18 +225,39 @@ impl EtcdRegistry {
     fn request(&self, path: &str, body: &str) -> std::result::Result<Json, String> {
         let timeout = self.inner.config.request_timeout;
         let (host, answer) = self.on_first_answering(|host| {
-            let (status, reply) = http::post(host, path, body, timeout)?;
+            let (status, reply) = http::post(host, path, REQUIRE_LEADER, body, timeout)?;
             judge(path, status, &reply)
         })?;
         answer.map_err(|e| format!("etcd {host}: {e}"))
     }
 
-    fn open_watch(&self, body: &str) -> std::result::Result<http::Stream, String> {
+    /// Whether the member at `host` itself (not any member) answers a
+    /// status request and has a leader: the watch's check of the member
+    /// that holds its stream. (A member without a leader refuses the
+    /// request because of [`REQUIRE_LEADER`]; the status's `leader` field,
+    /// omitted when it is 0, catches a gateway that ignores the header.)
+    fn probe(&self, host: &str) -> std::result::Result<(), String> {
+        let path = "/v3/maintenance/status";
+        let timeout = self.inner.config.request_timeout;
+        let (status, reply) = http::post(host, path, REQUIRE_LEADER, "{}", timeout)
+            .map_err(|e| format!("etcd {host}: {e}"))?;
+        let value = judge(path, status, &reply)
+            .and_then(|answer| answer)
+            .map_err(|e| format!("etcd {host}: {e}"))?;
+        match value.get("leader").and_then(Json::as_i64) {
+            Some(leader) if leader != 0 => Ok(()),
+            _ => Err(format!("etcd {host} has no leader")),
+        }
+    }
+
+    /// Opens a watch stream on the first member that accepts it; returns
+    /// that member's host with the stream.
+    fn open_watch(&self, body: &str) -> std::result::Result<(String, http::Stream), String> {
         let timeout = self.inner.config.request_timeout;
         self.on_first_answering(|host| {
-            http::Stream::open(host, "/v3/watch", body, timeout, WATCH_POLL)
+            http::Stream::open(host, "/v3/watch", REQUIRE_LEADER, body, timeout, WATCH_POLL)
         })
-        .map(|(_, stream)| stream)
+        .map(|(host, stream)| (host.to_string(), stream))
     }
 
     /// Runs `attempt` against each endpoint in turn, starting from the one
@@ -806,8 +837,8 @@ impl Watcher {
             // Saturating: the revision is whatever etcd answered.
             self.revision.saturating_add(1)
         );
-        let mut stream = match self.registry.open_watch(&body) {
-            Ok(stream) => stream,
+        let (host, mut stream) = match self.registry.open_watch(&body) {
+            Ok(opened) => opened,
             Err(e) => return Ended::Failed(e),
         };
         let idle_check = self.registry.config().idle_check;
@@ -838,8 +869,10 @@ impl Watcher {
                 Ok(Read1::Idle) => {
                     if last_heard.elapsed() >= idle_check {
                         // Silence is normal when nothing changes; make sure
-                        // etcd is still there.
-                        match self.registry.status() {
+                        // the member holding the stream is still there and
+                        // in the majority. (Another member answering says
+                        // nothing about this stream.)
+                        match self.registry.probe(&host) {
                             Ok(()) => last_heard = Instant::now(),
                             Err(e) => return Ended::Failed(format!("etcd stopped answering: {e}")),
                         }
@@ -1046,6 +1079,116 @@ mod tests {
             "{err}"
         );
         assert_eq!((first.asked(), second.asked()), (1, 0));
+    }
+
+    /// A member that accepts one watch, confirms it, then goes silent as a
+    /// frozen process does: its sockets stay open, later connections are
+    /// never answered. Dropping it ends its thread.
+    struct FrozenMember {
+        host: String,
+        stop: Option<crossbeam_channel::Sender<()>>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl FrozenMember {
+        fn new() -> FrozenMember {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let host = listener.local_addr().unwrap().to_string();
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+            let thread = std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                read_request(&mut s);
+                let created = "{\"result\":{\"header\":{\"revision\":\"1\"},\"created\":true}}\n";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{created}\r\n",
+                    created.len()
+                );
+                // Frozen until the test ends; the listener keeps taking
+                // connections into its backlog and never answers them.
+                let _ = stopped.recv();
+                drop((s, listener));
+            });
+            FrozenMember {
+                host,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for FrozenMember {
+        fn drop(&mut self) {
+            drop(self.stop.take());
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// The member holding the watch freezes while another stays up: the
+    /// idle check must probe the frozen one, not whichever member answers.
+    #[test]
+    fn a_watch_on_a_frozen_member_ends_though_another_member_answers() {
+        let frozen = FrozenMember::new();
+        let other = FakeMember::new(http_reply(
+            "200 OK",
+            r#"{"header":{"revision":"1"},"leader":"7"}"#,
+        ));
+        let mut config = EtcdConfig::new([frozen.host.clone(), other.host.clone()]);
+        config.request_timeout = Duration::from_millis(300);
+        config.idle_check = Duration::from_millis(300);
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let mut w = Watcher {
+            registry: EtcdRegistry::new(config).unwrap(),
+            prefix: "/pulse/services/demo///".into(),
+            known: BTreeMap::new(),
+            sent: Vec::new(),
+            revision: 1,
+            tx,
+            stop,
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let watching = std::thread::spawn(move || {
+            let ended = match w.watch_once() {
+                Ended::Failed(why) => Some(why),
+                Ended::Resync(_) | Ended::Stopped => None,
+            };
+            let _ = done_tx.send(ended);
+        });
+        let ended = done_rx.recv_timeout(Duration::from_secs(5));
+        // Ends the watch if it is still on the frozen member (it then sees
+        // the stop within WATCH_POLL).
+        drop(stop_tx);
+        watching.join().unwrap();
+        let why = ended
+            .expect("the watch stayed on the frozen member")
+            .expect("the watch did not fail");
+        assert!(why.contains(&frozen.host), "{why}");
+    }
+
+    /// The probe asks the member with the require-leader header, and a
+    /// status without a leader (etcd omits a 0 `leader`) fails it.
+    #[test]
+    fn the_probe_wants_a_member_with_a_leader() {
+        let led = FakeMember::new(http_reply(
+            "200 OK",
+            r#"{"header":{"revision":"1"},"leader":"38712720341031407"}"#,
+        ));
+        let leaderless = FakeMember::new(http_reply(
+            "200 OK",
+            r#"{"header":{"revision":"1"},"errors":["etcdserver: no leader"]}"#,
+        ));
+        let registry = registry_of(&[&led, &leaderless]);
+        assert_eq!(registry.probe(&led.host), Ok(()));
+        let err = registry.probe(&leaderless.host).unwrap_err();
+        assert!(err.contains("no leader"), "{err}");
+        let request = led.requests.lock().unwrap()[0].clone();
+        assert!(
+            request.contains("\r\nGrpc-Metadata-Hasleader: true\r\n"),
+            "{request}"
+        );
     }
 
     #[test]

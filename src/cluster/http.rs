@@ -22,16 +22,21 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Largest unary response body accepted.
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
-/// Sends `POST path` with a JSON `body` to `host` ("host:port") and reads the
-/// whole response, all within `timeout`. Returns the status and the body.
+/// Extra request headers, as `(name, value)`.
+pub(crate) type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// Sends `POST path` with a JSON `body` (and `headers`) to `host`
+/// ("host:port") and reads the whole response, all within `timeout`.
+/// Returns the status and the body.
 pub(crate) fn post(
     host: &str,
     path: &str,
+    headers: Headers<'_>,
     body: &str,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
     let deadline = Instant::now() + timeout;
-    let (mut sock, status, head) = send(host, path, body, deadline)?;
+    let (mut sock, status, head) = send(host, path, headers, body, deadline)?;
     let mut reader = BodyReader::new(head)?;
     let mut out = reader.take_buffered()?;
     let mut buf = [0u8; 16 * 1024];
@@ -77,16 +82,17 @@ pub(crate) enum Read1 {
 }
 
 impl Stream {
-    /// Sends `POST path` and waits (up to `timeout`) for a 2xx response head;
-    /// later reads wait at most `poll` each.
+    /// Sends `POST path` (with `headers`) and waits (up to `timeout`) for a
+    /// 2xx response head; later reads wait at most `poll` each.
     pub(crate) fn open(
         host: &str,
         path: &str,
+        headers: Headers<'_>,
         body: &str,
         timeout: Duration,
         poll: Duration,
     ) -> Result<Stream, String> {
-        let (sock, status, head) = send(host, path, body, Instant::now() + timeout)?;
+        let (sock, status, head) = send(host, path, headers, body, Instant::now() + timeout)?;
         if !(200..300).contains(&status) {
             return Err(format!("{host} answered {path} with HTTP {status}"));
         }
@@ -139,6 +145,7 @@ fn is_timeout(e: &io::Error) -> bool {
 fn send(
     host: &str,
     path: &str,
+    headers: Headers<'_>,
     body: &str,
     deadline: Instant,
 ) -> Result<(TcpStream, u16, Head), String> {
@@ -163,9 +170,13 @@ fn send(
     }
     let mut sock = sock.ok_or(last)?;
     let _ = sock.set_nodelay(true);
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         {extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let left = deadline
@@ -469,11 +480,19 @@ mod tests {
     fn post_reads_a_whole_response() {
         let (host, server) =
             serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}");
-        let (status, body) = post(&host, "/v3/x", "{}", Duration::from_secs(5)).unwrap();
+        let (status, body) = post(
+            &host,
+            "/v3/x",
+            &[("X-A", "1")],
+            "{}",
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!((status, body.as_slice()), (200, &b"{\"ok\":true}"[..]));
         let request = String::from_utf8(server.join().unwrap()).unwrap();
         assert!(request.starts_with("POST /v3/x HTTP/1.1\r\n"), "{request}");
         assert!(request.contains("Content-Length: 2\r\n"), "{request}");
+        assert!(request.contains("\r\nX-A: 1\r\n"), "{request}");
     }
 
     #[test]
@@ -484,6 +503,7 @@ mod tests {
         let mut s = Stream::open(
             &host,
             "/v3/watch",
+            &[],
             "{}",
             Duration::from_secs(5),
             Duration::from_millis(50),
@@ -506,6 +526,7 @@ mod tests {
         let err = post(
             &format!("127.0.0.1:{port}"),
             "/",
+            &[],
             "{}",
             Duration::from_secs(2),
         )
