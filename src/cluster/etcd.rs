@@ -926,8 +926,12 @@ impl Watcher {
                     Ok(endpoint) => {
                         self.known.insert(key, endpoint);
                     }
+                    // The same rule as a re-list (`known_from`): a key
+                    // whose value is not an endpoint is no provider, even
+                    // if its previous value was one.
                     Err(e) => {
-                        log::warn!("etcd: ignoring {key}: its value is not an endpoint ({e})")
+                        log::warn!("etcd: ignoring {key}: its value is not an endpoint ({e})");
+                        self.known.remove(&key);
                     }
                 }
             }
@@ -1283,6 +1287,30 @@ mod tests {
         let key = base64_encode(format!("/pulse/services/demo///{addr}").as_bytes());
         let value = base64_encode(&encode_endpoint(Endpoint::new(addr.parse().unwrap())));
         format!(r#"{{{kind}"kv":{{"key":"{key}","value":"{value}","mod_revision":"5"}}}}"#)
+    }
+
+    /// A provider's key overwritten with a value that is not an endpoint
+    /// leaves the set, as it would from a re-list.
+    #[test]
+    fn a_key_overwritten_with_a_bad_value_leaves_the_set_as_on_a_relist() {
+        let (mut w, rx, _stop) = watcher();
+        let key = "/pulse/services/demo///127.0.0.1:1".to_string();
+        w.known
+            .insert(key.clone(), Endpoint::new("127.0.0.1:1".parse().unwrap()));
+        w.sent = to_set(&w.known);
+        let put = format!(
+            r#"{{"result":{{"events":[{{"kv":{{"key":"{}","value":"{}","mod_revision":"5"}}}}]}}}}"#,
+            base64_encode(key.as_bytes()),
+            base64_encode(b"disabled")
+        );
+        assert!(w.on_message(put.as_bytes()).is_none());
+        let relisted = known_from(vec![(key, b"disabled".to_vec())]);
+        assert_eq!(
+            to_set(&w.known),
+            to_set(&relisted),
+            "watch and list disagree"
+        );
+        assert_eq!(rx.try_recv().ok(), Some(WatchEvent::Providers(Vec::new())));
     }
 
     #[test]
