@@ -330,32 +330,37 @@ impl StaticRegistry {
         service: ServiceKey,
         endpoints: impl IntoIterator<Item = Endpoint>,
     ) -> StaticRegistry {
-        let mut all = self.list(&service).unwrap_or_default();
-        all.extend(endpoints);
-        self.set(&service, all);
+        self.update(&service, |list| list.extend(endpoints));
         self
     }
 
     /// Replaces the providers of `service`; watchers get the new set.
     /// Endpoints keep the order given (balancers see them in that order).
     pub fn set(&self, service: &ServiceKey, endpoints: impl IntoIterator<Item = Endpoint>) {
-        let mut unique: Vec<Endpoint> = Vec::new();
-        for e in endpoints {
+        self.update(service, |list| *list = endpoints.into_iter().collect());
+    }
+
+    fn remove(&self, service: &ServiceKey, addr: SocketAddr) {
+        self.update(service, |list| list.retain(|e| e.addr != addr));
+    }
+
+    /// Changes the providers of `service` with `change` and publishes the
+    /// result, all under one lock: updates made at the same time (two
+    /// registrations, a registration and a removal) each see the other's
+    /// result instead of overwriting it. An address listed twice keeps its
+    /// first place and its last endpoint.
+    fn update(&self, service: &ServiceKey, change: impl FnOnce(&mut Vec<Endpoint>)) {
+        let mut state = self.shared.lock();
+        let list = state.services.entry(service.clone()).or_default();
+        change(list);
+        let mut unique: Vec<Endpoint> = Vec::with_capacity(list.len());
+        for e in list.drain(..) {
             match unique.iter_mut().find(|u| u.addr == e.addr) {
                 Some(u) => *u = e,
                 None => unique.push(e),
             }
         }
-        let mut state = self.shared.lock();
-        state.services.insert(service.clone(), unique);
-        state.publish(service);
-    }
-
-    fn remove(&self, service: &ServiceKey, addr: SocketAddr) {
-        let mut state = self.shared.lock();
-        if let Some(list) = state.services.get_mut(service) {
-            list.retain(|e| e.addr != addr);
-        }
+        *list = unique;
         state.publish(service);
     }
 }
@@ -385,10 +390,11 @@ impl Registry for StaticRegistry {
         endpoint: Endpoint,
         _ttl: Duration,
     ) -> Result<Registration> {
-        let mut all = self.list(service)?;
-        all.retain(|e| e.addr != endpoint.addr);
-        all.push(endpoint);
-        self.set(service, all);
+        // A registration of a listed address replaces it, at the end.
+        self.update(service, |list| {
+            list.retain(|e| e.addr != endpoint.addr);
+            list.push(endpoint);
+        });
         Ok(Registration::new(
             service.clone(),
             endpoint,
@@ -467,6 +473,63 @@ mod tests {
         drop(registry.watch(&demo).unwrap());
         registry.set(&demo, [ep(1)]);
         assert!(registry.shared.lock().watchers.is_empty());
+    }
+
+    /// Registrations made at the same time are all kept (each update is
+    /// one critical section, so none overwrites another's).
+    #[test]
+    fn concurrent_registrations_are_all_kept() {
+        let demo = ServiceKey::from("demo");
+        for round in 0..300 {
+            let registry = StaticRegistry::new();
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4u16)
+                .map(|i| {
+                    let (registry, demo, barrier) =
+                        (registry.clone(), demo.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        registry.register(&demo, ep(7000 + i), Duration::from_secs(1))
+                    })
+                })
+                .collect();
+            let regs: Vec<Registration> = threads
+                .into_iter()
+                .map(|t| t.join().unwrap().unwrap())
+                .collect();
+            let listed = registry.list(&demo).unwrap().len();
+            assert_eq!(listed, 4, "round {round}: 4 registered, {listed} listed");
+            for r in regs {
+                r.abandon();
+            }
+            assert!(registry.list(&demo).unwrap().is_empty());
+        }
+    }
+
+    /// A removal racing a registration never brings the removed endpoint
+    /// back.
+    #[test]
+    fn a_concurrent_removal_stays_removed() {
+        let demo = ServiceKey::from("demo");
+        for round in 0..300 {
+            let registry = StaticRegistry::new();
+            let leaving = registry
+                .register(&demo, ep(7000), Duration::from_secs(1))
+                .unwrap();
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let joining = {
+                let (registry, demo, barrier) = (registry.clone(), demo.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    registry.register(&demo, ep(7001), Duration::from_secs(1))
+                })
+            };
+            barrier.wait();
+            leaving.deregister().unwrap();
+            let joined = joining.join().unwrap().unwrap();
+            assert_eq!(registry.list(&demo).unwrap(), [ep(7001)], "round {round}");
+            joined.abandon();
+        }
     }
 
     #[test]
