@@ -17,7 +17,6 @@
 //! | [`LeastInflight`] | the fewest calls waiting, ties at random |
 //! | [`LowestRtt`] | the lowest heartbeat RTT, near-ties at random |
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -252,11 +251,25 @@ impl LoadBalancer for RoundRobin {
 ///
 /// Each pick adds every candidate's weight to its current weight, chooses
 /// the largest current weight (the first on ties) and subtracts the total
-/// from it. Current weights are kept per address; a provider that leaves the
-/// healthy set forgets its own.
+/// from it, so the current weights always sum to zero. When the candidates
+/// change (one leaves or joins the healthy set, a weight changes) every
+/// current weight starts again from zero: kept, the stayers' weights would
+/// no longer sum to zero and the shares would drift until they did.
+///
+/// A weight-0 provider is never picked while one with a positive weight is
+/// a candidate; when all weights are 0 each counts as 1 (plain turns), as
+/// [`WeightedRandom`] is uniform then.
 #[derive(Debug, Default)]
 pub struct SmoothWeightedRoundRobin {
-    current: Mutex<HashMap<SocketAddr, i64>>,
+    state: Mutex<Smooth>,
+}
+
+#[derive(Debug, Default)]
+struct Smooth {
+    /// The candidates the current weights belong to, with their weights.
+    members: Vec<(SocketAddr, u32)>,
+    /// Current weights, one per member.
+    current: Vec<i64>,
 }
 
 impl SmoothWeightedRoundRobin {
@@ -268,26 +281,37 @@ impl SmoothWeightedRoundRobin {
 
 impl LoadBalancer for SmoothWeightedRoundRobin {
     fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
-        let mut current = self.current.lock();
-        if current.len() != candidates.len()
-            || candidates.iter().any(|c| !current.contains_key(&c.addr))
-        {
-            current.retain(|addr, _| candidates.iter().any(|c| c.addr == *addr));
+        let mut state = self.state.lock();
+        let same = state.members.len() == candidates.len()
+            && state
+                .members
+                .iter()
+                .zip(candidates)
+                .all(|((a, w), c)| *a == c.addr && *w == c.weight);
+        if !same {
+            state.members = candidates.iter().map(|c| (c.addr, c.weight)).collect();
+            state.current = vec![0; candidates.len()];
         }
-        let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
-        let mut best = 0;
-        let mut best_weight = i64::MIN;
+        let all_zero = candidates.iter().all(|c| c.weight == 0);
+        let weight = |c: &Candidate| if all_zero { 1 } else { i64::from(c.weight) };
+        let total: i64 = candidates.iter().map(weight).sum();
+        let mut best = None;
         for (i, c) in candidates.iter().enumerate() {
-            let w = current.entry(c.addr).or_insert(0);
-            *w += i64::from(c.weight);
-            if *w > best_weight {
-                best = i;
-                best_weight = *w;
+            let w = weight(c);
+            // A weight-0 candidate is skipped: its current weight never
+            // grows, but it could tie or lead with the others' negative.
+            if w == 0 {
+                continue;
+            }
+            state.current[i] += w;
+            if best.is_none_or(|b: usize| state.current[i] > state.current[b]) {
+                best = Some(i);
             }
         }
-        if let Some(w) = current.get_mut(&candidates[best].addr) {
-            *w -= total;
-        }
+        // Some: `candidates` is not empty (the trait's contract), and with
+        // all weights 0 each counts as 1.
+        let best = best.unwrap_or(0);
+        state.current[best] -= total;
         best
     }
 
@@ -566,12 +590,43 @@ mod tests {
         let c = cands(&[3, 2]);
         let picks: Vec<usize> = (0..5).map(|_| lb.pick(&c, None)).collect();
         assert_eq!(picks, [0, 1, 0, 1, 0]);
-        // A provider that leaves and comes back starts from zero.
+        // A change of the candidates starts every current weight from zero.
         let lb = SmoothWeightedRoundRobin::new();
         let all = cands(&[1, 1]);
         lb.pick(&all, None);
         lb.pick(&all[1..], None);
-        assert_eq!(lb.current.lock().len(), 1);
+        assert_eq!(lb.state.lock().current, [0]);
+    }
+
+    /// After churn, a weight-0 provider still gets nothing, and the others
+    /// get exactly their weights over the next `sum(weights)` picks.
+    #[test]
+    fn smooth_wrr_never_picks_a_weight_zero_provider_after_churn() {
+        let lb = SmoothWeightedRoundRobin::new();
+        let c = cands(&[0, 1, 1]);
+        assert_eq!(lb.pick(&c, None), 1);
+        let without_last = [c[0], c[1]];
+        let picks: Vec<usize> = (0..10).map(|_| lb.pick(&without_last, None)).collect();
+        assert!(!picks.contains(&0), "weight 0 got calls: {picks:?}");
+
+        // Weights 5, 0, 2, 3: one leaves mid-cycle, the rest share exactly.
+        let c = cands(&[5, 0, 2, 3]);
+        for _ in 0..4 {
+            lb.pick(&c, None);
+        }
+        let stay = [c[0], c[1], c[3]];
+        let got = counts(&lb, &stay, 8);
+        assert_eq!(got, [5, 0, 3]);
+
+        // A provider whose weight drops to 0 in place gets nothing more.
+        let mut c = cands(&[1, 1, 1]);
+        lb.pick(&c, None);
+        c[0].weight = 0;
+        assert_eq!(counts(&lb, &c, 10)[0], 0);
+
+        // All weights 0: plain turns.
+        let picks: Vec<usize> = (0..6).map(|_| lb.pick(&cands(&[0, 0, 0]), None)).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
