@@ -24,6 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
+use super::registry::DEFAULT_WEIGHT;
+
 /// One healthy provider, as a balancer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
@@ -321,10 +323,20 @@ impl LoadBalancer for SmoothWeightedRoundRobin {
 }
 
 /// Consistent hashing on the caller's key (ketama style): each provider
-/// owns `replicas × weight / mean weight` points on a 64-bit ring, and a key
-/// goes to the owner of the first point at or after its hash. The same key
-/// reaches the same provider while the healthy set is unchanged; when a
-/// provider leaves, only its keys move (to the next point's owners).
+/// owns points on a 64-bit ring, and a key goes to the owner of the first
+/// point at or after its hash. The same key reaches the same provider while
+/// the healthy set is unchanged; when a provider leaves, only its keys move
+/// (to the next point's owners), and when one joins, only keys it takes.
+///
+/// That holds because a provider's points depend on nothing but its address
+/// and its own weight: `replicas × weight / 100` of them (rounded up), on
+/// Dubbo's weight scale where [`DEFAULT_WEIGHT`](super::DEFAULT_WEIGHT) 100
+/// is one provider's share. Weights above [`Self::MAX_WEIGHT`] count as that
+/// (the ring stays bounded: at most `replicas × 10` points per provider);
+/// weight 0 gets no point while another provider has some (all 0: each gets
+/// `replicas`). Small weights give few points and so coarse shares: weights
+/// 1 and 3 get 2 and 5 points with the default replicas. Use weights around
+/// 100 (or raise `replicas`) for this balancer.
 ///
 /// A call without a key goes to a random provider.
 #[derive(Debug)]
@@ -343,16 +355,20 @@ struct Ring {
 }
 
 impl ConsistentHash {
-    /// Virtual nodes per provider of average weight, as in ketama.
+    /// Virtual nodes per provider of weight 100, as in ketama.
     pub const DEFAULT_REPLICAS: u32 = 160;
+
+    /// Weights above this count as this: 10 × the default weight, so a
+    /// provider has at most `10 × replicas` points.
+    pub const MAX_WEIGHT: u32 = 10 * DEFAULT_WEIGHT;
 
     /// With [`Self::DEFAULT_REPLICAS`] virtual nodes.
     pub fn new() -> ConsistentHash {
         ConsistentHash::with_replicas(Self::DEFAULT_REPLICAS)
     }
 
-    /// With `replicas` virtual nodes per provider of average weight (at
-    /// least 1).
+    /// With `replicas` virtual nodes per provider of weight 100 (at least
+    /// 1).
     pub fn with_replicas(replicas: u32) -> ConsistentHash {
         ConsistentHash {
             replicas: replicas.max(1),
@@ -361,15 +377,22 @@ impl ConsistentHash {
         }
     }
 
+    /// The points of a provider of `weight` (see the type's doc): a
+    /// function of its own weight only, so that no other provider's arrival
+    /// or departure moves its points.
+    fn points_of(&self, weight: u32) -> u64 {
+        let weight = u64::from(weight.min(Self::MAX_WEIGHT));
+        (u64::from(self.replicas) * weight).div_ceil(u64::from(DEFAULT_WEIGHT))
+    }
+
     fn build(&self, members: Vec<(SocketAddr, u32)>) -> Ring {
-        let n = members.len() as u64;
-        let total: u64 = members.iter().map(|(_, w)| u64::from(*w)).sum();
+        let all_zero = members.iter().all(|(_, w)| *w == 0);
         let mut points = Vec::new();
         for (addr, weight) in &members {
-            let count = if total == 0 {
+            let count = if all_zero {
                 u64::from(self.replicas)
             } else {
-                (u64::from(self.replicas) * n * u64::from(*weight)).div_ceil(total)
+                self.points_of(*weight)
             };
             for i in 0..count {
                 points.push((hash64(format!("{addr}-{i}").as_bytes()), *addr));
@@ -655,6 +678,43 @@ mod tests {
             .filter(|k| lb.pick(&c, Some(&k.to_be_bytes())) == 1)
             .count();
         assert!((2600..3400).contains(&heavy), "{heavy}");
+    }
+
+    /// With unequal weights too, a provider that leaves takes only its own
+    /// keys along, and one that joins takes keys only for itself.
+    #[test]
+    fn consistent_hash_moves_only_the_lost_keys_with_unequal_weights() {
+        let lb = ConsistentHash::new();
+        let c = cands(&[100, 300, 100]);
+        let owner = |c: &[Candidate], k: u32| c[lb.pick(c, Some(&k.to_be_bytes()))].addr;
+        let before: Vec<SocketAddr> = (0..4000).map(|k| owner(&c, k)).collect();
+        let without_2 = [c[0], c[1]];
+        let moved = before
+            .iter()
+            .enumerate()
+            .filter(|(k, a)| **a != c[2].addr && owner(&without_2, *k as u32) != **a)
+            .count();
+        assert_eq!(moved, 0, "{moved} keys moved though their owner stayed");
+        // Back: every key returns to where it was.
+        let after: Vec<SocketAddr> = (0..4000).map(|k| owner(&c, k)).collect();
+        assert_eq!(after, before);
+    }
+
+    /// A provider's points follow its own weight, up to the cap; weight 0
+    /// has none while another provider has some.
+    #[test]
+    fn consistent_hash_points_follow_each_weight_up_to_the_cap() {
+        let lb = ConsistentHash::new();
+        let ring_size = |weights: &[u32]| {
+            lb.pick(&cands(weights), Some(b"k"));
+            lb.ring.lock().points.len()
+        };
+        assert_eq!(ring_size(&[100]), 160);
+        assert_eq!(ring_size(&[100, 50, 1, 0]), 160 + 80 + 2);
+        assert_eq!(ring_size(&[u32::MAX, 1000]), 2 * 1600);
+        assert_eq!(ring_size(&[0, 0]), 2 * 160);
+        let c = cands(&[0, 100]);
+        assert!((0..200u32).all(|k| lb.pick(&c, Some(&k.to_be_bytes())) == 1));
     }
 
     #[test]
