@@ -732,6 +732,75 @@ fn an_overloaded_provider_is_passed_over_for_any_method() {
     }
 }
 
+/// A call that no provider took ends with `NoProvider`, whether it ran out
+/// of providers or of its retry budget, and says what the last one said:
+/// here every attempt was refused as overloaded, which a caller would
+/// otherwise take for one provider's answer.
+#[test]
+fn a_call_every_provider_refused_fails_with_no_provider() {
+    let _serial = serial();
+    let providers = start_providers(1);
+    let mut server_config = ServerConfig::default();
+    server_config.connection.heartbeat = heartbeat();
+    server_config.max_inflight = 1;
+    let slow = ServiceBuilder::new(SERVICE)
+        .method("work", |_: ()| {
+            std::thread::sleep(Duration::from_millis(1500));
+            Ok::<_, String>(99u32)
+        })
+        .method_inline("incr", |_: ()| Ok::<_, String>(99u32));
+    let target_server = Server::builder()
+        .config(server_config)
+        .service(slow)
+        .bind("127.0.0.1:0")
+        .expect("bind the target");
+    let target = target_server.local_addr();
+    // Over the target alone; and over the target and a free provider, with
+    // no retry.
+    let (_alone, alone) = cluster_with(vec![Endpoint::new(target)], RoundRobin::new(), config());
+    let no_retry = ClusterConfig {
+        retries: 0,
+        ..config()
+    };
+    let hook: Hook = Arc::new(Mutex::new(None));
+    let (_pair, pair) = cluster_with(
+        vec![Endpoint::new(target), Endpoint::new(providers[0].addr())],
+        PickThen { target, hook },
+        no_retry,
+    );
+    // The one slot of each cluster's connection to the target is taken by
+    // a slow call (the provider's `max_inflight` is per connection).
+    let busy: Vec<_> = [&alone, &pair]
+        .into_iter()
+        .map(|cluster| {
+            let cluster = cluster.clone();
+            std::thread::spawn(move || cluster.call::<_, u32>("work", &()))
+        })
+        .collect();
+    wait_until(PROMPTLY, "the slow calls in flight on the target", || {
+        [&alone, &pair].iter().all(|cluster| {
+            cluster
+                .providers()
+                .iter()
+                .any(|p| p.addr == target && p.inflight == 1)
+        })
+    });
+    for (cluster, stop) in [(&alone, "no other provider"), (&pair, "retry budget")] {
+        match cluster.call::<_, u32>("incr", &()) {
+            Err(Error::NoProvider { detail, .. }) => {
+                assert!(detail.contains(stop), "{detail}");
+                assert!(detail.contains(&target.to_string()), "{detail}");
+                assert!(detail.to_lowercase().contains("overloaded"), "{detail}");
+            }
+            other => panic!("{stop}: expected NoProvider, got {other:?}"),
+        }
+    }
+    for slow in busy {
+        let answer = slow.join().expect("the slow caller");
+        assert_eq!(answer.expect("the slow call"), 99);
+    }
+}
+
 #[test]
 fn the_provider_set_follows_the_registry() {
     let _serial = serial();

@@ -32,9 +32,10 @@ pub struct ClusterConfig {
     pub client: ClientConfig,
     /// How many other providers a call may be sent to after the first
     /// failed it: any call whose request was never sent (the provider was
-    /// not connected by then) or was refused as `ShuttingDown`, and an
-    /// idempotent call whose connection died under it (`ConnectionLost`).
-    /// See the failover rules on [`ClusterClient`]. Default 2.
+    /// not connected by then) or was refused before it ran (`ShuttingDown`,
+    /// `Overloaded`), and an idempotent call whose connection died under it
+    /// (`ConnectionLost`). See the failover rules on [`ClusterClient`].
+    /// Default 2.
     pub retries: u32,
     /// Methods that are safe to run twice (reads, puts of the same value):
     /// calls to them are retried on failover unless
@@ -361,25 +362,47 @@ impl Shared {
         Some(healthy[i].clone())
     }
 
-    /// The error of a call that found no provider to send to.
-    fn no_provider(&self, providers: &[Arc<Provider>]) -> Error {
-        let detail = if providers.is_empty() {
-            "the registry lists none".to_string()
-        } else {
-            let (mut connecting, mut failed, mut other) = (0, 0, 0);
-            for p in providers {
-                match p.client.state() {
-                    ConnectionState::Connecting { .. } => connecting += 1,
-                    ConnectionState::Failed => failed += 1,
-                    _ => other += 1,
-                }
+    /// What the client knows of its providers, for [`Error::NoProvider`].
+    fn providers_detail(&self, providers: &[Arc<Provider>]) -> String {
+        if providers.is_empty() {
+            return "the registry lists none".to_string();
+        }
+        let (mut connecting, mut failed, mut other) = (0, 0, 0);
+        for p in providers {
+            match p.client.state() {
+                ConnectionState::Connecting { .. } => connecting += 1,
+                ConnectionState::Failed => failed += 1,
+                _ => other += 1,
             }
-            format!(
-                "{} known, {connecting} connecting, {failed} gave up reconnecting, \
-                 {other} tried already or shut down",
-                providers.len()
-            )
-        };
+        }
+        format!(
+            "{} known, {connecting} connecting, {failed} gave up reconnecting, \
+             {other} tried already or shut down",
+            providers.len()
+        )
+    }
+
+    /// The error of a call that stops (`why`) with no provider having taken
+    /// its request: the `ConnectionLost` of an attempt that may have run,
+    /// if there was one (the caller must learn that it may have run);
+    /// otherwise [`Error::NoProvider`], whose detail ends with the last
+    /// refusal when there was one.
+    fn untaken(
+        &self,
+        providers: &[Arc<Provider>],
+        why: &str,
+        refused: Option<(SocketAddr, Error)>,
+        lost: Option<Error>,
+    ) -> Error {
+        if let Some(lost) = lost {
+            return lost;
+        }
+        let mut detail = self.providers_detail(providers);
+        if let Some((addr, e)) = refused {
+            detail.push_str(&format!(
+                "; {why}, and none took the request (last: {addr} {e})"
+            ));
+        }
         Error::NoProvider {
             service: self.service.to_string(),
             detail,
@@ -513,8 +536,13 @@ impl Drop for Inner {
 ///   any other returns the error.
 ///
 /// Any other error (timeout, remote error, codec) is returned as it is.
-/// When no provider is healthy, or every healthy one was tried and none
-/// took the request, a call fails at once with [`Error::NoProvider`].
+/// When no provider is healthy, a call fails at once with
+/// [`Error::NoProvider`]; so does a call that every provider it tried
+/// refused before running it, once no other healthy provider is left, the
+/// retry budget is spent or its timeout ran out (the detail ends with the
+/// last refusal). `NoProvider` thus always means that the request ran
+/// nowhere; after a `ConnectionLost` of an idempotent call that no later
+/// attempt made good, that `ConnectionLost` is returned instead.
 ///
 /// Clones share everything. Dropping the last clone stops following the
 /// registry and closes every connection.
@@ -689,9 +717,10 @@ impl ClusterClient {
     /// in [`ClusterConfig::idempotent_methods`].
     ///
     /// # Errors
-    /// [`Error::NoProvider`] at once when no provider is healthy (or none
-    /// took the request); otherwise as [`Client::call`] on the provider that
-    /// took the last attempt (`ConnectionLost` for a call that is not
+    /// [`Error::NoProvider`] at once when no provider is healthy, or when
+    /// none took the request (each tried one refused it before it ran);
+    /// otherwise as [`Client::call`] on the provider that took the last
+    /// attempt (`ConnectionLost` for a call that is not
     /// idempotent, `Timeout`, `Remote`, ...). See the failover rules on
     /// [`ClusterClient`].
     pub fn call<A, R>(&self, method: &str, args: &A) -> Result<R>
@@ -751,28 +780,32 @@ impl ClusterClient {
             .unwrap_or_else(|| shared.config.idempotent_methods.contains(method));
         let retries = shared.config.retries as usize;
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last_error = None;
+        // The last refusal of a request that did not run (not sent, or
+        // refused before it ran), and the last `ConnectionLost` of an
+        // idempotent call (it may have run): what the call ends with when
+        // no provider takes it.
+        let mut refused: Option<(SocketAddr, Error)> = None;
+        let mut lost: Option<Error> = None;
         loop {
             if shared.shut_down.load(Ordering::SeqCst) {
                 return Err(Error::Shutdown);
             }
             let providers = shared.snapshot();
             let Some(p) = shared.choose(&providers, &tried, options.key) else {
-                return Err(match last_error {
-                    // Nothing was sent anywhere (or only refused): there is
-                    // no provider to take it.
-                    None
-                    | Some(Error::NotConnected { .. })
-                    | Some(Error::Remote {
-                        status: ResponseStatus::ShuttingDown,
-                        ..
-                    }) => shared.no_provider(&providers),
-                    Some(e) => e,
-                });
+                return Err(shared.untaken(
+                    &providers,
+                    "no other provider is healthy",
+                    refused,
+                    lost,
+                ));
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(last_error.unwrap_or(Error::Timeout(timeout)));
+                if refused.is_none() && lost.is_none() {
+                    return Err(Error::Timeout(timeout));
+                }
+                let why = format!("the call's timeout ({timeout:?}) ran out");
+                return Err(shared.untaken(&providers, &why, refused, lost));
             }
             tried.push(p.addr);
             // Never waits for a connection: NotConnected means not sent.
@@ -787,49 +820,41 @@ impl ClusterClient {
                         attempts: tried.len() as u32,
                     });
                 }
-                // Never written to any socket: safe to send elsewhere,
-                // idempotent or not.
-                Err(e @ Error::NotConnected { .. }) if tried.len() <= retries => {
-                    log::info!(
-                        "cluster {}: {} is not connected any more ({e}); sending {method} to \
-                         another provider ({} of {retries})",
-                        shared.service,
-                        p.addr,
-                        tried.len()
-                    );
-                    last_error = Some(e);
-                }
-                // Written, then the connection died: the provider may have
-                // run it, so only idempotent calls go elsewhere.
-                Err(e @ Error::ConnectionLost { .. }) if idempotent && tried.len() <= retries => {
-                    log::warn!(
-                        "cluster {}: {method} on {} failed ({e}); retrying on another provider \
-                         ({} of {retries})",
-                        shared.service,
-                        p.addr,
-                        tried.len()
-                    );
-                    last_error = Some(e);
-                }
-                // Refused before it ran (the provider is shutting down or
+                // Never written to any socket (`NotConnected`), refused
+                // before it ran (the provider is shutting down or
                 // overloaded), or refused here before it was written (too
                 // many calls in flight on that connection, or its write
                 // queue full): safe to send elsewhere, idempotent or not.
                 Err(
-                    e @ (Error::Remote {
+                    e @ (Error::NotConnected { .. }
+                    | Error::Remote {
                         status: ResponseStatus::ShuttingDown | ResponseStatus::Overloaded,
                         ..
                     }
                     | Error::Overloaded(_)),
-                ) if tried.len() <= retries => {
+                ) => {
                     log::info!(
-                        "cluster {}: {} refused {method} ({e}); sending it to another provider",
+                        "cluster {}: {} did not take {method} ({e}); it did not run",
                         shared.service,
                         p.addr
                     );
-                    last_error = Some(e);
+                    refused = Some((p.addr, e));
+                }
+                // Written, then the connection died: the provider may have
+                // run it, so only idempotent calls go elsewhere.
+                Err(e @ Error::ConnectionLost { .. }) if idempotent => {
+                    log::warn!(
+                        "cluster {}: {method} on {} failed ({e}); it may have run there",
+                        shared.service,
+                        p.addr,
+                    );
+                    lost = Some(e);
                 }
                 Err(e) => return Err(e),
+            }
+            if tried.len() > retries {
+                let why = format!("{} provider(s) tried, the retry budget", tried.len());
+                return Err(shared.untaken(&providers, &why, refused, lost));
             }
         }
     }
