@@ -458,21 +458,25 @@ impl Shared {
                 return;
             }
             *providers = Arc::new(next);
-        }
-        // Announced before their clients start connecting, so a provider's
-        // own events come after its `ProviderAdded`.
-        for (e, provider) in added {
-            log::info!(
-                "cluster {}: provider {} added (weight {})",
-                self.service,
-                e.addr,
-                e.weight
-            );
-            self.emit(ClusterEvent::ProviderAdded {
-                addr: e.addr,
-                weight: e.weight,
-            });
-            provider.client.start_connecting();
+            // Announced before their clients start connecting, so a
+            // provider's own events come after its `ProviderAdded`. Started
+            // under the lock: a `shutdown` that comes next finds these
+            // providers and its `RemoveLink` follows their `AddLink` on the
+            // same loop; started after it, a link could be added behind its
+            // `RemoveLink` and stay connected until the last clone drops.
+            for (e, provider) in added {
+                log::info!(
+                    "cluster {}: provider {} added (weight {})",
+                    self.service,
+                    e.addr,
+                    e.weight
+                );
+                self.emit(ClusterEvent::ProviderAdded {
+                    addr: e.addr,
+                    weight: e.weight,
+                });
+                provider.client.start_connecting();
+            }
         }
         for p in removed {
             log::info!("cluster {}: provider {} removed", self.service, p.addr);
