@@ -572,7 +572,8 @@ impl Registry for EtcdRegistry {
             .spawn(move || watcher.run())
             .map_err(|e| Error::io("spawn the etcd watch thread", e))?;
         // Dropping the Watch drops `stop_tx`: the thread sees it within
-        // WATCH_POLL (or one request timeout) and ends.
+        // WATCH_POLL (or once the request under way is done: request_timeout
+        // per endpoint it tries) and ends.
         Ok(Watch::new(rx, stop_tx))
     }
 }
@@ -663,8 +664,13 @@ struct EtcdLease {
 }
 
 impl EtcdLease {
-    /// Stops the keep-alive thread and waits for it (at most one request
-    /// timeout), so it cannot register again behind a revoke.
+    /// Stops the keep-alive thread and waits for it, so it cannot register
+    /// again behind a revoke. The thread ends once the requests under way
+    /// are done: a keep-alive, and when that found the lease lost, the
+    /// re-registration (grant, put, and a revoke if the put failed). Each
+    /// request may take `request_timeout` per endpoint it tries, so the wait
+    /// is at most 4 × endpoints × `request_timeout` (usually nothing: the
+    /// thread is asleep between renewals).
     fn stop_keepalive(&mut self) {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take()
