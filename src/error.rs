@@ -39,12 +39,15 @@ pub enum Error {
         /// What the last connect attempt saw, e.g. `io_error (Connection refused)`.
         detail: String,
     },
-    /// A [`ClusterClient`](crate::cluster::ClusterClient) call found no
-    /// healthy provider of its service (none connected and answering its
-    /// heartbeats, or the registry lists none). It fails at once instead of
-    /// waiting, and the request was not sent to any provider (or, after a
-    /// failover, not to any but those that already failed it). Retry later,
-    /// or check that the providers run and are registered.
+    /// A [`ClusterClient`](crate::cluster::ClusterClient) call that no
+    /// provider took: it found no healthy provider of its service (none
+    /// connected and answering its heartbeats, or the registry lists none),
+    /// and fails at once instead of waiting; or every provider it tried
+    /// refused the request before running it (not connected by then,
+    /// `ShuttingDown`, `Overloaded`) until it ran out of healthy providers,
+    /// retries or time, and the detail ends with the last refusal. Either
+    /// way the request ran nowhere. Retry later, or check that the
+    /// providers run, are registered and are not overloaded.
     #[error("no healthy provider for service {service}: {detail}")]
     NoProvider {
         /// The service called: its name, then `:version` and `@group` when
