@@ -143,19 +143,27 @@ impl Server {
 
     /// The live consumers: address, connected since, last seen, smoothed RTT.
     /// Empty once the server is shut down.
+    ///
+    /// Each event loop lists its own consumers. Called from an inline
+    /// handler, the list lacks those of the handler's loop, which cannot
+    /// answer while it runs the handler; a pool handler sees them all.
     pub fn peers(&self) -> Vec<PeerInfo> {
         let state = self.state.lock();
         let Some(running) = state.as_ref() else {
             return Vec::new();
         };
         let (tx, rx) = crossbeam_channel::unbounded();
-        for handle in running.runtime.loops() {
-            handle.send(Command::Peers(tx.clone()));
+        let here = running.runtime.loop_on(std::thread::current().id());
+        let asked = running.runtime.loops().len() - usize::from(here.is_some());
+        for (index, handle) in running.runtime.loops().iter().enumerate() {
+            if Some(index) != here {
+                handle.send(Command::Peers(tx.clone()));
+            }
         }
         drop(tx);
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut peers = Vec::new();
-        for _ in running.runtime.loops() {
+        for _ in 0..asked {
             match rx.recv_deadline(deadline) {
                 Ok(mut some) => peers.append(&mut some),
                 Err(_) => break,
@@ -202,45 +210,95 @@ impl Server {
     /// ShuttingDown, lets handlers already running finish and their responses
     /// go out, then sends Close(Normal) to every consumer and stops every
     /// thread. Idempotent; also done on drop.
+    ///
+    /// Called from one of this server's own handlers (an admin method that
+    /// stops the server, say), it cannot wait for that handler's thread to
+    /// end: it returns at once, and the shutdown goes on on a thread of its
+    /// own, the handler's answer still sent before the Close.
     pub fn shutdown(&self) {
-        let Some(mut running) = self.state.lock().take() else {
+        let Some(running) = self.state.lock().take() else {
             return;
         };
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
-        let _ = done_rx.recv_timeout(Duration::from_secs(5));
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
-        // Queued jobs run first: a worker stops at the first Stop it receives.
-        for _ in &running.workers {
-            self.shared.jobs.push_always(Job::Stop);
-        }
-        for worker in running.workers.drain(..) {
-            if worker.join().is_err() {
-                log::error!("a worker thread panicked");
-            }
-        }
-        // A request dispatched just before the flag was set may have been
-        // queued behind the Stops: answer it rather than leave it hanging.
-        self.shared.jobs.close();
-        for job in self.shared.jobs.drain() {
-            if let Job::Run {
-                conn, id, one_way, ..
-            } = job
-            {
-                let response = encode_error_response(
-                    id,
-                    ResponseStatus::ShuttingDown,
-                    "the server is shutting down",
+        if running.owns_current_thread() {
+            // Handed over through a slot, so that it can be taken back here
+            // if no thread can be started.
+            let handover = Arc::new(Mutex::new(Some(running)));
+            let (slot, shared, addr) = (
+                Arc::clone(&handover),
+                Arc::clone(&self.shared),
+                self.local_addr,
+            );
+            let spawned = std::thread::Builder::new()
+                .name("pulse-shutdown".into())
+                .spawn(move || {
+                    if let Some(running) = slot.lock().take() {
+                        stop(running, &shared, addr);
+                    }
+                });
+            if let Err(e) = spawned {
+                // Here, then: it waits for this handler's call for up to
+                // `linger`, and never joins this thread.
+                log::error!(
+                    "server on {addr}: no thread for its shutdown ({e}); shutting down here"
                 );
-                finish(&conn, response, one_way);
+                if let Some(running) = handover.lock().take() {
+                    stop(running, &self.shared, addr);
+                }
             }
+            return;
         }
-        running.runtime.shutdown(Some((
-            CloseStatus::Normal,
-            "server shutting down".to_string(),
-        )));
-        log::info!("server on {} shut down", self.local_addr);
+        stop(running, &self.shared, self.local_addr);
     }
+}
+
+impl Running {
+    /// Whether the calling thread is one of this server's workers or event
+    /// loops, which its shutdown waits for.
+    fn owns_current_thread(&self) -> bool {
+        let me = std::thread::current().id();
+        self.workers.iter().any(|w| w.thread().id() == me) || self.runtime.loop_on(me).is_some()
+    }
+}
+
+/// The steps of [`Server::shutdown`], on a server taken out of its handle.
+fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
+    let _ = done_rx.recv_timeout(Duration::from_secs(5));
+    shared.shutting_down.store(true, Ordering::SeqCst);
+    // Queued jobs run first: a worker stops at the first Stop it receives.
+    for _ in &running.workers {
+        shared.jobs.push_always(Job::Stop);
+    }
+    let me = std::thread::current().id();
+    for worker in running.workers.drain(..) {
+        // Never itself (a handler's shutdown with no thread of its own):
+        // it stops at its Stop once its handler returns.
+        if worker.thread().id() != me && worker.join().is_err() {
+            log::error!("a worker thread panicked");
+        }
+    }
+    // A request dispatched just before the flag was set may have been
+    // queued behind the Stops: answer it rather than leave it hanging.
+    shared.jobs.close();
+    for job in shared.jobs.drain() {
+        if let Job::Run {
+            conn, id, one_way, ..
+        } = job
+        {
+            let response = encode_error_response(
+                id,
+                ResponseStatus::ShuttingDown,
+                "the server is shutting down",
+            );
+            finish(&conn, response, one_way);
+        }
+    }
+    running.runtime.shutdown(Some((
+        CloseStatus::Normal,
+        "server shutting down".to_string(),
+    )));
+    log::info!("server on {local_addr} shut down");
 }
 
 impl Drop for Server {

@@ -1199,6 +1199,71 @@ fn hold_one_way_calls_past_the_heartbeat_bound(provider_pings: bool) {
 }
 
 #[test]
+fn a_handler_may_shut_its_own_server_down() {
+    for mode in [HandlerMode::Pool, HandlerMode::Inline] {
+        // The handler reaches its server through a `Weak` (a strong one
+        // would keep the server alive from inside its own registry).
+        let slot: Arc<std::sync::OnceLock<std::sync::Weak<Server>>> = Arc::default();
+        let reach = Arc::clone(&slot);
+        let admin = ServiceBuilder::new("admin").method_with_mode("stop", mode, move |_: ()| {
+            let server = reach.get().and_then(std::sync::Weak::upgrade);
+            let server = server.ok_or("no server to stop")?;
+            server.shutdown();
+            Ok::<_, String>("stopping")
+        });
+        let config = ServerConfig {
+            event_loops: 1, // the inline handler runs on loop 0, the listener's
+            ..ServerConfig::default()
+        };
+        let server = Arc::new(server_with(config, vec![admin]));
+        slot.set(Arc::downgrade(&server)).unwrap();
+        let client = client(&server);
+        let events = client.events();
+        let started = Instant::now();
+        // Answered before the Close: the shutdown waits for the handler.
+        assert_eq!(
+            client.call::<_, String>("admin", "stop", &()).unwrap(),
+            "stopping",
+            "{mode:?}"
+        );
+        let reason = wait_disconnected(&events, server.local_addr());
+        assert_eq!(reason, DisconnectReason::PeerShutdown, "{mode:?}");
+        wait_until(PROMPTLY, "the server to shut down", || {
+            server.connection_count() == 0 && server.peers().is_empty()
+        });
+        assert!(
+            std::net::TcpStream::connect(server.local_addr()).is_err(),
+            "{mode:?}: still accepting"
+        );
+        // Not after a wait for itself (5 s per wait before).
+        assert!(started.elapsed() < Duration::from_secs(4), "{mode:?}");
+    }
+}
+
+#[test]
+fn peers_called_from_an_inline_handler_lists_the_other_loops_at_once() {
+    let slot: Arc<std::sync::OnceLock<std::sync::Weak<Server>>> = Arc::default();
+    let reach = Arc::clone(&slot);
+    let admin = ServiceBuilder::new("admin").method_inline("peers", move |_: ()| {
+        let server = reach.get().and_then(std::sync::Weak::upgrade);
+        let server = server.ok_or("no server")?;
+        Ok::<_, String>(server.peers().len() as u64)
+    });
+    let config = ServerConfig {
+        event_loops: 1,
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![admin]));
+    slot.set(Arc::downgrade(&server)).unwrap();
+    let client = client(&server);
+    let started = Instant::now();
+    // Its one loop runs the handler: no peer listed, and no 5 s wait for it.
+    assert_eq!(client.call::<_, u64>("admin", "peers", &()).unwrap(), 0);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(server.peers().len(), 1);
+}
+
+#[test]
 fn shutdown_with_calls_in_flight_answers_or_fails_every_call() {
     const SLEEPERS: usize = 8;
     let (entered_tx, entered_rx) = crossbeam_channel::unbounded::<()>();

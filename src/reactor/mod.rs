@@ -460,6 +460,14 @@ impl Runtime {
     }
 
     /// The loops, in index order.
+    /// The index of the running event loop whose thread is `id`, if any.
+    pub(crate) fn loop_on(&self, id: std::thread::ThreadId) -> Option<usize> {
+        self.threads
+            .lock()
+            .iter()
+            .position(|t| matches!(t, LoopThread::Running(h) if h.thread().id() == id))
+    }
+
     pub(crate) fn loops(&self) -> &[LoopHandle] {
         &self.loops
     }
@@ -489,9 +497,12 @@ impl Runtime {
             }
         }
         // A loop never started gets its command too, and drops it with its
-        // channel here, unread.
+        // channel here, unread. A loop never joins itself (a server shut
+        // down from one of its inline handlers): it exits on its command.
+        let me = std::thread::current().id();
         for thread in self.threads.get_mut().iter_mut() {
             if let LoopThread::Running(handle) = std::mem::replace(thread, LoopThread::Stopped)
+                && handle.thread().id() != me
                 && handle.join().is_err()
             {
                 log::error!("an event loop thread panicked");
