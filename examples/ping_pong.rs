@@ -161,9 +161,9 @@ provider, and --max-inflight and the per-connection ones to the consumer too.
                              the excess answered Overloaded (default {server_inflight});
                              client: calls waiting for a response, the excess
                              fails at once (default {client_inflight})
-  --max-write-queue-bytes N  bytes queued for writing on one connection before
+  --max-write-queue-bytes N  memory queued frames may hold on one connection before
                              new frames are refused as overloaded; at least the
-                             max frame length, {max_frame_len} (default {max_write_queue})
+                             largest frame, {max_frame_len} + 20 (default {max_write_queue})
   --min-ping-interval-ms N   pings from the peer closer than this are strikes;
                              more than {strikes} in a row: Close(TooManyPings) (default {min_ping})
   --frame-timeout-ms N       a frame must be complete this long after its first

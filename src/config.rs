@@ -37,7 +37,7 @@ pub struct ConnectionConfig {
     /// 40 bytes of bookkeeping (its queue slot and its heap block's
     /// header): a 21-byte response counts 168 bytes or more. An empty
     /// queue still takes one frame whose length is within this bound, so
-    /// it must be at least `max_frame_len`.
+    /// it must be at least `max_frame_len` plus a 20-byte header.
     pub max_write_queue_bytes: usize,
     /// Resolution of the timer wheel. Default 5 ms.
     pub timer_tick: Duration,
@@ -121,8 +121,14 @@ impl ConnectionConfig {
                 self.max_frame_len
             ));
         }
-        if self.max_write_queue_bytes < self.max_frame_len as usize {
-            return Err("max_write_queue_bytes must be at least max_frame_len".into());
+        // A whole frame is its header and a body of up to `max_frame_len`.
+        let largest_frame = self.max_frame_len as usize + crate::protocol::HEADER_LEN;
+        if self.max_write_queue_bytes < largest_frame {
+            return Err(format!(
+                "max_write_queue_bytes must be at least max_frame_len + {} (a header), {largest_frame}, got {}",
+                crate::protocol::HEADER_LEN,
+                self.max_write_queue_bytes
+            ));
         }
         if self.timer_tick < Duration::from_millis(1) {
             return Err("timer_tick must be at least 1 ms".into());
@@ -532,6 +538,18 @@ mod tests {
         c.connection.busy_poll = Duration::from_secs(2);
         assert!(c.validate().unwrap_err().contains("busy_poll"));
         c.connection.busy_poll = Duration::ZERO;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_write_queue_holds_at_least_one_largest_frame() {
+        let mut c = ConnectionConfig {
+            max_frame_len: 1 << 20,
+            max_write_queue_bytes: 1 << 20,
+            ..ConnectionConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("max_write_queue_bytes"));
+        c.max_write_queue_bytes = (1 << 20) + crate::protocol::HEADER_LEN;
         c.validate().unwrap();
     }
 

@@ -196,7 +196,9 @@ impl EventLoop {
         let Some(ctl) = self.links.get(&link_id) else {
             return;
         };
-        if ctl.removed || ctl.conn.is_some() {
+        // A client shut down between a reconnect timer firing and its
+        // `RemoveLink` arriving: no attempt (the command removes the link).
+        if ctl.removed || ctl.conn.is_some() || ctl.link.is_shut_down() {
             return;
         }
         let link = ctl.link.clone();
