@@ -685,17 +685,7 @@ fn an_overloaded_provider_is_passed_over_for_any_method() {
         } else {
             server_config.max_inflight = 1;
         }
-        let slow = ServiceBuilder::new(SERVICE)
-            .method("work", |_: ()| {
-                std::thread::sleep(Duration::from_millis(1500));
-                Ok::<_, String>(99u32)
-            })
-            .method_inline("incr", |_: ()| Ok::<_, String>(99u32));
-        let target_server = Server::builder()
-            .config(server_config)
-            .service(slow)
-            .bind("127.0.0.1:0")
-            .expect("bind the target");
+        let target_server = slow_target(server_config);
         let target = target_server.local_addr();
         let mut endpoints: Vec<Endpoint> =
             providers.iter().map(|p| Endpoint::new(p.addr())).collect();
@@ -732,6 +722,22 @@ fn an_overloaded_provider_is_passed_over_for_any_method() {
     }
 }
 
+/// A provider of `SERVICE` with `config` whose `work` takes 1.5 s (on the
+/// pool) and whose `incr` answers at once (inline); both return 99.
+fn slow_target(config: ServerConfig) -> Server {
+    let slow = ServiceBuilder::new(SERVICE)
+        .method("work", |_: ()| {
+            std::thread::sleep(Duration::from_millis(1500));
+            Ok::<_, String>(99u32)
+        })
+        .method_inline("incr", |_: ()| Ok::<_, String>(99u32));
+    Server::builder()
+        .config(config)
+        .service(slow)
+        .bind("127.0.0.1:0")
+        .expect("bind the target")
+}
+
 /// A call that no provider took ends with `NoProvider`, whether it ran out
 /// of providers or of its retry budget, and says what the last one said:
 /// here every attempt was refused as overloaded, which a caller would
@@ -743,17 +749,7 @@ fn a_call_every_provider_refused_fails_with_no_provider() {
     let mut server_config = ServerConfig::default();
     server_config.connection.heartbeat = heartbeat();
     server_config.max_inflight = 1;
-    let slow = ServiceBuilder::new(SERVICE)
-        .method("work", |_: ()| {
-            std::thread::sleep(Duration::from_millis(1500));
-            Ok::<_, String>(99u32)
-        })
-        .method_inline("incr", |_: ()| Ok::<_, String>(99u32));
-    let target_server = Server::builder()
-        .config(server_config)
-        .service(slow)
-        .bind("127.0.0.1:0")
-        .expect("bind the target");
+    let target_server = slow_target(server_config);
     let target = target_server.local_addr();
     // Over the target alone; and over the target and a free provider, with
     // no retry.

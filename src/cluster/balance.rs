@@ -281,16 +281,20 @@ impl SmoothWeightedRoundRobin {
     }
 }
 
+/// Whether `members` (address, weight) are `candidates`, in the same order:
+/// a balancer with state per member rebuilds it when they are not.
+fn same_members(members: &[(SocketAddr, u32)], candidates: &[Candidate]) -> bool {
+    members.len() == candidates.len()
+        && members
+            .iter()
+            .zip(candidates)
+            .all(|((a, w), c)| *a == c.addr && *w == c.weight)
+}
+
 impl LoadBalancer for SmoothWeightedRoundRobin {
     fn pick(&self, candidates: &[Candidate], _key: Option<&[u8]>) -> usize {
         let mut state = self.state.lock();
-        let same = state.members.len() == candidates.len()
-            && state
-                .members
-                .iter()
-                .zip(candidates)
-                .all(|((a, w), c)| *a == c.addr && *w == c.weight);
-        if !same {
+        if !same_members(&state.members, candidates) {
             state.members = candidates.iter().map(|c| (c.addr, c.weight)).collect();
             state.current = vec![0; candidates.len()];
         }
@@ -415,13 +419,7 @@ impl LoadBalancer for ConsistentHash {
             return self.rng.below(candidates.len() as u64) as usize;
         };
         let mut ring = self.ring.lock();
-        let same = ring.members.len() == candidates.len()
-            && ring
-                .members
-                .iter()
-                .zip(candidates)
-                .all(|((a, w), c)| *a == c.addr && *w == c.weight);
-        if !same {
+        if !same_members(&ring.members, candidates) {
             *ring = self.build(candidates.iter().map(|c| (c.addr, c.weight)).collect());
         }
         if ring.points.is_empty() {

@@ -1148,17 +1148,7 @@ mod tests {
         let mut config = EtcdConfig::new([frozen.host.clone(), other.host.clone()]);
         config.request_timeout = Duration::from_millis(300);
         config.idle_check = Duration::from_millis(300);
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
-        let mut w = Watcher {
-            registry: EtcdRegistry::new(config).unwrap(),
-            prefix: "/pulse/services/demo///".into(),
-            known: BTreeMap::new(),
-            sent: Vec::new(),
-            revision: 1,
-            tx,
-            stop,
-        };
+        let (mut w, _rx, stop_tx) = watcher_on(EtcdRegistry::new(config).unwrap());
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let watching = std::thread::spawn(move || {
             let ended = match w.watch_once() {
@@ -1275,10 +1265,16 @@ mod tests {
     }
 
     fn watcher() -> (Watcher, Receiver<WatchEvent>, Sender<()>) {
+        watcher_on(EtcdRegistry::from_url("127.0.0.1:1").unwrap())
+    }
+
+    /// A watcher of service `demo` on `registry`, at revision 1, knowing
+    /// nothing yet; with its events' receiver and its stop sender.
+    fn watcher_on(registry: EtcdRegistry) -> (Watcher, Receiver<WatchEvent>, Sender<()>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop) = crossbeam_channel::bounded(0);
         let w = Watcher {
-            registry: EtcdRegistry::from_url("127.0.0.1:1").unwrap(),
+            registry,
             prefix: "/pulse/services/demo///".into(),
             known: BTreeMap::new(),
             sent: Vec::new(),
