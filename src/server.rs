@@ -281,23 +281,32 @@ fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
     // A request dispatched just before the flag was set may have been
     // queued behind the Stops: answer it rather than leave it hanging.
     shared.jobs.close();
+    let mut stops_left = 0;
     for job in shared.jobs.drain() {
-        if let Job::Run {
-            conn, id, one_way, ..
-        } = job
-        {
-            let response = encode_error_response(
-                id,
-                ResponseStatus::ShuttingDown,
-                "the server is shutting down",
-            );
-            finish(&conn, response, one_way);
+        match job {
+            Job::Run {
+                conn, id, one_way, ..
+            } => {
+                let response = encode_error_response(
+                    id,
+                    ResponseStatus::ShuttingDown,
+                    "the server is shutting down",
+                );
+                finish(&conn, response, one_way);
+            }
+            // The Stop of a worker still in its handler (this thread,
+            // shutting down from it): queued again for it to take.
+            Job::Stop => stops_left += 1,
         }
+    }
+    for _ in 0..stops_left {
+        shared.jobs.push_always(Job::Stop);
     }
     running.runtime.shutdown(Some((
         CloseStatus::Normal,
         "server shutting down".to_string(),
     )));
+    shared.queue_holds.forget_all();
     log::info!("server on {local_addr} shut down");
 }
 
@@ -332,6 +341,19 @@ pub(crate) struct QueueHolds {
 impl QueueHolds {
     fn add(&self, conn: &Arc<ConnShared>) {
         self.conns.lock().push(Arc::clone(conn));
+    }
+
+    /// Connections held since the workers last made room: one per job
+    /// queued past the bound meanwhile, whether its connection is still
+    /// open or not.
+    fn len(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Lets go of every held connection without resuming it (a shut-down
+    /// server's: their sockets close with their last reference).
+    fn forget_all(&self) {
+        self.conns.lock().clear();
     }
 
     /// Lets every held connection read on (one that closed meanwhile, or was
@@ -595,6 +617,24 @@ impl ServerShared {
                     one_way,
                 };
                 let pushed = match self.jobs.try_push(job) {
+                    Err(PushError::Full(job))
+                        if one_way && self.queue_holds.len() >= self.config.max_connections =>
+                    {
+                        // A one-way call finding the queue full (see the next
+                        // arm), with as many jobs past the bound as
+                        // connections may be open: some are of connections
+                        // gone since (a consumer that resets and connects
+                        // again), and taking one more per connection would
+                        // grow the queue without end. This call is dropped,
+                        // and its connection closed, so its consumer knows.
+                        let detail = "the worker queue is full, past its bound by max_connections one-way calls";
+                        log::warn!("{}: closing: {detail}", conn.peer);
+                        conn.request_close(
+                            CloseStatus::Overloaded,
+                            DisconnectReason::Overloaded(detail.to_string()),
+                        );
+                        Err(PushError::Full(job))
+                    }
                     // A one-way call has no answer to refuse it with: it is
                     // queued anyway, and the connection reads nothing more
                     // until the workers have taken the queue below half (a
@@ -627,5 +667,61 @@ impl ServerShared {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Server::shutdown` from a pool handler, when no thread can be started
+    /// for it, runs `stop` on the handler's own worker. That worker must
+    /// still exit once its handler returns: its Stop, drained by `stop`, is
+    /// queued again. Here the fallback is taken directly, as the handler
+    /// would.
+    #[test]
+    fn a_worker_that_ran_its_servers_stop_itself_exits_after_its_handler() {
+        let slot: Arc<std::sync::OnceLock<std::sync::Weak<Server>>> = Arc::default();
+        let reach = Arc::clone(&slot);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let admin = ServiceBuilder::new("admin").method("stop", move |_: ()| {
+            let server = reach.get().and_then(std::sync::Weak::upgrade);
+            let server = server.ok_or("no server")?;
+            // What `shutdown` does here when its thread cannot be spawned.
+            if let Some(running) = server.state.lock().take() {
+                assert!(running.owns_current_thread());
+                stop(running, &server.shared, server.local_addr);
+            }
+            let _ = done_tx.send(());
+            Ok::<_, String>(())
+        });
+        let config = ServerConfig {
+            worker_threads: 2,
+            event_loops: 1,
+            linger: Duration::from_millis(50),
+            ..ServerConfig::default()
+        };
+        let server = Arc::new(
+            Server::builder()
+                .config(config)
+                .service(admin)
+                .bind("127.0.0.1:0")
+                .expect("bind"),
+        );
+        slot.set(Arc::downgrade(&server)).unwrap();
+        // Each worker holds a clone of `queue_holds` until it ends.
+        let holds = Arc::clone(&server.shared.queue_holds);
+        let client = crate::Client::connect(server.local_addr(), crate::ClientConfig::default())
+            .expect("connect");
+        client.send_one_way("admin", "stop", &()).expect("send");
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the handler ran stop");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&holds) > 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // This test's and `ServerShared`'s.
+        assert_eq!(Arc::strong_count(&holds), 2, "a worker thread never exited");
     }
 }

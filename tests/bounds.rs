@@ -397,6 +397,74 @@ fn disconnect_reasons(events: &crossbeam_channel::Receiver<Event>) -> Vec<Discon
         .collect()
 }
 
+/// A full worker queue takes a one-way call past its bound by at most one
+/// job per connection that may be open (`max_connections`). A consumer
+/// that resets each connection once its call is held there, and connects
+/// again, would add one more job per connection while the queue stays
+/// over half: past `max_connections` such jobs a new one is dropped and
+/// its connection closed with Close(Overloaded).
+#[test]
+fn connections_reset_while_held_for_a_full_queue_do_not_grow_it_past_its_bound() {
+    let _shared = MEMORY.shared();
+    let config = ServerConfig {
+        worker_threads: 1,
+        worker_queue: 4,
+        max_connections: 1,
+        ..server_config()
+    };
+    // 1 running, 4 queued, the 6th past the bound: held.
+    let HeldConsumer {
+        gate,
+        server,
+        mut raw,
+        entered,
+    } = gated_consumer(config, 6, 1, false);
+    let events = server.events();
+    // Held: a Ping behind the calls stays unread.
+    raw.send(&encode_ping(9));
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while let Ok(Some(frame)) = raw.read(deadline) {
+        assert_eq!(
+            frame.header.kind,
+            Kind::Ping,
+            "{:?} came while held",
+            frame.header
+        );
+    }
+    raw.reset();
+    wait_connection_count(&server, 0);
+    const CYCLES: u64 = 30;
+    for id in 0..CYCLES {
+        let mut raw = RawPeer::connect(server.local_addr());
+        let one_way = encode_request(Kind::OneWay, 100 + id, "gated", "", "", "hold", &());
+        raw.send(&one_way.expect("encode a one-way call"));
+        let close = raw.expect_close_then_end(PROMPTLY);
+        assert_close(&close, CloseStatus::Overloaded, "worker queue is full");
+        raw.reset();
+        wait_connection_count(&server, 0);
+    }
+    drop(gate);
+    // At most running + worker_queue + one per connection (at most one
+    // open): 6. Only 5 when the loop read all six calls before the worker
+    // took the first (then the 5th went past the bound and the 6th was
+    // never read); before the fix, one more per cycle.
+    wait_until(PROMPTLY, "the queued calls run", || {
+        entered.load(Ordering::SeqCst) >= 5
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let ran = entered.load(Ordering::SeqCst);
+    assert!(
+        ran <= 6,
+        "{ran} one-way calls ran: the queue grew past its bound"
+    );
+    let reasons = disconnect_reasons(&events);
+    let overloaded = reasons
+        .iter()
+        .filter(|r| matches!(r, DisconnectReason::Overloaded(_)))
+        .count();
+    assert_eq!(overloaded as u64, CYCLES, "{reasons:?}");
+}
+
 /// A consumer whose one-way calls are held (its `max_inflight` calls never
 /// finish) is not judged on its silence while connected, but once it ends
 /// its stream the provider no longer excuses it: the connection ends within
