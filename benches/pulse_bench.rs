@@ -205,7 +205,7 @@ fn method_notes(settings: &Settings) -> Vec<(String, String)> {
     vec![
         (
             "raw baseline".into(),
-            "blocking std::net over 127.0.0.1, 4-byte big-endian length prefix, TCP_NODELAY, one server thread per connection that echoes each frame (one write per frame, reads through a 256 KiB BufReader)".into(),
+            "blocking std::net over 127.0.0.1, 4-byte big-endian length prefix, TCP_NODELAY, one server thread per connection that echoes each frame; reads through a 256 KiB BufReader; the server buffers its echoes and flushes them with one write whenever its BufReader holds no complete next frame (with one call in flight: one write per echo); the pipelined caller refills its window of 64 with one write once it has consumed every reply it has read; the one-way sender writes 64 frames per write".into(),
         ),
         (
             "pulse".into(),

@@ -1,15 +1,29 @@
 //! The same-run baseline: blocking `std::net` request/response over loopback,
 //! a 4-byte big-endian length prefix, `TCP_NODELAY`, one server thread per
-//! connection. Each request and each response is one `write` syscall; reads
-//! go through a `BufReader`, so a small frame costs one `read`.
+//! connection. Reads go through a `BufReader`, so a small frame costs one
+//! `read`. Writes are batched the way an event loop batches them, so that
+//! pipelined and one-way rows compare like with like:
+//!
+//! - the echo server writes its echoes into a buffer and flushes it (one
+//!   `write`) whenever its `BufReader` holds no complete next frame, i.e.
+//!   before it would block for input. For sequential request/response only
+//!   one frame is ever buffered, so that is one `write` per echo, exactly as
+//!   an unbuffered server;
+//! - a sequential caller writes each request with one `write`;
+//! - the pipelined caller ([`RawClient::send_many`]) refills its whole
+//!   window with one `write` once it has consumed every reply it has read;
+//! - the one-way sender ([`RawClient::send_buffered`]) writes its frames
+//!   [`ONEWAY_BATCH`] at a time, one `write` per batch.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 const READ_BUF: usize = 256 * 1024;
+/// Frames a buffered one-way sender gathers before one `write`.
+pub const ONEWAY_BATCH: usize = 64;
 
 /// What the raw server does with each frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +86,19 @@ impl Drop for RawServer {
     }
 }
 
+/// Whether `buffered` starts with a whole length-prefixed frame.
+fn holds_frame(buffered: &[u8]) -> bool {
+    buffered.len() >= 4
+        && buffered.len() - 4
+            >= u32::from_be_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize
+}
+
 fn serve(stream: TcpStream, mode: RawMode, received: &AtomicU64) {
     let _ = stream.set_nodelay(true);
-    let Ok(mut writer) = stream.try_clone() else {
+    let Ok(writer) = stream.try_clone() else {
         return;
     };
+    let mut writer = BufWriter::with_capacity(READ_BUF, writer);
     let mut reader = BufReader::with_capacity(READ_BUF, stream);
     let mut frame = Vec::new();
     loop {
@@ -93,7 +115,11 @@ fn serve(stream: TcpStream, mode: RawMode, received: &AtomicU64) {
         }
         match mode {
             RawMode::Echo => {
+                // Buffered; flushed before the next read would block.
                 if writer.write_all(&frame).is_err() {
+                    return;
+                }
+                if !holds_frame(reader.buffer()) && writer.flush().is_err() {
                     return;
                 }
             }
@@ -109,6 +135,11 @@ pub struct RawClient {
     writer: TcpStream,
     reader: BufReader<TcpStream>,
     out: Vec<u8>,
+    /// Frames gathered by [`RawClient::send_many`] and
+    /// [`RawClient::send_buffered`].
+    batch: Vec<u8>,
+    /// Frames in `batch` not yet written ([`RawClient::send_buffered`]).
+    batched: usize,
     reply: Vec<u8>,
     payload_len: usize,
 }
@@ -125,6 +156,8 @@ impl RawClient {
             writer: stream,
             reader,
             out,
+            batch: Vec::new(),
+            batched: 0,
             reply: Vec::new(),
             payload_len: payload.len(),
         })
@@ -133,6 +166,45 @@ impl RawClient {
     /// Writes one request frame (one syscall).
     pub fn send(&mut self) -> io::Result<()> {
         self.writer.write_all(&self.out)
+    }
+
+    /// Writes `n` request frames with one `write` (one syscall for small
+    /// frames).
+    pub fn send_many(&mut self, n: usize) -> io::Result<()> {
+        self.batch.clear();
+        for _ in 0..n {
+            self.batch.extend_from_slice(&self.out);
+        }
+        self.writer.write_all(&self.batch)
+    }
+
+    /// Queues one frame; writes the queue with one `write` once it holds
+    /// [`ONEWAY_BATCH`] frames. [`RawClient::flush`] (or dropping the
+    /// client) writes the rest.
+    pub fn send_buffered(&mut self) -> io::Result<()> {
+        self.batch.extend_from_slice(&self.out);
+        self.batched += 1;
+        if self.batched >= ONEWAY_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the frames queued by [`RawClient::send_buffered`].
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.batched > 0 {
+            self.batched = 0;
+            let result = self.writer.write_all(&self.batch);
+            self.batch.clear();
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Whether a whole response frame is already read and buffered (the
+    /// next [`RawClient::recv`] will not block).
+    pub fn reply_buffered(&self) -> bool {
+        holds_frame(self.reader.buffer())
     }
 
     /// Reads one response frame and checks its length.
@@ -155,5 +227,12 @@ impl RawClient {
     pub fn call(&mut self) -> io::Result<()> {
         self.send()?;
         self.recv()
+    }
+}
+
+impl Drop for RawClient {
+    /// Sends what [`RawClient::send_buffered`] queued.
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
