@@ -354,7 +354,7 @@ impl Report {
                         .map_or("–".into(), |b| format!("{} of {b}", fmt_ratio(r.ratio))),
                     handled_cell(r),
                     r.cpu_us_per_op,
-                    errors_cell(r.errors, r.first_error.as_deref()),
+                    tp_errors_cell(r),
                 );
             }
             s.push('\n');
@@ -761,8 +761,8 @@ pub fn print_tp(r: &ThroughputRow) {
             "  handled/s {}",
             handled_cell(r)
         )),
-        if r.errors > 0 {
-            format!("  errors {}", r.errors)
+        if r.errors + r.warmup_errors > 0 {
+            format!("  errors {} (+{} in warm-ups)", r.errors, r.warmup_errors)
         } else {
             String::new()
         }
@@ -816,6 +816,23 @@ fn handled_cell(r: &ThroughputRow) -> String {
 fn kernel_cell(h: &HeartbeatRow) -> String {
     h.kernel_share_pct
         .map_or("—".to_string(), |k| format!("{k:.0} %"))
+}
+
+/// A throughput row's errors in its windows, then those in its warm-ups
+/// when there were any, and the first error with where it happened.
+fn tp_errors_cell(r: &ThroughputRow) -> String {
+    let cell = errors_cell(r.errors, r.first_error.as_deref());
+    if r.warmup_errors == 0 {
+        return cell;
+    }
+    let first = r
+        .first_error
+        .as_deref()
+        .map_or(String::new(), |e| format!(" ({})", e.replace('|', "/")));
+    format!(
+        "{} in the windows + {} in the warm-ups{first}",
+        r.errors, r.warmup_errors
+    )
 }
 
 fn errors_cell(n: u64, first: Option<&str>) -> String {

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -54,7 +54,13 @@ pub struct ThroughputRow {
     pub window_s: f64,
     /// Calls counted, all rounds together.
     pub ops: u64,
+    /// Errors in the windows, all rounds together.
     pub errors: u64,
+    /// Errors in the warm-ups before the windows, all rounds together.
+    #[serde(default)]
+    pub warmup_errors: u64,
+    /// The first error of any round, labelled with where it happened (in
+    /// the warm-up, in the window or after it).
     pub first_error: Option<String>,
     /// Calls completed (or one-way sends accepted) per second: the median
     /// of the [`ROUNDS`] rounds' rates, the figure compared and checked
@@ -66,8 +72,13 @@ pub struct ThroughputRow {
     /// The rate per slice of the rounds' windows: lowest, median, highest.
     #[serde(default)]
     pub slice_ops_per_s: [f64; 3],
-    /// One-way only: calls the provider handled per second, over all rounds.
+    /// One-way only: calls the provider handled per second, the median of
+    /// the rounds' rates (each round: handled in its window ÷ the window),
+    /// like `ops_per_s`.
     pub handled_per_s: Option<f64>,
+    /// One-way only: each round's handled rate, in the order measured.
+    #[serde(default)]
+    pub round_handled_per_s: Vec<f64>,
     /// One-way only: sends accepted in all rounds, warm-ups and the ends
     /// after the windows included, and how many of them the provider never
     /// handled (counted once it had drained each round).
@@ -80,6 +91,12 @@ pub struct ThroughputRow {
     pub ratio: Option<f64>,
 }
 
+/// Where [`measure`] is when a caller thread meets an error, for the first
+/// error's label.
+const PHASE_WARMUP: u8 = 0;
+const PHASE_WINDOW: u8 = 1;
+const PHASE_AFTER: u8 = 2;
+
 /// A per-thread counter on its own cache line.
 #[repr(align(128))]
 #[derive(Default)]
@@ -89,7 +106,10 @@ type Op = Box<dyn FnMut() -> Result<(), String> + Send>;
 
 struct Measured {
     ops: u64,
+    /// Errors in the window.
     errors: u64,
+    /// Errors in the warm-up before the window.
+    warmup_errors: u64,
     first_error: Option<String>,
     secs: f64,
     cpu: Duration,
@@ -113,16 +133,18 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
         Arc::new((0..ops.len()).map(|_| Counter::default()).collect());
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(Mutex::new(None::<String>));
+    let phase = Arc::new(AtomicU8::new(PHASE_WARMUP));
     let handled_before = handled.map(|h| h.load(Ordering::Relaxed));
     let threads: Vec<_> = ops
         .into_iter()
         .enumerate()
         .map(|(i, mut op)| {
-            let (stop, counters, errors, first_error) = (
+            let (stop, counters, errors, first_error, phase) = (
                 stop.clone(),
                 counters.clone(),
                 errors.clone(),
                 first_error.clone(),
+                phase.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("bench-caller-{i}"))
@@ -136,7 +158,14 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
                             }
                             Err(e) => {
                                 errors.fetch_add(1, Ordering::Relaxed);
-                                first_error.lock().get_or_insert(e);
+                                first_error.lock().get_or_insert_with(|| {
+                                    let when = match phase.load(Ordering::Relaxed) {
+                                        PHASE_WARMUP => "in the warm-up",
+                                        PHASE_WINDOW => "in the window",
+                                        _ => "after the window",
+                                    };
+                                    format!("{e} ({when})")
+                                });
                                 consecutive += 1;
                                 if consecutive > 5 {
                                     std::thread::sleep(Duration::from_millis(10));
@@ -157,23 +186,31 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
         common::process_cpu(),
     );
     let handled0 = handled.map(|h| h.load(Ordering::Relaxed));
+    phase.store(PHASE_WINDOW, Ordering::Relaxed);
+    // Exactly SLICES_PER_ROUND slices: the k-th reading at t0 + k × slice,
+    // the last one at the window's end, which is also the window's reading.
     let mut slices = Vec::new();
     let (mut slice_ops, mut slice_t) = (ops0, t0);
     let slice = window / SLICES_PER_ROUND;
-    while t0.elapsed() + slice <= window {
-        std::thread::sleep(slice);
+    for k in 1..=SLICES_PER_ROUND {
+        let end = if k == SLICES_PER_ROUND {
+            window
+        } else {
+            slice * k
+        };
+        std::thread::sleep((t0 + end).saturating_duration_since(Instant::now()));
         let (ops, now) = (total(&counters), Instant::now());
         slices.push((ops - slice_ops) as f64 / (now - slice_t).as_secs_f64());
         (slice_ops, slice_t) = (ops, now);
     }
-    std::thread::sleep(window.saturating_sub(t0.elapsed()));
     let (ops1, err1, secs, cpu1) = (
-        total(&counters),
+        slice_ops,
         errors.load(Ordering::Relaxed),
-        t0.elapsed().as_secs_f64(),
+        (slice_t - t0).as_secs_f64(),
         common::process_cpu(),
     );
     let handled1 = handled.map(|h| h.load(Ordering::Relaxed));
+    phase.store(PHASE_AFTER, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
@@ -183,6 +220,7 @@ fn measure(ops: Vec<Op>, window: Duration, handled: Option<&AtomicU64>) -> Measu
     Measured {
         ops: ops1 - ops0,
         errors: err1 - err0,
+        warmup_errors: err0,
         first_error,
         secs,
         cpu: cpu1.saturating_sub(cpu0),
@@ -254,20 +292,21 @@ impl<'a> Spec<'a> {
         let ops: u64 = rounds.iter().map(|m| m.ops).sum();
         let cpu: Duration = rounds.iter().map(|m| m.cpu).sum();
         let round_rates: Vec<f64> = rounds.iter().map(|m| m.ops as f64 / m.secs).collect();
-        let handled = rounds
+        let round_handled: Option<Vec<f64>> = rounds
             .iter()
-            .map(|m| m.handled)
-            .sum::<Option<u64>>()
-            .map(|n| n as f64 / secs);
+            .map(|m| m.handled.map(|n| n as f64 / m.secs))
+            .collect();
+        let handled = round_handled.as_ref().map(|r| spread(r.clone())[1]);
         let sent_and_lost = rounds.iter().try_fold((0, 0), |(sent, lost), m| {
             m.lost.map(|l| (sent + m.sent, lost + l))
         });
         let [_, median, _] = spread(round_rates.clone());
-        let mut errors = 0;
+        let (mut errors, mut warmup_errors) = (0, 0);
         let mut first_error = None;
         let mut slices = Vec::new();
         for m in rounds {
             errors += m.errors;
+            warmup_errors += m.warmup_errors;
             first_error = first_error.or(m.first_error);
             slices.extend(m.slices);
         }
@@ -282,11 +321,13 @@ impl<'a> Spec<'a> {
             window_s: secs,
             ops,
             errors,
+            warmup_errors,
             first_error,
             ops_per_s: median,
             round_ops_per_s: round_rates,
             slice_ops_per_s: spread(slices),
             handled_per_s: handled,
+            round_handled_per_s: round_handled.unwrap_or_default(),
             sent_and_lost,
             cpu_us_per_op: cpu.as_secs_f64() * 1e6 / ops.max(1) as f64,
             baseline: None,
