@@ -245,7 +245,7 @@ fn method_notes(settings: &Settings) -> Vec<(String, String)> {
         ),
         (
             "liveness".into(),
-            "client and server at 100 ms × 3 (Fixed mode, 5 ms tick). Detection: the client connects through an in-process proxy that, at a random phase, starts dropping every byte both ways while keeping the sockets open; time to the client's Disconnected event, ≥ 5 trials quick / 25 full. Reconnect: graceful provider shutdown, a random 0–400 ms pause, a new provider bound on the same port; time from that bind to the client's Connected event (default backoff 100 ms × 2 ± 20 %, probation shortened to 500 ms and waited out before each trial)".into(),
+            "client and server at 100 ms × 3 (Fixed mode, 5 ms tick). Detection: the client connects through an in-process proxy that, at a random phase, starts dropping every byte both ways while keeping the sockets open; time from the freeze and from the last byte delivered to the client's Disconnected event, ≥ 5 trials quick / 25 full. Reconnect: graceful provider shutdown, a random 0–400 ms pause, a new provider bound on the same port; time from the start of the successful bind call (before the listening socket exists) to the client's Connected event; due attempt → connected leaves out, and counts, trials whose successful attempt was due before the bind started; the detection target is checked against the p99 from the last byte delivered (default backoff 100 ms × 2 ± 20 %, probation shortened to 500 ms and waited out before each trial)".into(),
         ),
     ]
 }

@@ -41,7 +41,9 @@ pub struct LivenessResult {
     pub detection_reasons: Vec<String>,
     pub detection_errors: Vec<String>,
     /// Provider down for a random 0–400 ms (after a graceful shutdown), then
-    /// bound again on the same port: from that bind to `Connected`.
+    /// bound again on the same port: from the start of the successful
+    /// `Server::bind` call (before its listening socket exists; the call
+    /// also starts the loops and workers) to `Connected`.
     pub reconnect_from_bind: Distribution,
     /// From the start of the shutdown to `Connected` (the whole outage).
     pub reconnect_outage: Distribution,
@@ -49,6 +51,12 @@ pub struct LivenessResult {
     /// event plus the announced delay) to `Connected`: connect + first
     /// ping/pong, without the backoff wait.
     pub reconnect_attempt_to_connected: Distribution,
+    /// Trials left out of `reconnect_attempt_to_connected` because the
+    /// successful attempt was due before the bind started (its time would
+    /// include waiting for the provider), or no `Reconnecting` event was
+    /// seen.
+    #[serde(default)]
+    pub reconnect_attempt_excluded: usize,
     /// How long the graceful `Server::shutdown` (drop) took.
     pub provider_shutdown: Distribution,
     pub backoff: String,
@@ -302,14 +310,18 @@ pub fn run(settings: &Settings) -> Result<LivenessResult, String> {
             shutdown.push(t_shutdown.elapsed());
             std::thread::sleep(Duration::from_millis(rng.below(400)));
             let bind_deadline = Instant::now() + Duration::from_secs(3);
-            let restarted = loop {
+            // Taken before each bind attempt: the successful one's start is
+            // before its listening socket exists, so a client that connects
+            // while the server is still starting its loops is not credited
+            // with that time.
+            let (restarted, t_bind) = loop {
+                let t = Instant::now();
                 match rpc::start_provider_at(&addr.to_string(), server_config()) {
-                    Ok(p) => break Ok(p),
-                    Err(e) if Instant::now() > bind_deadline => break Err(e),
+                    Ok(p) => break (Ok(p), t),
+                    Err(e) if Instant::now() > bind_deadline => break (Err(e), t),
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             };
-            let t_bind = Instant::now();
             match restarted {
                 Ok(p) => provider = Some(p),
                 Err(e) => {
@@ -326,8 +338,9 @@ pub fn run(settings: &Settings) -> Result<LivenessResult, String> {
                     Ok((t, Event::Connected { .. })) => {
                         from_bind.push(t.saturating_duration_since(t_bind));
                         outage.push(t - t_shutdown);
-                        if let Some(due) = due.filter(|d| *d >= t_bind) {
-                            attempt.push(t.saturating_duration_since(due));
+                        match due.filter(|d| *d >= t_bind) {
+                            Some(due) => attempt.push(t.saturating_duration_since(due)),
+                            None => r.reconnect_attempt_excluded += 1,
                         }
                         break;
                     }

@@ -232,15 +232,20 @@ impl Report {
             });
         }
         if let Some(l) = &self.liveness
-            && l.detection_from_freeze.trials > 0
+            && l.detection_from_last_byte.trials > 0
         {
+            // The bound counts from the last byte delivered, which is at or
+            // before the freeze: that figure is the one checked.
             t.push(Target {
                 target: format!(
-                    "detection p99 ≤ max_missed × interval + tick + 10 ms = {:.0} ms",
+                    "detection p99, from the last byte delivered, ≤ max_missed × interval + tick + 10 ms = {:.0} ms",
                     l.target_ms
                 ),
-                measured: format!("{:.1} ms", l.detection_from_freeze.p99_ms),
-                met: Some(l.detection_from_freeze.p99_ms <= l.target_ms),
+                measured: format!(
+                    "{:.1} ms from the last byte delivered ({:.1} ms from the freeze)",
+                    l.detection_from_last_byte.p99_ms, l.detection_from_freeze.p99_ms
+                ),
+                met: Some(l.detection_from_last_byte.p99_ms <= l.target_ms),
             });
         }
         self.targets = t;
@@ -470,7 +475,10 @@ impl Report {
                     "detection, from last byte delivered",
                     &l.detection_from_last_byte,
                 ),
-                ("reconnect, from new bind", &l.reconnect_from_bind),
+                (
+                    "reconnect, from the start of the new bind",
+                    &l.reconnect_from_bind,
+                ),
                 (
                     "reconnect, whole outage (shutdown → connected)",
                     &l.reconnect_outage,
@@ -485,6 +493,13 @@ impl Report {
                     s,
                     "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
                     d.trials, d.min_ms, d.p50_ms, d.p90_ms, d.p99_ms, d.max_ms
+                );
+            }
+            if l.reconnect_attempt_excluded > 0 {
+                let _ = writeln!(
+                    s,
+                    "\n*Due attempt → connected* leaves out {} trial(s) whose successful attempt was due before the bind started (or had no `Reconnecting` event).",
+                    l.reconnect_attempt_excluded
                 );
             }
             let _ = writeln!(
