@@ -214,7 +214,7 @@ fn method_notes(settings: &Settings) -> Vec<(String, String)> {
         (
             "latency".into(),
             format!(
-                "one caller thread, sequential calls, {sizes} calls per implementation after a warm-up of 5 % (50–2,000 calls); each split in {} rounds interleaved between raw / pool / inline in rotating order; percentiles from hdrhistogram (ns, 3 significant digits) over all rounds; CPU per call is the whole process (client + server threads) from /proc/self/stat",
+                "one caller thread, sequential calls, {sizes} calls per implementation after a warm-up of 5 % (50–2,000 calls); each split in {} rounds interleaved between raw / raw-spin / pool / inline in rotating order; percentiles from hdrhistogram (ns, 3 significant digits) over all rounds; CPU per call is the whole process (client + server threads) from CLOCK_PROCESS_CPUTIME_ID; raw-spin: the raw echo with both ends on non-blocking sockets retrying reads for up to 100 µs (spin_loop between attempts; yield_now with one CPU) before one blocking read; ratios /raw compare with the blocking raw loop (issue 4's baseline, the targets), ratios /raw-spin with raw-spin",
                 latency::ROUNDS
             ),
         ),

@@ -190,10 +190,17 @@ impl Distribution {
 }
 
 /// CPU time (user + system) of this whole process, all threads including
-/// exited ones, from `/proc/self/stat` (10 ms resolution).
+/// exited ones: `CLOCK_PROCESS_CPUTIME_ID` (nanoseconds, from the
+/// scheduler's accounting), or `/proc/self/stat` (10 ms ticks) if that
+/// clock cannot be read.
 pub fn process_cpu() -> Duration {
-    let (user, system) = process_cpu_split();
-    user + system
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID) {
+        Ok(t) => Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32),
+        Err(_) => {
+            let (user, system) = process_cpu_split();
+            user + system
+        }
+    }
 }
 
 /// CPU time of this whole process in user space and in the kernel (`utime`
@@ -248,7 +255,7 @@ pub fn threads_cpu_precise() -> (Duration, &'static str) {
             "sum of /proc/self/task/*/sched se.sum_exec_runtime",
         )
     } else {
-        (process_cpu(), "/proc/self/stat utime+stime")
+        (process_cpu(), "CLOCK_PROCESS_CPUTIME_ID")
     }
 }
 

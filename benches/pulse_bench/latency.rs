@@ -1,6 +1,13 @@
 //! Sequential call latency: one caller thread, one call at a time, raw TCP vs
 //! pulse (pool and inline handlers), unpinned and with the whole process
 //! pinned to CPU 0 (a re-executed child under `taskset -c 0`).
+//!
+//! Two raw loops: `raw`, blocking reads at both ends (issue 4's baseline,
+//! the one the targets are checked against), and `raw-spin`, both ends
+//! retrying non-blocking reads for up to 100 µs before they block, as
+//! pulse's callers (`spin_wait`) and loops (`busy_poll`) do: the floor for
+//! a caller that spins. On one CPU the raw-spin ends yield between
+//! attempts.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +16,7 @@ use pulse::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{self, Percentiles, Settings};
-use crate::raw::{RawClient, RawMode, RawServer};
+use crate::raw::{RawClient, RawMode, RawServer, Spin};
 use crate::rpc::{self, Mode};
 
 /// Payload sizes and their call counts in a full run. 1 MiB is not in
@@ -33,7 +40,7 @@ const MAX_CONSECUTIVE_ERRORS: u64 = 5;
 pub struct LatencyRow {
     /// `unpinned` or `pinned-1core`.
     pub pinning: String,
-    /// `raw`, `pulse-pool` or `pulse-inline`.
+    /// `raw`, `raw-spin`, `pulse-pool` or `pulse-inline`.
     pub implementation: String,
     pub payload: usize,
     pub calls: u64,
@@ -47,6 +54,14 @@ pub struct LatencyRow {
     pub ratio_p50: Option<f64>,
     pub ratio_p99: Option<f64>,
     pub ratio_p999: Option<f64>,
+    /// The same ratios to `raw-spin` (both ends spinning on non-blocking
+    /// reads) of the same pinning and payload.
+    #[serde(default)]
+    pub ratio_spin_p50: Option<f64>,
+    #[serde(default)]
+    pub ratio_spin_p99: Option<f64>,
+    #[serde(default)]
+    pub ratio_spin_p999: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +76,7 @@ pub struct LatencyRun {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Impl {
     Raw,
+    RawSpin,
     Pulse(Mode),
 }
 
@@ -68,6 +84,7 @@ impl Impl {
     fn label(self) -> &'static str {
         match self {
             Impl::Raw => "raw",
+            Impl::RawSpin => "raw-spin",
             Impl::Pulse(mode) => mode.label(),
         }
     }
@@ -95,8 +112,17 @@ pub fn run(
     let provider = rpc::start_provider(config).map_err(|e| format!("start provider: {e}"))?;
     let client = rpc::connect(&provider).map_err(|e| format!("connect client: {e}"))?;
     let raw = RawServer::start(RawMode::Echo).map_err(|e| format!("start raw server: {e}"))?;
+    // Busy spinning on several cores; yielding between attempts on one.
+    let spin = if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        Spin::Busy
+    } else {
+        Spin::Yield
+    };
+    let raw_spin = RawServer::start(RawMode::EchoSpin(spin))
+        .map_err(|e| format!("start raw-spin server: {e}"))?;
     let impls = [
         Impl::Raw,
+        Impl::RawSpin,
         Impl::Pulse(Mode::Pool),
         Impl::Pulse(Mode::Inline),
     ];
@@ -109,6 +135,8 @@ pub fn run(
         let bytes = vec![0x5Au8; size];
         let mut raw_client =
             RawClient::connect(raw.addr(), &bytes).map_err(|e| format!("raw connect: {e}"))?;
+        let mut raw_spin_client = RawClient::connect_spinning(raw_spin.addr(), &bytes, Some(spin))
+            .map_err(|e| format!("raw-spin connect: {e}"))?;
         let mut accs: Vec<Acc> = impls
             .iter()
             .map(|_| Acc {
@@ -123,6 +151,7 @@ pub fn run(
         let mut call = |which: Impl| -> Result<(), String> {
             match which {
                 Impl::Raw => raw_client.call().map_err(|e| e.to_string()),
+                Impl::RawSpin => raw_spin_client.call().map_err(|e| e.to_string()),
                 Impl::Pulse(mode) => rpc::echo(&client, mode, &value),
             }
         };
@@ -185,6 +214,9 @@ pub fn run(
                 ratio_p50: None,
                 ratio_p99: None,
                 ratio_p999: None,
+                ratio_spin_p50: None,
+                ratio_spin_p99: None,
+                ratio_spin_p999: None,
             });
         }
     }

@@ -20,6 +20,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 const READ_BUF: usize = 256 * 1024;
 /// Frames a buffered one-way sender gathers before one `write`.
@@ -32,6 +33,93 @@ pub enum RawMode {
     Echo,
     /// Counts it and answers nothing (one-way).
     Sink,
+    /// Like `Echo`, but spinning on non-blocking reads (see [`Spin`]).
+    EchoSpin(Spin),
+}
+
+/// How a `raw-spin` end waits for input: it retries a non-blocking read
+/// for up to [`SPIN_BUDGET`] (pulse's default `spin_wait` and `busy_poll`)
+/// before one blocking read, so that it costs nothing while another
+/// implementation is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spin {
+    /// Retries at once (`std::hint::spin_loop` between attempts).
+    Busy,
+    /// Calls `std::thread::yield_now` between attempts: on one core a
+    /// spinning peer would only burn its time slice while the other end
+    /// waits for the core.
+    Yield,
+}
+
+/// How long a spinning end retries non-blocking reads before it blocks.
+pub const SPIN_BUDGET: Duration = Duration::from_micros(100);
+
+/// A socket end: plain blocking, or spinning on non-blocking reads (and
+/// retrying writes that would block) when `spin` is set.
+struct End {
+    stream: TcpStream,
+    spin: Option<Spin>,
+}
+
+impl End {
+    fn new(stream: TcpStream, spin: Option<Spin>) -> io::Result<End> {
+        if spin.is_some() {
+            stream.set_nonblocking(true)?;
+        }
+        Ok(End { stream, spin })
+    }
+
+    fn pause(spin: Spin) {
+        match spin {
+            Spin::Busy => std::hint::spin_loop(),
+            Spin::Yield => std::thread::yield_now(),
+        }
+    }
+}
+
+impl Read for End {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(spin) = self.spin else {
+            return self.stream.read(buf);
+        };
+        let mut started = None;
+        loop {
+            match self.stream.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let t0 = *started.get_or_insert_with(Instant::now);
+                    if t0.elapsed() >= SPIN_BUDGET {
+                        // Out of budget: one blocking read (the socket's
+                        // reader and writer share the flag, and one thread
+                        // does both).
+                        self.stream.set_nonblocking(false)?;
+                        let read = self.stream.read(buf);
+                        self.stream.set_nonblocking(true)?;
+                        return read;
+                    }
+                    End::pause(spin);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for End {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    End::pause(self.spin.unwrap_or(Spin::Yield));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct RawServer {
@@ -95,7 +183,14 @@ fn holds_frame(buffered: &[u8]) -> bool {
 
 fn serve(stream: TcpStream, mode: RawMode, received: &AtomicU64) {
     let _ = stream.set_nodelay(true);
+    let spin = match mode {
+        RawMode::EchoSpin(spin) => Some(spin),
+        _ => None,
+    };
     let Ok(writer) = stream.try_clone() else {
+        return;
+    };
+    let (Ok(writer), Ok(stream)) = (End::new(writer, spin), End::new(stream, spin)) else {
         return;
     };
     let mut writer = BufWriter::with_capacity(READ_BUF, writer);
@@ -114,7 +209,7 @@ fn serve(stream: TcpStream, mode: RawMode, received: &AtomicU64) {
             return;
         }
         match mode {
-            RawMode::Echo => {
+            RawMode::Echo | RawMode::EchoSpin(_) => {
                 // Buffered; flushed before the next read would block.
                 if writer.write_all(&frame).is_err() {
                     return;
@@ -132,8 +227,8 @@ fn serve(stream: TcpStream, mode: RawMode, received: &AtomicU64) {
 
 /// One blocking connection to a [`RawServer`].
 pub struct RawClient {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
+    writer: End,
+    reader: BufReader<End>,
     out: Vec<u8>,
     /// Frames gathered by [`RawClient::send_many`] and
     /// [`RawClient::send_buffered`].
@@ -146,9 +241,20 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(addr: SocketAddr, payload: &[u8]) -> io::Result<RawClient> {
+        RawClient::connect_spinning(addr, payload, None)
+    }
+
+    /// A connection whose reads spin as `spin` says (for a
+    /// [`RawMode::EchoSpin`] server), or block when it is `None`.
+    pub fn connect_spinning(
+        addr: SocketAddr,
+        payload: &[u8],
+        spin: Option<Spin>,
+    ) -> io::Result<RawClient> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        let reader = BufReader::with_capacity(READ_BUF, stream.try_clone()?);
+        let reader = BufReader::with_capacity(READ_BUF, End::new(stream.try_clone()?, spin)?);
+        let stream = End::new(stream, spin)?;
         let mut out = Vec::with_capacity(4 + payload.len());
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(payload);

@@ -53,6 +53,36 @@ impl Report {
             server_event_loops: run.server_event_loops,
         });
         self.latency.extend(run.rows);
+        let baseline = |name: &str| -> Vec<(String, usize, f64, f64, f64)> {
+            self.latency
+                .iter()
+                .filter(|r| r.implementation == name && r.calls > 0)
+                .map(|r| {
+                    (
+                        r.pinning.clone(),
+                        r.payload,
+                        r.latency.p50_us,
+                        r.latency.p99_us,
+                        r.latency.p999_us,
+                    )
+                })
+                .collect()
+        };
+        let spin = baseline("raw-spin");
+        for row in self
+            .latency
+            .iter_mut()
+            .filter(|r| r.implementation.starts_with("pulse"))
+        {
+            if let Some((_, _, p50, p99, p999)) = spin
+                .iter()
+                .find(|(p, s, ..)| *p == row.pinning && *s == row.payload)
+            {
+                row.ratio_spin_p50 = ratio(row.latency.p50_us, *p50);
+                row.ratio_spin_p99 = ratio(row.latency.p99_us, *p99);
+                row.ratio_spin_p999 = ratio(row.latency.p999_us, *p999);
+            }
+        }
         let raw: Vec<(String, usize, f64, f64, f64)> = self
             .latency
             .iter()
@@ -309,12 +339,12 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "\n| pinning | payload | impl | calls | p50 µs | p99 µs | p99.9 µs | max µs | p50/raw | p99/raw | p99.9/raw | CPU µs/call | round p50s µs | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+                "\n| pinning | payload | impl | calls | p50 µs | p99 µs | p99.9 µs | max µs | p50/raw | p99/raw | p99.9/raw | p50/raw-spin | p99/raw-spin | p99.9/raw-spin | CPU µs/call | round p50s µs | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for r in &self.latency {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {:.1} | {} | {} |",
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
                     r.pinning,
                     size_label(r.payload),
                     r.implementation,
@@ -326,6 +356,9 @@ impl Report {
                     fmt_ratio(r.ratio_p50),
                     fmt_ratio(r.ratio_p99),
                     fmt_ratio(r.ratio_p999),
+                    fmt_ratio(r.ratio_spin_p50),
+                    fmt_ratio(r.ratio_spin_p99),
+                    fmt_ratio(r.ratio_spin_p999),
                     r.cpu_us_per_call,
                     r.round_p50_us
                         .iter()
@@ -528,6 +561,7 @@ impl Report {
     pub fn svg(&self) -> String {
         let impls = [
             ("raw", "#8c8c8c"),
+            ("raw-spin", "#c9a227"),
             ("pulse-pool", "#3b6fd6"),
             ("pulse-inline", "#2aa36b"),
         ];
@@ -678,12 +712,12 @@ impl Report {
         println!("\n==================== pulse bench summary ====================");
         if !self.latency.is_empty() {
             println!(
-                "\nlatency (µs)         {:>10} {:>8} {:>8} {:>8} {:>8}  {:>7} {:>7} {:>7}",
-                "impl", "p50", "p99", "p99.9", "calls", "p50/raw", "p99/raw", "999/raw"
+                "\nlatency (µs)         {:>10} {:>8} {:>8} {:>8} {:>8}  {:>7} {:>7} {:>7}  {:>8}",
+                "impl", "p50", "p99", "p99.9", "calls", "p50/raw", "p99/raw", "999/raw", "p50/spin"
             );
             for r in &self.latency {
                 println!(
-                    "{:<12} {:>7} {:>10} {:>8.1} {:>8.1} {:>8.1} {:>8}  {:>7} {:>7} {:>7}",
+                    "{:<12} {:>7} {:>10} {:>8.1} {:>8.1} {:>8.1} {:>8}  {:>7} {:>7} {:>7}  {:>8}",
                     r.pinning,
                     size_label(r.payload),
                     r.implementation.trim_start_matches("pulse-"),
@@ -693,7 +727,8 @@ impl Report {
                     r.calls,
                     fmt_ratio(r.ratio_p50),
                     fmt_ratio(r.ratio_p99),
-                    fmt_ratio(r.ratio_p999)
+                    fmt_ratio(r.ratio_p999),
+                    fmt_ratio(r.ratio_spin_p50)
                 );
             }
         }
