@@ -237,15 +237,16 @@ impl Report {
             if let Some(row) = heartbeat_row(mode) {
                 t.push(Target {
                     target: format!(
-                        "{} idle connections {label}: < 2 % of one core",
-                        row.idle_conns
+                        "{} idle connections open ({} requested) {label}: < 2 % of one core",
+                        row.open_at_end, row.idle_conns
                     ),
                     measured: format!(
-                        "{:.2} %{} (the consumers' bare mio loop: {:.2} %)",
+                        "{:.2} %{} (the consumers' bare mio loop: {:.2} % over its {:.1} s from READY to the stop)",
                         row.cpu_pct_one_core,
                         row.kernel_share_pct
                             .map_or(String::new(), |k| format!(", {k:.0} % of it in the kernel")),
-                        row.consumers.cpu_pct
+                        row.consumers.cpu_pct,
+                        row.consumers.window_s
                     ),
                     met: Some(row.cpu_pct_one_core < 2.0),
                 });
@@ -254,8 +255,8 @@ impl Report {
         if let Some(on) = heartbeat_row("on") {
             t.push(Target {
                 target: format!(
-                    "{} idle connections: < 8 KiB of user-space memory (RSS) per connection",
-                    on.idle_conns
+                    "{} idle connections open ({} requested): < 8 KiB of user-space memory (RSS) per connection",
+                    on.open_at_end, on.idle_conns
                 ),
                 measured: format!("{:.0} B", on.rss_per_conn_bytes),
                 met: Some(on.rss_per_conn_bytes < 8192.0),
@@ -404,7 +405,7 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| heartbeats | interval | conns open (start/end) | provider CPU % of one core | of which in the kernel | consumers' CPU % (bare mio loop) | RSS before → with conns (KiB) | RSS per conn | provider threads | consumer pings sent / pongs back / provider pings answered | error |\n|---|---|---|---|---|---|---|---|---|---|---|"
+                "| heartbeats | interval | conns open (start/end) | provider CPU % of one core | of which in the kernel | consumers' CPU % (bare mio loop, READY → stop) | RSS before → with conns (KiB) | RSS per conn | provider threads | consumer pings sent / pongs back / provider pings answered | error |\n|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for h in &self.heartbeat {
                 let _ = writeln!(
