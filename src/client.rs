@@ -1315,7 +1315,17 @@ mod tests {
         let server = provider();
         let client = client(&server, Duration::from_secs(1));
         if crate::reactor::poll_time_here(Duration::from_secs(1)).is_zero() {
-            eprintln!("one core: the loops never poll on, nothing is left to them");
+            // One core: the loops never poll on, so nothing is left to
+            // them: a call started while another is in flight is written
+            // by its caller.
+            let slow = client.start::<_, u64>("t", "sleep", &300).unwrap();
+            let quick = client.start::<_, u64>("t", "sleep", &0).unwrap();
+            assert!(
+                !slow.by_loop && !quick.by_loop,
+                "left to a loop on one core"
+            );
+            assert_eq!(quick.wait().unwrap(), 0);
+            assert_eq!(slow.wait().unwrap(), 300);
             return;
         }
         let polling = || match &*client.inner.link.state.lock() {
@@ -1350,14 +1360,12 @@ mod tests {
 
     /// A one-way call that follows another within `busy_poll` is left to
     /// the loop, which must write it by itself (no later write carries it
-    /// here); the first one, and every one with busy polling off, is written
-    /// by its caller.
+    /// here); the first one, and every one with busy polling off (or on one
+    /// core), is written by its caller.
     #[test]
     fn a_one_way_call_right_after_another_is_written_by_the_loop() {
-        if crate::reactor::poll_time_here(Duration::from_secs(1)).is_zero() {
-            eprintln!("one core: the loops never poll on, nothing is left to them");
-            return;
-        }
+        // On one core the loops never poll on: nothing is left to them.
+        let polls_on = !crate::reactor::poll_time_here(Duration::from_secs(1)).is_zero();
         let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let added = Arc::clone(&total);
         let service = ServiceBuilder::new("t").method("add", move |n: u64| {
@@ -1386,7 +1394,10 @@ mod tests {
         // A window of 1 s: the second send follows the first in any case.
         let pacing = client(&server, Duration::from_secs(1));
         assert!(!pacing.send_one_way_by("t".into(), "add", &1u64).unwrap());
-        assert!(pacing.send_one_way_by("t".into(), "add", &10u64).unwrap());
+        assert_eq!(
+            pacing.send_one_way_by("t".into(), "add", &10u64).unwrap(),
+            polls_on
+        );
         reaches(11);
         let not_polling = client(&server, Duration::ZERO);
         assert!(

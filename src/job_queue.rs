@@ -676,8 +676,8 @@ mod tests {
                 })
             })
             .collect();
-        // Let the consumers fall asleep first, so the wake-up path is used.
-        std::thread::sleep(Duration::from_millis(20));
+        // The consumers asleep first, so the wake-up path is used.
+        wait_for_state(&queue, |s| s.sleepers.len() == 3);
         for n in 0..300u32 {
             while queue.try_push(Some(n)).is_err() {
                 std::thread::yield_now();

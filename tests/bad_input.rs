@@ -12,7 +12,7 @@ use pulse::protocol::{
     decode_text_body, encode_ping, encode_request,
 };
 use pulse::{Client, DisconnectReason, Event, Server};
-use support::process::{ProcessLock, rss_kib};
+use support::process::{ProcessLock, rss_kib, virtual_kib};
 use support::raw_peer::{End, RawPeer};
 use support::{CLOSE_STATUSES_BUT_NORMAL, PROMPTLY, client, demo_server, wait_disconnected};
 
@@ -203,6 +203,7 @@ fn four_gib_body_len_is_rejected_without_allocating() {
     let _alone = ISOLATION.exclusive();
     let fx = Fixture::start(None);
     let before = rss_kib();
+    let (size_before, peak_before) = virtual_kib();
     let bytes = Header::new(Kind::Request, 0, 1, 0xFFFF_FFFF).encode();
     assert_rejected_on(&fx, &bytes, "4294967295");
     let after = rss_kib();
@@ -210,6 +211,14 @@ fn four_gib_body_len_is_rejected_without_allocating() {
     assert!(
         growth < 64 * 1024,
         "RSS grew by {growth} KiB ({before} -> {after})"
+    );
+    // A buffer for the body, even one never written to (so never resident)
+    // or freed at once, would have raised the virtual peak by 4 GiB.
+    let (_, peak_after) = virtual_kib();
+    let allowed = peak_before.max(size_before + 1024 * 1024);
+    assert!(
+        peak_after <= allowed,
+        "virtual memory peaked at {peak_after} KiB (it was {size_before} KiB, peak {peak_before})"
     );
 }
 

@@ -22,7 +22,7 @@ use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
     ServiceBuilder,
 };
-use support::process::{ProcessLock, peak_rss_kib, rss_kib};
+use support::process::{ProcessLock, peak_rss_kib, rss_kib, unread_bytes_on_port};
 use support::raw_peer::{End, FakeProvider, RawPeer};
 use support::{
     CLOSE_STATUSES_BUT_NORMAL, PROMPTLY, assert_no_disconnect, demo_service, drain, heartbeat,
@@ -1834,7 +1834,13 @@ fn idle_connections_hold_no_read_buffer() {
     for peer in &mut peers {
         peer.write_all(&ping[..7]).expect("send half a ping");
     }
-    std::thread::sleep(Duration::from_millis(50));
+    // Measured once the server has read every half Ping (its sockets'
+    // receive queues empty).
+    let port = server.local_addr().port();
+    wait_until(PROMPTLY, "every half ping read", || {
+        let unread = unread_bytes_on_port(port);
+        unread.len() == CONNS && unread.iter().all(|&n| n == 0)
+    });
     let rss_mid_frame = rss_kib();
     let mut pong = [0u8; 20];
     for peer in &mut peers {

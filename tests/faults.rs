@@ -158,7 +158,7 @@ fn a_provider_killed_mid_call_fails_the_calls_in_flight_at_once() {
     }
     let failed_after = killed.elapsed();
     assert!(
-        failed_after < Duration::from_secs(1),
+        failed_after < Duration::from_secs(5),
         "calls failed {failed_after:?} after the kill: not at once (their timeout is {timeout:?})"
     );
     let reason = wait_any_disconnected(&events);

@@ -315,7 +315,10 @@ fn a_thousand_pipelined_calls() {
                 .expect("start must not be refused")
         })
         .collect();
-    assert!(client.inflight() <= 1_000);
+    assert!(
+        client.inflight() <= 1_000,
+        "more calls in flight than started"
+    );
     for (n, call) in pending.into_iter().enumerate() {
         assert_eq!(call.wait().unwrap(), n as u64 * 7);
     }
@@ -937,6 +940,18 @@ fn one_way_sends_reach_the_handler() {
     client.send_one_way("notes", "note", "not a tuple").unwrap();
     assert_eq!(client.call::<_, u64>("demo", "ping", &1u64).unwrap(), 1);
     assert_eq!(client.inflight(), 0);
+    // A marker sent after the bad ones: the first note the handler sees
+    // after them must be it (pool handlers may run them in any order, so
+    // the marker is awaited rather than the queue checked at once).
+    client
+        .send_one_way("notes", "note", &(1_000u64, "marker".to_string()))
+        .unwrap();
+    let next = rx.recv_deadline(deadline).expect("the marker arrives");
+    assert_eq!(
+        next,
+        (1_000, "marker".to_string()),
+        "a bad one-way reached the handler"
+    );
     assert!(rx.try_recv().is_err(), "a bad one-way reached the handler");
     assert_eq!(server.connection_count(), 1);
 }

@@ -158,6 +158,13 @@ pub fn peak_rss_kib(reset: bool) -> u64 {
     status_kib("VmHWM")
 }
 
+/// Virtual memory of this process in KiB, now (`VmSize`) and at its peak
+/// (`VmPeak`, never reset). An allocation counts at once, even before any
+/// of its pages is touched (and so resident).
+pub fn virtual_kib() -> (u64, u64) {
+    (status_kib("VmSize"), status_kib("VmPeak"))
+}
+
 /// A `<field>: <n> kB` line of `/proc/self/status`, in KiB.
 fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
@@ -213,6 +220,27 @@ pub fn open_sockets_to_port(port: u16) -> Vec<u64> {
             (remote.ends_with(&remote_port) && inode != 0).then_some(inode)
         })
         .filter(|&inode| socket_open(inode))
+        .collect()
+}
+
+/// Bytes received and not yet read on each connected IPv4 TCP socket whose
+/// local port is `port` (a local server's ends of its connections), from
+/// `/proc/net/tcp`'s `rx_queue`: zero once the server has read everything.
+pub fn unread_bytes_on_port(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local_port = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local_address rem_address st tx:rx ...; state 01 is ESTABLISHED
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+            let rx = queues.split(':').nth(1)?;
+            (local.ends_with(&local_port) && *state == "01")
+                .then(|| u64::from_str_radix(rx, 16).ok())
+                .flatten()
+        })
         .collect()
 }
 
