@@ -1585,11 +1585,34 @@ fn shutting_a_client_down_ends_a_call_waiting_for_a_connection() {
         ..ClientConfig::default()
     };
     let client = Client::connect_lazy(addr, config).unwrap();
-    let caller = call_in_thread(&client, "demo", "ping");
-    thread::sleep(Duration::from_millis(200));
+    let events = client.events();
+    let (calling_tx, calling) = crossbeam_channel::bounded(1);
+    let caller = {
+        let client = client.clone();
+        thread::Builder::new()
+            .name("waits-for-conn".into())
+            .spawn(move || {
+                let _ = calling_tx.send(());
+                let started = Instant::now();
+                (client.call::<_, u64>("demo", "ping", &1u64), started)
+            })
+            .unwrap()
+    };
+    // Its first attempt refused and a retry due, and the caller asleep
+    // after its signal: the call waits for a connection that is not coming.
+    wait_event(&events, PROMPTLY, |e| {
+        matches!(e, Event::Reconnecting { .. })
+    });
+    calling
+        .recv_timeout(PROMPTLY)
+        .expect("the caller thread runs");
+    wait_until(PROMPTLY, "the call waiting", || {
+        support::process::any_thread_asleep("waits-for-conn")
+    });
     client.shutdown();
-    let (result, took) = caller.join().unwrap();
+    let (result, started) = caller.join().unwrap();
     assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+    let took = started.elapsed();
     assert!(took < PROMPTLY, "the call took {took:?} of its 60 s");
     assert_eq!(client.state(), pulse::ConnectionState::Shutdown);
 }

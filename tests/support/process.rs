@@ -109,6 +109,14 @@ pub fn any_thread_running(prefix: &str) -> bool {
         .any(|fields| fields.first().is_some_and(|state| state == "R"))
 }
 
+/// Whether any live thread whose name starts with `prefix` is asleep right
+/// now (state `S`: blocked on a futex, a socket, `epoll_wait`).
+pub fn any_thread_asleep(prefix: &str) -> bool {
+    threads_stat(prefix)
+        .iter()
+        .any(|fields| fields.first().is_some_and(|state| state == "S"))
+}
+
 /// The share of samples, taken every 5 ms for `window`, in which
 /// [`any_thread_running`] held.
 pub fn share_running(prefix: &str, window: std::time::Duration) -> f64 {
