@@ -458,30 +458,65 @@ mod tests {
         assert!(parse_head(b"SSH-2.0-x\r\n\r\n").is_err());
     }
 
-    /// A one-shot server on loopback answering with `reply`.
-    fn serve_once(reply: &'static [u8]) -> (String, std::thread::JoinHandle<Vec<u8>>) {
+    /// A one-shot server on loopback: accepts one connection, reads a
+    /// request up to its `{}` body and answers with `reply`. Dropped (also
+    /// when the test fails before its client connected), it wakes the
+    /// `accept` with a connection of its own and joins the thread.
+    struct OneShot {
+        host: String,
+        thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+    }
+
+    impl OneShot {
+        /// Waits for the server to finish: the request it read.
+        fn request(mut self) -> Vec<u8> {
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    impl Drop for OneShot {
+        fn drop(&mut self) {
+            if let Some(thread) = self.thread.take() {
+                let _ = std::net::TcpStream::connect(&self.host);
+                // Its panic (if any) fails the test through `request`; here
+                // the test is over or failing already.
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Reads by the one-shot server give up after this: a client that
+    /// stalls cannot keep its thread alive.
+    const SERVE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn serve_once(reply: &'static [u8]) -> OneShot {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let host = listener.local_addr().unwrap().to_string();
-        let handle = std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(SERVE_READ_TIMEOUT)).unwrap();
             let mut req = Vec::new();
             let mut buf = [0u8; 1024];
             while find(&req, b"{}").is_none() {
-                let n = s.read(&mut buf).unwrap();
-                req.extend_from_slice(&buf[..n]);
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return req,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
             }
             s.write_all(reply).unwrap();
             req
         });
-        (host, handle)
+        OneShot {
+            host,
+            thread: Some(thread),
+        }
     }
 
     #[test]
     fn post_reads_a_whole_response() {
-        let (host, server) =
-            serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}");
+        let server = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}");
         let (status, body) = post(
-            &host,
+            &server.host,
             "/v3/x",
             &[("X-A", "1")],
             "{}",
@@ -489,7 +524,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((status, body.as_slice()), (200, &b"{\"ok\":true}"[..]));
-        let request = String::from_utf8(server.join().unwrap()).unwrap();
+        let request = String::from_utf8(server.request()).unwrap();
         assert!(request.starts_with("POST /v3/x HTTP/1.1\r\n"), "{request}");
         assert!(request.contains("Content-Length: 2\r\n"), "{request}");
         assert!(request.contains("\r\nX-A: 1\r\n"), "{request}");
@@ -497,11 +532,11 @@ mod tests {
 
     #[test]
     fn a_stream_yields_data_then_end() {
-        let (host, _server) = serve_once(
+        let server = serve_once(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         );
         let mut s = Stream::open(
-            &host,
+            &server.host,
             "/v3/watch",
             &[],
             "{}",
@@ -515,6 +550,11 @@ mod tests {
             assert!(Instant::now() < deadline, "stream did not end");
         }
         assert_eq!(out, b"abcde");
+        let request = String::from_utf8(server.request()).unwrap();
+        assert!(
+            request.starts_with("POST /v3/watch HTTP/1.1\r\n"),
+            "{request}"
+        );
     }
 
     #[test]
