@@ -1093,7 +1093,10 @@ mod tests {
 
     /// A member that accepts one watch, confirms it, then goes silent as a
     /// frozen process does: its sockets stay open, later connections are
-    /// never answered. Dropping it ends its thread.
+    /// never answered. Dropping it ends its thread, also when no watch came
+    /// (a test failing early): the stop channel closes, then a connection of
+    /// its own wakes the `accept`, which it takes for the watch (read to its
+    /// end at once, answered into the void).
     struct FrozenMember {
         host: String,
         stop: Option<crossbeam_channel::Sender<()>>,
@@ -1130,6 +1133,7 @@ mod tests {
     impl Drop for FrozenMember {
         fn drop(&mut self) {
             drop(self.stop.take());
+            let _ = TcpStream::connect(&self.host);
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }
