@@ -69,46 +69,30 @@ impl Report {
                 .collect()
         };
         let spin = baseline("raw-spin");
-        for row in self
-            .latency
-            .iter_mut()
-            .filter(|r| r.implementation.starts_with("pulse"))
-        {
-            if let Some((_, _, p50, p99, p999)) = spin
-                .iter()
+        let raw = baseline("raw");
+        // The same pinning and payload in a baseline's rows.
+        let find = |rows: &[(String, usize, f64, f64, f64)], row: &LatencyRow| {
+            rows.iter()
                 .find(|(p, s, ..)| *p == row.pinning && *s == row.payload)
-            {
-                row.ratio_spin_p50 = ratio(row.latency.p50_us, *p50);
-                row.ratio_spin_p99 = ratio(row.latency.p99_us, *p99);
-                row.ratio_spin_p999 = ratio(row.latency.p999_us, *p999);
-            }
-        }
-        let raw: Vec<(String, usize, f64, f64, f64)> = self
-            .latency
-            .iter()
-            .filter(|r| r.implementation == "raw")
-            .map(|r| {
-                (
-                    r.pinning.clone(),
-                    r.payload,
-                    r.latency.p50_us,
-                    r.latency.p99_us,
-                    r.latency.p999_us,
-                )
-            })
-            .collect();
+                .map(|&(_, _, p50, p99, p999)| (p50, p99, p999))
+        };
         for row in self
             .latency
             .iter_mut()
             .filter(|r| r.implementation != "raw")
         {
-            if let Some((_, _, p50, p99, p999)) = raw
-                .iter()
-                .find(|(p, s, ..)| *p == row.pinning && *s == row.payload)
-            {
-                row.ratio_p50 = ratio(row.latency.p50_us, *p50);
-                row.ratio_p99 = ratio(row.latency.p99_us, *p99);
-                row.ratio_p999 = ratio(row.latency.p999_us, *p999);
+            if let Some((p50, p99, p999)) = find(&raw, row) {
+                row.ratio_p50 = ratio(row.latency.p50_us, p50);
+                row.ratio_p99 = ratio(row.latency.p99_us, p99);
+                row.ratio_p999 = ratio(row.latency.p999_us, p999);
+            }
+            if !row.implementation.starts_with("pulse") {
+                continue;
+            }
+            if let Some((p50, p99, p999)) = find(&spin, row) {
+                row.ratio_spin_p50 = ratio(row.latency.p50_us, p50);
+                row.ratio_spin_p99 = ratio(row.latency.p99_us, p99);
+                row.ratio_spin_p999 = ratio(row.latency.p999_us, p999);
             }
         }
     }

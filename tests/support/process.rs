@@ -211,18 +211,26 @@ impl ProcessLock {
     }
 }
 
+/// The rows of `/proc/net/tcp` (IPv4 TCP sockets of this network
+/// namespace), each split into its fields: `sl local_address rem_address st
+/// tx_queue:rx_queue tr:when retrnsmt uid timeout inode ...`.
+fn tcp_table() -> Vec<Vec<String>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
 /// Inodes of the IPv4 TCP sockets this process holds open whose remote
 /// port is `port` (the client ends of connections to a local server on
 /// it), from `/proc/net/tcp` and `/proc/self/fd`.
 pub fn open_sockets_to_port(port: u16) -> Vec<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
     let remote_port = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let fields: Vec<&str> = line.split_whitespace().collect();
+    tcp_table()
+        .iter()
+        .filter_map(|fields| {
             let remote = fields.get(2)?;
             let inode = fields.get(9)?.parse::<u64>().ok()?;
             (remote.ends_with(&remote_port) && inode != 0).then_some(inode)
@@ -235,17 +243,14 @@ pub fn open_sockets_to_port(port: u16) -> Vec<u64> {
 /// local port is `port` (a local server's ends of its connections), from
 /// `/proc/net/tcp`'s `rx_queue`: zero once the server has read everything.
 pub fn unread_bytes_on_port(port: u16) -> Vec<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
     let local_port = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            // sl local_address rem_address st tx:rx ...; state 01 is ESTABLISHED
-            let fields: Vec<&str> = line.split_whitespace().collect();
+    tcp_table()
+        .iter()
+        .filter_map(|fields| {
             let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
             let rx = queues.split(':').nth(1)?;
-            (local.ends_with(&local_port) && *state == "01")
+            // State 01 is ESTABLISHED.
+            (local.ends_with(&local_port) && state == "01")
                 .then(|| u64::from_str_radix(rx, 16).ok())
                 .flatten()
         })
