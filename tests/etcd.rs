@@ -417,14 +417,15 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
     let events = cluster.events();
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
 
+    let mark = log_mark();
     etcd.kill();
     wait_cluster_event(&events, "RegistryLost event", |e| {
         matches!(e, ClusterEvent::RegistryLost { .. })
     });
     // And says so in the log (the consumer logs before it reports the event).
     assert!(
-        logged(log::Level::Warn, "registry unreachable")
-            && logged(log::Level::Warn, "keeping the 1 known provider(s)"),
+        logged_since(mark, log::Level::Warn, "registry unreachable")
+            && logged_since(mark, log::Level::Warn, "keeping the 1 known provider(s)"),
         "no warning logged for the lost registry"
     );
     // Longer than the lease TTL: the consumer keeps calling the provider it
@@ -441,13 +442,14 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
     }
     assert_eq!(cluster.providers().len(), 1);
 
+    let mark = log_mark();
     etcd.spawn();
     wait_cluster_event(&events, "RegistryResumed event after etcd's restart", |e| {
         matches!(e, ClusterEvent::RegistryResumed)
     });
     let resumed_after = outage_started.elapsed();
     assert!(
-        logged(log::Level::Info, "registry reachable again"),
+        logged_since(mark, log::Level::Info, "registry reachable again"),
         "the registry's return is not logged"
     );
     // The provider's lease survived the restart (etcd renews leases when it

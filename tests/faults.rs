@@ -261,9 +261,13 @@ fn latency_above_the_heartbeat_bound_is_detected() {
     let reason = wait_any_disconnected(&events);
     let detected_after = slowed.elapsed();
     assert_eq!(reason, DisconnectReason::HeartbeatTimeout);
+    // Only an upper bound: the 300 ms count from the last byte the client
+    // read, which may be well before `slowed` on a loaded machine, and the
+    // proxy cannot tell which of its delayed writes the client had read.
+    // "Never early" is checked where the last byte is known (the model
+    // tests, and `liveness.rs` with a blackholing proxy).
     assert!(
-        detected_after >= Duration::from_millis(300) - Duration::from_millis(100)
-            && detected_after < Duration::from_millis(300 + 100 + 1000),
+        detected_after < Duration::from_millis(300 + 100 + 1000),
         "detected {detected_after:?} after the latency rose"
     );
     assert_eq!(

@@ -1132,6 +1132,29 @@ fn a_response_a_caller_leaves_behind_a_pong_reaches_it() {
 #[test]
 fn each_miss_is_reported_once_while_callers_read() {
     let _serial = serial_shared();
+    // A stall of this process restarts the count (see `unexplained`), so a
+    // run with one is not evidence either way: it is run again, up to three
+    // times, rather than excused at once (the double reporting this test
+    // catches would hide behind any stall on a busy machine).
+    const ATTEMPTS: usize = 3;
+    for attempt in 1..=ATTEMPTS {
+        match misses_while_callers_read() {
+            Ok(()) => return,
+            Err(stalled) if attempt < ATTEMPTS => {
+                eprintln!("attempt {attempt}: {stalled}; running it again");
+            }
+            Err(stalled) => {
+                eprintln!("excused after {ATTEMPTS} attempts, each with a stall: {stalled}")
+            }
+        }
+    }
+}
+
+/// One run of [`each_miss_is_reported_once_while_callers_read`]: `Ok` when
+/// the misses came as 1 then 2; `Err` (what was seen) when they did not but
+/// this process stalled meanwhile; a panic when they did not without a
+/// stall to explain it.
+fn misses_while_callers_read() -> Result<(), String> {
     let (interval, max_missed) = (ms(200), 3);
     let monitor = StallMonitor::start(interval / 2);
     let (_server, _server_log, proxy, client, client_log) = through_proxy(
@@ -1178,16 +1201,16 @@ fn each_miss_is_reported_once_while_callers_read() {
         "{:?}",
         dead.event
     );
-    if misses != [1, 2] {
-        // A stall of this process restarts the count (see `unexplained`).
-        let stall = monitor.overlapping(t0, dead.at);
-        assert!(
-            stall.is_some(),
-            "misses reported {misses:?}, not 1 then 2:\n{}",
-            client_log.dump(from, t0)
-        );
-        eprintln!("excused (a {stall:?} stall): misses {misses:?}");
+    if misses == [1, 2] {
+        return Ok(());
     }
+    let stall = monitor.overlapping(t0, dead.at);
+    assert!(
+        stall.is_some(),
+        "misses reported {misses:?}, not 1 then 2:\n{}",
+        client_log.dump(from, t0)
+    );
+    Err(format!("misses {misses:?} with a {stall:?} stall"))
 }
 
 /// Plays a provider on `peer` until `stop` is set or the stream ends:

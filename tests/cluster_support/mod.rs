@@ -80,14 +80,21 @@ impl log::Log for Capture {
     }
 }
 
+/// Where the captured log stands now: [`logged_since`] looks only at what
+/// comes after it (the other tests of the binary log too).
+pub fn log_mark() -> usize {
+    CAPTURED.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
 /// Whether pulse logged a message at `level` or more severe containing
-/// `needle` (since the test binary started; needs [`init_log`], which
+/// `needle` since `mark` ([`log_mark`]; needs [`init_log`], which
 /// [`serial`] calls).
-pub fn logged(level: log::Level, needle: &str) -> bool {
+pub fn logged_since(mark: usize, level: log::Level, needle: &str) -> bool {
     CAPTURED
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
+        .skip(mark)
         .any(|(l, m)| *l <= level && m.contains(needle))
 }
 
