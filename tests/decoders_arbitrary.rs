@@ -128,6 +128,34 @@ proptest! {
         check_request_body(&body);
     }
 
+    /// Most arbitrary bytes are not one value at all, so the property above
+    /// rarely sees args that are; here the args are a real value, kept
+    /// whole, cut short or followed by junk, and the decoder must accept
+    /// exactly the bodies whose args `rmpv` reads as one whole value
+    /// (MessagePack is prefix-free: a value cut short is never a value).
+    #[test]
+    fn request_args_are_accepted_exactly_when_they_are_one_whole_value(
+        value in arb_value(),
+        edit in prop_oneof![
+            Just(Edit::Keep),
+            any::<prop::sample::Index>().prop_map(Edit::Cut),
+            prop::collection::vec(any::<u8>(), 1..8).prop_map(Edit::Append),
+        ],
+    ) {
+        let mut args = Vec::new();
+        rmpv::encode::write_value(&mut args, &value).expect("encode a value");
+        match edit {
+            Edit::Keep => {}
+            Edit::Cut(at) => args.truncate(at.index(args.len())),
+            Edit::Append(junk) => args.extend(junk),
+        }
+        let mut body = vec![0x95, 0xa4, b'd', b'e', b'm', b'o', 0xa0, 0xa0, 0xa4, b'e', b'c', b'h', b'o'];
+        body.extend(&args);
+        let mut rest = &args[..];
+        let one_whole_value = rmpv::decode::read_value(&mut rest).is_ok() && rest.is_empty();
+        prop_assert_eq!(decode_request_body(&body).is_ok(), one_whole_value, "args {:02x?}", args);
+    }
+
     #[test]
     fn encoded_requests_decode_to_what_was_encoded(
         names in prop::array::uniform4(".{0,40}"),
@@ -153,6 +181,17 @@ proptest! {
 }
 
 /// Arbitrary MessagePack values (nested a few levels).
+/// How `request_args_are_accepted_exactly_when_they_are_one_whole_value`
+/// changes an encoded value.
+#[derive(Debug, Clone)]
+enum Edit {
+    Keep,
+    /// Cut to this many bytes (fewer than the whole).
+    Cut(prop::sample::Index),
+    /// Followed by these bytes.
+    Append(Vec<u8>),
+}
+
 fn arb_value() -> impl Strategy<Value = rmpv::Value> {
     let leaf = prop_oneof![
         Just(rmpv::Value::Nil),
