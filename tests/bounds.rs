@@ -167,7 +167,7 @@ fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
     let slow: Vec<_> = (0..4)
         .map(|_| {
             client
-                .start::<_, u64>("demo", "sleep", &400u64)
+                .start::<_, u64>("demo", "sleep", &2_000u64)
                 .expect("start a slow call")
         })
         .collect();
@@ -178,12 +178,14 @@ fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
         Err(e) => panic!("expected Overloaded, got {e}"),
         Ok(_) => panic!("a 5th call was accepted with max_inflight 4"),
     }
+    // Well before a slot frees (2 s), with room for a slow machine.
     assert!(
-        started.elapsed() < Duration::from_millis(300),
+        started.elapsed() < Duration::from_secs(1),
         "refused at once, not after waiting"
     );
+    assert_eq!(client.inflight(), 4, "a slow call ended early");
     for call in slow {
-        assert_eq!(call.wait().expect("the slow calls finish"), 400);
+        assert_eq!(call.wait().expect("the slow calls finish"), 2_000);
     }
     assert_eq!(
         client
