@@ -452,19 +452,26 @@ fn calls_fail_fast_on_loss_and_wait_through_reconnect() {
     );
     let started = AtomicBool::new(false);
     let (result, passed_at) = thread::scope(|s| {
-        let waiter = s.spawn(|| {
-            started.store(true, Ordering::SeqCst);
-            let t = Instant::now();
-            let r: pulse::Result<u64> =
-                client.call_timeout("demo", "ping", &7u64, Duration::from_secs(10));
-            (r, t, Instant::now())
-        });
+        let waiter = thread::Builder::new()
+            .name("waits-reconnect".into())
+            .spawn_scoped(s, || {
+                let t = Instant::now();
+                started.store(true, Ordering::SeqCst);
+                let r: pulse::Result<u64> =
+                    client.call_timeout("demo", "ping", &7u64, Duration::from_secs(10));
+                (r, t, Instant::now())
+            })
+            .expect("spawn the waiting caller");
         wait_until(Duration::from_secs(2), "the waiting call to start", || {
             started.load(Ordering::SeqCst)
         });
-        // Give the call time to block on the missing connection; failed
-        // attempts keep going meanwhile.
-        thread::sleep(ms(300));
+        // The call blocked on the missing connection (its thread asleep
+        // after starting it); failed attempts keep going meanwhile.
+        wait_until(
+            support::PROMPTLY,
+            "the call to wait for a connection",
+            || support::process::any_thread_asleep("waits-reconnect"),
+        );
         assert!(
             matches!(client.state(), ConnectionState::Connecting { .. }),
             "state {:?}",
@@ -484,6 +491,8 @@ fn calls_fail_fast_on_loss_and_wait_through_reconnect() {
         )
     });
     assert_eq!(r, 7);
+    // Started before the network came back (by construction above), and
+    // answered after it: the call waited through the reconnect.
     assert!(call_started < passed_at && call_done > passed_at);
     eprintln!(
         "in-flight call failed with ConnectionLost {failed_after:?} after the blackhole (bound {bound:?}); \
