@@ -48,7 +48,7 @@ pub enum Error {
     /// retries or time, and the detail ends with the last refusal. Either
     /// way the request ran nowhere. Retry later, or check that the
     /// providers run, are registered and are not overloaded.
-    #[error("no healthy provider for service {service}: {detail}")]
+    #[error("no provider took the call to service {service}: {detail}")]
     NoProvider {
         /// The service called: its name, then `:version` and `@group` when
         /// not empty.
@@ -133,7 +133,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "no healthy provider for service echo:1.0: the registry lists none"
+            "no provider took the call to service echo:1.0: the registry lists none"
         );
     }
 }

@@ -1079,7 +1079,7 @@ fn with_no_healthy_provider_calls_fail_fast() {
     }
     assert!(
         err.to_string()
-            .starts_with("no healthy provider for service cluster: "),
+            .starts_with("no provider took the call to service cluster: "),
         "{err}"
     );
 
