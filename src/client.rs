@@ -403,11 +403,9 @@ impl Client {
     /// `InvalidConfig`, or `Io` when the address does not resolve or the
     /// client's threads cannot start.
     pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
-        // Checked before the event channel takes its capacity's memory
-        // (`Client::open` checks again, for every way in).
-        config.validate().map_err(Error::InvalidConfig)?;
-        let events = EventSink::new(config.connection.event_capacity, "client");
-        let client = Client::open(addr, config, events)?;
+        let client = Client::open(addr, config, |config| {
+            EventSink::new(config.connection.event_capacity, "client")
+        })?;
         client.start_connecting();
         Ok(client)
     }
@@ -421,8 +419,7 @@ impl Client {
         config: ClientConfig,
         hook: EventHook,
     ) -> Result<Client> {
-        let events = EventSink::with_hook("client", hook);
-        Client::open(addr, config, events)
+        Client::open(addr, config, |_| EventSink::with_hook("client", hook))
     }
 
     /// Hands the link to its loop, which starts connecting. Once per client.
@@ -433,9 +430,16 @@ impl Client {
     }
 
     /// The client's link, not yet connecting, on a loop of the runtime
-    /// shared by clients with its loop settings.
-    fn open(addr: impl ToSocketAddrs, config: ClientConfig, events: EventSink) -> Result<Client> {
+    /// shared by clients with its loop settings, its events going to the
+    /// sink `events` makes. The config is checked first: the sink of
+    /// `EventSink::new` takes its capacity's memory when it is made.
+    fn open(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+        events: impl FnOnce(&ClientConfig) -> EventSink,
+    ) -> Result<Client> {
         config.validate().map_err(Error::InvalidConfig)?;
+        let events = events(&config);
         let addr = addr
             .to_socket_addrs()
             .map_err(|e| Error::io("resolve the provider address", e))?

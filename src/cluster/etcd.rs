@@ -223,12 +223,22 @@ impl EtcdRegistry {
     /// down, cut off from the majority or overloaded is passed over for the
     /// next one, a request refused for its own fault is not.
     fn request(&self, path: &str, body: &str) -> std::result::Result<Json, String> {
-        let timeout = self.inner.config.request_timeout;
-        let (host, answer) = self.on_first_answering(|host| {
-            let (status, reply) = http::post(host, path, REQUIRE_LEADER, body, timeout)?;
-            judge(path, status, &reply)
-        })?;
+        let (host, answer) = self.on_first_answering(|host| self.ask(host, path, body))?;
         answer.map_err(|e| format!("etcd {host}: {e}"))
+    }
+
+    /// POSTs `body` to `path` on the member at `host` and [`judge`]s its
+    /// answer: `Err` when that member could not serve it, else the final
+    /// outcome.
+    fn ask(
+        &self,
+        host: &str,
+        path: &str,
+        body: &str,
+    ) -> std::result::Result<std::result::Result<Json, String>, String> {
+        let timeout = self.inner.config.request_timeout;
+        let (status, reply) = http::post(host, path, REQUIRE_LEADER, body, timeout)?;
+        judge(path, status, &reply)
     }
 
     /// Whether the member at `host` itself (not any member) answers a
@@ -237,11 +247,8 @@ impl EtcdRegistry {
     /// request because of [`REQUIRE_LEADER`]; the status's `leader` field,
     /// omitted when it is 0, catches a gateway that ignores the header.)
     fn probe(&self, host: &str) -> std::result::Result<(), String> {
-        let path = "/v3/maintenance/status";
-        let timeout = self.inner.config.request_timeout;
-        let (status, reply) = http::post(host, path, REQUIRE_LEADER, "{}", timeout)
-            .map_err(|e| format!("etcd {host}: {e}"))?;
-        let value = judge(path, status, &reply)
+        let value = self
+            .ask(host, "/v3/maintenance/status", "{}")
             .and_then(|answer| answer)
             .map_err(|e| format!("etcd {host}: {e}"))?;
         match value.get("leader").and_then(Json::as_i64) {

@@ -459,7 +459,6 @@ impl Runtime {
         }
     }
 
-    /// The loops, in index order.
     /// The index of the running event loop whose thread is `id`, if any.
     pub(crate) fn loop_on(&self, id: std::thread::ThreadId) -> Option<usize> {
         self.threads
@@ -468,6 +467,7 @@ impl Runtime {
             .position(|t| matches!(t, LoopThread::Running(h) if h.thread().id() == id))
     }
 
+    /// The loops, in index order.
     pub(crate) fn loops(&self) -> &[LoopHandle] {
         &self.loops
     }
