@@ -293,16 +293,7 @@ impl HeldConsumer {
     /// of them run (300 ms here), then, the gate open, all `calls` run and
     /// the Pong comes; the connection stays.
     fn expect_held_until_released(mut self, running: usize, calls: usize) {
-        self.raw.send(&encode_ping(9));
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while let Ok(Some(frame)) = self.raw.read(deadline) {
-            assert_eq!(
-                frame.header.kind,
-                Kind::Ping,
-                "{:?} came while held",
-                frame.header
-            );
-        }
+        expect_reads_held(&mut self.raw, Duration::from_millis(300));
         assert_eq!(self.entered.load(Ordering::SeqCst), running);
         drop(self.gate);
         wait_until(PROMPTLY, &format!("all {calls} one-way calls run"), || {
@@ -325,6 +316,22 @@ impl HeldConsumer {
         );
         assert_eq!(self.entered.load(Ordering::SeqCst), 2, "held calls ran");
         drop(self.gate);
+    }
+}
+
+/// Sends a Ping (sequence 9) behind what `raw` sent and expects nothing
+/// but the provider's own Pings for `window`: its reads are held, so the
+/// Ping stays unread and unanswered.
+fn expect_reads_held(raw: &mut RawPeer, window: Duration) {
+    raw.send(&encode_ping(9));
+    let deadline = Instant::now() + window;
+    while let Ok(Some(frame)) = raw.read(deadline) {
+        assert_eq!(
+            frame.header.kind,
+            Kind::Ping,
+            "{:?} came while held",
+            frame.header
+        );
     }
 }
 
@@ -422,17 +429,7 @@ fn connections_reset_while_held_for_a_full_queue_do_not_grow_it_past_its_bound()
         entered,
     } = gated_consumer(config, 6, 1, false);
     let events = server.events();
-    // Held: a Ping behind the calls stays unread.
-    raw.send(&encode_ping(9));
-    let deadline = Instant::now() + Duration::from_millis(200);
-    while let Ok(Some(frame)) = raw.read(deadline) {
-        assert_eq!(
-            frame.header.kind,
-            Kind::Ping,
-            "{:?} came while held",
-            frame.header
-        );
-    }
+    expect_reads_held(&mut raw, Duration::from_millis(200));
     raw.reset();
     wait_connection_count(&server, 0);
     const CYCLES: u64 = 30;
