@@ -427,8 +427,11 @@ fn respond_with(conn: &ConnShared, queued: std::result::Result<Flush, SendError>
     match queued {
         Ok(_) | Err(SendError::Closed(_)) => {}
         Err(SendError::Overloaded(_)) => {
+            // `queued_bytes` counts memory held (buffers' capacities and
+            // slots), which is what `max_write_queue_bytes` bounds.
             let detail = format!(
-                "over {} queued bytes: the consumer does not read its responses",
+                "write queue full ({} bytes held, max_write_queue_bytes): \
+                 the consumer does not read its responses",
                 conn.out.queued_bytes()
             );
             log::warn!("{}: closing: {detail}", conn.peer);

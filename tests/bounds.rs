@@ -606,7 +606,7 @@ fn a_consumer_that_never_reads_is_dropped_with_close_overloaded_and_memory_stays
     let rss_after = rss_kib();
     match &reason {
         DisconnectReason::Overloaded(detail) => {
-            assert!(detail.contains("queued bytes"), "{detail}")
+            assert!(detail.contains("max_write_queue_bytes"), "{detail}")
         }
         other => panic!("expected an overloaded disconnect, got {other:?}"),
     }
