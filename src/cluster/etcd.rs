@@ -1,5 +1,6 @@
 //! [`EtcdRegistry`]: service discovery on etcd v3, through its JSON gateway.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,11 @@ use crate::error::{Error, Result};
 /// How often the watch thread wakes from a silent stream to check whether it
 /// should stop; also the bound on how late it notices.
 const WATCH_POLL: Duration = Duration::from_millis(200);
+
+/// Longest reason kept per endpoint in the error of a request no endpoint
+/// answered, in characters: each endpoint's reason is shown, so one long
+/// answer (an error page, a long etcd message) must not bury the others.
+const MAX_REASON: usize = 200;
 
 /// Sent with every request: etcd's gateway hands `Grpc-Metadata-*` headers
 /// to etcd as gRPC metadata, and `hasleader: true` (what etcd's own client
@@ -132,7 +138,8 @@ impl EtcdConfig {
 /// one that answered, until a member answers: one that is unreachable,
 /// answers a 5xx (such as 503 "etcdserver: no leader" from a member cut off
 /// from the majority), 408 or 429, or something that is not JSON is passed
-/// over; any other 4xx is the request's own fault and final.
+/// over; any other 4xx is the request's own fault and final. When no
+/// member answers, the error gives each one's failure.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -269,7 +276,9 @@ impl EtcdRegistry {
 
     /// Runs `attempt` against each endpoint in turn, starting from the one
     /// that answered last, until one answers (`Ok`); remembers that one and
-    /// returns its host with the answer, or the last endpoint's error.
+    /// returns its host with the answer. Otherwise the error gives each
+    /// endpoint's failure (each cut to [`MAX_REASON`] characters): the last
+    /// one alone would hide why the others refused.
     fn on_first_answering<T>(
         &self,
         mut attempt: impl FnMut(&str) -> std::result::Result<T, String>,
@@ -279,7 +288,7 @@ impl EtcdRegistry {
         // and the config cannot change afterwards.
         let n = endpoints.len();
         let first = self.inner.preferred.load(Ordering::Relaxed) % n;
-        let mut last = String::new();
+        let mut failures = Vec::with_capacity(n);
         for k in 0..n {
             let i = (first + k) % n;
             let host = &endpoints[i];
@@ -288,10 +297,10 @@ impl EtcdRegistry {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     return Ok((host, answer));
                 }
-                Err(e) => last = format!("etcd {host}: {e}"),
+                Err(e) => failures.push(format!("etcd {host}: {}", cut(&e, MAX_REASON))),
             }
         }
-        Err(last)
+        Err(failures.join("; "))
     }
 
     fn status(&self) -> std::result::Result<(), String> {
@@ -357,6 +366,16 @@ impl EtcdRegistry {
             }
         }
         Ok((kvs, revision))
+    }
+}
+
+/// `text` cut to `max` characters, marked with "…" when cut.
+fn cut(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        // `at` comes from `char_indices`: a char boundary, so the slice
+        // cannot panic.
+        Some((at, _)) => Cow::Owned(format!("{}…", &text[..at])),
     }
 }
 
@@ -1096,6 +1115,52 @@ mod tests {
             "{err}"
         );
         assert_eq!((first.asked(), second.asked()), (1, 0));
+    }
+
+    /// A short request timeout, for tests that wait for one.
+    const SHORT: Duration = Duration::from_millis(200);
+
+    /// `n` frozen members: listeners whose kernel takes connections into
+    /// the backlog and which never read or answer them. Dropping them closes
+    /// everything (no thread).
+    fn silent_members(n: usize) -> Vec<TcpListener> {
+        (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect()
+    }
+
+    /// When no member answers, the error says why for each of them, each
+    /// reason cut to a bounded length.
+    #[test]
+    fn when_no_member_answers_the_error_names_each_failure() {
+        let refused = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let sick = FakeMember::new(http_reply(
+            "503 Service Unavailable",
+            &format!(
+                r#"{{"error":"etcdserver: no leader{}","code":14}}"#,
+                " and on".repeat(2000)
+            ),
+        ));
+        let silent = silent_members(1);
+        let silent_host = silent[0].local_addr().unwrap().to_string();
+        let mut config = EtcdConfig::new([refused.clone(), sick.host.clone(), silent_host.clone()]);
+        config.request_timeout = SHORT;
+        let err = EtcdRegistry::new(config).unwrap().status().unwrap_err();
+        for (host, why) in [
+            (&refused, "cannot connect"),
+            (&sick.host, "no leader"),
+            (&silent_host, "in time"),
+        ] {
+            assert!(
+                err.contains(&format!("etcd {host}: ")),
+                "{host} not named: {err}"
+            );
+            assert!(err.contains(why), "{why:?} not said: {err}");
+        }
+        assert!(err.len() < 1000, "{} bytes: {err}", err.len());
     }
 
     /// A member that accepts one watch, confirms it, then goes silent as a
