@@ -43,7 +43,9 @@ pub struct EtcdConfig {
     /// The key prefix under which services are stored. Default
     /// `/pulse/services`.
     pub prefix: String,
-    /// Bound on one request (connect, send, whole answer). Default 2 s.
+    /// Bound on one request to one member (connect, send, whole answer);
+    /// a request that fails over gets it anew for each endpoint it tries.
+    /// Default 2 s.
     pub request_timeout: Duration,
     /// A watch stream silent for this long has the member holding it
     /// probed with a status request; if that member does not answer or has
@@ -119,7 +121,10 @@ impl EtcdConfig {
 /// renewing, and etcd deletes the key when the lease expires. If etcd is
 /// unreachable the thread logs it once and keeps trying every
 /// `min(TTL/3, 500 ms)`; if the lease was lost meanwhile (etcd answers TTL 0)
-/// it grants a new one and puts the key again.
+/// it grants a new one and puts the key again. Deregistering (or abandoning)
+/// stops that thread and waits for it, at most for the request attempt under
+/// way (`request_timeout`), so that it cannot register the key again
+/// afterwards.
 ///
 /// # Consumer side: list, then watch from the listed revision
 ///
@@ -154,6 +159,9 @@ impl EtcdConfig {
 #[derive(Clone, Debug)]
 pub struct EtcdRegistry {
     inner: Arc<EtcdInner>,
+    /// The stop signal of the background thread owning this handle (see
+    /// [`EtcdRegistry::with_stop`]); `None` on the handles users hold.
+    stop: Option<Receiver<()>>,
 }
 
 #[derive(Debug)]
@@ -177,6 +185,7 @@ impl EtcdRegistry {
                 config,
                 preferred: AtomicUsize::new(0),
             }),
+            stop: None,
         })
     }
 
@@ -199,6 +208,25 @@ impl EtcdRegistry {
     /// The configuration.
     pub fn config(&self) -> &EtcdConfig {
         &self.inner.config
+    }
+
+    /// A handle for a background thread that is stopped by dropping the
+    /// sender of `stop`. Once stopped, its requests give up before their
+    /// next endpoint, so the thread ends after the attempt under way (at
+    /// most `request_timeout`) instead of trying every endpoint left.
+    fn with_stop(&self, stop: Receiver<()>) -> EtcdRegistry {
+        EtcdRegistry {
+            inner: self.inner.clone(),
+            stop: Some(stop),
+        }
+    }
+
+    /// Whether the thread owning this handle was asked to stop (never for a
+    /// handle without a stop signal).
+    fn stopping(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|stop| matches!(stop.try_recv(), Err(TryRecvError::Disconnected)))
     }
 
     /// Whether etcd answers a status request now.
@@ -279,6 +307,9 @@ impl EtcdRegistry {
     /// returns its host with the answer. Otherwise the error gives each
     /// endpoint's failure (each cut to [`MAX_REASON`] characters): the last
     /// one alone would hide why the others refused.
+    ///
+    /// On a handle [`with_stop`](EtcdRegistry::with_stop), no attempt starts
+    /// once the thread was asked to stop.
     fn on_first_answering<T>(
         &self,
         mut attempt: impl FnMut(&str) -> std::result::Result<T, String>,
@@ -292,6 +323,10 @@ impl EtcdRegistry {
         for k in 0..n {
             let i = (first + k) % n;
             let host = &endpoints[i];
+            if self.stopping() {
+                failures.push(format!("stopped before asking etcd {host}"));
+                break;
+            }
             match attempt(host) {
                 Ok(answer) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
@@ -543,7 +578,9 @@ impl Registry for EtcdRegistry {
         let lease = Arc::new(AtomicI64::new(lease));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let keeper = KeepAlive {
-            registry: self.clone(),
+            // Stopped with the thread: `stop_keepalive` waits for the
+            // attempt under way, not for every endpoint left.
+            registry: self.with_stop(stop_rx.clone()),
             key: key.clone(),
             value,
             ttl_secs,
@@ -626,7 +663,14 @@ impl KeepAlive {
                 _ => return,
             }
             let lease = self.lease.load(Ordering::Relaxed);
-            match self.registry.keepalive(lease) {
+            let renewed = self.registry.keepalive(lease);
+            // A stop wins over the answer (a renewal cut short by it failed
+            // for that reason alone): nothing more is sent, and the owner
+            // revokes or abandons `lease`.
+            if self.registry.stopping() {
+                return;
+            }
+            match renewed {
                 Ok(ttl) if ttl > 0 => {
                     if failing {
                         log::info!(
@@ -645,10 +689,12 @@ impl KeepAlive {
                     match self.reregister() {
                         Ok(new) => {
                             log::info!("etcd: registered {} again (lease {new:x})", self.key);
-                            self.lease.store(new, Ordering::Relaxed);
                             failing = false;
                             next = interval;
                         }
+                        // Stopped: `reregister` stored the lease the key
+                        // may hold, for the owner to revoke or abandon.
+                        Err(_) if self.registry.stopping() => return,
                         Err(e) => {
                             log::warn!("etcd: registering {} again failed: {e}", self.key);
                             failing = true;
@@ -671,13 +717,27 @@ impl KeepAlive {
         }
     }
 
+    /// Grants a new lease, puts the key with it, and stores it in
+    /// `self.lease` for the renewals; returns it.
+    ///
+    /// Once stopped, it sends nothing more (the requests give up), but it
+    /// stores the new lease whatever became of the put: a put given up on
+    /// here may still be applied by etcd, and the owner's revoke, which
+    /// reads `self.lease` after joining this thread, must revoke the lease
+    /// the key may be attached to. Revoking it deletes that key, or makes
+    /// the put fail if it comes later.
     fn reregister(&self) -> std::result::Result<i64, String> {
         let lease = self.registry.grant(self.ttl_secs)?;
-        if let Err(e) = self.registry.put(&self.key, &self.value, lease) {
+        let put = self.registry.put(&self.key, &self.value, lease);
+        if put.is_err() {
+            // Not kept: revoked, so that it cannot hold the key should the
+            // put be applied after all. (Not sent after a stop.)
             let _ = self.registry.revoke(lease);
-            return Err(e);
         }
-        Ok(lease)
+        if put.is_ok() || self.registry.stopping() {
+            self.lease.store(lease, Ordering::Relaxed);
+        }
+        put.map(|()| lease)
     }
 }
 
@@ -691,12 +751,16 @@ struct EtcdLease {
 
 impl EtcdLease {
     /// Stops the keep-alive thread and waits for it, so it cannot register
-    /// again behind a revoke. The thread ends once the requests under way
-    /// are done: a keep-alive, and when that found the lease lost, the
-    /// re-registration (grant, put, and a revoke if the put failed). Each
-    /// request may take `request_timeout` per endpoint it tries, so the wait
-    /// is at most 4 × endpoints × `request_timeout` (usually nothing: the
-    /// thread is asleep between renewals).
+    /// again behind a revoke. The thread looks for the stop before each
+    /// request and before each endpoint a request tries, so the wait is at
+    /// most the one attempt under way: `request_timeout` (plus resolving the
+    /// endpoint's name, if it is not an address). Usually it is nothing: the
+    /// thread is asleep between renewals.
+    ///
+    /// A re-registration stopped after its put was sent leaves its new lease
+    /// in `self.lease` (see [`KeepAlive::reregister`]): [`Lease::revoke`]
+    /// then revokes the lease the key may be attached to, and
+    /// [`Lease::abandon`] leaves it to expire like any other.
     fn stop_keepalive(&mut self) {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take()
@@ -1023,33 +1087,55 @@ mod tests {
     struct FakeMember {
         host: String,
         requests: Arc<Mutex<Vec<String>>>,
+        /// Each request left unanswered, when it came.
+        held: Receiver<String>,
         stop: Arc<AtomicBool>,
         thread: Option<JoinHandle<()>>,
     }
 
     impl FakeMember {
         fn new(reply: String) -> FakeMember {
+            FakeMember::scripted(move |_| Some(reply.clone()))
+        }
+
+        /// A member that answers each request with what `script` returns
+        /// for it; `None` leaves it unanswered, its connection open until
+        /// the member is dropped, as a member stuck on it would (and
+        /// reports it on `held`).
+        fn scripted(mut script: impl FnMut(&str) -> Option<String> + Send + 'static) -> FakeMember {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let host = listener.local_addr().unwrap().to_string();
             let requests = Arc::new(Mutex::new(Vec::new()));
+            let (held_tx, held) = crossbeam_channel::unbounded();
             let stop = Arc::new(AtomicBool::new(false));
             let thread = {
                 let (requests, stop) = (requests.clone(), stop.clone());
                 std::thread::spawn(move || {
+                    let mut unanswered = Vec::new();
                     for s in listener.incoming() {
                         if stop.load(Ordering::SeqCst) {
                             return;
                         }
                         let Ok(mut s) = s else { continue };
                         let request = read_request(&mut s);
-                        requests.lock().unwrap().push(request);
-                        let _ = s.write_all(reply.as_bytes());
+                        let reply = script(&request);
+                        requests.lock().unwrap().push(request.clone());
+                        match reply {
+                            Some(reply) => {
+                                let _ = s.write_all(reply.as_bytes());
+                            }
+                            None => {
+                                unanswered.push(s);
+                                let _ = held_tx.send(request);
+                            }
+                        }
                     }
                 })
             };
             FakeMember {
                 host,
                 requests,
+                held,
                 stop,
                 thread: Some(thread),
             }
@@ -1117,8 +1203,20 @@ mod tests {
         assert_eq!((first.asked(), second.asked()), (1, 0));
     }
 
-    /// A short request timeout, for tests that wait for one.
+    /// A short request timeout, for tests that wait for one: the stop
+    /// tests' bound (3 × SHORT) is then short next to the old wait (one
+    /// timeout per endpoint and request).
     const SHORT: Duration = Duration::from_millis(200);
+
+    /// The path a request was sent to (`POST {path} HTTP/1.1`).
+    fn path_of(request: &str) -> &str {
+        request.split(' ').nth(1).unwrap_or_default()
+    }
+
+    /// A 200 with `body`.
+    fn ok(body: &str) -> Option<String> {
+        Some(http_reply("200 OK", body))
+    }
 
     /// `n` frozen members: listeners whose kernel takes connections into
     /// the backlog and which never read or answer them. Dropping them closes
@@ -1127,6 +1225,122 @@ mod tests {
         (0..n)
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
             .collect()
+    }
+
+    /// A registry on `member` first, then the `silent` ones, with requests
+    /// bounded by [`SHORT`].
+    fn registry_on(member: &FakeMember, silent: &[TcpListener]) -> EtcdRegistry {
+        let silent = silent.iter().map(|l| l.local_addr().unwrap().to_string());
+        let mut config = EtcdConfig::new(std::iter::once(member.host.clone()).chain(silent));
+        config.request_timeout = SHORT;
+        EtcdRegistry::new(config).unwrap()
+    }
+
+    /// Registers `demo` at 127.0.0.1:7000 with a 1 s TTL: the keep-alive
+    /// thread renews every 333 ms.
+    fn register_demo(registry: &EtcdRegistry) -> Registration {
+        let endpoint = Endpoint::new("127.0.0.1:7000".parse().unwrap());
+        registry
+            .register(&ServiceKey::from("demo"), endpoint, Duration::from_secs(1))
+            .unwrap()
+    }
+
+    /// etcd stops answering (here: the member asked hangs on the renewal,
+    /// the 7 others never answer anything): deregistering waits for the
+    /// renewal under way, not for one attempt on each of the 8 members.
+    #[test]
+    fn deregistering_waits_for_the_renewal_under_way_not_for_every_member() {
+        let member = FakeMember::scripted(|request| match path_of(request) {
+            "/v3/lease/keepalive" => None,
+            "/v3/lease/grant" => ok(r#"{"ID":"4097","TTL":"1"}"#),
+            _ => ok(r#"{"header":{"revision":"2"}}"#), // put, revoke, deleterange
+        });
+        let silent = silent_members(7);
+        let registration = register_demo(&registry_on(&member, &silent));
+        let held = member
+            .held
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no renewal within 10 s");
+        assert_eq!(path_of(&held), "/v3/lease/keepalive");
+
+        let started = Instant::now();
+        let deregistered = registration.deregister();
+        let took = started.elapsed();
+        assert!(
+            took < 3 * SHORT,
+            "deregistering took {took:?}; the bound is {:?}",
+            3 * SHORT
+        );
+        deregistered.unwrap();
+        println!("deregistered in {took:?}");
+        let requests = member.requests.lock().unwrap().clone();
+        let tail: Vec<&str> = requests.iter().rev().take(2).map(|r| path_of(r)).collect();
+        assert_eq!(tail, ["/v3/kv/deleterange", "/v3/lease/revoke"]);
+        let revoke = &requests[requests.len() - 2];
+        assert!(revoke.contains(r#""ID":"4097""#), "{revoke}");
+    }
+
+    /// The keep-alive finds the lease lost and registers again, and etcd
+    /// stops answering at the put: deregistering waits for that put only,
+    /// and revokes the lease it was sent with (a put given up on here may
+    /// still be applied), so the key cannot outlive the deregistration.
+    #[test]
+    fn a_stop_during_a_reregistration_revokes_the_lease_the_put_was_sent_with() {
+        let (mut grants, mut puts) = (0, 0);
+        let member = FakeMember::scripted(move |request| match path_of(request) {
+            "/v3/lease/grant" => {
+                grants += 1;
+                ok(&format!(r#"{{"ID":"{}","TTL":"1"}}"#, 4096 + grants))
+            }
+            // The registration's put is answered, the re-registration's not.
+            "/v3/kv/put" => {
+                puts += 1;
+                if puts == 1 {
+                    ok(r#"{"header":{"revision":"2"}}"#)
+                } else {
+                    None
+                }
+            }
+            // No TTL: etcd no longer knows the lease.
+            "/v3/lease/keepalive" => ok(r#"{"result":{"header":{"revision":"2"}}}"#),
+            _ => ok(r#"{"header":{"revision":"3"}}"#), // revoke, deleterange
+        });
+        let silent = silent_members(7);
+        let registration = register_demo(&registry_on(&member, &silent));
+        let held = member
+            .held
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no re-registration within 10 s");
+        assert_eq!(path_of(&held), "/v3/kv/put");
+        assert!(held.contains(r#""lease":"4098""#), "{held}");
+
+        let started = Instant::now();
+        let deregistered = registration.deregister();
+        let took = started.elapsed();
+        assert!(
+            took < 3 * SHORT,
+            "deregistering took {took:?}; the bound is {:?}",
+            3 * SHORT
+        );
+        deregistered.unwrap();
+        println!("deregistered in {took:?}");
+        let requests = member.requests.lock().unwrap().clone();
+        let after_put = requests
+            .iter()
+            .skip_while(|r| **r != held)
+            .skip(1)
+            .collect::<Vec<_>>();
+        assert!(
+            after_put
+                .iter()
+                .any(|r| path_of(r) == "/v3/lease/revoke" && r.contains(r#""ID":"4098""#)),
+            "the lease of the put was not revoked: {after_put:?}"
+        );
+        assert_eq!(
+            after_put.last().map(|r| path_of(r)),
+            Some("/v3/kv/deleterange"),
+            "{after_put:?}"
+        );
     }
 
     /// When no member answers, the error says why for each of them, each
