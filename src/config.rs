@@ -329,7 +329,10 @@ pub struct ServerConfig {
     /// Requests queued for the worker pool; past it a request is answered
     /// with status Overloaded, and a one-way call (which has no answer) is
     /// queued anyway while its connection's reads wait until the workers
-    /// have taken the queue below half. Default 65,536.
+    /// have taken the queue below half. While any connection waits so, the
+    /// queue counts as full from half on, for every connection: other
+    /// consumers cannot keep it over half and hold that one for as long as
+    /// their load lasts. Default 65,536.
     pub worker_queue: usize,
     /// How long a worker that found the queue empty keeps looking for the
     /// next job before it sleeps. A job that arrives meanwhile is taken at

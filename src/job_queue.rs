@@ -61,7 +61,8 @@ use parking_lot::{Condvar, Mutex};
 
 /// Why [`JobQueue::try_push`] handed the job back.
 pub(crate) enum PushError<T> {
-    /// `capacity` jobs wait already.
+    /// `capacity` jobs wait already, or half of it while a push past the
+    /// bound waits for room (see [`JobQueue::try_push`]).
     Full(T),
     /// The queue was closed.
     Closed(T),
@@ -71,6 +72,10 @@ pub(crate) enum PushError<T> {
 pub(crate) struct JobQueue<T> {
     state: Mutex<State<T>>,
     capacity: usize,
+    /// Fewer than this many jobs queued is room for a push past the bound
+    /// (half of `capacity`, at least 1): the low watermark, see
+    /// [`JobQueue::try_push`].
+    room_below: usize,
     /// How long a consumer spins before it sleeps (see the module docs).
     spin: Duration,
     /// Whether jobs are queued, written under the lock: what a spinning
@@ -104,8 +109,9 @@ struct State<T> {
     /// consumer gets its own however many are still running.
     stopping: bool,
     /// A job was queued past the bound ([`JobQueue::push_past_bound`]): the
-    /// first consumer to leave fewer than half of `capacity` queued is told
-    /// so ([`JobQueue::pop_noting_room`]).
+    /// first consumer to leave fewer than `room_below` queued is told so
+    /// ([`JobQueue::pop_noting_room`]), and until then `try_push` refuses
+    /// from `room_below` on.
     room_wanted: bool,
     closed: bool,
 }
@@ -138,6 +144,7 @@ impl<T> JobQueue<T> {
                 closed: false,
             }),
             capacity,
+            room_below: (capacity / 2).max(1),
             spin,
             has_jobs: AtomicBool::new(false),
             wake_delay,
@@ -146,23 +153,42 @@ impl<T> JobQueue<T> {
     }
 
     /// Queues `job` unless the queue is full or closed.
+    ///
+    /// Full is `capacity` jobs, or half of it (`room_below`) while a push
+    /// past the bound waits for room: a high and a low watermark. Why the
+    /// low one: the connection of that push reads nothing until the queue
+    /// is below half, and if other producers could fill it up to
+    /// `capacity` meanwhile, a load that keeps it at or over half (the
+    /// workers taking a job, another producer putting one back) would hold
+    /// that connection for as long as the load lasts. Refused from half on,
+    /// the others get Overloaded (or are held too, for one-way calls) and
+    /// the workers reach half within the jobs queued by then (at most
+    /// `capacity`, plus one past the bound per held connection); then every
+    /// held connection reads on, and the whole bound is open again. The
+    /// cost on this path: one more branch, under the lock taken anyway.
     pub(crate) fn try_push(&self, job: T) -> Result<(), PushError<T>> {
         let mut state = self.state.lock();
         if state.closed {
             return Err(PushError::Closed(job));
         }
-        if state.jobs.len() >= self.capacity {
+        let bound = if state.room_wanted {
+            self.room_below
+        } else {
+            self.capacity
+        };
+        if state.jobs.len() >= bound {
             return Err(PushError::Full(job));
         }
         self.push_locked(&mut state, job);
         Ok(())
     }
 
-    /// Queues `job` although `capacity` jobs wait (unless the queue is
-    /// closed), and asks to be told when fewer than half of `capacity` are
-    /// left: the first [`pop_noting_room`](Self::pop_noting_room) after that
-    /// returns `true`. A provider loop does this for a one-way call it may
-    /// not refuse, and holds that connection's reads until then.
+    /// Queues `job` although the queue is full (unless it is closed), and
+    /// asks to be told when fewer than half of `capacity` are left: the
+    /// first [`pop_noting_room`](Self::pop_noting_room) after that returns
+    /// `true`, and until then [`try_push`](Self::try_push) refuses from
+    /// half on. A provider loop does this for a one-way call it may not
+    /// refuse, and holds that connection's reads until then.
     pub(crate) fn push_past_bound(&self, job: T) -> Result<(), PushError<T>> {
         let mut state = self.state.lock();
         if state.closed {
@@ -220,7 +246,7 @@ impl<T> JobQueue<T> {
                     // module docs).
                     self.wake_one(&mut state);
                 }
-                let room = state.room_wanted && state.jobs.len() < (self.capacity / 2).max(1);
+                let room = state.room_wanted && state.jobs.len() < self.room_below;
                 if room {
                     state.room_wanted = false;
                 }
@@ -402,6 +428,47 @@ mod tests {
             queue.push_past_bound(6),
             Err(PushError::Closed(6))
         ));
+    }
+
+    /// While a push past the bound waits for room, `try_push` refuses from
+    /// half of `capacity` on, so that other producers cannot keep the
+    /// queue at or over half and the room never come (the held connection
+    /// would starve); once a pop made room, the whole bound is open again.
+    /// Stop messages and a closed queue are unaffected.
+    #[test]
+    fn while_a_push_waits_for_room_the_queue_takes_jobs_only_below_half() {
+        let queue = JobQueue::new(4, Duration::ZERO, Duration::ZERO);
+        for job in 1..=4 {
+            assert!(queue.try_push(job).is_ok());
+        }
+        assert!(queue.push_past_bound(5).is_ok());
+        // 4, then 3, then 2 queued: refused each time (at 3 and 2 although
+        // below 4).
+        for (popped, pushed) in [(1, 10), (2, 11), (3, 12)] {
+            assert_eq!(queue.pop_noting_room(false), (popped, false));
+            let waiting = queue.state.lock().jobs.len();
+            assert!(
+                matches!(queue.try_push(pushed), Err(PushError::Full(_))),
+                "job {pushed} queued with {waiting} waiting while a push wants room"
+            );
+        }
+        // A stop message goes in regardless (a shutdown must reach every
+        // worker).
+        queue.push_always(6);
+        assert_eq!(queue.pop_noting_room(false), (4, false));
+        // 5 and 6 left: still not below half.
+        assert!(matches!(queue.try_push(13), Err(PushError::Full(13))));
+        // 1 left: room, and the bound is back to 4.
+        assert_eq!(queue.pop_noting_room(false), (5, true));
+        for job in 14..=16 {
+            assert!(queue.try_push(job).is_ok(), "job {job} refused after room");
+        }
+        assert!(matches!(queue.try_push(17), Err(PushError::Full(17))));
+        // A closed queue says so, also while a push wants room.
+        assert!(queue.push_past_bound(18).is_ok());
+        queue.close();
+        assert!(matches!(queue.try_push(19), Err(PushError::Closed(19))));
+        assert_eq!(queue.drain(), vec![6, 14, 15, 16, 18]);
     }
 
     #[test]

@@ -332,7 +332,9 @@ enum Job {
 
 /// Provider connections whose reads are held because a one-way call found
 /// the worker queue full (see `ServerShared::dispatch`), until a worker
-/// takes the queue below half: then all of them read on together.
+/// takes the queue below half: then all of them read on together. While
+/// any is held the queue counts as full from half on (`JobQueue::try_push`),
+/// so other connections cannot keep it over half and hold these for good.
 #[derive(Default)]
 pub(crate) struct QueueHolds {
     conns: Mutex<Vec<Arc<ConnShared>>>,
@@ -642,8 +644,11 @@ impl ServerShared {
                     // queued anyway, and the connection reads nothing more
                     // until the workers have taken the queue below half (a
                     // queue over its bound by at most one job per provider
-                    // connection). Marked and listed before the push, so
-                    // that the worker told of room finds it.
+                    // connection). Meanwhile the queue is full from half on,
+                    // so that the others' calls cannot keep it there: theirs
+                    // are refused (or held too) until it is below half.
+                    // Marked and listed before the push, so that the worker
+                    // told of room finds it.
                     Err(PushError::Full(job)) if one_way => {
                         conn.hold_reads_for_queue();
                         self.queue_holds.add(conn);
