@@ -276,6 +276,163 @@ fn a_full_worker_queue_holds_back_one_way_calls() {
     gated_consumer(config, 20, 1, false).expect_held_until_released(1, 20);
 }
 
+/// A connection held for a full worker queue is not starved by consumers
+/// that keep the queue busy. Eight consumers keep pool requests going to
+/// one worker (5 ms each) through a queue of 4, enough to keep it full on
+/// their own: a finished call's consumer sends its next at once, and the
+/// refused ones try again. A raw consumer then pipelines one-way calls and
+/// a Ping; the ones that find the queue full hold its reads. All of them
+/// must run, and the Ping be answered, within seconds while the load goes
+/// on (and the load must be served meanwhile too). Before the fix the
+/// others' pushes kept the queue at 3 or 4, never below half (2), so the
+/// held connection was never resumed: no Pong for as long as the load
+/// lasted.
+#[test]
+fn a_connection_held_for_a_full_worker_queue_is_served_while_others_keep_it_busy() {
+    let _shared = MEMORY.shared();
+    const LOADERS: usize = 8;
+    const HELD_CALLS: u64 = 10;
+    let held_ran = Arc::new(AtomicUsize::new(0));
+    let load_ran = Arc::new(AtomicUsize::new(0));
+    let service = {
+        let (held_ran, load_ran) = (Arc::clone(&held_ran), Arc::clone(&load_ran));
+        // `who`: 0 for the held consumer, 1 for the load.
+        ServiceBuilder::new("slow").method("work", move |who: u64| {
+            std::thread::sleep(Duration::from_millis(5));
+            let ran = if who == 0 { &held_ran } else { &load_ran };
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(())
+        })
+    };
+    let config = ServerConfig {
+        worker_threads: 1,
+        worker_queue: 4,
+        ..server_config()
+    };
+    let server = Server::builder()
+        .config(config)
+        .service(service)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let load = Load::start(&server, LOADERS);
+    wait_until(PROMPTLY, "the load to fill the worker queue", || {
+        load.refused.load(Ordering::SeqCst) > 0
+    });
+    let mut raw = RawPeer::connect(server.local_addr());
+    let mut pipelined = Vec::new();
+    for id in 1..=HELD_CALLS {
+        let one_way = encode_request(Kind::OneWay, id, "slow", "", "", "work", &0u64);
+        pipelined.extend(one_way.expect("encode a one-way call"));
+    }
+    pipelined.extend(encode_ping(9));
+    let load_before = load_ran.load(Ordering::SeqCst);
+    let started = Instant::now();
+    raw.send(&pipelined);
+    // Frames are handled in order: the Pong says every call was queued.
+    let deadline = started + PROMPTLY;
+    loop {
+        match raw.read(deadline) {
+            Ok(Some(frame)) if frame.header.kind == Kind::Ping => {
+                raw.send(&encode_pong(frame.header.id));
+            }
+            Ok(Some(frame)) => {
+                assert_eq!(frame.header, Header::new(Kind::Pong, 0, 9, 0));
+                break;
+            }
+            Ok(None) => panic!(
+                "the held connection was not read on within {PROMPTLY:?}: no Pong, {} of its {HELD_CALLS} calls ran, {} of the load's",
+                held_ran.load(Ordering::SeqCst),
+                load_ran.load(Ordering::SeqCst) - load_before
+            ),
+            Err(end) => panic!("the held connection ended: {end:?}"),
+        }
+    }
+    wait_until(PROMPTLY, "every held one-way call to run", || {
+        held_ran.load(Ordering::SeqCst) == HELD_CALLS as usize
+    });
+    let took = started.elapsed();
+    let load_during = load_ran.load(Ordering::SeqCst) - load_before;
+    assert!(
+        load.refused.load(Ordering::SeqCst) > 0 && load_during > 0,
+        "the load was not kept up: {load_during} calls ran in {took:?}"
+    );
+    assert_eq!(server.connection_count(), LOADERS + 1);
+    for (n, outcome) in load.finish().into_iter().enumerate() {
+        assert!(outcome.is_ok(), "loader {n}: {outcome:?}");
+    }
+}
+
+/// Threads that each keep a pool call of `slow.work` going through a
+/// client of their own, calling again as soon as one returns, and again
+/// after a millisecond when it was refused Overloaded (counted in
+/// `refused`). Each stops when `stop` is raised, after `CALLS` calls or
+/// after `FOR`, whichever comes first, or at its first other error (which
+/// it returns). Dropped, it raises `stop` and joins them, so that they end
+/// also when the test fails.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Result<(), Error>>>,
+}
+
+impl Load {
+    const CALLS: usize = 100_000;
+    const FOR: Duration = Duration::from_secs(60);
+
+    fn start(server: &Server, loaders: usize) -> Load {
+        let mut load = Load {
+            stop: Arc::default(),
+            refused: Arc::default(),
+            threads: Vec::new(),
+        };
+        for _ in 0..loaders {
+            let client = Client::connect(server.local_addr(), quick_reconnect_config())
+                .expect("connect a loader");
+            let (stop, refused) = (Arc::clone(&load.stop), Arc::clone(&load.refused));
+            load.threads.push(std::thread::spawn(move || {
+                let until = Instant::now() + Load::FOR;
+                for _ in 0..Load::CALLS {
+                    if stop.load(Ordering::SeqCst) || Instant::now() >= until {
+                        break;
+                    }
+                    match client.call::<_, ()>("slow", "work", &1u64) {
+                        Ok(()) => {}
+                        Err(Error::Remote {
+                            status: ResponseStatus::Overloaded,
+                            ..
+                        }) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }));
+        }
+        load
+    }
+
+    /// Stops the threads; what each returned, in order.
+    fn finish(mut self) -> Vec<Result<(), Error>> {
+        self.stop.store(true, Ordering::SeqCst);
+        let threads = std::mem::take(&mut self.threads);
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a loader panicked"))
+            .collect()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A provider (`max_inflight` 2, heartbeat `interval_ms` × 3) whose
 /// `gated.hold` calls block until `gate` is dropped, and a raw consumer
 /// that sent it six of them as one-way calls: two run, the rest are held.
