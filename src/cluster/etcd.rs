@@ -622,7 +622,9 @@ impl Registry for EtcdRegistry {
         let _ = tx.send(WatchEvent::Providers(sent.clone()));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let watcher = Watcher {
-            registry: self.clone(),
+            // Stopped with the thread: a request under way gives up before
+            // its next endpoint once the Watch is dropped.
+            registry: self.with_stop(stop_rx.clone()),
             prefix,
             known,
             sent,
@@ -635,8 +637,8 @@ impl Registry for EtcdRegistry {
             .spawn(move || watcher.run())
             .map_err(|e| Error::io("spawn the etcd watch thread", e))?;
         // Dropping the Watch drops `stop_tx`: the thread sees it within
-        // WATCH_POLL (or once the request under way is done: request_timeout
-        // per endpoint it tries) and ends.
+        // WATCH_POLL, or once the request attempt under way is done (at most
+        // request_timeout), and ends.
         Ok(Watch::new(rx, stop_tx))
     }
 }
@@ -849,6 +851,8 @@ impl Watcher {
         loop {
             let failure = match self.watch_once() {
                 Ended::Stopped => return,
+                // Given up because of the stop: not etcd's failure.
+                Ended::Failed(_) if self.stopped() => return,
                 Ended::Resync(why) => {
                     log::info!("etcd: watch of {} restarts: {why}", self.prefix);
                     None
@@ -904,6 +908,7 @@ impl Watcher {
                         }
                         break;
                     }
+                    Err(_) if self.stopped() => return,
                     Err(e) => {
                         if !lost {
                             lost = true;
@@ -1376,6 +1381,58 @@ mod tests {
             assert!(err.contains(why), "{why:?} not said: {err}");
         }
         assert!(err.len() < 1000, "{} bytes: {err}", err.len());
+    }
+
+    /// Dropping a Watch while its thread fails over between members stops
+    /// the thread before it asks the next one: here the member that lists
+    /// refuses the watch (closes without an answer) and the 15 others never
+    /// answer; once the thread is waiting on the first of those, the Watch
+    /// is dropped, and no other member may be asked after that. Before, the
+    /// thread went on through every member, one `request_timeout` each,
+    /// with nobody left to tell.
+    #[test]
+    fn a_dropped_watch_asks_no_further_member() {
+        let member = FakeMember::scripted(|request| match path_of(request) {
+            "/v3/kv/range" => ok(r#"{"header":{"revision":"5"}}"#),
+            _ => Some(String::new()),
+        });
+        let silent = silent_members(15);
+        for listener in &silent {
+            listener.set_nonblocking(true).unwrap();
+        }
+        // A connection the member's kernel took, if one comes within
+        // `within` (looked for at least once).
+        let accept_within = |listener: &TcpListener, within: Duration| {
+            let until = Instant::now() + within;
+            loop {
+                if let Ok((stream, _)) = listener.accept() {
+                    return Some(stream);
+                }
+                if Instant::now() >= until {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        let watch = registry_on(&member, &silent)
+            .watch(&ServiceKey::from("demo"))
+            .unwrap();
+        // Held open, never answered, while the thread waits on it.
+        let _asked = accept_within(&silent[0], Duration::from_secs(10))
+            .expect("the watch did not go on to the second member within 10 s");
+        drop(watch);
+        let quiet_until = Instant::now() + 5 * SHORT;
+        while Instant::now() < quiet_until {
+            for (n, listener) in silent.iter().enumerate().skip(1) {
+                let asked = accept_within(listener, Duration::ZERO);
+                assert!(
+                    asked.is_none(),
+                    "member {} was asked after the watch was dropped",
+                    n + 2
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// A member that accepts one watch, confirms it, then goes silent as a
