@@ -210,8 +210,9 @@ impl EventLoop {
                 // Whole milliseconds: the peer shows this text to people
                 // (`PeerClosed`'s detail), and `{:?}` of a Duration prints
                 // nine digits of noise ("605.061839ms").
+                let intervals = if missed == 1 { "interval" } else { "intervals" };
                 let text = format!(
-                    "nothing received for {} ms ({missed} heartbeat intervals)",
+                    "nothing received for {} ms ({missed} heartbeat {intervals})",
                     silent_for.as_millis()
                 );
                 let close = Some((CloseStatus::HeartbeatTimeout, text));
