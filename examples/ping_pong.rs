@@ -142,7 +142,8 @@ Usage:
 
 Options:
   --addr ADDR         host:port to listen on (server) or connect to (client)
-  --heartbeat-ms N    heartbeat interval in milliseconds (default {heartbeat}, at least 10)
+  --heartbeat-ms N    heartbeat interval in milliseconds (default {heartbeat}; at least
+                      twice --min-ping-interval-ms, so 20 with its default)
   --max-missed N      silent intervals before a peer is declared dead (default {max_missed})
   --heartbeat-mode M  fixed: ping every interval; idle: ping only after an
                       interval with nothing written or read (default fixed)
@@ -317,13 +318,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             None => return Err(format!("{flag} needs a value")),
         };
         match flag.as_str() {
-            "--addr" => addr = Some(value),
+            "--addr" => addr = Some(parse_addr(&flag, &value)?),
             "--heartbeat-ms" => heartbeat_ms = parse_ms(&flag, &value)?,
             "--max-missed" => max_missed = parse_number(&flag, &value)?,
             "--heartbeat-mode" => heartbeat_mode = parse_heartbeat_mode(&flag, &value)?,
             "--loop-cpus" => loop_cpus = parse_cpu_list(&flag, &value)?,
             "--count" => count = Some(parse_number(&flag, &value)?),
-            "--interval-ms" => interval_ms = Some(parse_number(&flag, &value)?),
+            "--interval-ms" => interval_ms = Some(parse_ms(&flag, &value)?),
             "--max-connections" => bounds.max_connections = Some(parse_count(&flag, &value)?),
             "--max-inflight" => bounds.max_inflight = Some(parse_count(&flag, &value)?),
             "--max-write-queue-bytes" => {
@@ -401,6 +402,10 @@ fn flags_of(error: &str) -> &'static str {
         ("max_inflight", "--max-inflight"),
         ("max_connections", "--max-connections"),
         ("timer_tick", "--heartbeat-ms"),
+        (
+            "min_ping_interval",
+            "--heartbeat-ms / --min-ping-interval-ms",
+        ),
         ("loop_cpus", "--loop-cpus"),
         ("heartbeat", "--heartbeat-ms / --max-missed"),
     ]
@@ -413,6 +418,20 @@ fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, Stri
     value
         .parse()
         .map_err(|_| format!("{flag} expects a non-negative integer, got {value:?}"))
+}
+
+/// `host:port` (an IPv6 address in brackets), checked for its form here so
+/// that a typo is a usage error; whether the host resolves, and whether the
+/// port is free, are found out when the address is used.
+fn parse_addr(flag: &str, value: &str) -> Result<String, String> {
+    let bad =
+        || format!("{flag} expects host:port, e.g. 127.0.0.1:7000 or [::1]:7000, got {value:?}");
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(value.to_string())
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// `fixed` or `idle`.
@@ -918,9 +937,10 @@ fn run_both(options: &Options) -> Result<ExitCode, pulse::Error> {
     );
     output.line(&stats.summary());
 
-    // Shut down in order, so the last lines are deterministic: the client
-    // closes with Close(Normal) ("shutdown" on its side), the provider sees it
-    // ("peer_shutdown"), then the provider stops.
+    // Shut down in order: the client closes with Close(Normal) ("shutdown"
+    // on its side), the provider sees it ("peer_shutdown"), then the
+    // provider stops. Those two lines are printed by the two sides' event
+    // threads, so either may come first; nothing is printed after them.
     drop(client);
     join_within(client_events, Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(1);

@@ -54,7 +54,10 @@ pub struct ConnectionConfig {
     /// Pings from the peer closer together than this are strikes; more than
     /// `max_ping_strikes` strikes in a row close the connection with
     /// Close(TooManyPings). Default 10 ms, far below any sane heartbeat
-    /// interval (the default is 1 s), like gRPC's keepalive enforcement.
+    /// interval (the default is 1 s), like gRPC's keepalive enforcement. A
+    /// side that pings must have a heartbeat interval of at least twice
+    /// this (`validate`), so that its own pings, a tick late or early, are
+    /// never strikes to a peer with the same settings.
     pub min_ping_interval: Duration,
     /// Consecutive too-early pings tolerated. Default 3.
     pub max_ping_strikes: u32,
@@ -137,6 +140,21 @@ impl ConnectionConfig {
             return Err(format!(
                 "timer_tick ({:?}) must be at most half the heartbeat interval ({:?})",
                 self.timer_tick, self.heartbeat.interval
+            ));
+        }
+        // A peer with these settings takes pings closer together than
+        // `min_ping_interval` for abuse. Pings come closer than the interval
+        // when one leaves a tick late and the next on time, and scheduling
+        // adds jitter: at a 10 ms interval against the default 10 ms
+        // minimum, a healthy connection was closed with TooManyPings about
+        // every 2 s. Twice the minimum leaves room for both.
+        if self.heartbeat.send_pings
+            && self.heartbeat.interval < self.min_ping_interval.saturating_mul(2)
+        {
+            return Err(format!(
+                "the heartbeat interval ({:?}) must be at least twice min_ping_interval ({:?}): \
+                 a peer with these settings would take pings that come a little early for a ping flood",
+                self.heartbeat.interval, self.min_ping_interval
             ));
         }
         if !(1..=MAX_EVENT_CAPACITY).contains(&self.event_capacity) {
@@ -479,6 +497,31 @@ mod tests {
         };
         let err = c.validate().unwrap_err();
         assert!(err.contains("timer_tick"), "{err}");
+    }
+
+    /// Pings a little early (a tick late, then on time) are strikes to a
+    /// peer whose `min_ping_interval` is close to the interval: a side that
+    /// pings needs an interval of twice that minimum; one that does not
+    /// ping is not held to it.
+    #[test]
+    fn the_heartbeat_interval_must_be_twice_min_ping_interval() {
+        let with = |interval_ms: u64, min_ping_ms: u64, send_pings: bool| {
+            let mut c = ClientConfig::default();
+            c.connection.timer_tick = Duration::from_millis(1);
+            c.connection.min_ping_interval = Duration::from_millis(min_ping_ms);
+            c.connection.heartbeat = HeartbeatConfig {
+                interval: Duration::from_millis(interval_ms),
+                send_pings,
+                ..HeartbeatConfig::default()
+            };
+            c.validate()
+        };
+        let err = with(10, 10, true).unwrap_err();
+        assert!(err.contains("min_ping_interval"), "{err}");
+        assert!(with(19, 10, true).is_err());
+        with(20, 10, true).unwrap();
+        with(10, 5, true).unwrap();
+        with(10, 10, false).unwrap();
     }
 
     #[test]

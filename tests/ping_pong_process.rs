@@ -614,6 +614,9 @@ fn bad_flags_exit_with_code_2_and_help_exits_0() {
         (&["--bogus"][..], "--bogus"),
         (&["server"][..], "--addr"),
         (&["client", "--addr"][..], "--addr"),
+        (&["server", "--addr", "127.0.0.1:notaport"][..], "--addr"),
+        (&["client", "--addr", "localhost"][..], "--addr"),
+        (&["--interval-ms", "99999999999999"][..], "--interval-ms"),
         (&["--count", "many"][..], "--count"),
         (
             &["server", "--addr", "127.0.0.1:0", "--count", "3"][..],
@@ -636,6 +639,8 @@ fn bad_flags_exit_with_code_2_and_help_exits_0() {
             "--min-ping-interval-ms",
         ),
         (&["--frame-timeout-ms", "1"][..], "--frame-timeout-ms"),
+        // Its own pings would be strikes to a peer with the same settings.
+        (&["--heartbeat-ms", "10"][..], "--min-ping-interval-ms"),
         (&["--max-idle-ms", "99999999999999"][..], "--max-idle-ms"),
         (
             &["client", "--addr", "127.0.0.1:1", "--max-age-ms", "500"][..],
