@@ -26,7 +26,10 @@ pub enum Error {
     ConnectionLost {
         /// The provider the call was sent to.
         peer: SocketAddr,
-        /// Why the connection ended (e.g. `heartbeat_timeout`, `peer_shutdown`).
+        /// Why the connection ended: the reason's name and its detail, if
+        /// any (e.g. `heartbeat_timeout`, `peer_closed (connection closed
+        /// by the peer without a Close frame)`), as the `Disconnected`
+        /// event gives it.
         reason: String,
     },
     /// No connection became ready within the call's timeout.

@@ -152,7 +152,11 @@ fn a_provider_killed_mid_call_fails_the_calls_in_flight_at_once() {
     let killed = Instant::now();
     for call in calls {
         match call.wait() {
-            Err(Error::ConnectionLost { reason, .. }) => assert_eq!(reason, "io_error", "{reason}"),
+            // The reason and what the socket said, e.g. "io_error
+            // (Connection reset by peer (os error 104))".
+            Err(Error::ConnectionLost { reason, .. }) => {
+                assert!(reason.starts_with("io_error ("), "{reason}")
+            }
             other => panic!("expected ConnectionLost, got {other:?}"),
         }
     }

@@ -739,9 +739,12 @@ impl Hasher for CallIdHasher {
 fn call_lost(peer: SocketAddr, reason: &DisconnectReason) -> Error {
     match reason {
         DisconnectReason::Shutdown => Error::Shutdown,
+        // The reason with its detail ("protocol_error (body_len 4003
+        // exceeds max_frame_len 1024)"): the caller may never see the event
+        // that says why.
         _ => Error::ConnectionLost {
             peer,
-            reason: reason.as_str().to_string(),
+            reason: reason.to_string(),
         },
     }
 }
@@ -992,6 +995,23 @@ mod tests {
         let late = table.register(2, CallSlot::new(), 10, peer());
         assert!(
             matches!(late, Err(Error::ConnectionLost { reason, .. }) if reason == "heartbeat_timeout")
+        );
+    }
+
+    /// A call lost with its connection says why in full: the reason's
+    /// detail too, not only its name.
+    #[test]
+    fn a_lost_call_carries_the_reasons_detail() {
+        let table = CallTable::new();
+        let slot = CallSlot::new();
+        table.register(1, slot.clone(), 10, peer()).unwrap();
+        let why = DisconnectReason::Protocol("body_len 4003 exceeds max_frame_len 1024".into());
+        table.fail_all(peer(), &why);
+        let lost = slot.wait(Instant::now());
+        assert!(
+            matches!(&lost, Some(Err(Error::ConnectionLost { reason, .. }))
+                if reason == "protocol_error (body_len 4003 exceeds max_frame_len 1024)"),
+            "{lost:?}"
         );
     }
 
