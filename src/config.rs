@@ -197,6 +197,13 @@ impl ConnectionConfig {
 /// this is 80 MiB, far more than a reader that keeps up needs.
 pub const MAX_EVENT_CAPACITY: usize = 1 << 20;
 
+/// The most `ServerConfig::worker_threads`: all are started by `bind`, each
+/// with its own stack, and far more than a blocking service needs (Dubbo's
+/// and Tomcat's pools default to 200). Without a bound, a mistyped count
+/// ended the process (a thread failed to set up its stack guard and Rust
+/// aborted) instead of failing `bind`.
+pub const MAX_WORKER_THREADS: usize = 4096;
+
 /// CPUs are numbered below this in `ConnectionConfig::loop_cpus` (the size
 /// of Linux's `cpu_set_t`).
 pub const MAX_CPU: usize = 1024;
@@ -227,7 +234,7 @@ fn check_durations<'a>(
             && value > MAX_SETTING_DURATION
         {
             return Err(format!(
-                "{name} must be at most {} days (10 years), got {value:?}; use None where \"never\" is meant",
+                "{name} must be at most {} days (10 years), got {value:?}; a setting that can be off takes None for that",
                 MAX_SETTING_DURATION.as_secs() / 86_400
             ));
         }
@@ -298,8 +305,15 @@ impl ClientConfig {
         self.backoff
             .validate()
             .map_err(|e| format!("backoff: {e}"))?;
-        if self.call_timeout.is_zero() || self.connect_attempt_timeout.is_zero() {
-            return Err("call_timeout and connect_attempt_timeout must be positive".into());
+        if self.call_timeout.is_zero()
+            || self.connect_attempt_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+        {
+            // A zero connect_timeout made `Client::connect` fail every time,
+            // a microsecond in, with "still connecting".
+            return Err(
+                "call_timeout, connect_attempt_timeout and connect_timeout must be positive".into(),
+            );
         }
         if self.max_inflight == 0 {
             return Err("max_inflight must be at least 1".into());
@@ -342,7 +356,8 @@ pub struct ServerConfig {
     /// Number of event loops. Default: the number of cores.
     pub event_loops: usize,
     /// Threads of the worker pool that runs [`HandlerMode::Pool`] handlers.
-    /// Default 32, so a few blocking handlers never starve the others.
+    /// Default 32, so a few blocking handlers never starve the others; at
+    /// most [`MAX_WORKER_THREADS`].
     pub worker_threads: usize,
     /// Requests queued for the worker pool; past it a request is answered
     /// with status Overloaded, and a one-way call (which has no answer) is
@@ -434,6 +449,12 @@ impl ServerConfig {
         check_event_loops(self.event_loops)?;
         if self.worker_threads == 0 || self.worker_queue == 0 {
             return Err("worker_threads and worker_queue must be at least 1".into());
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(format!(
+                "worker_threads must be at most {MAX_WORKER_THREADS}, got {}",
+                self.worker_threads
+            ));
         }
         if self.worker_spin > Duration::from_secs(1) {
             return Err(format!(
@@ -541,6 +562,16 @@ mod tests {
             ..ClientConfig::default()
         };
         assert!(c.validate().unwrap_err().contains("event_loops"));
+        let s = ServerConfig {
+            worker_threads: MAX_WORKER_THREADS + 1,
+            ..ServerConfig::default()
+        };
+        assert!(s.validate().unwrap_err().contains("worker_threads"));
+        let c = ClientConfig {
+            connect_timeout: Duration::ZERO,
+            ..ClientConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("connect_timeout"));
     }
 
     #[test]

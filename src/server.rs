@@ -90,13 +90,26 @@ impl ServerBuilder {
         });
         let mut workers = Vec::with_capacity(config.worker_threads);
         for i in 0..config.worker_threads {
-            let (jobs, queue_holds) = (Arc::clone(&jobs), Arc::clone(&queue_holds));
+            let (jobs_of_worker, queue_holds) = (Arc::clone(&jobs), Arc::clone(&queue_holds));
             let max_body = config.connection.max_frame_len;
-            let worker = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("pulse-worker-{i}"))
-                .spawn(move || run_worker(&jobs, &queue_holds, max_body))
-                .map_err(|e| Error::io("spawn worker thread", e))?;
-            workers.push(worker);
+                .spawn(move || run_worker(&jobs_of_worker, &queue_holds, max_body));
+            match spawned {
+                Ok(worker) => workers.push(worker),
+                Err(e) => {
+                    // The workers started so far would wait for jobs forever
+                    // (the loops go with `runtime`): each gets its Stop, and
+                    // the failed bind returns only once they are gone.
+                    for _ in &workers {
+                        jobs.push_always(Job::Stop);
+                    }
+                    for worker in workers {
+                        let _ = worker.join();
+                    }
+                    return Err(Error::io("spawn worker thread", e));
+                }
+            }
         }
         // Loop 0 exists: `validate` requires at least one event loop.
         runtime.loops()[0].send(Command::Listen {
