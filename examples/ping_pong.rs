@@ -138,7 +138,8 @@ Usage:
       The consumer alone; calls demo.ping on ADDR every --interval-ms
       (default 1000) until --count calls are made (default 0: forever) or
       Ctrl-C / SIGTERM, then prints its summary and closes with Close(Normal).
-      Starts even if the provider is not up yet, and keeps going through outages.
+      Starts even if the provider is not up yet, and keeps going through outages;
+      exits 0 even when calls failed (the summary counts them).
 
 Options:
   --addr ADDR         host:port to listen on (server) or connect to (client)

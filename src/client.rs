@@ -1000,7 +1000,10 @@ impl<R: DeserializeOwned> PendingCall<R> {
     /// requests that [`Client::start_deferred`] holds on the connection.
     ///
     /// # Errors
-    /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`.
+    /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`; and
+    /// `Shutdown` when the client was shut down meanwhile, by
+    /// [`Client::shutdown`] or by dropping its last clone (a `PendingCall`
+    /// does not keep the client alive).
     pub fn wait(mut self) -> Result<R> {
         self.waited = true;
         if !self.by_loop && !self.slot.is_done() {
