@@ -381,6 +381,12 @@ impl Client {
     /// Connects to `addr` and waits until the provider answers (up to
     /// `config.connect_timeout`, retrying with backoff meanwhile).
     ///
+    /// The client connects, and reconnects, to the first address `addr`
+    /// resolves to, where `std::net::TcpStream::connect` tries each in
+    /// turn: give an IP address, or a name whose first address is the one
+    /// the provider listens on (`localhost` may resolve to `::1` first, and
+    /// miss a provider bound to `127.0.0.1`).
+    ///
     /// # Errors
     /// `InvalidConfig`, `Io` when the address does not resolve, or
     /// `NotConnected` (with the last attempt's error) when no connection was

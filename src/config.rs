@@ -411,7 +411,9 @@ pub struct ServerConfig {
     /// and is closed. Default 10,000.
     pub max_connections: usize,
     /// How long `shutdown` waits for queued writes (responses, the final
-    /// Close) to reach each peer. Default 1 s.
+    /// Close) to reach each peer, once the handlers running when it was
+    /// called are done (that wait has no bound: see `Server::shutdown`).
+    /// Default 1 s.
     pub linger: Duration,
     /// Close a connection that carried no call (request, response or
     /// one-way) for this long and has none running, with Close(IdleTimeout).

@@ -50,7 +50,8 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds `addr`, starts the event loops, the timer and the worker pool.
+    /// Binds `addr` (the first address it resolves to), starts the event
+    /// loops, the timer and the worker pool.
     ///
     /// # Errors
     /// `InvalidConfig` for a bad configuration, `Io` when the address cannot
@@ -223,6 +224,12 @@ impl Server {
     /// ShuttingDown, lets handlers already running finish and their responses
     /// go out, then sends Close(Normal) to every consumer and stops every
     /// thread. Idempotent; also done on drop.
+    ///
+    /// The wait for running handlers has no bound (a thread cannot be
+    /// stopped from outside): a handler that never returns makes this, and
+    /// dropping the server, wait forever. Handlers that may block should
+    /// bound their own waits. `linger` bounds only the writing of what is
+    /// queued once they are done.
     ///
     /// Called from one of this server's own handlers (an admin method that
     /// stops the server, say), it cannot wait for that handler's thread to
