@@ -97,6 +97,31 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the call was refused before it ran anywhere, for a reason
+    /// that can pass: no connection (`NotConnected`, `NoProvider`), a local
+    /// bound (`Overloaded`), or the provider's `Overloaded` or
+    /// `ShuttingDown` answer (a provider shutting down or closing that
+    /// connection, e.g. at `max_age`). Sending the call again, later or to
+    /// another provider, is then safe even if it is not idempotent.
+    ///
+    /// False after a request may have run (`Timeout`, `ConnectionLost`,
+    /// `Shutdown`, a result that did not decode) and for refusals a retry
+    /// would meet again (an unknown service or method, bad arguments).
+    /// The same rule picks the calls a `ClusterClient` sends elsewhere
+    /// whatever their idempotency.
+    pub fn refused_before_running(&self) -> bool {
+        matches!(
+            self,
+            Error::NotConnected { .. }
+                | Error::NoProvider { .. }
+                | Error::Overloaded(_)
+                | Error::Remote {
+                    status: ResponseStatus::Overloaded | ResponseStatus::ShuttingDown,
+                    ..
+                }
+        )
+    }
+
     /// Wraps an `io::Error` with the operation that failed.
     pub fn io(op: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
@@ -109,6 +134,47 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_before_running_names_only_calls_that_never_ran() {
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let remote = |status| Error::Remote {
+            status,
+            message: String::new(),
+        };
+        let refused = [
+            Error::NotConnected {
+                peer,
+                waited: Duration::ZERO,
+                detail: String::new(),
+            },
+            Error::NoProvider {
+                service: "demo".into(),
+                detail: String::new(),
+            },
+            Error::Overloaded("max_inflight".into()),
+            remote(ResponseStatus::Overloaded),
+            remote(ResponseStatus::ShuttingDown),
+        ];
+        for e in &refused {
+            assert!(e.refused_before_running(), "{e:?}");
+        }
+        let may_have_run_or_would_fail_again = [
+            Error::Timeout(Duration::from_secs(1)),
+            Error::ConnectionLost {
+                peer,
+                reason: "io_error".into(),
+            },
+            Error::Shutdown,
+            Error::Codec("the result does not decode".into()),
+            remote(ResponseStatus::HandlerError),
+            remote(ResponseStatus::MethodNotFound),
+            remote(ResponseStatus::BadRequest),
+        ];
+        for e in &may_have_run_or_would_fail_again {
+            assert!(!e.refused_before_running(), "{e:?}");
+        }
+    }
 
     #[test]
     fn messages_name_what_happened() {

@@ -21,7 +21,6 @@ use crate::clock;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventHook};
-use crate::protocol::ResponseStatus;
 
 /// Configuration of a [`ClusterClient`].
 #[derive(Debug, Clone)]
@@ -829,14 +828,7 @@ impl ClusterClient {
                 // overloaded), or refused here before it was written (too
                 // many calls in flight on that connection, or its write
                 // queue full): safe to send elsewhere, idempotent or not.
-                Err(
-                    e @ (Error::NotConnected { .. }
-                    | Error::Remote {
-                        status: ResponseStatus::ShuttingDown | ResponseStatus::Overloaded,
-                        ..
-                    }
-                    | Error::Overloaded(_)),
-                ) => {
+                Err(e) if e.refused_before_running() => {
                     log::info!(
                         "cluster {}: {} did not take {method} ({e}); it did not run",
                         shared.service,
