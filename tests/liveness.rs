@@ -29,8 +29,8 @@ use liveness_support::{
 use pulse::config::{BackoffConfig, HeartbeatConfig, HeartbeatMode};
 use pulse::liveness::{Heartbeat, HeartbeatAction};
 use pulse::protocol::{
-    CloseStatus, FrameDecoder, HEADER_LEN, Header, Kind, decode_text_body, encode_close,
-    encode_ok_response, encode_pong,
+    CloseStatus, FrameDecoder, HEADER_LEN, Header, Kind, ResponseStatus, decode_text_body,
+    encode_close, encode_ok_response, encode_pong,
 };
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
@@ -1854,4 +1854,148 @@ fn a_waiting_call_outlives_refused_attempts() {
         ),
     }
     eprintln!("a call waited {took:?} through {attempts} refused attempts");
+}
+
+// ----- 10. graceful rotation: max_age and max_idle ---------------------------------
+
+/// A graceful close by the provider (Close(Normal) at `max_age`) is no
+/// failure: the consumer tries again at once, as attempt 1 after a healthy
+/// connection, however far short of the backoff's probation the rotated
+/// connection was. A client calls a 5 ms handler in a loop, with the default
+/// backoff (probation 2 s), on a provider that rotates each connection after
+/// 200 ms; every `Reconnecting` must say attempt 1 in 0 s and no call may
+/// wait a second. (Without this the delays grew by rotation: 100 ms, 200 ms,
+/// … past a second by the fifth.) A call a rotation refuses (ShuttingDown
+/// while draining) or loses (sent as the Close came) is made again, and the
+/// whole makes one logical call, timed from its first try. Bounded: six
+/// rotations or 10 s, and the loop stops at the first call over the bound.
+#[test]
+fn max_age_rotations_reconnect_at_once() {
+    let _serial = serial_shared();
+    const ROTATIONS: usize = 6;
+    let bound = Duration::from_secs(1);
+    let mut server_config = server_config(Duration::from_secs(1), 3);
+    server_config.max_age = Some(ms(200));
+    let server = start_server(server_config);
+    let mut config = client_config(Duration::from_secs(1), 3);
+    config.backoff = BackoffConfig::default();
+    config.call_timeout = bound * 3;
+    let client = Client::connect(server.local_addr(), config).expect("connect");
+    let log = EventLog::start("client", client.events());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    let (mut calls, mut tried_again, mut slowest) = (0u64, 0u32, Duration::ZERO);
+    while Instant::now() < deadline && log.all(0, is_reconnecting).len() < ROTATIONS {
+        let call_started = Instant::now();
+        loop {
+            match client.call::<_, u64>("demo", "sleep", &5u64) {
+                Ok(5) => break,
+                Err(Error::Remote {
+                    status: ResponseStatus::ShuttingDown,
+                    ..
+                })
+                | Err(Error::ConnectionLost { .. })
+                    if Instant::now() < deadline =>
+                {
+                    // Refused while the old connection drains (a tick or
+                    // so): no need to spin on the shared cores meanwhile.
+                    tried_again += 1;
+                    thread::sleep(ms(1));
+                }
+                other => panic!(
+                    "call {calls}: {other:?} after {:?}\nclient:\n{}",
+                    call_started.elapsed(),
+                    log.dump(0, started)
+                ),
+            }
+        }
+        calls += 1;
+        slowest = slowest.max(call_started.elapsed());
+        if slowest > bound {
+            break;
+        }
+    }
+    let reconnects = log.all(0, is_reconnecting);
+    let summary = format!(
+        "{calls} calls ({tried_again} made again after a rotation) in {:?}, the slowest took \
+         {slowest:?}; {} reconnects\nclient:\n{}",
+        started.elapsed(),
+        reconnects.len(),
+        log.dump(0, started)
+    );
+    let not_at_once: Vec<_> = reconnects
+        .iter()
+        .filter(|(_, e)| {
+            !matches!(e.event, Event::Reconnecting { attempt: 1, delay, .. } if delay.is_zero())
+        })
+        .collect();
+    assert!(
+        not_at_once.is_empty(),
+        "every reconnect after a rotation must be attempt 1 in 0 s: {summary}"
+    );
+    assert!(
+        slowest <= bound,
+        "a call waited longer than {bound:?}: {summary}"
+    );
+    assert!(
+        reconnects.len() >= ROTATIONS,
+        "fewer rotations than {ROTATIONS}: {summary}"
+    );
+    for (_, dead) in log.all(0, is_disconnected) {
+        assert_eq!(
+            reason_of(&dead.event),
+            DisconnectReason::PeerShutdown,
+            "{summary}"
+        );
+    }
+    eprintln!(
+        "{calls} calls through {} rotations, {tried_again} made again, the slowest took {slowest:?}",
+        reconnects.len()
+    );
+}
+
+/// Close(IdleTimeout) at `max_idle` retires a healthy connection too: an
+/// idle client is reconnected at once each time, attempt 1, instead of with
+/// delays (and an attempt count) that grow forever. Bounded: four rotations
+/// of a 200 ms `max_idle`, within 5 s.
+#[test]
+fn max_idle_rotations_reconnect_at_once() {
+    let _serial = serial_shared();
+    const ROTATIONS: usize = 4;
+    let mut server_config = server_config(Duration::from_secs(1), 3);
+    server_config.max_idle = Some(ms(200));
+    let server = start_server(server_config);
+    let mut config = client_config(Duration::from_secs(1), 3);
+    config.backoff = BackoffConfig::default();
+    let client = Client::connect(server.local_addr(), config).expect("connect");
+    let log = EventLog::start("client", client.events());
+    let started = Instant::now();
+    while log.all(0, is_reconnecting).len() < ROTATIONS
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        thread::sleep(ms(10));
+    }
+    let summary = format!("client:\n{}", log.dump(0, started));
+    for (_, reconnect) in log.all(0, is_reconnecting) {
+        assert!(
+            matches!(reconnect.event, Event::Reconnecting { attempt: 1, delay, .. } if delay.is_zero()),
+            "every reconnect after an idle close must be attempt 1 in 0 s: {summary}"
+        );
+    }
+    for (_, dead) in log.all(0, is_disconnected) {
+        assert!(
+            matches!(
+                reason_of(&dead.event),
+                DisconnectReason::PeerClosed {
+                    status: Some(CloseStatus::IdleTimeout),
+                    ..
+                }
+            ),
+            "{summary}"
+        );
+    }
+    assert!(
+        log.all(0, is_reconnecting).len() >= ROTATIONS,
+        "fewer idle closes than {ROTATIONS} within 5 s: {summary}"
+    );
 }

@@ -109,6 +109,26 @@ impl BackoffConfig {
 /// since [`Backoff::on_connected`] with it. A shorter connection leaves the
 /// count as it was, and the next delay keeps growing.
 ///
+/// # A graceful close by the peer
+///
+/// A provider that retires a healthy connection on purpose (`max_age`,
+/// `max_idle`, its own shutdown) says so with its Close frame, and the
+/// shell reports that with [`Backoff::on_peer_closed_gracefully`] instead of
+/// [`Backoff::on_disconnected`]. That connection served no probation and
+/// failed none: the attempt count starts over whatever its length, and the
+/// next attempt waits no delay at all, so a consumer whose connection is
+/// rotated every few hundred milliseconds is back at once every time instead
+/// of waiting out a delay that grows with each rotation. Only that one
+/// attempt is free: if it fails (the provider is really gone, e.g.
+/// restarting), the delays go on from `initial` as after any healthy
+/// connection. Many consumers of a provider that shuts down thus all try
+/// once at the same moment, which against a closed port costs a refused
+/// connect each, and then spread out with the jitter.
+///
+/// A peer that closes gracefully within `initial` of the connect gets no free
+/// attempt (the count still starts over): the consumer never reconnects to
+/// one peer more often than once per `initial`, whatever the peer does.
+///
 /// # Example
 ///
 /// ```
@@ -130,6 +150,15 @@ impl BackoffConfig {
 /// backoff.on_connected(t0 + Duration::from_secs(1));
 /// backoff.on_disconnected(t0 + Duration::from_secs(10));
 /// assert_eq!(backoff.next_delay(), Some(Duration::from_millis(100)));
+///
+/// // The peer closed a 300 ms connection gracefully (max_age): try again at
+/// // once, and if that fails, go on from the initial delay.
+/// backoff.on_connected(t0 + Duration::from_secs(11));
+/// backoff.on_peer_closed_gracefully(t0 + Duration::from_millis(11_300));
+/// assert_eq!(backoff.next_delay(), Some(Duration::ZERO));
+/// assert_eq!(backoff.attempt(), 1);
+/// assert_eq!(backoff.next_delay(), Some(Duration::from_millis(100)));
+/// assert_eq!(backoff.next_delay(), Some(Duration::from_millis(200)));
 /// ```
 ///
 /// Deterministic: the jitter comes from a SplitMix64 generator seeded in
@@ -140,6 +169,11 @@ pub struct Backoff {
     rng: SplitMix64,
     attempt: u32,
     connected_at: Option<Instant>,
+    /// The next attempt waits no delay (the peer closed gracefully).
+    retry_now: bool,
+    /// Attempts since the last reset that waited no delay: they do not grow
+    /// the delays of the attempts after them (0 or 1).
+    free_attempts: u32,
 }
 
 impl Backoff {
@@ -156,22 +190,34 @@ impl Backoff {
             rng: SplitMix64(seed),
             attempt: 0,
             connected_at: None,
+            retry_now: false,
+            free_attempts: 0,
         }
     }
 
     /// Returns the delay to wait before the next connection attempt and counts
     /// that attempt, or `None` if [`BackoffConfig::max_attempts`] attempts were
     /// already made since the last reset (give up).
+    ///
+    /// After [`on_peer_closed_gracefully`](Self::on_peer_closed_gracefully)
+    /// the delay is zero once; that attempt counts towards `max_attempts`
+    /// like any other but does not grow the delays after it.
     pub fn next_delay(&mut self) -> Option<Duration> {
         if let Some(limit) = self.config.max_attempts
             && self.attempt >= limit
         {
             return None;
         }
+        if std::mem::take(&mut self.retry_now) {
+            self.attempt = self.attempt.saturating_add(1);
+            self.free_attempts = self.free_attempts.saturating_add(1);
+            return Some(Duration::ZERO);
+        }
         let max = self.config.max.as_secs_f64();
         // Past ~1000 doublings every f64 is capped anyway; keep powi's
-        // exponent small and finite.
-        let exponent = self.attempt.min(1024) as i32;
+        // exponent small and finite. A free attempt does not count: the
+        // first delayed one waits `initial`.
+        let exponent = self.attempt.saturating_sub(self.free_attempts).min(1024) as i32;
         let base =
             (self.config.initial.as_secs_f64() * self.config.multiplier.powi(exponent)).min(max);
         let jitter = self.config.jitter;
@@ -208,8 +254,33 @@ impl Backoff {
         if let Some(since) = self.connected_at.take()
             && now.saturating_duration_since(since) >= self.config.probation
         {
-            self.attempt = 0;
+            self.reset();
         }
+    }
+
+    /// Records that the peer closed the connection gracefully at `now` (a
+    /// Close saying it retires a healthy connection: `max_age`, `max_idle`,
+    /// its shutdown).
+    ///
+    /// The attempt count resets to 0 however short the connection was (it
+    /// did not fail its probation), and the next
+    /// [`next_delay`](Self::next_delay) is zero, unless the connection lasted
+    /// less than [`BackoffConfig::initial`]: a peer that keeps closing at
+    /// once is then reconnected to after `initial`, never in a tight loop.
+    /// Without a preceding [`on_connected`](Self::on_connected) this does
+    /// nothing. See [the type's docs](Backoff#a-graceful-close-by-the-peer).
+    pub fn on_peer_closed_gracefully(&mut self, now: Instant) {
+        if let Some(since) = self.connected_at.take() {
+            self.reset();
+            self.retry_now = now.saturating_duration_since(since) >= self.config.initial;
+        }
+    }
+
+    /// Starts the delays over from `initial`.
+    fn reset(&mut self) {
+        self.attempt = 0;
+        self.free_attempts = 0;
+        self.retry_now = false;
     }
 
     /// The settings this backoff was created with.
@@ -450,6 +521,90 @@ mod tests {
             b.on_disconnected(at + ms(5));
             assert_eq!(b.next_delay(), Some(ms(want)));
         }
+    }
+
+    #[test]
+    fn graceful_close_retries_at_once_then_backs_off_from_initial() {
+        let t0 = Instant::now();
+        let mut b = Backoff::new(no_jitter(), 7);
+        // Rotated every 300 ms (max_age), far within the 2 s probation:
+        // every rotation is followed by one attempt at once, never a delay,
+        // and the count never grows.
+        for rotation in 0..8u64 {
+            let at = t0 + ms(1000 * rotation);
+            b.on_connected(at);
+            b.on_peer_closed_gracefully(at + ms(300));
+            assert_eq!(b.attempt(), 0, "rotation {rotation}");
+            assert_eq!(b.next_delay(), Some(Duration::ZERO), "rotation {rotation}");
+            assert_eq!(b.attempt(), 1, "rotation {rotation}");
+        }
+        // The provider is really gone (the free attempt was refused): the
+        // delays start at `initial`, as after any healthy connection.
+        let delays: Vec<_> = (0..4).map(|_| b.next_delay().unwrap()).collect();
+        assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800)]);
+        assert_eq!(b.attempt(), 5);
+    }
+
+    #[test]
+    fn graceful_close_after_a_failed_free_attempt_keeps_initial_first() {
+        let t0 = Instant::now();
+        let mut b = Backoff::new(no_jitter(), 7);
+        b.on_connected(t0);
+        b.on_peer_closed_gracefully(t0 + ms(300));
+        assert_eq!(b.next_delay(), Some(Duration::ZERO));
+        // The free attempt connected, then the connection failed at once:
+        // no probation served, the next delay is still the first one.
+        b.on_connected(t0 + ms(301));
+        b.on_disconnected(t0 + ms(310));
+        assert_eq!(b.next_delay(), Some(ms(100)));
+        assert_eq!(b.attempt(), 2);
+    }
+
+    #[test]
+    fn graceful_close_sooner_than_initial_gets_no_free_attempt() {
+        let t0 = Instant::now();
+        let mut b = Backoff::new(no_jitter(), 7);
+        for _ in 0..3 {
+            b.next_delay();
+        }
+        // A peer that closes gracefully right after the connect: the count
+        // starts over, but the consumer still waits `initial` first.
+        b.on_connected(t0);
+        b.on_peer_closed_gracefully(t0 + ms(99));
+        assert_eq!(b.next_delay(), Some(ms(100)));
+        // Exactly `initial` is long enough.
+        b.on_connected(t0 + ms(1000));
+        b.on_peer_closed_gracefully(t0 + ms(1100));
+        assert_eq!(b.next_delay(), Some(Duration::ZERO));
+        // Without a connection, nothing changes.
+        b.on_peer_closed_gracefully(t0 + ms(5000));
+        assert_eq!(b.next_delay(), Some(ms(100)));
+    }
+
+    #[test]
+    fn graceful_close_free_attempt_counts_towards_max_attempts() {
+        let t0 = Instant::now();
+        let config = BackoffConfig {
+            max_attempts: Some(2),
+            ..no_jitter()
+        };
+        let mut b = Backoff::new(config.clone(), 7);
+        b.on_connected(t0);
+        b.on_peer_closed_gracefully(t0 + ms(300));
+        assert_eq!(b.next_delay(), Some(Duration::ZERO));
+        assert_eq!(b.next_delay(), Some(ms(100)));
+        assert_eq!(b.next_delay(), None);
+        // `max_attempts: Some(0)` still means never reconnect.
+        let mut never = Backoff::new(
+            BackoffConfig {
+                max_attempts: Some(0),
+                ..config
+            },
+            7,
+        );
+        never.on_connected(t0);
+        never.on_peer_closed_gracefully(t0 + ms(300));
+        assert_eq!(never.next_delay(), None);
     }
 
     #[test]

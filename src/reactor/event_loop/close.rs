@@ -147,7 +147,9 @@ impl EventLoop {
         ctl.conn = None;
         let link = ctl.link.clone();
         let peer = link.addr();
-        if was_ready {
+        if was_ready && retired_by_peer(&reason) {
+            ctl.backoff.on_peer_closed_gracefully(now);
+        } else if was_ready {
             ctl.backoff.on_disconnected(now);
         } else {
             log::debug!("{peer}: connect attempt failed: {reason}");
@@ -192,13 +194,35 @@ impl EventLoop {
                 attempt,
                 delay,
             });
-            let event = TimerEvent {
-                loop_index: self.index,
-                target: TimerTarget::Link { id: link_id },
-            };
-            self.timer.arm(link_id, now + delay, event);
+            if delay.is_zero() {
+                // Not the timer: it would add up to a tick. Not from here
+                // either: our caller may still use the old connection's
+                // token, which the new connection could take.
+                self.connect_soon.push(link_id);
+            } else {
+                let event = TimerEvent {
+                    loop_index: self.index,
+                    target: TimerTarget::Link { id: link_id },
+                };
+                self.timer.arm(link_id, now + delay, event);
+            }
         }
     }
+}
+
+/// Whether the peer retired a healthy connection on purpose: Close(Normal)
+/// (its `max_age` or its shutdown) or Close(IdleTimeout) (its `max_idle`).
+/// The consumer then reconnects at once, and the connection's shortness
+/// does not count against its backoff (`Backoff::on_peer_closed_gracefully`).
+fn retired_by_peer(reason: &DisconnectReason) -> bool {
+    matches!(
+        reason,
+        DisconnectReason::PeerShutdown
+            | DisconnectReason::PeerClosed {
+                status: Some(CloseStatus::IdleTimeout),
+                ..
+            }
+    )
 }
 
 /// How a link's connection ended, for [`EventLoop::link_conn_gone`].

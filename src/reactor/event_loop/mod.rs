@@ -217,6 +217,9 @@ pub(super) struct EventLoop {
     /// scratch space for their call slots; both empty between reads.
     responses: Vec<Frame>,
     response_slots: Vec<Option<Arc<super::conn::CallSlot>>>,
+    /// Links to connect at the end of this turn: their reconnect waits no
+    /// delay (see `link_conn_gone`).
+    connect_soon: Vec<u64>,
     /// The server whose connections this loop serves, if any (set by
     /// `adopt`, which every accepted connection goes through): its pool jobs
     /// left waiting for a busy worker are watched here (see [`wait`](Self::wait)).
@@ -249,6 +252,7 @@ impl EventLoop {
             moved_calls: false,
             responses: Vec::new(),
             response_slots: Vec::new(),
+            connect_soon: Vec::new(),
             server: None,
         }
     }
@@ -341,6 +345,12 @@ impl EventLoop {
             }
             while let Ok(command) = self.commands.try_recv() {
                 self.on_command(command);
+            }
+            // A failed attempt here schedules its next one on the timer (only
+            // the first attempt after a graceful close waits no delay), so
+            // this turn's list is all there is.
+            for link_id in std::mem::take(&mut self.connect_soon) {
+                self.connect_link(link_id, Instant::now());
             }
             if self.exiting && self.conns.is_empty() {
                 log::debug!("event loop {} exits", self.index);
