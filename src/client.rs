@@ -6,8 +6,9 @@
 //! hands it the response. When the connection dies (heartbeat timeout, EOF,
 //! reset, a Close of any status) calls in flight fail at once with
 //! `ConnectionLost`, and the client reconnects with backoff until it is
-//! dropped; calls made meanwhile wait for the new connection up to their
-//! timeout.
+//! dropped (after a graceful close by the provider — its `max_age`,
+//! `max_idle` or shutdown — the first attempt is made at once); calls made
+//! meanwhile wait for the new connection up to their timeout.
 //!
 //! ```no_run
 //! use pulse::{Client, ClientConfig};

@@ -417,12 +417,16 @@ pub struct ServerConfig {
     pub linger: Duration,
     /// Close a connection that carried no call (request, response or
     /// one-way) for this long and has none running, with Close(IdleTimeout).
-    /// Pings do not count. Default `None` (never).
+    /// Pings do not count. A pulse consumer reconnects at once (no backoff
+    /// delay, and the closed connection does not count against its backoff's
+    /// probation). Default `None` (never).
     pub max_idle: Option<Duration>,
     /// Close a connection this long after it was accepted, gracefully: new
     /// requests are answered ShuttingDown, running ones finish (for up to
-    /// `linger`), then Close(Normal) — the consumer reconnects. Spreads load
-    /// after providers are added. Default `None` (never).
+    /// `linger`), then Close(Normal) — the consumer reconnects at once (no
+    /// backoff delay; however short, the connection does not count against its
+    /// backoff's probation). Spreads load after providers are added. Default
+    /// `None` (never).
     pub max_age: Option<Duration>,
 }
 

@@ -61,7 +61,9 @@ pub enum Event {
         peer: SocketAddr,
         /// Attempt number since the last healthy connection, from 1.
         attempt: u32,
-        /// Delay before this attempt (backoff with jitter).
+        /// Delay before this attempt (backoff with jitter); zero for the
+        /// first attempt after the provider closed the connection
+        /// gracefully (`max_age`, `max_idle`, its shutdown).
         delay: Duration,
     },
     /// A provider turned a new connection away without serving it: it sent

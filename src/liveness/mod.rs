@@ -79,6 +79,10 @@
 //! `None` means the attempt limit is reached and it gives up. When a
 //! connection is established it calls [`Backoff::on_connected`]; only a
 //! connection that stays up for the probation period resets the delays.
+//! When the peer retired the connection gracefully (a Close saying so: the
+//! provider's `max_age`, `max_idle` or shutdown), it calls
+//! [`Backoff::on_peer_closed_gracefully`] instead: the delays start over and
+//! the next one is zero.
 
 mod backoff;
 mod heartbeat;
