@@ -473,6 +473,7 @@ fn event_json(event: &Event) -> serde_json::Value {
             v["attempt"] = json!(attempt);
             v["delay_ms"] = json!(delay.as_millis() as u64);
         }
+        Event::GaveUp { attempts, .. } => v["attempts"] = json!(attempts),
         _ => {}
     }
     v

@@ -626,6 +626,7 @@ impl<'a> EventLine<'a> {
                 line.attempt = Some(*attempt);
                 line.delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
             }
+            Event::GaveUp { attempts, .. } => line.attempt = Some(*attempts),
             // `Connected` has nothing more to say; `Event` is non-exhaustive,
             // so a future kind still prints its name and peer.
             _ => {}

@@ -66,6 +66,17 @@ pub enum Event {
         /// gracefully (`max_age`, `max_idle`, its shutdown).
         delay: Duration,
     },
+    /// The consumer stopped reconnecting: `attempts` attempts in a row
+    /// failed, [`BackoffConfig::max_attempts`](crate::BackoffConfig::max_attempts).
+    /// The client is [`ConnectionState::Failed`](crate::ConnectionState::Failed)
+    /// for good, and its calls fail at once. Follows the `Disconnected` (or
+    /// the failed attempt) that used up the last attempt.
+    GaveUp {
+        /// The provider given up on.
+        peer: SocketAddr,
+        /// Attempts made since the last healthy connection.
+        attempts: u32,
+    },
     /// A provider turned a new connection away without serving it: it sent
     /// the consumer a Close (status Overloaded past `max_connections`) and
     /// closed the socket. No `Connected` came before it and no
@@ -81,13 +92,15 @@ pub enum Event {
 
 impl Event {
     /// The event's name as printed by the examples: `connected`,
-    /// `heartbeat_missed`, `disconnected`, `reconnecting` or `refused`.
+    /// `heartbeat_missed`, `disconnected`, `reconnecting`, `gave_up` or
+    /// `refused`.
     pub fn name(&self) -> &'static str {
         match self {
             Event::Connected { .. } => "connected",
             Event::HeartbeatMissed { .. } => "heartbeat_missed",
             Event::Disconnected { .. } => "disconnected",
             Event::Reconnecting { .. } => "reconnecting",
+            Event::GaveUp { .. } => "gave_up",
             Event::Refused { .. } => "refused",
         }
     }
@@ -99,6 +112,7 @@ impl Event {
             | Event::HeartbeatMissed { peer, .. }
             | Event::Disconnected { peer, .. }
             | Event::Reconnecting { peer, .. }
+            | Event::GaveUp { peer, .. }
             | Event::Refused { peer, .. } => *peer,
         }
     }
@@ -121,6 +135,9 @@ impl fmt::Display for Event {
                 delay,
             } => {
                 write!(f, "reconnecting to {peer}: attempt {attempt} in {delay:?}")
+            }
+            Event::GaveUp { peer, attempts } => {
+                write!(f, "gave up on {peer} after {attempts} reconnect attempts")
             }
             Event::Refused { peer, reason } => write!(f, "refused {peer}: {reason}"),
         }
@@ -252,9 +269,10 @@ impl EventSink {
     pub(crate) fn emit(&self, event: Event) {
         match &event {
             Event::Connected { .. } => log::info!("{}: {event}", self.side),
-            Event::HeartbeatMissed { .. } | Event::Reconnecting { .. } | Event::Refused { .. } => {
-                log::warn!("{}: {event}", self.side)
-            }
+            Event::HeartbeatMissed { .. }
+            | Event::Reconnecting { .. }
+            | Event::GaveUp { .. }
+            | Event::Refused { .. } => log::warn!("{}: {event}", self.side),
             Event::Disconnected { reason, .. } => match reason {
                 DisconnectReason::PeerShutdown | DisconnectReason::Shutdown => {
                     log::info!("{}: {event}", self.side)

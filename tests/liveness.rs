@@ -1999,3 +1999,43 @@ fn max_idle_rotations_reconnect_at_once() {
         "fewer idle closes than {ROTATIONS} within 5 s: {summary}"
     );
 }
+
+/// A client whose backoff allows two attempts says when it gives up: after
+/// the `Reconnecting` of its last attempt comes `GaveUp`, with the count,
+/// and the state is `Failed` (before, the last event was that
+/// `Reconnecting`, and a watcher of the events waited for good).
+#[test]
+fn a_client_that_gives_up_reconnecting_says_so() {
+    // A port nothing listens on: bound, then closed.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = ClientConfig {
+        backoff: BackoffConfig {
+            initial: ms(20),
+            max_attempts: Some(2),
+            ..BackoffConfig::default()
+        },
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_lazy(addr, config).expect("connect_lazy");
+    let events = client.events();
+    let mut seen = Vec::new();
+    let gave_up = loop {
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::GaveUp { peer, attempts }) => break (peer, attempts),
+            Ok(other) => seen.push(other),
+            Err(e) => panic!("no GaveUp within 10 s ({e}); saw {seen:?}"),
+        }
+    };
+    assert_eq!(gave_up, (addr, 2), "{seen:?}");
+    let attempts: Vec<u32> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reconnecting { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, [1, 2], "{seen:?}");
+    assert_eq!(client.state(), ConnectionState::Failed);
+}

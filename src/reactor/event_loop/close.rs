@@ -159,6 +159,7 @@ impl EventLoop {
         // `next`: the next attempt and its delay, if there is one.
         // Shut down but not yet removed: `Client::shutdown` came first and
         // its `RemoveLink` is queued behind; no reconnect either way.
+        let mut gave_up_after = None;
         let next = if ctl.removed || link.is_shut_down() {
             self.links.remove(&link_id);
             link.set_state(LinkState::Shutdown);
@@ -176,17 +177,22 @@ impl EventLoop {
                     });
                 }
                 None => {
-                    log::warn!("{peer}: giving up after {attempt} reconnect attempts");
                     link.set_state(LinkState::Failed(format!(
                         "gave up after {attempt} reconnect attempts; last error: {reason}"
                     )));
                     self.links.remove(&link_id);
+                    gave_up_after = Some(attempt);
                 }
             }
             delay.map(|delay| (attempt, delay))
         };
         if end == LinkEnd::Disconnected {
             link.events().emit(Event::Disconnected { peer, reason });
+        }
+        if let Some(attempts) = gave_up_after {
+            // A watcher of the events would otherwise see the last
+            // `Reconnecting` and wait for good.
+            link.events().emit(Event::GaveUp { peer, attempts });
         }
         if let Some((attempt, delay)) = next {
             link.events().emit(Event::Reconnecting {
