@@ -454,6 +454,13 @@ impl Client {
             .ok_or_else(|| {
                 Error::InvalidConfig("the provider address resolved to nothing".into())
             })?;
+        // Port 0 means "any port" to bind; as a destination it can only be
+        // refused, attempt after attempt.
+        if addr.port() == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "the provider address {addr} has port 0: give the port the provider listens on"
+            )));
+        }
         let runtime = ClientRuntime::shared(&config)?;
         let owner = runtime.next_loop()?;
         let link = Arc::new(Link {
@@ -1132,6 +1139,19 @@ mod tests {
     /// `Shutdown` is final: what the loop publishes after a
     /// `Client::shutdown` (a reconnect scheduled, a connect completing)
     /// cannot replace it.
+    /// Port 0 is no destination: refused at once rather than tried forever.
+    #[test]
+    fn a_provider_address_with_port_0_is_refused() {
+        for open in [Client::connect, Client::connect_lazy] {
+            let refused = open("127.0.0.1:0", ClientConfig::default());
+            assert!(
+                matches!(&refused, Err(crate::Error::InvalidConfig(why)) if why.contains("port 0")),
+                "{:?}",
+                refused.err()
+            );
+        }
+    }
+
     #[test]
     fn a_shut_down_link_stays_shut_down() {
         let link = connecting_link();

@@ -38,7 +38,9 @@ pub struct HeartbeatConfig {
     /// When pings are sent. Default [`HeartbeatMode::Fixed`].
     pub mode: HeartbeatMode,
     /// Whether this side sends pings. Default `true`; with `false` the side
-    /// relies on the peer's pings but still detects silence. Even then it
+    /// relies on the peer's pings but still detects silence, so one side at
+    /// least must ping: with both silent, an idle connection is closed
+    /// every `max_missed` intervals (and the consumer reconnects). Even then it
     /// pings once right after its own stall, and once an interval while it
     /// leaves the peer's bytes unread on purpose (see
     /// [`Heartbeat::excuse_silence`]), since the peer's pings then go
