@@ -488,6 +488,15 @@ impl Client {
     /// Calls `method` of `service` with `args` and waits for the result, up
     /// to `ClientConfig::call_timeout`.
     ///
+    /// A call answered `ShuttingDown` by a connection that is closing (the
+    /// provider's `max_age` or `max_idle` rotating it, or its shutdown) did
+    /// not run; like a call made while the connection closes, it is sent
+    /// once more on the next connection, within the same timeout. When no
+    /// new connection comes in time (the provider is really gone), it fails
+    /// with `NotConnected` at the timeout. ([`Client::start`] and
+    /// [`PendingCall::wait`] leave that to the caller: see
+    /// [`Error::refused_before_running`].)
+    ///
     /// # Errors
     /// `Timeout`, `ConnectionLost`, `NotConnected`, `Remote` (the provider's
     /// status and message), `Overloaded`, `Codec`, `Shutdown`.
@@ -520,7 +529,27 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.start_timeout(service, method, args, timeout)?.wait()
+        let service = service.into();
+        let started = Instant::now();
+        let deadline = clock::deadline_after(started, timeout);
+        let first = self.start_with(service, method, args, timeout, Write::Now)?;
+        let closing = first.conn.id;
+        match first.wait() {
+            Err(Error::Remote {
+                status: ResponseStatus::ShuttingDown,
+                ..
+            }) if Instant::now() < deadline => {
+                let again = Until {
+                    started,
+                    deadline,
+                    timeout,
+                    avoid: Some(closing),
+                };
+                self.start_until(service, method, args, again, Write::Now)?
+                    .wait()
+            }
+            outcome => outcome,
+        }
     }
 
     /// Sends the request now and returns a handle to wait on later, with the
@@ -662,10 +691,38 @@ impl Client {
         R: DeserializeOwned,
     {
         let started = Instant::now();
-        let deadline = clock::deadline_after(started, timeout);
+        let until = Until {
+            started,
+            deadline: clock::deadline_after(started, timeout),
+            timeout,
+            avoid: None,
+        };
+        self.start_until(service, method, args, until, write)
+    }
+
+    /// [`start_with`](Self::start_with) within a deadline set earlier,
+    /// on any ready connection but `until.avoid`.
+    fn start_until<A, R>(
+        &self,
+        service: ServiceRef<'_>,
+        method: &str,
+        args: &A,
+        until: Until,
+        write: Write,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let Until {
+            started,
+            deadline,
+            timeout,
+            avoid,
+        } = until;
         let (id, mut frame) = self.encode_call(Kind::Request, service, method, args)?;
         let link = &self.inner.link;
-        let mut dead = None;
+        let mut dead = avoid;
         // A connection can die between being handed out and taking the
         // request; as long as nothing was written, wait for the next one.
         loop {
@@ -953,6 +1010,18 @@ impl Client {
     pub fn events(&self) -> Receiver<Event> {
         self.inner.link.events.receiver()
     }
+}
+
+/// The time a call has: since when it waits (`started`, for the
+/// `NotConnected` it may end with), until when (`deadline`), the timeout
+/// it was given (for its `Timeout` error), and a connection it must not be
+/// sent on (`avoid`: one that refused it while closing).
+#[derive(Debug, Clone, Copy)]
+struct Until {
+    started: Instant,
+    deadline: Instant,
+    timeout: Duration,
+    avoid: Option<u64>,
 }
 
 /// When a request is written.

@@ -1291,7 +1291,9 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
     );
 
     // A consumer with a call running across the age: the call finishes, a
-    // call made meanwhile is refused ShuttingDown, then Close(Normal).
+    // request sent meanwhile is refused ShuttingDown, then Close(Normal).
+    // `call` itself sends such a refused request again on the next
+    // connection, within its timeout.
     let client = Client::connect(server.local_addr(), quick_reconnect_config()).expect("connect");
     let connected = Instant::now();
     let events = client.events();
@@ -1299,17 +1301,32 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
         .start::<_, u64>("demo", "sleep", &1500u64)
         .expect("start the slow call");
     std::thread::sleep((max_age + Duration::from_millis(300)).saturating_sub(connected.elapsed()));
-    match client.call::<_, u64>("demo", "ping", &1u64) {
+    let refused = client
+        .start::<_, u64>("demo", "ping", &1u64)
+        .expect("start a call on the draining connection")
+        .wait();
+    match refused {
         Err(Error::Remote { status, message }) => {
             assert_eq!(status, ResponseStatus::ShuttingDown, "{message}");
             assert!(message.contains("max_age"), "{message}");
         }
         other => panic!("a call on a draining connection: expected ShuttingDown, got {other:?}"),
     }
+    let retried = {
+        let client = client.clone();
+        std::thread::spawn(move || client.call::<_, u64>("demo", "ping", &3u64))
+    };
     assert_eq!(
         slow.wait()
             .expect("the call started before max_age finishes"),
         1500
+    );
+    assert_eq!(
+        retried
+            .join()
+            .expect("the retrying caller")
+            .expect("a call refused by the draining connection, sent again on the next"),
+        3
     );
     assert_eq!(
         wait_any_disconnected(&events),
