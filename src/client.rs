@@ -255,9 +255,12 @@ struct ClientInner {
 
 impl ClientInner {
     /// Has the loop close the connection with Close(Normal) and stop
-    /// reconnecting, and waits until it has (up to [`REMOVE_WAIT`]): the
-    /// loop may go on serving other clients, and a program that drops or
-    /// shuts down a client and then exits must not lose the Close with the
+    /// reconnecting, and waits until it has: until what was queued and the
+    /// Close are written and the provider closed its side, or
+    /// [`ClientConfig::linger`] has passed (plus [`REMOVE_WAIT`] for the
+    /// loop to take the command). The loop may go on serving other
+    /// clients, and a program that drops or shuts down a client and then
+    /// exits must not lose its queued one-way calls or the Close with the
     /// process. An event loop's thread does not wait: the loop it would
     /// wait for could be its own.
     fn remove_link(&self) {
@@ -267,15 +270,18 @@ impl ClientInner {
             done,
         });
         if !crate::reactor::on_event_loop() {
-            // Nothing is ever sent: the loop drops `done` when it is done.
-            let _ = closed.recv_timeout(REMOVE_WAIT);
+            // Nothing is ever sent: the loop drops `done` when the
+            // connection is released.
+            let wait = self.link.config().linger.saturating_add(REMOVE_WAIT);
+            let _ = closed.recv_timeout(wait);
         }
     }
 }
 
-/// The longest a client's drop or `shutdown` waits for its loop to close
-/// the connection. A loop takes its commands between turns, so this is
-/// reached only behind an inline handler that runs that long.
+/// How much longer than [`ClientConfig::linger`] a client's drop or
+/// `shutdown` waits for its loop to close the connection. A loop takes its
+/// commands between turns, so this is reached only behind an inline
+/// handler that runs that long.
 const REMOVE_WAIT: Duration = Duration::from_secs(1);
 
 impl Drop for ClientInner {
@@ -366,8 +372,12 @@ impl ClientRuntime {
 
 /// A consumer of one provider; clones share one multiplexed connection.
 ///
-/// Dropping the last clone closes the connection with Close(Normal) before
-/// the drop returns (see [`Client::shutdown`] for the bound). The
+/// Dropping the last clone closes the connection gracefully before the drop
+/// returns: what is still queued on it (one-way calls `send_one_way`
+/// accepted) is written, then Close(Normal), and the drop returns once the
+/// provider has closed its side in turn, or after [`ClientConfig::linger`]
+/// (default 1 s) if it has not; only then is anything still queued lost.
+/// The
 /// connection runs on an event loop the process's clients share
 /// ([`ClientConfig::event_loops`] loops, each started with its first
 /// client, and one timer thread; all stopped with the last client).
@@ -961,9 +971,13 @@ impl Client {
     /// fail at once with [`Error::Shutdown`] (a request already sent may
     /// have run), and so does every later call. For a thread blocked in a
     /// call that another thread wants to end, e.g. at Ctrl-C while the
-    /// provider is unreachable. The connection is closed when it returns
-    /// (it waits for the event loop, up to a second, except on an event
-    /// loop's own thread). Idempotent.
+    /// provider is unreachable. What is still queued on the connection
+    /// (one-way calls `send_one_way` accepted) is written before the Close,
+    /// and the connection is closed when this returns: it waits until the
+    /// provider has closed its side in turn, or [`ClientConfig::linger`]
+    /// has passed (plus up to a second for the event loop to take the
+    /// command; it does not wait on an event loop's own thread).
+    /// Idempotent.
     pub fn shutdown(&self) {
         self.inner.link.set_state(LinkState::Shutdown);
         self.inner.remove_link();

@@ -281,6 +281,15 @@ pub struct ClientConfig {
     /// (so one client runs one loop), and the threads stop when the last
     /// such client is dropped. Default: the number of cores. 1 to 1024.
     pub event_loops: usize,
+    /// How long a graceful close (the last clone dropped, or
+    /// `Client::shutdown`) lets what was queued on the connection (one-way
+    /// calls `send_one_way` accepted, deferred requests) and then the
+    /// Close(Normal) reach the provider, and waits for the provider to
+    /// close its side after reading them; the drop or `shutdown` returns
+    /// when that is done or this has passed. A provider that reads nothing
+    /// holds the close this long, then the connection is closed anyway and
+    /// what was still queued is lost. Default 1 s (as `ServerConfig::linger`).
+    pub linger: Duration,
 }
 
 impl Default for ClientConfig {
@@ -294,6 +303,7 @@ impl Default for ClientConfig {
             max_inflight: 4096,
             spin_wait: Duration::from_micros(100),
             event_loops: crate::reactor::usable_cores(),
+            linger: Duration::from_secs(1),
         }
     }
 }
@@ -328,6 +338,7 @@ impl ClientConfig {
             ),
             ("connect_timeout", Some(self.connect_timeout)),
             ("spin_wait", Some(self.spin_wait)),
+            ("linger", Some(self.linger)),
             ("backoff.initial", Some(backoff.initial)),
             ("backoff.max", Some(backoff.max)),
             ("backoff.probation", Some(backoff.probation)),

@@ -1162,6 +1162,145 @@ fn one_way_calls_sent_just_before_the_client_is_dropped_arrive() {
     }
 }
 
+/// How a test ends its client.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Drops the last clone.
+    Drop,
+    /// Calls `Client::shutdown` (the client is dropped later).
+    Shutdown,
+}
+
+/// Sends one-way calls of `body_len` bytes to `service`/`method` until the
+/// client's write queue is full behind the socket's full buffers (the
+/// provider takes them slower than they come): until one fails with
+/// `Overloaded`, or was accepted only after waiting 20 ms for room (then
+/// it filled the room that had just been freed). Returns how many were
+/// accepted. Bounded in count and time.
+fn send_one_way_until_the_queue_is_full(
+    client: &Client,
+    service: &str,
+    method: &str,
+    body_len: usize,
+) -> usize {
+    let body = Value::Binary(vec![7u8; body_len]);
+    let started = Instant::now();
+    for sent in 0..100_000 {
+        let attempt = Instant::now();
+        match client.send_one_way(service, method, &body) {
+            Ok(()) if attempt.elapsed() >= Duration::from_millis(20) => return sent + 1,
+            Ok(()) => {}
+            Err(Error::Overloaded(_)) => return sent,
+            Err(e) => panic!("send {sent} failed: {e:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the write queue not full within 60 s ({sent} sent)"
+        );
+    }
+    panic!("100,000 one-way calls accepted, the write queue never full");
+}
+
+/// One-way calls that `send_one_way` accepted, still queued behind a slow
+/// provider (`max_inflight` 4, 50 ms pool handlers, 64 KiB calls: the
+/// client's 256 KiB write queue and the socket buffers full), are all
+/// written before the Close when the client closes (dropped or shut
+/// down): the provider handles every one and sees Close(Normal)
+/// (`peer_shutdown`), and the drop or `shutdown` returns only once the
+/// provider has read them (it takes a second or two) and closed its side.
+fn queued_one_way_calls_survive_the_close(end: End) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("slow").method("nap", move |_: Value| {
+        thread::sleep(Duration::from_millis(50));
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(())
+    });
+    let mut server_config = ServerConfig {
+        max_inflight: 4,
+        ..ServerConfig::default()
+    };
+    // The provider pings the consumer whose reads it holds, every 100 ms
+    // here: one that closed its socket answers with a reset, which
+    // destroys what the provider had not read yet.
+    server_config.connection.heartbeat = support::heartbeat(100, 10);
+    let server = server_with(server_config, vec![service]);
+    let server_events = server.events();
+    let mut config = ClientConfig {
+        call_timeout: Duration::from_millis(500),
+        linger: Duration::from_secs(20),
+        ..ClientConfig::default()
+    };
+    config.connection.max_frame_len = 128 * 1024;
+    config.connection.max_write_queue_bytes = 256 * 1024;
+    let client = Client::connect(server.local_addr(), config).unwrap();
+    let sent = send_one_way_until_the_queue_is_full(&client, "slow", "nap", 64 * 1024);
+    let before = handled.load(Ordering::SeqCst);
+    let started = Instant::now();
+    match end {
+        End::Drop => drop(client),
+        End::Shutdown => client.shutdown(),
+    }
+    let took = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handled.load(Ordering::SeqCst) < sent && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let after = handled.load(Ordering::SeqCst);
+    assert_eq!(
+        after, sent,
+        "{end:?}: one-way calls handled of those accepted ({before} before the close, which took {took:?})"
+    );
+    let reason = support::wait_any_disconnected(&server_events);
+    assert_eq!(reason, DisconnectReason::PeerShutdown, "{end:?}");
+    // The provider had a backlog of 50 ms calls when the close began; the
+    // close returned only once it had read them all (four at a time).
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_secs(15),
+        "{end:?}: the close returned after {took:?}, with {before} of {sent} calls handled"
+    );
+}
+
+/// See [`queued_one_way_calls_survive_the_close`]: dropping the last clone.
+#[test]
+fn one_way_calls_queued_behind_a_slow_provider_are_handled_after_the_drop() {
+    queued_one_way_calls_survive_the_close(End::Drop);
+}
+
+/// See [`queued_one_way_calls_survive_the_close`]: `Client::shutdown`.
+#[test]
+fn one_way_calls_queued_behind_a_slow_provider_are_handled_after_shutdown() {
+    queued_one_way_calls_survive_the_close(End::Shutdown);
+}
+
+/// A provider that never reads (its handlers block, its reads are held)
+/// delays the drop of a client with a full write queue by the client's
+/// `linger` at most: the Close never gets written, and the drop gives up.
+#[test]
+fn a_provider_that_never_reads_delays_the_drop_by_the_linger_at_most() {
+    // `gate` bound last, so dropped first (see `HoldingProvider`).
+    let HoldingProvider {
+        server,
+        handled: _handled,
+        gate: _gate,
+    } = holding_provider(holding_config());
+    let linger = Duration::from_millis(500);
+    let config = ClientConfig {
+        call_timeout: Duration::from_millis(300),
+        linger,
+        ..small_queue_client_config()
+    };
+    let client = Client::connect(server.local_addr(), config).unwrap();
+    send_one_way_until_the_queue_is_full(&client, "gated", "hold", 8 * 1024);
+    let started = Instant::now();
+    drop(client);
+    let took = started.elapsed();
+    assert!(
+        took < linger + Duration::from_secs(2),
+        "the drop took {took:?} with a linger of {linger:?}"
+    );
+}
+
 /// While a provider holds a consumer's one-way calls back (its
 /// `max_inflight` calls block for longer than the heartbeat bound), it
 /// reads nothing from that consumer, Pings included: neither side may take

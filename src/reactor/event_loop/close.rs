@@ -30,7 +30,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
-        if let Phase::Closing { .. } = conn.phase {
+        if conn.phase.is_closing() {
             self.finalize(token, now);
             return;
         }
@@ -63,8 +63,14 @@ impl EventLoop {
             .out
             .send_final(&shared.socket, encode_close(status, &text), graceful);
         let linger = match &conn.role {
-            // A consumer reconnects at once: its peer is gone or going.
-            Role::Consumer { .. } => None,
+            // A consumer lingers only when its client closes a usable
+            // connection (drop or `shutdown`): one-way calls it accepted
+            // may still be queued, and they go out before the Close. After
+            // any other end its peer is gone or going, and the link
+            // reconnects at once.
+            Role::Consumer { link } => {
+                (graceful && conn.phase == Phase::Ready).then(|| link.config().linger)
+            }
             Role::Provider { server } => Some(server.config().linger),
         };
         // Linger while the Close is not written: the socket is full
@@ -73,14 +79,68 @@ impl EventLoop {
         // with frames still out). Finalizing now would shut the socket down
         // under that writer, in the middle of a frame, and lose the Close.
         match (sent, linger) {
-            (Ok(_), Some(linger)) if !conn.shared.out.is_drained() => {
+            (Ok(_), Some(linger)) => {
                 conn.phase = Phase::Closing {
                     deadline: now + linger,
                 };
-                self.rearm(token);
+                if conn.shared.out.is_drained() {
+                    self.close_written(token, now);
+                } else {
+                    self.rearm(token);
+                }
             }
             _ => self.finalize(token, now),
         }
+    }
+
+    /// A lingering connection's Close is written (its queue drained). A
+    /// provider is finalized. A consumer shuts its sending side down and
+    /// waits, until the same deadline, for the provider to close its side
+    /// (`Phase::HalfClosed`): the provider may still have the one-way calls
+    /// queued before our Close to read, and closing the socket now would
+    /// answer its next bytes with a reset that destroys them.
+    pub(super) fn close_written(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let (Role::Consumer { .. }, Phase::Closing { deadline }) = (&conn.role, conn.phase) else {
+            self.finalize(token, now);
+            return;
+        };
+        let _ = conn.shared.socket.shutdown(Shutdown::Write);
+        conn.phase = Phase::HalfClosed { deadline };
+        // What arrived while the connection was `Closing` was left unread,
+        // and its edge is gone: look now.
+        self.discard_reads(token, now);
+        self.rearm(token);
+    }
+
+    /// A half-closed consumer connection (`Phase::HalfClosed`): reads and
+    /// discards what the provider sent, and finalizes the connection at its
+    /// end of stream or on an error. Reads at most [`DRAIN_LIMIT`] bytes a
+    /// call, so a provider that floods it cannot hold the loop: the next
+    /// edge, or the next tick, reads on.
+    pub(super) fn discard_reads(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        let mut scratch = [0u8; 16 * 1024];
+        let mut drained = 0;
+        loop {
+            if drained >= DRAIN_LIMIT {
+                return; // the next edge or tick reads on
+            }
+            match io::Read::read(&mut &conn.shared.socket, &mut scratch) {
+                Ok(0) => break,
+                Ok(n) => drained += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        // End of stream, or an error: the provider has closed its side (or
+        // the connection is gone); either way nothing more can reach it.
+        self.finalize(token, now);
     }
 
     /// Releases everything the connection owns: registration, socket, queued

@@ -57,6 +57,21 @@ enum Phase {
     /// Our Close frame is queued; the socket closes once it is written or at
     /// the deadline, whichever comes first. Nothing else is sent or read.
     Closing { deadline: Instant },
+    /// Consumer, graceful close: our Close is written and our sending side
+    /// shut down; what the provider sends is read and discarded until it
+    /// closes its side, or until the deadline (the same as `Closing`'s).
+    /// Closing the socket earlier would answer the provider's next bytes (a
+    /// Ping) with a reset, which destroys what it has not read yet: the
+    /// one-way calls queued before our Close, and the Close.
+    HalfClosed { deadline: Instant },
+}
+
+impl Phase {
+    /// Closing, before or after the Close was written: nothing is sent,
+    /// nothing read is handled.
+    fn is_closing(self) -> bool {
+        matches!(self, Phase::Closing { .. } | Phase::HalfClosed { .. })
+    }
 }
 
 /// Which side of the protocol a connection plays here.
@@ -141,7 +156,9 @@ impl Conn {
             Phase::Connecting { deadline } => return Some(deadline),
             // Check every tick whether the Close is out: a writer on another
             // thread may finish it without the loop getting an event.
-            Phase::Closing { deadline } => {
+            // Half-closed: every tick, look for the provider's end of stream
+            // too, in case its edge was lost.
+            Phase::Closing { deadline } | Phase::HalfClosed { deadline } => {
                 return Some(deadline.min(Instant::now() + self.config().timer_tick));
             }
             Phase::Handshaking | Phase::Ready => self.heartbeat.next_deadline(),
@@ -178,6 +195,11 @@ struct LinkCtl {
     conn: Option<usize>,
     /// The client is gone: close, do not reconnect.
     removed: bool,
+    /// The `done` senders of `RemoveLink` commands, dropped with this
+    /// struct once the connection is released: whoever removes the link
+    /// waits for that, so a graceful close (which lingers) ends before a
+    /// client's drop or `shutdown` returns.
+    done: Vec<crossbeam_channel::Sender<()>>,
 }
 
 /// Whether the connection survived handling some input.
@@ -406,21 +428,24 @@ impl EventLoop {
                         backoff,
                         conn: None,
                         removed: false,
+                        done: Vec::new(),
                     },
                 );
                 self.connect_link(id, now);
             }
-            // `done` is dropped at the end of this arm, the connection
-            // closed: that is what the remover waits for.
-            Command::RemoveLink {
-                link_id,
-                done: _done,
-            } => {
+            // `done` is kept with the link until its connection is released
+            // (`link_conn_gone` drops the link): that is what the remover
+            // waits for. Without a link, it is dropped at once.
+            Command::RemoveLink { link_id, done } => {
                 let Some(ctl) = self.links.get_mut(&link_id) else {
                     return;
                 };
                 ctl.removed = true;
+                ctl.done.push(done);
                 match ctl.conn {
+                    // Already closing (a `shutdown` before the last drop):
+                    // a second close would cut its linger short.
+                    Some(token) if self.conns.get(token).is_some_and(|c| c.phase.is_closing()) => {}
                     Some(token) => {
                         let close = Some((CloseStatus::Normal, "client shutting down".to_string()));
                         self.close(token, DisconnectReason::Shutdown, close, now);

@@ -29,9 +29,17 @@ impl EventLoop {
         let Some(conn) = self.conns.get(token) else {
             return;
         };
-        if let Phase::Connecting { .. } = conn.phase {
-            self.finish_connect(token, now);
-            return;
+        match conn.phase {
+            Phase::Connecting { .. } => {
+                self.finish_connect(token, now);
+                return;
+            }
+            // Nothing left to write; reads only watch for the end.
+            Phase::HalfClosed { .. } => {
+                self.discard_reads(token, now);
+                return;
+            }
+            _ => {}
         }
         let hangup = event.is_read_closed() || event.is_error();
         if event.is_readable() || hangup {
@@ -59,7 +67,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
-        if !conn.shared.reads_held() || matches!(conn.phase, Phase::Closing { .. }) {
+        if !conn.shared.reads_held() || conn.phase.is_closing() {
             return;
         }
         if error {
@@ -84,7 +92,7 @@ impl EventLoop {
                 now,
             ),
             (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_drained() => {
-                self.finalize(token, now)
+                self.close_written(token, now)
             }
             _ => {}
         }
@@ -184,7 +192,7 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(token) else {
                 return Flow::Closed;
             };
-            if let Phase::Closing { .. } = conn.phase {
+            if conn.phase.is_closing() {
                 // Nothing read matters any more; let the socket buffer absorb it.
                 return Flow::Open;
             }

@@ -40,7 +40,7 @@ impl EventLoop {
                 self.close(token, reason, None, now);
                 return;
             }
-            Phase::Closing { deadline } if now >= deadline => {
+            Phase::Closing { deadline } | Phase::HalfClosed { deadline } if now >= deadline => {
                 self.finalize(token, now);
                 return;
             }
@@ -50,6 +50,9 @@ impl EventLoop {
             // have been lost, and the loop hears of neither. (`rearm`
             // below does nothing for a connection that is gone.)
             Phase::Closing { .. } => self.resume_write(token, now),
+            // Every tick too: the provider's end of stream may have come
+            // without an edge the loop saw (see `close_written`).
+            Phase::HalfClosed { .. } => self.discard_reads(token, now),
             Phase::Connecting { .. } => {}
             Phase::Handshaking | Phase::Ready => {
                 // Responses a waiting caller read itself are life too, when
