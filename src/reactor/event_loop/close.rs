@@ -186,6 +186,10 @@ impl EventLoop {
                     (true, false) => LinkEnd::Disconnected,
                     (true, true) => LinkEnd::DisconnectReported,
                 };
+                // Our hold on the socket goes first (it closes with its last
+                // holder): a removed link drops the `done` its client's drop
+                // or `shutdown` waits on, and they must find it closed.
+                drop(conn.shared);
                 self.link_conn_gone(link.id(), end, reason, now)
             }
         }
