@@ -1251,6 +1251,23 @@ mod tests {
             .unwrap()
     }
 
+    /// Deregisters, which must take less than 5 × [`SHORT`] (a request
+    /// under way, not one per member), and returns every request `member`
+    /// got.
+    fn deregister_promptly(registration: Registration, member: &FakeMember) -> Vec<String> {
+        let started = Instant::now();
+        let deregistered = registration.deregister();
+        let took = started.elapsed();
+        assert!(
+            took < 5 * SHORT,
+            "deregistering took {took:?}; the bound is {:?}",
+            5 * SHORT
+        );
+        deregistered.unwrap();
+        println!("deregistered in {took:?}");
+        member.requests.lock().unwrap().clone()
+    }
+
     /// etcd stops answering (here: the member asked hangs on the renewal,
     /// the 15 others never answer anything): deregistering waits for the
     /// renewal under way, not for one attempt on each of the 16 members.
@@ -1269,17 +1286,7 @@ mod tests {
             .expect("no renewal within 10 s");
         assert_eq!(path_of(&held), "/v3/lease/keepalive");
 
-        let started = Instant::now();
-        let deregistered = registration.deregister();
-        let took = started.elapsed();
-        assert!(
-            took < 5 * SHORT,
-            "deregistering took {took:?}; the bound is {:?}",
-            5 * SHORT
-        );
-        deregistered.unwrap();
-        println!("deregistered in {took:?}");
-        let requests = member.requests.lock().unwrap().clone();
+        let requests = deregister_promptly(registration, &member);
         let tail: Vec<&str> = requests.iter().rev().take(2).map(|r| path_of(r)).collect();
         assert_eq!(tail, ["/v3/kv/deleterange", "/v3/lease/revoke"]);
         let revoke = &requests[requests.len() - 2];
@@ -1320,17 +1327,7 @@ mod tests {
         assert_eq!(path_of(&held), "/v3/kv/put");
         assert!(held.contains(r#""lease":"4098""#), "{held}");
 
-        let started = Instant::now();
-        let deregistered = registration.deregister();
-        let took = started.elapsed();
-        assert!(
-            took < 5 * SHORT,
-            "deregistering took {took:?}; the bound is {:?}",
-            5 * SHORT
-        );
-        deregistered.unwrap();
-        println!("deregistered in {took:?}");
-        let requests = member.requests.lock().unwrap().clone();
+        let requests = deregister_promptly(registration, &member);
         let after_put = requests
             .iter()
             .skip_while(|r| **r != held)
