@@ -9,21 +9,10 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::resource::{Resource, setrlimit};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use support::process::RestoreLimit;
 use support::{PROMPTLY, demo_server, wait_until};
-
-/// Puts the descriptor limit back when dropped, even if the test fails.
-struct RestoreLimit {
-    soft: u64,
-    hard: u64,
-}
-
-impl Drop for RestoreLimit {
-    fn drop(&mut self) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, self.soft, self.hard);
-    }
-}
 
 #[test]
 fn connections_left_in_the_backlog_by_emfile_are_accepted_later() {
@@ -34,8 +23,8 @@ fn connections_left_in_the_backlog_by_emfile_are_accepted_later() {
     let consumers: Vec<Socket> = (0..3)
         .map(|_| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap())
         .collect();
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    let restore = RestoreLimit { soft, hard };
+    let restore = RestoreLimit::save(Resource::RLIMIT_NOFILE);
+    let hard = restore.hard();
     // The limit at the lowest free descriptor number (those above it stay
     // open), and any number below it that was freed meanwhile taken, so no
     // new descriptor can be made.

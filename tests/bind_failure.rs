@@ -6,27 +6,15 @@ mod support;
 
 use std::time::Duration;
 
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::resource::{Resource, setrlimit};
 use pulse::{Server, ServerConfig};
-use support::process::{threads_named, virtual_kib};
+use support::process::{RestoreLimit, threads_named, virtual_kib};
 use support::{PROMPTLY, demo_service, wait_until};
-
-/// Puts the address-space limit back when dropped, even if the test fails.
-struct RestoreLimit {
-    soft: u64,
-    hard: u64,
-}
-
-impl Drop for RestoreLimit {
-    fn drop(&mut self) {
-        let _ = setrlimit(Resource::RLIMIT_AS, self.soft, self.hard);
-    }
-}
 
 #[test]
 fn a_bind_that_cannot_start_its_workers_stops_those_it_started() {
-    let (soft, hard) = getrlimit(Resource::RLIMIT_AS).unwrap();
-    let restore = RestoreLimit { soft, hard };
+    let restore = RestoreLimit::save(Resource::RLIMIT_AS);
+    let hard = restore.hard();
     // Room for the loops and a few dozen worker stacks (2 MiB each), not
     // for the 4,000 asked for.
     let (size_kib, _) = virtual_kib();

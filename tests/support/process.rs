@@ -1,6 +1,7 @@
 //! This process's resources, read from `/proc/self` (the tests that check
 //! nothing leaks compare them before and after), and [`ProcessLock`], which
-//! lets such a test run alone among the tests of its binary.
+//! lets such a test run alone among the tests of its binary, and
+//! [`RestoreLimit`], which puts back a resource limit a test lowered.
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -277,4 +278,37 @@ pub fn socket_open(inode: u64) -> bool {
         .expect("read /proc/self/fd")
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .any(|target| target.to_str() == Some(wanted.as_str()))
+}
+
+/// A resource limit of this process, as it was when [`RestoreLimit::save`]
+/// read it, put back when dropped: a test that lowers a limit restores it
+/// even when it fails.
+pub struct RestoreLimit {
+    resource: nix::sys::resource::Resource,
+    soft: u64,
+    hard: u64,
+}
+
+impl RestoreLimit {
+    /// Reads `resource`'s limits now, to be restored on drop.
+    pub fn save(resource: nix::sys::resource::Resource) -> RestoreLimit {
+        let (soft, hard) = nix::sys::resource::getrlimit(resource).expect("getrlimit");
+        RestoreLimit {
+            resource,
+            soft,
+            hard,
+        }
+    }
+
+    /// The hard limit read by [`save`](Self::save) (a test lowering the
+    /// soft limit keeps it).
+    pub fn hard(&self) -> u64 {
+        self.hard
+    }
+}
+
+impl Drop for RestoreLimit {
+    fn drop(&mut self) {
+        let _ = nix::sys::resource::setrlimit(self.resource, self.soft, self.hard);
+    }
 }
