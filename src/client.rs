@@ -377,8 +377,7 @@ impl ClientRuntime {
 /// accepted) is written, then Close(Normal), and the drop returns once the
 /// provider has closed its side in turn, or after [`ClientConfig::linger`]
 /// (default 1 s) if it has not; only then is anything still queued lost.
-/// The
-/// connection runs on an event loop the process's clients share
+/// The connection runs on an event loop the process's clients share
 /// ([`ClientConfig::event_loops`] loops, each started with its first
 /// client, and one timer thread; all stopped with the last client).
 /// [`Client::shutdown`] closes it earlier, for every clone, and ends the

@@ -1221,8 +1221,8 @@ fn queued_one_way_calls_survive_the_close(end: End) {
         ..ServerConfig::default()
     };
     // The provider pings the consumer whose reads it holds, every 100 ms
-    // here: one that closed its socket answers with a reset, which
-    // destroys what the provider had not read yet.
+    // here: one that closed its socket answers with a reset, on which the
+    // provider closes the connection it holds without reading the rest.
     server_config.connection.heartbeat = support::heartbeat(100, 10);
     let server = server_with(server_config, vec![service]);
     let server_events = server.events();

@@ -98,7 +98,9 @@ impl EventLoop {
     /// waits, until the same deadline, for the provider to close its side
     /// (`Phase::HalfClosed`): the provider may still have the one-way calls
     /// queued before our Close to read, and closing the socket now would
-    /// answer its next bytes with a reset that destroys them.
+    /// answer its next bytes (a Ping) with a reset. The bytes stay in the
+    /// provider's kernel, but a provider may close on that error without
+    /// reading them: pulse's does while it holds the connection's reads.
     pub(super) fn close_written(&mut self, token: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(token) else {
             return;

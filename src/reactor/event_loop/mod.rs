@@ -61,8 +61,10 @@ enum Phase {
     /// shut down; what the provider sends is read and discarded until it
     /// closes its side, or until the deadline (the same as `Closing`'s).
     /// Closing the socket earlier would answer the provider's next bytes (a
-    /// Ping) with a reset, which destroys what it has not read yet: the
-    /// one-way calls queued before our Close, and the Close.
+    /// Ping) with a reset, and a provider that closes on that error (as
+    /// pulse's does while it holds the connection's reads) loses what it
+    /// has not read yet: the one-way calls queued before our Close, and
+    /// the Close.
     HalfClosed { deadline: Instant },
 }
 
