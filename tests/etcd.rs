@@ -483,3 +483,33 @@ fn consumers_keep_their_providers_while_etcd_is_down_and_resume_watching() {
          new provider seen after {seen_after:?}"
     );
 }
+
+/// A registration replaced by a newer one of the same address (a weight
+/// change; a provider restarted on its port while the old one drained)
+/// leaves the newer one listed when it is dropped. Before, the old one's
+/// deregistration deleted the key, and the newer one stayed unlisted for
+/// good while its keep-alive renewed a lease without a key.
+#[test]
+fn deregistering_a_replaced_registration_leaves_its_successor_listed() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let registry = etcd.registry();
+    let addr: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+    let old = registry
+        .register(&service(), Endpoint::weighted(addr, 100), TTL)
+        .unwrap();
+    let new = registry
+        .register(&service(), Endpoint::weighted(addr, 50), TTL)
+        .unwrap();
+    old.deregister().unwrap();
+    assert_eq!(
+        registry.list(&service()).unwrap(),
+        [Endpoint::weighted(addr, 50)]
+    );
+    // Still there after the old lease's TTL: the newer one's own lease
+    // holds it.
+    std::thread::sleep(TTL + Duration::from_millis(500));
+    assert!(listed(&registry, addr), "the newer registration expired");
+    new.deregister().unwrap();
+    assert!(!listed(&registry, addr), "deregistered, still listed");
+}

@@ -374,11 +374,6 @@ impl EtcdRegistry {
             .map(|_| ())
     }
 
-    fn delete(&self, key: &str) -> std::result::Result<(), String> {
-        let body = format!(r#"{{"key":{}}}"#, quote(&base64_encode(key.as_bytes())));
-        self.request("/v3/kv/deleterange", &body).map(|_| ())
-    }
-
     /// Every key under `prefix` with its value, and the store's revision.
     fn range(&self, prefix: &str) -> std::result::Result<(Kvs, i64), String> {
         let body = format!(
@@ -777,20 +772,27 @@ impl Lease for EtcdLease {
     fn revoke(mut self: Box<Self>) -> Result<()> {
         self.stop_keepalive();
         let lease = self.lease.load(Ordering::Relaxed);
-        // Revoking deletes the key with it; delete it explicitly too in case
-        // the lease was already lost and the key re-put under another.
-        if let Err(e) = self.registry.revoke(lease) {
-            log::debug!("etcd: revoking lease {lease:x} of {}: {e}", self.key);
+        // Revoking the lease deletes the key if it is still attached to it.
+        // The key is not deleted by itself: a newer registration of the same
+        // address (a weight change, a provider restarted on its port while
+        // the old one drained) put it under its own lease, and deleting it
+        // removed that registration for good while its keep-alive went on
+        // renewing a lease without a key. A lease etcd no longer knows has
+        // expired, and took the key with it if the key was still its own.
+        match self.registry.revoke(lease) {
+            Ok(()) => {
+                log::info!("etcd: deregistered {}", self.key);
+                Ok(())
+            }
+            Err(e) if e.contains("lease not found") => {
+                log::info!("etcd: the lease of {} had expired already", self.key);
+                Ok(())
+            }
+            Err(e) => Err(Error::io(
+                format!("deregister {} from etcd", self.key),
+                std::io::Error::other(e),
+            )),
         }
-        self.registry
-            .delete(&self.key)
-            .map(|()| log::info!("etcd: deregistered {}", self.key))
-            .map_err(|e| {
-                Error::io(
-                    format!("deregister {} from etcd", self.key),
-                    std::io::Error::other(e),
-                )
-            })
     }
 
     fn abandon(mut self: Box<Self>) {
@@ -1276,7 +1278,7 @@ mod tests {
         let member = FakeMember::scripted(|request| match path_of(request) {
             "/v3/lease/keepalive" => None,
             "/v3/lease/grant" => ok(r#"{"ID":"4097","TTL":"1"}"#),
-            _ => ok(r#"{"header":{"revision":"2"}}"#), // put, revoke, deleterange
+            _ => ok(r#"{"header":{"revision":"2"}}"#), // put, revoke
         });
         let silent = silent_members(15);
         let registration = register_demo(&registry_on(&member, &silent));
@@ -1287,10 +1289,30 @@ mod tests {
         assert_eq!(path_of(&held), "/v3/lease/keepalive");
 
         let requests = deregister_promptly(registration, &member);
-        let tail: Vec<&str> = requests.iter().rev().take(2).map(|r| path_of(r)).collect();
-        assert_eq!(tail, ["/v3/kv/deleterange", "/v3/lease/revoke"]);
-        let revoke = &requests[requests.len() - 2];
+        let revoke = requests.last().expect("requests");
+        assert_eq!(path_of(revoke), "/v3/lease/revoke");
         assert!(revoke.contains(r#""ID":"4097""#), "{revoke}");
+    }
+
+    /// Deregistering a registration whose lease etcd no longer knows (it
+    /// expired, and took the key with it) succeeds: nothing is left to
+    /// remove, and nothing else is touched.
+    #[test]
+    fn deregistering_after_the_lease_expired_succeeds() {
+        let member = FakeMember::scripted(|request| match path_of(request) {
+            "/v3/lease/grant" => ok(r#"{"ID":"4097","TTL":"1"}"#),
+            "/v3/lease/revoke" => Some(http_reply(
+                "404 Not Found",
+                r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#,
+            )),
+            "/v3/lease/keepalive" => ok(r#"{"result":{"TTL":"1"}}"#),
+            _ => ok(r#"{"header":{"revision":"2"}}"#), // put
+        });
+        let registration = register_demo(&registry_on(&member, &[]));
+        registration.deregister().unwrap();
+        let requests = member.requests.lock().unwrap().clone();
+        let revoke = requests.last().expect("requests");
+        assert_eq!(path_of(revoke), "/v3/lease/revoke", "{requests:?}");
     }
 
     /// The keep-alive finds the lease lost and registers again, and etcd
@@ -1316,7 +1338,7 @@ mod tests {
             }
             // No TTL: etcd no longer knows the lease.
             "/v3/lease/keepalive" => ok(r#"{"result":{"header":{"revision":"2"}}}"#),
-            _ => ok(r#"{"header":{"revision":"3"}}"#), // revoke, deleterange
+            _ => ok(r#"{"header":{"revision":"3"}}"#), // revoke
         });
         let silent = silent_members(15);
         let registration = register_demo(&registry_on(&member, &silent));
@@ -1341,7 +1363,7 @@ mod tests {
         );
         assert_eq!(
             after_put.last().map(|r| path_of(r)),
-            Some("/v3/kv/deleterange"),
+            Some("/v3/lease/revoke"),
             "{after_put:?}"
         );
     }
