@@ -539,20 +539,17 @@ impl Client {
         R: DeserializeOwned,
     {
         let service = service.into();
-        let started = Instant::now();
-        let deadline = clock::deadline_after(started, timeout);
-        let first = self.start_with(service, method, args, timeout, Write::Now)?;
+        let until = Until::from_now(timeout);
+        let first = self.start_until(service, method, args, until, Write::Now)?;
         let closing = first.conn.id;
         match first.wait() {
             Err(Error::Remote {
                 status: ResponseStatus::ShuttingDown,
                 ..
-            }) if Instant::now() < deadline => {
+            }) if Instant::now() < until.deadline => {
                 let again = Until {
-                    started,
-                    deadline,
-                    timeout,
                     avoid: Some(closing),
+                    ..until
                 };
                 self.start_until(service, method, args, again, Write::Now)?
                     .wait()
@@ -699,14 +696,7 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let started = Instant::now();
-        let until = Until {
-            started,
-            deadline: clock::deadline_after(started, timeout),
-            timeout,
-            avoid: None,
-        };
-        self.start_until(service, method, args, until, write)
+        self.start_until(service, method, args, Until::from_now(timeout), write)
     }
 
     /// [`start_with`](Self::start_with) within a deadline set earlier,
@@ -1035,6 +1025,19 @@ struct Until {
     deadline: Instant,
     timeout: Duration,
     avoid: Option<u64>,
+}
+
+impl Until {
+    /// `timeout` from now, on any connection.
+    fn from_now(timeout: Duration) -> Until {
+        let started = Instant::now();
+        Until {
+            started,
+            deadline: clock::deadline_after(started, timeout),
+            timeout,
+            avoid: None,
+        }
+    }
 }
 
 /// When a request is written.
