@@ -100,14 +100,9 @@ impl ServerBuilder {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
                     // The workers started so far would wait for jobs forever
-                    // (the loops go with `runtime`): each gets its Stop, and
-                    // the failed bind returns only once they are gone.
-                    for _ in &workers {
-                        jobs.push_always(Job::Stop);
-                    }
-                    for worker in workers {
-                        let _ = worker.join();
-                    }
+                    // (the loops go with `runtime`): the failed bind returns
+                    // only once they are gone.
+                    stop_workers(&jobs, workers);
                     return Err(Error::io("spawn worker thread", e));
                 }
             }
@@ -281,23 +276,28 @@ impl Running {
 }
 
 /// The steps of [`Server::shutdown`], on a server taken out of its handle.
-fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
-    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
-    let _ = done_rx.recv_timeout(Duration::from_secs(5));
-    shared.shutting_down.store(true, Ordering::SeqCst);
-    // Queued jobs run first: a worker stops at the first Stop it receives.
-    for _ in &running.workers {
-        shared.jobs.push_always(Job::Stop);
+/// Gives each of `workers` a Stop and waits for it to exit. Queued jobs
+/// run first: a worker stops at the first Stop it receives.
+fn stop_workers(jobs: &JobQueue<Job>, workers: Vec<JoinHandle<()>>) {
+    for _ in &workers {
+        jobs.push_always(Job::Stop);
     }
     let me = std::thread::current().id();
-    for worker in running.workers.drain(..) {
+    for worker in workers {
         // Never itself (a handler's shutdown with no thread of its own):
         // it stops at its Stop once its handler returns.
         if worker.thread().id() != me && worker.join().is_err() {
             log::error!("a worker thread panicked");
         }
     }
+}
+
+fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
+    let _ = done_rx.recv_timeout(Duration::from_secs(5));
+    shared.shutting_down.store(true, Ordering::SeqCst);
+    stop_workers(&shared.jobs, std::mem::take(&mut running.workers));
     // A request dispatched just before the flag was set may have been
     // queued behind the Stops: answer it rather than leave it hanging.
     shared.jobs.close();
