@@ -126,23 +126,12 @@ impl EventLoop {
         let Some(conn) = self.conns.get(token) else {
             return;
         };
-        let mut scratch = [0u8; 16 * 1024];
-        let mut drained = 0;
-        loop {
-            if drained >= DRAIN_LIMIT {
-                return; // the next edge or tick reads on
-            }
-            match io::Read::read(&mut &conn.shared.socket, &mut scratch) {
-                Ok(0) => break,
-                Ok(n) => drained += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
+        // Emptied, or the limit reached: the next edge or tick reads on.
+        // Ended (end of stream, or an error): the provider has closed its
+        // side (or the connection is gone); nothing more can reach it.
+        if let Drained::Ended = drain_unread(&conn.shared.socket) {
+            self.finalize(token, now);
         }
-        // End of stream, or an error: the provider has closed its side (or
-        // the connection is gone); either way nothing more can reach it.
-        self.finalize(token, now);
     }
 
     /// Releases everything the connection owns: registration, socket, queued
@@ -314,14 +303,29 @@ pub(super) enum LinkEnd {
 /// Bytes read and discarded from a socket being closed, at most.
 const DRAIN_LIMIT: usize = 256 * 1024;
 
-/// Reads and discards what is already buffered on a non-blocking socket.
-fn drain_unread(socket: &Socket) {
+/// How [`drain_unread`] stopped.
+enum Drained {
+    /// End of stream, or an error other than `WouldBlock`.
+    Ended,
+    /// Nothing more is buffered now.
+    Empty,
+    /// [`DRAIN_LIMIT`] bytes were read; more may be buffered.
+    Limit,
+}
+
+/// Reads and discards what is already buffered on a non-blocking socket,
+/// up to [`DRAIN_LIMIT`] bytes.
+fn drain_unread(socket: &Socket) -> Drained {
     let mut scratch = [0u8; 16 * 1024];
     let mut drained = 0;
     while drained < DRAIN_LIMIT {
         match io::Read::read(&mut &*socket, &mut scratch) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return Drained::Ended,
             Ok(n) => drained += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Drained::Ended,
         }
     }
+    Drained::Limit
 }
