@@ -829,14 +829,12 @@ struct Watcher {
     sent: Vec<Endpoint>,
     revision: i64,
     tx: Sender<WatchEvent>,
+    /// Disconnected when the `Watch` is dropped; `registry` holds a clone
+    /// (`EtcdRegistry::stopping`), this one is for sleeping on.
     stop: Receiver<()>,
 }
 
 impl Watcher {
-    fn stopped(&self) -> bool {
-        matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected))
-    }
-
     /// Sends the set if it changed; false when the consumer is gone.
     fn publish(&mut self) -> bool {
         let set = to_set(&self.known);
@@ -854,7 +852,7 @@ impl Watcher {
             let failure = match self.watch_once() {
                 Ended::Stopped => return,
                 // Given up because of the stop: not etcd's failure.
-                Ended::Failed(_) if self.stopped() => return,
+                Ended::Failed(_) if self.registry.stopping() => return,
                 Ended::Resync(why) => {
                     log::info!("etcd: watch of {} restarts: {why}", self.prefix);
                     None
@@ -887,7 +885,7 @@ impl Watcher {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => return,
                     }
-                } else if self.stopped() {
+                } else if self.registry.stopping() {
                     return;
                 }
                 match self.registry.range(&self.prefix) {
@@ -910,7 +908,7 @@ impl Watcher {
                         }
                         break;
                     }
-                    Err(_) if self.stopped() => return,
+                    Err(_) if self.registry.stopping() => return,
                     Err(e) => {
                         if !lost {
                             lost = true;
@@ -949,7 +947,7 @@ impl Watcher {
         let mut buf = Vec::new();
         let mut last_heard = Instant::now();
         loop {
-            if self.stopped() {
+            if self.registry.stopping() {
                 return Ended::Stopped;
             }
             buf.clear();
