@@ -58,7 +58,8 @@
 //! ```
 //!
 //! The liveness lines (`connected`, `heartbeat_missed`, `disconnected`,
-//! `reconnecting`, `refused`) come straight from `Server::events()` /
+//! `reconnecting`, `refused`; `gave_up` only with a reconnect attempt
+//! limit, which this example leaves unlimited) come straight from `Server::events()` /
 //! `Client::events()`; `"side"` says which half saw it. A `disconnected` line
 //! has a `"reason"` (`heartbeat_timeout`, `peer_closed`, `peer_shutdown`,
 //! `io_error`, `protocol_error`, `shutdown`, or the bound this side enforced:
