@@ -251,6 +251,11 @@ struct ClientInner {
     /// client of a runtime stops its threads.
     _runtime: Arc<ClientRuntime>,
     next_id: AtomicU64,
+    /// Whether the drop of the last clone waits for the close (see
+    /// [`ClientInner::remove_link`]). A cluster's provider clients do not:
+    /// the cluster waits for its providers' closes itself, all at once (a
+    /// wait per client, one after another, took a linger per provider).
+    wait_on_drop: bool,
 }
 
 impl ClientInner {
@@ -264,16 +269,46 @@ impl ClientInner {
     /// process. An event loop's thread does not wait: the loop it would
     /// wait for could be its own.
     fn remove_link(&self) {
+        self.begin_remove().wait();
+    }
+
+    /// Sends the loop the command that closes the connection (as
+    /// [`remove_link`](Self::remove_link)) without waiting for it: the
+    /// returned [`Closing`] waits.
+    fn begin_remove(&self) -> Closing {
         let (done, closed) = crossbeam_channel::bounded::<()>(0);
         self.owner.send(Command::RemoveLink {
             link_id: self.link.id,
             done,
         });
-        if !crate::reactor::on_event_loop() {
+        let wait = self.link.config().linger.saturating_add(REMOVE_WAIT);
+        Closing {
             // Nothing is ever sent: the loop drops `done` when the
             // connection is released.
-            let wait = self.link.config().linger.saturating_add(REMOVE_WAIT);
-            let _ = closed.recv_timeout(wait);
+            closed: (!crate::reactor::on_event_loop()).then_some(closed),
+            deadline: clock::deadline_after(Instant::now(), wait),
+        }
+    }
+}
+
+/// A client's close under way ([`Client::begin_shutdown`]): the loop is
+/// writing what is queued and the Close, then lingers for the provider's
+/// end. Waiting for several at once takes about one linger, not one each.
+pub(crate) struct Closing {
+    /// Disconnects when the loop has released the connection; `None` on an
+    /// event loop's own thread, which must not wait for a loop.
+    closed: Option<crossbeam_channel::Receiver<()>>,
+    /// The latest the close takes: [`ClientConfig::linger`] plus
+    /// [`REMOVE_WAIT`] from when it began.
+    deadline: Instant,
+}
+
+impl Closing {
+    /// Waits until the connection is released, or until the deadline set
+    /// when the close began.
+    pub(crate) fn wait(self) {
+        if let Some(closed) = self.closed {
+            let _ = closed.recv_deadline(self.deadline);
         }
     }
 }
@@ -286,7 +321,13 @@ const REMOVE_WAIT: Duration = Duration::from_secs(1);
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        self.remove_link();
+        if self.wait_on_drop {
+            self.remove_link();
+        } else {
+            // The loop closes it all the same (the Close, then the linger),
+            // in the background.
+            drop(self.begin_remove());
+        }
     }
 }
 
@@ -429,13 +470,20 @@ impl Client {
     /// A client whose events go to `hook` as they are emitted
     /// ([`events`](Self::events) stays empty), not connecting until
     /// [`start_connecting`](Self::start_connecting): a cluster announces
-    /// the provider first.
+    /// the provider first. Dropping its last clone closes the connection
+    /// without waiting for the close (a cluster waits for all its
+    /// providers' closes at once, through [`begin_shutdown`](Self::begin_shutdown)).
     pub(crate) fn unstarted_with_hook(
         addr: impl ToSocketAddrs,
         config: ClientConfig,
         hook: EventHook,
     ) -> Result<Client> {
-        Client::open(addr, config, |_| EventSink::with_hook("client", hook))
+        let mut client = Client::open(addr, config, |_| EventSink::with_hook("client", hook))?;
+        // Just made: nothing else holds it.
+        if let Some(inner) = Arc::get_mut(&mut client.inner) {
+            inner.wait_on_drop = false;
+        }
+        Ok(client)
     }
 
     /// Hands the link to its loop, which starts connecting. Once per client.
@@ -490,6 +538,7 @@ impl Client {
                 owner,
                 _runtime: runtime,
                 next_id: AtomicU64::new(1),
+                wait_on_drop: true,
             }),
         })
     }
@@ -968,8 +1017,16 @@ impl Client {
     /// command; it does not wait on an event loop's own thread).
     /// Idempotent.
     pub fn shutdown(&self) {
+        self.begin_shutdown().wait();
+    }
+
+    /// [`shutdown`](Self::shutdown) without the wait: the client is shut
+    /// down when this returns (calls fail with `Shutdown`), and its loop is
+    /// closing the connection; [`Closing::wait`] waits for that. A cluster
+    /// begins every provider's close first, then waits for them all.
+    pub(crate) fn begin_shutdown(&self) -> Closing {
         self.inner.link.set_state(LinkState::Shutdown);
-        self.inner.remove_link();
+        self.inner.begin_remove()
     }
 
     /// The provider's address.

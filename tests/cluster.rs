@@ -3,7 +3,8 @@
 //! or stopped provider leaves rotation within the heartbeat bound without
 //! losing an idempotent call and comes back after recovery, non-idempotent
 //! calls are never retried, the provider set follows the registry, with
-//! no healthy provider calls fail fast, and a shutdown ends every call.
+//! no healthy provider calls fail fast, and a shutdown ends every call and
+//! closes every provider at once (removed providers too, in the background).
 //!
 //! Providers and consumers use a 100 ms heartbeat with 3 missed intervals,
 //! so a frozen provider is declared dead within 300 ms plus a timer tick.
@@ -23,12 +24,14 @@ use pulse::cluster::{
     LeastInflight, LoadBalancer, LowestRtt, Random, RoundRobin, ServiceKey,
     SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
 };
+use pulse::protocol::Kind;
 use pulse::{
     ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig, ServiceBuilder,
 };
 use support::PROMPTLY;
 use support::process::{fd_count, threads_named};
 use support::proxy::Proxy;
+use support::raw_peer::{FakeProvider, RawPeer};
 
 /// Detection bound: `max_missed × interval` + one 5 ms tick + a margin for a
 /// loaded 2-core machine running a debug build.
@@ -1188,4 +1191,99 @@ fn shutting_a_cluster_client_down_ends_its_calls_and_connections() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(providers[2].server.connection_count(), 0);
     assert!(providers.iter().all(|p| p.server.connection_count() == 0));
+}
+
+/// The linger of the shutdown tests: each close waits this long for a
+/// provider that never closes its side.
+const LINGER: Duration = Duration::from_millis(300);
+/// How many such providers: closed one after another, they took
+/// `SILENT × LINGER` (1.8 s); at once, about one linger.
+const SILENT: usize = 6;
+
+/// A cluster client (no failover config needed) over `fakes`, each of
+/// which has completed its handshake and then never reads, writes or
+/// closes: every close of one lingers the whole [`LINGER`]. A 10 s
+/// heartbeat keeps them healthy without answering pings. Returns the
+/// accepted connections (dropping one closes it).
+fn cluster_over_silent(fakes: &[FakeProvider]) -> (StaticRegistry, ClusterClient, Vec<RawPeer>) {
+    let mut config = config();
+    config.client.linger = LINGER;
+    config.client.connection.heartbeat.interval = Duration::from_secs(10);
+    // The handshakes are answered below, after `new` returns.
+    config.ready_timeout = Duration::ZERO;
+    let registry =
+        StaticRegistry::new().with(service(), fakes.iter().map(|f| Endpoint::new(f.addr())));
+    let cluster =
+        ClusterClient::new(&registry, service(), RoundRobin::new(), config).expect("cluster");
+    let peers: Vec<RawPeer> = fakes.iter().map(|f| f.accept_ready(PROMPTLY)).collect();
+    assert!(
+        cluster.wait_ready(fakes.len(), PROMPTLY),
+        "{:?}",
+        cluster.providers()
+    );
+    (registry, cluster, peers)
+}
+
+/// `shutdown` closes every provider's connection at once: with providers
+/// that never close their side, each close lingers, and the shutdown takes
+/// about one linger, not one per provider. Each still gets its Close.
+#[test]
+fn shutdown_closes_every_provider_at_once() {
+    let _serial = serial();
+    let fakes: Vec<FakeProvider> = (0..SILENT).map(|_| FakeProvider::bind()).collect();
+    let (_registry, cluster, mut peers) = cluster_over_silent(&fakes);
+
+    let started = Instant::now();
+    cluster.shutdown();
+    let took = started.elapsed();
+    // It did wait for the lingering closes (not a shutdown that returns
+    // before the connections are closed) ...
+    assert!(took >= LINGER * 3 / 4, "took {took:?}");
+    // ... but for all of them together.
+    assert!(
+        took < Duration::from_secs(1),
+        "shutting down {SILENT} providers that never close took {took:?} \
+         (a linger is {LINGER:?})"
+    );
+    for peer in &mut peers {
+        let close = peer.next_frame(PROMPTLY);
+        assert_eq!(close.header.kind, Kind::Close, "{:?}", close.header);
+    }
+}
+
+/// Providers the registry removes are closed in the background: the
+/// updater does not wait a linger for each (with providers that never
+/// close their side), so the next update, adding a provider, is applied
+/// at once. The removed ones still get their Close.
+#[test]
+fn removed_providers_do_not_hold_up_the_next_registry_update() {
+    let _serial = serial();
+    let providers = steady_providers(2);
+    let fakes: Vec<FakeProvider> = (0..SILENT).map(|_| FakeProvider::bind()).collect();
+    let (registry, cluster, mut peers) = cluster_over_silent(&fakes);
+
+    let started = Instant::now();
+    // Every silent provider leaves; then a second update adds another.
+    registry.set(&service(), [Endpoint::new(providers[0].addr())]);
+    registry.set(
+        &service(),
+        providers.iter().map(|p| Endpoint::new(p.addr())),
+    );
+    wait_until(PROMPTLY, "the second update is applied", || {
+        cluster
+            .providers()
+            .iter()
+            .any(|p| p.addr == providers[1].addr())
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the update after removing {SILENT} providers that never close came \
+         after {took:?} (a linger is {LINGER:?})"
+    );
+    assert_eq!(cluster.providers().len(), 2);
+    for peer in &mut peers {
+        let close = peer.next_frame(PROMPTLY);
+        assert_eq!(close.header.kind, Kind::Close, "{:?}", close.header);
+    }
 }

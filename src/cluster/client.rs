@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::balance::{Candidate, LoadBalancer};
 use super::registry::{Endpoint, Registry, ServiceKey, Watch, WatchEvent};
-use crate::client::{Client, ClientRuntime, ConnectionState};
+use crate::client::{Client, ClientRuntime, Closing, ConnectionState};
 use crate::clock;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
@@ -480,7 +480,12 @@ impl Shared {
         for p in removed {
             log::info!("cluster {}: provider {} removed", self.service, p.addr);
             self.emit(ClusterEvent::ProviderRemoved { addr: p.addr });
-            // The connection closes when the last call using it returns.
+            // The connection closes when the last call using it returns,
+            // on its event loop: whoever drops it last (this thread or a
+            // caller's) does not wait for the close, which lingers up to
+            // `linger` for a provider that does not close its side (a
+            // wait here held the updater, and the next registry update,
+            // for a linger per removed provider).
         }
     }
 }
@@ -503,6 +508,25 @@ impl Drop for Inner {
                 self.shared.service
             );
         }
+        // No clone is left, so no call is using a provider: close them all
+        // now, at once, and wait (as a lone client's drop does) so that a
+        // program that exits next does not lose the Closes. Their clients'
+        // own drops then find nothing left to wait for.
+        shut_down_all(&self.shared.snapshot());
+    }
+}
+
+/// Shuts down every provider's [`Client`] and waits until their connections
+/// are closed. Each close lingers up to `linger` for its provider's end, so
+/// all are begun before any is waited for: about one linger in all, where
+/// shutting them down one after another took a linger per provider.
+fn shut_down_all(providers: &[Arc<Provider>]) {
+    let closing: Vec<Closing> = providers
+        .iter()
+        .map(|p| p.client.begin_shutdown())
+        .collect();
+    for close in closing {
+        close.wait();
     }
 }
 
@@ -548,7 +572,8 @@ impl Drop for Inner {
 /// attempt made good, that `ConnectionLost` is returned instead.
 ///
 /// Clones share everything. Dropping the last clone stops following the
-/// registry and closes every connection.
+/// registry and closes every connection (all at once, as
+/// [`shutdown`](Self::shutdown) does).
 ///
 /// ```
 /// use pulse::cluster::{ClusterClient, ClusterConfig, Endpoint, RoundRobin, ServiceKey, StaticRegistry};
@@ -633,6 +658,11 @@ impl ClusterClient {
     /// on them fail at once with [`Error::Shutdown`]), and every later call
     /// fails with `Shutdown` too; [`wait_ready`](Self::wait_ready) returns
     /// false. Idempotent; the threads end when the last clone is dropped.
+    ///
+    /// Each provider's close lingers up to `ClientConfig::linger` for the
+    /// provider to close its side; they are all begun before any is waited
+    /// for, so this returns after about one linger (plus up to a second
+    /// for a busy event loop to take the command), however many providers.
     pub fn shutdown(&self) {
         let shared = &self.inner.shared;
         let providers = {
@@ -641,9 +671,7 @@ impl ClusterClient {
             providers.clone()
         };
         drop(self.inner.stop.lock().take());
-        for p in providers.iter() {
-            p.client.shutdown();
-        }
+        shut_down_all(&providers);
         let _guard = shared.ready_lock.lock();
         shared.ready.notify_all();
     }
