@@ -1287,3 +1287,53 @@ fn removed_providers_do_not_hold_up_the_next_registry_update() {
         assert_eq!(close.header.kind, Kind::Close, "{:?}", close.header);
     }
 }
+
+/// When every listed provider has given up reconnecting (a finite
+/// `max_attempts`, here against ports nothing listens on), none can become
+/// healthy again: `new` returns as soon as that is so instead of waiting
+/// its whole `ready_timeout`, and so does `wait_ready`.
+#[test]
+fn new_and_wait_ready_stop_waiting_once_every_provider_gave_up() {
+    let _serial = serial();
+    let registry = StaticRegistry::new().with(
+        service(),
+        [
+            Endpoint::new(support::unused_loopback_addr()),
+            Endpoint::new(support::unused_loopback_addr()),
+        ],
+    );
+    let mut config = ClusterConfig {
+        ready_timeout: Duration::from_secs(5),
+        ..config()
+    };
+    // Refused at once on loopback: two attempts, 50 ms apart.
+    config.client.backoff.max_attempts = Some(2);
+
+    let started = Instant::now();
+    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    let took = started.elapsed();
+    assert!(
+        cluster
+            .providers()
+            .iter()
+            .all(|p| p.state == ConnectionState::Failed),
+        "{:?}",
+        cluster.providers()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "new waited {took:?} for providers that all gave up (ready_timeout 5 s)"
+    );
+
+    let started = Instant::now();
+    assert!(!cluster.wait_ready(1, Duration::from_secs(5)));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "wait_ready took {took:?}");
+
+    let err = cluster.call::<_, u32>("whoami", &()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NoProvider { detail, .. }
+            if detail.starts_with("2 known, 0 connecting, 2 gave up reconnecting")),
+        "{err}"
+    );
+}

@@ -42,8 +42,10 @@ pub struct ClusterConfig {
     /// retried unless a call asks for it.
     pub idempotent_methods: HashSet<String>,
     /// How long [`ClusterClient::new`] waits for a first healthy provider
-    /// when the registry lists some. It never fails for want of one; calls
-    /// do, fast. Default 3 s.
+    /// when the registry lists some. It stops waiting earlier once every
+    /// listed provider has given up reconnecting (a finite
+    /// `BackoffConfig::max_attempts`): none can become healthy then. It
+    /// never fails for want of one; calls do, fast. Default 3 s.
     pub ready_timeout: Duration,
     /// A connected provider leaves rotation once its connection reports
     /// this many missed heartbeat intervals (`HeartbeatMissed { missed }`),
@@ -604,7 +606,8 @@ impl ClusterClient {
     /// Follows `service` in `registry` and connects to its providers
     /// (lazily: a provider that is down is retried in the background). Waits
     /// up to [`ClusterConfig::ready_timeout`] for a first healthy provider
-    /// when the registry lists any.
+    /// when the registry lists any, and no longer once all of them have
+    /// given up reconnecting (see [`wait_ready`](Self::wait_ready)).
     ///
     /// # Errors
     /// `InvalidConfig` for a bad configuration (see
@@ -683,6 +686,14 @@ impl ClusterClient {
 
     /// Waits until at least `n` providers are healthy, up to `timeout`;
     /// returns whether they are.
+    ///
+    /// Returns false before `timeout` when the registry lists providers
+    /// but fewer than `n` of them can still become healthy: the others
+    /// gave up reconnecting ([`ConnectionState::Failed`], after
+    /// `BackoffConfig::max_attempts` failed attempts), which they never
+    /// undo by themselves. (A provider the registry lists later is not
+    /// waited for then. With no provider listed at all, it waits: the
+    /// registry may list some.)
     pub fn wait_ready(&self, n: usize, timeout: Duration) -> bool {
         let shared = &self.inner.shared;
         let deadline = clock::deadline_after(Instant::now(), timeout);
@@ -692,13 +703,29 @@ impl ClusterClient {
                 return false;
             }
             let now = now_nanos();
-            let healthy = shared
-                .snapshot()
-                .iter()
-                .filter(|p| Shared::healthy(p, now))
-                .count();
+            let providers = shared.snapshot();
+            let healthy = providers.iter().filter(|p| Shared::healthy(p, now)).count();
             if healthy >= n {
                 return true;
+            }
+            let can_recover = providers
+                .iter()
+                .filter(|p| {
+                    !matches!(
+                        p.client.state(),
+                        ConnectionState::Failed | ConnectionState::Shutdown
+                    )
+                })
+                .count();
+            if !providers.is_empty() && can_recover < n {
+                log::debug!(
+                    "cluster {}: {} of {} provider(s) gave up reconnecting; not waiting \
+                     for {n} to be healthy",
+                    shared.service,
+                    providers.len() - can_recover,
+                    providers.len()
+                );
+                return false;
             }
             // Re-check at least every 10 ms: suspicion lapses without an event.
             let wake = deadline.min(Instant::now() + Duration::from_millis(10));
