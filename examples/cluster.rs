@@ -44,6 +44,7 @@
 //! {"event":"call_failed","seq":9,"error":"..."}
 //! {"event":"provider_added","addr":"..."} / {"event":"provider_removed","addr":"..."}
 //! {"event":"registry_lost","error":"..."} / {"event":"registry_resumed"}
+//! {"event":"empty_list_ignored","kept":2}                                  the registry listed none (empty protection)
 //! {"event":"summary","calls":90,"ok":90,"failed":0,"retried":1,"by_provider":{"p0":35,"p1":21,"p2":34}}
 //! ```
 //!
@@ -490,6 +491,9 @@ fn cluster_event_json(event: &ClusterEvent) -> serde_json::Value {
         ClusterEvent::Provider(event) => event_json(event),
         ClusterEvent::RegistryLost { error } => json!({"event": "registry_lost", "error": error}),
         ClusterEvent::RegistryResumed => json!({"event": "registry_resumed"}),
+        ClusterEvent::EmptyListIgnored { kept } => {
+            json!({"event": "empty_list_ignored", "kept": kept})
+        }
         other => json!({"event": "other", "detail": other.to_string()}),
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use cluster_support::*;
 use pulse::cluster::{
     CallOptions, Candidate, ClusterClient, ClusterConfig, ClusterEvent, ConsistentHash, Endpoint,
-    LeastInflight, LoadBalancer, LowestRtt, Random, RoundRobin, ServiceKey,
+    LeastInflight, LoadBalancer, LowestRtt, Random, Registration, Registry, RoundRobin, ServiceKey,
     SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
 };
 use pulse::protocol::Kind;
@@ -1336,4 +1336,77 @@ fn new_and_wait_ready_stop_waiting_once_every_provider_gave_up() {
             if detail.starts_with("2 known, 0 connecting, 2 gave up reconnecting")),
         "{err}"
     );
+}
+
+/// Empty protection: when the registry suddenly lists no provider (every
+/// registration gone), the cluster client keeps the providers it knows and
+/// calls go on succeeding; with it off, it drops them and calls fail with
+/// `NoProvider`. Either way, once one registers again, the set becomes
+/// that one.
+#[test]
+fn an_empty_provider_list_keeps_the_known_providers_unless_protection_is_off() {
+    let _serial = serial();
+    let providers = start_providers(3);
+    let ttl = Duration::from_secs(10);
+    for protection in [true, false] {
+        let registry = StaticRegistry::new();
+        let registrations: Vec<Registration> = providers[..2]
+            .iter()
+            .map(|p| {
+                registry
+                    .register(&service(), Endpoint::new(p.addr()), ttl)
+                    .expect("register")
+            })
+            .collect();
+        let config = ClusterConfig {
+            empty_protection: protection,
+            ..config()
+        };
+        let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config)
+            .expect("cluster client");
+        assert!(cluster.wait_ready(2, PROMPTLY), "{:?}", cluster.providers());
+        let events = cluster.events();
+
+        for registration in registrations {
+            registration.deregister().expect("deregister");
+        }
+        if protection {
+            // The first deregistration left provider 1 listed: provider 0
+            // left as usual. The second emptied the list: ignored.
+            wait_cluster_event(&events, "EmptyListIgnored", |e| {
+                matches!(e, ClusterEvent::EmptyListIgnored { kept: 1 })
+            });
+            let known: Vec<SocketAddr> = cluster.providers().iter().map(|p| p.addr).collect();
+            assert_eq!(known, [providers[1].addr()]);
+            for _ in 0..5 {
+                let id: u32 = cluster
+                    .call("whoami", &())
+                    .expect("a call under protection");
+                assert_eq!(id, 1);
+            }
+        } else {
+            wait_until(PROMPTLY, "every provider leaves", || {
+                cluster.providers().is_empty()
+            });
+            let err = cluster.call::<_, u32>("whoami", &()).unwrap_err();
+            assert!(
+                matches!(&err, Error::NoProvider { detail, .. }
+                    if detail == "the registry lists none"),
+                "{err}"
+            );
+        }
+
+        // One provider registers again: the set becomes that one.
+        let _again = registry
+            .register(&service(), Endpoint::new(providers[2].addr()), ttl)
+            .expect("register again");
+        wait_until(PROMPTLY, "the set becomes the new provider", || {
+            let known = cluster.providers();
+            known.len() == 1 && known[0].addr == providers[2].addr() && known[0].healthy
+        });
+        let id: u32 = cluster
+            .call("whoami", &())
+            .expect("a call after re-registration");
+        assert_eq!(id, 2, "protection {protection}");
+    }
 }

@@ -167,8 +167,14 @@ fn service() -> ServiceKey {
 /// A consumer of [`service`] following `registry`: round robin, with the
 /// tests' client config.
 fn follower(registry: &EtcdRegistry) -> ClusterClient {
+    follower_with(registry, true)
+}
+
+/// [`follower`] with [`ClusterConfig::empty_protection`] as given.
+fn follower_with(registry: &EtcdRegistry, empty_protection: bool) -> ClusterClient {
     let config = ClusterConfig {
         client: client_config(),
+        empty_protection,
         ..ClusterConfig::default()
     };
     ClusterClient::new(registry, service(), RoundRobin::new(), config).expect("a cluster client")
@@ -295,8 +301,10 @@ fn a_frozen_provider_expires_and_registers_again_when_thawed() {
     let registry = etcd.registry();
     let provider = ChildProvider::start(&etcd);
     assert!(listed(&registry, provider.addr));
-    // A consumer following etcd calls the child.
-    let cluster = follower(&registry);
+    // A consumer following etcd calls the child. Empty protection off: the
+    // expired key is the only one, and this test is about the consumer
+    // forgetting it (with protection, an empty list keeps it).
+    let cluster = follower_with(&registry, false);
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 7);
 
     let frozen_at = provider.signal("-STOP");
@@ -512,4 +520,54 @@ fn deregistering_a_replaced_registration_leaves_its_successor_listed() {
     assert!(listed(&registry, addr), "the newer registration expired");
     new.deregister().unwrap();
     assert!(!listed(&registry, addr), "deregistered, still listed");
+}
+
+/// Empty protection against a real registry: the only provider's key
+/// expires (its registration abandoned: nothing renews the lease, as when
+/// etcd was cut off from it past the TTL) though the provider serves on.
+/// The consumer, with the default config, keeps it and goes on calling it;
+/// when the provider registers again, the set follows etcd as before.
+#[test]
+fn an_expired_last_key_leaves_the_consumer_its_provider() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let registry = etcd.registry();
+    let provider = Provider::start(0, 0);
+    let registration = registry
+        .register(&service(), Endpoint::new(provider.addr()), TTL)
+        .unwrap();
+    let cluster = follower(&registry);
+    let events = cluster.events();
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
+
+    let mark = log_mark();
+    registration.abandon();
+    wait_until(Duration::from_secs(6), "the key expires", || {
+        !listed(&registry, provider.addr())
+    });
+    wait_cluster_event(&events, "EmptyListIgnored", |e| {
+        matches!(e, ClusterEvent::EmptyListIgnored { kept: 1 })
+    });
+    assert!(
+        logged_since(mark, log::Level::Warn, "empty protection"),
+        "no warning logged for the ignored empty list"
+    );
+    for _ in 0..5 {
+        let id: u32 = cluster
+            .call("whoami", &())
+            .expect("calls go on with the key expired");
+        assert_eq!(id, 0);
+    }
+    assert_eq!(cluster.providers().len(), 1);
+
+    // Registered again (weight 7): followed as usual.
+    let _again = registry
+        .register(&service(), Endpoint::weighted(provider.addr(), 7), TTL)
+        .unwrap();
+    wait_until(
+        PROMPTLY,
+        "the consumer follows the new registration",
+        || cluster.providers().iter().any(|p| p.weight == 7),
+    );
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
 }

@@ -62,6 +62,21 @@ pub struct ClusterConfig {
     /// `max_missed` of 3 that is an interval before the connection is
     /// declared dead.
     pub suspect_after_missed: u32,
+    /// Empty protection (Dubbo's `enable-empty-protection`): when the
+    /// registry suddenly lists no provider at all while some are known,
+    /// keep the known ones (logged as a warning, and
+    /// [`ClusterEvent::EmptyListIgnored`]) until it lists at least one
+    /// again, then follow it as usual. An empty list is more often the
+    /// registry's trouble than every provider leaving at once: etcd paused
+    /// or cut off for longer than the lease TTL expires every key together,
+    /// though the providers are serving. Without it, every call would fail
+    /// with `NoProvider` until they registered again, over connections
+    /// that were healthy. Kept providers are still watched by their
+    /// heartbeats: one that is really gone leaves rotation as any other.
+    ///
+    /// Default true. Turn it off when an empty list must be obeyed (a
+    /// service deliberately emptied to stop its consumers' calls).
+    pub empty_protection: bool,
 }
 
 impl Default for ClusterConfig {
@@ -72,6 +87,7 @@ impl Default for ClusterConfig {
             idempotent_methods: HashSet::new(),
             ready_timeout: Duration::from_secs(3),
             suspect_after_missed: 2,
+            empty_protection: true,
         }
     }
 }
@@ -186,6 +202,13 @@ pub enum ClusterEvent {
     },
     /// The registry is reachable again and the provider set is current.
     RegistryResumed,
+    /// The registry listed no provider of the service, and
+    /// [`ClusterConfig::empty_protection`] kept the known ones instead of
+    /// dropping them all; they stay until the registry lists one again.
+    EmptyListIgnored {
+        /// How many providers were kept.
+        kept: usize,
+    },
 }
 
 impl fmt::Display for ClusterEvent {
@@ -198,6 +221,11 @@ impl fmt::Display for ClusterEvent {
             ClusterEvent::Provider(event) => event.fmt(f),
             ClusterEvent::RegistryLost { error } => write!(f, "registry lost: {error}"),
             ClusterEvent::RegistryResumed => f.write_str("registry resumed"),
+            ClusterEvent::EmptyListIgnored { kept } => write!(
+                f,
+                "the registry lists no provider: {kept} known provider(s) kept \
+                 (empty protection)"
+            ),
         }
     }
 }
@@ -411,9 +439,23 @@ impl Shared {
     }
 
     /// Replaces the provider set: opens connections to new providers, drops
-    /// those of removed ones.
+    /// those of removed ones. An empty set leaves the providers as they are
+    /// under [`ClusterConfig::empty_protection`].
     fn apply(&self, set: Vec<Endpoint>) {
         let old = self.snapshot();
+        if set.is_empty() && !old.is_empty() && self.config.empty_protection {
+            // More likely the registry's trouble (every lease expired
+            // together while it was unreachable) than every provider
+            // leaving at once: the connections say which, so keep them.
+            log::warn!(
+                "cluster {}: the registry lists no provider; keeping the {} known \
+                 provider(s) until it lists one again (empty protection)",
+                self.service,
+                old.len()
+            );
+            self.emit(ClusterEvent::EmptyListIgnored { kept: old.len() });
+            return;
+        }
         let mut next: Vec<Arc<Provider>> = Vec::with_capacity(set.len());
         let mut added = Vec::new();
         for e in set {
