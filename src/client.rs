@@ -294,6 +294,7 @@ impl ClientInner {
 /// A client's close under way ([`Client::begin_shutdown`]): the loop is
 /// writing what is queued and the Close, then lingers for the provider's
 /// end. Waiting for several at once takes about one linger, not one each.
+#[must_use = "the close goes on without it; `wait` waits for it to end"]
 pub(crate) struct Closing {
     /// Disconnects when the loop has released the connection; `None` on an
     /// event loop's own thread, which must not wait for a loop.
@@ -460,7 +461,7 @@ impl Client {
     /// `InvalidConfig`, or `Io` when the address does not resolve or the
     /// client's threads cannot start.
     pub fn connect_lazy(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
-        let client = Client::open(addr, config, |config| {
+        let client = Client::open(addr, config, true, |config| {
             EventSink::new(config.connection.event_capacity, "client")
         })?;
         client.start_connecting();
@@ -478,12 +479,9 @@ impl Client {
         config: ClientConfig,
         hook: EventHook,
     ) -> Result<Client> {
-        let mut client = Client::open(addr, config, |_| EventSink::with_hook("client", hook))?;
-        // Just made: nothing else holds it.
-        if let Some(inner) = Arc::get_mut(&mut client.inner) {
-            inner.wait_on_drop = false;
-        }
-        Ok(client)
+        Client::open(addr, config, false, |_| {
+            EventSink::with_hook("client", hook)
+        })
     }
 
     /// Hands the link to its loop, which starts connecting. Once per client.
@@ -495,11 +493,14 @@ impl Client {
 
     /// The client's link, not yet connecting, on a loop of the runtime
     /// shared by clients with its loop settings, its events going to the
-    /// sink `events` makes. The config is checked first: the sink of
-    /// `EventSink::new` takes its capacity's memory when it is made.
+    /// sink `events` makes; `wait_on_drop` says whether the drop of its
+    /// last clone waits for the close ([`ClientInner::wait_on_drop`]). The
+    /// config is checked first: the sink of `EventSink::new` takes its
+    /// capacity's memory when it is made.
     fn open(
         addr: impl ToSocketAddrs,
         config: ClientConfig,
+        wait_on_drop: bool,
         events: impl FnOnce(&ClientConfig) -> EventSink,
     ) -> Result<Client> {
         config.validate().map_err(Error::InvalidConfig)?;
@@ -538,7 +539,7 @@ impl Client {
                 owner,
                 _runtime: runtime,
                 next_id: AtomicU64::new(1),
-                wait_on_drop: true,
+                wait_on_drop,
             }),
         })
     }
