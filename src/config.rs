@@ -434,7 +434,8 @@ pub struct ServerConfig {
     pub max_idle: Option<Duration>,
     /// Close a connection this long after it was accepted, gracefully: new
     /// requests are answered ShuttingDown, running ones finish (for up to
-    /// `linger`), then Close(Normal) — the consumer reconnects at once (no
+    /// `linger`), then Close(Normal), sent as soon as the last running
+    /// call's response is queued — the consumer reconnects at once (no
     /// backoff delay; however short, the connection does not count against its
     /// backoff's probation). Spreads load after providers are added. Default
     /// `None` (never).

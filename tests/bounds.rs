@@ -1475,6 +1475,82 @@ fn blob_after(ms: u64, n: u64) -> Vec<u8> {
         .expect("encode a request")
 }
 
+/// A connection draining for `max_age` closes as soon as its last running
+/// call's response is queued, not at the loop's next check. With a 400 ms
+/// timer tick: a raw consumer keeps one pool call blocked across the age,
+/// probes with inline pings until one is refused ShuttingDown (the drain
+/// has begun, at a tick), then lets the call finish. Its response must be
+/// followed by the Close within a fraction of a tick. Before the fix the
+/// loop looked again only a tick or two after the drain began (its check
+/// was armed a tick from then, rounded up to the next tick): the Close
+/// came 799 ms after the response, and the connection refused requests
+/// all that time for nothing.
+#[test]
+fn a_draining_connection_closes_as_soon_as_its_last_call_is_answered() {
+    let _shared = MEMORY.shared();
+    const TICK: Duration = Duration::from_millis(400);
+    let mut config = ServerConfig {
+        max_age: Some(Duration::from_millis(300)),
+        linger: Duration::from_secs(5),
+        ..server_config()
+    };
+    config.connection.timer_tick = TICK;
+    // No pings of its own in the frames the consumer reads (and the
+    // heartbeat's interval must be at least two ticks).
+    config.connection.heartbeat = heartbeat(60_000, 3);
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let entered = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&entered);
+    let gated = ServiceBuilder::new("gated").method("hold", move |()| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+        Ok::<_, String>(())
+    });
+    let server = Server::builder()
+        .config(config)
+        .service(demo_service())
+        .service(gated)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let mut raw = RawPeer::connect(server.local_addr());
+    let hold = encode_request(Kind::Request, 1, "gated", "", "", "hold", &());
+    raw.send(&hold.expect("encode a request"));
+    wait_until(PROMPTLY, "the gated call to run", || {
+        entered.load(Ordering::SeqCst) == 1
+    });
+    // Probe until the drain has begun.
+    let deadline = Instant::now() + PROMPTLY;
+    for id in 2.. {
+        assert!(Instant::now() < deadline, "the connection never drained");
+        raw.send(&request(id, "ping", id));
+        let answer = raw.next_frame(PROMPTLY);
+        assert_eq!((answer.header.kind, answer.header.id), (Kind::Response, id));
+        if answer.header.status == ResponseStatus::ShuttingDown as u8 {
+            break;
+        }
+        assert_eq!(answer.header.status, ResponseStatus::Ok as u8);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(gate);
+    let response = raw.next_frame(PROMPTLY);
+    let answered = Instant::now();
+    assert_eq!(
+        (
+            response.header.kind,
+            response.header.id,
+            response.header.status
+        ),
+        (Kind::Response, 1, ResponseStatus::Ok as u8)
+    );
+    let close = raw.expect_close_then_end(PROMPTLY);
+    let closed_after = answered.elapsed();
+    assert_close(&close, CloseStatus::Normal, "max_age");
+    assert!(
+        closed_after < TICK / 3,
+        "the Close came {closed_after:?} after the last response (timer tick {TICK:?})"
+    );
+}
+
 /// A Close for a protocol error, made while a worker writes a large
 /// response, follows that response instead of cutting it. Each consumer
 /// sends a bad frame as soon as the first bytes of its 12 MiB response

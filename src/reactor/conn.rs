@@ -59,6 +59,9 @@ pub(crate) struct ConnShared {
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
     pub(crate) call_done: AtomicU64,
+    /// Provider side: the connection reached `max_age` and closes once no
+    /// request is open (see [`start_draining`](Self::start_draining)).
+    draining: AtomicBool,
     /// When this connection's last one-way call was sent (consumer side;
     /// see `Client::send_one_way`).
     pub(crate) one_way_pace: OneWayPace,
@@ -170,6 +173,7 @@ impl ConnShared {
             deferred_open: Default::default(),
             flush_requested: Default::default(),
             call_done: Default::default(),
+            draining: Default::default(),
             one_way_pace: Default::default(),
             reads_held_below: Default::default(),
             owner,
@@ -491,6 +495,23 @@ impl ConnShared {
         handling + self.replying.load(Ordering::Acquire)
     }
 
+    /// Provider side: from now on, the call whose response is queued last
+    /// tells the loop (`Command::Drained`, from [`Replying`]'s drop), so
+    /// that a connection draining for `max_age` closes the moment its last
+    /// running call is answered instead of at the loop's next check, up to
+    /// a timer tick later, refusing requests meanwhile for nothing.
+    /// Returns [`requests_open`](Self::requests_open) as seen after the
+    /// mark: zero means no call is left to tell, and the loop closes now.
+    ///
+    /// Why no call is missed: the mark is stored and then the counts
+    /// loaded, a finishing call lowers its count and then loads the mark
+    /// (all SeqCst), so at least one side sees the other's write.
+    pub(crate) fn start_draining(&self) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let handling = self.handling.load(Ordering::SeqCst);
+        handling + self.replying.load(Ordering::SeqCst)
+    }
+
     /// When the last handled request finished, if any did.
     pub(crate) fn last_call_done(&self) -> Option<Instant> {
         crate::clock::from_stamp(self.call_done.load(Ordering::Relaxed))
@@ -554,8 +575,19 @@ pub(crate) struct Replying<'a> {
 
 impl Drop for Replying<'_> {
     fn drop(&mut self) {
+        let conn = self.conn;
         // Release: whoever sees the count drop sees the response queued.
-        self.conn.replying.fetch_sub(1, Ordering::Release);
+        // SeqCst, with the loads below: pairs with `start_draining` (on
+        // x86 the same instruction as Release; the mark's load is the one
+        // addition to a call's path, and only for the last reply out).
+        let last = conn.replying.fetch_sub(1, Ordering::SeqCst) == 1;
+        if last && conn.draining.load(Ordering::SeqCst) && conn.handling.load(Ordering::SeqCst) == 0
+        {
+            conn.owner.send(Command::Drained {
+                token: conn.token,
+                id: conn.id,
+            });
+        }
     }
 }
 

@@ -130,6 +130,9 @@ pub(crate) enum Command {
     /// Read on: the connection's held one-way calls may be handled now (see
     /// `ConnShared::hold_reads`).
     ResumeReads { token: usize, id: u64 },
+    /// The connection, draining for `max_age`, has no request open any
+    /// more: close it now (see `ConnShared::start_draining`).
+    Drained { token: usize, id: u64 },
     /// Handle the frames a caller left in the connection's decoder (see
     /// `ConnShared::read_responses`), then read on.
     ReadLeft { token: usize, id: u64 },

@@ -122,7 +122,8 @@ struct Conn {
     strike_read: u64,
     /// Last time a call moved on this connection (for `max_idle`).
     last_call: Instant,
-    /// `max_age` reached: finishing running calls until this deadline.
+    /// `max_age` reached: finishing running calls until this deadline (the
+    /// last one to finish ends the drain sooner: `Command::Drained`).
     draining_until: Option<Instant>,
     /// Provider: where the last request went (see `server::Route`); boxed so
     /// a connection that makes no calls pays one pointer.
@@ -174,8 +175,9 @@ impl Conn {
                 let config = server.config();
                 let idle = config.max_idle.map(|t| self.last_call + t);
                 let age = match self.draining_until {
-                    // Check often while draining: it ends when calls finish.
-                    Some(_) => Some(Instant::now() + config.connection.timer_tick),
+                    // Draining: the last call to finish ends it
+                    // (`Command::Drained`); the deadline is the bound.
+                    Some(until) => Some(until),
                     None => config.max_age.map(|t| self.opened_at + t),
                 };
                 (idle, age)
@@ -483,6 +485,7 @@ impl EventLoop {
                     self.close(token, reason, None, now);
                 }
             }
+            Command::Drained { token, id } => self.on_drained(token, id, now),
             Command::ReadLeft { token, id } => {
                 if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
                     self.read(token, false, now);

@@ -145,15 +145,53 @@ impl EventLoop {
         if let Some(max_age) = config.max_age
             && now >= conn.opened_at + max_age
         {
-            let until = *conn.draining_until.get_or_insert(now + config.linger);
-            if running == 0 || now >= until {
-                let text = format!("connection reached max_age {max_age:?}");
-                let close = Some((CloseStatus::Normal, text));
-                self.close(token, DisconnectReason::MaxAge, close, now);
+            let running = match conn.draining_until {
+                Some(_) => running,
+                None => {
+                    // From here the last call to finish tells the loop
+                    // (`Command::Drained`), which closes then: not checked
+                    // again every tick.
+                    conn.draining_until = Some(now + config.linger);
+                    conn.shared.start_draining()
+                }
+            };
+            if running == 0 || conn.draining_until.is_some_and(|until| now >= until) {
+                self.close_aged(token, now);
                 return Flow::Closed;
             }
         }
         Flow::Open
+    }
+
+    /// A connection draining for `max_age` has no request open any more
+    /// (`Command::Drained`, sent by its last call as its response is
+    /// queued): closes it with Close(Normal), behind those responses.
+    pub(super) fn on_drained(&mut self, token: usize, id: u64, now: Instant) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        if conn.shared.id == id
+            && conn.draining_until.is_some()
+            && !conn.phase.is_closing()
+            && conn.shared.requests_open() == 0
+        {
+            self.close_aged(token, now);
+        }
+    }
+
+    /// Closes a provider connection that reached `max_age`: Close(Normal),
+    /// behind the responses already queued.
+    fn close_aged(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        let Role::Provider { server } = &conn.role else {
+            return; // only providers age
+        };
+        let max_age = server.config().max_age.unwrap_or_default();
+        let text = format!("connection reached max_age {max_age:?}");
+        let close = Some((CloseStatus::Normal, text));
+        self.close(token, DisconnectReason::MaxAge, close, now);
     }
 
     /// Carries out what the connection's heartbeat machine has queued.
