@@ -588,6 +588,8 @@ fn connections_reset_while_held_for_a_full_queue_do_not_grow_it_past_its_bound()
     let events = server.events();
     expect_reads_held(&mut raw, Duration::from_millis(200));
     raw.reset();
+    // The Ping left unread keeps the reset connection until its
+    // heartbeat's bound (about 3 s): a reset connection is read to its end.
     wait_connection_count(&server, 0);
     const CYCLES: u64 = 30;
     for id in 0..CYCLES {
@@ -652,15 +654,25 @@ fn a_consumer_that_ends_its_stream_with_its_calls_is_released_while_they_are_hel
     held.expect_dropped_for_silence(&events);
 }
 
-/// A held consumer whose connection is reset is dropped at once, however
-/// long the heartbeat would take (60 s here).
+/// A held consumer whose connection is reset keeps the calls it sent: the
+/// four left in the provider's decoder run once the two running ones
+/// finish, and then the connection is released at once, long before the
+/// heartbeat would end it (60 s here). Before, the provider closed the
+/// connection at the reset ("connection error while its reads were
+/// held"), and those four never ran.
 #[test]
-fn a_held_consumer_whose_connection_is_reset_is_dropped_at_once() {
+fn a_held_consumer_whose_connection_is_reset_still_has_its_calls_run() {
     let _shared = MEMORY.shared();
     let held = held_consumer(60_000);
     let events = held.server.events();
-    let started = Instant::now();
     held.raw.reset();
+    expect_no_disconnect_for(&events, Duration::from_millis(300));
+    assert_eq!(held.server.connection_count(), 1);
+    drop(held.gate);
+    wait_until(PROMPTLY, "all 6 one-way calls run", || {
+        held.entered.load(Ordering::SeqCst) == 6
+    });
+    let started = Instant::now();
     wait_connection_count(&held.server, 0);
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -672,7 +684,158 @@ fn a_held_consumer_whose_connection_is_reset_is_dropped_at_once() {
         matches!(reasons[..], [DisconnectReason::Io(_)]),
         "{reasons:?}"
     );
-    drop(held.gate);
+}
+
+/// A held consumer that resets with nothing left unread (its last call
+/// is the one queued past the full worker queue's bound) is dropped at
+/// once, however long the heartbeat would take (60 s here).
+#[test]
+fn a_held_consumer_reset_with_nothing_unread_is_dropped_at_once() {
+    let _shared = MEMORY.shared();
+    let mut config = ServerConfig {
+        worker_threads: 1,
+        worker_queue: 4,
+        ..server_config()
+    };
+    config.connection.heartbeat = heartbeat(60_000, 3);
+    let HeldConsumer {
+        gate,
+        server,
+        mut raw,
+        ..
+    } = gated_consumer(config, 1, 1, false);
+    let events = server.events();
+    // 1 running; then 4 queued and the 6th past the bound, in one write.
+    // Whether the loop reads them before the reset or with it, it ends
+    // holding the connection's reads with nothing left in its decoder or
+    // its kernel buffer (no Ping may be sent to prove the hold: it would
+    // be left unread).
+    raw.send(&gated_one_ways(2..=6));
+    let started = Instant::now();
+    raw.reset();
+    wait_connection_count(&server, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let reasons = disconnect_reasons(&events);
+    assert!(
+        matches!(reasons[..], [DisconnectReason::Io(_)]),
+        "{reasons:?}"
+    );
+    drop(gate);
+}
+
+/// One-way calls that reached the provider's kernel while it held the
+/// connection's reads (the worker queue full) are handled although the
+/// consumer then resets the connection: Linux keeps the bytes a reset
+/// arrives behind readable, and the provider reads them once the queue
+/// has room, then closes. A raw consumer blocks the one worker, fills the
+/// queue (4) and goes past it with 20 counted calls in one write, sends 50
+/// more once the reads are held, and resets (SO_LINGER 0). Before, the
+/// provider closed the connection at the reset ("connection error while
+/// its reads were held"): 5 of the 70 calls ran (the 4 queued and the one
+/// past the bound), the 65 others were lost.
+#[test]
+fn one_way_calls_buffered_before_a_reset_are_handled_when_the_queue_has_room() {
+    let _shared = MEMORY.shared();
+    const FIRST: u64 = 20;
+    const LATER: u64 = 50;
+    let counted = Arc::new(AtomicUsize::new(0));
+    let count = {
+        let counted = Arc::clone(&counted);
+        ServiceBuilder::new("count").method("add", move |()| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(())
+        })
+    };
+    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let entered = Arc::new(AtomicUsize::new(0));
+    let gated = {
+        let entered = Arc::clone(&entered);
+        ServiceBuilder::new("gated").method("hold", move |()| {
+            entered.fetch_add(1, Ordering::SeqCst);
+            let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+            Ok::<_, String>(())
+        })
+    };
+    let mut config = ServerConfig {
+        worker_threads: 1,
+        worker_queue: 4,
+        ..server_config()
+    };
+    // Well past the test's windows: only the reads' end closes it.
+    config.connection.heartbeat = heartbeat(5_000, 3);
+    let server = Server::builder()
+        .config(config)
+        .service(count)
+        .service(gated)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let events = server.events();
+    let mut raw = RawPeer::connect(server.local_addr());
+    raw.send(&gated_one_ways(1..=1));
+    wait_until(PROMPTLY, "the gated call to run", || {
+        entered.load(Ordering::SeqCst) == 1
+    });
+    let add = |ids: std::ops::RangeInclusive<u64>| -> Vec<u8> {
+        ids.flat_map(|id| {
+            encode_request(Kind::OneWay, id, "count", "", "", "add", &())
+                .expect("encode a one-way call")
+        })
+        .collect()
+    };
+    raw.send(&add(1..=FIRST));
+    expect_reads_held(&mut raw, Duration::from_millis(200));
+    raw.send(&add(FIRST + 1..=FIRST + LATER));
+    raw.reset();
+    expect_no_disconnect_for(&events, Duration::from_millis(300));
+    assert_eq!(
+        counted.load(Ordering::SeqCst),
+        0,
+        "ran with the worker blocked"
+    );
+    drop(gate);
+    let all = (FIRST + LATER) as usize;
+    let deadline = Instant::now() + PROMPTLY;
+    while counted.load(Ordering::SeqCst) < all && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        counted.load(Ordering::SeqCst),
+        all,
+        "one-way calls sent before the reset were lost"
+    );
+    wait_connection_count(&server, 0);
+    let reasons = disconnect_reasons(&events);
+    assert!(
+        matches!(
+            reasons[..],
+            [DisconnectReason::Io(_) | DisconnectReason::PeerClosed { .. }]
+        ),
+        "{reasons:?}"
+    );
+}
+
+/// One-way calls of `gated.hold` with these ids, in one buffer.
+fn gated_one_ways(ids: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+    ids.flat_map(|id| {
+        encode_request(Kind::OneWay, id, "gated", "", "", "hold", &())
+            .expect("encode a one-way call")
+    })
+    .collect()
+}
+
+/// Fails if a `Disconnected` event comes within `window`.
+fn expect_no_disconnect_for(events: &crossbeam_channel::Receiver<Event>, window: Duration) {
+    let deadline = Instant::now() + window;
+    while let Ok(event) = events.recv_deadline(deadline) {
+        assert!(
+            !matches!(event, Event::Disconnected { .. }),
+            "the connection was closed with calls still unread: {event:?}"
+        );
+    }
 }
 
 /// A one-way call waiting for room in a full write queue (its provider,

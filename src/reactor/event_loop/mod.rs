@@ -128,11 +128,13 @@ struct Conn {
     /// Provider: where the last request went (see `server::Route`); boxed so
     /// a connection that makes no calls pays one pointer.
     last_route: Option<Box<Route>>,
-    /// Provider: the consumer ended its stream while this connection's
-    /// reads were held (see `read::holds_one_way`). Its silence is no longer
-    /// excused, so a connection whose running calls never finish still ends
-    /// (heartbeat timeout); if they finish first, the reads resume and reach
-    /// the end of the stream as usual.
+    /// Provider: the consumer ended its stream, or reset the connection,
+    /// while this connection's reads were held (see `read::holds_one_way`
+    /// and `read::hung_up_while_held`). Its silence is no longer excused,
+    /// so a connection whose running calls never finish still ends
+    /// (heartbeat timeout); if they finish first, the reads resume and
+    /// reach the end of the stream (or the error) as usual, after the calls
+    /// still unread.
     ended_while_held: bool,
 }
 
@@ -481,8 +483,7 @@ impl EventLoop {
                     && conn.shared.id == id
                     && conn.shared.flush_held_for_loop().is_err()
                 {
-                    let reason = DisconnectReason::Io("write failed".into());
-                    self.close(token, reason, None, now);
+                    self.write_failed(token, now);
                 }
             }
             Command::Drained { token, id } => self.on_drained(token, id, now),

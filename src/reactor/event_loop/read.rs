@@ -59,10 +59,22 @@ impl EventLoop {
 
     /// After a read that saw the peer hang up: if the connection's reads
     /// are held (see [`holds_one_way`]), that read stopped short of the
-    /// end, and this edge will not come again. A reset closes the
-    /// connection at once (what was left unread is gone with it); after an
-    /// end of stream its silence is no longer excused
-    /// (`Conn::ended_while_held`).
+    /// end, and this edge will not come again. From now on the consumer's
+    /// silence is no longer excused (`Conn::ended_while_held`): the
+    /// connection ends when its reads resume and reach the end of the
+    /// stream, or at the heartbeat's bound, whichever comes first.
+    ///
+    /// After a socket error (a reset) too, unless nothing is left to read.
+    /// Why: the one-way calls the consumer sent before it reset are in
+    /// this side's decoder or kernel buffer, and Linux keeps the bytes a
+    /// reset arrives behind readable; a one-way call has no answer to
+    /// miss, so it is handled like any other (a request read then is
+    /// handled too; its response is lost with the connection). They are
+    /// read as the hold allows, not all at once: that would take up to a
+    /// receive buffer of calls past `max_inflight` or the worker queue's
+    /// bound for every consumer that resets, and a consumer may reset
+    /// again and again (see `connections_reset_while_held_…` in
+    /// tests/bounds.rs).
     fn hung_up_while_held(&mut self, token: usize, error: bool, now: Instant) {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
@@ -70,12 +82,29 @@ impl EventLoop {
         if !conn.shared.reads_held() || conn.phase.is_closing() {
             return;
         }
-        if error {
+        if error && !holds_unread(conn) {
             let reason = DisconnectReason::Io("connection error while its reads were held".into());
             self.close(token, reason, None, now);
         } else {
             conn.ended_while_held = true;
         }
+    }
+
+    /// A write on the connection failed: it is closed, unless its reads are
+    /// held after its consumer hung up (see
+    /// [`hung_up_while_held`](Self::hung_up_while_held)). Then the end of
+    /// its reads closes it, after the calls still unread: a write fails
+    /// there as soon as anything (a Ping, a response) meets the consumer's
+    /// reset.
+    pub(super) fn write_failed(&mut self, token: usize, now: Instant) {
+        let Some(conn) = self.conns.get(token) else {
+            return;
+        };
+        if conn.ended_while_held && conn.shared.reads_held() {
+            return;
+        }
+        let reason = DisconnectReason::Io("write failed".into());
+        self.close(token, reason, None, now);
     }
 
     pub(super) fn resume_write(&mut self, token: usize, now: Instant) {
@@ -85,12 +114,7 @@ impl EventLoop {
         let flushed = conn.shared.out.flush(&conn.shared.socket);
         match (flushed, conn.phase) {
             (Err(_), Phase::Closing { .. }) => self.finalize(token, now),
-            (Err(_), _) => self.close(
-                token,
-                DisconnectReason::Io("write failed".into()),
-                None,
-                now,
-            ),
+            (Err(_), _) => self.write_failed(token, now),
             (Ok(Flush::Done), Phase::Closing { .. }) if conn.shared.out.is_drained() => {
                 self.close_written(token, now)
             }
@@ -160,8 +184,7 @@ impl EventLoop {
             reader.caller_error = caller_error;
         }
         if conn.shared.out.uncork(&conn.shared.socket).is_err() && flow == Flow::Open {
-            let reason = DisconnectReason::Io("write failed".into());
-            self.close(token, reason, None, now);
+            self.write_failed(token, now);
             return;
         }
         if flow == Flow::Open {
@@ -478,4 +501,19 @@ fn holds_one_way(conn: &Conn, decoder: &FrameDecoder) -> bool {
     decoder.next_is_one_way()
         && conn.shared.handling.load(Ordering::SeqCst) >= max
         && conn.shared.hold_reads(max / 2)
+}
+
+/// Whether a held connection has anything left to handle: a complete frame
+/// in its decoder, or bytes in the kernel's receive buffer (peeked, not
+/// taken; on Linux they stay readable after a reset).
+fn holds_unread(conn: &Conn) -> bool {
+    let framed = conn
+        .shared
+        .reader
+        .lock()
+        .decoder
+        .as_ref()
+        .is_some_and(|d| d.buffered_len() > 0 && !d.is_mid_frame());
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    framed || matches!(conn.shared.socket.peek(&mut byte), Ok(n) if n > 0)
 }
