@@ -289,6 +289,15 @@ pub struct ClientConfig {
     /// when that is done or this has passed. A provider that reads nothing
     /// holds the close this long, then the connection is closed anyway and
     /// what was still queued is lost. Default 1 s (as `ServerConfig::linger`).
+    ///
+    /// Zero closes at once: what is queued and the Close are written as far
+    /// as the socket takes them, its sending side is shut down (the provider
+    /// reads to the end of the stream, no reset) and it is closed, without
+    /// waiting for the provider. What the socket did not take is lost, and
+    /// so is what it took but had not yet sent (a provider that is behind
+    /// leaves its receive window full) if the provider sends the closed
+    /// socket anything meanwhile (a Ping, a response): the reset that answers
+    /// it discards that. A provider that keeps up reads it all.
     pub linger: Duration,
 }
 
@@ -424,7 +433,9 @@ pub struct ServerConfig {
     /// How long `shutdown` waits for queued writes (responses, the final
     /// Close) to reach each peer, once the handlers running when it was
     /// called are done (that wait has no bound: see `Server::shutdown`).
-    /// Default 1 s.
+    /// Also bounds a closing connection's wait to write its Close, and the
+    /// `max_age` drain. Zero: what the socket takes at once, then the
+    /// connection is closed. Default 1 s.
     pub linger: Duration,
     /// Close a connection that carried no call (request, response or
     /// one-way) for this long and has none running, with Close(IdleTimeout).

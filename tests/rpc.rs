@@ -1301,6 +1301,95 @@ fn a_provider_that_never_reads_delays_the_drop_by_the_linger_at_most() {
     );
 }
 
+/// A client with `linger` zero closes at once: its Close is written as far
+/// as the socket takes it and the socket closed, without waiting for the
+/// provider (a fake one here, which never closes its side) or for the
+/// timer. The client's timer tick is 400 ms and the close starts just
+/// after a tick (its heartbeat Ping, sent at a tick, has just arrived).
+/// Before, the drop waited for the timer to finalize the connection: 400
+/// ms, the whole tick.
+#[test]
+fn a_client_without_linger_closes_at_once() {
+    use pulse::protocol::{CloseStatus, Kind, encode_pong};
+    use support::raw_peer::FakeProvider;
+    const TICK: Duration = Duration::from_millis(400);
+    let fake = FakeProvider::bind();
+    let mut config = ClientConfig {
+        linger: Duration::ZERO,
+        ..ClientConfig::default()
+    };
+    config.connection.timer_tick = TICK;
+    config.connection.heartbeat = support::heartbeat(1_000, 3);
+    let addr = fake.addr();
+    let connecting = thread::spawn(move || Client::connect(addr, config));
+    let mut provider = fake.accept_ready(PROMPTLY);
+    let client = connecting
+        .join()
+        .expect("the connecting thread")
+        .expect("connect to the fake provider");
+    match provider.read(Instant::now() + PROMPTLY) {
+        Ok(Some(frame)) if frame.header.kind == Kind::Ping => {
+            provider.send(&encode_pong(frame.header.id));
+        }
+        other => panic!("expected the client's heartbeat Ping, got {other:?}"),
+    }
+    let started = Instant::now();
+    drop(client);
+    let took = started.elapsed();
+    let close = provider.expect_close_then_end(PROMPTLY);
+    assert_eq!(
+        (close.header.kind, close.header.status),
+        (Kind::Close, CloseStatus::Normal as u8)
+    );
+    assert!(
+        took < TICK / 3,
+        "the drop took {took:?} with no linger (timer tick {TICK:?})"
+    );
+}
+
+/// What a client with `linger` zero had sent still reaches a provider that
+/// keeps up: a thousand one-way calls sent just before the drop (their
+/// bytes all taken by the socket) are all handled, then the provider sees
+/// Close(Normal). The closed socket is shut down in order (a FIN after the
+/// bytes), not reset; only calls its socket had not taken at the drop, or
+/// bytes still in its kernel when the provider sends it anything, are lost
+/// (see `ClientConfig::linger`).
+#[test]
+fn a_client_without_linger_still_delivers_what_its_socket_took() {
+    const CALLS: usize = 1_000;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&handled);
+    let service = ServiceBuilder::new("count").method_inline("add", move |_: u64| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(())
+    });
+    let mut server_config = ServerConfig::default();
+    // No Ping of the provider's may meet the closed socket meanwhile.
+    server_config.connection.heartbeat = support::heartbeat(60_000, 3);
+    let server = server_with(server_config, vec![service]);
+    let server_events = server.events();
+    let mut config = ClientConfig {
+        linger: Duration::ZERO,
+        ..ClientConfig::default()
+    };
+    // Nor a Pong answering a Ping of the client's.
+    config.connection.heartbeat = support::heartbeat(60_000, 3);
+    let client = Client::connect(server.local_addr(), config).unwrap();
+    for n in 0..CALLS as u64 {
+        client
+            .send_one_way("count", "add", &n)
+            .expect("send_one_way");
+    }
+    drop(client);
+    wait_until(
+        PROMPTLY,
+        &format!("all {CALLS} one-way calls handled"),
+        || handled.load(Ordering::SeqCst) == CALLS,
+    );
+    let reason = support::wait_any_disconnected(&server_events);
+    assert_eq!(reason, DisconnectReason::PeerShutdown);
+}
+
 /// While a provider holds a consumer's one-way calls back (its
 /// `max_inflight` calls block for longer than the heartbeat bound), it
 /// reads nothing from that consumer, Pings included: neither side may take

@@ -499,6 +499,12 @@ impl Outbound {
         q.is_empty() && !q.writing
     }
 
+    /// Whether a thread is inside a write of this queue now (it writes
+    /// what is queued before it returns).
+    pub(crate) fn is_writing(&self) -> bool {
+        self.queue.lock().writing
+    }
+
     /// What the frames queued and not yet written hold (their [`charge`]s:
     /// buffers' capacities and per-frame overhead, not only their lengths).
     pub(crate) fn queued_bytes(&self) -> usize {

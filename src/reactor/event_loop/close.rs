@@ -85,6 +85,12 @@ impl EventLoop {
                 };
                 if conn.shared.out.is_drained() {
                     self.close_written(token, now);
+                } else if linger.is_zero() && !conn.shared.out.is_writing() {
+                    // No linger: the socket took what it could. Left to the
+                    // timer, this waited for its next tick. (A thread inside
+                    // a write, though, is not cut off in the middle of a
+                    // frame: the tick finds it done.)
+                    self.finalize(token, now);
                 } else {
                     self.rearm(token);
                 }
@@ -111,6 +117,12 @@ impl EventLoop {
         };
         let _ = conn.shared.socket.shutdown(Shutdown::Write);
         conn.phase = Phase::HalfClosed { deadline };
+        if now >= deadline {
+            // No linger (`ClientConfig::linger` zero): nothing to wait for.
+            // Left to the timer, this waited for its next tick.
+            self.finalize(token, now);
+            return;
+        }
         // What arrived while the connection was `Closing` was left unread,
         // and its edge is gone: look now.
         self.discard_reads(token, now);
