@@ -444,7 +444,9 @@ pub struct ServerConfig {
     /// probation). Default `None` (never).
     pub max_idle: Option<Duration>,
     /// Close a connection this long after it was accepted, gracefully: new
-    /// requests are answered ShuttingDown, running ones finish (for up to
+    /// requests are answered ShuttingDown (a pulse `Client::call` sends them
+    /// again on its next connection), new one-way calls are handled (nothing
+    /// could tell their consumer to send them again), running ones finish (for up to
     /// `linger`), then Close(Normal), sent as soon as the last running
     /// call's response is queued — the consumer reconnects at once (no
     /// backoff delay; however short, the connection does not count against its

@@ -1652,48 +1652,12 @@ fn blob_after(ms: u64, n: u64) -> Vec<u8> {
 fn a_draining_connection_closes_as_soon_as_its_last_call_is_answered() {
     let _shared = MEMORY.shared();
     const TICK: Duration = Duration::from_millis(400);
-    let mut config = ServerConfig {
-        max_age: Some(Duration::from_millis(300)),
-        linger: Duration::from_secs(5),
-        ..server_config()
-    };
-    config.connection.timer_tick = TICK;
-    // No pings of its own in the frames the consumer reads (and the
-    // heartbeat's interval must be at least two ticks).
-    config.connection.heartbeat = heartbeat(60_000, 3);
-    let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let entered = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&entered);
-    let gated = ServiceBuilder::new("gated").method("hold", move |()| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        let _ = gate_rx.recv_timeout(Duration::from_secs(10));
-        Ok::<_, String>(())
-    });
-    let server = Server::builder()
-        .config(config)
-        .service(demo_service())
-        .service(gated)
-        .bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0");
-    let mut raw = RawPeer::connect(server.local_addr());
-    let hold = encode_request(Kind::Request, 1, "gated", "", "", "hold", &());
-    raw.send(&hold.expect("encode a request"));
-    wait_until(PROMPTLY, "the gated call to run", || {
-        entered.load(Ordering::SeqCst) == 1
-    });
-    // Probe until the drain has begun.
-    let deadline = Instant::now() + PROMPTLY;
-    for id in 2.. {
-        assert!(Instant::now() < deadline, "the connection never drained");
-        raw.send(&request(id, "ping", id));
-        let answer = raw.next_frame(PROMPTLY);
-        assert_eq!((answer.header.kind, answer.header.id), (Kind::Response, id));
-        if answer.header.status == ResponseStatus::ShuttingDown as u8 {
-            break;
-        }
-        assert_eq!(answer.header.status, ResponseStatus::Ok as u8);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let DrainingConnection {
+        server: _server,
+        mut raw,
+        gate,
+        ..
+    } = DrainingConnection::start(TICK);
     drop(gate);
     let response = raw.next_frame(PROMPTLY);
     let answered = Instant::now();
@@ -1712,6 +1676,123 @@ fn a_draining_connection_closes_as_soon_as_its_last_call_is_answered() {
         closed_after < TICK / 3,
         "the Close came {closed_after:?} after the last response (timer tick {TICK:?})"
     );
+}
+
+/// A one-way call that reaches a connection draining for `max_age` is
+/// handled, and the drain waits for it. Its consumer cannot know of the
+/// drain (only a refused request tells) and nothing answers a one-way
+/// call; before, such calls were dropped without a word: here 0 of 5 ran.
+#[test]
+fn one_way_calls_that_reach_a_draining_connection_are_handled() {
+    let _shared = MEMORY.shared();
+    const CALLS: u64 = 5;
+    let DrainingConnection {
+        server: _server,
+        mut raw,
+        gate,
+        one_way_handled,
+    } = DrainingConnection::start(Duration::from_millis(50));
+    for id in 0..CALLS {
+        let call = encode_request(Kind::OneWay, 100 + id, "gated", "", "", "count", &());
+        raw.send(&call.expect("encode a one-way call"));
+    }
+    // Answered after the calls before it were read: they reached the
+    // draining connection while its call was still running.
+    raw.send(&request(99, "ping", 99));
+    let refused = raw.next_frame(PROMPTLY);
+    assert_eq!(
+        (refused.header.id, refused.header.status),
+        (99, ResponseStatus::ShuttingDown as u8)
+    );
+    drop(gate);
+    let response = raw.next_frame(PROMPTLY);
+    assert_eq!(
+        (response.header.kind, response.header.id),
+        (Kind::Response, 1)
+    );
+    let close = raw.expect_close_then_end(PROMPTLY);
+    assert_close(&close, CloseStatus::Normal, "max_age");
+    // The Close comes once no call is running: every one was handled.
+    assert_eq!(
+        one_way_handled.load(Ordering::SeqCst),
+        CALLS as usize,
+        "one-way calls sent to the draining connection and handled"
+    );
+}
+
+/// A raw consumer's connection draining for `max_age` (300 ms) with one
+/// pool call (`gated.hold`, id 1) held running until `gate` is dropped.
+/// The server also has `gated.count`, which counts its calls into
+/// `one_way_handled`.
+struct DrainingConnection {
+    server: Server,
+    raw: RawPeer,
+    gate: crossbeam_channel::Sender<()>,
+    one_way_handled: Arc<AtomicUsize>,
+}
+
+impl DrainingConnection {
+    /// Starts the server with timer tick `tick`, sends the held call, and
+    /// probes with inline pings until one is refused ShuttingDown: the
+    /// drain has begun.
+    fn start(tick: Duration) -> DrainingConnection {
+        let mut config = ServerConfig {
+            max_age: Some(Duration::from_millis(300)),
+            linger: Duration::from_secs(5),
+            ..server_config()
+        };
+        config.connection.timer_tick = tick;
+        // No pings of its own in the frames the consumer reads (and the
+        // heartbeat's interval must be at least two ticks).
+        config.connection.heartbeat = heartbeat(60_000, 3);
+        let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+        let entered = Arc::new(AtomicUsize::new(0));
+        let one_way_handled = Arc::new(AtomicUsize::new(0));
+        let gated = {
+            let entered = Arc::clone(&entered);
+            let handled = Arc::clone(&one_way_handled);
+            ServiceBuilder::new("gated")
+                .method("hold", move |()| {
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate_rx.recv_timeout(Duration::from_secs(10));
+                    Ok::<_, String>(())
+                })
+                .method("count", move |()| {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>(())
+                })
+        };
+        let server = Server::builder()
+            .config(config)
+            .service(demo_service())
+            .service(gated)
+            .bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0");
+        let mut raw = RawPeer::connect(server.local_addr());
+        let hold = encode_request(Kind::Request, 1, "gated", "", "", "hold", &());
+        raw.send(&hold.expect("encode a request"));
+        wait_until(PROMPTLY, "the gated call to run", || {
+            entered.load(Ordering::SeqCst) == 1
+        });
+        let deadline = Instant::now() + PROMPTLY;
+        for id in 2.. {
+            assert!(Instant::now() < deadline, "the connection never drained");
+            raw.send(&request(id, "ping", id));
+            let answer = raw.next_frame(PROMPTLY);
+            assert_eq!((answer.header.kind, answer.header.id), (Kind::Response, id));
+            if answer.header.status == ResponseStatus::ShuttingDown as u8 {
+                break;
+            }
+            assert_eq!(answer.header.status, ResponseStatus::Ok as u8);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        DrainingConnection {
+            server,
+            raw,
+            gate,
+            one_way_handled,
+        }
+    }
 }
 
 /// A Close for a protocol error, made while a worker writes a large

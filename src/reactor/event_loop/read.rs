@@ -435,13 +435,20 @@ impl EventLoop {
                 conn.ping_strikes = 0; // pings between calls are not abuse
                 conn.last_call = now;
                 match &conn.role {
-                    Role::Provider { .. } if conn.draining_until.is_some() => {
-                        if frame.header.kind == Kind::Request {
-                            let message = "this connection reached max_age and is closing; retry on a new one";
-                            let response =
-                                encode_error_response(id, ResponseStatus::ShuttingDown, message);
-                            let _ = conn.shared.send(response, Class::Data);
-                        }
+                    // Draining for `max_age`: a request is refused, and its
+                    // consumer sends it again on its next connection. A
+                    // one-way call is handled as before the drain: it has
+                    // no answer to refuse it with, and dropped here it was
+                    // lost without a word. The drain waits for it like any
+                    // running call, up to its `linger` bound.
+                    Role::Provider { .. }
+                        if conn.draining_until.is_some() && frame.header.kind == Kind::Request =>
+                    {
+                        let message =
+                            "this connection reached max_age and is closing; retry on a new one";
+                        let response =
+                            encode_error_response(id, ResponseStatus::ShuttingDown, message);
+                        let _ = conn.shared.send(response, Class::Data);
                         Flow::Open
                     }
                     Role::Provider { server } => {
