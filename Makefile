@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: help run test bench fuzz fmt clean etcd-install etcd-start etcd-stop
+.PHONY: help run test bench fuzz fmt clean etcd-install iproute2-install etcd-start etcd-stop
 
 FUZZ_SECONDS ?= 60
 
@@ -29,7 +29,9 @@ run:
 # tests/etcd.rs needs a real etcd: each test starts its own on free ports and
 # kills it by PID. etcd-install installs Debian's etcd-server when `etcd` is
 # missing (a fresh machine), so `make test` works from a clean clone.
-test: etcd-install
+# tests/partition.rs sets up routes in network namespaces of its own with
+# iproute2's `ip`; iproute2-install installs it when `ip` is missing.
+test: etcd-install iproute2-install
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --lib --bins --tests --examples
@@ -46,6 +48,16 @@ clean:
 
 etcd-install:
 	scripts/etcd.sh install
+
+iproute2-install:
+	@if command -v ip >/dev/null 2>&1; then \
+		echo "ip: $$(command -v ip) is installed"; \
+	else \
+		echo "ip: not installed; installing Debian's iproute2"; \
+		sudo=""; if [ "$$(id -u)" != 0 ]; then sudo=sudo; fi; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq iproute2 >/dev/null; \
+	fi
 
 etcd-start:
 	scripts/etcd.sh start
