@@ -550,7 +550,10 @@ impl Client {
     /// A call answered `ShuttingDown` by a connection that is closing (the
     /// provider's `max_age` or `max_idle` rotating it, or its shutdown) did
     /// not run; like a call made while the connection closes, it is sent
-    /// once more on the next connection, within the same timeout. When no
+    /// once more on the next connection, within the same timeout. So is a
+    /// call whose connection died while its request still waited in the
+    /// connection's write queue (behind a socket the network stopped
+    /// taking bytes from): not one byte of it was written. When no
     /// new connection comes in time (the provider is really gone), it fails
     /// with `NotConnected` at the timeout. ([`Client::start`] and
     /// [`PendingCall::wait`] leave that to the caller: see
@@ -593,10 +596,16 @@ impl Client {
         let first = self.start_until(service, method, args, until, Write::Now)?;
         let closing = first.conn.id;
         match first.wait() {
-            Err(Error::Remote {
-                status: ResponseStatus::ShuttingDown,
-                ..
-            }) if Instant::now() < until.deadline => {
+            // Refused by a closing connection, or never written to one that
+            // died (`NotConnected` comes from `wait` only then): it did not
+            // run.
+            Err(
+                Error::Remote {
+                    status: ResponseStatus::ShuttingDown,
+                    ..
+                }
+                | Error::NotConnected { .. },
+            ) if Instant::now() < until.deadline => {
                 let again = Until {
                     avoid: Some(closing),
                     ..until

@@ -32,7 +32,11 @@ pub enum Error {
         /// event gives it.
         reason: String,
     },
-    /// No connection became ready within the call's timeout.
+    /// No connection became ready within the call's timeout; or (from
+    /// [`PendingCall::wait`](crate::PendingCall::wait), with `waited` zero)
+    /// the connection died while the request still waited in its write
+    /// queue, so not one byte of it was sent. Either way the request did
+    /// not run.
     #[error("not connected to {peer} (waited {waited:?} for a connection; {detail})")]
     NotConnected {
         /// The provider the client is trying to reach.

@@ -1477,18 +1477,15 @@ fn close_while_partitioned(net: &Net) {
     });
 }
 
-// ----- known issue: a call never written is reported as possibly run -------------
+// ----- a call never written did not run, and says so -------------------------------
 
-/// Fails today (see docs/RELIABILITY.md, "What the partitions showed"): a
-/// call whose request was still in the client's write queue, behind a
-/// socket send buffer the partition had filled, fails at the heartbeat
-/// timeout with `ConnectionLost` ("may or may not have run";
-/// `refused_before_running` false), although its bytes never left the
-/// process and the provider never runs it. What a fix should give: the
-/// call is sent again on the next connection (as one whose write met the
-/// dead socket already is), or fails with an error that says it did not run.
+/// A call whose request was still in the client's write queue, behind a
+/// socket send buffer the partition had filled, when the partition was
+/// detected, did not run (its bytes never left the process), and its error
+/// says so: `NotConnected`, `refused_before_running`. Before, it failed
+/// with `ConnectionLost` ("may or may not have run"), like a call that was
+/// written, and a cluster would not send it elsewhere.
 #[test]
-#[ignore = "known issue: a request still queued when the connection dies is reported as possibly run"]
 fn a_call_still_in_the_write_queue_when_the_partition_is_detected_did_not_run_and_says_so() {
     in_netns(
         "a_call_still_in_the_write_queue_when_the_partition_is_detected_did_not_run_and_says_so",
@@ -1496,8 +1493,29 @@ fn a_call_still_in_the_write_queue_when_the_partition_is_detected_did_not_run_an
     );
 }
 
-fn call_still_queued(net: &Net) {
-    const FRAME: usize = 64 * 1024;
+/// The same call made with `Client::call`: it is sent again on the next
+/// connection, within its timeout, and runs once.
+#[test]
+fn a_call_still_in_the_write_queue_when_the_partition_is_detected_is_sent_again_by_call() {
+    in_netns(
+        "a_call_still_in_the_write_queue_when_the_partition_is_detected_is_sent_again_by_call",
+        call_still_queued_is_sent_again,
+    );
+}
+
+/// The body of the marked call: the provider counts the calls whose body
+/// starts with 0xEE.
+fn marked_body() -> rmpv::Value {
+    rmpv::Value::Binary(vec![0xEE; QUEUED_FRAME])
+}
+
+const QUEUED_FRAME: usize = 64 * 1024;
+
+/// A provider counting its marked calls, and a client connected to it that
+/// has, during a partition, queued more one-way calls than the socket's
+/// send buffer can ever hold (the namespace's `tcp_wmem` maximum) plus 512
+/// KiB: a call made next waits in the write queue behind them.
+fn queue_behind_a_partition(net: &Net) -> (Server, Client, Arc<AtomicUsize>) {
     let marked = Arc::new(AtomicUsize::new(0));
     let sink = {
         let marked = marked.clone();
@@ -1516,40 +1534,35 @@ fn call_still_queued(net: &Net) {
     let client = Client::connect(server.local_addr(), config).expect("connect");
     let small = rmpv::Value::Binary(vec![0x11; 10]);
     assert_eq!(client.call::<_, u64>("sink", "take", &small).unwrap(), 0);
-    // More one-way calls than the socket's send buffer can ever hold (the
-    // namespace's `tcp_wmem` maximum) plus 512 KiB: those stay in the
-    // write queue, and the marked call goes behind them.
     let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
         .expect("read tcp_wmem")
         .split_whitespace()
         .nth(2)
         .and_then(|max| max.parse().ok())
         .expect("tcp_wmem's maximum");
-    let fillers = (wmem_max + (512 << 10)).div_ceil(FRAME);
+    let fillers = (wmem_max + (512 << 10)).div_ceil(QUEUED_FRAME);
     net.partition();
-    let filler = rmpv::Value::Binary(vec![0x11; FRAME]);
+    let filler = rmpv::Value::Binary(vec![0x11; QUEUED_FRAME]);
     for i in 0..fillers {
         if let Err(e) = client.send_one_way("sink", "take", &filler) {
             panic!("filler {i} of {fillers} refused: {e}");
         }
     }
+    eprintln!("{fillers} fillers of 64 KiB queued (tcp_wmem max {wmem_max})");
+    (server, client, marked)
+}
+
+fn call_still_queued(net: &Net) {
+    let (_server, client, marked) = queue_behind_a_partition(net);
     let marked_call = client
-        .start_timeout::<_, u64>(
-            "sink",
-            "take",
-            &rmpv::Value::Binary(vec![0xEE; FRAME]),
-            Duration::from_secs(3),
-        )
+        .start_timeout::<_, u64>("sink", "take", &marked_body(), Duration::from_secs(3))
         .expect("the marked call is queued");
     let result = marked_call.wait();
     net.heal();
-    // Give a resent call time to arrive and run.
+    // Give a call sent again by mistake time to arrive and run.
     thread::sleep(ms(1500));
     let ran = marked.load(Ordering::SeqCst);
-    eprintln!(
-        "{fillers} fillers of 64 KiB (tcp_wmem max {wmem_max}); the marked call: {result:?}; \
-         the provider ran it {ran} times"
-    );
+    eprintln!("the marked call: {result:?}; the provider ran it {ran} times");
     match result {
         Ok(_) => assert_eq!(ran, 1, "the call succeeded but ran {ran} times"),
         Err(e) => {
@@ -1560,4 +1573,31 @@ fn call_still_queued(net: &Net) {
             );
         }
     }
+}
+
+fn call_still_queued_is_sent_again(net: &Net) {
+    let (_server, client, marked) = queue_behind_a_partition(net);
+    let events = client.events();
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || {
+            client.call_timeout::<_, u64>("sink", "take", &marked_body(), Duration::from_secs(5))
+        })
+    };
+    // The partition is found (heartbeat timeout), the call waits for the
+    // next connection; heal then.
+    let deadline = Instant::now() + PROMPTLY;
+    let lost = std::iter::from_fn(|| events.recv_deadline(deadline).ok())
+        .find(|e| matches!(e, Event::Disconnected { .. }))
+        .expect("the client reports the partition within PROMPTLY");
+    eprintln!("the client saw {lost:?}");
+    net.heal();
+    let result = caller.join().expect("the caller thread");
+    let ran = marked.load(Ordering::SeqCst);
+    eprintln!("the marked call: {result:?}; the provider ran it {ran} times");
+    assert_eq!(
+        result.expect("the call, sent again on the next connection"),
+        0
+    );
+    assert_eq!(ran, 1, "the provider ran the call {ran} times");
 }

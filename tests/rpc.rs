@@ -507,17 +507,24 @@ fn a_deferred_call_times_out_by_its_own_timeout() {
     );
 }
 
+/// A deferred request, held and never written, on a connection that dies
+/// did not run, and its error says so: `NotConnected` (not sent), not
+/// `ConnectionLost` ("may or may not have run", which it said before).
 #[test]
-fn deferred_requests_on_a_connection_that_dies_fail_with_connection_lost() {
-    let (server, client, _calls) = counting_pair();
+fn deferred_requests_on_a_connection_that_dies_fail_as_never_sent() {
+    let (server, client, calls) = counting_pair();
     let events = client.events();
     let held = client.start_deferred::<_, u64>("count", "add", &1).unwrap();
     server.shutdown();
     wait_disconnected(&events, server.local_addr());
     match held.wait() {
-        Err(Error::ConnectionLost { .. }) => {}
-        other => panic!("expected ConnectionLost, got {other:?}"),
+        Err(e @ Error::NotConnected { .. }) => {
+            assert!(e.refused_before_running(), "{e}");
+            assert!(e.to_string().contains("it was not sent"), "{e}");
+        }
+        other => panic!("expected NotConnected (never sent), got {other:?}"),
     }
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the held request ran");
     assert_eq!(client.inflight(), 0);
     assert!(
         client.flush().is_ok(),

@@ -854,6 +854,30 @@ impl CallTable {
         self.inner.lock().map.remove(&id);
     }
 
+    /// Fails the waiting calls `ids`, whose requests were never written
+    /// (`Outbound::take_unstarted_requests`), with `NotConnected`: the
+    /// connection died (`reason`) before they left this process, so they
+    /// did not run and may be sent again (`Error::refused_before_running`).
+    pub(crate) fn fail_unsent(&self, ids: &[u64], peer: SocketAddr, reason: &DisconnectReason) {
+        if ids.is_empty() {
+            return;
+        }
+        let slots: Vec<_> = {
+            let mut calls = self.inner.lock();
+            ids.iter().filter_map(|id| calls.map.remove(id)).collect()
+        };
+        for slot in slots {
+            slot.complete(Err(Error::NotConnected {
+                peer,
+                waited: Duration::ZERO,
+                detail: format!(
+                    "the connection died ({reason}) before the request was written: \
+                     it was not sent"
+                ),
+            }));
+        }
+    }
+
     /// Fails every waiting call (see [`call_lost`]) and refuses new ones.
     pub(crate) fn fail_all(&self, peer: SocketAddr, reason: &DisconnectReason) {
         let slots: Vec<_> = {

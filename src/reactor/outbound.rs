@@ -60,7 +60,7 @@ use parking_lot::{Condvar, Mutex};
 use socket2::Socket;
 
 use crate::clock;
-use crate::protocol::frame_pool;
+use crate::protocol::{HEADER_LEN, Kind, frame_pool};
 
 /// Extra bytes of control frames accepted beyond the data bound.
 pub(crate) const CONTROL_ALLOWANCE: usize = 64 * 1024;
@@ -499,6 +499,30 @@ impl Outbound {
         q.is_empty() && !q.writing
     }
 
+    /// Takes the Requests that are queued and not started out of the
+    /// queue for good, and returns their ids: not one byte of them reached
+    /// the socket, so the calls did not run. Taken under the queue's lock,
+    /// so no writer can start one of them afterwards (a frame a writer took
+    /// out before is not in the queue, and is not counted: it may have been
+    /// written). For a consumer's connection that died, whose waiting calls
+    /// would otherwise all be reported as possibly run.
+    pub(crate) fn take_unstarted_requests(&self) -> Vec<u64> {
+        let mut q = self.queue.lock();
+        let mut ids = Vec::new();
+        q.data.retain(|frame| match request_id(frame) {
+            Some(id) => {
+                ids.push(id);
+                false
+            }
+            None => true,
+        });
+        if !ids.is_empty() {
+            q.bytes = q.counted_bytes();
+            self.signal_room(&q);
+        }
+        ids
+    }
+
     /// Whether a thread is inside a write of this queue now (it writes
     /// what is queued before it returns).
     pub(crate) fn is_writing(&self) -> bool {
@@ -634,6 +658,16 @@ fn free_written(batch: &mut Vec<(Vec<u8>, Class)>, done: usize) -> usize {
         frame
     }));
     bytes
+}
+
+/// The id of `frame` if it is a Request (header bytes 3, the kind, and 8 to
+/// 16, the id: see docs/PROTOCOL.md, section 1).
+fn request_id(frame: &[u8]) -> Option<u64> {
+    let header = frame.get(..HEADER_LEN)?;
+    if header[3] != Kind::Request as u8 {
+        return None;
+    }
+    Some(u64::from_be_bytes(header[8..16].try_into().ok()?))
 }
 
 /// Settles a writer's `batch` after a `writev`, once
@@ -1091,6 +1125,29 @@ mod tests {
             drain(&out, &a, &b, HOLD_MAX_BYTES),
             vec![b'z'; HOLD_MAX_BYTES]
         );
+    }
+
+    /// Only Requests that have not started leave the queue, with their
+    /// ids; a OneWay stays, and the count of queued bytes follows.
+    #[test]
+    fn unstarted_requests_are_taken_out_with_their_ids() {
+        use crate::protocol::encode_request;
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        let frame = |kind, id| encode_request(kind, id, "s", "", "", "m", &()).unwrap();
+        for (kind, id) in [
+            (Kind::Request, 7),
+            (Kind::OneWay, 8),
+            (Kind::Request, u64::MAX),
+        ] {
+            out.hold(&a, frame(kind, id), HOLD_MIN_FRAMES).unwrap();
+        }
+        let one_way = frame(Kind::OneWay, 8);
+        assert_eq!(out.take_unstarted_requests(), vec![7, u64::MAX]);
+        assert_eq!(out.queued_bytes(), charge(&one_way));
+        assert_eq!(out.take_unstarted_requests(), Vec::<u64>::new());
+        assert_eq!(out.flush_held(&a), Ok(Flush::Done));
+        assert_eq!(read_now(&b), one_way, "the OneWay is still written");
     }
 
     #[test]

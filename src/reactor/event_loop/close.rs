@@ -48,6 +48,15 @@ impl EventLoop {
             Role::Consumer { link } if conn.was_ready => conn.reported = link.set_lost(&reason),
             Role::Consumer { .. } => {}
         }
+        // A consumer's connection that died: the calls whose requests never
+        // left the queue did not run, and say so (`NotConnected`, which
+        // `Client::call` sends again on the next connection, and a cluster
+        // to another provider). Not when the client itself closes: those
+        // go out before its Close.
+        if matches!(conn.role, Role::Consumer { .. }) && reason != DisconnectReason::Shutdown {
+            let unsent = conn.shared.out.take_unstarted_requests();
+            (conn.shared.calls).fail_unsent(&unsent, conn.shared.peer, &reason);
+        }
         // Calls in flight fail now, not when the Close has been written.
         conn.shared.calls.fail_all(conn.shared.peer, &reason);
         conn.closing_reason = Some(reason);
