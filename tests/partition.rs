@@ -147,6 +147,41 @@ const STAMP_SLACK: Duration = Duration::from_millis(50);
 /// The scenarios run one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// A test that runs its scenario in a network namespace of its own (see
+/// [`in_netns`]), named once: the child process is told the test's name.
+macro_rules! netns_test {
+    ($(#[$doc:meta])* $name:ident => $scenario:expr) => {
+        $(#[$doc])*
+        #[test]
+        fn $name() {
+            in_netns(stringify!($name), $scenario);
+        }
+    };
+}
+
+/// What a scenario's process holds before it starts: open fds and pulse
+/// client threads, which must come back to these once its clients are
+/// gone (nothing of a dead connection or a failed attempt is left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Baseline {
+    fds: usize,
+    client_threads: usize,
+}
+
+impl Baseline {
+    fn now() -> Baseline {
+        Baseline {
+            fds: fd_count(),
+            client_threads: threads_named("pulse-client"),
+        }
+    }
+
+    /// Waits (up to `PROMPTLY`) until the process is back to this.
+    fn wait_back(&self, what: &str) {
+        wait_until(PROMPTLY, what, || *self == Baseline::now());
+    }
+}
+
 /// Runs `scenario` in a new network namespace: in the child this test
 /// binary was re-executed as (see the module docs), or, in the test
 /// harness, starts that child and checks that it ran the test and passed.
@@ -554,12 +589,8 @@ fn events_since(log: &EventLog, from: usize) -> Vec<Stamped> {
 
 // ----- a. an idle connection partitioned, healed, several times ---------------------
 
-#[test]
-fn a_partitioned_idle_connection_is_detected_by_both_sides_and_recovers_without_leaks() {
-    in_netns(
-        "a_partitioned_idle_connection_is_detected_by_both_sides_and_recovers_without_leaks",
-        partition_idle,
-    );
+netns_test! {
+    a_partitioned_idle_connection_is_detected_by_both_sides_and_recovers_without_leaks => partition_idle
 }
 
 fn partition_idle(net: &Net) {
@@ -572,8 +603,8 @@ fn partition_idle(net: &Net) {
     wait_until(PROMPTLY, "a first answered heartbeat", || {
         client.rtt().is_some()
     });
-    let (fds, client_threads) = (fd_count(), threads_named("pulse-client"));
-    eprintln!("baseline: {fds} fds, {client_threads} pulse-client threads");
+    let baseline = Baseline::now();
+    eprintln!("baseline: {baseline:?}");
 
     for cycle in 1..=CYCLES {
         // Past the backoff's probation, so that the attempts count from 1
@@ -679,9 +710,7 @@ fn partition_idle(net: &Net) {
         );
 
         // Nothing of the dead connection, nor of the failed attempts, is left.
-        wait_until(PROMPTLY, "fds and threads back to the baseline", || {
-            fd_count() == fds && threads_named("pulse-client") == client_threads
-        });
+        baseline.wait_back("fds and threads back to the baseline");
         assert_eq!(server.connection_count(), 1);
     }
     drop(client);
@@ -804,12 +833,8 @@ fn tally(outcomes: &[Outcome], what: &str) -> BTreeMap<String, usize> {
     counts
 }
 
-#[test]
-fn a_connection_partitioned_under_load_fails_calls_in_time_and_recovers() {
-    in_netns(
-        "a_connection_partitioned_under_load_fails_calls_in_time_and_recovers",
-        partition_under_load,
-    );
+netns_test! {
+    a_connection_partitioned_under_load_fails_calls_in_time_and_recovers => partition_under_load
 }
 
 fn partition_under_load(net: &Net) {
@@ -1083,18 +1108,14 @@ fn partition_under_load(net: &Net) {
 
 // ----- c. a provider that is down as a host ----------------------------------------
 
-#[test]
-fn a_provider_host_that_is_down_fails_connect_in_time_and_is_reached_after_healing() {
-    in_netns(
-        "a_provider_host_that_is_down_fails_connect_in_time_and_is_reached_after_healing",
-        provider_down,
-    );
+netns_test! {
+    a_provider_host_that_is_down_fails_connect_in_time_and_is_reached_after_healing => provider_down
 }
 
 fn provider_down(net: &Net) {
     let server = server(net, None);
     let addr = server.local_addr();
-    let (fds, client_threads) = (fd_count(), threads_named("pulse-client"));
+    let baseline = Baseline::now();
     net.partition();
 
     // Client::connect gives up at connect_timeout, saying why.
@@ -1119,11 +1140,7 @@ fn provider_down(net: &Net) {
     );
     let connect_error = result.err().map(|e| e.to_string()).unwrap_or_default();
     // Nothing of the failed client is left: its half-open sockets, its loop.
-    wait_until(
-        PROMPTLY,
-        "fds and threads back after the failed connect",
-        || fd_count() == fds && threads_named("pulse-client") == client_threads,
-    );
+    baseline.wait_back("fds and threads back after the failed connect");
 
     // In the background: attempts time out one after another, with backoff.
     let lazy_started = Instant::now();
@@ -1228,19 +1245,13 @@ fn provider_down(net: &Net) {
     );
     drop(client);
     drop(client_log);
-    wait_until(PROMPTLY, "fds and threads back after the client", || {
-        fd_count() == fds && threads_named("pulse-client") == client_threads
-    });
+    baseline.wait_back("fds and threads back after the client");
 }
 
 // ----- d. one direction lost --------------------------------------------------------
 
-#[test]
-fn a_partition_of_one_direction_ends_the_connection_on_both_sides_within_the_bound() {
-    in_netns(
-        "a_partition_of_one_direction_ends_the_connection_on_both_sides_within_the_bound",
-        partition_one_direction,
-    );
+netns_test! {
+    a_partition_of_one_direction_ends_the_connection_on_both_sides_within_the_bound => partition_one_direction
 }
 
 fn partition_one_direction(net: &Net) {
@@ -1249,7 +1260,7 @@ fn partition_one_direction(net: &Net) {
     let server_log = EventLog::start("server", server.events());
     let client = Client::connect(server.local_addr(), client_config()).expect("connect");
     let client_log = EventLog::start("client", client.events());
-    let (fds, client_threads) = (fd_count(), threads_named("pulse-client"));
+    let baseline = Baseline::now();
     for dir in [Dir::Upstream, Dir::Downstream] {
         wait_until(PROMPTLY, "connected", || {
             client.call::<_, u64>("demo", "ping", &1u64).is_ok() && server.connection_count() == 1
@@ -1352,25 +1363,19 @@ fn partition_one_direction(net: &Net) {
             deaf_at - t0,
             up.at.saturating_duration_since(healed),
         );
-        wait_until(PROMPTLY, "fds and threads back to the baseline", || {
-            fd_count() == fds && threads_named("pulse-client") == client_threads
-        });
+        baseline.wait_back("fds and threads back to the baseline");
     }
 }
 
 // ----- e. closing while partitioned -------------------------------------------------
 
-#[test]
-fn a_client_dropped_and_a_server_shut_down_during_a_partition_return_within_their_linger() {
-    in_netns(
-        "a_client_dropped_and_a_server_shut_down_during_a_partition_return_within_their_linger",
-        close_while_partitioned,
-    );
+netns_test! {
+    a_client_dropped_and_a_server_shut_down_during_a_partition_return_within_their_linger => close_while_partitioned
 }
 
 fn close_while_partitioned(net: &Net) {
     const LINGER: Duration = Duration::from_millis(500);
-    let (fds, client_threads) = (fd_count(), threads_named("pulse-client"));
+    let baseline = Baseline::now();
     // A heartbeat bound far past the test's steps: the connections are
     // still up, their send buffers full, when they are closed.
     let long = |queue: usize| ConnectionConfig {
@@ -1472,35 +1477,25 @@ fn close_while_partitioned(net: &Net) {
     net.heal();
     drop(reader);
     drop(server);
-    wait_until(PROMPTLY, "fds and threads back", || {
-        fd_count() == fds && threads_named("pulse-client") == client_threads
-    });
+    baseline.wait_back("fds and threads back");
 }
 
 // ----- a call never written did not run, and says so -------------------------------
 
-/// A call whose request was still in the client's write queue, behind a
-/// socket send buffer the partition had filled, when the partition was
-/// detected, did not run (its bytes never left the process), and its error
-/// says so: `NotConnected`, `refused_before_running`. Before, it failed
-/// with `ConnectionLost` ("may or may not have run"), like a call that was
-/// written, and a cluster would not send it elsewhere.
-#[test]
-fn a_call_still_in_the_write_queue_when_the_partition_is_detected_did_not_run_and_says_so() {
-    in_netns(
-        "a_call_still_in_the_write_queue_when_the_partition_is_detected_did_not_run_and_says_so",
-        call_still_queued,
-    );
+netns_test! {
+    /// A call whose request was still in the client's write queue, behind a
+    /// socket send buffer the partition had filled, when the partition was
+    /// detected, did not run (its bytes never left the process), and its error
+    /// says so: `NotConnected`, `refused_before_running`. Before, it failed
+    /// with `ConnectionLost` ("may or may not have run"), like a call that was
+    /// written, and a cluster would not send it elsewhere.
+    a_call_still_in_the_write_queue_when_the_partition_is_detected_did_not_run_and_says_so => call_still_queued
 }
 
-/// The same call made with `Client::call`: it is sent again on the next
-/// connection, within its timeout, and runs once.
-#[test]
-fn a_call_still_in_the_write_queue_when_the_partition_is_detected_is_sent_again_by_call() {
-    in_netns(
-        "a_call_still_in_the_write_queue_when_the_partition_is_detected_is_sent_again_by_call",
-        call_still_queued_is_sent_again,
-    );
+netns_test! {
+    /// The same call made with `Client::call`: it is sent again on the next
+    /// connection, within its timeout, and runs once.
+    a_call_still_in_the_write_queue_when_the_partition_is_detected_is_sent_again_by_call => call_still_queued_is_sent_again
 }
 
 /// The body of the marked call: the provider counts the calls whose body
