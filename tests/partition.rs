@@ -159,6 +159,20 @@ macro_rules! netns_test {
     };
 }
 
+/// Heals the partition and waits for the client's `Connected` logged after
+/// entry `from` of `client_log` (within a longest backoff delay, an attempt
+/// and a margin); returns when it healed and that event.
+fn heal_and_reconnect(net: &Net, client_log: &EventLog, from: usize) -> (Instant, Stamped) {
+    let healed = net.heal();
+    let (_, up) = client_log.wait_for(
+        from,
+        backoff().max + ATTEMPT_TIMEOUT + MARGIN,
+        "client Connected after healing",
+        is_connected,
+    );
+    (healed, up)
+}
+
 /// What a scenario's process holds before it starts: open fds and pulse
 /// client threads, which must come back to these once its clients are
 /// gone (nothing of a dead connection or a failed attempt is left).
@@ -686,14 +700,7 @@ fn partition_idle(net: &Net) {
             "waited {waited:?}"
         );
 
-        let before_heal = client_log.len();
-        let healed = net.heal();
-        let (_, up) = client_log.wait_for(
-            before_heal,
-            backoff().max + ATTEMPT_TIMEOUT + MARGIN,
-            "client Connected after healing",
-            is_connected,
-        );
+        let (healed, up) = heal_and_reconnect(net, &client_log, client_log.len());
         let reconnect_took = up.at.saturating_duration_since(healed);
         assert_eq!(client.call::<_, u64>("demo", "ping", &3u64).unwrap(), 3);
         eprintln!(
@@ -979,13 +986,7 @@ fn partition_under_load(net: &Net) {
 
     flood.store(false, Ordering::SeqCst);
     let taken_in_partition = taken.load(Ordering::Relaxed) - taken_before;
-    let healed = net.heal();
-    let (_, up) = client_log.wait_for(
-        dead_i,
-        backoff().max + ATTEMPT_TIMEOUT + MARGIN,
-        "client Connected after healing",
-        is_connected,
-    );
+    let (healed, up) = heal_and_reconnect(net, &client_log, dead_i);
     // Every kind of operation works again.
     wait_until(PROMPTLY, "calls and one-way sends to succeed again", || {
         let outcomes = load.outcomes();
@@ -1220,14 +1221,7 @@ fn provider_down(net: &Net) {
     );
     drop(other);
 
-    let before_heal = client_log.len();
-    let healed = net.heal();
-    let (_, up) = client_log.wait_for(
-        before_heal,
-        backoff().max + ATTEMPT_TIMEOUT + MARGIN,
-        "client Connected after healing",
-        is_connected,
-    );
+    let (healed, up) = heal_and_reconnect(net, &client_log, client_log.len());
     assert_eq!(client.call::<_, u64>("demo", "ping", &2u64).unwrap(), 2);
     eprintln!(
         "host down: Client::connect failed after {took:?}: {connect_error}; in the background the \
@@ -1348,14 +1342,7 @@ fn partition_one_direction(net: &Net) {
             "{dir:?}: connected while cut:\n{}",
             dump()
         );
-        let before_heal = client_log.len();
-        let healed = net.heal();
-        let (_, up) = client_log.wait_for(
-            before_heal,
-            backoff().max + ATTEMPT_TIMEOUT + MARGIN,
-            "client Connected after healing",
-            is_connected,
-        );
+        let (healed, up) = heal_and_reconnect(net, &client_log, client_log.len());
         assert_eq!(client.call::<_, u64>("demo", "ping", &2u64).unwrap(), 2);
         eprintln!(
             "{dir:?} cut: the {deaf} found it after {:?} ({deaf_reason}), the {told} ended {told_after:?} later ({told_reason}); \
