@@ -672,18 +672,7 @@ fn a_held_consumer_whose_connection_is_reset_still_has_its_calls_run() {
     wait_until(PROMPTLY, "all 6 one-way calls run", || {
         held.entered.load(Ordering::SeqCst) == 6
     });
-    let started = Instant::now();
-    wait_connection_count(&held.server, 0);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    let reasons = disconnect_reasons(&events);
-    assert!(
-        matches!(reasons[..], [DisconnectReason::Io(_)]),
-        "{reasons:?}"
-    );
+    expect_dropped_for_an_io_error(&held.server, &events);
 }
 
 /// A held consumer that resets with nothing left unread (its last call
@@ -711,19 +700,8 @@ fn a_held_consumer_reset_with_nothing_unread_is_dropped_at_once() {
     // its kernel buffer (no Ping may be sent to prove the hold: it would
     // be left unread).
     raw.send(&gated_one_ways(2..=6));
-    let started = Instant::now();
     raw.reset();
-    wait_connection_count(&server, 0);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    let reasons = disconnect_reasons(&events);
-    assert!(
-        matches!(reasons[..], [DisconnectReason::Io(_)]),
-        "{reasons:?}"
-    );
+    expect_dropped_for_an_io_error(&server, &events);
     drop(gate);
 }
 
@@ -814,6 +792,23 @@ fn one_way_calls_buffered_before_a_reset_are_handled_when_the_queue_has_room() {
             reasons[..],
             [DisconnectReason::Io(_) | DisconnectReason::PeerClosed { .. }]
         ),
+        "{reasons:?}"
+    );
+}
+
+/// The server drops its one connection within 5 s, reporting an I/O error
+/// (a reset consumer) and nothing else.
+fn expect_dropped_for_an_io_error(server: &Server, events: &crossbeam_channel::Receiver<Event>) {
+    let started = Instant::now();
+    wait_connection_count(server, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let reasons = disconnect_reasons(events);
+    assert!(
+        matches!(reasons[..], [DisconnectReason::Io(_)]),
         "{reasons:?}"
     );
 }
