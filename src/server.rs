@@ -449,18 +449,18 @@ fn respond_with(conn: &ConnShared, queued: std::result::Result<Flush, SendError>
     match queued {
         Ok(_) | Err(SendError::Closed(_)) => {}
         Err(SendError::Overloaded(_)) => {
-            // `queued_bytes` counts memory held (buffers' capacities and
-            // slots), which is what `max_write_queue_bytes` bounds.
-            let detail = format!(
-                "write queue full ({} bytes held, max_write_queue_bytes): \
-                 the consumer does not read its responses",
-                conn.out.queued_bytes()
-            );
-            log::warn!("{}: closing: {detail}", conn.peer);
-            conn.request_close(
-                CloseStatus::Overloaded,
-                DisconnectReason::Overloaded(detail),
-            );
+            // Asked once: the responses refused after this one are dropped.
+            conn.request_close(CloseStatus::Overloaded, || {
+                // `queued_bytes` counts memory held (buffers' capacities and
+                // slots), which is what `max_write_queue_bytes` bounds.
+                let detail = format!(
+                    "write queue full ({} bytes held, max_write_queue_bytes): \
+                     the consumer does not read its responses",
+                    conn.out.queued_bytes()
+                );
+                log::warn!("{}: closing: {detail}", conn.peer);
+                DisconnectReason::Overloaded(detail)
+            });
         }
     }
 }
@@ -652,12 +652,11 @@ impl ServerShared {
                         // again), and taking one more per connection would
                         // grow the queue without end. This call is dropped,
                         // and its connection closed, so its consumer knows.
-                        let detail = "the worker queue is full, past its bound by max_connections one-way calls";
-                        log::warn!("{}: closing: {detail}", conn.peer);
-                        conn.request_close(
-                            CloseStatus::Overloaded,
-                            DisconnectReason::Overloaded(detail.to_string()),
-                        );
+                        conn.request_close(CloseStatus::Overloaded, || {
+                            let detail = "the worker queue is full, past its bound by max_connections one-way calls";
+                            log::warn!("{}: closing: {detail}", conn.peer);
+                            DisconnectReason::Overloaded(detail.to_string())
+                        });
                         Err(PushError::Full(job))
                     }
                     // A one-way call has no answer to refuse it with: it is

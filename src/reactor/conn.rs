@@ -62,6 +62,10 @@ pub(crate) struct ConnShared {
     /// Provider side: the connection reached `max_age` and closes once no
     /// request is open (see [`start_draining`](Self::start_draining)).
     draining: AtomicBool,
+    /// A close was asked of the loop ([`request_close`](Self::request_close)):
+    /// later requests are dropped, and the loop reads no more of this
+    /// connection meanwhile (see `EventLoop::read_frames`).
+    close_requested: AtomicBool,
     /// When this connection's last one-way call was sent (consumer side;
     /// see `Client::send_one_way`).
     pub(crate) one_way_pace: OneWayPace,
@@ -174,6 +178,7 @@ impl ConnShared {
             flush_requested: Default::default(),
             call_done: Default::default(),
             draining: Default::default(),
+            close_requested: Default::default(),
             one_way_pace: Default::default(),
             reads_held_below: Default::default(),
             owner,
@@ -517,14 +522,36 @@ impl ConnShared {
         crate::clock::from_stamp(self.call_done.load(Ordering::Relaxed))
     }
 
-    /// Asks the owning loop to close this connection with a Close frame.
-    pub(crate) fn request_close(&self, status: CloseStatus, reason: DisconnectReason) {
+    /// Asks the owning loop to close this connection with a Close frame,
+    /// unless that was asked already: then this does nothing, and `reason`
+    /// (which may format a message and log it) is not called.
+    ///
+    /// Why once: the loop handles a close between reads, and a consumer
+    /// flooding inline requests keeps it reading, each response refused
+    /// (`Overloaded`) asking again. Each ask was a formatted reason and a
+    /// command queued to the loop, held until that read ended: about 230
+    /// bytes for each 37-byte ping, 47 MiB held for a flood of 14.8 MB
+    /// under CPU contention, far past `max_write_queue_bytes`.
+    pub(crate) fn request_close(
+        &self,
+        status: CloseStatus,
+        reason: impl FnOnce() -> DisconnectReason,
+    ) {
+        if self.close_requested.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let reason = reason();
         self.owner.send(Command::CloseConn {
             token: self.token,
             id: self.id,
             status,
             reason,
         });
+    }
+
+    /// Whether [`request_close`](Self::request_close) was called.
+    pub(crate) fn close_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Relaxed)
     }
 }
 
@@ -1083,6 +1110,37 @@ mod tests {
         let owner = LoopHandle::new(0, tx, waker);
         let conn = ConnShared::new(0, peer(), near, 1 << 20, 1 << 20, owner);
         (conn, far, rx)
+    }
+
+    /// A close is asked of the loop once. Each response refused because
+    /// the write queue is full asks for it (so does each one-way call
+    /// refused past the worker queue's bound), and the loop handles the ask
+    /// only once its read ends: asked for every refusal, a ping flood
+    /// queued a formatted reason and a command for each of its pings
+    /// (about 230 bytes for a 37-byte ping), 47 MiB held for 14.8 MB of
+    /// pings under CPU contention (`tests/bounds.rs`,
+    /// `a_queue_of_small_responses_stays_near_its_byte_bound`).
+    #[test]
+    fn a_close_is_asked_of_the_loop_once_however_often_it_is_requested() {
+        let (conn, _far, commands) = conn_over_a_pair();
+        assert!(!conn.close_requested());
+        let mut reasons_made = 0;
+        for _ in 0..1000 {
+            conn.request_close(CloseStatus::Overloaded, || {
+                reasons_made += 1;
+                DisconnectReason::Overloaded("write queue full".into())
+            });
+        }
+        assert!(conn.close_requested());
+        assert_eq!(reasons_made, 1, "the reason is made (and logged) once");
+        let closes: Vec<_> = commands
+            .try_iter()
+            .filter_map(|c| match c {
+                Command::CloseConn { id, status, .. } => Some((id, status)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes, [(conn.id, CloseStatus::Overloaded)]);
     }
 
     /// A waiting caller takes the responses and stops at the first other

@@ -223,8 +223,12 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(token) else {
                 return Flow::Closed;
             };
-            if conn.phase.is_closing() {
-                // Nothing read matters any more; let the socket buffer absorb it.
+            // Closing, or about to (a refused response asked for it, and
+            // the loop closes it on its next turn): nothing read matters
+            // any more; let the socket buffer absorb it. Checked per read,
+            // not per frame: the rest of this read's frames are handled,
+            // and what they are refused costs nothing kept.
+            if conn.phase.is_closing() || conn.shared.close_requested() {
                 return Flow::Open;
             }
             match self.handle_frames(token, decoder, now) {
