@@ -2380,3 +2380,100 @@ fn idle_connections_hold_no_read_buffer() {
     );
     assert_eq!(server.connection_count(), CONNS);
 }
+
+// ----- fairness between connections of one loop --------------------------------------
+
+/// A consumer that floods a provider's loop with pipelined inline calls,
+/// faster than the loop handles them, does not keep that loop from its
+/// other connections: another consumer's Ping, sent during the flood, is
+/// answered while the flood goes on. One event loop; each inline call
+/// spins 20 µs, and the flooder writes batches of 1,000 of them for 1.5 s
+/// while a reader thread drains the responses, so the loop's reads of it
+/// come back full for as long as the flood lasts. Before the loop turned
+/// to its other connections every few reads, the Ping waited for the end
+/// of the flood.
+#[test]
+fn a_flooding_consumer_does_not_starve_the_other_connections_of_its_loop() {
+    let _shared = MEMORY.shared();
+    const FLOOD: Duration = Duration::from_millis(1500);
+    let mut config = server_config();
+    config.event_loops = 1;
+    config.connection.heartbeat = heartbeat(60_000, 3);
+    let slow = ServiceBuilder::new("demo").method_inline("ping", |n: u64| {
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_micros(20) {
+            std::hint::spin_loop();
+        }
+        Ok::<_, String>(n)
+    });
+    let server = Server::builder()
+        .config(config)
+        .service(slow)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let mut observer = RawPeer::connect(server.local_addr());
+    assert_pings(&mut observer, 1);
+
+    let flooder = TcpStream::connect(server.local_addr()).expect("connect the flooder");
+    // A large send buffer keeps the provider's reads full even while the
+    // writing thread waits for a core.
+    socket2::SockRef::from(&flooder)
+        .set_send_buffer_size(8 << 20)
+        .expect("set the flooder's send buffer");
+    let mut reader = flooder.try_clone().expect("clone the flooder's socket");
+    let draining = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0usize;
+        // Ends when the writer shuts the socket down and the provider closes.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let one = request(1, "ping", 1);
+    let batch: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * 1_000)
+        .collect();
+    let flooding = {
+        let mut writer = flooder.try_clone().expect("clone the flooder's socket");
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut batches = 0u32;
+            // Bounded in time and count.
+            while started.elapsed() < FLOOD && batches < 1_000_000 {
+                if writer.write_all(&batch).is_err() {
+                    break;
+                }
+                batches += 1;
+            }
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            batches
+        })
+    };
+    // Let the flood take hold, then ping from the other connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    observer.send(&encode_ping(2));
+    let pong = observer.next_frame(PROMPTLY);
+    let rtt = sent.elapsed();
+    let flood_running = !flooding.is_finished();
+    let batches = flooding.join().expect("the flooding thread");
+    let _ = flooder.shutdown(std::net::Shutdown::Both);
+    let drained = draining.join().expect("the draining thread");
+    eprintln!(
+        "the observer's Ping answered after {rtt:?} during a flood of {batches} batches \
+         ({drained} bytes of responses drained)"
+    );
+    assert_eq!(pong.header, Header::new(Kind::Pong, 0, 2, 0));
+    assert!(
+        flood_running && rtt < FLOOD / 2,
+        "the Ping waited {rtt:?} behind another connection's flood (the flood still running \
+         when the Pong came: {flood_running})"
+    );
+}

@@ -248,6 +248,11 @@ pub(super) struct EventLoop {
     /// Links to connect at the end of this turn: their reconnect waits no
     /// delay (see `link_conn_gone`).
     connect_soon: Vec<u64>,
+    /// Connections whose reads stopped at [`READS_PER_TURN`] full reads
+    /// with more to read (token, connection id, the read's `hangup`): read
+    /// on at the end of this turn, after every other connection's events
+    /// and the commands (see `read::read_frames`).
+    read_again: Vec<(usize, u64, bool)>,
     /// The server whose connections this loop serves, if any (set by
     /// `adopt`, which every accepted connection goes through): its pool jobs
     /// left waiting for a busy worker are watched here (see [`wait`](Self::wait)).
@@ -281,6 +286,7 @@ impl EventLoop {
             responses: Vec::new(),
             response_slots: Vec::new(),
             connect_soon: Vec::new(),
+            read_again: Vec::new(),
             server: None,
         }
     }
@@ -300,6 +306,11 @@ impl EventLoop {
     /// it sleeps no longer than until the next one is due.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
         let handle = &self.loops[self.index];
+        if !self.read_again.is_empty() {
+            // A connection has more to read: look at the others' events
+            // and come back to it, without sleeping.
+            return self.poll.poll(events, Some(Duration::ZERO));
+        }
         let moved = std::mem::take(&mut self.moved_calls) | handle.take_callers_moved_calls();
         if moved && !self.busy_poll.is_zero() {
             let mut until = Instant::now() + self.busy_poll;
@@ -379,6 +390,11 @@ impl EventLoop {
             // this turn's list is all there is.
             for link_id in std::mem::take(&mut self.connect_soon) {
                 self.connect_link(link_id, Instant::now());
+            }
+            for (token, id, hangup) in std::mem::take(&mut self.read_again) {
+                if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
+                    self.read(token, hangup, Instant::now());
+                }
             }
             if self.exiting && self.conns.is_empty() {
                 log::debug!("event loop {} exits", self.index);

@@ -14,6 +14,19 @@ use crate::reactor::outbound::{Class, Flush};
 
 use super::{Conn, EventLoop, Flow, Phase, Role};
 
+/// Reads of one connection the loop makes at most before it turns to its
+/// other connections and its commands (the rest is read at the end of the
+/// turn, without sleeping). Why: while a consumer sends faster than the
+/// loop handles its calls, every read comes back full; read to the end, the
+/// flood kept the loop from every other connection it serves, their Pings
+/// included, for as long as it lasted (see
+/// `a_flooding_consumer_does_not_starve_the_other_connections_of_its_loop`
+/// in tests/bounds.rs). 4 reads are up to 256 KiB (`FrameDecoder`'s reads
+/// are 64 KiB): about 7,000 of the smallest calls, a few milliseconds of
+/// quick inline handlers; a large frame costs a poll of the loop's other
+/// sockets every 256 KiB.
+pub(super) const READS_PER_TURN: u32 = 4;
+
 /// Where [`EventLoop::handle_frames`] stopped.
 enum Frames {
     /// The connection is gone.
@@ -219,6 +232,7 @@ impl EventLoop {
         now: Instant,
     ) -> Flow {
         let mut just_read = false;
+        let mut reads = 0;
         loop {
             let Some(conn) = self.conns.get_mut(token) else {
                 return Flow::Closed;
@@ -231,11 +245,18 @@ impl EventLoop {
             if conn.phase.is_closing() || conn.shared.close_requested() {
                 return Flow::Open;
             }
+            let id = conn.shared.id;
             match self.handle_frames(token, decoder, now) {
                 Frames::Closed => return Flow::Closed,
                 Frames::Held => return Flow::Open,
                 Frames::NeedMore if just_read && !hangup && !decoder.last_read_was_full() => {
                     return Flow::Open; // drained
+                }
+                Frames::NeedMore if reads >= READS_PER_TURN => {
+                    // The rest waits for the end of this turn: the loop's
+                    // other connections come first.
+                    self.read_again.push((token, id, hangup));
+                    return Flow::Open;
                 }
                 Frames::NeedMore => {}
             }
@@ -260,6 +281,7 @@ impl EventLoop {
                     return Flow::Closed;
                 }
                 Ok(_) => {
+                    reads += 1;
                     // Any bytes, even of an unfinished frame, prove the peer alive.
                     conn.heartbeat.on_read(now);
                     conn.reads = conn.reads.wrapping_add(1); // only compared for equality
