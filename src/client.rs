@@ -909,24 +909,34 @@ impl Client {
         R: DeserializeOwned,
     {
         let started = Instant::now();
-        let link = &self.inner.link;
-        let unsent = |detail: &str| Error::NotConnected {
-            peer: link.addr,
-            waited: started.elapsed(),
-            detail: format!("{detail}; the request was not sent"),
-        };
-        let conn = match &*link.state.lock() {
-            LinkState::Ready(conn) => conn.clone(),
-            LinkState::Connecting { .. } => return Err(unsent("reconnecting")),
-            LinkState::Failed(why) => return Err(unsent(why)),
-            LinkState::Shutdown => return Err(unsent("the client is shut down")),
-        };
+        let conn = self.ready_now(started)?;
         let (id, frame) = self.encode_call(Kind::Request, service.into(), method, args)?;
         let deadline = clock::deadline_after(started, timeout);
         match self.send_on(conn, id, frame, deadline, timeout, Write::Now) {
             Ok(call) => call.wait(),
-            Err(SendOnError::Dead(_)) => Err(unsent("the connection just died")),
+            Err(SendOnError::Dead(_)) => Err(self.unsent(started, "the connection just died")),
             Err(SendOnError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// The connection if the link is ready right now; otherwise
+    /// `NotConnected` at once (for the `*_if_ready` sends).
+    fn ready_now(&self, started: Instant) -> Result<Arc<ConnShared>> {
+        match &*self.inner.link.state.lock() {
+            LinkState::Ready(conn) => Ok(conn.clone()),
+            LinkState::Connecting { .. } => Err(self.unsent(started, "reconnecting")),
+            LinkState::Failed(why) => Err(self.unsent(started, why)),
+            LinkState::Shutdown => Err(self.unsent(started, "the client is shut down")),
+        }
+    }
+
+    /// The `NotConnected` of a request that a `*_if_ready` send did not
+    /// send, started at `started`.
+    fn unsent(&self, started: Instant, detail: &str) -> Error {
+        Error::NotConnected {
+            peer: self.inner.link.addr,
+            waited: started.elapsed(),
+            detail: format!("{detail}; the request was not sent"),
         }
     }
 
@@ -975,11 +985,67 @@ impl Client {
         let link = &self.inner.link;
         let (_, mut frame) = self.encode_call(Kind::OneWay, service, method, args)?;
         let deadline = clock::deadline_after(started, link.config.call_timeout);
-        // Zero on one core, where the loop never polls on (see `OneWayPace`).
-        let pace_window = crate::reactor::poll_time_here(link.config.connection.busy_poll);
         let mut dead = None;
         loop {
             let conn = link.ready_conn(deadline, started, dead)?;
+            match self.queue_one_way(&conn, frame, started, deadline) {
+                Ok(by_loop) => return Ok(by_loop),
+                // Never queued: it goes on the next connection.
+                Err(SendOnError::Dead(unsent)) => {
+                    frame = unsent;
+                    dead = Some(conn.id);
+                }
+                Err(SendOnError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Client::send_one_way`] that never waits for a connection (for the
+    /// cluster client, which would rather send the call to another
+    /// provider), with its own `timeout` for room in the write queue.
+    ///
+    /// When the link is not ready right now, or its connection dies before
+    /// the call is queued on it (while waiting for room too), this fails
+    /// with `NotConnected`: the call was never written and may be sent
+    /// elsewhere. While the write queue is full it waits for room up to
+    /// `timeout`, as `send_one_way` does, then fails with `Overloaded`
+    /// (not queued either). `Ok` once queued: it is never sent again.
+    pub(crate) fn send_one_way_if_ready<'s, A>(
+        &self,
+        service: impl Into<ServiceRef<'s>>,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        let started = Instant::now();
+        let conn = self.ready_now(started)?;
+        let (_, frame) = self.encode_call(Kind::OneWay, service.into(), method, args)?;
+        let deadline = clock::deadline_after(started, timeout);
+        match self.queue_one_way(&conn, frame, started, deadline) {
+            Ok(_by_loop) => Ok(()),
+            Err(SendOnError::Dead(_)) => Err(self.unsent(started, "the connection just died")),
+            Err(SendOnError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Queues one-way call `frame` on `conn`, waiting for room in its write
+    /// queue up to `deadline`; `Ok(true)`: left to the connection's loop to
+    /// write. `Dead` gives the frame back: the connection died before it
+    /// was queued.
+    fn queue_one_way(
+        &self,
+        conn: &Arc<ConnShared>,
+        mut frame: Vec<u8>,
+        started: Instant,
+        deadline: Instant,
+    ) -> std::result::Result<bool, SendOnError> {
+        // Zero on one core, where the loop never polls on (see `OneWayPace`).
+        let pace_window =
+            crate::reactor::poll_time_here(self.inner.link.config.connection.busy_poll);
+        loop {
             let by_loop = conn.one_way_pace.follows_within(started, pace_window);
             let sent = if by_loop {
                 conn.hold_for_loop(frame)
@@ -988,27 +1054,23 @@ impl Client {
             };
             match sent {
                 Ok(_) => return Ok(by_loop),
-                Err(SendError::Closed(Some(unsent))) => {
-                    frame = unsent;
-                    dead = Some(conn.id);
-                }
+                Err(SendError::Closed(Some(unsent))) => return Err(SendOnError::Dead(unsent)),
                 // A full write queue: the provider (or the network) takes
-                // calls slower than they come. Wait for room, up to the call
-                // timeout, rather than fail: the caller is slowed down to
+                // calls slower than they come. Wait for room, up to the
+                // deadline, rather than fail: the caller is slowed down to
                 // the provider's pace (a provider holding back one-way calls
                 // past its `max_inflight` passes its pace back this way).
                 Err(SendError::Overloaded(unsent)) => {
                     match conn.out.wait_for_room(&unsent, deadline) {
-                        Room::Free => {}
-                        // Never queued: it goes on the next connection.
-                        Room::Closed => dead = Some(conn.id),
+                        Room::Free => frame = unsent,
+                        Room::Closed => return Err(SendOnError::Dead(unsent)),
                         Room::Full => {
-                            return Err(send_error(&conn, SendError::Overloaded(unsent)));
+                            let e = send_error(conn, SendError::Overloaded(unsent));
+                            return Err(SendOnError::Failed(e));
                         }
                     }
-                    frame = unsent;
                 }
-                Err(e) => return Err(send_error(&conn, e)),
+                Err(e) => return Err(SendOnError::Failed(send_error(conn, e))),
             }
         }
     }

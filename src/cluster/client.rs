@@ -872,12 +872,81 @@ impl ClusterClient {
         R: DeserializeOwned,
     {
         let shared = &self.inner.shared;
-        let started = Instant::now();
-        let timeout = options.timeout.unwrap_or(shared.config.client.call_timeout);
-        let deadline = clock::deadline_after(started, timeout);
         let idempotent = options
             .idempotent
             .unwrap_or_else(|| shared.config.idempotent_methods.contains(method));
+        self.failover(method, options, idempotent, |client, left| {
+            client.call_if_ready(shared.service.as_ref(), method, args, left)
+        })
+    }
+
+    /// Sends a one-way call (no response, no result) to a healthy provider
+    /// chosen by the balancer, passing over, as a call does, any that does
+    /// not take it. Returns once it is queued on a provider's connection:
+    /// delivery is at most once, as with [`Client::send_one_way`] (a call
+    /// queued on a connection that then dies is lost, and never sent
+    /// again).
+    ///
+    /// It never waits for a provider's connection: one that is not ready
+    /// is passed over at once for the next, within
+    /// [`ClusterConfig::retries`] and the call timeout. While the chosen
+    /// provider's write queue is full (it takes calls slower than they
+    /// come), it waits there for room up to the rest of the timeout, as
+    /// [`Client::send_one_way`] does: a sender faster than its providers
+    /// is slowed to their pace, and the balancer's choice holds (the
+    /// one-way calls of one [`ConsistentHash`](super::ConsistentHash) key
+    /// stay on their provider, in order).
+    ///
+    /// # Errors
+    /// [`Error::NoProvider`] at once when no provider is healthy, or when
+    /// none took the call (not connected by then, or its write queue stayed
+    /// full for the rest of the timeout; the detail ends with the last
+    /// refusal); `Codec` when `args` do not encode; `Shutdown` after
+    /// [`shutdown`](Self::shutdown).
+    pub fn send_one_way<A>(&self, method: &str, args: &A) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        self.send_one_way_with(method, args, &CallOptions::new())
+    }
+
+    /// [`ClusterClient::send_one_way`] with a hash key or a timeout
+    /// ([`CallOptions::idempotent`] is ignored: a one-way call that was
+    /// queued is never sent again).
+    ///
+    /// # Errors
+    /// As [`ClusterClient::send_one_way`].
+    pub fn send_one_way_with<A>(
+        &self,
+        method: &str,
+        args: &A,
+        options: &CallOptions<'_>,
+    ) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        let service = self.inner.shared.service.as_ref();
+        self.failover(method, options, false, |client, left| {
+            client.send_one_way_if_ready(service, method, args, left)
+        })
+        .map(|_| ())
+    }
+
+    /// Sends `method` with `send` (given a provider's client and the time
+    /// left) to one healthy provider after another, by the failover rules
+    /// (see [`ClusterClient`]): on to the next one after a refusal before
+    /// it ran, or after a `ConnectionLost` when `idempotent`.
+    fn failover<T>(
+        &self,
+        method: &str,
+        options: &CallOptions<'_>,
+        idempotent: bool,
+        mut send: impl FnMut(&Client, Duration) -> Result<T>,
+    ) -> Result<Traced<T>> {
+        let shared = &self.inner.shared;
+        let started = Instant::now();
+        let timeout = options.timeout.unwrap_or(shared.config.client.call_timeout);
+        let deadline = clock::deadline_after(started, timeout);
         let retries = shared.config.retries as usize;
         let mut tried: Vec<SocketAddr> = Vec::new();
         // The last refusal of a request that did not run (not sent, or
@@ -909,10 +978,7 @@ impl ClusterClient {
             }
             tried.push(p.addr);
             // Never waits for a connection: NotConnected means not sent.
-            match p
-                .client
-                .call_if_ready(shared.service.as_ref(), method, args, left)
-            {
+            match send(&p.client, left) {
                 Ok(value) => {
                     return Ok(Traced {
                         value,
