@@ -5,6 +5,8 @@
 //! calls are never retried, the provider set follows the registry, with
 //! no healthy provider calls fail fast, and a shutdown ends every call and
 //! closes every provider at once (removed providers too, in the background).
+//! One-way calls follow the balancer, never wait for a connection, fail as
+//! calls do, and wait for room in a full write queue on their provider.
 //!
 //! Providers and consumers use a 100 ms heartbeat with 3 missed intervals,
 //! so a frozen provider is declared dead within 300 ms plus a timer tick.
@@ -1409,4 +1411,235 @@ fn an_empty_provider_list_keeps_the_known_providers_unless_protection_is_off() {
             .expect("a call after re-registration");
         assert_eq!(id, 2, "protection {protection}");
     }
+}
+
+/// One-way calls go where the balancer says, as calls do: round robin over
+/// three providers takes turns (30 calls, 10 each), and a consistent-hash
+/// key keeps its calls on one provider.
+#[test]
+fn one_way_calls_are_spread_by_the_balancer() {
+    let _serial = serial();
+    let providers = steady_providers(3);
+    let endpoints = || providers.iter().map(|p| Endpoint::new(p.addr())).collect();
+    let served = || providers.iter().map(Provider::served).collect::<Vec<u64>>();
+    let (_registry, cluster) = cluster_over(endpoints(), RoundRobin::new());
+    for _ in 0..30 {
+        cluster.send_one_way("whoami", &()).expect("a one-way call");
+    }
+    wait_until(PROMPTLY, "the 30 one-way calls served", || {
+        served().iter().sum::<u64>() == 30
+    });
+    assert_eq!(served(), [10, 10, 10]);
+
+    let (_registry, hashed) = cluster_over(endpoints(), ConsistentHash::new());
+    let options = CallOptions::new().key(b"user-7");
+    for _ in 0..10 {
+        hashed
+            .send_one_way_with("whoami", &(), &options)
+            .expect("a keyed one-way call");
+    }
+    wait_until(PROMPTLY, "the 10 keyed one-way calls served", || {
+        served().iter().sum::<u64>() == 40
+    });
+    let added: Vec<u64> = served().iter().map(|n| n - 10).collect();
+    assert!(
+        added.contains(&10),
+        "the key's calls were spread: {added:?}"
+    );
+}
+
+/// A one-way call never waits for a provider's connection: one picked onto
+/// a provider that has just gone to reconnecting is sent to another at
+/// once, not after its 3 s timeout.
+#[test]
+fn a_one_way_call_picked_onto_a_provider_that_just_went_reconnecting_goes_elsewhere_at_once() {
+    let _serial = serial();
+    let mut providers = start_providers(3);
+    let target = providers[1].addr();
+    let hook: Hook = Arc::new(Mutex::new(None));
+    let (_registry, cluster) = cluster_with(
+        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+        PickThen {
+            target,
+            hook: hook.clone(),
+        },
+        config(),
+    );
+    let stopped = providers.remove(1);
+    let served = |providers: &[Provider]| providers.iter().map(Provider::served).sum::<u64>();
+    let others_before = served(&providers);
+
+    // Inside the pick, the target stops and its connection goes to
+    // reconnecting; it will not come back (nothing listens any more).
+    let events = cluster.events();
+    let hook_done = Arc::new(Mutex::new(None));
+    *hook.lock().unwrap() = Some(Box::new({
+        let hook_done = hook_done.clone();
+        move || {
+            stopped.server.shutdown();
+            wait_cluster_event(&events, "Reconnecting of the stopped provider", |e| {
+                matches!(
+                    e,
+                    ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. })
+                        if *peer == target
+                )
+            });
+            *hook_done.lock().unwrap() = Some(Instant::now());
+        }
+    }));
+
+    cluster
+        .send_one_way_with(
+            "incr",
+            &(),
+            &CallOptions::new().timeout(Duration::from_secs(3)),
+        )
+        .expect("sent to another provider");
+    let took = hook_done
+        .lock()
+        .unwrap()
+        .expect("the hook ran inside the pick")
+        .elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "sent elsewhere after {took:?}"
+    );
+    wait_until(PROMPTLY, "another provider runs it", || {
+        served(&providers) == others_before + 1
+    });
+}
+
+/// With no healthy provider a one-way call fails at once with
+/// `NoProvider`, as a call does.
+#[test]
+fn with_no_healthy_provider_one_way_calls_fail_fast() {
+    let _serial = serial();
+    let registry = StaticRegistry::new().with(
+        service(),
+        [
+            Endpoint::new(support::unused_loopback_addr()),
+            Endpoint::new(support::unused_loopback_addr()),
+        ],
+    );
+    let config = ClusterConfig {
+        ready_timeout: Duration::from_millis(200),
+        ..config()
+    };
+    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
+    let started = Instant::now();
+    let err = cluster.send_one_way("incr", &()).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(
+        matches!(&err, Error::NoProvider { detail, .. } if detail.starts_with("2 known, 2 connecting")),
+        "{err}"
+    );
+}
+
+/// Arguments that do not encode fail the one-way call with `Codec` (no
+/// provider is blamed), and after `shutdown` one-way calls fail with
+/// `Shutdown`.
+#[test]
+fn one_way_calls_fail_with_codec_for_bad_arguments_and_shutdown_after_shutdown() {
+    struct Unencodable;
+    impl serde::Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not encodable"))
+        }
+    }
+    let _serial = serial();
+    let providers = start_providers(2);
+    let (_registry, cluster) = round_robin_over_the_first_two(&providers);
+    let err = cluster.send_one_way("incr", &Unencodable).unwrap_err();
+    assert!(
+        matches!(&err, Error::Codec(m) if m.contains("not encodable")),
+        "{err}"
+    );
+    cluster.send_one_way("incr", &()).expect("a one-way call");
+    cluster.shutdown();
+    let err = cluster.send_one_way("incr", &()).unwrap_err();
+    assert!(matches!(err, Error::Shutdown), "{err}");
+    for p in &providers {
+        support::wait_connection_count(&p.server, 0);
+    }
+}
+
+/// A full write queue holds a one-way call on the provider the balancer
+/// chose, up to the call's timeout, rather than passing it to another one
+/// (which has room): `NoProvider` after the timeout, the last refusal the
+/// full queue. Once the provider reads again, a one-way call that waited
+/// for room is queued; every call that returned Ok reaches it, once.
+#[test]
+fn a_full_write_queue_holds_a_one_way_call_on_its_provider_up_to_its_timeout() {
+    let _serial = serial();
+    let fake = FakeProvider::bind();
+    let target = fake.addr();
+    let other = Provider::start(1, 0);
+    let mut config = config();
+    // The fake never answers pings: a long heartbeat keeps it healthy.
+    config.client.connection.heartbeat.interval = Duration::from_secs(10);
+    config.client.connection.max_frame_len = 64 * 1024;
+    config.client.connection.max_write_queue_bytes = 128 * 1024;
+    config.client.linger = Duration::from_millis(300);
+    config.ready_timeout = Duration::ZERO;
+    let registry = StaticRegistry::new().with(
+        service(),
+        [Endpoint::new(target), Endpoint::new(other.addr())],
+    );
+    let hook: Hook = Arc::new(Mutex::new(None));
+    let cluster = ClusterClient::new(&registry, service(), PickThen { target, hook }, config)
+        .expect("cluster client");
+    let mut peer = fake.accept_ready(PROMPTLY);
+    assert!(cluster.wait_ready(2, PROMPTLY), "{:?}", cluster.providers());
+
+    // The fake reads nothing: the socket buffers, then the write queue,
+    // fill up.
+    let args = vec![7u8; 16 * 1024];
+    let short = CallOptions::new().timeout(Duration::from_millis(300));
+    let mut queued = 0;
+    let (err, took) = loop {
+        assert!(queued < 10_000, "the write queue never filled up");
+        let started = Instant::now();
+        match cluster.send_one_way_with("incr", &args, &short) {
+            Ok(()) => queued += 1,
+            Err(e) => break (e, started.elapsed()),
+        }
+    };
+    assert!(
+        took >= Duration::from_millis(200),
+        "did not wait for room: {took:?}"
+    );
+    assert!(
+        matches!(&err, Error::NoProvider { detail, .. }
+            if detail.contains(&target.to_string()) && detail.contains("max_write_queue_bytes")),
+        "{err}"
+    );
+
+    // The provider reads again, 200 ms from now: a call waiting for room
+    // is queued then.
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        peer.read_to_end(PROMPTLY)
+    });
+    let started = Instant::now();
+    cluster
+        .send_one_way_with(
+            "incr",
+            &args,
+            &CallOptions::new().timeout(Duration::from_secs(5)),
+        )
+        .expect("queued once there was room");
+    queued += 1;
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "did not wait for room"
+    );
+    cluster.shutdown();
+    let (frames, _end) = reader.join().expect("the reader");
+    let one_way = frames
+        .iter()
+        .filter(|f| f.header.kind == Kind::OneWay)
+        .count();
+    assert_eq!(one_way, queued, "one-way calls queued and received");
+    assert_eq!(other.served(), 0);
 }
