@@ -111,7 +111,8 @@ impl ClusterConfig {
     }
 }
 
-/// Per-call settings for [`ClusterClient::call_with`].
+/// Per-call settings for [`ClusterClient::call_with`] and
+/// [`ClusterClient::send_one_way_with`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CallOptions<'a> {
     /// The key a [`ConsistentHash`](super::ConsistentHash) balancer hashes
@@ -607,6 +608,9 @@ fn shut_down_all(providers: &[Arc<Provider>]) {
 ///   any other returns the error.
 ///
 /// Any other error (timeout, remote error, codec) is returned as it is.
+/// One-way calls ([`send_one_way`](Self::send_one_way)) follow the same
+/// rules, never retried once queued on a connection (nothing says whether
+/// a lost one ran).
 /// When no provider is healthy, a call fails at once with
 /// [`Error::NoProvider`]; so does a call that every provider it tried
 /// refused before running it, once no other healthy provider is left, the
