@@ -67,7 +67,7 @@ pub enum Event {
         delay: Duration,
     },
     /// The consumer stopped reconnecting: `attempts` attempts in a row
-    /// failed, [`BackoffConfig::max_attempts`](crate::BackoffConfig::max_attempts).
+    /// failed, [`BackoffConfig::max_attempts`](crate::config::BackoffConfig::max_attempts).
     /// The client is [`ConnectionState::Failed`](crate::ConnectionState::Failed)
     /// for good, and its calls fail at once. Follows the `Disconnected` (or
     /// the failed attempt) that used up the last attempt.
