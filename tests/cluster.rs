@@ -692,69 +692,94 @@ impl LoadBalancer for PickThen {
     }
 }
 
+/// A cluster client over three providers whose balancer picks the second
+/// (`target`), which, inside the next pick (it was ready, so it is a
+/// candidate), stops; its connection goes to reconnecting and will not come
+/// back (nothing listens any more). `providers` are the two others.
+struct StoppedInsideThePick {
+    _registry: StaticRegistry,
+    cluster: ClusterClient,
+    providers: Vec<Provider>,
+    target: SocketAddr,
+    /// When the stop inside the pick was done.
+    stopped_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl StoppedInsideThePick {
+    fn start() -> StoppedInsideThePick {
+        let mut providers = start_providers(3);
+        let target = providers[1].addr();
+        let hook: Hook = Arc::new(Mutex::new(None));
+        let (registry, cluster) = cluster_with(
+            providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
+            PickThen {
+                target,
+                hook: hook.clone(),
+            },
+            config(),
+        );
+        let stopped = providers.remove(1);
+        let events = cluster.events();
+        let stopped_at = Arc::new(Mutex::new(None));
+        *hook.lock().unwrap() = Some(Box::new({
+            let stopped_at = stopped_at.clone();
+            move || {
+                stopped.server.shutdown();
+                wait_cluster_event(&events, "Reconnecting of the stopped provider", |e| {
+                    matches!(
+                        e,
+                        ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. })
+                            if *peer == target
+                    )
+                });
+                *stopped_at.lock().unwrap() = Some(Instant::now());
+            }
+        }));
+        StoppedInsideThePick {
+            _registry: registry,
+            cluster,
+            providers,
+            target,
+            stopped_at,
+        }
+    }
+
+    /// Calls the other providers served.
+    fn served_elsewhere(&self) -> u64 {
+        self.providers.iter().map(Provider::served).sum()
+    }
+
+    /// How long ago the target stopped inside the pick.
+    fn since_the_stop(&self) -> Duration {
+        self.stopped_at
+            .lock()
+            .unwrap()
+            .expect("the hook ran inside the pick")
+            .elapsed()
+    }
+}
+
 #[test]
 fn a_call_picked_onto_a_provider_that_just_went_reconnecting_fails_over_at_once() {
     let _serial = serial();
-    let mut providers = start_providers(3);
-    let target = providers[1].addr();
-    let hook: Hook = Arc::new(Mutex::new(None));
-    let (_registry, cluster) = cluster_with(
-        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
-        PickThen {
-            target,
-            hook: hook.clone(),
-        },
-        config(),
-    );
-    let served_elsewhere = |providers: &[Provider]| {
-        providers
-            .iter()
-            .filter(|p| p.addr() != target)
-            .map(Provider::served)
-            .sum::<u64>()
-    };
-    let others_before = served_elsewhere(&providers);
-
-    // Inside the pick of the next call (the target is a candidate: it was
-    // ready), the target stops and its connection goes to reconnecting; it
-    // will not come back (nothing listens any more).
-    let stopped = providers.remove(1);
-    let events = cluster.events();
-    let hook_done = Arc::new(Mutex::new(None));
-    *hook.lock().unwrap() = Some(Box::new({
-        let hook_done = hook_done.clone();
-        move || {
-            stopped.server.shutdown();
-            wait_cluster_event(&events, "Reconnecting of the stopped provider", |e| {
-                matches!(
-                    e,
-                    ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. })
-                        if *peer == target
-                )
-            });
-            *hook_done.lock().unwrap() = Some(Instant::now());
-        }
-    }));
-
+    let picked = StoppedInsideThePick::start();
+    let others_before = picked.served_elsewhere();
     // `incr` is not idempotent, but its request was never sent to the
     // target: it goes to another provider at once, instead of waiting up
     // to its 3 s timeout for a reconnect that never comes.
-    let traced = cluster
+    let traced = picked
+        .cluster
         .call_traced::<_, u32>(
             "incr",
             &(),
             &CallOptions::new().timeout(Duration::from_secs(3)),
         )
         .expect("sent to another provider");
-    let took = hook_done
-        .lock()
-        .unwrap()
-        .expect("the hook ran inside the pick")
-        .elapsed();
+    let took = picked.since_the_stop();
     assert!(took < Duration::from_secs(1), "failed over after {took:?}");
-    assert_ne!(traced.provider, target, "{traced:?}");
+    assert_ne!(traced.provider, picked.target, "{traced:?}");
     assert_eq!(traced.attempts, 2, "{traced:?}");
-    assert_eq!(served_elsewhere(&providers), others_before + 1);
+    assert_eq!(picked.served_elsewhere(), others_before + 1);
 }
 
 /// A call refused as overloaded was not run: whether this side refused to
@@ -1454,58 +1479,23 @@ fn one_way_calls_are_spread_by_the_balancer() {
 #[test]
 fn a_one_way_call_picked_onto_a_provider_that_just_went_reconnecting_goes_elsewhere_at_once() {
     let _serial = serial();
-    let mut providers = start_providers(3);
-    let target = providers[1].addr();
-    let hook: Hook = Arc::new(Mutex::new(None));
-    let (_registry, cluster) = cluster_with(
-        providers.iter().map(|p| Endpoint::new(p.addr())).collect(),
-        PickThen {
-            target,
-            hook: hook.clone(),
-        },
-        config(),
-    );
-    let stopped = providers.remove(1);
-    let served = |providers: &[Provider]| providers.iter().map(Provider::served).sum::<u64>();
-    let others_before = served(&providers);
-
-    // Inside the pick, the target stops and its connection goes to
-    // reconnecting; it will not come back (nothing listens any more).
-    let events = cluster.events();
-    let hook_done = Arc::new(Mutex::new(None));
-    *hook.lock().unwrap() = Some(Box::new({
-        let hook_done = hook_done.clone();
-        move || {
-            stopped.server.shutdown();
-            wait_cluster_event(&events, "Reconnecting of the stopped provider", |e| {
-                matches!(
-                    e,
-                    ClusterEvent::Provider(pulse::Event::Reconnecting { peer, .. })
-                        if *peer == target
-                )
-            });
-            *hook_done.lock().unwrap() = Some(Instant::now());
-        }
-    }));
-
-    cluster
+    let picked = StoppedInsideThePick::start();
+    let others_before = picked.served_elsewhere();
+    picked
+        .cluster
         .send_one_way_with(
             "incr",
             &(),
             &CallOptions::new().timeout(Duration::from_secs(3)),
         )
         .expect("sent to another provider");
-    let took = hook_done
-        .lock()
-        .unwrap()
-        .expect("the hook ran inside the pick")
-        .elapsed();
+    let took = picked.since_the_stop();
     assert!(
         took < Duration::from_secs(1),
         "sent elsewhere after {took:?}"
     );
     wait_until(PROMPTLY, "another provider runs it", || {
-        served(&providers) == others_before + 1
+        picked.served_elsewhere() == others_before + 1
     });
 }
 
