@@ -1272,7 +1272,12 @@ fn shutdown_closes_every_provider_at_once() {
         "shutting down {SILENT} providers that never close took {took:?} \
          (a linger is {LINGER:?})"
     );
-    for peer in &mut peers {
+    expect_a_close_each(&mut peers);
+}
+
+/// Each silent provider's next frame is a Close.
+fn expect_a_close_each(peers: &mut [RawPeer]) {
+    for peer in peers {
         let close = peer.next_frame(PROMPTLY);
         assert_eq!(close.header.kind, Kind::Close, "{:?}", close.header);
     }
@@ -1309,10 +1314,7 @@ fn removed_providers_do_not_hold_up_the_next_registry_update() {
          after {took:?} (a linger is {LINGER:?})"
     );
     assert_eq!(cluster.providers().len(), 2);
-    for peer in &mut peers {
-        let close = peer.next_frame(PROMPTLY);
-        assert_eq!(close.header.kind, Kind::Close, "{:?}", close.header);
-    }
+    expect_a_close_each(&mut peers);
 }
 
 /// When every listed provider has given up reconnecting (a finite
