@@ -1079,18 +1079,27 @@ fn provider_churn_on_shared_loops_leaks_nothing() {
     assert_eq!(settled_pulse_threads(), threads);
 }
 
-#[test]
-fn with_no_healthy_provider_calls_fail_fast() {
-    let _serial = serial();
-    let registry = StaticRegistry::new().with(
+/// A registry listing two providers on loopback ports nothing listens on.
+fn two_unreachable_providers() -> StaticRegistry {
+    StaticRegistry::new().with(
         service(),
         [
             Endpoint::new(support::unused_loopback_addr()),
             Endpoint::new(support::unused_loopback_addr()),
         ],
-    );
+    )
+}
+
+/// The `ready_timeout` of a cluster whose providers never come up: `new`
+/// does not wait long for them.
+const READY_SOON: Duration = Duration::from_millis(200);
+
+#[test]
+fn with_no_healthy_provider_calls_fail_fast() {
+    let _serial = serial();
+    let registry = two_unreachable_providers();
     let config = ClusterConfig {
-        ready_timeout: Duration::from_millis(200),
+        ready_timeout: READY_SOON,
         ..config()
     };
     // Providers that never came up.
@@ -1324,13 +1333,7 @@ fn removed_providers_do_not_hold_up_the_next_registry_update() {
 #[test]
 fn new_and_wait_ready_stop_waiting_once_every_provider_gave_up() {
     let _serial = serial();
-    let registry = StaticRegistry::new().with(
-        service(),
-        [
-            Endpoint::new(support::unused_loopback_addr()),
-            Endpoint::new(support::unused_loopback_addr()),
-        ],
-    );
+    let registry = two_unreachable_providers();
     let mut config = ClusterConfig {
         ready_timeout: Duration::from_secs(5),
         ..config()
@@ -1506,15 +1509,9 @@ fn a_one_way_call_picked_onto_a_provider_that_just_went_reconnecting_goes_elsewh
 #[test]
 fn with_no_healthy_provider_one_way_calls_fail_fast() {
     let _serial = serial();
-    let registry = StaticRegistry::new().with(
-        service(),
-        [
-            Endpoint::new(support::unused_loopback_addr()),
-            Endpoint::new(support::unused_loopback_addr()),
-        ],
-    );
+    let registry = two_unreachable_providers();
     let config = ClusterConfig {
-        ready_timeout: Duration::from_millis(200),
+        ready_timeout: READY_SOON,
         ..config()
     };
     let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap();
