@@ -308,7 +308,11 @@ impl EventLoop {
         let handle = &self.loops[self.index];
         if !self.read_again.is_empty() {
             // A connection has more to read: look at the others' events
-            // and come back to it, without sleeping.
+            // and come back to it, without sleeping (the pool's waiting
+            // jobs are watched as in any poll).
+            if let Some(server) = &self.server {
+                server.watch_jobs(Instant::now());
+            }
             return self.poll.poll(events, Some(Duration::ZERO));
         }
         let moved = std::mem::take(&mut self.moved_calls) | handle.take_callers_moved_calls();
