@@ -660,7 +660,13 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.start_with(service.into(), method, args, timeout, Write::Now)
+        self.start_until(
+            service.into(),
+            method,
+            args,
+            Until::from_now(timeout),
+            Write::Now,
+        )
     }
 
     /// [`Client::start`] for pipelining: the request is queued on the
@@ -722,7 +728,13 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.start_with(service.into(), method, args, timeout, Write::Deferred)
+        self.start_until(
+            service.into(),
+            method,
+            args,
+            Until::from_now(timeout),
+            Write::Deferred,
+        )
     }
 
     /// Writes the requests of [`Client::start_deferred`] that are still
@@ -742,24 +754,7 @@ impl Client {
     }
 
     /// Encodes a request and sends it (now or deferred) on a ready
-    /// connection, waiting for one up to `timeout`.
-    fn start_with<A, R>(
-        &self,
-        service: ServiceRef<'_>,
-        method: &str,
-        args: &A,
-        timeout: Duration,
-        write: Write,
-    ) -> Result<PendingCall<R>>
-    where
-        A: Serialize + ?Sized,
-        R: DeserializeOwned,
-    {
-        self.start_until(service, method, args, Until::from_now(timeout), write)
-    }
-
-    /// [`start_with`](Self::start_with) within a deadline set earlier,
-    /// on any ready connection but `until.avoid`.
+    /// connection but `until.avoid`, waiting for one until `until.deadline`.
     fn start_until<A, R>(
         &self,
         service: ServiceRef<'_>,
