@@ -56,12 +56,20 @@ pub(crate) struct ConnShared {
     /// A `Command::FlushHeld` for this connection is on its way to the loop
     /// (see [`hold_for_loop`](Self::hold_for_loop)).
     pub(crate) flush_requested: AtomicBool,
+    /// A `Command::ReadLeft` for this connection is on its way to the loop
+    /// (see [`read_responses`](Self::read_responses)): callers ask no more
+    /// until the loop takes it ([`take_read_left`](Self::take_read_left)).
+    read_left_requested: AtomicBool,
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
     pub(crate) call_done: AtomicU64,
     /// Provider side: the connection reached `max_age` and closes once no
     /// request is open (see [`start_draining`](Self::start_draining)).
     draining: AtomicBool,
+    /// A `Command::Drained` for this connection is on its way to the loop
+    /// (see [`Replying`]'s drop): later calls finishing ask no more until
+    /// the loop takes it ([`take_drained`](Self::take_drained)).
+    drained_told: AtomicBool,
     /// A close was asked of the loop ([`request_close`](Self::request_close)):
     /// later requests are dropped, and the loop reads no more of this
     /// connection meanwhile (see `EventLoop::read_frames`).
@@ -176,8 +184,10 @@ impl ConnShared {
             replying: Default::default(),
             deferred_open: Default::default(),
             flush_requested: Default::default(),
+            read_left_requested: Default::default(),
             call_done: Default::default(),
             draining: Default::default(),
+            drained_told: Default::default(),
             close_requested: Default::default(),
             one_way_pace: Default::default(),
             reads_held_below: Default::default(),
@@ -299,10 +309,7 @@ impl ConnShared {
         }
         drop(reader);
         if (left_for_loop && read_any) || started_a_frame || failed {
-            self.owner.send(Command::ReadLeft {
-                token: self.token,
-                id: self.id,
-            });
+            self.ask_loop_to_read_left();
         }
         if !responses.is_empty() {
             let mut slots = Vec::with_capacity(responses.len());
@@ -315,6 +322,38 @@ impl ConnShared {
             self.owner.note_callers_moved_calls();
         }
         true
+    }
+
+    /// Sends the loop a `Command::ReadLeft`, unless one is on its way
+    /// already: that one's read, which begins after the loop takes the
+    /// request back ([`take_read_left`](Self::take_read_left)), finds what
+    /// this caller left too.
+    ///
+    /// Why once: a caller asks after every read that starts a frame or
+    /// stops at one that is the loop's, and callers spin on their reads.
+    /// While the loop was slow to take its commands (descheduled, or busy
+    /// with its other connections), a provider trickling responses, each
+    /// read starting the next frame, queued a command per frame: 1,000
+    /// frames left 1,000 commands (56 bytes each, plus the channel's slot)
+    /// in the channel (see
+    /// `a_caller_asks_the_loop_to_read_once_until_it_does`).
+    fn ask_loop_to_read_left(&self) {
+        // AcqRel, pairing with `take_read_left`: the caller's read (under
+        // the decoder's lock, released before this) happens before the
+        // loop's read that the pending command brings.
+        if !self.read_left_requested.swap(true, Ordering::AcqRel) {
+            self.owner.send(Command::ReadLeft {
+                token: self.token,
+                id: self.id,
+            });
+        }
+    }
+
+    /// The loop's side of a `Command::ReadLeft`: lets callers ask again.
+    /// Called before the loop takes the decoder, so that what a caller
+    /// leaves after this read is asked for anew.
+    pub(crate) fn take_read_left(&self) {
+        self.read_left_requested.store(false, Ordering::Release);
     }
 
     /// Drops the decoder and the callers' read buffer, for a connection
@@ -517,6 +556,21 @@ impl ConnShared {
         handling + self.replying.load(Ordering::SeqCst)
     }
 
+    /// The loop's side of a `Command::Drained`: lets the next call that
+    /// finishes last tell again, then returns
+    /// [`requests_open`](Self::requests_open) as seen after that (zero:
+    /// the loop closes now).
+    ///
+    /// Why no call is missed: the flag is cleared and then the counts
+    /// loaded, a finishing call lowers its count and then swaps the flag
+    /// (all SeqCst): a call the loop sees open finds the flag cleared when
+    /// it finishes, and tells.
+    pub(crate) fn take_drained(&self) -> usize {
+        self.drained_told.store(false, Ordering::SeqCst);
+        let handling = self.handling.load(Ordering::SeqCst);
+        handling + self.replying.load(Ordering::SeqCst)
+    }
+
     /// When the last handled request finished, if any did.
     pub(crate) fn last_call_done(&self) -> Option<Instant> {
         crate::clock::from_stamp(self.call_done.load(Ordering::Relaxed))
@@ -607,8 +661,18 @@ impl Drop for Replying<'_> {
         // SeqCst, with the loads below: pairs with `start_draining` (on
         // x86 the same instruction as Release; the mark's load is the one
         // addition to a call's path, and only for the last reply out).
+        //
+        // Told once until the loop takes it (`drained_told`): while it
+        // drains, a connection still runs the one-way calls it reads, and
+        // each one finishing with nothing else open is the last. Inline,
+        // that was a command per one-way call of the loop's read, queued
+        // until the read ended: 1,000 calls, 1,000 commands (see
+        // `a_draining_connection_tells_the_loop_once_until_it_looks`).
         let last = conn.replying.fetch_sub(1, Ordering::SeqCst) == 1;
-        if last && conn.draining.load(Ordering::SeqCst) && conn.handling.load(Ordering::SeqCst) == 0
+        if last
+            && conn.draining.load(Ordering::SeqCst)
+            && conn.handling.load(Ordering::SeqCst) == 0
+            && !conn.drained_told.swap(true, Ordering::SeqCst)
         {
             conn.owner.send(Command::Drained {
                 token: conn.token,
@@ -1141,6 +1205,71 @@ mod tests {
             })
             .collect();
         assert_eq!(closes, [(conn.id, CloseStatus::Overloaded)]);
+    }
+
+    /// A caller asks the loop to read what it left once, until the loop
+    /// takes the ask (`take_read_left`); then the next leftover asks again.
+    /// Asked for every read, a provider trickling responses (each read
+    /// starting the next frame) queued a command per frame while the loop
+    /// did not run: the old code left 1,000 here.
+    #[test]
+    fn a_caller_asks_the_loop_to_read_once_until_it_does() {
+        use crate::protocol::encode_ok_response;
+        use std::io::Write;
+        let (conn, far, commands) = conn_over_a_pair();
+        let read_left = || {
+            commands
+                .try_iter()
+                .filter(|c| matches!(c, Command::ReadLeft { .. }))
+                .count()
+        };
+        let start_a_frame = |id: u64| {
+            let response = encode_ok_response(id, &"x").unwrap();
+            let (head, tail) = response.split_at(10);
+            (&far).write_all(head).unwrap();
+            assert!(conn.read_responses());
+            tail.to_vec()
+        };
+        for id in 1..=1000 {
+            let tail = start_a_frame(id);
+            (&far).write_all(&tail).unwrap();
+            assert!(conn.read_responses());
+        }
+        assert_eq!(read_left(), 1, "one ask while the loop has not taken it");
+        conn.take_read_left();
+        start_a_frame(1001);
+        assert_eq!(read_left(), 1, "taken: the next frame started asks again");
+    }
+
+    /// A draining connection's calls tell the loop they are all done once,
+    /// until the loop looks (`take_drained`); then the next last call
+    /// tells again. Told for every last call, a consumer's one-way calls
+    /// (which a draining connection still runs) queued a command each
+    /// while the loop read them: the old code left 1,000 here.
+    #[test]
+    fn a_draining_connection_tells_the_loop_once_until_it_looks() {
+        let (conn, _far, commands) = conn_over_a_pair();
+        let drained = || {
+            commands
+                .try_iter()
+                .filter(|c| matches!(c, Command::Drained { .. }))
+                .count()
+        };
+        let run_a_call = || {
+            conn.handling.fetch_add(1, Ordering::SeqCst);
+            drop(conn.call_finished());
+        };
+        run_a_call();
+        assert_eq!(drained(), 0, "not draining: nobody to tell");
+        assert_eq!(conn.start_draining(), 0);
+        for _ in 0..1000 {
+            run_a_call();
+        }
+        assert_eq!(drained(), 1, "told once while the loop has not looked");
+        conn.handling.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(conn.take_drained(), 1, "the loop sees the call still open");
+        drop(conn.call_finished());
+        assert_eq!(drained(), 1, "looked: the next last call tells again");
     }
 
     /// A waiting caller takes the responses and stops at the first other

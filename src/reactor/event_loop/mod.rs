@@ -508,7 +508,11 @@ impl EventLoop {
             }
             Command::Drained { token, id } => self.on_drained(token, id, now),
             Command::ReadLeft { token, id } => {
-                if self.conns.get(token).is_some_and(|c| c.shared.id == id) {
+                if let Some(conn) = self.conns.get(token)
+                    && conn.shared.id == id
+                {
+                    // Before the read: a caller's later leftovers ask again.
+                    conn.shared.take_read_left();
                     self.read(token, false, now);
                 }
             }

@@ -170,11 +170,12 @@ impl EventLoop {
         let Some(conn) = self.conns.get(token) else {
             return;
         };
-        if conn.shared.id == id
-            && conn.draining_until.is_some()
-            && !conn.phase.is_closing()
-            && conn.shared.requests_open() == 0
-        {
+        if conn.shared.id != id {
+            return;
+        }
+        // Taken first: a call still open tells again when it finishes.
+        let open = conn.shared.take_drained();
+        if conn.draining_until.is_some() && !conn.phase.is_closing() && open == 0 {
             self.close_aged(token, now);
         }
     }
