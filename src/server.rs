@@ -409,6 +409,11 @@ fn run_worker(jobs: &JobQueue<Job>, queue_holds: &QueueHolds, max_body: u32) {
                 args_at,
                 one_way,
             } => {
+                if !one_way && conn.out.refuses_frames() {
+                    skip_request(&conn, id, body);
+                    finished = true;
+                    continue;
+                }
                 let response =
                     handler.invoke(id, body.get(args_at..).unwrap_or_default(), max_body);
                 // A large body's buffer goes back for the loop's next one
@@ -429,6 +434,28 @@ fn run_worker(jobs: &JobQueue<Job>, queue_holds: &QueueHolds, max_body: u32) {
             }
         }
     }
+}
+
+/// Drops a queued request instead of running it: its connection takes
+/// no more frames (it was closed, or its Close is queued: a reset, a
+/// heartbeat timeout), so its response would be thrown away. Its consumer
+/// has lost the connection, and its call with it (`ConnectionLost`, which
+/// says the request may or may not have run). A one-way call is never
+/// dropped so: read whole, it was accepted, and runs like any other.
+///
+/// Why: a consumer that queued many slow requests and then died kept the
+/// workers busy with them for nothing, ahead of every other connection's
+/// jobs. The check is one relaxed load per pool job
+/// (`Outbound::refuses_frames`).
+fn skip_request(conn: &ConnShared, id: u64, body: Vec<u8>) {
+    log::debug!(
+        "{}: request {id} not run: its connection is closed",
+        conn.peer
+    );
+    frame_pool::recycle(body);
+    // Counted as finished (in-flight count, a drain waiting for it), with
+    // no response.
+    drop(conn.call_finished());
 }
 
 /// Ends a request's in-flight count and sends its response (unless

@@ -386,3 +386,78 @@ fn wait_until_calls_flow(ok: &std::sync::atomic::AtomicUsize) {
         ok.load(Ordering::SeqCst) >= from + 20
     });
 }
+
+/// Requests already queued for the worker pool when their connection dies
+/// are not run: their responses could not go out any more. One worker; a
+/// raw consumer pipelines 100 requests to a 10 ms handler, then 10 one-way
+/// calls, and resets the connection once the first request runs. The
+/// provider sees the reset at once, and the worker drops the requests it
+/// has not started; the one-way calls, read whole and so accepted, all
+/// run. A call from a new client, queued behind them all on the one
+/// worker, tells when the queue is through. Before, every request ran, for
+/// a second of the worker's time that nobody could use: 100 of 100.
+#[test]
+fn requests_queued_when_their_connection_dies_are_not_run() {
+    use pulse::protocol::{Kind, encode_request};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use support::raw_peer::RawPeer;
+
+    const REQUESTS: usize = 100;
+    const ONE_WAYS: usize = 10;
+    let naps = Arc::new(AtomicUsize::new(0));
+    let marks = Arc::new(AtomicUsize::new(0));
+    let service = {
+        let (naps, marks) = (Arc::clone(&naps), Arc::clone(&marks));
+        ServiceBuilder::new("slow")
+            .method("nap", move |()| {
+                naps.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+                Ok::<_, String>(())
+            })
+            .method("mark", move |()| {
+                marks.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(())
+            })
+    };
+    let server = Server::builder()
+        .config(ServerConfig {
+            worker_threads: 1,
+            ..ServerConfig::default()
+        })
+        .service(service)
+        .bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0");
+    let events = server.events();
+
+    let mut raw = RawPeer::connect(server.local_addr());
+    let mut calls = Vec::new();
+    for id in 1..=REQUESTS as u64 {
+        calls.extend(encode_request(Kind::Request, id, "slow", "", "", "nap", &()).unwrap());
+    }
+    for id in 1..=ONE_WAYS as u64 {
+        let id = REQUESTS as u64 + id;
+        calls.extend(encode_request(Kind::OneWay, id, "slow", "", "", "mark", &()).unwrap());
+    }
+    raw.send(&calls);
+    wait_until(PROMPTLY, "the first request to run", || {
+        naps.load(Ordering::SeqCst) >= 1
+    });
+    raw.reset();
+    wait_any_disconnected(&events);
+
+    let client = Client::connect(server.local_addr(), quick_reconnect_config()).expect("connect");
+    client
+        .call_timeout::<_, ()>("slow", "nap", &(), Duration::from_secs(10))
+        .expect("a call behind the dead connection's jobs");
+    let ran = naps.load(Ordering::SeqCst) - 1; // not the client's
+    assert_eq!(
+        marks.load(Ordering::SeqCst),
+        ONE_WAYS,
+        "every one-way call read runs"
+    );
+    assert!(
+        ran < REQUESTS / 2,
+        "{ran} of the {REQUESTS} requests of a dead connection ran"
+    );
+}

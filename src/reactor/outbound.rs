@@ -53,7 +53,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
@@ -234,6 +234,9 @@ pub(crate) struct Outbound {
     max_bytes: usize,
     /// When bytes last left this side, as [`clock::to_nanos`].
     last_write: AtomicU64,
+    /// The queue is closed or sealed (see [`refuses_frames`](Self::refuses_frames)):
+    /// set under the lock with either, never cleared.
+    refusing: AtomicBool,
 }
 
 impl Outbound {
@@ -243,7 +246,18 @@ impl Outbound {
             room: Condvar::new(),
             max_bytes,
             last_write: AtomicU64::new(0),
+            refusing: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the queue takes no more frames (closed: the connection is
+    /// gone or a write failed; sealed: its Close is queued), so a frame
+    /// sent now would be refused with [`SendError::Closed`]. One relaxed
+    /// load, without the lock: a worker asks it before it runs a request
+    /// whose response could not go out any more (see `server::run_worker`).
+    /// A `false` may be stale by the time it is acted on; a `true` stays.
+    pub(crate) fn refuses_frames(&self) -> bool {
+        self.refusing.load(Ordering::Relaxed)
     }
 
     /// Queues `frame` and writes what the socket takes, unless another thread
@@ -377,6 +391,7 @@ impl Outbound {
         q.bytes += charge(&frame);
         q.data.push_back(frame);
         q.sealed = true;
+        self.refusing.store(true, Ordering::Relaxed);
         self.signal_room(&q); // sealed: a waiting sender gives up
         q.corked = false; // the last frame goes out now
         if q.writing {
@@ -429,6 +444,7 @@ impl Outbound {
     pub(crate) fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
+        self.refusing.store(true, Ordering::Relaxed);
         q.partial = None;
         // Not `clear`: the slots go too, for good.
         q.control = VecDeque::new();
@@ -619,6 +635,7 @@ impl Outbound {
                     log::debug!("write failed: {e}");
                     q.writing = false;
                     q.closed = true;
+                    self.refusing.store(true, Ordering::Relaxed);
                     // The sender's own frame, if untouched, goes back to it
                     // so that it can be retried on another connection.
                     let is_mine = |f: &Vec<u8>| Some(f.as_ptr() as usize) == mine;
@@ -1163,6 +1180,38 @@ mod tests {
             out.hold(&a, b"two".to_vec(), HOLD_MIN_FRAMES),
             Err(SendError::Closed(Some(frame))) if frame == b"two"
         ));
+    }
+
+    /// `refuses_frames` (a worker's one look before it runs a request)
+    /// says what a send would find: false while frames are taken; true
+    /// once the Close is queued (sealed), once a write failed (closed by a
+    /// writer), and once the connection is closed.
+    #[test]
+    fn a_queue_says_without_its_lock_when_it_refuses_frames() {
+        let sends_refused = |out: &Outbound, a: &Socket| {
+            matches!(
+                out.send(a, b"x".to_vec(), Class::Data),
+                Err(SendError::Closed(_))
+            )
+        };
+        let (a, _b) = pair();
+        let sealed = Outbound::new(1 << 20);
+        assert!(!sealed.refuses_frames());
+        sealed.send(&a, b"one".to_vec(), Class::Data).unwrap();
+        assert!(!sealed.refuses_frames());
+        sealed.send_final(&a, b"close".to_vec(), false).unwrap();
+        assert!(sealed.refuses_frames() && sends_refused(&sealed, &a));
+
+        let (a, b) = pair();
+        drop(b);
+        let failed = Outbound::new(1 << 20);
+        assert!(failed.send(&a, b"to nobody".to_vec(), Class::Data).is_err());
+        assert!(failed.refuses_frames() && sends_refused(&failed, &a));
+
+        let (a, _b) = pair();
+        let closed = Outbound::new(1 << 20);
+        closed.close();
+        assert!(closed.refuses_frames() && sends_refused(&closed, &a));
     }
 
     #[test]
