@@ -1241,6 +1241,31 @@ mod tests {
         assert_eq!(read_left(), 1, "taken: the next frame started asks again");
     }
 
+    /// Frames held for the loop (a worker's responses while more jobs
+    /// are queued, one per job) ask it to flush once, until it does
+    /// (`flush_held_for_loop`); then the next one asks again. Pins the
+    /// property for the command sent most often per connection: a
+    /// change that sent one per response would leave 1,000 here.
+    #[test]
+    fn responses_held_for_the_loop_ask_it_to_flush_once_until_it_does() {
+        let (conn, _far, commands) = conn_over_a_pair();
+        let flushes = || {
+            commands
+                .try_iter()
+                .filter(|c| matches!(c, Command::FlushHeld { .. }))
+                .count()
+        };
+        for id in 1..=1000 {
+            let response = crate::protocol::encode_ok_response(id, &()).unwrap();
+            conn.hold_for_loop(response).unwrap();
+        }
+        assert_eq!(flushes(), 1, "one ask while the loop has not flushed");
+        conn.flush_held_for_loop().unwrap();
+        let response = crate::protocol::encode_ok_response(1001, &()).unwrap();
+        conn.hold_for_loop(response).unwrap();
+        assert_eq!(flushes(), 1, "flushed: the next held frame asks again");
+    }
+
     /// A draining connection's calls tell the loop they are all done once,
     /// until the loop looks (`take_drained`); then the next last call
     /// tells again. Told for every last call, a consumer's one-way calls

@@ -97,6 +97,13 @@ const WAKER_TOKEN: Token = Token(usize::MAX);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
 
 /// Work for an event loop, sent by other threads.
+///
+/// The channel is unbounded: a command that can be sent per event (per
+/// response, per read, per call) is sent once until the loop has taken it,
+/// behind a per-connection flag (`ConnShared::close_requested`,
+/// `flush_requested`, `read_left_requested`, `drained_told`), or is bounded
+/// otherwise. The audit, command by command: docs/DESIGN.md, "What can
+/// queue up in a loop's command channel".
 pub(crate) enum Command {
     /// Timers that expired (from the timer thread).
     Timers(Vec<TimerTarget>),
@@ -131,10 +138,12 @@ pub(crate) enum Command {
     /// `ConnShared::hold_reads`).
     ResumeReads { token: usize, id: u64 },
     /// The connection, draining for `max_age`, has no request open any
-    /// more: close it now (see `ConnShared::start_draining`).
+    /// more: close it now (see `ConnShared::start_draining`). One on its
+    /// way per connection (`ConnShared::take_drained`).
     Drained { token: usize, id: u64 },
     /// Handle the frames a caller left in the connection's decoder (see
-    /// `ConnShared::read_responses`), then read on.
+    /// `ConnShared::read_responses`), then read on. One on its way per
+    /// connection (`ConnShared::take_read_left`).
     ReadLeft { token: usize, id: u64 },
     /// Reply with a snapshot of this loop's provider connections.
     Peers(Sender<Vec<PeerInfo>>),
