@@ -82,7 +82,9 @@ impl EventLoop {
     /// this side's decoder or kernel buffer, and Linux keeps the bytes a
     /// reset arrives behind readable; a one-way call has no answer to
     /// miss, so it is handled like any other (a request read then is
-    /// handled too; its response is lost with the connection). They are
+    /// dispatched too; its response is lost with the connection, and a
+    /// pool worker that finds the write queue closed by then does not run
+    /// it: `server::skip_request`). They are
     /// read as the hold allows, not all at once: that would take up to a
     /// receive buffer of calls past `max_inflight` or the worker queue's
     /// bound for every consumer that resets, and a consumer may reset
