@@ -430,11 +430,10 @@ pub struct ServerConfig {
     /// Open consumer connections; a connection past it gets Close(Overloaded)
     /// and is closed. Default 10,000.
     pub max_connections: usize,
-    /// How long `shutdown` waits for queued writes (responses, the final
-    /// Close) to reach each peer, once the handlers running when it was
-    /// called are done (that wait has no bound: see `Server::shutdown`).
-    /// Also bounds a closing connection's wait to write its Close, and the
-    /// `max_age` drain. Zero: what the socket takes at once, then the
+    /// How long a closing connection waits to write what it has queued
+    /// (responses, its final Close) to its peer, at a shutdown too (once
+    /// its running handlers are done, or `shutdown_timeout` has passed).
+    /// Also bounds the `max_age` drain. Zero: what the socket takes at once, then the
     /// connection is closed. Default 1 s.
     pub linger: Duration,
     /// Close a connection that carried no call (request, response or
@@ -453,6 +452,20 @@ pub struct ServerConfig {
     /// backoff's probation). Spreads load after providers are added. Default
     /// `None` (never).
     pub max_age: Option<Duration>,
+    /// How long `Server::shutdown` (and dropping the server) waits for the
+    /// handlers running when it was called. Every connection drains from
+    /// the start of the shutdown (an idle one gets Close(Normal) at once, a
+    /// busy one once its last running call is answered); at this bound the
+    /// connections still open get Close(Normal) without the answers still
+    /// due, worker threads still in a handler are left to finish on their
+    /// own (logged at error), and `shutdown` returns. `None`: wait however
+    /// long the handlers take. Default 10 s (Dubbo's `shutdown.wait`):
+    /// twice a pulse consumer's default `call_timeout` (5 s), so no call a
+    /// consumer with the defaults still waits for is cut off, and well
+    /// within the usual grace of a process supervisor (Kubernetes: 30 s)
+    /// before it kills the process. Inline handlers are not covered: a
+    /// loop blocked in one is still waited for.
+    pub shutdown_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -469,6 +482,7 @@ impl Default for ServerConfig {
             linger: Duration::from_secs(1),
             max_idle: None,
             max_age: None,
+            shutdown_timeout: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -506,6 +520,7 @@ impl ServerConfig {
             ("linger", Some(self.linger)),
             ("max_idle", self.max_idle),
             ("max_age", self.max_age),
+            ("shutdown_timeout", self.shutdown_timeout),
         ])
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
 use crate::config::{HandlerMode, ServerConfig};
@@ -90,12 +90,19 @@ impl ServerBuilder {
             events,
         });
         let mut workers = Vec::with_capacity(config.worker_threads);
+        // Each worker holds a sender until it ends: the receiver learns
+        // when all have ended, and the shutdown waits for that with a bound.
+        let (exit_tx, workers_exited) = crossbeam_channel::bounded::<()>(0);
         for i in 0..config.worker_threads {
             let (jobs_of_worker, queue_holds) = (Arc::clone(&jobs), Arc::clone(&queue_holds));
             let max_body = config.connection.max_frame_len;
+            let exiting = exit_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("pulse-worker-{i}"))
-                .spawn(move || run_worker(&jobs_of_worker, &queue_holds, max_body));
+                .spawn(move || {
+                    let _exiting = exiting;
+                    run_worker(&jobs_of_worker, &queue_holds, max_body);
+                });
             match spawned {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
@@ -107,6 +114,7 @@ impl ServerBuilder {
                 }
             }
         }
+        drop(exit_tx);
         // Loop 0 exists: `validate` requires at least one event loop.
         runtime.loops()[0].send(Command::Listen {
             listener,
@@ -119,7 +127,11 @@ impl ServerBuilder {
         Ok(Server {
             local_addr,
             shared,
-            state: Mutex::new(Some(Running { runtime, workers })),
+            state: Mutex::new(Some(Running {
+                runtime,
+                workers,
+                workers_exited,
+            })),
         })
     }
 }
@@ -127,7 +139,21 @@ impl ServerBuilder {
 struct Running {
     runtime: Runtime,
     workers: Vec<JoinHandle<()>>,
+    /// Disconnected once every worker has ended (each holds a sender).
+    workers_exited: Receiver<()>,
 }
+
+/// The reason of the Close(Normal) a server's shutdown sends.
+pub(crate) const SHUTDOWN_REASON: &str = "server shutting down";
+
+/// How long idle workers get to take their Stop once `shutdown_timeout` has
+/// passed (they are woken for it at once; this only covers a busy
+/// machine's scheduling): a worker still running then is left to end on
+/// its own, and counted as one still in its handler.
+const WORKER_STOP_GRACE: Duration = Duration::from_millis(100);
+
+/// How long `stop` waits for a loop to close its listener, at most.
+const STOP_ACCEPTING_WAIT: Duration = Duration::from_secs(5);
 
 /// A running provider. Dropping it shuts it down gracefully.
 pub struct Server {
@@ -215,16 +241,27 @@ impl Server {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
-    /// Graceful shutdown: stops accepting, answers new requests with status
-    /// ShuttingDown, lets handlers already running finish and their responses
-    /// go out, then sends Close(Normal) to every consumer and stops every
-    /// thread. Idempotent; also done on drop.
+    /// Graceful shutdown, bounded by `ServerConfig::shutdown_timeout`
+    /// (10 s by default). Idempotent; also done on drop.
     ///
-    /// The wait for running handlers has no bound (a thread cannot be
-    /// stopped from outside): a handler that never returns makes this, and
-    /// dropping the server, wait forever. Handlers that may block should
-    /// bound their own waits. `linger` bounds only the writing of what is
-    /// queued once they are done.
+    /// At once it closes the listening socket (a consumer connecting now
+    /// is refused), and every connection starts draining as at its
+    /// `max_age`: new requests are answered with status ShuttingDown, new
+    /// one-way calls are still handled (nothing could tell their consumer
+    /// to send them again), and each connection gets Close(Normal) as soon
+    /// as no call of its own is running: an idle one at once, a busy one
+    /// right behind its last response (written within `linger`). Then the
+    /// worker threads are stopped and every thread is joined.
+    ///
+    /// At `shutdown_timeout` it stops waiting for handlers (a thread cannot
+    /// be stopped from outside): connections still open get Close(Normal)
+    /// without the answers still due (their consumers' calls fail with
+    /// `ConnectionLost`), worker threads still in a handler are left to
+    /// finish on their own (logged at error with their count; what they
+    /// return goes nowhere), and this returns. With `shutdown_timeout`
+    /// `None` it waits however long the handlers take. Inline handlers
+    /// run on the event loops, which are always joined: one that never
+    /// returns makes this wait for good.
     ///
     /// Called from one of this server's own handlers (an admin method that
     /// stops the server, say), it cannot wait for that handler's thread to
@@ -251,8 +288,9 @@ impl Server {
                     }
                 });
             if let Err(e) = spawned {
-                // Here, then: it waits for this handler's call for up to
-                // `linger`, and never joins this thread.
+                // Here, then: it waits for the handlers (this one's call
+                // among them) for up to `linger`, and never joins this
+                // thread (see `stop`).
                 log::error!(
                     "server on {addr}: no thread for its shutdown ({e}); shutting down here"
                 );
@@ -275,31 +313,46 @@ impl Running {
     }
 }
 
-/// The steps of [`Server::shutdown`], on a server taken out of its handle.
 /// Gives each of `workers` a Stop and waits for it to exit. Queued jobs
-/// run first: a worker stops at the first Stop it receives.
+/// run first: a worker stops at the first Stop it receives. (A failed
+/// `bind`'s workers, which run no handler yet.)
 fn stop_workers(jobs: &JobQueue<Job>, workers: Vec<JoinHandle<()>>) {
     for _ in &workers {
         jobs.push_always(Job::Stop);
     }
-    let me = std::thread::current().id();
     for worker in workers {
-        // Never itself (a handler's shutdown with no thread of its own):
-        // it stops at its Stop once its handler returns.
-        if worker.thread().id() != me && worker.join().is_err() {
+        if worker.join().is_err() {
             log::error!("a worker thread panicked");
         }
     }
 }
 
+/// The steps of [`Server::shutdown`], on a server taken out of its handle:
+/// stop accepting, drain every connection, stop the workers, then the
+/// loops; the waits for handlers end at `shutdown_timeout`.
 fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
-    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    running.runtime.loops()[0].send(Command::StopAccepting(done_tx));
-    let _ = done_rx.recv_timeout(Duration::from_secs(5));
+    let config = &shared.config;
+    // On one of the server's own threads (a handler's shutdown with no
+    // thread of its own), that handler's call cannot end while this
+    // waits: the waits end at `linger` then.
+    let bound = if running.owns_current_thread() {
+        Some(
+            config
+                .shutdown_timeout
+                .map_or(config.linger, |t| t.min(config.linger)),
+        )
+    } else {
+        config.shutdown_timeout
+    };
+    let deadline = bound.map(|bound| Instant::now() + bound);
+    stop_accepting(&running.runtime, deadline);
     shared.shutting_down.store(true, Ordering::SeqCst);
-    stop_workers(&shared.jobs, std::mem::take(&mut running.workers));
-    // A request dispatched just before the flag was set may have been
-    // queued behind the Stops: answer it rather than leave it hanging.
+    drain_connections(&running.runtime, deadline, config.linger);
+    let workers = std::mem::take(&mut running.workers);
+    let left = stop_workers_until(&shared.jobs, workers, &running.workers_exited, deadline);
+    // Jobs still queued (behind the handlers left running, or dispatched
+    // after the Stops): their connections are closed or closing, so their
+    // answers go nowhere, but their counts are settled.
     shared.jobs.close();
     let mut stops_left = 0;
     for job in shared.jobs.drain() {
@@ -314,20 +367,109 @@ fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
                 );
                 finish(&conn, response, one_way);
             }
-            // The Stop of a worker still in its handler (this thread,
-            // shutting down from it): queued again for it to take.
+            // The Stop of a worker still in its handler: queued again for
+            // it to take once it returns.
             Job::Stop => stops_left += 1,
         }
     }
     for _ in 0..stops_left {
         shared.jobs.push_always(Job::Stop);
     }
-    running.runtime.shutdown(Some((
-        CloseStatus::Normal,
-        "server shutting down".to_string(),
-    )));
+    if left > 0 {
+        log::error!(
+            "server on {local_addr}: {left} worker thread(s) still in a handler after \
+             shutdown_timeout {bound:?}; left to finish on their own, their answers dropped"
+        );
+    }
+    running
+        .runtime
+        .shutdown(Some((CloseStatus::Normal, SHUTDOWN_REASON.to_string())));
     shared.queue_holds.forget_all();
     log::info!("server on {local_addr} shut down");
+}
+
+/// Has loop 0 close the listening socket (so a consumer connecting now is
+/// refused, not left in the backlog), and waits for that: at most
+/// [`STOP_ACCEPTING_WAIT`] (loop 0 may be running an inline handler), and
+/// not past `deadline`.
+fn stop_accepting(runtime: &Runtime, deadline: Option<Instant>) {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    runtime.loops()[0].send(Command::StopAccepting(done_tx));
+    let wait = Instant::now() + STOP_ACCEPTING_WAIT;
+    let _ = done_rx.recv_deadline(deadline.map_or(wait, |d| d.min(wait)));
+}
+
+/// Has every loop drain its connections (`Command::Drain`), closing those
+/// still open at `deadline`, and waits until no connection is left, or
+/// until the loops had time to close them at the deadline (`linger` to
+/// write their Close, a second more): past that, `Runtime::shutdown`
+/// closes what is left.
+fn drain_connections(runtime: &Runtime, deadline: Option<Instant>, linger: Duration) {
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    for handle in runtime.loops() {
+        handle.send(Command::Drain {
+            until: deadline,
+            done: done_tx.clone(),
+        });
+    }
+    drop(done_tx);
+    let _ = all_gone(
+        &done_rx,
+        deadline.map(|d| d + linger + Duration::from_secs(1)),
+    );
+}
+
+/// Waits until every sender of `rx` is gone (nothing is ever sent on it),
+/// until `deadline` at most (`None`: however long it takes). Whether they
+/// all went.
+fn all_gone(rx: &Receiver<()>, deadline: Option<Instant>) -> bool {
+    let gone = match deadline {
+        Some(deadline) => rx.recv_deadline(deadline).err(),
+        None => rx.recv().err().map(|_| RecvTimeoutError::Disconnected),
+    };
+    gone == Some(RecvTimeoutError::Disconnected)
+}
+
+/// Gives each of `workers` a Stop (queued jobs run first: a worker stops at
+/// the first Stop it receives) and waits for them to end (`exited`
+/// disconnects then) until `deadline`, or [`WORKER_STOP_GRACE`] if that
+/// has passed. Joins those that ended; the others, still in a handler, are
+/// left to end on their own. Returns how many were left.
+fn stop_workers_until(
+    jobs: &JobQueue<Job>,
+    workers: Vec<JoinHandle<()>>,
+    exited: &Receiver<()>,
+    deadline: Option<Instant>,
+) -> usize {
+    for _ in &workers {
+        jobs.push_always(Job::Stop);
+    }
+    let all_ended = all_gone(
+        exited,
+        deadline.map(|d| d.max(Instant::now() + WORKER_STOP_GRACE)),
+    );
+    let me = std::thread::current().id();
+    let mut left = 0;
+    for worker in workers {
+        // Never itself (a handler's shutdown with no thread of its own):
+        // it stops at its Stop once its handler returns.
+        if worker.thread().id() == me {
+            continue;
+        }
+        // All ended: each has dropped its sender and is returning, so the
+        // join is short, whatever `is_finished` says yet.
+        if !all_ended && !worker.is_finished() {
+            // Dropping the handle detaches the thread. What it uses is
+            // shared (`Arc`s of the queue, the connection, the handler),
+            // and a connection closed meanwhile refuses its answer.
+            left += 1;
+            continue;
+        }
+        if worker.join().is_err() {
+            log::error!("a worker thread panicked");
+        }
+    }
+    left
 }
 
 impl Drop for Server {
@@ -571,9 +713,12 @@ impl ServerShared {
         // A one-way call has no answer to carry a refusal. Overload never
         // refuses one: past `max_inflight` the loop holds the connection's
         // reads before it gets here (`holds_one_way`), and a full worker
-        // queue takes it anyway (below). What is left is a shutdown or an
-        // unknown service or method: dropped, as the protocol says
-        // (docs/PROTOCOL.md, section 2).
+        // queue takes it anyway (below). Nor does a shutdown: the
+        // connection drains, and as in a `max_age` drain a one-way call is
+        // still handled (nothing could tell its consumer to send it again;
+        // only once the worker queue is closed, at the end, is it dropped).
+        // What is left is an unknown service or method: dropped, as the
+        // protocol says (docs/PROTOCOL.md, section 2).
         let refuse = |status: ResponseStatus, message: &str| {
             if one_way {
                 log::debug!("{}: one-way call {id} dropped: {message}", conn.peer);
@@ -581,8 +726,10 @@ impl ServerShared {
                 respond(conn, encode_error_response(id, status, message));
             }
         };
+        // A request that reaches here while the server shuts down (its
+        // connection not yet draining: the loop is told just after).
         let shutting_down = || {
-            let down = self.shutting_down.load(Ordering::Relaxed);
+            let down = !one_way && self.shutting_down.load(Ordering::Relaxed);
             if down {
                 refuse(ResponseStatus::ShuttingDown, "the server is shutting down");
             }

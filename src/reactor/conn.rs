@@ -63,8 +63,9 @@ pub(crate) struct ConnShared {
     /// When the last handled request finished, as `clock::to_nanos` (0 =
     /// never): idle time (`max_idle`) counts from the end of a call.
     pub(crate) call_done: AtomicU64,
-    /// Provider side: the connection reached `max_age` and closes once no
-    /// request is open (see [`start_draining`](Self::start_draining)).
+    /// Provider side: the connection drains (it reached `max_age`, or its
+    /// server shuts down) and closes once no request is open (see
+    /// [`start_draining`](Self::start_draining)).
     draining: AtomicBool,
     /// A `Command::Drained` for this connection is on its way to the loop
     /// (see [`Replying`]'s drop): later calls finishing ask no more until
@@ -541,9 +542,10 @@ impl ConnShared {
 
     /// Provider side: from now on, the call whose response is queued last
     /// tells the loop (`Command::Drained`, from [`Replying`]'s drop), so
-    /// that a connection draining for `max_age` closes the moment its last
-    /// running call is answered instead of at the loop's next check, up to
-    /// a timer tick later, refusing requests meanwhile for nothing.
+    /// that a draining connection (`max_age`, or its server's shutdown)
+    /// closes the moment its last running call is answered instead of at
+    /// the loop's next check, up to a timer tick later, refusing requests
+    /// meanwhile for nothing.
     /// Returns [`requests_open`](Self::requests_open) as seen after the
     /// mark: zero means no call is left to tell, and the loop closes now.
     ///

@@ -137,10 +137,21 @@ pub(crate) enum Command {
     /// Read on: the connection's held one-way calls may be handled now (see
     /// `ConnShared::hold_reads`).
     ResumeReads { token: usize, id: u64 },
-    /// The connection, draining for `max_age`, has no request open any
-    /// more: close it now (see `ConnShared::start_draining`). One on its
-    /// way per connection (`ConnShared::take_drained`).
+    /// The connection, draining (for `max_age` or its server's shutdown),
+    /// has no request open any more: close it now (see
+    /// `ConnShared::start_draining`). One on its way per connection
+    /// (`ConnShared::take_drained`).
     Drained { token: usize, id: u64 },
+    /// The server shuts down: drain every connection as `max_age` does
+    /// (those with no request open are closed with Close(Normal) at once,
+    /// the others once their last response is queued), closing those
+    /// still open at `until`. `done` is dropped once the loop has no
+    /// connection left (or with the command, if the loop is gone): the
+    /// shutdown waits for that.
+    Drain {
+        until: Option<Instant>,
+        done: Sender<()>,
+    },
     /// Handle the frames a caller left in the connection's decoder (see
     /// `ConnShared::read_responses`), then read on. One on its way per
     /// connection (`ConnShared::take_read_left`).

@@ -122,9 +122,10 @@ struct Conn {
     strike_read: u64,
     /// Last time a call moved on this connection (for `max_idle`).
     last_call: Instant,
-    /// `max_age` reached: finishing running calls until this deadline (the
-    /// last one to finish ends the drain sooner: `Command::Drained`).
-    draining_until: Option<Instant>,
+    /// Provider: draining (its `max_age` reached, or its server shutting
+    /// down): finishing running calls, refusing new requests, until the
+    /// last one finishes (`Command::Drained`) or the drain's deadline.
+    drain: Option<Drain>,
     /// Provider: where the last request went (see `server::Route`); boxed so
     /// a connection that makes no calls pays one pointer.
     last_route: Option<Box<Route>>,
@@ -176,10 +177,11 @@ impl Conn {
             Role::Provider { server } => {
                 let config = server.config();
                 let idle = config.max_idle.map(|t| self.last_call + t);
-                let age = match self.draining_until {
+                let age = match self.drain {
                     // Draining: the last call to finish ends it
-                    // (`Command::Drained`); the deadline is the bound.
-                    Some(until) => Some(until),
+                    // (`Command::Drained`); the deadline, if any, is the
+                    // bound.
+                    Some(drain) => drain.until,
                     None => config.max_age.map(|t| self.opened_at + t),
                 };
                 (idle, age)
@@ -191,6 +193,50 @@ impl Conn {
             .flatten()
             .min()
     }
+}
+
+/// Why a provider connection drains: it finishes the calls running on it,
+/// answers new requests with ShuttingDown, handles new one-way calls (nothing
+/// could tell their consumer to send them again), and is closed with
+/// Close(Normal) once none is left, or at `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Drain {
+    cause: DrainCause,
+    /// When the connection is closed even with calls still running; `None`
+    /// waits for them however long they take (`shutdown_timeout: None`).
+    until: Option<Instant>,
+}
+
+impl Drain {
+    /// The message of the ShuttingDown answer to a request on the draining
+    /// connection.
+    fn refusal(self) -> &'static str {
+        match self.cause {
+            DrainCause::MaxAge => {
+                "this connection reached max_age and is closing; retry on a new one"
+            }
+            DrainCause::Shutdown => "the server is shutting down",
+        }
+    }
+}
+
+/// What started a [`Drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainCause {
+    /// The connection reached `ServerConfig::max_age`; bounded by `linger`.
+    MaxAge,
+    /// Its server shuts down (`Command::Drain`); bounded by
+    /// `ServerConfig::shutdown_timeout`.
+    Shutdown,
+}
+
+/// A server's shutdown drain on this loop (`Command::Drain`).
+struct ShutdownDrain {
+    /// The drain's deadline, also for a connection adopted meanwhile.
+    until: Option<Instant>,
+    /// Dropped once the loop has no connection left: the shutdown waits
+    /// for that.
+    done: Option<crossbeam_channel::Sender<()>>,
 }
 
 /// A consumer link this loop keeps connected.
@@ -257,6 +303,8 @@ pub(super) struct EventLoop {
     /// `adopt`, which every accepted connection goes through): its pool jobs
     /// left waiting for a busy worker are watched here (see [`wait`](Self::wait)).
     server: Option<Arc<ServerShared>>,
+    /// Set once the server shuts down (see [`ShutdownDrain`]).
+    shutdown_drain: Option<ShutdownDrain>,
 }
 
 impl EventLoop {
@@ -288,6 +336,7 @@ impl EventLoop {
             connect_soon: Vec::new(),
             read_again: Vec::new(),
             server: None,
+            shutdown_drain: None,
         }
     }
 
@@ -400,6 +449,11 @@ impl EventLoop {
                     self.read(token, hangup, Instant::now());
                 }
             }
+            if self.conns.is_empty()
+                && let Some(drain) = &mut self.shutdown_drain
+            {
+                drain.done = None; // every connection drained
+            }
             if self.exiting && self.conns.is_empty() {
                 log::debug!("event loop {} exits", self.index);
                 return;
@@ -507,6 +561,7 @@ impl EventLoop {
                 }
             }
             Command::Drained { token, id } => self.on_drained(token, id, now),
+            Command::Drain { until, done } => self.drain_for_shutdown(until, done, now),
             Command::ReadLeft { token, id } => {
                 if let Some(conn) = self.conns.get(token)
                     && conn.shared.id == id

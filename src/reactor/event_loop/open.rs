@@ -124,6 +124,9 @@ impl EventLoop {
             Ok(token) => {
                 self.emit(token, Event::Connected { peer });
                 self.rearm(token);
+                // Accepted before the server's shutdown started, handed
+                // over after: it drains (and closes at once) like the rest.
+                self.start_shutdown_drain(token, now);
             }
             Err((e, role)) => {
                 log::warn!("{peer}: cannot register accepted connection: {e}");
@@ -184,7 +187,7 @@ impl EventLoop {
             reads: 0,
             strike_read: 0,
             last_call: Instant::now(),
-            draining_until: None,
+            drain: None,
             last_route: None,
             ended_while_held: false,
         });

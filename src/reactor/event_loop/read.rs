@@ -470,24 +470,25 @@ impl EventLoop {
                 self.moved_calls = true;
                 conn.ping_strikes = 0; // pings between calls are not abuse
                 conn.last_call = now;
-                match &conn.role {
-                    // Draining for `max_age`: a request is refused, and its
-                    // consumer sends it again on its next connection. A
-                    // one-way call is handled as before the drain: it has
-                    // no answer to refuse it with, and dropped here it was
-                    // lost without a word. The drain waits for it like any
-                    // running call, up to its `linger` bound.
-                    Role::Provider { .. }
-                        if conn.draining_until.is_some() && frame.header.kind == Kind::Request =>
-                    {
-                        let message =
-                            "this connection reached max_age and is closing; retry on a new one";
+                // Draining (`max_age`, or the server's shutdown): a
+                // request is refused, and its consumer sends it again on
+                // its next connection (to this provider, or another one).
+                // A one-way call is handled as before the drain: it has no
+                // answer to refuse it with, and dropped here it was lost
+                // without a word. The drain waits for it like any running
+                // call, up to the drain's bound.
+                let refused = match frame.header.kind {
+                    Kind::Request => conn.drain.map(|drain| drain.refusal()),
+                    _ => None,
+                };
+                match (&conn.role, refused) {
+                    (Role::Provider { .. }, Some(message)) => {
                         let response =
                             encode_error_response(id, ResponseStatus::ShuttingDown, message);
                         let _ = conn.shared.send(response, Class::Data);
                         Flow::Open
                     }
-                    Role::Provider { server } => {
+                    (Role::Provider { server }, None) => {
                         match server.dispatch(&conn.shared, frame, &mut conn.last_route) {
                             Ok(()) => Flow::Open,
                             Err(violation) => {
@@ -496,7 +497,7 @@ impl EventLoop {
                             }
                         }
                     }
-                    Role::Consumer { .. } => {
+                    (Role::Consumer { .. }, _) => {
                         if frame.header.kind == Kind::Request {
                             let message = "this endpoint is a consumer and serves no services";
                             let _ = conn.shared.send(

@@ -8,7 +8,10 @@ use crate::liveness::HeartbeatAction;
 use crate::protocol::{CloseStatus, encode_ping};
 use crate::reactor::{TimerEvent, TimerTarget};
 
-use super::{EventLoop, Flow, Phase, Role};
+use crossbeam_channel::Sender;
+
+use super::{Drain, DrainCause, EventLoop, Flow, Phase, Role, ShutdownDrain};
+use crate::server::SHUTDOWN_REASON;
 
 impl EventLoop {
     pub(super) fn on_timers(&mut self, targets: Vec<TimerTarget>) {
@@ -142,28 +145,33 @@ impl EventLoop {
             self.close(token, DisconnectReason::IdleTimeout, close, now);
             return Flow::Closed;
         }
-        if let Some(max_age) = config.max_age
-            && now >= conn.opened_at + max_age
-        {
-            let running = match conn.draining_until {
-                Some(_) => running,
-                None => {
+        let drain = match conn.drain {
+            Some(drain) => Some((drain, running)),
+            None => match config.max_age {
+                Some(max_age) if now >= conn.opened_at + max_age => {
                     // From here the last call to finish tells the loop
                     // (`Command::Drained`), which closes then: not checked
                     // again every tick.
-                    conn.draining_until = Some(now + config.linger);
-                    conn.shared.start_draining()
+                    let drain = Drain {
+                        cause: DrainCause::MaxAge,
+                        until: Some(now + config.linger),
+                    };
+                    conn.drain = Some(drain);
+                    Some((drain, conn.shared.start_draining()))
                 }
-            };
-            if running == 0 || conn.draining_until.is_some_and(|until| now >= until) {
-                self.close_aged(token, now);
-                return Flow::Closed;
-            }
+                _ => None,
+            },
+        };
+        if let Some((drain, running)) = drain
+            && (running == 0 || drain.until.is_some_and(|until| now >= until))
+        {
+            self.close_drained(token, running, now);
+            return Flow::Closed;
         }
         Flow::Open
     }
 
-    /// A connection draining for `max_age` has no request open any more
+    /// A draining connection has no request open any more
     /// (`Command::Drained`, sent by its last call as its response is
     /// queued): closes it with Close(Normal), behind those responses.
     pub(super) fn on_drained(&mut self, token: usize, id: u64, now: Instant) {
@@ -175,24 +183,87 @@ impl EventLoop {
         }
         // Taken first: a call still open tells again when it finishes.
         let open = conn.shared.take_drained();
-        if conn.draining_until.is_some() && !conn.phase.is_closing() && open == 0 {
-            self.close_aged(token, now);
+        if conn.drain.is_some() && !conn.phase.is_closing() && open == 0 {
+            self.close_drained(token, 0, now);
         }
     }
 
-    /// Closes a provider connection that reached `max_age`: Close(Normal),
-    /// behind the responses already queued.
-    fn close_aged(&mut self, token: usize, now: Instant) {
+    /// The server shuts down (`Command::Drain`): every connection drains
+    /// until `until`, and `done` is dropped once none is left (at the end
+    /// of a turn that finds none: see `EventLoop::run`).
+    pub(super) fn drain_for_shutdown(
+        &mut self,
+        until: Option<Instant>,
+        done: Sender<()>,
+        now: Instant,
+    ) {
+        self.shutdown_drain = Some(ShutdownDrain {
+            until,
+            done: Some(done),
+        });
+        let tokens: Vec<usize> = self.conns.iter().map(|(token, _)| token).collect();
+        for token in tokens {
+            self.start_shutdown_drain(token, now);
+        }
+    }
+
+    /// Starts draining one connection for its server's shutdown (see
+    /// [`drain_for_shutdown`](Self::drain_for_shutdown)); closes it now if
+    /// no request is open on it. One already closing is left to close, one
+    /// draining for `max_age` to end that drain (within `linger`).
+    pub(super) fn start_shutdown_drain(&mut self, token: usize, now: Instant) {
+        let Some(until) = self.shutdown_drain.as_ref().map(|d| d.until) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if conn.phase.is_closing()
+            || conn.drain.is_some()
+            || !matches!(conn.role, Role::Provider { .. })
+        {
+            return;
+        }
+        conn.drain = Some(Drain {
+            cause: DrainCause::Shutdown,
+            until,
+        });
+        match conn.shared.start_draining() {
+            0 => self.close_drained(token, 0, now),
+            // Its deadline is the drain's bound from now on.
+            _ => self.rearm(token),
+        }
+    }
+
+    /// Closes a draining provider connection with Close(Normal), behind the
+    /// responses already queued; `running`: its requests still open (more
+    /// than zero once the drain's bound has passed).
+    fn close_drained(&mut self, token: usize, running: usize, now: Instant) {
         let Some(conn) = self.conns.get(token) else {
             return;
         };
-        let Role::Provider { server } = &conn.role else {
-            return; // only providers age
+        let (Role::Provider { server }, Some(drain)) = (&conn.role, conn.drain) else {
+            return; // only providers drain
         };
-        let max_age = server.config().max_age.unwrap_or_default();
-        let text = format!("connection reached max_age {max_age:?}");
-        let close = Some((CloseStatus::Normal, text));
-        self.close(token, DisconnectReason::MaxAge, close, now);
+        let config = server.config();
+        let (text, reason) = match drain.cause {
+            DrainCause::MaxAge => {
+                let max_age = config.max_age.unwrap_or_default();
+                let text = format!("connection reached max_age {max_age:?}");
+                (text, DisconnectReason::MaxAge)
+            }
+            DrainCause::Shutdown if running == 0 => {
+                (SHUTDOWN_REASON.to_string(), DisconnectReason::Shutdown)
+            }
+            DrainCause::Shutdown => {
+                let text = format!(
+                    "{SHUTDOWN_REASON}: gave up waiting for {running} running call(s) (shutdown_timeout)"
+                );
+                log::warn!("{}: closing: {text}", conn.shared.peer);
+                (text, DisconnectReason::Shutdown)
+            }
+        };
+        self.close(token, reason, Some((CloseStatus::Normal, text)), now);
     }
 
     /// Carries out what the connection's heartbeat machine has queued.

@@ -1,0 +1,268 @@
+//! `Server::shutdown` on real loopback connections: each connection drains
+//! on its own (an idle one is closed at once, a busy one right after its
+//! last answer), one-way calls sent meanwhile are still handled, and the
+//! wait for handlers ends at `ServerConfig::shutdown_timeout`.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use pulse::protocol::ResponseStatus;
+use pulse::{Client, ClientConfig, DisconnectReason, Error, Server, ServerConfig, ServiceBuilder};
+use support::process::{ProcessLock, fd_count, threads_named};
+use support::{PROMPTLY, ms, server_with, wait_any_disconnected, wait_until};
+
+/// The fd and thread test runs alone; the others share.
+static PROCESS: ProcessLock = ProcessLock::new();
+
+/// Service `slow`: `sleep` (milliseconds in, the same out after sleeping
+/// that long), `block` (waits until the test sends on, or drops, the
+/// release channel; at most a minute), both telling `entered` when they
+/// start, and the one-way `count`, which counts its calls. All on the
+/// worker pool.
+struct Slow {
+    service: ServiceBuilder,
+    entered: Receiver<&'static str>,
+    release: Sender<()>,
+    counted: Arc<AtomicUsize>,
+}
+
+fn slow_service() -> Slow {
+    let (entered_tx, entered) = crossbeam_channel::unbounded();
+    let (release, release_rx) = crossbeam_channel::unbounded::<()>();
+    let counted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&counted);
+    let sleeping = entered_tx.clone();
+    let service = ServiceBuilder::new("slow")
+        .method("sleep", move |ms: u64| {
+            let _ = sleeping.send("sleep");
+            thread::sleep(Duration::from_millis(ms));
+            Ok::<_, String>(ms)
+        })
+        .method("block", move |_: ()| {
+            let _ = entered_tx.send("block");
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+            Ok::<_, String>("released")
+        })
+        .method("count", move |_: ()| {
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(())
+        });
+    Slow {
+        service,
+        entered,
+        release,
+        counted,
+    }
+}
+
+/// A client with a long call timeout (no call here may end by it).
+fn patient_client(server: &Server) -> Client {
+    let config = ClientConfig {
+        call_timeout: Duration::from_secs(30),
+        ..ClientConfig::default()
+    };
+    Client::connect(server.local_addr(), config).expect("connect")
+}
+
+/// Runs `server.shutdown()` on a thread of its own; the receiver gets how
+/// long it took. (On a thread, so that a shutdown that hangs fails the
+/// test instead of hanging it.)
+fn shutdown_in_thread(server: &Arc<Server>) -> Receiver<Duration> {
+    let (took_tx, took) = crossbeam_channel::bounded(1);
+    let server = Arc::clone(server);
+    thread::spawn(move || {
+        let started = Instant::now();
+        server.shutdown();
+        let _ = took_tx.send(started.elapsed());
+    });
+    took
+}
+
+/// An idle consumer of a provider that shuts down gets Close(Normal)
+/// (`peer_shutdown`) at once, not when the slowest handler of another
+/// connection returns; the listening socket is closed (a new connect is
+/// refused); and the busy connection's call still gets its answer, then
+/// the Close.
+///
+/// Before, the Close went to every connection only once every worker was
+/// joined: the idle consumer heard of the shutdown 2 s later, with the
+/// sleeping handler.
+#[test]
+fn an_idle_connection_is_closed_at_once_while_a_busy_one_finishes() {
+    let _shared = PROCESS.shared();
+    const SLEEP_MS: u64 = 2_000;
+    let slow = slow_service();
+    let server = Arc::new(server_with(ServerConfig::default(), vec![slow.service]));
+    let addr = server.local_addr();
+    let busy = patient_client(&server);
+    let idle = patient_client(&server);
+    let (busy_events, idle_events) = (busy.events(), idle.events());
+
+    let caller = {
+        let busy = busy.clone();
+        thread::spawn(move || busy.call::<_, u64>("slow", "sleep", &SLEEP_MS))
+    };
+    assert_eq!(slow.entered.recv_timeout(PROMPTLY), Ok("sleep"));
+    let started = Instant::now();
+    let shutdown = shutdown_in_thread(&server);
+
+    assert_eq!(
+        wait_any_disconnected(&idle_events),
+        DisconnectReason::PeerShutdown
+    );
+    let idle_closed = started.elapsed();
+    assert!(
+        idle_closed < ms(1_000),
+        "the idle connection got its Close {idle_closed:?} after the shutdown started \
+         (the busy handler sleeps {SLEEP_MS} ms)"
+    );
+    assert!(
+        !caller.is_finished(),
+        "the busy call ended before its handler"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the listener still takes connections"
+    );
+
+    let answer = caller.join().expect("the calling thread");
+    assert_eq!(answer.expect("the busy call's answer"), SLEEP_MS);
+    assert_eq!(
+        wait_any_disconnected(&busy_events),
+        DisconnectReason::PeerShutdown
+    );
+    let took = shutdown.recv_timeout(PROMPTLY).expect("shutdown returned");
+    assert!(took >= ms(SLEEP_MS / 2), "shutdown returned after {took:?}");
+    assert_eq!(server.connection_count(), 0);
+}
+
+/// A request on a connection that drains for a shutdown is refused with
+/// ShuttingDown, and a one-way call sent there is still handled before the
+/// connection closes, as in a `max_age` drain (it has no answer to be
+/// refused with, and nothing could tell its consumer to send it again).
+///
+/// Before, the shutdown dropped such a one-way call without a word.
+#[test]
+fn a_one_way_call_sent_while_the_connection_drains_is_handled() {
+    let _shared = PROCESS.shared();
+    let slow = slow_service();
+    let server = Arc::new(server_with(ServerConfig::default(), vec![slow.service]));
+    let client = patient_client(&server);
+    let events = client.events();
+
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, u64>("slow", "sleep", &1_000u64))
+    };
+    assert_eq!(slow.entered.recv_timeout(PROMPTLY), Ok("sleep"));
+    let shutdown = shutdown_in_thread(&server);
+    // A request refused (not sent again: `start` leaves that to its
+    // caller) proves the shutdown has begun on this connection.
+    wait_until(PROMPTLY, "a request refused with ShuttingDown", || {
+        let refused = client
+            .start::<_, ()>("slow", "count", &())
+            .expect("start")
+            .wait();
+        match refused {
+            Err(Error::Remote {
+                status: ResponseStatus::ShuttingDown,
+                ..
+            }) => true,
+            Ok(()) => false, // ran: the shutdown has not begun yet
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    });
+    let before = slow.counted.load(Ordering::SeqCst);
+    client
+        .send_one_way("slow", "count", &())
+        .expect("send_one_way");
+
+    let answer = caller.join().expect("the calling thread");
+    assert_eq!(answer.expect("the busy call's answer"), 1_000);
+    assert_eq!(
+        wait_any_disconnected(&events),
+        DisconnectReason::PeerShutdown
+    );
+    shutdown.recv_timeout(PROMPTLY).expect("shutdown returned");
+    assert_eq!(
+        slow.counted.load(Ordering::SeqCst),
+        before + 1,
+        "the one-way call sent during the drain was not handled"
+    );
+}
+
+/// A handler that never returns by itself (it waits for the test) no
+/// longer holds the shutdown: at `shutdown_timeout` (300 ms here) its
+/// connection gets Close(Normal), its consumer's call fails with
+/// `ConnectionLost`, and `shutdown` returns. The worker thread is left in
+/// the handler; once the test releases it, it returns (its answer going
+/// nowhere) and ends without a panic, and every fd of the server is closed.
+///
+/// Before, `shutdown` waited for the handler for good (here: until the
+/// test gave up and released it after 3 s).
+#[test]
+fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
+    let _alone = PROCESS.exclusive();
+    let panics = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&panics);
+    let previous_hook = Arc::new(std::panic::take_hook());
+    let chained = Arc::clone(&previous_hook);
+    std::panic::set_hook(Box::new(move |info| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        chained(info);
+    }));
+    let baseline = fd_count();
+
+    let slow = slow_service();
+    let config = ServerConfig {
+        shutdown_timeout: Some(ms(300)),
+        worker_threads: 4,
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![slow.service]));
+    let client = patient_client(&server);
+    let events = client.events();
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, String>("slow", "block", &()))
+    };
+    assert_eq!(slow.entered.recv_timeout(PROMPTLY), Ok("block"));
+
+    let shutdown = shutdown_in_thread(&server);
+    let took = match shutdown.recv_timeout(Duration::from_secs(3)) {
+        Ok(took) => took,
+        Err(_) => {
+            drop(slow.release); // let the handler, and the shutdown, end
+            panic!("shutdown was still waiting for the blocked handler after 3 s");
+        }
+    };
+    assert!(took >= ms(300), "shutdown returned after {took:?}");
+    let result = caller.join().expect("the calling thread");
+    assert!(
+        matches!(result, Err(Error::ConnectionLost { .. })),
+        "the blocked call ended with {result:?}"
+    );
+    assert_eq!(
+        wait_any_disconnected(&events),
+        DisconnectReason::PeerShutdown
+    );
+    assert_eq!(server.connection_count(), 0);
+    drop(client);
+    drop(server);
+
+    slow.release.send(()).expect("the handler is still waiting");
+    wait_until(PROMPTLY, "the left worker to end", || {
+        threads_named("pulse-worker") == 0
+    });
+    wait_until(PROMPTLY, "the fds back to the baseline", || {
+        fd_count() <= baseline
+    });
+    let _ = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| previous_hook(info)));
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a thread panicked");
+}
