@@ -973,7 +973,8 @@ fn run_server(options: &Options, addr: &str) -> Result<ExitCode, pulse::Error> {
     // Serving happens on pulse's own threads; this one waits for the signal.
     let _ = stop.recv();
     // Dropping the server shuts it down: Close(Normal) to every consumer
-    // (they report `peer_shutdown`), running calls finish first; the printer
+    // (they report `peer_shutdown`), idle ones at once, busy ones once
+    // their running calls finish (for up to `shutdown_timeout`); the printer
     // ends when the events channel closes.
     drop(server);
     join_within(printer, Duration::from_secs(2));
