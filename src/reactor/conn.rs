@@ -308,13 +308,22 @@ impl ConnShared {
         if let Some(buf) = unused.or_else(|| decoder.release_buffer()) {
             *caller_buf = Some(buf);
         }
+        // The calls answered are taken out of the table before the lock
+        // goes. Why: once it is gone, the loop may take the decoder and
+        // read the frame behind these responses; were it the end of the
+        // connection (a Close), it would fail the calls still in the table,
+        // these among them, although their answers are here.
+        let mut slots = Vec::new();
+        if !responses.is_empty() {
+            slots.reserve(responses.len());
+            self.calls.claim(&responses, &mut slots);
+        }
         drop(reader);
         if (left_for_loop && read_any) || started_a_frame || failed {
             self.ask_loop_to_read_left();
         }
         if !responses.is_empty() {
-            let mut slots = Vec::with_capacity(responses.len());
-            for id in self.calls.complete_all(&mut responses, &mut slots) {
+            for id in CallTable::deliver(&mut responses, &mut slots) {
                 log::debug!("{}: response {id} came after its call gave up", self.peer);
             }
             // The loop stays ready to take the next answers itself, as if
@@ -928,10 +937,26 @@ impl CallTable {
         responses: &mut Vec<Frame>,
         slots: &mut Vec<Option<Arc<CallSlot>>>,
     ) -> Vec<u64> {
-        {
-            let mut calls = self.inner.lock();
-            slots.extend(responses.iter().map(|r| calls.map.remove(&r.header.id)));
-        }
+        self.claim(responses, slots);
+        CallTable::deliver(responses, slots)
+    }
+
+    /// The first half of [`complete_all`](Self::complete_all): takes the
+    /// calls `responses` answer out of the table (one lock), into `slots`
+    /// (`None` where nobody waits any more), so that no failure of the
+    /// connection can reach them any more.
+    pub(crate) fn claim(&self, responses: &[Frame], slots: &mut Vec<Option<Arc<CallSlot>>>) {
+        let mut calls = self.inner.lock();
+        slots.extend(responses.iter().map(|r| calls.map.remove(&r.header.id)));
+    }
+
+    /// The second half of [`complete_all`](Self::complete_all): hands each
+    /// response (drained) to the call claimed for it in `slots` (drained),
+    /// and returns the ids of those nobody waits for.
+    pub(crate) fn deliver(
+        responses: &mut Vec<Frame>,
+        slots: &mut Vec<Option<Arc<CallSlot>>>,
+    ) -> Vec<u64> {
         let mut orphans = Vec::new();
         for (slot, response) in slots.drain(..).zip(responses.drain(..)) {
             match slot {
