@@ -447,7 +447,9 @@ pub struct ServerConfig {
     /// again on its next connection), new one-way calls are handled (nothing
     /// could tell their consumer to send them again), running ones finish (for up to
     /// `linger`), then Close(Normal), sent as soon as the last running
-    /// call's response is queued — the consumer reconnects at once (no
+    /// call's response is queued (or, at `linger` with calls still running,
+    /// Close(Abandoned): their answers will not come, and their consumer
+    /// fails them with `ConnectionLost`) — the consumer reconnects at once (no
     /// backoff delay; however short, the connection does not count against its
     /// backoff's probation). Spreads load after providers are added. Default
     /// `None` (never).
@@ -456,8 +458,9 @@ pub struct ServerConfig {
     /// handlers running when it was called. Every connection drains from
     /// the start of the shutdown (an idle one gets Close(Normal) at once, a
     /// busy one once its last running call is answered); at this bound the
-    /// connections still open get Close(Normal) without the answers still
-    /// due, worker threads still in a handler are left to finish on their
+    /// connections still open get Close(Abandoned) without the answers still
+    /// due (their consumer fails those calls with `ConnectionLost`: they
+    /// may have run), worker threads still in a handler are left to finish on their
     /// own (logged at error), and `shutdown` returns. `None`: wait however
     /// long the handlers take. Default 10 s (Dubbo's `shutdown.wait`):
     /// twice a pulse consumer's default `call_timeout` (5 s), so no call a

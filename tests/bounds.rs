@@ -2069,6 +2069,7 @@ fn the_client_survives_each_close_status_from_its_provider() {
             CloseStatus::ProtocolError => |r| check(r, CloseStatus::ProtocolError),
             CloseStatus::TooManyPings => |r| check(r, CloseStatus::TooManyPings),
             CloseStatus::IdleTimeout => |r| check(r, CloseStatus::IdleTimeout),
+            CloseStatus::Abandoned => |r| check(r, CloseStatus::Abandoned),
             _ => |r| check(r, CloseStatus::Overloaded),
         };
         hostile_provider(

@@ -87,6 +87,7 @@ fn single_frame(bytes: &[u8]) -> pulse::protocol::Frame {
 fn every_hex_block_is_checked() {
     let names: Vec<String> = hex_blocks().into_keys().collect();
     let checked = [
+        "abandoned-close-example",
         "close-example",
         "error-response-example",
         "ping-example",
@@ -182,6 +183,22 @@ fn close_example_matches_encoder() {
     let frame = single_frame(&encoded);
     assert_eq!((frame.header.kind, frame.header.id), (Kind::Close, 0));
     assert_eq!(decode_text_body(&frame.body), "server shutting down");
+}
+
+/// The reason is the one `tests/shutdown.rs` sees a provider send when its
+/// `shutdown_timeout` ends with one call running
+/// (`shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout`).
+#[test]
+fn abandoned_close_example_matches_encoder() {
+    let reason = "server shutting down: gave up waiting for 1 running call(s) (shutdown_timeout)";
+    let encoded = encode_close(CloseStatus::Abandoned, reason);
+    assert_eq!(block("abandoned-close-example"), encoded);
+    let frame = single_frame(&encoded);
+    assert_eq!(
+        (frame.header.kind, frame.header.status, frame.header.id),
+        (Kind::Close, 6, 0)
+    );
+    assert_eq!(decode_text_body(&frame.body), reason);
 }
 
 /// Table rows of the document as trimmed cells.

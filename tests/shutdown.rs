@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use pulse::protocol::ResponseStatus;
+use pulse::protocol::{CloseStatus, ResponseStatus};
 use pulse::{Client, ClientConfig, DisconnectReason, Error, Server, ServerConfig, ServiceBuilder};
 use support::process::{ProcessLock, fd_count, threads_named};
 use support::{PROMPTLY, ms, server_with, wait_any_disconnected, wait_until};
@@ -198,7 +198,8 @@ fn a_one_way_call_sent_while_the_connection_drains_is_handled() {
 
 /// A handler that never returns by itself (it waits for the test) no
 /// longer holds the shutdown: at `shutdown_timeout` (300 ms here) its
-/// connection gets Close(Normal), its consumer's call fails with
+/// connection gets Close(Abandoned) (not Normal, which would promise that
+/// every request read was answered), its consumer's call fails with
 /// `ConnectionLost`, and `shutdown` returns. The worker thread is left in
 /// the handler; once the test releases it, it returns (its answer going
 /// nowhere) and ends without a panic, and every fd of the server is closed.
@@ -249,7 +250,12 @@ fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
     );
     assert_eq!(
         wait_any_disconnected(&events),
-        DisconnectReason::PeerShutdown
+        DisconnectReason::PeerClosed {
+            status: Some(CloseStatus::Abandoned),
+            detail: "server shutting down: gave up waiting for 1 running call(s) \
+                     (shutdown_timeout)"
+                .into()
+        }
     );
     assert_eq!(server.connection_count(), 0);
     drop(client);

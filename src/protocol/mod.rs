@@ -109,7 +109,11 @@ impl ResponseStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum CloseStatus {
-    /// Graceful shutdown; the receiver does not treat it as a failure.
+    /// Graceful shutdown; the receiver does not treat it as a failure. The
+    /// sender promises that every Request it read on the connection has
+    /// its Response ahead of this Close: a Request still unanswered when
+    /// the Close is read did not run, and may be sent again (see
+    /// docs/PROTOCOL.md, section 7).
     Normal = 0,
     /// The sender heard nothing from the receiver for `max_missed` intervals.
     HeartbeatTimeout = 1,
@@ -121,6 +125,12 @@ pub enum CloseStatus {
     IdleTimeout = 4,
     /// The sender is over one of its resource bounds.
     Overloaded = 5,
+    /// A graceful close (the sender shuts down, or retires the connection
+    /// at `max_age`) that stopped waiting for calls still running: their
+    /// Responses will not come, and they may have run. Sent instead of
+    /// `Normal` whenever a Request read on the connection is unanswered,
+    /// so that `Normal` keeps its promise.
+    Abandoned = 6,
 }
 
 impl CloseStatus {
@@ -133,6 +143,7 @@ impl CloseStatus {
             3 => CloseStatus::TooManyPings,
             4 => CloseStatus::IdleTimeout,
             5 => CloseStatus::Overloaded,
+            6 => CloseStatus::Abandoned,
             _ => return None,
         })
     }

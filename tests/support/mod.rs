@@ -130,12 +130,13 @@ pub fn heartbeat(interval_ms: u64, max_missed: u32) -> HeartbeatConfig {
 
 /// Every Close status of protocol version 1 but `Normal`: the ones a peer
 /// reports as `PeerClosed { status: Some(_), .. }`.
-pub const CLOSE_STATUSES_BUT_NORMAL: [CloseStatus; 5] = [
+pub const CLOSE_STATUSES_BUT_NORMAL: [CloseStatus; 6] = [
     CloseStatus::HeartbeatTimeout,
     CloseStatus::ProtocolError,
     CloseStatus::TooManyPings,
     CloseStatus::IdleTimeout,
     CloseStatus::Overloaded,
+    CloseStatus::Abandoned,
 ];
 
 /// Whether a socket error only means "not now" (a read or write timeout,

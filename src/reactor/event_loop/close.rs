@@ -64,9 +64,13 @@ impl EventLoop {
             self.finalize(token, now);
             return;
         };
+        let (status, text) = match conn.role {
+            Role::Provider { .. } => honest_close(status, text, conn.shared.requests_open()),
+            Role::Consumer { .. } => (status, text),
+        };
         // A graceful Close goes behind the responses already queued; any
         // other Close replaces what has not started to be written.
-        let graceful = status == CloseStatus::Normal;
+        let graceful = matches!(status, CloseStatus::Normal | CloseStatus::Abandoned);
         let shared = &conn.shared;
         let sent = shared
             .out
@@ -292,16 +296,36 @@ impl EventLoop {
     }
 }
 
+/// The Close a provider sends: Close(Normal) promises its consumer that
+/// every request read on the connection has its response ahead of the
+/// Close, so that the calls still waiting there did not run and may be sent
+/// again (docs/PROTOCOL.md, section 7). With `running` requests still open
+/// (a drain that reached its bound, or `Runtime::shutdown`'s `CloseAll`)
+/// that would be a lie: the Close becomes Close(Abandoned), whose reason
+/// says how many calls it gave up on.
+///
+/// Why here, on the loop: only the loop dispatches requests, so `running`
+/// cannot grow between this look and the Close being queued; it can only
+/// fall (a worker finishing), which leaves Abandoned merely cautious.
+fn honest_close(status: CloseStatus, text: String, running: usize) -> (CloseStatus, String) {
+    if status != CloseStatus::Normal || running == 0 {
+        return (status, text);
+    }
+    let text = format!("{text}: gave up waiting for {running} running call(s)");
+    (CloseStatus::Abandoned, text)
+}
+
 /// Whether the peer retired a healthy connection on purpose: Close(Normal)
-/// (its `max_age` or its shutdown) or Close(IdleTimeout) (its `max_idle`).
-/// The consumer then reconnects at once, and the connection's shortness
-/// does not count against its backoff (`Backoff::on_peer_closed_gracefully`).
+/// or Close(Abandoned) (its `max_age` or its shutdown; the latter gave up
+/// on calls still running) or Close(IdleTimeout) (its `max_idle`). The
+/// consumer then reconnects at once, and the connection's shortness does
+/// not count against its backoff (`Backoff::on_peer_closed_gracefully`).
 fn retired_by_peer(reason: &DisconnectReason) -> bool {
     matches!(
         reason,
         DisconnectReason::PeerShutdown
             | DisconnectReason::PeerClosed {
-                status: Some(CloseStatus::IdleTimeout),
+                status: Some(CloseStatus::IdleTimeout | CloseStatus::Abandoned),
                 ..
             }
     )
@@ -349,4 +373,31 @@ fn drain_unread(socket: &Socket) -> Drained {
         }
     }
     Drained::Limit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider's Close(Normal) with requests still open becomes
+    /// Close(Abandoned), saying how many; any other Close, or a Normal
+    /// with none open, goes out as it is.
+    #[test]
+    fn a_graceful_close_with_calls_running_is_sent_as_abandoned() {
+        let text = || "server shutting down".to_string();
+        assert_eq!(
+            honest_close(CloseStatus::Normal, text(), 0),
+            (CloseStatus::Normal, text())
+        );
+        assert_eq!(
+            honest_close(CloseStatus::Normal, text(), 2),
+            (
+                CloseStatus::Abandoned,
+                "server shutting down: gave up waiting for 2 running call(s)".to_string()
+            )
+        );
+        for status in [CloseStatus::Abandoned, CloseStatus::Overloaded] {
+            assert_eq!(honest_close(status, text(), 2), (status, text()));
+        }
+    }
 }

@@ -165,7 +165,7 @@ impl EventLoop {
         if let Some((drain, running)) = drain
             && (running == 0 || drain.until.is_some_and(|until| now >= until))
         {
-            self.close_drained(token, running, now);
+            self.close_drained(token, now);
             return Flow::Closed;
         }
         Flow::Open
@@ -184,7 +184,7 @@ impl EventLoop {
         // Taken first: a call still open tells again when it finishes.
         let open = conn.shared.take_drained();
         if conn.drain.is_some() && !conn.phase.is_closing() && open == 0 {
-            self.close_drained(token, 0, now);
+            self.close_drained(token, now);
         }
     }
 
@@ -229,16 +229,18 @@ impl EventLoop {
             until,
         });
         match conn.shared.start_draining() {
-            0 => self.close_drained(token, 0, now),
+            0 => self.close_drained(token, now),
             // Its deadline is the drain's bound from now on.
             _ => self.rearm(token),
         }
     }
 
-    /// Closes a draining provider connection with Close(Normal), behind the
-    /// responses already queued; `running`: its requests still open (more
-    /// than zero once the drain's bound has passed).
-    fn close_drained(&mut self, token: usize, running: usize, now: Instant) {
+    /// Closes a draining provider connection gracefully, behind the
+    /// responses already queued: Close(Normal) when no request is open on
+    /// it, otherwise (the drain's bound has passed) Close(Abandoned), whose
+    /// reason names the calls given up on and the bound (see
+    /// `close::honest_close`).
+    fn close_drained(&mut self, token: usize, now: Instant) {
         let Some(conn) = self.conns.get(token) else {
             return;
         };
@@ -246,24 +248,29 @@ impl EventLoop {
             return; // only providers drain
         };
         let config = server.config();
-        let (text, reason) = match drain.cause {
+        let (text, reason, bound) = match drain.cause {
             DrainCause::MaxAge => {
                 let max_age = config.max_age.unwrap_or_default();
                 let text = format!("connection reached max_age {max_age:?}");
-                (text, DisconnectReason::MaxAge)
+                (text, DisconnectReason::MaxAge, "linger")
             }
-            DrainCause::Shutdown if running == 0 => {
-                (SHUTDOWN_REASON.to_string(), DisconnectReason::Shutdown)
-            }
-            DrainCause::Shutdown => {
-                let text = format!(
-                    "{SHUTDOWN_REASON}: gave up waiting for {running} running call(s) (shutdown_timeout)"
-                );
-                log::warn!("{}: closing: {text}", conn.shared.peer);
-                (text, DisconnectReason::Shutdown)
-            }
+            DrainCause::Shutdown => (
+                SHUTDOWN_REASON.to_string(),
+                DisconnectReason::Shutdown,
+                "shutdown_timeout",
+            ),
         };
-        self.close(token, reason, Some((CloseStatus::Normal, text)), now);
+        // Looked at now, not when the bound was found passed: the loop
+        // alone dispatches, so this can only have fallen since.
+        let running = conn.shared.requests_open();
+        let close = if running == 0 {
+            (CloseStatus::Normal, text)
+        } else {
+            let text = format!("{text}: gave up waiting for {running} running call(s) ({bound})");
+            log::warn!("{}: closing: {text}", conn.shared.peer);
+            (CloseStatus::Abandoned, text)
+        };
+        self.close(token, reason, Some(close), now);
     }
 
     /// Carries out what the connection's heartbeat machine has queued.
