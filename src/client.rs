@@ -551,6 +551,9 @@ impl Client {
     /// provider's `max_age` or `max_idle` rotating it, or its shutdown) did
     /// not run; like a call made while the connection closes, it is sent
     /// once more on the next connection, within the same timeout. So is a
+    /// call still waiting when the provider closes the connection with
+    /// Close(Normal), which it sends only once every request it read is
+    /// answered (the call fails with that same `ShuttingDown`). So is a
     /// call whose connection died while its request still waited in the
     /// connection's write queue (behind a socket the network stopped
     /// taking bytes from): not one byte of it was written. When no
@@ -596,9 +599,10 @@ impl Client {
         let first = self.start_until(service, method, args, until, Write::Now)?;
         let closing = first.conn.id;
         match first.wait() {
-            // Refused by a closing connection, or never written to one that
-            // died (`NotConnected` comes from `wait` only then): it did not
-            // run.
+            // Refused by a closing connection (an answer, or its
+            // Close(Normal) before the request was read), or never written
+            // to one that died (`NotConnected` comes from `wait` only
+            // then): it did not run.
             Err(
                 Error::Remote {
                     status: ResponseStatus::ShuttingDown,
@@ -841,9 +845,17 @@ impl Client {
             .register(id, slot.clone(), config.max_inflight, conn.peer)
         {
             Ok(waiting) => waiting,
-            // The connection ended (for this side's shutdown too) before
-            // the request was queued: never written.
-            Err(Error::ConnectionLost { .. } | Error::Shutdown) => {
+            // The connection ended (for this side's shutdown too, or the
+            // provider's graceful Close) before the request was queued:
+            // never written.
+            Err(
+                Error::ConnectionLost { .. }
+                | Error::Shutdown
+                | Error::Remote {
+                    status: ResponseStatus::ShuttingDown,
+                    ..
+                },
+            ) => {
                 return Err(SendOnError::Dead(frame));
             }
             Err(e) => return Err(SendOnError::Failed(e)),

@@ -19,9 +19,11 @@ pub enum Error {
     /// have run on the provider.
     #[error("call timed out after {0:?} without a response")]
     Timeout(Duration),
-    /// The connection the call was sent on died before the response came.
-    /// The request may or may not have run on the provider; the client is
-    /// already reconnecting.
+    /// The connection the call was sent on died before the response came
+    /// (lost, or closed by the provider with any Close but Normal, such as
+    /// Close(Abandoned) at the end of its `shutdown_timeout`). The request
+    /// may or may not have run on the provider; the client is already
+    /// reconnecting.
     #[error("connection to {peer} lost before the response arrived: {reason}")]
     ConnectionLost {
         /// The provider the call was sent to.
@@ -65,6 +67,14 @@ pub enum Error {
         detail: String,
     },
     /// The provider answered with a non-Ok status.
+    ///
+    /// Also `ShuttingDown` for a call still waiting when its provider
+    /// closed the connection with Close(Normal) (it shuts down, or retires
+    /// the connection at `max_age`): a provider sends that Close only once
+    /// every request it read has its answer ahead of it, so this one was
+    /// never read and did not run, exactly as if it had been refused with
+    /// `ShuttingDown` (docs/PROTOCOL.md, section 7). The message then says
+    /// so.
     #[error("remote error {status:?}: {message}")]
     Remote {
         /// The status byte of the response.
@@ -105,7 +115,8 @@ impl Error {
     /// that can pass: no connection (`NotConnected`, `NoProvider`), a local
     /// bound (`Overloaded`), or the provider's `Overloaded` or
     /// `ShuttingDown` answer (a provider shutting down or closing that
-    /// connection, e.g. at `max_age`). Sending the call again, later or to
+    /// connection, e.g. at `max_age`; also its Close(Normal) arriving
+    /// before it read the request). Sending the call again, later or to
     /// another provider, is then safe even if it is not idempotent.
     ///
     /// False after a request may have run (`Timeout`, `ConnectionLost`,

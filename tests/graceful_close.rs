@@ -1,16 +1,27 @@
-//! Graceful Closes on real loopback sockets (docs/PROTOCOL.md, section 7):
-//! a graceful close that stops waiting for calls still running (a drain
-//! that reached its bound) says so with Close(Abandoned), not Close(Normal),
+//! What a provider's graceful Close promises, on real loopback sockets
+//! (docs/PROTOCOL.md, section 7): every Request it read on the connection
+//! has its Response ahead of a Close(Normal), so a call still waiting when
+//! the consumer reads that Close did not run, and is sent again (by
+//! `Client::call` once, by a `ClusterClient` to another provider whatever
+//! its idempotency). A graceful close that stops waiting for calls still
+//! running (a drain that reached its bound) says so with Close(Abandoned),
 //! and those calls fail with `ConnectionLost`: they may have run.
 
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pulse::protocol::{CloseStatus, Kind, decode_text_body, encode_close, encode_request};
+use pulse::cluster::{
+    ClusterClient, ClusterConfig, Endpoint, RoundRobin, ServiceKey, StaticRegistry,
+};
+use pulse::protocol::{
+    CloseStatus, Kind, ResponseStatus, decode_text_body, encode_close, encode_ok_response,
+    encode_request,
+};
 use pulse::{Client, DisconnectReason, Error, Server, ServerConfig, ServiceBuilder};
 use support::raw_peer::{FakeProvider, RawPeer};
 use support::{PROMPTLY, ms, quick_reconnect_config, wait_any_disconnected, wait_connected};
@@ -65,6 +76,67 @@ fn counted_server(service: ServiceBuilder, config: ServerConfig, addr: &str) -> 
         .expect("bind the provider")
 }
 
+/// The fake provider's side: reads the consumer's next Request (answering
+/// its Pings meanwhile), then closes gracefully without answering it.
+fn read_request_then_close_normal(peer: &mut RawPeer) -> pulse::protocol::Frame {
+    let request = peer.next_frame_answering_pings(PROMPTLY);
+    assert_eq!(request.header.kind, Kind::Request, "{request:?}");
+    peer.send(&encode_close(CloseStatus::Normal, "server shutting down"));
+    request
+}
+
+/// A call whose request reached the provider just as it closed with
+/// Close(Normal) is sent once more on the next connection, and succeeds
+/// there; the same call started with `start` fails with `ShuttingDown`
+/// (refused before it ran), which its caller may send again.
+///
+/// Before, both failed with `ConnectionLost` ("may or may not have run"),
+/// and `call` did not send it again although it provably never ran.
+#[test]
+fn a_call_crossing_a_close_normal_is_sent_again_on_the_next_connection() {
+    let fake = FakeProvider::bind();
+    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
+    let events = client.events();
+    let mut first = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, u64>("demo", "ping", &7u64))
+    };
+    let request = read_request_then_close_normal(&mut first);
+    drop(first);
+    // The consumer reconnects and sends the same request again: answered.
+    let mut second = fake.accept_ready(PROMPTLY);
+    let again = second.next_frame_answering_pings(PROMPTLY);
+    assert_eq!(again.header.kind, Kind::Request);
+    assert_eq!(again.body, request.body, "the same call, sent again");
+    second.send(&encode_ok_response(again.header.id, &7u64).unwrap());
+    let result = caller.join().expect("the calling thread");
+    assert_eq!(result.expect("the call sent again"), 7);
+
+    // `start` leaves the retry to its caller: the error says it did not run.
+    let call = client
+        .start::<_, u64>("demo", "ping", &8u64)
+        .expect("start");
+    read_request_then_close_normal(&mut second);
+    let result = call.wait();
+    match &result {
+        Err(
+            e @ Error::Remote {
+                status: ResponseStatus::ShuttingDown,
+                message,
+            },
+        ) => {
+            assert!(e.refused_before_running());
+            assert!(message.contains("did not run"), "{message}");
+        }
+        other => panic!("expected a ShuttingDown refusal, got {other:?}"),
+    }
+    drop(second);
+    drop(client);
+}
+
 /// A call still waiting when its provider closes with any Close but Normal
 /// (here Close(Abandoned): a graceful close that gave up on calls still
 /// running) fails with `ConnectionLost`, and is not sent again: it may have
@@ -112,6 +184,133 @@ fn a_call_crossing_any_other_close_fails_with_connection_lost() {
     );
     drop(peer);
     drop(client);
+}
+
+/// A `ClusterClient` sends a call that crossed a provider's Close(Normal)
+/// to another provider, although the method is not idempotent, and it
+/// runs there once.
+///
+/// Before, the call failed with `ConnectionLost` and was not failed over.
+#[test]
+fn a_cluster_fails_a_call_crossing_a_close_normal_over_whatever_its_idempotency() {
+    let counted = Counted::new();
+    let real = counted_server(counted.service(), ServerConfig::default(), "127.0.0.1:0");
+    let fake = FakeProvider::bind();
+    let key = ServiceKey::from("count");
+    let registry = StaticRegistry::new().with(
+        key.clone(),
+        vec![Endpoint::new(fake.addr()), Endpoint::new(real.local_addr())],
+    );
+    let config = ClusterConfig {
+        client: quick_reconnect_config(),
+        ..ClusterConfig::default()
+    };
+    let cluster = ClusterClient::new(&registry, key, RoundRobin::new(), config).expect("cluster");
+    // The fake answers the handshake and every Ping; the first call it
+    // reads, it closes on with Close(Normal) without answering.
+    let mut peer = fake.accept_ready(PROMPTLY);
+    let faker = thread::spawn(move || {
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let frame = match peer.read(deadline) {
+                Ok(Some(frame)) => frame,
+                other => panic!("the fake provider read {other:?}"),
+            };
+            match frame.header.kind {
+                Kind::Ping => peer.send(&pulse::protocol::encode_pong(frame.header.id)),
+                Kind::Request => {
+                    peer.send(&encode_close(CloseStatus::Normal, "server shutting down"));
+                    return frame.header.id;
+                }
+                _ => {}
+            }
+        }
+    });
+    assert!(cluster.wait_ready(2, PROMPTLY), "{:?}", cluster.providers());
+    // Round robin: one of the first two calls goes to the fake first.
+    let mut attempts = 0;
+    for n in 1..=2u64 {
+        let traced = cluster
+            .call_traced::<_, u64>("run", &n, &pulse::cluster::CallOptions::new())
+            .expect("the call runs on the real provider");
+        assert_eq!(traced.value, n);
+        assert_eq!(traced.provider, real.local_addr(), "{traced:?}");
+        attempts += traced.attempts;
+    }
+    assert_eq!(attempts, 3, "one call was failed over from the fake");
+    faker
+        .join()
+        .expect("the fake provider read a call and closed");
+    let runs = counted.runs.lock().unwrap().clone();
+    assert_eq!(runs, HashMap::from([(1, 1), (2, 1)]), "each call ran once");
+}
+
+/// A consumer calling in a tight loop across its provider's shutdowns and
+/// restarts (on the same address): no call fails, none runs twice. The
+/// calls that cross a shutdown are refused (a ShuttingDown answer, or the
+/// Close(Normal) reaching the consumer before the provider read them) and
+/// sent once more, to the restarted provider.
+///
+/// Before, a call crossing the Close(Normal) on the wire failed with
+/// `ConnectionLost` (the audit saw it in 1 of 10 shutdowns).
+#[test]
+fn calls_in_a_tight_loop_across_provider_shutdowns_never_fail_nor_run_twice() {
+    const SHUTDOWNS: usize = 20;
+    let counted = Counted::new();
+    let config = ServerConfig {
+        event_loops: 1,
+        ..ServerConfig::default()
+    };
+    let mut server = counted_server(counted.service(), config.clone(), "127.0.0.1:0");
+    let addr = server.local_addr();
+    let client = Client::connect(addr, quick_reconnect_config()).expect("connect");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, stop, next) = (client.clone(), Arc::clone(&stop), Arc::clone(&next));
+            thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    match client.call::<_, u64>("count", "run", &n) {
+                        Ok(got) => assert_eq!(got, n),
+                        Err(e) => failures.push((n, e.to_string())),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    for _ in 0..SHUTDOWNS {
+        // Calls flow a moment, then the provider shuts down under them
+        // and comes back where they expect it.
+        let before = next.load(Ordering::SeqCst);
+        let flowing = Instant::now() + PROMPTLY;
+        while next.load(Ordering::SeqCst) < before + 20 {
+            assert!(Instant::now() < flowing, "calls stopped flowing");
+            thread::sleep(ms(1));
+        }
+        server.shutdown();
+        server = counted_server(counted.service(), config.clone(), &addr.to_string());
+    }
+    stop.store(true, Ordering::SeqCst);
+    let failures: Vec<_> = callers
+        .into_iter()
+        .flat_map(|caller| caller.join().expect("a calling thread"))
+        .collect();
+    assert_eq!(failures, [], "calls that failed across the shutdowns");
+    let runs = counted.runs.lock().unwrap();
+    let twice: Vec<_> = runs.iter().filter(|(_, count)| **count > 1).collect();
+    assert_eq!(twice, [], "calls that ran more than once");
+    assert_eq!(
+        runs.len() as u64,
+        next.load(Ordering::SeqCst),
+        "every call ran"
+    );
+    drop(client);
+    drop(server);
 }
 
 /// A connection draining for `max_age` whose call outlives the drain's

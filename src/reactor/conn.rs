@@ -25,7 +25,7 @@ use super::outbound::{Class, Flush, MAX_IOV, Outbound, SendError, held_frames_li
 use super::{Command, LoopHandle};
 use crate::error::Error;
 use crate::event::DisconnectReason;
-use crate::protocol::{CloseStatus, Frame, FrameDecoder};
+use crate::protocol::{CloseStatus, Frame, FrameDecoder, ResponseStatus};
 
 /// Everything about one connection that is shared beyond its event loop.
 pub(crate) struct ConnShared {
@@ -310,9 +310,9 @@ impl ConnShared {
         }
         // The calls answered are taken out of the table before the lock
         // goes. Why: once it is gone, the loop may take the decoder and
-        // read the frame behind these responses; were it the end of the
-        // connection (a Close), it would fail the calls still in the table,
-        // these among them, although their answers are here.
+        // read the frame behind these responses; were it a Close(Normal),
+        // the calls still in the table would fail as never run (see
+        // `call_lost`) and be sent again, although their answers are here.
         let mut slots = Vec::new();
         if !responses.is_empty() {
             slots.reserve(responses.len());
@@ -869,10 +869,20 @@ impl Hasher for CallIdHasher {
 
 /// The error of a call whose connection ended for `reason` before its
 /// response came: `Shutdown` when this side shut the client down (the caller
-/// asked for it, nothing to retry), otherwise `ConnectionLost`.
+/// asked for it, nothing to retry); `ShuttingDown`, as if the provider had
+/// answered it so, when the provider closed with Close(Normal) (its promise:
+/// every request it read is answered ahead of that Close, so this one did
+/// not run, and `Client::call` or a cluster sends it again); otherwise
+/// `ConnectionLost`.
 fn call_lost(peer: SocketAddr, reason: &DisconnectReason) -> Error {
     match reason {
         DisconnectReason::Shutdown => Error::Shutdown,
+        DisconnectReason::PeerShutdown => Error::Remote {
+            status: ResponseStatus::ShuttingDown,
+            message: format!(
+                "{peer} closed the connection gracefully (Close Normal) before reading this request: it did not run"
+            ),
+        },
         // The reason with its detail ("protocol_error (body_len 4003
         // exceeds max_frame_len 1024)"): the caller may never see the event
         // that says why.
@@ -1529,6 +1539,47 @@ mod tests {
                 Some(Ok(frame)) => assert_eq!(frame.body, body),
                 other => panic!("expected the response body {body:?}, got {other:?}"),
             }
+        }
+    }
+
+    /// A Close(Normal) from the provider fails the calls still waiting as
+    /// refused before running (its promise: it answered every request it
+    /// read), and so are the calls registered after it; any other end
+    /// fails them with `ConnectionLost`.
+    #[test]
+    fn only_a_close_normal_fails_the_waiting_calls_as_never_run() {
+        let refused = |e: &Error| {
+            matches!(
+                e,
+                Error::Remote {
+                    status: ResponseStatus::ShuttingDown,
+                    ..
+                }
+            )
+        };
+        let lost = |e: &Error| matches!(e, Error::ConnectionLost { .. });
+        let closed = DisconnectReason::PeerClosed {
+            status: Some(CloseStatus::Abandoned),
+            detail: "gave up".into(),
+        };
+        for (reason, expected) in [
+            (
+                DisconnectReason::PeerShutdown,
+                refused as fn(&Error) -> bool,
+            ),
+            (closed, lost),
+            (DisconnectReason::HeartbeatTimeout, lost),
+        ] {
+            let table = CallTable::new();
+            let slot = CallSlot::new();
+            table.register(1, slot.clone(), 10, peer()).unwrap();
+            table.fail_all(peer(), &reason);
+            match slot.wait(Instant::now()) {
+                Some(Err(e)) => assert!(expected(&e), "{reason:?}: {e:?}"),
+                other => panic!("{reason:?}: {other:?}"),
+            }
+            let late = table.register(2, CallSlot::new(), 10, peer()).unwrap_err();
+            assert!(expected(&late), "{reason:?}: {late:?}");
         }
     }
 
