@@ -14,8 +14,8 @@
 mod cluster_support;
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -54,17 +54,43 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The advertised peer URL and cluster token that give a member the ID
+/// 11120345140604716997, at or above 2^63.
+///
+/// etcd derives a first member's ID from these alone (`computeMemberId`:
+/// the first 8 bytes, big-endian, of SHA-1 over the sorted advertised peer
+/// URLs followed by `--initial-cluster-token`), so the ID is the same on
+/// every run. The member listens for peers on a free port as usual; the
+/// advertised URL is only a name here, as a single member never dials its
+/// own peer URL.
+const HIGH_ID_PEER_URL: &str = "http://127.0.0.1:1";
+const HIGH_ID_TOKEN: &str = "pulse-high-id";
+
 /// A private etcd process: started on free ports, killed on drop.
 struct Etcd {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// Advertise [`HIGH_ID_PEER_URL`] with [`HIGH_ID_TOKEN`] (a member ID
+    /// at or above 2^63) instead of the listened peer URL with the default
+    /// token (an ID that depends on the free port chosen).
+    high_member_id: bool,
     dir: PathBuf,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     fn start() -> Etcd {
+        Etcd::start_with(false)
+    }
+
+    /// Starts an etcd whose member ID, and so its leader's, is at or above
+    /// 2^63 (see [`HIGH_ID_PEER_URL`]).
+    fn start_with_high_member_id() -> Etcd {
+        Etcd::start_with(true)
+    }
+
+    fn start_with(high_member_id: bool) -> Etcd {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "etcd-{}-{}",
@@ -77,6 +103,7 @@ impl Etcd {
             child: None,
             client_port: free_port(),
             peer_port: free_port(),
+            high_member_id,
             dir,
         };
         etcd.spawn();
@@ -102,6 +129,11 @@ impl Etcd {
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "etcd is already running");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let (advertised_peer, token) = if self.high_member_id {
+            (HIGH_ID_PEER_URL.to_string(), HIGH_ID_TOKEN)
+        } else {
+            (peer.clone(), "etcd-cluster") // etcd's default token
+        };
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -114,8 +146,9 @@ impl Etcd {
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=pulse-test={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={advertised_peer}"))
+            .arg(format!("--initial-cluster=pulse-test={advertised_peer}"))
+            .arg(format!("--initial-cluster-token={token}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -142,6 +175,34 @@ impl Etcd {
             );
             std::thread::sleep(ms(50));
         }
+    }
+
+    /// The `leader` of the member's status (a uint64, as etcd's gateway
+    /// sends it: a string of decimal digits), asked over plain HTTP so
+    /// that the test does not rely on the parsing it checks.
+    fn leader_id(&self) -> u64 {
+        let mut stream = TcpStream::connect(self.endpoint()).expect("connect to etcd");
+        stream
+            .set_read_timeout(Some(PROMPTLY))
+            .expect("set a read timeout");
+        write!(
+            stream,
+            "POST /v3/maintenance/status HTTP/1.0\r\nHost: 127.0.0.1\r\n\
+             Content-Length: 2\r\n\r\n{{}}"
+        )
+        .expect("send the status request");
+        let mut reply = String::new();
+        stream
+            .read_to_string(&mut reply)
+            .expect("read the status answer");
+        let digits = reply
+            .split_once(r#""leader":""#)
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(digits, _)| digits)
+            .unwrap_or_else(|| panic!("no leader in etcd's status: {reply}"));
+        digits
+            .parse()
+            .unwrap_or_else(|e| panic!("leader {digits:?} is not a uint64: {e}"))
     }
 
     /// SIGKILLs the process.
@@ -570,4 +631,35 @@ fn an_expired_last_key_leaves_the_consumer_its_provider() {
         || cluster.providers().iter().any(|p| p.weight == 7),
     );
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
+}
+
+/// A healthy etcd whose leader's member ID is at or above 2^63 (a uint64
+/// past `i64::MAX`, as about half of all member IDs are) keeps a quiet
+/// watch going: each idle check's status probe finds the leader. Before,
+/// the probe read `leader` as an int64, took the member for leaderless,
+/// and every consumer reported the registry lost and resumed (and
+/// re-listed) once per `idle_check`.
+#[test]
+fn a_leader_id_above_2_pow_63_keeps_a_quiet_watch_going() {
+    let _serial = serial();
+    let etcd = Etcd::start_with_high_member_id();
+    let leader = etcd.leader_id();
+    assert!(leader >= 1 << 63, "leader {leader} is below 2^63");
+    let registry = etcd.registry();
+    let cluster = follower(&registry);
+    let events = cluster.events();
+    let mark = log_mark();
+    // Nothing changes in the service: the stream stays silent, and the
+    // member holding it is probed once per idle_check (1 s here).
+    let until = Instant::now() + 3 * registry.config().idle_check + Duration::from_millis(500);
+    while let Ok(event) = events.recv_deadline(until) {
+        assert!(
+            !matches!(event, ClusterEvent::RegistryLost { .. }),
+            "a healthy etcd led by {leader} reported lost: {event:?}"
+        );
+    }
+    assert!(
+        !logged_since(mark, log::Level::Warn, "registry unreachable"),
+        "a healthy etcd led by {leader} logged as unreachable"
+    );
 }

@@ -281,12 +281,17 @@ impl EtcdRegistry {
     /// that holds its stream. (A member without a leader refuses the
     /// request because of [`REQUIRE_LEADER`]; the status's `leader` field,
     /// omitted when it is 0, catches a gateway that ignores the header.)
+    ///
+    /// `leader` is a member ID, a uint64 that is at or above 2^63 for about
+    /// half of all members: read as an int64, a healthy member led by such
+    /// a leader looked leaderless, and every quiet watch was reported lost
+    /// each `idle_check`.
     fn probe(&self, host: &str) -> std::result::Result<(), String> {
         let value = self
             .ask(host, "/v3/maintenance/status", "{}")
             .and_then(|answer| answer)
             .map_err(|e| format!("etcd {host}: {e}"))?;
-        match value.get("leader").and_then(Json::as_i64) {
+        match value.get("leader").and_then(Json::as_u64) {
             Some(leader) if leader != 0 => Ok(()),
             _ => Err(format!("etcd {host} has no leader")),
         }
@@ -1545,8 +1550,15 @@ mod tests {
             "200 OK",
             r#"{"header":{"revision":"1"},"errors":["etcdserver: no leader"]}"#,
         ));
-        let registry = registry_of(&[&led, &leaderless]);
+        // Member IDs are uint64: one at or above 2^63 is a leader too.
+        let led_high = FakeMember::new(http_reply(
+            "200 OK",
+            r#"{"header":{"revision":"1","member_id":"11046527456118344142"},
+                "leader":"11046527456118344142"}"#,
+        ));
+        let registry = registry_of(&[&led, &leaderless, &led_high]);
         assert_eq!(registry.probe(&led.host), Ok(()));
+        assert_eq!(registry.probe(&led_high.host), Ok(()));
         let err = registry.probe(&leaderless.host).unwrap_err();
         assert!(err.contains("no leader"), "{err}");
         let request = led.requests.lock().unwrap()[0].clone();

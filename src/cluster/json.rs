@@ -40,8 +40,21 @@ impl Json {
     }
 
     /// An integer written either as a number or as a string (protobuf's
-    /// JSON mapping of int64).
+    /// JSON mapping of int64): for etcd's int64 fields only (revisions,
+    /// lease IDs, TTLs). A uint64 field (member IDs such as the status's
+    /// `leader`, `raft_term`) needs [`Json::as_u64`]: half of its values
+    /// are past `i64::MAX`, and this gives `None` for them.
     pub(crate) fn as_i64(&self) -> Option<i64> {
+        match self {
+            Json::Number(n) | Json::String(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// An unsigned integer written either as a number or as a string
+    /// (protobuf's JSON mapping of uint64), all 64 bits of it: etcd's
+    /// member IDs are hashes, as likely to be at or above 2^63 as below.
+    pub(crate) fn as_u64(&self) -> Option<u64> {
         match self {
             Json::Number(n) | Json::String(n) => n.parse().ok(),
             _ => None,
@@ -413,6 +426,21 @@ mod tests {
         assert_eq!(result.get("created").unwrap().as_bool(), Some(true));
         assert_eq!(result.get("z"), Some(&Json::Null));
         assert_eq!(result.get("n"), Some(&Json::Number("-1.5e3".into())));
+    }
+
+    /// etcd's uint64 fields (member IDs) use all 64 bits: `as_u64` reads
+    /// them whole, where `as_i64` (for int64 fields) cannot.
+    #[test]
+    fn uint64_fields_are_read_past_i64_max() {
+        let v = parse(br#"{"leader":"11046527456118344142","max":18446744073709551615}"#).unwrap();
+        let leader = v.get("leader").unwrap();
+        assert_eq!(leader.as_u64(), Some(11_046_527_456_118_344_142));
+        assert_eq!(leader.as_i64(), None, "past i64::MAX");
+        assert_eq!(v.get("max").unwrap().as_u64(), Some(u64::MAX));
+        assert_eq!(Json::String("7".into()).as_u64(), Some(7));
+        for bad in ["-1", "18446744073709551616", "", "x"] {
+            assert_eq!(Json::String(bad.into()).as_u64(), None, "{bad:?}");
+        }
     }
 
     #[test]
