@@ -80,12 +80,9 @@ impl EtcdConfig {
         if self.endpoints.is_empty() {
             return Err("etcd endpoints: at least one host:port is needed".into());
         }
-        if let Some(bad) = self
-            .endpoints
-            .iter()
-            .find(|e| e.is_empty() || e.contains('/') || !e.contains(':'))
-        {
-            return Err(format!("etcd endpoint {bad:?} is not host:port"));
+        for endpoint in &self.endpoints {
+            check_endpoint(endpoint)
+                .map_err(|why| format!("etcd endpoint {endpoint:?} is not host:port: {why}"))?;
         }
         if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
             return Err(format!(
@@ -101,6 +98,34 @@ impl EtcdConfig {
         }
         Ok(())
     }
+}
+
+/// Checks that `endpoint` is `host:port` as a request could use it: a
+/// non-empty host (an IPv6 address in brackets) and a port in 1..=65535.
+/// Caught here, a typo fails when the registry is made rather than at its
+/// first request ("cannot resolve", much later, in another thread).
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let (host, port) = endpoint.rsplit_once(':').ok_or("no ':' before a port")?;
+    match port.parse::<u16>() {
+        Ok(0) => return Err("port 0 cannot be connected to".into()),
+        Ok(_) => {}
+        Err(_) => return Err(format!("port {port:?} is not a number in 1..=65535")),
+    }
+    let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let name = bracketed.unwrap_or(host);
+    if name.is_empty() {
+        return Err("the host is empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_whitespace() || "/?#@[]".contains(*c))
+    {
+        return Err(format!("the host has a {c:?}"));
+    }
+    if bracketed.is_none() && name.contains(':') {
+        return Err("an IPv6 host needs brackets ([::1]:2379)".into());
+    }
+    Ok(())
 }
 
 /// The etcd v3 registry, through etcd's JSON gateway (plain HTTP/1.1 from
@@ -193,13 +218,20 @@ impl EtcdRegistry {
     /// (`http://` and a bare `host:port` work too), with default settings.
     ///
     /// # Errors
-    /// `InvalidConfig` for a URL that names no `host:port`.
+    /// `InvalidConfig` for another scheme, or a URL that names no
+    /// `host:port` or one that cannot be connected to (an empty host, a
+    /// port outside 1..=65535): the message names the endpoint and why.
     pub fn from_url(url: &str) -> Result<EtcdRegistry> {
-        let rest = url
-            .strip_prefix("etcd://")
-            .or_else(|| url.strip_prefix("http://"))
-            .unwrap_or(url)
-            .trim_end_matches('/');
+        let rest = match url.split_once("://") {
+            Some(("etcd" | "http", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(Error::InvalidConfig(format!(
+                    "etcd URL {url:?}: the scheme {scheme:?} is neither etcd:// nor http://"
+                )));
+            }
+            None => url,
+        }
+        .trim_end_matches('/');
         EtcdRegistry::new(EtcdConfig::new(
             rest.split(',').map(str::trim).filter(|s| !s.is_empty()),
         ))
@@ -1633,12 +1665,45 @@ mod tests {
         assert_eq!(r.config().endpoints, ["127.0.0.1:2379", "10.0.0.2:2379"]);
         assert!(EtcdRegistry::from_url("etcd://").is_err());
         assert!(EtcdRegistry::from_url("etcd://nohostport").is_err());
+        let r6 = EtcdRegistry::from_url("etcd://[::1]:2379,localhost:1").unwrap();
+        assert_eq!(r6.config().endpoints, ["[::1]:2379", "localhost:1"]);
         let key = ServiceKey::new("demo", "1.0", "");
         assert_eq!(
             r.service_prefix(&key).unwrap(),
             "/pulse/services/demo/1.0//"
         );
         assert!(r.service_prefix(&ServiceKey::from("a/b")).is_err());
+    }
+
+    /// A URL that cannot work is refused when the registry is made, with
+    /// an error naming the endpoint and what is wrong with it, not at its
+    /// first request.
+    #[test]
+    fn bad_urls_are_refused_up_front_with_the_reason() {
+        for (url, why) in [
+            ("etcd://127.0.0.1:99999", "not a number in 1..=65535"),
+            ("etcd://127.0.0.1:0", "port 0"),
+            ("etcd://127.0.0.1:", "not a number"),
+            ("etcd://127.0.0.1:x", "not a number"),
+            ("etcd://:2379", "the host is empty"),
+            ("etcd://[]:2379", "the host is empty"),
+            ("etcd://::1:2379", "needs brackets"),
+            ("etcd://a b:2379", "has a ' '"),
+            ("etcd://user@host:2379", "has a '@'"),
+            ("etcd://127.0.0.1:2379,10.0.0.2:70000", "10.0.0.2:70000"),
+            ("ftp://x:1", "the scheme \"ftp\""),
+            ("etcd://host:2379/v3", "not a number"),
+        ] {
+            match EtcdRegistry::from_url(url) {
+                Err(Error::InvalidConfig(e)) => {
+                    assert!(e.contains(why), "{url}: {e:?} does not say {why:?}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        // The same check guards a config built by hand.
+        let err = EtcdRegistry::new(EtcdConfig::new(["127.0.0.1:99999"])).unwrap_err();
+        assert!(err.to_string().contains("127.0.0.1:99999"), "{err}");
     }
 
     fn watcher() -> (Watcher, Receiver<WatchEvent>, Sender<()>) {
