@@ -986,6 +986,63 @@ fn the_provider_set_follows_the_registry() {
     );
 }
 
+/// A listed endpoint no connection can be opened to (port 0) is left out,
+/// reported once (a warning and `ProviderRejected`) however often the
+/// registry re-sends its set, and named in the `NoProvider` of a call that
+/// finds no provider. Before, nothing said why, and calls failed with "the
+/// registry lists none".
+#[test]
+fn an_unusable_endpoint_is_reported_once_and_named_in_no_provider() {
+    let _serial = serial();
+    let unusable: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let registry = StaticRegistry::new().with(service(), [Endpoint::new(unusable)]);
+    let mark = log_mark();
+    let cluster = ClusterClient::new(&registry, service(), RoundRobin::new(), config()).unwrap();
+    let events = cluster.events();
+    let rejected = wait_cluster_event(&events, "ProviderRejected", |e| {
+        matches!(e, ClusterEvent::ProviderRejected { .. })
+    });
+    let ClusterEvent::ProviderRejected { entry, reason } = rejected else {
+        unreachable!("matched above");
+    };
+    assert_eq!(entry, "127.0.0.1:0");
+    assert!(reason.contains("port 0"), "{reason}");
+    match cluster.call::<_, u32>("whoami", &()) {
+        Err(Error::NoProvider { detail, .. }) => assert!(
+            detail.contains("none that can be used") && detail.contains("127.0.0.1:0: "),
+            "{detail}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // The registry re-sends its whole set at each change: the rejected
+    // endpoint, still listed, is not reported again.
+    let provider = Provider::start(0, 0);
+    for weight in [1, 2] {
+        registry.set(
+            &service(),
+            [
+                Endpoint::new(unusable),
+                Endpoint::weighted(provider.addr(), weight),
+            ],
+        );
+        wait_until(PROMPTLY, "the new set is applied", || {
+            cluster.providers().iter().any(|p| p.weight == weight)
+        });
+    }
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
+    let again: Vec<ClusterEvent> = events
+        .try_iter()
+        .filter(|e| matches!(e, ClusterEvent::ProviderRejected { .. }))
+        .collect();
+    assert_eq!(again, [], "reported again while still listed");
+    assert_eq!(
+        count_logged_since(mark, log::Level::Warn, "127.0.0.1:0, which cannot be used"),
+        1,
+        "not warned exactly once"
+    );
+}
+
 /// Whether `event` is the `Disconnected` of provider `addr`.
 fn is_disconnected(event: &ClusterEvent, addr: SocketAddr) -> bool {
     matches!(event, ClusterEvent::Provider(Event::Disconnected { peer, .. }) if *peer == addr)

@@ -1,7 +1,7 @@
 //! The consumer of many providers: one kept-alive connection each, a load
 //! balancer, failover for idempotent calls.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -210,6 +210,17 @@ pub enum ClusterEvent {
         /// How many providers were kept.
         kept: usize,
     },
+    /// The registry lists an entry this client cannot use, and leaves it
+    /// out: an address no connection can be opened to (port 0), or an
+    /// entry that is no endpoint at all (an etcd value that does not
+    /// parse). Reported (and logged as a warning) once per entry, when it
+    /// appears or changes, not at each refresh of the provider set.
+    ProviderRejected {
+        /// The entry: the address, or the registry's key for it.
+        entry: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ClusterEvent {
@@ -227,6 +238,9 @@ impl fmt::Display for ClusterEvent {
                 "the registry lists no provider: {kept} known provider(s) kept \
                  (empty protection)"
             ),
+            ClusterEvent::ProviderRejected { entry, reason } => {
+                write!(f, "registry entry {entry} rejected: {reason}")
+            }
         }
     }
 }
@@ -253,6 +267,10 @@ struct Shared {
     config: ClusterConfig,
     balancer: Box<dyn LoadBalancer>,
     providers: RwLock<Arc<Vec<Arc<Provider>>>>,
+    /// The listed endpoints that got no `Client` in the last set applied,
+    /// with why: each is reported once, when it appears in the set, and
+    /// named in the `NoProvider` of a call that finds no provider.
+    rejected: Mutex<BTreeMap<SocketAddr, String>>,
     /// The loops and timer every provider's client runs on (the runtime
     /// shared by clients with `config.client`'s loop settings, which each
     /// provider's client finds itself): held so that they keep running
@@ -292,6 +310,7 @@ impl Shared {
             config,
             balancer,
             providers: RwLock::new(Arc::new(Vec::new())),
+            rejected: Mutex::new(BTreeMap::new()),
             events_tx,
             events_rx,
             connected_tx,
@@ -395,7 +414,19 @@ impl Shared {
     /// What the client knows of its providers, for [`Error::NoProvider`].
     fn providers_detail(&self, providers: &[Arc<Provider>]) -> String {
         if providers.is_empty() {
-            return "the registry lists none".to_string();
+            let rejected = self.rejected.lock();
+            if rejected.is_empty() {
+                return "the registry lists none".to_string();
+            }
+            let why: Vec<String> = rejected
+                .iter()
+                .map(|(addr, reason)| format!("{addr}: {reason}"))
+                .collect();
+            return format!(
+                "the registry lists none that can be used ({} rejected: {})",
+                rejected.len(),
+                why.join("; ")
+            );
         }
         let (mut connecting, mut failed, mut other) = (0, 0, 0);
         for p in providers {
@@ -459,6 +490,7 @@ impl Shared {
         }
         let mut next: Vec<Arc<Provider>> = Vec::with_capacity(set.len());
         let mut added = Vec::new();
+        let mut rejected = BTreeMap::new();
         for e in set {
             if next.iter().any(|p| p.addr == e.addr) {
                 continue;
@@ -482,11 +514,9 @@ impl Shared {
                     next.push(provider.clone());
                     added.push((e, provider));
                 }
-                Err(err) => log::warn!(
-                    "cluster {}: cannot open a connection to provider {}: {err}",
-                    self.service,
-                    e.addr
-                ),
+                Err(err) => {
+                    rejected.insert(e.addr, err.to_string());
+                }
             }
         }
         let removed: Vec<Arc<Provider>> = old
@@ -522,6 +552,7 @@ impl Shared {
                 provider.client.start_connecting();
             }
         }
+        self.note_rejected(rejected);
         for p in removed {
             log::info!("cluster {}: provider {} removed", self.service, p.addr);
             self.emit(ClusterEvent::ProviderRemoved { addr: p.addr });
@@ -532,6 +563,32 @@ impl Shared {
             // wait here held the updater, and the next registry update,
             // for a linger per removed provider).
         }
+    }
+}
+
+impl Shared {
+    /// Records the endpoints of the set just applied that got no `Client`,
+    /// and reports each new one (or one whose reason changed): a warning
+    /// and [`ClusterEvent::ProviderRejected`]. Once per entry, not per
+    /// refresh: a registry re-sends its whole set at every change, and one
+    /// bad entry must not repeat itself in the log for each of them. One
+    /// that leaves the set and comes back is reported again.
+    fn note_rejected(&self, now: BTreeMap<SocketAddr, String>) {
+        let mut rejected = self.rejected.lock();
+        for (addr, reason) in &now {
+            if rejected.get(addr) == Some(reason) {
+                continue;
+            }
+            log::warn!(
+                "cluster {}: the registry lists {addr}, which cannot be used: {reason}",
+                self.service
+            );
+            self.emit(ClusterEvent::ProviderRejected {
+                entry: addr.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        *rejected = now;
     }
 }
 
@@ -1076,6 +1133,10 @@ fn run_updater(shared: &Shared, watch: Watch, connected: Receiver<()>, stop: Rec
             Ok(WatchEvent::RegistryResumed) => {
                 log::info!("cluster {}: registry reachable again", shared.service);
                 shared.emit(ClusterEvent::RegistryResumed);
+            }
+            // The registry logged it (once); the consumer's view says so.
+            Ok(WatchEvent::Rejected { entry, reason }) => {
+                shared.emit(ClusterEvent::ProviderRejected { entry, reason });
             }
             Err(_) => {
                 log::warn!(

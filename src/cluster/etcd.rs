@@ -575,17 +575,31 @@ fn to_set(known: &BTreeMap<String, Endpoint>) -> Vec<Endpoint> {
     known.values().copied().collect()
 }
 
-fn known_from(kvs: Kvs) -> BTreeMap<String, Endpoint> {
+/// Keys whose value is no endpoint: each key's value and why it does not
+/// parse.
+type Bad = BTreeMap<String, (Vec<u8>, String)>;
+
+/// The providers among listed keys, and the keys whose value is no
+/// endpoint (left out; the caller says so).
+fn known_from(kvs: Kvs) -> (BTreeMap<String, Endpoint>, Bad) {
     let mut known = BTreeMap::new();
+    let mut bad = BTreeMap::new();
     for (key, value) in kvs {
         match decode_endpoint(&value) {
             Ok(endpoint) => {
                 known.insert(key, endpoint);
             }
-            Err(e) => log::warn!("etcd: ignoring {key}: its value is not an endpoint ({e})"),
+            Err(e) => {
+                bad.insert(key, (value, e));
+            }
         }
     }
-    known
+    (known, bad)
+}
+
+/// The warning for a key whose value is no endpoint.
+fn warn_not_an_endpoint(key: &str, why: &str) {
+    log::warn!("etcd: ignoring {key}: its value is not an endpoint ({why})");
 }
 
 impl Registry for EtcdRegistry {
@@ -640,7 +654,11 @@ impl Registry for EtcdRegistry {
         let (kvs, _) = self
             .range(&prefix)
             .map_err(|e| Error::io(format!("list {prefix} in etcd"), std::io::Error::other(e)))?;
-        Ok(to_set(&known_from(kvs)))
+        let (known, bad) = known_from(kvs);
+        for (key, (_, why)) in &bad {
+            warn_not_an_endpoint(key, why);
+        }
+        Ok(to_set(&known))
     }
 
     fn watch(&self, service: &ServiceKey) -> Result<Watch> {
@@ -648,22 +666,25 @@ impl Registry for EtcdRegistry {
         let (kvs, revision) = self
             .range(&prefix)
             .map_err(|e| Error::io(format!("list {prefix} in etcd"), std::io::Error::other(e)))?;
-        let known = known_from(kvs);
+        let (known, bad) = known_from(kvs);
         let (tx, rx) = crossbeam_channel::unbounded();
         let sent = to_set(&known);
         let _ = tx.send(WatchEvent::Providers(sent.clone()));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-        let watcher = Watcher {
+        let mut watcher = Watcher {
             // Stopped with the thread: a request under way gives up before
             // its next endpoint once the Watch is dropped.
             registry: self.with_stop(stop_rx.clone()),
             prefix,
             known,
             sent,
+            rejected: BTreeMap::new(),
             revision,
             tx,
             stop: stop_rx,
         };
+        // After the first set, as the watch's first event must be.
+        watcher.note_relisted(bad);
         std::thread::Builder::new()
             .name("pulse-etcd-watch".into())
             .spawn(move || watcher.run())
@@ -864,6 +885,9 @@ struct Watcher {
     known: BTreeMap<String, Endpoint>,
     /// The set last sent.
     sent: Vec<Endpoint>,
+    /// The keys whose value is no endpoint, with the value reported: each
+    /// is warned about and sent once, not at every re-list or change.
+    rejected: BTreeMap<String, Vec<u8>>,
     revision: i64,
     tx: Sender<WatchEvent>,
     /// Disconnected when the `Watch` is dropped; `registry` holds a clone
@@ -880,6 +904,36 @@ impl Watcher {
         }
         self.sent = set.clone();
         self.tx.send(WatchEvent::Providers(set)).is_ok()
+    }
+
+    /// Reports the keys of a whole listing whose value is no endpoint,
+    /// forgetting those no longer listed so; false when the consumer is
+    /// gone.
+    fn note_relisted(&mut self, bad: Bad) -> bool {
+        self.rejected.retain(|key, _| bad.contains_key(key));
+        self.note_rejected(bad)
+    }
+
+    /// Warns about and sends [`WatchEvent::Rejected`] for each key of `bad`
+    /// not reported yet with that value: once per key and value, not at
+    /// every re-list or change of the service. False when the consumer is
+    /// gone.
+    fn note_rejected(&mut self, bad: Bad) -> bool {
+        for (key, (value, why)) in bad {
+            if self.rejected.get(&key) == Some(&value) {
+                continue;
+            }
+            warn_not_an_endpoint(&key, &why);
+            self.rejected.insert(key.clone(), value);
+            let event = WatchEvent::Rejected {
+                entry: key,
+                reason: format!("its value is not an endpoint ({why})"),
+            };
+            if self.tx.send(event).is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     fn run(mut self) {
@@ -927,9 +981,10 @@ impl Watcher {
                 }
                 match self.registry.range(&self.prefix) {
                     Ok((kvs, revision)) => {
-                        self.known = known_from(kvs);
+                        let (known, bad) = known_from(kvs);
+                        self.known = known;
                         self.revision = revision;
-                        if !self.publish() {
+                        if !self.publish() || !self.note_relisted(bad) {
                             return;
                         }
                         if lost {
@@ -1052,6 +1107,7 @@ impl Watcher {
             return Some(Ended::Resync(format!("etcd canceled the watch: {reason}")));
         }
         let events = result.get("events")?;
+        let mut bad = BTreeMap::new();
         for event in events.as_array() {
             let Some(kv) = event.get("kv") else { continue };
             let Some((key, value)) = decode_kv(kv) else {
@@ -1059,22 +1115,26 @@ impl Watcher {
             };
             if event.get("type").and_then(Json::as_str) == Some("DELETE") {
                 self.known.remove(&key);
+                self.rejected.remove(&key);
+                bad.remove(&key);
             } else {
                 match decode_endpoint(&value) {
                     Ok(endpoint) => {
+                        self.rejected.remove(&key);
+                        bad.remove(&key);
                         self.known.insert(key, endpoint);
                     }
                     // The same rule as a re-list (`known_from`): a key
                     // whose value is not an endpoint is no provider, even
                     // if its previous value was one.
                     Err(e) => {
-                        log::warn!("etcd: ignoring {key}: its value is not an endpoint ({e})");
                         self.known.remove(&key);
+                        bad.insert(key, (value, e));
                     }
                 }
             }
         }
-        if self.publish() {
+        if self.publish() && self.note_rejected(bad) {
             None
         } else {
             Some(Ended::Stopped)
@@ -1720,6 +1780,7 @@ mod tests {
             prefix: "/pulse/services/demo///".into(),
             known: BTreeMap::new(),
             sent: Vec::new(),
+            rejected: BTreeMap::new(),
             revision: 1,
             tx,
             stop,
@@ -1748,13 +1809,72 @@ mod tests {
             base64_encode(b"disabled")
         );
         assert!(w.on_message(put.as_bytes()).is_none());
-        let relisted = known_from(vec![(key, b"disabled".to_vec())]);
+        let (relisted, _) = known_from(vec![(key, b"disabled".to_vec())]);
         assert_eq!(
             to_set(&w.known),
             to_set(&relisted),
             "watch and list disagree"
         );
         assert_eq!(rx.try_recv().ok(), Some(WatchEvent::Providers(Vec::new())));
+    }
+
+    /// A key whose value is no endpoint is reported (a warning and a
+    /// `Rejected`, after the set it is left out of) once per value, not at
+    /// every change of the service or re-list: again when its value
+    /// changes, or when it breaks again after being fixed or gone.
+    #[test]
+    fn a_bad_value_is_reported_once_per_key_and_value() {
+        let (mut w, rx, _stop) = watcher();
+        let key = "/pulse/services/demo///x";
+        let put = |value: &[u8]| {
+            format!(
+                r#"{{"result":{{"events":[{{"kv":{{"key":"{}","value":"{}","mod_revision":"5"}}}}]}}}}"#,
+                base64_encode(key.as_bytes()),
+                base64_encode(value)
+            )
+        };
+        let bad1: &[u8] = br#"{"addr":"nowhere"}"#;
+        let bad2: &[u8] = br#"{"addr":"127.0.0.1:1","weight":-1}"#;
+        let relist = |w: &mut Watcher, kvs: Vec<(&str, &[u8])>| {
+            let kvs = kvs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect();
+            assert!(w.note_relisted(known_from(kvs).1));
+        };
+        // The reasons of the Rejected events sent since the last look.
+        let rejected = || -> Vec<String> {
+            rx.try_iter()
+                .filter_map(|e| match e {
+                    WatchEvent::Rejected { entry, reason } => {
+                        assert_eq!(entry, key);
+                        Some(reason)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(w.on_message(put(bad1).as_bytes()).is_none());
+        let first = rejected();
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(first[0].contains(r#"bad "addr""#), "{first:?}");
+        // The same value again, another key's change, a re-list: quiet.
+        assert!(w.on_message(put(bad1).as_bytes()).is_none());
+        assert!(w.on_message(event("", "127.0.0.1:1").as_bytes()).is_none());
+        relist(&mut w, vec![(key, bad1)]);
+        assert_eq!(rejected(), Vec::<String>::new());
+        // A new bad value: reported.
+        assert!(w.on_message(put(bad2).as_bytes()).is_none());
+        assert_eq!(rejected().len(), 1);
+        // Fixed, then broken again: reported again.
+        let good = encode_endpoint(Endpoint::new("127.0.0.1:2".parse().unwrap()));
+        assert!(w.on_message(put(&good).as_bytes()).is_none());
+        assert!(w.on_message(put(bad2).as_bytes()).is_none());
+        assert_eq!(rejected().len(), 1);
+        // Gone from a listing, then back: reported again.
+        relist(&mut w, vec![]);
+        relist(&mut w, vec![(key, bad2)]);
+        assert_eq!(rejected().len(), 1);
     }
 
     #[test]

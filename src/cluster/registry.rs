@@ -124,6 +124,16 @@ pub enum WatchEvent {
     /// The registry is back; a [`WatchEvent::Providers`] with the current
     /// set precedes this event.
     RegistryResumed,
+    /// The registry holds an entry for the service that is no endpoint (in
+    /// etcd, a key whose value does not parse), left out of every
+    /// [`WatchEvent::Providers`]. Sent once per entry and value, after the
+    /// set it was left out of, not with each set.
+    Rejected {
+        /// The entry (in etcd, its key).
+        entry: String,
+        /// Why it is no endpoint.
+        reason: String,
+    },
 }
 
 /// A registry of service providers.

@@ -98,6 +98,18 @@ pub fn logged_since(mark: usize, level: log::Level, needle: &str) -> bool {
         .any(|(l, m)| *l <= level && m.contains(needle))
 }
 
+/// How many messages pulse logged at `level` or more severe containing
+/// `needle` since `mark` (see [`logged_since`]).
+pub fn count_logged_since(mark: usize, level: log::Level, needle: &str) -> usize {
+    CAPTURED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .skip(mark)
+        .filter(|(l, m)| *l <= level && m.contains(needle))
+        .count()
+}
+
 /// [`crate::support::wait_until`] polling every 5 ms: some conditions here
 /// ask etcd over HTTP, and the tests measure timings a busier poll would
 /// disturb. Returns how long it took.
