@@ -21,7 +21,12 @@
 //!   after the thaw.
 //! * **`provider --registry URL`** — one provider alone: serves `whoami` on
 //!   `--addr` (default `127.0.0.1:0`), registers in the registry with a lease
-//!   of `--ttl-s` seconds that it keeps alive, and serves until killed.
+//!   of `--ttl-s` seconds that it keeps alive, and serves until Ctrl-C or
+//!   SIGTERM. Then it stops gracefully: it deregisters first (its consumers'
+//!   watches drop it at once, instead of calling it until its lease
+//!   expires), then `Server::shutdown` finishes the calls under way, answers
+//!   late ones `ShuttingDown` (a cluster client sends them to another
+//!   provider) and closes each connection with Close(Normal).
 //! * **`consumer --registry URL`** — the consumer alone: follows the
 //!   registry, calls `whoami` every `--interval-ms` (`--calls 0`: forever).
 //!
@@ -45,6 +50,8 @@
 //! {"event":"provider_added","addr":"..."} / {"event":"provider_removed","addr":"..."}
 //! {"event":"registry_lost","error":"..."} / {"event":"registry_resumed"}
 //! {"event":"empty_list_ignored","kept":2}                                  the registry listed none (empty protection)
+//! {"event":"provider_rejected","entry":"127.0.0.1:0","reason":"..."}       a listed entry that cannot be used
+//! {"event":"stopping"} / {"event":"deregistered"} / {"event":"stopped"}      provider, on Ctrl-C or SIGTERM
 //! {"event":"summary","calls":90,"ok":90,"failed":0,"retried":1,"by_provider":{"p0":35,"p1":21,"p2":34}}
 //! ```
 //!
@@ -62,7 +69,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Select};
+use crossbeam_channel::{Receiver, Select, select};
 use parking_lot::Mutex;
 use pulse::cluster::{
     CallOptions, ClusterClient, ClusterConfig, ClusterEvent, ConsistentHash, Endpoint,
@@ -83,7 +90,8 @@ Usage:
       p1 freezes after a third of the calls and thaws after two thirds.
   cluster provider --registry etcd://HOST:PORT [--addr ADDR] [--name NAME] [--weight N] [--ttl-s N]
           [--heartbeat-ms N] [--max-missed N]
-      One provider: serves `whoami`, registers with a lease it keeps alive, runs until killed.
+      One provider: serves `whoami`, registers with a lease it keeps alive, runs until Ctrl-C or
+      SIGTERM, then deregisters and shuts down gracefully.
   cluster consumer --registry etcd://HOST:PORT [--balancer NAME] [--calls N] [--interval-ms N]
           [--heartbeat-ms N] [--max-missed N]
       The consumer alone (--calls 0: forever).
@@ -328,12 +336,51 @@ fn run_provider(o: &Options) -> pulse::Result<bool> {
         "weight": o.weight, "registry": o.registry, "ttl_s": o.ttl_s,
     }));
     let events = server.events();
-    // Serve until killed, printing who connects.
-    for event in events.iter() {
+    let stop = stop_signal();
+    // Serve until Ctrl-C or SIGTERM, printing who connects.
+    loop {
+        select! {
+            recv(events) -> event => match event {
+                Ok(event) => print(event_json(&event)),
+                Err(_) => break,
+            },
+            recv(stop) -> _ => break,
+        }
+    }
+    print(json!({"event": "stopping"}));
+    // Out of the registry first: consumers drop this provider as soon as
+    // their watch sees the key go, and stop sending it calls. Killed
+    // without this, they would go on trying it (reconnecting with backoff)
+    // until its lease expired.
+    match registration.deregister() {
+        Ok(()) => print(json!({"event": "deregistered"})),
+        Err(e) => print(json!({
+            "event": "deregister_failed", "error": e.to_string(),
+            "note": "the entry expires with its lease",
+        })),
+    }
+    // Then the calls under way finish, late ones are answered ShuttingDown
+    // (never run here, so a cluster client sends them elsewhere), and each
+    // connection gets Close(Normal).
+    server.shutdown();
+    for event in events.try_iter() {
         print(event_json(&event));
     }
-    drop(registration);
+    print(json!({"event": "stopped"}));
     Ok(true)
+}
+
+/// A channel that disconnects on the first Ctrl-C or SIGTERM (the `ctrlc`
+/// crate's "termination" feature), for a graceful stop instead of dying
+/// mid-call. If the handler cannot be installed it never fires (the signal
+/// then ends the process as usual) and a warning says so.
+fn stop_signal() -> Receiver<()> {
+    let (fire, stop) = crossbeam_channel::bounded::<()>(0);
+    let mut fire = Some(fire);
+    if let Err(e) = ctrlc::set_handler(move || drop(fire.take())) {
+        eprintln!("cluster: Ctrl-C will not stop the provider gracefully: {e}");
+    }
+    stop
 }
 
 /// Runs three providers behind proxies and the consumer; freezes p1 midway.
@@ -493,6 +540,9 @@ fn cluster_event_json(event: &ClusterEvent) -> serde_json::Value {
         ClusterEvent::RegistryResumed => json!({"event": "registry_resumed"}),
         ClusterEvent::EmptyListIgnored { kept } => {
             json!({"event": "empty_list_ignored", "kept": kept})
+        }
+        ClusterEvent::ProviderRejected { entry, reason } => {
+            json!({"event": "provider_rejected", "entry": entry, "reason": reason})
         }
         other => json!({"event": "other", "detail": other.to_string()}),
     }
