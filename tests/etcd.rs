@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use cluster_support::*;
+use pulse::Error;
 use pulse::cluster::{
     ClusterClient, ClusterConfig, ClusterEvent, Endpoint, EtcdConfig, EtcdRegistry, Registry,
     RoundRobin, ServiceKey,
@@ -91,6 +92,14 @@ impl Etcd {
     }
 
     fn start_with(high_member_id: bool) -> Etcd {
+        let mut etcd = Etcd::unstarted(high_member_id);
+        etcd.spawn();
+        etcd
+    }
+
+    /// Ports and a fresh data directory for an etcd that [`Etcd::spawn`]
+    /// starts later (none runs yet).
+    fn unstarted(high_member_id: bool) -> Etcd {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "etcd-{}-{}",
@@ -99,15 +108,13 @@ impl Etcd {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the etcd test directory");
-        let mut etcd = Etcd {
+        Etcd {
             child: None,
             client_port: free_port(),
             peer_port: free_port(),
             high_member_id,
             dir,
-        };
-        etcd.spawn();
-        etcd
+        }
     }
 
     /// `host:port` of the client endpoint.
@@ -662,4 +669,99 @@ fn a_leader_id_above_2_pow_63_keeps_a_quiet_watch_going() {
         !logged_since(mark, log::Level::Warn, "registry unreachable"),
         "a healthy etcd led by {leader} logged as unreachable"
     );
+}
+
+/// By default (`EtcdConfig::fail_fast`), with etcd down, `register` and
+/// `ClusterClient::new` fail at once with etcd's error: the program learns
+/// at startup that it is not registered or not following anything.
+#[test]
+fn by_default_register_and_a_cluster_client_fail_at_once_while_etcd_is_down() {
+    let _serial = serial();
+    let etcd = Etcd::unstarted(false); // never started
+    let registry = etcd.registry();
+    assert!(registry.config().fail_fast, "fail_fast is not the default");
+    let provider = Provider::start(0, 0);
+    let started = Instant::now();
+    let err = registry
+        .register(&service(), Endpoint::new(provider.addr()), TTL)
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    let config = ClusterConfig {
+        client: client_config(),
+        ..ClusterConfig::default()
+    };
+    let err = ClusterClient::new(&registry, service(), RoundRobin::new(), config).unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "failed after {took:?}");
+}
+
+/// With `fail_fast` off, a provider and a consumer started while etcd is
+/// down start anyway and do their work once etcd answers: the provider's
+/// key is put by its keep-alive thread, which then keeps the lease alive;
+/// the consumer reports `RegistryLost`, fails calls with a `NoProvider`
+/// that says the registry is unreachable, then follows the registry
+/// (`RegistryResumed`) and calls the provider. A registration deregistered
+/// before etcd answered registers nothing.
+#[test]
+fn with_fail_fast_off_a_provider_and_consumer_started_before_etcd_work_once_it_answers() {
+    let _serial = serial();
+    let mut etcd = Etcd::unstarted(false);
+    let registry = EtcdRegistry::new(EtcdConfig {
+        fail_fast: false,
+        ..etcd.registry().config().clone()
+    })
+    .expect("registry config");
+    let provider = Provider::start(0, 0);
+    let given_up = Provider::start(1, 0);
+
+    let mark = log_mark();
+    let registration = registry
+        .register(&service(), Endpoint::new(provider.addr()), TTL)
+        .expect("registration starts in the background");
+    assert!(
+        logged_since(mark, log::Level::Warn, "registering it in the background"),
+        "no warning that the registration waits for etcd"
+    );
+    registry
+        .register(&service(), Endpoint::new(given_up.addr()), TTL)
+        .expect("registration starts in the background")
+        .deregister()
+        .expect("nothing to deregister");
+    // Empty protection off: the deregistration below must be followed.
+    let cluster = follower_with(&registry, false);
+    let events = cluster.events();
+    wait_cluster_event(&events, "RegistryLost at startup", |e| {
+        matches!(e, ClusterEvent::RegistryLost { .. })
+    });
+    match cluster.call::<_, u32>("whoami", &()) {
+        Err(Error::NoProvider { detail, .. }) => {
+            assert!(detail.contains("unreachable"), "{detail}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    etcd.spawn();
+    let registered_after = wait_until(
+        Duration::from_secs(6),
+        "the provider registers once etcd answers",
+        || listed(&registry, provider.addr()),
+    );
+    wait_cluster_event(&events, "RegistryResumed", |e| {
+        matches!(e, ClusterEvent::RegistryResumed)
+    });
+    assert!(cluster.wait_ready(1, PROMPTLY), "{:?}", cluster.providers());
+    assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
+    // Its lease is kept alive past its TTL, and the one deregistered
+    // before etcd answered never appeared.
+    std::thread::sleep(TTL + Duration::from_millis(500));
+    assert!(listed(&registry, provider.addr()), "its lease expired");
+    assert!(!listed(&registry, given_up.addr()), "deregistered, listed");
+    assert_eq!(cluster.providers().len(), 1, "{:?}", cluster.providers());
+
+    registration.deregister().expect("deregister");
+    wait_until(PROMPTLY, "the consumer drops the provider", || {
+        cluster.providers().is_empty()
+    });
+    println!("registered {registered_after:?} after etcd was started");
 }

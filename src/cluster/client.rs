@@ -271,6 +271,11 @@ struct Shared {
     /// with why: each is reported once, when it appears in the set, and
     /// named in the `NoProvider` of a call that finds no provider.
     rejected: Mutex<BTreeMap<SocketAddr, String>>,
+    /// Why the registry cannot be reached, from its last `RegistryLost`
+    /// until its `RegistryResumed`: named in the `NoProvider` of a call
+    /// that finds no provider (a consumer started while etcd was down
+    /// knows none, and "the registry lists none" would be untrue).
+    registry_lost: Mutex<Option<String>>,
     /// The loops and timer every provider's client runs on (the runtime
     /// shared by clients with `config.client`'s loop settings, which each
     /// provider's client finds itself): held so that they keep running
@@ -311,6 +316,7 @@ impl Shared {
             balancer,
             providers: RwLock::new(Arc::new(Vec::new())),
             rejected: Mutex::new(BTreeMap::new()),
+            registry_lost: Mutex::new(None),
             events_tx,
             events_rx,
             connected_tx,
@@ -415,18 +421,23 @@ impl Shared {
     fn providers_detail(&self, providers: &[Arc<Provider>]) -> String {
         if providers.is_empty() {
             let rejected = self.rejected.lock();
-            if rejected.is_empty() {
-                return "the registry lists none".to_string();
+            let mut detail = if rejected.is_empty() {
+                "the registry lists none".to_string()
+            } else {
+                let why: Vec<String> = rejected
+                    .iter()
+                    .map(|(addr, reason)| format!("{addr}: {reason}"))
+                    .collect();
+                format!(
+                    "the registry lists none that can be used ({} rejected: {})",
+                    rejected.len(),
+                    why.join("; ")
+                )
+            };
+            if let Some(error) = &*self.registry_lost.lock() {
+                detail = format!("{detail} as far as known: it is unreachable ({error})");
             }
-            let why: Vec<String> = rejected
-                .iter()
-                .map(|(addr, reason)| format!("{addr}: {reason}"))
-                .collect();
-            return format!(
-                "the registry lists none that can be used ({} rejected: {})",
-                rejected.len(),
-                why.join("; ")
-            );
+            return detail;
         }
         let (mut connecting, mut failed, mut other) = (0, 0, 0);
         for p in providers {
@@ -715,7 +726,11 @@ impl ClusterClient {
     /// # Errors
     /// `InvalidConfig` for a bad configuration (see
     /// [`ClusterConfig::validate`]); the registry's error when it cannot be
-    /// watched; `Io` when the updater thread cannot start.
+    /// watched (an [`EtcdRegistry`](super::EtcdRegistry) that etcd does
+    /// not answer, unless its `EtcdConfig::fail_fast` is off: the client
+    /// then starts with no provider, reports
+    /// [`ClusterEvent::RegistryLost`], and follows the registry once it
+    /// answers); `Io` when the updater thread cannot start.
     pub fn new(
         registry: &dyn Registry,
         service: impl Into<ServiceKey>,
@@ -1128,9 +1143,11 @@ fn run_updater(shared: &Shared, watch: Watch, connected: Receiver<()>, stop: Rec
                     shared.service,
                     shared.snapshot().len()
                 );
+                *shared.registry_lost.lock() = Some(error.clone());
                 shared.emit(ClusterEvent::RegistryLost { error });
             }
             Ok(WatchEvent::RegistryResumed) => {
+                *shared.registry_lost.lock() = None;
                 log::info!("cluster {}: registry reachable again", shared.service);
                 shared.emit(ClusterEvent::RegistryResumed);
             }

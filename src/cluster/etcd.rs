@@ -56,6 +56,24 @@ pub struct EtcdConfig {
     pub retry_initial: Duration,
     /// Longest delay between attempts to reach a lost etcd. Default 2 s.
     pub retry_max: Duration,
+    /// What [`Registry::register`] and [`Registry::watch`] (and so
+    /// [`ClusterClient::new`](super::ClusterClient::new)) do when etcd does
+    /// not answer them (Dubbo's registry `check`):
+    ///
+    /// * `true` (the default): they fail at once with etcd's error, so that
+    ///   a wrong URL or an etcd that is down stops the program at startup,
+    ///   where someone looks; the caller retries if it wants to wait (see
+    ///   `docs/CLUSTER.md`, "When etcd is down at startup").
+    /// * `false`: they succeed, and do their work in the background once
+    ///   etcd answers. `register` logs a warning and returns a
+    ///   [`Registration`] whose keep-alive thread registers the key as soon
+    ///   as it can (retrying every `min(TTL/3, 500 ms)`), then keeps its
+    ///   lease alive as usual; deregistering it before then registers
+    ///   nothing. `watch` sends an empty set, then
+    ///   [`WatchEvent::RegistryLost`], and retries with backoff like a watch
+    ///   that lost etcd: on success it sends the set, then
+    ///   [`WatchEvent::RegistryResumed`].
+    pub fail_fast: bool,
 }
 
 impl EtcdConfig {
@@ -72,7 +90,32 @@ impl EtcdConfig {
             idle_check: Duration::from_secs(3),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(2),
+            fail_fast: true,
         }
+    }
+
+    /// Defaults with the endpoints of a URL: `etcd://host:port[,host:port…]`
+    /// (`http://` and a bare `host:port` work too). To change a setting:
+    /// `EtcdConfig { fail_fast: false, ..EtcdConfig::from_url(url)? }`.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for another scheme, or a URL that names no
+    /// `host:port` or one that cannot be connected to (an empty host, a
+    /// port outside 1..=65535): the message names the endpoint and why.
+    pub fn from_url(url: &str) -> Result<EtcdConfig> {
+        let rest = match url.split_once("://") {
+            Some(("etcd" | "http", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(Error::InvalidConfig(format!(
+                    "etcd URL {url:?}: the scheme {scheme:?} is neither etcd:// nor http://"
+                )));
+            }
+            None => url,
+        }
+        .trim_end_matches('/');
+        let config = EtcdConfig::new(rest.split(',').map(str::trim).filter(|s| !s.is_empty()));
+        config.validate().map_err(Error::InvalidConfig)?;
+        Ok(config)
     }
 
     /// Checks every field; the error names the field.
@@ -151,6 +194,13 @@ fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
 /// way (`request_timeout`), so that it cannot register the key again
 /// afterwards.
 ///
+/// # When etcd does not answer at startup
+///
+/// By default ([`EtcdConfig::fail_fast`]) `register` and `watch` then fail
+/// at once with etcd's error. With `fail_fast` off they succeed: the
+/// keep-alive thread registers the key once etcd answers, and the watch
+/// starts as one that lost etcd (an empty set, `RegistryLost`, retries).
+///
 /// # Consumer side: list, then watch from the listed revision
 ///
 /// [`Registry::watch`] lists the service's prefix, then a thread streams
@@ -218,23 +268,9 @@ impl EtcdRegistry {
     /// (`http://` and a bare `host:port` work too), with default settings.
     ///
     /// # Errors
-    /// `InvalidConfig` for another scheme, or a URL that names no
-    /// `host:port` or one that cannot be connected to (an empty host, a
-    /// port outside 1..=65535): the message names the endpoint and why.
+    /// As [`EtcdConfig::from_url`].
     pub fn from_url(url: &str) -> Result<EtcdRegistry> {
-        let rest = match url.split_once("://") {
-            Some(("etcd" | "http", rest)) => rest,
-            Some((scheme, _)) => {
-                return Err(Error::InvalidConfig(format!(
-                    "etcd URL {url:?}: the scheme {scheme:?} is neither etcd:// nor http://"
-                )));
-            }
-            None => url,
-        }
-        .trim_end_matches('/');
-        EtcdRegistry::new(EtcdConfig::new(
-            rest.split(',').map(str::trim).filter(|s| !s.is_empty()),
-        ))
+        EtcdRegistry::new(EtcdConfig::from_url(url)?)
     }
 
     /// The configuration.
@@ -613,25 +649,32 @@ impl Registry for EtcdRegistry {
         let ttl_secs = i64::try_from(ttl.as_millis().div_ceil(1000))
             .unwrap_or(i64::MAX)
             .max(1);
-        let value = encode_endpoint(endpoint);
-        let io = |e: String| Error::io(format!("register {key} in etcd"), std::io::Error::other(e));
-        let lease = self.grant(ttl_secs).map_err(io)?;
-        if let Err(e) = self.put(&key, &value, lease) {
-            let _ = self.revoke(lease);
-            return Err(io(e));
-        }
-        log::info!("etcd: registered {key} (lease {lease:x}, TTL {ttl_secs} s)");
-        let lease = Arc::new(AtomicI64::new(lease));
+        let lease = Arc::new(AtomicI64::new(NO_LEASE));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let keeper = KeepAlive {
             // Stopped with the thread: `stop_keepalive` waits for the
             // attempt under way, not for every endpoint left.
             registry: self.with_stop(stop_rx.clone()),
             key: key.clone(),
-            value,
+            value: encode_endpoint(endpoint),
             ttl_secs,
             lease: lease.clone(),
         };
+        // Grants a lease and puts the key (revoking the lease if the put
+        // fails), as the keep-alive thread does when the lease is lost.
+        match keeper.reregister() {
+            Ok(id) => log::info!("etcd: registered {key} (lease {id:x}, TTL {ttl_secs} s)"),
+            Err(e) if self.inner.config.fail_fast => {
+                return Err(Error::io(
+                    format!("register {key} in etcd"),
+                    std::io::Error::other(e),
+                ));
+            }
+            Err(e) => log::warn!(
+                "etcd: cannot register {key} now ({e}); registering it in the background \
+                 as soon as etcd answers (fail_fast is off)"
+            ),
+        }
         let thread = std::thread::Builder::new()
             .name("pulse-etcd-keepalive".into())
             .spawn(move || keeper.run(&stop_rx))
@@ -663,13 +706,32 @@ impl Registry for EtcdRegistry {
 
     fn watch(&self, service: &ServiceKey) -> Result<Watch> {
         let prefix = self.service_prefix(service)?;
-        let (kvs, revision) = self
-            .range(&prefix)
-            .map_err(|e| Error::io(format!("list {prefix} in etcd"), std::io::Error::other(e)))?;
+        // Unanswered, with `fail_fast` off: an empty set, then the watch
+        // starts as one that lost etcd (retrying the listing with backoff).
+        let (listed, unanswered) = match self.range(&prefix) {
+            Ok(listed) => (listed, None),
+            Err(e) if self.inner.config.fail_fast => {
+                return Err(Error::io(
+                    format!("list {prefix} in etcd"),
+                    std::io::Error::other(e),
+                ));
+            }
+            Err(e) => ((Vec::new(), 0), Some(e)),
+        };
+        let (kvs, revision) = listed;
         let (known, bad) = known_from(kvs);
         let (tx, rx) = crossbeam_channel::unbounded();
         let sent = to_set(&known);
         let _ = tx.send(WatchEvent::Providers(sent.clone()));
+        if let Some(error) = &unanswered {
+            log::warn!(
+                "etcd unreachable ({error}); watching {prefix} once it answers, retrying \
+                 (fail_fast is off)"
+            );
+            let _ = tx.send(WatchEvent::RegistryLost {
+                error: error.clone(),
+            });
+        }
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut watcher = Watcher {
             // Stopped with the thread: a request under way gives up before
@@ -687,7 +749,7 @@ impl Registry for EtcdRegistry {
         watcher.note_relisted(bad);
         std::thread::Builder::new()
             .name("pulse-etcd-watch".into())
-            .spawn(move || watcher.run())
+            .spawn(move || watcher.run(unanswered.is_some()))
             .map_err(|e| Error::io("spawn the etcd watch thread", e))?;
         // Dropping the Watch drops `stop_tx`: the thread sees it within
         // WATCH_POLL, or once the request attempt under way is done (at most
@@ -695,6 +757,11 @@ impl Registry for EtcdRegistry {
         Ok(Watch::new(rx, stop_tx))
     }
 }
+
+/// The lease ID of a registration with no lease: not registered yet (etcd
+/// did not answer `register`), or its lease expired and no new one was
+/// granted yet. etcd never grants it (it is etcd's own `NoLease`).
+const NO_LEASE: i64 = 0;
 
 /// The provider side's keep-alive loop.
 struct KeepAlive {
@@ -706,19 +773,30 @@ struct KeepAlive {
 }
 
 impl KeepAlive {
+    /// Renews the lease every TTL/3 until stopped. Without a lease (etcd
+    /// did not answer `register`, or the lease expired) it registers the
+    /// key with a new one, retrying every `min(TTL/3, 500 ms)` until etcd
+    /// answers. A failure is logged as a warning when it starts, and its
+    /// end at info: an outage of minutes must not log twice a second.
     fn run(self, stop: &Receiver<()>) {
         let interval = Duration::from_millis((self.ttl_secs as u64).saturating_mul(1000) / 3)
             .max(Duration::from_millis(100));
         let retry = interval.min(Duration::from_millis(500));
-        let mut next = interval;
-        let mut failing = false;
+        // Without a lease from the start, `register` just failed (and said
+        // so): the next attempt is a retry.
+        let mut failing = self.lease.load(Ordering::Relaxed) == NO_LEASE;
+        let mut next = if failing { retry } else { interval };
         loop {
             match stop.recv_timeout(next) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
             let lease = self.lease.load(Ordering::Relaxed);
-            let renewed = self.registry.keepalive(lease);
+            let renewed = if lease == NO_LEASE {
+                Ok(0)
+            } else {
+                self.registry.keepalive(lease)
+            };
             // A stop wins over the answer (a renewal cut short by it failed
             // for that reason alone): nothing more is sent, and the owner
             // revokes or abandons `lease`.
@@ -737,13 +815,19 @@ impl KeepAlive {
                     next = interval;
                 }
                 Ok(_) => {
-                    log::warn!(
-                        "etcd: lease {lease:x} of {} expired; registering again",
-                        self.key
-                    );
+                    if lease != NO_LEASE {
+                        log::warn!(
+                            "etcd: lease {lease:x} of {} expired; registering again",
+                            self.key
+                        );
+                        // Gone from etcd, key and all: nothing to revoke
+                        // or renew. Until a new one is granted, the next
+                        // rounds register again without asking about it.
+                        self.lease.store(NO_LEASE, Ordering::Relaxed);
+                    }
                     match self.reregister() {
                         Ok(new) => {
-                            log::info!("etcd: registered {} again (lease {new:x})", self.key);
+                            log::info!("etcd: registered {} (lease {new:x})", self.key);
                             failing = false;
                             next = interval;
                         }
@@ -751,7 +835,15 @@ impl KeepAlive {
                         // may hold, for the owner to revoke or abandon.
                         Err(_) if self.registry.stopping() => return,
                         Err(e) => {
-                            log::warn!("etcd: registering {} again failed: {e}", self.key);
+                            if failing {
+                                log::debug!("etcd: registering {} failed again: {e}", self.key);
+                            } else {
+                                log::warn!(
+                                    "etcd: registering {} failed ({e}); retrying every \
+                                     {retry:?}",
+                                    self.key
+                                );
+                            }
                             failing = true;
                             next = retry;
                         }
@@ -830,6 +922,15 @@ impl Lease for EtcdLease {
     fn revoke(mut self: Box<Self>) -> Result<()> {
         self.stop_keepalive();
         let lease = self.lease.load(Ordering::Relaxed);
+        if lease == NO_LEASE {
+            // Never registered (etcd did not answer in time), or its lease
+            // expired and took the key: nothing in etcd to remove.
+            log::info!(
+                "etcd: {} was not registered; nothing to deregister",
+                self.key
+            );
+            return Ok(());
+        }
         // Revoking the lease deletes the key if it is still attached to it.
         // The key is not deleted by itself: a newer registration of the same
         // address (a weight change, a provider restarted on its port while
@@ -936,19 +1037,28 @@ impl Watcher {
         true
     }
 
-    fn run(mut self) {
+    /// Watches, and re-lists then watches again each time the stream
+    /// ends, until the `Watch` is dropped. `lost`: etcd did not answer the
+    /// first listing (and that was reported): start by retrying it, as
+    /// after losing etcd.
+    fn run(mut self, mut lost: bool) {
         let config = self.registry.config().clone();
-        let mut lost = false;
         loop {
-            let failure = match self.watch_once() {
-                Ended::Stopped => return,
-                // Given up because of the stop: not etcd's failure.
-                Ended::Failed(_) if self.registry.stopping() => return,
-                Ended::Resync(why) => {
-                    log::info!("etcd: watch of {} restarts: {why}", self.prefix);
-                    None
+            // `lost` is only ever true here at the start: the re-list loop
+            // below ends once etcd answers.
+            let failure = if lost {
+                None
+            } else {
+                match self.watch_once() {
+                    Ended::Stopped => return,
+                    // Given up because of the stop: not etcd's failure.
+                    Ended::Failed(_) if self.registry.stopping() => return,
+                    Ended::Resync(why) => {
+                        log::info!("etcd: watch of {} restarts: {why}", self.prefix);
+                        None
+                    }
+                    Ended::Failed(why) => Some(why),
                 }
-                Ended::Failed(why) => Some(why),
             };
             if let Some(why) = failure
                 && !lost

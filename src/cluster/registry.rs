@@ -147,7 +147,10 @@ pub trait Registry: Send + Sync {
     ///
     /// # Errors
     /// When the registry cannot be reached or refuses the registration
-    /// (`Io`), or the service name cannot be stored (`InvalidConfig`).
+    /// (`Io`), or the service name cannot be stored (`InvalidConfig`). (A
+    /// registry may instead register in the background once it can be
+    /// reached: an [`EtcdRegistry`](super::EtcdRegistry) whose
+    /// `EtcdConfig::fail_fast` is off does.)
     fn register(
         &self,
         service: &ServiceKey,
@@ -168,6 +171,10 @@ pub trait Registry: Send + Sync {
     ///
     /// # Errors
     /// When the registry cannot be reached for the first listing (`Io`).
+    /// (A registry may instead start the watch with an empty set and
+    /// [`WatchEvent::RegistryLost`], and retry: an
+    /// [`EtcdRegistry`](super::EtcdRegistry) whose `EtcdConfig::fail_fast`
+    /// is off does.)
     fn watch(&self, service: &ServiceKey) -> Result<Watch>;
 }
 
