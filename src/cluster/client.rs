@@ -435,7 +435,7 @@ impl Shared {
                 )
             };
             if let Some(error) = &*self.registry_lost.lock() {
-                detail = format!("{detail} as far as known: it is unreachable ({error})");
+                detail = format!("{detail}, as far as known: it is unreachable ({error})");
             }
             return detail;
         }
@@ -575,9 +575,7 @@ impl Shared {
             // for a linger per removed provider).
         }
     }
-}
 
-impl Shared {
     /// Records the endpoints of the set just applied that got no `Client`,
     /// and reports each new one (or one whose reason changed): a warning
     /// and [`ClusterEvent::ProviderRejected`]. Once per entry, not per
