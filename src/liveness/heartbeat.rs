@@ -1472,6 +1472,80 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_side_pings_from_its_timer_once_for_a_ping_over_half_an_interval_late() {
+        // The peer's Ping due at 4 s comes at 4.6 s, past the hold (3 s +
+        // 1.5 s): this side's timer pings then, once. The late Ping and the
+        // next come too soon after that ping to take one along; from 6 s on
+        // the pings ride again. Nothing is missed. (Each such late Ping
+        // costs one ping: 8 Pings, 7 pings.)
+        let t0 = Instant::now();
+        let mut hb = Heartbeat::new(with_shell_grace(HeartbeatMode::Fixed, 3), t0);
+        let peer = [0, 1_000, 2_000, 3_000, 4_600, 5_000, 6_000, 7_000, 8_000];
+        let mut rode = Vec::new();
+        let out = run(&mut hb, t0, 0, 8_200, |hb, t| {
+            if peer.contains(&t) {
+                hb.on_peer_ping(t0 + ms(t));
+                hb.on_write(t0 + ms(t));
+                if hb.actions.iter().any(|a| matches!(a, SendPing { .. })) {
+                    rode.push(t);
+                }
+            }
+        });
+        let times: Vec<u64> = out.iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            pings(&out.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>()),
+            out.len()
+        );
+        assert_eq!(times, [1_000, 2_000, 3_000, 4_500, 6_000, 7_000, 8_000]);
+        assert_eq!(rode, [1_000, 2_000, 3_000, 6_000, 7_000, 8_000]);
+    }
+
+    proptest! {
+        /// A Fixed side that reads the peer's Pings (`on_peer_ping`, pulse's
+        /// provider) from a peer pinging every interval, each Ping arriving
+        /// up to just under half an interval late (the peer's timer, its
+        /// scheduling, the network), sends one ping with each Pong from the
+        /// second Ping on and never one from its timer, whenever (short of
+        /// a stall) the shell calls `handle_timeout`; nothing is missed.
+        /// What `tests/liveness.rs`' `a_fixed_provider_sends_its_pings_with_its_pongs`
+        /// can only check loosely on a busy machine.
+        #[test]
+        fn a_fixed_side_rides_with_every_ping_of_a_peer_pinging_every_interval(
+            interval_ms in 20u64..2_000,
+            // Each Ping's lateness, and when between two Pings the shell
+            // calls in, in thousandths of an interval.
+            steps in proptest::collection::vec((0u64..500, 0u64..1_000), 5..60),
+        ) {
+            let t0 = Instant::now();
+            let interval = ms(interval_ms);
+            let per = |permille: u64| interval * permille as u32 / 1000;
+            let config = HeartbeatConfig {
+                interval,
+                ..with_shell_grace(HeartbeatMode::Fixed, 3)
+            };
+            let mut hb = Heartbeat::new(config, t0);
+            let arrivals: Vec<Instant> = steps
+                .iter()
+                .enumerate()
+                .map(|(k, &(late, _))| t0 + interval * k as u32 + per(late))
+                .collect();
+            for (k, &at) in arrivals.iter().enumerate() {
+                hb.on_peer_ping(at);
+                hb.on_write(at);
+                let rode = drain(&mut hb);
+                let expected = if k == 0 { vec![] } else { vec![SendPing { seq: k as u64 }] };
+                prop_assert_eq!(rode, expected, "Ping {} at {:?}", k, at - t0);
+                // The shell's timer, armed for an earlier deadline, fires
+                // before the next Ping: nothing is due.
+                let next = arrivals.get(k + 1).copied().unwrap_or(at + interval);
+                let call = at + (next - at) * steps[k].1 as u32 / 1000;
+                prop_assert!(hb.next_deadline().is_some_and(|d| d > next));
+                prop_assert_eq!(step(&mut hb, call), vec![], "call at {:?}", call - t0);
+            }
+        }
+    }
+
+    #[test]
     fn a_fixed_side_pings_about_once_an_interval_for_a_peer_pinging_faster() {
         // The peer pings every 100 ms (its interval, not ours): this side's
         // ping rides only with the last Pong before it is due.
