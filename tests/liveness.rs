@@ -1683,6 +1683,24 @@ fn provider_pings_failing(
 /// pings about once an interval, but never on its own timer while the
 /// consumer pings. Before, it pinged on its own grid, at any phase of the
 /// consumer's, and its timer fired for each of those Pings.
+///
+/// The exact rule (which Ping rides, that the timer never pings while the
+/// consumer's Pings come less than half an interval late) is tested on a
+/// fake clock in `heartbeat.rs`
+/// (`a_fixed_side_rides_with_every_ping_of_a_peer_pinging_every_interval`,
+/// `a_fixed_side_pings_from_its_timer_once_for_a_ping_over_half_an_interval_late`).
+/// Here, on real sockets shared with other builds, only what no scheduling
+/// delay can fake: each provider Ping left either in one write with a Pong,
+/// or from its timer's hold, which it sends no earlier than 1.5 intervals
+/// after reading the consumer's Ping it last answered. A consumer Ping over
+/// half an interval late does come on a busy machine (under six `yes`, one
+/// reached the proxy 154 ms after the one before while the stall monitor's
+/// thread never waited 50 ms: one of the threads consumer timer → consumer
+/// loop → proxy → provider loop did), and the provider is right to ping
+/// then; this test failed on it in 1 run in 12 to 20 when it asked every
+/// provider Ping to come with a Pong. A provider pinging on a grid of its
+/// own is caught whatever its phase: its Pings come less than an interval
+/// after the Pong before them.
 #[test]
 fn a_fixed_provider_sends_its_pings_with_its_pongs() {
     let _serial = serial_shared();
@@ -1695,43 +1713,125 @@ fn a_fixed_provider_sends_its_pings_with_its_pongs() {
     let fired_before = server.timers_fired();
     thread::sleep(interval * 40);
     let fired = server.timers_fired() - fired_before;
-    let up = proxy.ping_times(Dir::Upstream);
-    let down = proxy.ping_times(Dir::Downstream);
+    let up = proxy.pings(Dir::Upstream);
+    let down = proxy.pings(Dir::Downstream);
     // A riding Ping leaves in the same write as the Pong to the consumer's
-    // last Ping, so the proxy reads the two together; one sent by the
-    // provider's timer comes in a read of its own. (Not judged by the time
-    // since the consumer's Ping: a provider descheduled for 29 ms on a busy
-    // CI machine once made a riding Ping look late.)
-    let without_pong = proxy.ping_times_without_pong(Dir::Downstream);
-    let alone = provider_pings_failing(&up, &without_pong, |_| false);
-    let lookback = interval * 2;
-    let (alone, excused) = unexplained(alone, lookback, &monitor, None);
+    // last Ping, so the proxy reads the two together. One sent by the
+    // provider's timer comes in a read of its own, and only once its hold
+    // ran out: 1.5 intervals after the provider read the consumer's Ping
+    // whose Pong came before it in the stream. The proxy passed that Ping on
+    // before the provider read it, and this Ping after the provider sent it,
+    // so the proxy sees at least the hold between the two (less a margin:
+    // the provider's loop takes `now` just before it reads).
+    let passed_up: std::collections::HashMap<u64, Instant> =
+        up.iter().map(|ping| (ping.id, ping.at)).collect();
+    let hold = interval + interval / 2 - ms(20);
+    let timer_pings: Vec<_> = down.iter().filter(|ping| !ping.with_pong).collect();
+    let early: Vec<String> = timer_pings
+        .iter()
+        .filter_map(|ping| {
+            let answered = ping
+                .after_pong
+                .and_then(|id| Some((id, *passed_up.get(&id)?)));
+            match answered {
+                Some((_, at)) if ping.at - at >= hold => None,
+                Some((id, at)) => Some(format!(
+                    "Ping {} alone, {:?} after the consumer's Ping {id} it follows",
+                    ping.id,
+                    ping.at - at
+                )),
+                None => Some(format!("Ping {} alone, before any Pong", ping.id)),
+            }
+        })
+        .collect();
     eprintln!(
-        "fixed provider: {} consumer pings, {} provider pings, timer fired {fired} times ({excused} excused by stalls)",
+        "fixed provider: {} consumer pings, {} provider pings ({} from its timer), timer fired {fired} times (stalls: {:?})",
         up.len(),
-        down.len()
+        down.len(),
+        timer_pings.len(),
+        monitor.summary()
     );
     assert!(up.len() >= 20, "only {} consumer pings in 4 s", up.len());
+    // Each consumer Ping over half an interval late may cost a provider
+    // Ping (the held one replaces the next two riding ones), so not one for
+    // one; a provider that stopped pinging fails here.
     assert!(
-        down.len() + 5 >= up.len(),
-        "the provider pinged {} times to the consumer's {}: not once an interval",
+        2 * down.len() >= up.len(),
+        "the provider pinged {} times to the consumer's {}: not about once an interval",
         down.len(),
         up.len()
     );
     assert!(
-        alone.is_empty(),
-        "provider pings not riding with a Pong: {alone:?}"
+        early.is_empty(),
+        "provider Pings neither with a Pong nor after the hold ({hold:?}): {early:?}"
     );
-    let allowed = 2 * excused as u64 + 3;
+    // Riding, the Pings cost the provider's timer nothing: it fires for a
+    // held Ping (and maybe the first-miss check after it), and when a
+    // consumer Ping it already waits for is read in the same turn.
+    let allowed = 2 * timer_pings.len() as u64 + 5;
     assert!(
         fired <= allowed,
         "the provider's timer fired {fired} times in 40 intervals (at most {allowed} expected)"
     );
-    let (s_left, _) = unexplained_trouble(&server_log, 0, lookback, &monitor, None);
-    let (c_left, _) = unexplained_trouble(&client_log, 0, lookback, &monitor, None);
+    // No miss past the first and no disconnect, and only a few first
+    // misses, that no stall explains. A first miss is an early warning (see
+    // "Known limits" in docs/DESIGN.md): the consumer's Ping unanswered for
+    // half an interval, here four thread hand-offs (consumer loop, proxy,
+    // provider loop, proxy) while other builds hold both cores: one came in
+    // 20 runs under ten `yes` with no 50 ms stall of the monitor's thread.
+    // A consumer judged on the jitter of its answers again (see "A ping's
+    // answer is awaited half an interval" in docs/DESIGN.md) would warn far
+    // more often than that.
+    let lookback = interval * 2;
+    let unexplained_in = |log: &EventLog, pred: fn(&Event) -> bool| {
+        unexplained(described(log.all(0, pred)), lookback, &monitor, None).0
+    };
+    let serious = |e: &Event| is_trouble(e) && !is_missed(e, 1);
+    let first_miss = |e: &Event| is_missed(e, 1);
+    let (s_serious, c_serious) = (
+        unexplained_in(&server_log, serious),
+        unexplained_in(&client_log, serious),
+    );
+    let (s_warned, c_warned) = (
+        unexplained_in(&server_log, first_miss),
+        unexplained_in(&client_log, first_miss),
+    );
+    if !(s_serious.is_empty() && c_serious.is_empty() && s_warned.len() + c_warned.len() <= 3) {
+        // What went through the proxy, in ms from the first consumer Ping.
+        let origin = up.first().map_or_else(Instant::now, |p| p.at);
+        let rel = |at: Instant| at.saturating_duration_since(origin).as_millis();
+        let mut lines: Vec<(u128, String)> = Vec::new();
+        lines.extend(up.iter().map(|p| (rel(p.at), format!("up Ping {}", p.id))));
+        lines.extend(down.iter().map(|p| {
+            (
+                rel(p.at),
+                format!("down Ping {} (with Pong: {})", p.id, p.with_pong),
+            )
+        }));
+        for (dir, name) in [(Dir::Upstream, "up"), (Dir::Downstream, "down")] {
+            lines.extend(
+                proxy
+                    .pongs(dir)
+                    .iter()
+                    .map(|(at, id)| (rel(*at), format!("{name} Pong {id}"))),
+            );
+        }
+        for (what, log) in [("client", &client_log), ("server", &server_log)] {
+            lines.extend(
+                log.snapshot()
+                    .iter()
+                    .map(|e| (rel(e.at), format!("{what} event {:?}", e.event))),
+            );
+        }
+        lines.sort();
+        for (at, line) in lines {
+            eprintln!("{at:>6} ms  {line}");
+        }
+    }
     assert!(
-        s_left.is_empty() && c_left.is_empty(),
-        "trouble on a healthy connection: server {s_left:?}, client {c_left:?}"
+        s_serious.is_empty() && c_serious.is_empty() && s_warned.len() + c_warned.len() <= 3,
+        "trouble on a healthy connection: server {s_serious:?} {s_warned:?}, client {c_serious:?} {c_warned:?} (stalls: {:?})",
+        monitor.summary()
     );
 }
 

@@ -195,17 +195,24 @@ impl Proxy {
         pings.iter().map(|ping| ping.at).collect()
     }
 
-    /// When each Ping forwarded in `dir` went through that did *not* come in
-    /// the same read as a Pong before it, in order. A Ping written in one
-    /// `write` with a Pong reaches the proxy in one read (loopback keeps a
-    /// small write whole), so these are the Pings that left on their own.
-    pub fn ping_times_without_pong(&self, dir: Dir) -> Vec<Instant> {
+    /// Every Ping forwarded in `dir`, in order, with its id and the Pong
+    /// before it in the same byte stream (see [`PingSeen`]).
+    pub fn pings(&self, dir: Dir) -> Vec<PingSeen> {
         let pings = self.shared.stats[dir.index()].pings.lock();
         pings
             .iter()
-            .filter(|ping| !ping.behind_pong)
-            .map(|ping| ping.at)
+            .map(|ping| PingSeen {
+                at: ping.at,
+                id: ping.id,
+                with_pong: ping.behind_pong,
+                after_pong: ping.after_pong,
+            })
             .collect()
+    }
+
+    /// When each Pong forwarded in `dir` went through, with its id, in order.
+    pub fn pongs(&self, dir: Dir) -> Vec<(Instant, u64)> {
+        self.shared.stats[dir.index()].pongs.lock().clone()
     }
 
     /// The instant just before the last forwarding write in `dir` started:
@@ -251,6 +258,23 @@ impl Drop for Proxy {
     }
 }
 
+/// A Ping the proxy forwarded, as [`Proxy::pings`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct PingSeen {
+    /// When its header went through (taken before the bytes were written on,
+    /// so the receiver read it later than this).
+    pub at: Instant,
+    /// The ping's id.
+    pub id: u64,
+    /// A Pong's header went through earlier in the same read: the two left
+    /// the sender in one write (loopback keeps a small write whole).
+    pub with_pong: bool,
+    /// The id of the last Pong before this Ping in the same direction's byte
+    /// stream, on any read: the sender had read the Ping with that id (and
+    /// answered it) before it sent this one.
+    pub after_pong: Option<u64>,
+}
+
 // ----- internals -------------------------------------------------------------------
 
 /// A reset armed to happen after `after` more bytes in direction `dir`.
@@ -266,6 +290,8 @@ struct DirStats {
     frames: [AtomicU64; 8],
     /// Each forwarded Ping, in order.
     pings: Mutex<Vec<SeenPing>>,
+    /// When each forwarded Pong went through, with its id, in order.
+    pongs: Mutex<Vec<(Instant, u64)>>,
     /// Taken just *before* the last forwarding write started, so the receiver
     /// cannot have read those bytes earlier than this instant.
     last_forward: Mutex<Option<Instant>>,
@@ -277,6 +303,10 @@ struct SeenPing {
     at: Instant,
     /// A Pong's header went through earlier in the same read.
     behind_pong: bool,
+    /// Its id.
+    id: u64,
+    /// The id of the last Pong before it in the byte stream.
+    after_pong: Option<u64>,
 }
 
 struct ProxyShared {
@@ -622,6 +652,8 @@ struct FrameCounter {
     have: usize,
     skip: u64,
     lost: bool,
+    /// The id of the last Pong counted.
+    last_pong: Option<u64>,
 }
 
 impl FrameCounter {
@@ -645,13 +677,18 @@ impl FrameCounter {
                     return;
                 }
                 stats.frames[usize::from(self.header[3])].fetch_add(1, Ordering::SeqCst);
+                let id = u64::from_be_bytes(self.header[8..16].try_into().expect("8 bytes"));
                 if self.header[3] == Kind::Pong as u8 {
                     pong_in_this_read = true;
+                    self.last_pong = Some(id);
+                    stats.pongs.lock().push((at, id));
                 }
                 if self.header[3] == Kind::Ping as u8 {
                     stats.pings.lock().push(SeenPing {
                         at,
                         behind_pong: pong_in_this_read,
+                        id,
+                        after_pong: self.last_pong,
                     });
                 }
                 let len = &self.header[16..20];
