@@ -1213,6 +1213,14 @@ mod tests {
         (conn, far, rx)
     }
 
+    /// Takes every command queued so far, counting those `is` picks.
+    fn count_taken(
+        commands: &crossbeam_channel::Receiver<Command>,
+        is: impl Fn(&Command) -> bool,
+    ) -> usize {
+        commands.try_iter().filter(|c| is(c)).count()
+    }
+
     /// A close is asked of the loop once. Each response refused because
     /// the write queue is full asks for it (so does each one-way call
     /// refused past the worker queue's bound), and the loop handles the ask
@@ -1254,12 +1262,7 @@ mod tests {
         use crate::protocol::encode_ok_response;
         use std::io::Write;
         let (conn, far, commands) = conn_over_a_pair();
-        let read_left = || {
-            commands
-                .try_iter()
-                .filter(|c| matches!(c, Command::ReadLeft { .. }))
-                .count()
-        };
+        let read_left = || count_taken(&commands, |c| matches!(c, Command::ReadLeft { .. }));
         let start_a_frame = |id: u64| {
             let response = encode_ok_response(id, &"x").unwrap();
             let (head, tail) = response.split_at(10);
@@ -1286,12 +1289,7 @@ mod tests {
     #[test]
     fn responses_held_for_the_loop_ask_it_to_flush_once_until_it_does() {
         let (conn, _far, commands) = conn_over_a_pair();
-        let flushes = || {
-            commands
-                .try_iter()
-                .filter(|c| matches!(c, Command::FlushHeld { .. }))
-                .count()
-        };
+        let flushes = || count_taken(&commands, |c| matches!(c, Command::FlushHeld { .. }));
         for id in 1..=1000 {
             let response = crate::protocol::encode_ok_response(id, &()).unwrap();
             conn.hold_for_loop(response).unwrap();
@@ -1311,12 +1309,7 @@ mod tests {
     #[test]
     fn a_draining_connection_tells_the_loop_once_until_it_looks() {
         let (conn, _far, commands) = conn_over_a_pair();
-        let drained = || {
-            commands
-                .try_iter()
-                .filter(|c| matches!(c, Command::Drained { .. }))
-                .count()
-        };
+        let drained = || count_taken(&commands, |c| matches!(c, Command::Drained { .. }));
         let run_a_call = || {
             conn.handling.fetch_add(1, Ordering::SeqCst);
             drop(conn.call_finished());
@@ -1345,10 +1338,10 @@ mod tests {
         use std::io::Write;
         let (conn, far, commands) = conn_over_a_pair();
         let read_left = || {
-            commands
-                .try_iter()
-                .filter(|c| matches!(c, Command::ReadLeft { token: 0, id } if *id == conn.id))
-                .count()
+            count_taken(
+                &commands,
+                |c| matches!(c, Command::ReadLeft { token: 0, id } if *id == conn.id),
+            )
         };
         let slots: Vec<_> = (1..=3).map(|_| CallSlot::new()).collect();
         for (id, slot) in (1..).zip(&slots) {
@@ -1483,12 +1476,7 @@ mod tests {
         let slot = CallSlot::new();
         conn.calls.register(1, slot.clone(), 10, peer()).unwrap();
         let response = encode_ok_response(1, &"x".repeat(1000)).unwrap();
-        let read_left = || {
-            commands
-                .try_iter()
-                .filter(|c| matches!(c, Command::ReadLeft { .. }))
-                .count()
-        };
+        let read_left = || count_taken(&commands, |c| matches!(c, Command::ReadLeft { .. }));
         for (part, asks) in [(0..300, 1), (300..600, 0), (600..response.len(), 0)] {
             (&far).write_all(&response[part.clone()]).unwrap();
             assert!(conn.read_responses());
@@ -1510,10 +1498,7 @@ mod tests {
         let error = conn.reader.lock().caller_error.take();
         let error = error.expect("the error is kept");
         assert!(error.contains("reset"), "{error}");
-        let read_left = commands
-            .try_iter()
-            .filter(|c| matches!(c, Command::ReadLeft { .. }))
-            .count();
+        let read_left = count_taken(&commands, |c| matches!(c, Command::ReadLeft { .. }));
         assert_eq!(read_left, 1);
     }
 
