@@ -272,3 +272,77 @@ fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
     std::panic::set_hook(Box::new(move |info| previous_hook(info)));
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a thread panicked");
 }
+
+/// A connection already draining for `max_age` when the shutdown starts
+/// drains for the shutdown from then on: bounded by `shutdown_timeout`
+/// even when its `linger` (the bound of a `max_age` drain) is longer, and
+/// closed with the shutdown's reason.
+///
+/// Before, the shutdown left such a connection to its `max_age` drain: an
+/// outside check saw `shutdown` return after 3 to 4.6 s with an 800 ms
+/// `shutdown_timeout` and a 5 s `linger`, and the Close name `max_age`.
+#[test]
+fn a_connection_draining_for_max_age_is_held_to_the_shutdown_timeout() {
+    let _alone = PROCESS.exclusive();
+    let slow = slow_service();
+    let config = ServerConfig {
+        max_age: Some(ms(100)),
+        linger: Duration::from_secs(5),
+        shutdown_timeout: Some(ms(300)),
+        worker_threads: 2,
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![slow.service]));
+    let client = patient_client(&server);
+    let events = client.events();
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, String>("slow", "block", &()))
+    };
+    assert_eq!(slow.entered.recv_timeout(PROMPTLY), Ok("block"));
+    // The connection reaches max_age and drains, waiting for the blocked
+    // call: a request on it is refused from then on. (`start`, not `call`,
+    // which would send it again on the next connection.)
+    wait_until(PROMPTLY, "the max_age drain to start", || {
+        let pending = client.start::<_, u64>("slow", "sleep", &0).expect("start");
+        matches!(
+            pending.wait(),
+            Err(Error::Remote {
+                status: ResponseStatus::ShuttingDown,
+                ..
+            })
+        )
+    });
+
+    let shutdown = shutdown_in_thread(&server);
+    let took = match shutdown.recv_timeout(Duration::from_secs(3)) {
+        Ok(took) => took,
+        Err(_) => {
+            drop(slow.release); // let the handler, and the shutdown, end
+            panic!("shutdown still waited for the max_age drain after 3 s");
+        }
+    };
+    assert!(took >= ms(300), "shutdown returned after {took:?}");
+    assert!(
+        matches!(
+            caller.join().expect("the calling thread"),
+            Err(Error::ConnectionLost { .. })
+        ),
+        "the blocked call got an answer"
+    );
+    assert_eq!(
+        wait_any_disconnected(&events),
+        DisconnectReason::PeerClosed {
+            status: Some(CloseStatus::Abandoned),
+            detail: "server shutting down: gave up waiting for 1 running call(s) \
+                     (shutdown_timeout)"
+                .into()
+        }
+    );
+    drop(client);
+    drop(server);
+    slow.release.send(()).expect("the handler is still waiting");
+    wait_until(PROMPTLY, "the left worker to end", || {
+        threads_named("pulse-worker") == 0
+    });
+}

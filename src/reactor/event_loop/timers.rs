@@ -209,8 +209,7 @@ impl EventLoop {
 
     /// Starts draining one connection for its server's shutdown (see
     /// [`drain_for_shutdown`](Self::drain_for_shutdown)); closes it now if
-    /// no request is open on it. One already closing is left to close, one
-    /// draining for `max_age` to end that drain (within `linger`).
+    /// no request is open on it. One already closing is left to close.
     pub(super) fn start_shutdown_drain(&mut self, token: usize, now: Instant) {
         let Some(until) = self.shutdown_drain.as_ref().map(|d| d.until) else {
             return;
@@ -218,16 +217,24 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
-        if conn.phase.is_closing()
-            || conn.drain.is_some()
-            || !matches!(conn.role, Role::Provider { .. })
-        {
+        if conn.phase.is_closing() || !matches!(conn.role, Role::Provider { .. }) {
             return;
         }
+        // One draining for `max_age` already becomes the shutdown's: its
+        // bound is the earlier of the two (a `linger` longer than
+        // `shutdown_timeout` must not hold the shutdown past it), and it
+        // closes, and refuses requests meanwhile, as the shutdown's.
+        let until = match conn.drain {
+            Some(Drain {
+                until: Some(aged), ..
+            }) => Some(until.map_or(aged, |t| t.min(aged))),
+            _ => until,
+        };
         conn.drain = Some(Drain {
             cause: DrainCause::Shutdown,
             until,
         });
+        // Idempotent for a connection draining already.
         match conn.shared.start_draining() {
             0 => self.close_drained(token, now),
             // Its deadline is the drain's bound from now on.
