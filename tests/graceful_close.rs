@@ -372,3 +372,50 @@ fn a_max_age_drain_that_gives_up_on_a_running_call_closes_with_abandoned() {
     drop(counted.gate);
     drop(client);
 }
+
+/// A Close(HeartbeatTimeout) from the provider (it heard nothing from this
+/// consumer: the consumer's own pause) does not count against the
+/// consumer's backoff: however short the connection, the next attempt
+/// waits no delay, cycle after cycle, as after a graceful close.
+///
+/// Before, each such end within the probation counted as a failure and
+/// the delays grew (here 50 ms, 100 ms, 200 ms with jitter): a consumer
+/// paused again and again reached the 5 s cap and then waited up to 5 s
+/// after a short provider outage (a user audit, session 34).
+#[test]
+fn a_close_for_this_consumers_silence_does_not_grow_its_backoff() {
+    let fake = FakeProvider::bind();
+    let config = pulse::ClientConfig {
+        backoff: pulse::liveness::BackoffConfig {
+            initial: ms(50),
+            ..pulse::liveness::BackoffConfig::default()
+        },
+        ..quick_reconnect_config()
+    };
+    let client = Client::connect_lazy(fake.addr(), config).expect("client");
+    let events = client.events();
+    for cycle in 0..3 {
+        let mut peer = fake.accept_ready(PROMPTLY);
+        wait_connected(&events);
+        // Longer than `initial`: a connection closed sooner is reconnected
+        // to after `initial` (no tight loop). Not a synchronisation.
+        thread::sleep(ms(80));
+        let reason = "nothing received for 3000 ms (3 heartbeat intervals)";
+        peer.send(&encode_close(CloseStatus::HeartbeatTimeout, reason));
+        assert_eq!(
+            wait_any_disconnected(&events),
+            DisconnectReason::PeerClosed {
+                status: Some(CloseStatus::HeartbeatTimeout),
+                detail: reason.into()
+            }
+        );
+        let reconnecting = support::wait_event(&events, PROMPTLY, |e| {
+            matches!(e, pulse::Event::Reconnecting { .. })
+        });
+        assert!(
+            matches!(reconnecting, pulse::Event::Reconnecting { delay, .. } if delay.is_zero()),
+            "cycle {cycle}: {reconnecting:?}"
+        );
+    }
+    drop(client);
+}

@@ -551,11 +551,18 @@ fn delay_of(e: &Event) -> Duration {
 /// a little late, and the earlier one's lateness shortens a difference:
 /// the lower bound allows [`STAMP_SLACK`] (the strict one, from an instant
 /// taken before the first attempt, is checked by the host-down scenario).
-/// Returns the attempts' measured durations.
-fn check_attempts(reconnecting: &[Stamped], what: &str) -> Vec<Duration> {
+/// Returns the attempts' measured durations. `first_free`: the connection
+/// ended with the provider's Close(HeartbeatTimeout), after which the first
+/// attempt waits no delay (the consumer's silence, not the provider's
+/// failure) and the delays go on from `initial`.
+fn check_attempts(reconnecting: &[Stamped], what: &str, first_free: bool) -> Vec<Duration> {
     let delays: Vec<Duration> = reconnecting.iter().map(|s| delay_of(&s.event)).collect();
     for (i, delay) in delays.iter().enumerate() {
-        let expected = (backoff().initial * 2u32.pow(i as u32)).min(backoff().max);
+        let expected = match (first_free, i) {
+            (true, 0) => Duration::ZERO,
+            (true, i) => (backoff().initial * 2u32.pow(i as u32 - 1)).min(backoff().max),
+            (false, i) => (backoff().initial * 2u32.pow(i as u32)).min(backoff().max),
+        };
         assert_eq!(
             *delay,
             expected,
@@ -679,7 +686,7 @@ fn partition_idle(net: &Net) {
             "connected during the partition:\n{}",
             client_log.dump(c_from, t0)
         );
-        let attempts = check_attempts(&reconnecting, "partition");
+        let attempts = check_attempts(&reconnecting, "partition", false);
         assert!(matches!(
             client.state(),
             pulse::ConnectionState::Connecting { .. }
@@ -1171,7 +1178,7 @@ fn provider_down(net: &Net) {
         first_attempt >= ATTEMPT_TIMEOUT && first_attempt <= ATTEMPT_TIMEOUT + MARGIN / 2,
         "the first attempt failed after {first_attempt:?}"
     );
-    let attempts = check_attempts(&reconnecting, "host down");
+    let attempts = check_attempts(&reconnecting, "host down", false);
     // Strictly, from before the first attempt: the last `Reconnecting`
     // comes after every attempt's timeout and every delay before it.
     let last = reconnecting.last().expect("Reconnecting events");
@@ -1334,7 +1341,14 @@ fn partition_one_direction(net: &Net) {
             .into_iter()
             .filter(|s| is_reconnecting(&s.event))
             .collect();
-        let attempts = check_attempts(&reconnecting, &format!("{dir:?} cut"));
+        let told_by_close = matches!(
+            c_reason,
+            DisconnectReason::PeerClosed {
+                status: Some(pulse::protocol::CloseStatus::HeartbeatTimeout),
+                ..
+            }
+        );
+        let attempts = check_attempts(&reconnecting, &format!("{dir:?} cut"), told_by_close);
         assert!(
             !events_since(&client_log, c_from)
                 .iter()

@@ -227,7 +227,7 @@ impl EventLoop {
         ctl.conn = None;
         let link = ctl.link.clone();
         let peer = link.addr();
-        if was_ready && retired_by_peer(&reason) {
+        if was_ready && closed_by_a_live_peer(&reason) {
             ctl.backoff.on_peer_closed_gracefully(now);
         } else if was_ready {
             ctl.backoff.on_disconnected(now);
@@ -315,17 +315,33 @@ fn honest_close(status: CloseStatus, text: String, running: usize) -> (CloseStat
     (CloseStatus::Abandoned, text)
 }
 
-/// Whether the peer retired a healthy connection on purpose: Close(Normal)
-/// or Close(Abandoned) (its `max_age` or its shutdown; the latter gave up
-/// on calls still running) or Close(IdleTimeout) (its `max_idle`). The
-/// consumer then reconnects at once, and the connection's shortness does
-/// not count against its backoff (`Backoff::on_peer_closed_gracefully`).
-fn retired_by_peer(reason: &DisconnectReason) -> bool {
+/// Whether the peer, alive, ended the connection for a cause that is
+/// over once the consumer reads its Close, so that the consumer reconnects
+/// at once and the connection's shortness does not count against its
+/// backoff (`Backoff::on_peer_closed_gracefully`):
+/// - it retired a healthy connection on purpose: Close(Normal) or
+///   Close(Abandoned) (its `max_age` or its shutdown; the latter gave up on
+///   calls still running) or Close(IdleTimeout) (its `max_idle`);
+/// - it heard nothing from this side: Close(HeartbeatTimeout). The silence
+///   was this side's (its process stalled, `kill -STOP`, or the path to the
+///   provider lost packets), and the provider, which answered with a
+///   Close, is up. Counted as a failure, a consumer paused again and again
+///   drove its delays to the 5 s cap, and then waited up to 5 s after a
+///   short outage of a provider that was never at fault (found by a user
+///   audit in session 34).
+///
+/// Not the other statuses: after Close(Overloaded), Close(TooManyPings) or
+/// Close(ProtocolError) an immediate reconnect would meet the same cause.
+fn closed_by_a_live_peer(reason: &DisconnectReason) -> bool {
     matches!(
         reason,
         DisconnectReason::PeerShutdown
             | DisconnectReason::PeerClosed {
-                status: Some(CloseStatus::IdleTimeout | CloseStatus::Abandoned),
+                status: Some(
+                    CloseStatus::IdleTimeout
+                        | CloseStatus::Abandoned
+                        | CloseStatus::HeartbeatTimeout
+                ),
                 ..
             }
     )
