@@ -219,52 +219,14 @@ fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
     }));
     let baseline = fd_count();
 
-    let slow = slow_service();
-    let config = ServerConfig {
+    let mut blocked = block_a_call(ServerConfig {
         shutdown_timeout: Some(ms(300)),
         worker_threads: 4,
         ..ServerConfig::default()
-    };
-    let server = Arc::new(server_with(config, vec![slow.service]));
-    let client = patient_client(&server);
-    let events = client.events();
-    let caller = {
-        let client = client.clone();
-        thread::spawn(move || client.call::<_, String>("slow", "block", &()))
-    };
-    assert_eq!(slow.entered.recv_timeout(PROMPTLY), Ok("block"));
-
-    let shutdown = shutdown_in_thread(&server);
-    let took = match shutdown.recv_timeout(Duration::from_secs(3)) {
-        Ok(took) => took,
-        Err(_) => {
-            drop(slow.release); // let the handler, and the shutdown, end
-            panic!("shutdown was still waiting for the blocked handler after 3 s");
-        }
-    };
-    assert!(took >= ms(300), "shutdown returned after {took:?}");
-    let result = caller.join().expect("the calling thread");
-    assert!(
-        matches!(result, Err(Error::ConnectionLost { .. })),
-        "the blocked call ended with {result:?}"
-    );
-    assert_eq!(
-        wait_any_disconnected(&events),
-        DisconnectReason::PeerClosed {
-            status: Some(CloseStatus::Abandoned),
-            detail: "server shutting down: gave up waiting for 1 running call(s) \
-                     (shutdown_timeout)"
-                .into()
-        }
-    );
-    assert_eq!(server.connection_count(), 0);
-    drop(client);
-    drop(server);
-
-    slow.release.send(()).expect("the handler is still waiting");
-    wait_until(PROMPTLY, "the left worker to end", || {
-        threads_named("pulse-worker") == 0
     });
+    blocked.shut_down_giving_up("the blocked handler");
+    assert_eq!(blocked.server.connection_count(), 0);
+    blocked.release();
     wait_until(PROMPTLY, "the fds back to the baseline", || {
         fd_count() <= baseline
     });
@@ -284,27 +246,21 @@ fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
 #[test]
 fn a_connection_draining_for_max_age_is_held_to_the_shutdown_timeout() {
     let _alone = PROCESS.exclusive();
-    let slow = slow_service();
-    let config = ServerConfig {
+    let mut blocked = block_a_call(ServerConfig {
         max_age: Some(ms(100)),
         linger: Duration::from_secs(5),
         shutdown_timeout: Some(ms(300)),
         worker_threads: 2,
         ..ServerConfig::default()
-    };
-    let server = Arc::new(server_with(config, vec![slow.service]));
-    let client = patient_client(&server);
-    let events = client.events();
-    let caller = {
-        let client = client.clone();
-        thread::spawn(move || client.call::<_, String>("slow", "block", &()))
-    };
-    assert_eq!(slow.entered.recv_timeout(PROMPTLY), Ok("block"));
+    });
     // The connection reaches max_age and drains, waiting for the blocked
     // call: a request on it is refused from then on. (`start`, not `call`,
     // which would send it again on the next connection.)
     wait_until(PROMPTLY, "the max_age drain to start", || {
-        let pending = client.start::<_, u64>("slow", "sleep", &0).expect("start");
+        let pending = blocked
+            .client
+            .start::<_, u64>("slow", "sleep", &0)
+            .expect("start");
         matches!(
             pending.wait(),
             Err(Error::Remote {
@@ -313,36 +269,86 @@ fn a_connection_draining_for_max_age_is_held_to_the_shutdown_timeout() {
             })
         )
     });
+    blocked.shut_down_giving_up("the max_age drain");
+    blocked.release();
+}
 
-    let shutdown = shutdown_in_thread(&server);
-    let took = match shutdown.recv_timeout(Duration::from_secs(3)) {
-        Ok(took) => took,
-        Err(_) => {
-            drop(slow.release); // let the handler, and the shutdown, end
-            panic!("shutdown still waited for the max_age drain after 3 s");
-        }
+/// A server of [`slow_service`], a consumer, and that consumer's call to
+/// `block`, its handler entered: what a shutdown that gives up is tried on.
+struct BlockedCall {
+    /// Sent on (or dropped), the handler returns.
+    release: Sender<()>,
+    server: Arc<Server>,
+    client: Client,
+    events: Receiver<pulse::Event>,
+    caller: Option<thread::JoinHandle<pulse::Result<String>>>,
+}
+
+fn block_a_call(config: ServerConfig) -> BlockedCall {
+    let Slow {
+        service,
+        entered,
+        release,
+        ..
+    } = slow_service();
+    let server = Arc::new(server_with(config, vec![service]));
+    let client = patient_client(&server);
+    let events = client.events();
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, String>("slow", "block", &()))
     };
-    assert!(took >= ms(300), "shutdown returned after {took:?}");
-    assert!(
-        matches!(
-            caller.join().expect("the calling thread"),
-            Err(Error::ConnectionLost { .. })
-        ),
-        "the blocked call got an answer"
-    );
-    assert_eq!(
-        wait_any_disconnected(&events),
-        DisconnectReason::PeerClosed {
-            status: Some(CloseStatus::Abandoned),
-            detail: "server shutting down: gave up waiting for 1 running call(s) \
-                     (shutdown_timeout)"
-                .into()
-        }
-    );
-    drop(client);
-    drop(server);
-    slow.release.send(()).expect("the handler is still waiting");
-    wait_until(PROMPTLY, "the left worker to end", || {
-        threads_named("pulse-worker") == 0
-    });
+    assert_eq!(entered.recv_timeout(PROMPTLY), Ok("block"));
+    BlockedCall {
+        release,
+        server,
+        client,
+        events,
+        caller: Some(caller),
+    }
+}
+
+impl BlockedCall {
+    /// Shuts the server down, which must give up on the blocked call at
+    /// its `shutdown_timeout` of 300 ms: `shutdown` returns within 3 s
+    /// (else the handler is released, and the test fails naming `what` it
+    /// still waited for), the call fails with `ConnectionLost`, and its
+    /// connection gets Close(Abandoned) naming the bound.
+    fn shut_down_giving_up(&mut self, what: &str) {
+        let shutdown = shutdown_in_thread(&self.server);
+        let took = match shutdown.recv_timeout(Duration::from_secs(3)) {
+            Ok(took) => took,
+            Err(_) => {
+                let _ = self.release.send(()); // let the handler, and the shutdown, end
+                panic!("shutdown still waited for {what} after 3 s");
+            }
+        };
+        assert!(took >= ms(300), "shutdown returned after {took:?}");
+        let caller = self.caller.take().expect("shut down once");
+        let result = caller.join().expect("the calling thread");
+        assert!(
+            matches!(result, Err(Error::ConnectionLost { .. })),
+            "the blocked call ended with {result:?}"
+        );
+        assert_eq!(
+            wait_any_disconnected(&self.events),
+            DisconnectReason::PeerClosed {
+                status: Some(CloseStatus::Abandoned),
+                detail: "server shutting down: gave up waiting for 1 running call(s) \
+                         (shutdown_timeout)"
+                    .into()
+            }
+        );
+    }
+
+    /// Drops the client and the server, releases the handler, and waits
+    /// for the worker left in it to end.
+    fn release(self) {
+        drop(self.client);
+        drop(self.server);
+        self.release.send(()).expect("the handler is still waiting");
+        wait_until(PROMPTLY, "the left worker to end", || {
+            threads_named("pulse-worker") == 0
+        });
+    }
 }
