@@ -168,20 +168,7 @@ fn a_call_crossing_any_other_close_fails_with_connection_lost() {
         matches!(&result, Err(Error::ConnectionLost { reason: r, .. }) if r.contains("gave up")),
         "{result:?}"
     );
-    assert_eq!(
-        wait_any_disconnected(&events),
-        DisconnectReason::PeerClosed {
-            status: Some(CloseStatus::Abandoned),
-            detail: reason.into()
-        }
-    );
-    let reconnecting = support::wait_event(&events, PROMPTLY, |e| {
-        matches!(e, pulse::Event::Reconnecting { .. })
-    });
-    assert!(
-        matches!(reconnecting, pulse::Event::Reconnecting { delay, .. } if delay.is_zero()),
-        "{reconnecting:?}"
-    );
+    closed_then_reconnecting_at_once(&events, CloseStatus::Abandoned, reason, "Abandoned");
     drop(peer);
     drop(client);
 }
@@ -402,20 +389,34 @@ fn a_close_for_this_consumers_silence_does_not_grow_its_backoff() {
         thread::sleep(ms(80));
         let reason = "nothing received for 3000 ms (3 heartbeat intervals)";
         peer.send(&encode_close(CloseStatus::HeartbeatTimeout, reason));
-        assert_eq!(
-            wait_any_disconnected(&events),
-            DisconnectReason::PeerClosed {
-                status: Some(CloseStatus::HeartbeatTimeout),
-                detail: reason.into()
-            }
-        );
-        let reconnecting = support::wait_event(&events, PROMPTLY, |e| {
-            matches!(e, pulse::Event::Reconnecting { .. })
-        });
-        assert!(
-            matches!(reconnecting, pulse::Event::Reconnecting { delay, .. } if delay.is_zero()),
-            "cycle {cycle}: {reconnecting:?}"
-        );
+        let what = format!("cycle {cycle}");
+        closed_then_reconnecting_at_once(&events, CloseStatus::HeartbeatTimeout, reason, &what);
     }
     drop(client);
+}
+
+/// Expects the client's next `Disconnected` to be the provider's
+/// Close(`status`, `reason`), then a `Reconnecting` that waits no delay
+/// (`what` names the case in the failure).
+fn closed_then_reconnecting_at_once(
+    events: &crossbeam_channel::Receiver<pulse::Event>,
+    status: CloseStatus,
+    reason: &str,
+    what: &str,
+) {
+    assert_eq!(
+        wait_any_disconnected(events),
+        DisconnectReason::PeerClosed {
+            status: Some(status),
+            detail: reason.into()
+        },
+        "{what}"
+    );
+    let reconnecting = support::wait_event(events, PROMPTLY, |e| {
+        matches!(e, pulse::Event::Reconnecting { .. })
+    });
+    assert!(
+        matches!(reconnecting, pulse::Event::Reconnecting { delay, .. } if delay.is_zero()),
+        "{what}: {reconnecting:?}"
+    );
 }
