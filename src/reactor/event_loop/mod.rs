@@ -137,6 +137,10 @@ struct Conn {
     /// reach the end of the stream (or the error) as usual, after the calls
     /// still unread.
     ended_while_held: bool,
+    /// Consumer: a write failed, and the loop has read what the provider
+    /// sent before it (see `EventLoop::write_failed`); the next failure
+    /// closes at once.
+    read_after_write_failure: bool,
 }
 
 impl Conn {

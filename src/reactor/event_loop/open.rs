@@ -190,6 +190,7 @@ impl EventLoop {
             drain: None,
             last_route: None,
             ended_while_held: false,
+            read_after_write_failure: false,
         });
         Ok(token)
     }

@@ -119,12 +119,33 @@ impl EventLoop {
     /// check: 1 run in about 100 under load.) If the reads never reach the
     /// end, the heartbeat does: the consumer's silence is no longer
     /// excused.
+    ///
+    /// A consumer first reads what its provider sent (once per connection:
+    /// the read's own flush may fail too). Why: a provider closing
+    /// gracefully writes its Close(Normal) and closes its socket; a request
+    /// this side writes after that meets a reset, and the next write fails,
+    /// while the Close still waits unread in our receive buffer (Linux keeps
+    /// it readable after the reset). Closed for the write, the calls still
+    /// waiting failed with `ConnectionLost` ("may have run"), although the
+    /// Close promised they did not run (docs/PROTOCOL.md, section 7): 1 run
+    /// in about 40 of `calls_in_a_tight_loop_across_provider_shutdowns_…`.
+    /// Read first, the Close ends the connection with its own reason.
     pub(super) fn write_failed(&mut self, token: usize, now: Instant) {
-        let Some(conn) = self.conns.get(token) else {
+        let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
         if conn.ended_while_held {
             return;
+        }
+        if matches!(conn.role, Role::Consumer { .. }) && !conn.read_after_write_failure {
+            conn.read_after_write_failure = true;
+            let id = conn.shared.id;
+            // To the end of what arrived (`hangup`): a Close, the end of
+            // the stream or an error closes the connection there.
+            self.read(token, true, now);
+            if self.conns.get(token).is_none_or(|c| c.shared.id != id) {
+                return;
+            }
         }
         let reason = DisconnectReason::Io("write failed".into());
         self.close(token, reason, None, now);
