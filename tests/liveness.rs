@@ -23,8 +23,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use liveness_support::{
-    EventLog, FakeServer, Gaps, StallMonitor, Stamped, read_exact_until, serial_exclusive,
-    serial_shared,
+    EventLog, FakeServer, Gaps, StallMonitor, Stamped, is_connected, is_disconnected,
+    is_reconnecting, read_exact_until, reason_of, serial_exclusive, serial_shared,
 };
 use pulse::config::{BackoffConfig, HeartbeatConfig, HeartbeatMode};
 use pulse::liveness::{Heartbeat, HeartbeatAction};
@@ -125,27 +125,8 @@ fn is_missed(e: &Event, count: u32) -> bool {
     matches!(e, Event::HeartbeatMissed { missed, .. } if *missed == count)
 }
 
-fn is_disconnected(e: &Event) -> bool {
-    matches!(e, Event::Disconnected { .. })
-}
-
 fn is_disconnected_from(e: &Event, who: SocketAddr) -> bool {
     matches!(e, Event::Disconnected { peer, .. } if *peer == who)
-}
-
-fn is_connected(e: &Event) -> bool {
-    matches!(e, Event::Connected { .. })
-}
-
-fn is_reconnecting(e: &Event) -> bool {
-    matches!(e, Event::Reconnecting { .. })
-}
-
-fn reason_of(e: &Event) -> DisconnectReason {
-    match e {
-        Event::Disconnected { reason, .. } => reason.clone(),
-        other => panic!("not a Disconnected event: {other:?}"),
-    }
 }
 
 /// A liveness failure: a miss or a disconnect.

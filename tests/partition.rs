@@ -97,7 +97,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use liveness_support::{EventLog, Stamped};
+use liveness_support::{
+    EventLog, Stamped, is_connected, is_disconnected, is_reconnecting, reason_of,
+};
 use pulse::config::BackoffConfig;
 use pulse::{
     Client, ClientConfig, ConnectionConfig, DisconnectReason, Error, Event, Server, ServerConfig,
@@ -514,25 +516,6 @@ fn client_config() -> ClientConfig {
         connect_attempt_timeout: ATTEMPT_TIMEOUT,
         connect_timeout: Duration::from_secs(1),
         ..ClientConfig::default()
-    }
-}
-
-fn is_connected(e: &Event) -> bool {
-    matches!(e, Event::Connected { .. })
-}
-
-fn is_disconnected(e: &Event) -> bool {
-    matches!(e, Event::Disconnected { .. })
-}
-
-fn is_reconnecting(e: &Event) -> bool {
-    matches!(e, Event::Reconnecting { .. })
-}
-
-fn reason_of(e: &Event) -> DisconnectReason {
-    match e {
-        Event::Disconnected { reason, .. } => reason.clone(),
-        other => panic!("not a Disconnected: {other:?}"),
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLockReadGuard, RwLockWriteGua
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use pulse::Event;
+use pulse::{DisconnectReason, Event};
 
 use crate::support::process::ProcessLock;
 use crate::support::{is_timeout_or_interrupt, ms};
@@ -403,4 +403,27 @@ pub fn read_exact_until(
         }
     }
     Ok(true)
+}
+
+/// Whether `e` is a `Connected` event.
+pub fn is_connected(e: &Event) -> bool {
+    matches!(e, Event::Connected { .. })
+}
+
+/// Whether `e` is a `Disconnected` event.
+pub fn is_disconnected(e: &Event) -> bool {
+    matches!(e, Event::Disconnected { .. })
+}
+
+/// Whether `e` is a `Reconnecting` event.
+pub fn is_reconnecting(e: &Event) -> bool {
+    matches!(e, Event::Reconnecting { .. })
+}
+
+/// The reason of a `Disconnected` event; panics on any other event.
+pub fn reason_of(e: &Event) -> DisconnectReason {
+    match e {
+        Event::Disconnected { reason, .. } => reason.clone(),
+        other => panic!("not a Disconnected event: {other:?}"),
+    }
 }
