@@ -1006,12 +1006,7 @@ fn a_queue_of_small_responses_stays_near_its_byte_bound() {
     // 400 k inline pings (~37 bytes each); their ~21-byte responses are
     // twice the bound, so the server must give up on this reader.
     let one = request(1, "ping", 1);
-    let batch: Vec<u8> = one
-        .iter()
-        .copied()
-        .cycle()
-        .take(one.len() * 10_000)
-        .collect();
+    let batch: Vec<u8> = one.repeat(10_000);
     let rss_before = rss_kib();
     let peak_before = peak_rss_kib(true);
     let mut raw = TcpStream::connect(server.local_addr()).expect("connect");
@@ -2476,12 +2471,7 @@ fn a_flooding_consumer_does_not_starve_the_other_connections_of_its_loop() {
         total
     });
     let one = request(1, "ping", 1);
-    let batch: Vec<u8> = one
-        .iter()
-        .copied()
-        .cycle()
-        .take(one.len() * 1_000)
-        .collect();
+    let batch: Vec<u8> = one.repeat(1_000);
     let answered = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicUsize::new(0));
     let flooding = {
