@@ -76,6 +76,30 @@ fn counted_server(service: ServiceBuilder, config: ServerConfig, addr: &str) -> 
         .expect("bind the provider")
 }
 
+/// A fake provider, a client of it with `config`, the client's events, and
+/// the fake's side of its first connection, once the client is connected.
+fn connected_to_a_fake(
+    config: pulse::ClientConfig,
+) -> (
+    FakeProvider,
+    Client,
+    crossbeam_channel::Receiver<pulse::Event>,
+    RawPeer,
+) {
+    let fake = FakeProvider::bind();
+    let client = Client::connect_lazy(fake.addr(), config).expect("client");
+    let events = client.events();
+    let peer = fake.accept_ready(PROMPTLY);
+    wait_connected(&events);
+    (fake, client, events, peer)
+}
+
+/// `client.call("demo", "ping", 7)` on a thread of its own.
+fn ping_in_a_thread(client: &Client) -> thread::JoinHandle<pulse::Result<u64>> {
+    let client = client.clone();
+    thread::spawn(move || client.call::<_, u64>("demo", "ping", &7u64))
+}
+
 /// The fake provider's side: reads the consumer's next Request (answering
 /// its Pings meanwhile), then closes gracefully without answering it.
 fn read_request_then_close_normal(peer: &mut RawPeer) -> pulse::protocol::Frame {
@@ -94,16 +118,8 @@ fn read_request_then_close_normal(peer: &mut RawPeer) -> pulse::protocol::Frame 
 /// and `call` did not send it again although it provably never ran.
 #[test]
 fn a_call_crossing_a_close_normal_is_sent_again_on_the_next_connection() {
-    let fake = FakeProvider::bind();
-    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
-    let events = client.events();
-    let mut first = fake.accept_ready(PROMPTLY);
-    wait_connected(&events);
-
-    let caller = {
-        let client = client.clone();
-        thread::spawn(move || client.call::<_, u64>("demo", "ping", &7u64))
-    };
+    let (fake, client, _events, mut first) = connected_to_a_fake(quick_reconnect_config());
+    let caller = ping_in_a_thread(&client);
     let request = read_request_then_close_normal(&mut first);
     drop(first);
     // The consumer reconnects and sends the same request again: answered.
@@ -147,15 +163,8 @@ fn a_call_crossing_a_close_normal_is_sent_again_on_the_next_connection() {
 /// Before, the reconnect waited its backoff delay, as after a failure.
 #[test]
 fn a_call_crossing_any_other_close_fails_with_connection_lost() {
-    let fake = FakeProvider::bind();
-    let client = Client::connect_lazy(fake.addr(), quick_reconnect_config()).expect("client");
-    let events = client.events();
-    let mut peer = fake.accept_ready(PROMPTLY);
-    wait_connected(&events);
-    let caller = {
-        let client = client.clone();
-        thread::spawn(move || client.call::<_, u64>("demo", "ping", &7u64))
-    };
+    let (_fake, client, events, mut peer) = connected_to_a_fake(quick_reconnect_config());
+    let caller = ping_in_a_thread(&client);
     peer.next_frame_answering_pings(PROMPTLY);
     // A connection closed gracefully sooner than the backoff's `initial`
     // (1 ms) is reconnected to after `initial` (no tight loop): this one
