@@ -109,7 +109,8 @@ impl ServerBuilder {
                     // The workers started so far would wait for jobs forever
                     // (the loops go with `runtime`): the failed bind returns
                     // only once they are gone.
-                    stop_workers(&jobs, workers);
+                    drop(exit_tx);
+                    stop_workers_until(&jobs, workers, &workers_exited, None);
                     return Err(Error::io("spawn worker thread", e));
                 }
             }
@@ -313,20 +314,6 @@ impl Running {
     }
 }
 
-/// Gives each of `workers` a Stop and waits for it to exit. Queued jobs
-/// run first: a worker stops at the first Stop it receives. (A failed
-/// `bind`'s workers, which run no handler yet.)
-fn stop_workers(jobs: &JobQueue<Job>, workers: Vec<JoinHandle<()>>) {
-    for _ in &workers {
-        jobs.push_always(Job::Stop);
-    }
-    for worker in workers {
-        if worker.join().is_err() {
-            log::error!("a worker thread panicked");
-        }
-    }
-}
-
 /// The steps of [`Server::shutdown`], on a server taken out of its handle:
 /// stop accepting, drain every connection, stop the workers, then the
 /// loops; the waits for handlers end at `shutdown_timeout`.
@@ -433,8 +420,10 @@ fn all_gone(rx: &Receiver<()>, deadline: Option<Instant>) -> bool {
 /// Gives each of `workers` a Stop (queued jobs run first: a worker stops at
 /// the first Stop it receives) and waits for them to end (`exited`
 /// disconnects then) until `deadline`, or [`WORKER_STOP_GRACE`] if that
-/// has passed. Joins those that ended; the others, still in a handler, are
-/// left to end on their own. Returns how many were left.
+/// has passed; with no `deadline`, until all have ended (a failed `bind`
+/// waits so for the workers it started). Joins those that ended; the
+/// others, still in a handler, are left to end on their own. Returns how
+/// many were left.
 fn stop_workers_until(
     jobs: &JobQueue<Job>,
     workers: Vec<JoinHandle<()>>,
