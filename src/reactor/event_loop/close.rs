@@ -307,7 +307,11 @@ impl EventLoop {
 /// Why here, on the loop: only the loop dispatches requests, so `running`
 /// cannot grow between this look and the Close being queued; it can only
 /// fall (a worker finishing), which leaves Abandoned merely cautious.
-fn honest_close(status: CloseStatus, text: String, running: usize) -> (CloseStatus, String) {
+pub(super) fn honest_close(
+    status: CloseStatus,
+    text: String,
+    running: usize,
+) -> (CloseStatus, String) {
     if status != CloseStatus::Normal || running == 0 {
         return (status, text);
     }

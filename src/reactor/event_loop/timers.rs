@@ -10,6 +10,7 @@ use crate::reactor::{TimerEvent, TimerTarget};
 
 use crossbeam_channel::Sender;
 
+use super::close::honest_close;
 use super::{Drain, DrainCause, EventLoop, Flow, Phase, Role, ShutdownDrain};
 use crate::server::SHUTDOWN_REASON;
 
@@ -270,14 +271,13 @@ impl EventLoop {
         // Looked at now, not when the bound was found passed: the loop
         // alone dispatches, so this can only have fallen since.
         let running = conn.shared.requests_open();
-        let close = if running == 0 {
-            (CloseStatus::Normal, text)
-        } else {
-            let text = format!("{text}: gave up waiting for {running} running call(s) ({bound})");
+        let (status, mut text) = honest_close(CloseStatus::Normal, text, running);
+        if status == CloseStatus::Abandoned {
+            // The reason names the bound that ran out, too.
+            text = format!("{text} ({bound})");
             log::warn!("{}: closing: {text}", conn.shared.peer);
-            (CloseStatus::Abandoned, text)
-        };
-        self.close(token, reason, Some(close), now);
+        }
+        self.close(token, reason, Some((status, text)), now);
     }
 
     /// Carries out what the connection's heartbeat machine has queued.
