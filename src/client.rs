@@ -101,7 +101,15 @@ pub(crate) enum LinkState {
 /// connection and its backoff; callers only read the published state.
 pub(crate) struct Link {
     id: u64,
-    addr: SocketAddr,
+    /// Every address the provider's name resolved to, in the resolver's
+    /// order, without repeats. Never empty: `Client::open` refuses a name
+    /// that resolves to nothing.
+    addrs: Box<[SocketAddr]>,
+    /// Index in `addrs` of the address the connection, or the attempt in
+    /// progress, uses; always below `addrs.len()`
+    /// ([`use_address`](Self::use_address) keeps it so). Only the link's
+    /// loop changes it.
+    current: AtomicUsize,
     config: ClientConfig,
     events: EventSink,
     state: Mutex<LinkState>,
@@ -114,8 +122,22 @@ impl Link {
         self.id
     }
 
+    /// The address the connection, or the attempt in progress, uses.
     pub(crate) fn addr(&self) -> SocketAddr {
-        self.addr
+        // In bounds: `current` is below `addrs.len()` (see the field).
+        self.addrs[self.current.load(Ordering::Relaxed)]
+    }
+
+    /// How many addresses the provider's name resolved to.
+    pub(crate) fn address_count(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// Makes the `index`th address (modulo their count) the one the next
+    /// attempt uses.
+    pub(crate) fn use_address(&self, index: usize) {
+        self.current
+            .store(index % self.addrs.len(), Ordering::Relaxed);
     }
 
     pub(crate) fn config(&self) -> &ClientConfig {
@@ -160,7 +182,7 @@ impl Link {
         };
         self.set_state_then(state, || {
             self.events.emit(Event::Disconnected {
-                peer: self.addr,
+                peer: self.addr(),
                 reason: reason.clone(),
             })
         })
@@ -209,7 +231,7 @@ impl Link {
                 LinkState::Ready(_) => {
                     if self.changed.wait_until(&mut state, deadline).timed_out() {
                         return Err(Error::NotConnected {
-                            peer: self.addr,
+                            peer: self.addr(),
                             waited: started.elapsed(),
                             detail: "the connection died and no new one was ready in time".into(),
                         });
@@ -218,7 +240,7 @@ impl Link {
                 LinkState::Shutdown => return Err(Error::Shutdown),
                 LinkState::Failed(why) => {
                     return Err(Error::NotConnected {
-                        peer: self.addr,
+                        peer: self.addr(),
                         waited: started.elapsed(),
                         detail: why.clone(),
                     });
@@ -233,7 +255,7 @@ impl Link {
                             _ => "still connecting".to_string(),
                         };
                         return Err(Error::NotConnected {
-                            peer: self.addr,
+                            peer: self.addr(),
                             waited: started.elapsed(),
                             detail,
                         });
@@ -433,11 +455,13 @@ impl Client {
     /// Connects to `addr` and waits until the provider answers (up to
     /// `config.connect_timeout`, retrying with backoff meanwhile).
     ///
-    /// The client connects, and reconnects, to the first address `addr`
-    /// resolves to, where `std::net::TcpStream::connect` tries each in
-    /// turn: give an IP address, or a name whose first address is the one
-    /// the provider listens on (`localhost` may resolve to `::1` first, and
-    /// miss a provider bound to `127.0.0.1`).
+    /// `addr` is resolved once, here. When it resolves to several addresses
+    /// (`localhost` to `::1` and `127.0.0.1`, say, of which the provider
+    /// may listen on one), each connect attempt tries them in turn, like
+    /// `std::net::TcpStream::connect`, and each reconnect starts at the
+    /// address that last connected. A round through all of them is one
+    /// attempt for the backoff (`ClientConfig::backoff`); each address
+    /// gets its own `connect_attempt_timeout`.
     ///
     /// # Errors
     /// `InvalidConfig`, `Io` when the address does not resolve, or
@@ -505,16 +529,24 @@ impl Client {
     ) -> Result<Client> {
         config.validate().map_err(Error::InvalidConfig)?;
         let events = events(&config);
-        let addr = addr
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for addr in addr
             .to_socket_addrs()
             .map_err(|e| Error::io("resolve the provider address", e))?
-            .next()
-            .ok_or_else(|| {
-                Error::InvalidConfig("the provider address resolved to nothing".into())
-            })?;
+        {
+            // A resolver may list an address twice (once per socket type).
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(Error::InvalidConfig(
+                "the provider address resolved to nothing".into(),
+            ));
+        }
         // Port 0 means "any port" to bind; as a destination it can only be
         // refused, attempt after attempt.
-        if addr.port() == 0 {
+        if let Some(addr) = addrs.iter().find(|a| a.port() == 0) {
             return Err(Error::InvalidConfig(format!(
                 "the provider address {addr} has port 0: give the port the provider listens on"
             )));
@@ -523,7 +555,8 @@ impl Client {
         let owner = runtime.next_loop()?;
         let link = Arc::new(Link {
             id: crate::next_id(),
-            addr,
+            addrs: addrs.into_boxed_slice(),
+            current: AtomicUsize::new(0),
             events,
             config,
             state: Mutex::new(LinkState::Connecting {
@@ -941,7 +974,7 @@ impl Client {
     /// send, started at `started`.
     fn unsent(&self, started: Instant, detail: &str) -> Error {
         Error::NotConnected {
-            peer: self.inner.link.addr,
+            peer: self.inner.link.addr(),
             waited: started.elapsed(),
             detail: format!("{detail}; the request was not sent"),
         }
@@ -1108,9 +1141,11 @@ impl Client {
         self.inner.begin_remove()
     }
 
-    /// The provider's address.
+    /// The provider's address: the one connected to, or being tried. When
+    /// its name resolved to several addresses, the one that last connected
+    /// between attempts (see [`connect`](Self::connect)).
     pub fn peer_addr(&self) -> SocketAddr {
-        self.inner.link.addr
+        self.inner.link.addr()
     }
 
     /// Where the connection is right now.
@@ -1308,7 +1343,7 @@ fn decode_response_body<R: DeserializeOwned>(frame: &Frame) -> Result<R> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::time::{Duration, Instant};
 
     use parking_lot::{Condvar, Mutex};
@@ -1392,7 +1427,8 @@ mod tests {
     fn connecting_link() -> Link {
         Link {
             id: 1,
-            addr: "127.0.0.1:1".parse().unwrap(),
+            addrs: Box::new(["127.0.0.1:1".parse().unwrap()]),
+            current: AtomicUsize::new(0),
             events: EventSink::new(16, "client"),
             config: ClientConfig::default(),
             state: Mutex::new(LinkState::Connecting {

@@ -50,26 +50,25 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds `addr` (the first address it resolves to), starts the event
-    /// loops, the timer and the worker pool.
+    /// Binds `addr`, starts the event loops, the timer and the worker pool.
+    ///
+    /// Like `std::net::TcpListener::bind`, it binds the first address `addr`
+    /// resolves to that can be bound, and only that one: `localhost` is
+    /// one of `::1` and `127.0.0.1`. [`Server::local_addr`] says which. A
+    /// consumer given the same name tries each of its addresses
+    /// ([`Client::connect`](crate::Client::connect)), so it finds it.
     ///
     /// # Errors
     /// `InvalidConfig` for a bad configuration, `Io` when the address cannot
     /// be resolved or bound, or a thread cannot be started.
     pub fn bind(self, addr: impl ToSocketAddrs) -> Result<Server> {
         self.config.validate().map_err(Error::InvalidConfig)?;
-        let addr = addr
-            .to_socket_addrs()
-            .map_err(|e| Error::io("resolve the bind address", e))?
-            .next()
-            .ok_or_else(|| Error::InvalidConfig("the bind address resolved to nothing".into()))?;
-        let listener =
-            crate::reactor::listen(addr).map_err(|e| Error::io(format!("bind {addr}"), e))?;
+        let listener = bind_first(addr)?;
         let local_addr = listener
             .local_addr()
             .ok()
             .and_then(|a| a.as_socket())
-            .ok_or_else(|| Error::InvalidConfig(format!("{addr} is not an IP address")))?;
+            .ok_or_else(|| Error::InvalidConfig("the bound address is not an IP address".into()))?;
 
         let config = self.config;
         let worker_spin = crate::reactor::poll_time_here(config.worker_spin);
@@ -373,6 +372,23 @@ fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
         .shutdown(Some((CloseStatus::Normal, SHUTDOWN_REASON.to_string())));
     shared.queue_holds.forget_all();
     log::info!("server on {local_addr} shut down");
+}
+
+/// A listening socket on the first address `addr` resolves to that can be
+/// bound. The error names the last address tried.
+fn bind_first(addr: impl ToSocketAddrs) -> Result<socket2::Socket> {
+    let addrs = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::io("resolve the bind address", e))?;
+    let mut last_error = None;
+    for addr in addrs {
+        match crate::reactor::listen(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(Error::io(format!("bind {addr}"), e)),
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| Error::InvalidConfig("the bind address resolved to nothing".into())))
 }
 
 /// Has loop 0 close the listening socket (so a consumer connecting now is

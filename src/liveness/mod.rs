@@ -18,6 +18,8 @@
 //! * [`Backoff`] — one per consumer endpoint: how long to wait before each
 //!   reconnect attempt, with jitter, an optional attempt limit, and a
 //!   probation period before a connection counts as healthy.
+//! * `AddressRound` (crate-internal) — one per consumer endpoint: which of
+//!   the provider's resolved addresses the next connect attempt uses.
 //!
 //! # Driving a heartbeat
 //!
@@ -84,8 +86,11 @@
 //! [`Backoff::on_peer_closed_gracefully`] instead: the delays start over and
 //! the next one is zero.
 
+mod addresses;
 mod backoff;
 mod heartbeat;
+
+pub(crate) use addresses::AddressRound;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use heartbeat::{Heartbeat, HeartbeatAction, HeartbeatConfig, HeartbeatMode};

@@ -227,6 +227,34 @@ impl EventLoop {
         ctl.conn = None;
         let link = ctl.link.clone();
         let peer = link.addr();
+        let retiring = ctl.removed || link.is_shut_down();
+        if !was_ready && !retiring {
+            // One address of the provider's name failed: the next one is
+            // tried at once, within the same attempt (liveness::addresses).
+            if let Some(next) = ctl.addresses.attempt_failed() {
+                link.use_address(next);
+                log::debug!(
+                    "{peer}: connect attempt failed: {reason}; trying {}",
+                    link.addr()
+                );
+                link.set_state(LinkState::Connecting {
+                    attempt: ctl.backoff.attempt(),
+                    last_error: Some(format!("{peer}: {reason}")),
+                });
+                self.connect_soon.push(link_id);
+                return;
+            }
+        } else {
+            ctl.addresses.start_over();
+        }
+        // The round is over: its next one starts at the preferred address.
+        link.use_address(ctl.addresses.current());
+        // With several addresses, which one the last error came from.
+        let last_error = if link.address_count() > 1 {
+            format!("{peer}: {reason}")
+        } else {
+            reason.to_string()
+        };
         if was_ready && closed_by_a_live_peer(&reason) {
             ctl.backoff.on_peer_closed_gracefully(now);
         } else if was_ready {
@@ -240,7 +268,7 @@ impl EventLoop {
         // Shut down but not yet removed: `Client::shutdown` came first and
         // its `RemoveLink` is queued behind; no reconnect either way.
         let mut gave_up_after = None;
-        let next = if ctl.removed || link.is_shut_down() {
+        let next = if retiring {
             self.links.remove(&link_id);
             link.set_state(LinkState::Shutdown);
             None
@@ -253,12 +281,12 @@ impl EventLoop {
                     // above: its `RemoveLink` then ends the retry.
                     link.set_state(LinkState::Connecting {
                         attempt,
-                        last_error: Some(reason.to_string()),
+                        last_error: Some(last_error),
                     });
                 }
                 None => {
                     link.set_state(LinkState::Failed(format!(
-                        "gave up after {attempt} reconnect attempts; last error: {reason}"
+                        "gave up after {attempt} reconnect attempts; last error: {last_error}"
                     )));
                     self.links.remove(&link_id);
                     gave_up_after = Some(attempt);
@@ -276,7 +304,7 @@ impl EventLoop {
         }
         if let Some((attempt, delay)) = next {
             link.events().emit(Event::Reconnecting {
-                peer,
+                peer: link.addr(),
                 attempt,
                 delay,
             });

@@ -37,7 +37,7 @@ use super::conn::ConnShared;
 use super::{Command, LISTENER_TOKEN, LoopHandle, PeerInfo, TimerEvent, WAKER_TOKEN};
 use crate::client::{Link, LinkState};
 use crate::event::{DisconnectReason, Event};
-use crate::liveness::{Backoff, Heartbeat};
+use crate::liveness::{AddressRound, Backoff, Heartbeat};
 use crate::protocol::{CloseStatus, Frame};
 use crate::server::{Route, ServerShared};
 use crate::timer::TimerHandle;
@@ -247,6 +247,8 @@ struct ShutdownDrain {
 struct LinkCtl {
     link: Arc<Link>,
     backoff: Backoff,
+    /// Which of the provider's addresses the next attempt uses.
+    addresses: AddressRound,
     /// Slab token of the link's current connection (any phase).
     conn: Option<usize>,
     /// The client is gone: close, do not reconnect.
@@ -505,10 +507,12 @@ impl EventLoop {
                     link.config().backoff.clone(),
                     id ^ crate::clock::to_nanos(now),
                 );
+                let addresses = AddressRound::new(link.address_count());
                 self.links.insert(
                     id,
                     LinkCtl {
                         link,
+                        addresses,
                         backoff,
                         conn: None,
                         removed: false,

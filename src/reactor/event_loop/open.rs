@@ -289,6 +289,7 @@ impl EventLoop {
         }
         if let Some(ctl) = self.links.get_mut(&link.id()) {
             ctl.backoff.on_connected(now);
+            ctl.addresses.connected();
         }
     }
 }
