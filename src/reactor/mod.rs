@@ -276,7 +276,11 @@ pub(crate) struct Runtime {
     /// `ConnectionConfig::loop_cpus`: loop `i` is pinned to
     /// `cpus[i % len]` (none when empty).
     cpus: Vec<usize>,
-    timer: Option<TimerThread<TimerEvent>>,
+    /// Shared with every running loop, which holds a clone until it exits:
+    /// the timer thread stops when its last holder lets go, so a loop left
+    /// running by [`shutdown_until`](Self::shutdown_until) keeps the ticks
+    /// that end its lingering connections.
+    timer: Option<Arc<TimerThread<TimerEvent>>>,
     /// Timer expiries delivered to the loops since the start.
     timers_fired: Arc<AtomicU64>,
 }
@@ -296,7 +300,8 @@ enum LoopThread {
         op: String,
         error: String,
     },
-    /// Joined by `shutdown`.
+    /// Joined by `shutdown`, or left to end on its own at its deadline
+    /// (see [`Runtime::shutdown_until`]).
     Stopped,
 }
 
@@ -375,7 +380,7 @@ impl Runtime {
             name: name.to_owned(),
             busy_poll,
             cpus: connection.loop_cpus.clone(),
-            timer: Some(timer),
+            timer: Some(Arc::new(timer)),
             timers_fired,
         })
     }
@@ -426,6 +431,8 @@ impl Runtime {
         commands: Receiver<Command>,
     ) -> std::result::Result<JoinHandle<()>, (String, std::io::Error)> {
         let timer = self.timer_handle();
+        // Held by the thread until it ends: see `Runtime::timer`.
+        let keep_timer = self.timer.clone();
         let all = self.loops.clone();
         let busy_poll = self.busy_poll;
         // `None` when no CPUs are set (`checked_rem` by zero).
@@ -436,6 +443,7 @@ impl Runtime {
         let handle = std::thread::Builder::new()
             .name(format!("{}-loop-{index}", self.name))
             .spawn(move || {
+                let _keep_timer = keep_timer;
                 if let Some(cpu) = cpu {
                     let result = affinity::pin_current_thread(cpu);
                     let failed = result.is_err();
@@ -510,6 +518,27 @@ impl Runtime {
     /// each connection first gets Close(status, reason) and time to write what
     /// it has queued. Idempotent.
     pub(crate) fn shutdown(&mut self, graceful: Option<(CloseStatus, String)>) {
+        self.shutdown_until(graceful, None);
+    }
+
+    /// [`shutdown`](Self::shutdown), waiting for each loop's thread until
+    /// `until` at most (`None`: however long it takes). A loop still
+    /// running then (an inline handler that does not return) is left to
+    /// end on its own: its command is queued, and once its handler returns
+    /// it takes it, closes its connections and exits, the timer thread
+    /// kept for it meanwhile (see `Runtime::timer`). Returns how many loops
+    /// were so left. Idempotent: a later call (the drop of a runtime shut
+    /// down already) does nothing, so a loop left running keeps to the
+    /// command it was given.
+    pub(crate) fn shutdown_until(
+        &mut self,
+        graceful: Option<(CloseStatus, String)>,
+        until: Option<Instant>,
+    ) -> usize {
+        // Taken below: there only once.
+        if self.timer.is_none() {
+            return 0;
+        }
         for handle in &self.loops {
             match &graceful {
                 Some((status, reason)) => handle.send(Command::CloseAll {
@@ -523,18 +552,45 @@ impl Runtime {
         // channel here, unread. A loop never joins itself (a server shut
         // down from one of its inline handlers): it exits on its command.
         let me = std::thread::current().id();
+        let mut left = 0;
         for thread in self.threads.get_mut().iter_mut() {
             if let LoopThread::Running(handle) = std::mem::replace(thread, LoopThread::Stopped)
                 && handle.thread().id() != me
-                && handle.join().is_err()
+                && !join_until(handle, until)
             {
-                log::error!("an event loop thread panicked");
+                left += 1;
             }
         }
-        if let Some(timer) = self.timer.take() {
-            timer.shutdown();
+        // The timer thread stops here unless a loop left running (or this
+        // one, when a loop shuts its own runtime down) still holds it; then
+        // it stops when the last of those exits.
+        drop(self.timer.take());
+        left
+    }
+}
+
+/// How often [`join_until`] looks whether the thread has ended.
+const JOIN_POLL: Duration = Duration::from_millis(1);
+
+/// Joins `handle` once its thread has ended, if that happens by `until`
+/// (`None`: however long it takes). Whether it was joined: if not, the
+/// handle is dropped, which detaches the thread.
+fn join_until(handle: JoinHandle<()>, until: Option<Instant>) -> bool {
+    if let Some(until) = until {
+        // `JoinHandle` has no timed join: poll `is_finished`, which costs a
+        // shutdown at most one `JOIN_POLL` beyond the thread's end.
+        while !handle.is_finished() {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            std::thread::sleep(JOIN_POLL.min(until - now));
         }
     }
+    if handle.join().is_err() {
+        log::error!("an event loop thread panicked");
+    }
+    true
 }
 
 impl Drop for Runtime {
