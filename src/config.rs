@@ -466,8 +466,10 @@ pub struct ServerConfig {
     /// twice a pulse consumer's default `call_timeout` (5 s), so no call a
     /// consumer with the defaults still waits for is cut off, and well
     /// within the usual grace of a process supervisor (Kubernetes: 30 s)
-    /// before it kills the process. Inline handlers are not covered: a
-    /// loop blocked in one is still waited for.
+    /// before it kills the process. An event loop blocked in an inline
+    /// handler is waited for a little longer (`shutdown` returns within
+    /// about this bound plus `linger` plus 1.35 s), then left to close its
+    /// connections and exit once its handler returns (logged at error).
     pub shutdown_timeout: Option<Duration>,
 }
 

@@ -155,6 +155,19 @@ const WORKER_STOP_GRACE: Duration = Duration::from_millis(100);
 /// How long `stop` waits for a loop to close its listener, at most.
 const STOP_ACCEPTING_WAIT: Duration = Duration::from_secs(5);
 
+/// How long past `shutdown_timeout` plus `linger` the shutdown waits for
+/// the loops to have closed the connections still open at the timeout:
+/// their Close frames are out by `linger` after it, and the rest covers a
+/// busy machine's scheduling and a timer tick.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the event loops get to take their `CloseAll` and exit once the
+/// drain's bound (`shutdown_timeout + linger +` [`DRAIN_GRACE`]) has
+/// passed. A loop that is not blocked has closed its connections by then,
+/// so it only has to be scheduled; one still running then is in an inline
+/// handler, and is left to end on its own.
+const LOOP_STOP_GRACE: Duration = Duration::from_millis(250);
+
 /// A running provider. Dropping it shuts it down gracefully.
 pub struct Server {
     local_addr: SocketAddr,
@@ -259,9 +272,23 @@ impl Server {
     /// `ConnectionLost`), worker threads still in a handler are left to
     /// finish on their own (logged at error with their count; what they
     /// return goes nowhere), and this returns. With `shutdown_timeout`
-    /// `None` it waits however long the handlers take. Inline handlers
-    /// run on the event loops, which are always joined: one that never
-    /// returns makes this wait for good.
+    /// `None` it waits however long the handlers take.
+    ///
+    /// Inline handlers run on the event loops: a loop in one cannot close
+    /// its connections, nor take its part of the shutdown, until the
+    /// handler returns. With `shutdown_timeout` `Some(t)` this still
+    /// returns within about `t + linger + 1.35 s` (the 1.35 s: 1 s for the
+    /// loops to have closed their connections after `linger`, 100 ms for
+    /// idle workers to take their Stop, 250 ms for the loops to exit), plus
+    /// what a busy machine adds: a loop still running then is left to end
+    /// on its own (logged at error with the count). Its connections (and,
+    /// if it is loop 0, the listening socket) stay open, unanswered, until
+    /// its handler returns; then it sends the answer, closes them
+    /// (Close(Normal) behind the answers due) and exits, keeping the
+    /// server's timer thread until then. One that never returns keeps its
+    /// thread and sockets for good, but no longer the shutdown. With
+    /// `shutdown_timeout` `None` the loops are waited for however long
+    /// their handlers take, too.
     ///
     /// Called from one of this server's own handlers (an admin method that
     /// stops the server, say), it cannot wait for that handler's thread to
@@ -315,7 +342,9 @@ impl Running {
 
 /// The steps of [`Server::shutdown`], on a server taken out of its handle:
 /// stop accepting, drain every connection, stop the workers, then the
-/// loops; the waits for handlers end at `shutdown_timeout`.
+/// loops; the waits for handlers end at `shutdown_timeout` (for a loop in
+/// an inline handler, `linger` plus [`DRAIN_GRACE`] plus
+/// [`LOOP_STOP_GRACE`] later).
 fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
     let config = &shared.config;
     // On one of the server's own threads (a handler's shutdown with no
@@ -367,9 +396,24 @@ fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
              shutdown_timeout {bound:?}; left to finish on their own, their answers dropped"
         );
     }
-    running
-        .runtime
-        .shutdown(Some((CloseStatus::Normal, SHUTDOWN_REASON.to_string())));
+    // The loops are waited for as long as the drain was, and at least
+    // `LOOP_STOP_GRACE` more: a loop still running then is in an inline
+    // handler, and waiting on would hang the shutdown for as long as that
+    // handler takes (for good, if it never returns).
+    let loops_until =
+        deadline.map(|d| (d + config.linger + DRAIN_GRACE).max(Instant::now() + LOOP_STOP_GRACE));
+    let loops_left = running.runtime.shutdown_until(
+        Some((CloseStatus::Normal, SHUTDOWN_REASON.to_string())),
+        loops_until,
+    );
+    if loops_left > 0 {
+        log::error!(
+            "server on {local_addr}: {loops_left} event loop(s) still in an inline handler \
+             after shutdown_timeout {bound:?} and linger {:?}; left to finish on their own, \
+             then close their connections",
+            config.linger
+        );
+    }
     shared.queue_holds.forget_all();
     log::info!("server on {local_addr} shut down");
 }
@@ -416,10 +460,7 @@ fn drain_connections(runtime: &Runtime, deadline: Option<Instant>, linger: Durat
         });
     }
     drop(done_tx);
-    let _ = all_gone(
-        &done_rx,
-        deadline.map(|d| d + linger + Duration::from_secs(1)),
-    );
+    let _ = all_gone(&done_rx, deadline.map(|d| d + linger + DRAIN_GRACE));
 }
 
 /// Waits until every sender of `rx` is gone (nothing is ever sent on it),
