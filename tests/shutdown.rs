@@ -209,14 +209,7 @@ fn a_one_way_call_sent_while_the_connection_drains_is_handled() {
 #[test]
 fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
     let _alone = PROCESS.exclusive();
-    let panics = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&panics);
-    let previous_hook = Arc::new(std::panic::take_hook());
-    let chained = Arc::clone(&previous_hook);
-    std::panic::set_hook(Box::new(move |info| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        chained(info);
-    }));
+    let panics = PanicCount::install();
     let baseline = fd_count();
 
     let mut blocked = block_a_call(ServerConfig {
@@ -230,9 +223,82 @@ fn shutdown_stops_waiting_for_a_blocked_handler_at_its_timeout() {
     wait_until(PROMPTLY, "the fds back to the baseline", || {
         fd_count() <= baseline
     });
-    let _ = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| previous_hook(info)));
-    assert_eq!(panics.load(Ordering::SeqCst), 0, "a thread panicked");
+    assert_eq!(panics.count(), 0, "a thread panicked");
+}
+
+/// An inline handler that never returns by itself (it waits for the test)
+/// no longer holds the shutdown: it blocks the server's only event loop,
+/// which `shutdown` gives up on past `shutdown_timeout` (300 ms here) plus
+/// `linger` and its graces, leaving the loop's thread to end on its own.
+/// Released, the handler answers, and the loop then takes the shutdown's
+/// commands as if it had never been left: its consumer gets the answer and
+/// Close(Normal), the loop and the timer thread it kept end, and every fd
+/// of the server is closed, without a panic.
+///
+/// Before, `shutdown` joined every loop however long it took: it waited for
+/// the handler for good (here: until the test gave up after 10 s).
+#[test]
+fn shutdown_leaves_a_loop_blocked_in_an_inline_handler() {
+    let _alone = PROCESS.exclusive();
+    let panics = PanicCount::install();
+    let baseline = fd_count();
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    // Dropped (the test failing) or sent on, the handler returns.
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let service = ServiceBuilder::new("inline").method_inline("hold", move |_: ()| {
+        let _ = entered_tx.try_send(());
+        let _ = release_rx.recv_timeout(Duration::from_secs(60));
+        Ok::<_, String>("released")
+    });
+    let config = ServerConfig {
+        event_loops: 1,
+        shutdown_timeout: Some(ms(300)),
+        linger: ms(100),
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![service]));
+    let client = patient_client(&server);
+    let events = client.events();
+    let caller = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, String>("inline", "hold", &()))
+    };
+    entered
+        .recv_timeout(PROMPTLY)
+        .expect("the inline handler started");
+
+    let shutdown = shutdown_in_thread(&server);
+    let Ok(took) = shutdown.recv_timeout(PROMPTLY) else {
+        // Lets the handler, then the loop and the shutdown, end.
+        drop(release);
+        panic!("shutdown still waited for the inline handler after {PROMPTLY:?}");
+    };
+    // 300 ms + 100 ms + 1 s + 100 ms + 250 ms, the bound `Server::shutdown`
+    // documents; only its lower end is checked (the upper one is the wait
+    // above: a loaded machine may run late).
+    assert!(took >= ms(300), "shutdown returned after {took:?}");
+    assert_eq!(
+        threads_named("pulse-server-lo"),
+        1,
+        "the blocked loop was not left running"
+    );
+
+    release.send(()).expect("the handler is still waiting");
+    let answer = caller.join().expect("the calling thread");
+    assert_eq!(answer.expect("the held call's answer"), "released");
+    assert_eq!(
+        wait_any_disconnected(&events),
+        DisconnectReason::PeerShutdown
+    );
+    wait_until(PROMPTLY, "the left loop to end", || {
+        threads_named("pulse-server-lo") == 0
+    });
+    drop(client);
+    drop(server);
+    wait_until(PROMPTLY, "the fds back to the baseline", || {
+        fd_count() <= baseline
+    });
+    assert_eq!(panics.count(), 0, "a thread panicked");
 }
 
 /// A connection already draining for `max_age` when the shutdown starts
@@ -350,5 +416,46 @@ impl BlockedCall {
         wait_until(PROMPTLY, "the left worker to end", || {
             threads_named("pulse-worker") == 0
         });
+    }
+}
+
+/// Counts the panics of every thread (a thread left running past a
+/// shutdown among them) from [`install`](Self::install) until dropped,
+/// when the hook in place before is put back.
+struct PanicCount {
+    count: Arc<AtomicUsize>,
+    previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync>,
+}
+
+impl PanicCount {
+    fn install() -> PanicCount {
+        let count = Arc::new(AtomicUsize::new(0));
+        let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+            Arc::from(std::panic::take_hook());
+        let (counted, chained) = (Arc::clone(&count), Arc::clone(&previous));
+        std::panic::set_hook(Box::new(move |info| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            chained(info);
+        }));
+        PanicCount { count, previous }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PanicCount {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            // The hook cannot be changed from a panicking thread; left in
+            // place, ours only counts and calls the previous one.
+            return;
+        }
+        let previous = Arc::clone(&self.previous);
+        // The counting hook goes with `take_hook` (ours: the hook is global,
+        // and the tests that set it run alone).
+        let _ = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| previous(info)));
     }
 }
