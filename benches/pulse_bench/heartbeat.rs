@@ -32,6 +32,8 @@ use crate::rpc;
 pub const INTERVAL: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_secs(2);
+/// How long the consumers read Pongs still in flight after the stop.
+const DRAIN_AFTER_STOP: Duration = Duration::from_secs(1);
 /// CPU time below which the user/kernel split is not reported: 20 ticks of
 /// `/proc/self/stat` (a quick run's provider uses about 3).
 const MIN_CPU_FOR_SPLIT: Duration = Duration::from_millis(200);
@@ -330,7 +332,23 @@ pub fn consumers_main() {
     let t0 = Instant::now();
     let cpu0 = common::process_cpu();
     let mut scratch = vec![0u8; 16 * 1024];
-    while !stop.load(Ordering::SeqCst) {
+    // At the stop the window ends (its time and CPU are taken then), and
+    // no more Pings are sent; the Pongs of those already sent are read for
+    // up to DRAIN_AFTER_STOP, so that "pongs back" counts every answer.
+    // The connections opened in a burst, so their Pings go out in a burst
+    // each interval too, and a stop in the middle of one used to leave up
+    // to ~2,300 Pongs unread (in flight, sent the last ~15 ms), which
+    // looked like Pings the provider had not answered.
+    let mut window_end: Option<(Instant, Duration)> = None;
+    loop {
+        if window_end.is_none() && stop.load(Ordering::SeqCst) {
+            window_end = Some((Instant::now(), common::process_cpu()));
+        }
+        if let Some((ended, _)) = window_end
+            && (stats.pongs_received >= stats.pings_sent || ended.elapsed() > DRAIN_AFTER_STOP)
+        {
+            break;
+        }
         if poll
             .poll(&mut events, Some(Duration::from_millis(5)))
             .is_err()
@@ -397,6 +415,9 @@ pub fn consumers_main() {
                 peers[i] = None;
             }
         }
+        if window_end.is_some() {
+            continue; // draining: Pongs only, no new Pings
+        }
         // Each ping is due an interval after the last one of its
         // connection, so the queue stays in order of due time.
         let now = Instant::now();
@@ -411,8 +432,9 @@ pub fn consumers_main() {
             }
         }
     }
-    let secs = t0.elapsed().as_secs_f64();
+    let (ended, cpu1) = window_end.unwrap_or_else(|| (Instant::now(), common::process_cpu()));
+    let secs = ended.duration_since(t0).as_secs_f64();
     stats.window_s = secs;
-    stats.cpu_pct = common::process_cpu().saturating_sub(cpu0).as_secs_f64() / secs * 100.0;
+    stats.cpu_pct = cpu1.saturating_sub(cpu0).as_secs_f64() / secs * 100.0;
     common::print_result(&stats);
 }
