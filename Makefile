@@ -12,7 +12,7 @@ FUZZ_SECONDS ?= 60
 
 help:
 	@echo "make run    build in release mode and run the ping_pong demo (provider + consumer, 1000 calls)"
-	@echo "make test   installs etcd if missing, then formatting check, clippy (warnings are errors), every test target, doc tests"
+	@echo "make test   installs etcd if missing, then formatting check, clippy and rustdoc (warnings are errors), every test target, doc tests"
 	@echo "make bench  run the benchmarks (they report; they never fail the build)"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS s (default 60); installs cargo-fuzz if missing"
 	@echo "make fmt    format the code"
@@ -25,7 +25,9 @@ run:
 # clippy --all-targets compiles everything, the bench included. The test run
 # names its targets: `--all-targets` would also *run* the `harness = false`
 # bench (whatever `test = false` says), which is `make bench`'s job. Doc tests
-# (crate docs and the README's examples) run last.
+# (crate docs and the README's examples) run last. The docs are built with
+# the private items too and warnings as errors: a broken link in a doc
+# comment fails the build, as a clippy warning does.
 # tests/etcd.rs needs a real etcd: each test starts its own on free ports and
 # kills it by PID. etcd-install installs Debian's etcd-server when `etcd` is
 # missing (a fresh machine), so `make test` works from a clean clone.
@@ -34,6 +36,7 @@ run:
 test: etcd-install iproute2-install
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --document-private-items
 	$(CARGO) test --lib --bins --tests --examples
 	$(CARGO) test --doc
 

@@ -226,9 +226,11 @@ impl<T> JobQueue<T> {
         self.pop_noting_room(finished).0
     }
 
-    /// [`pop`](Self::pop), also saying whether this took the queue below
-    /// half of `capacity` after a [`push_past_bound`](Self::push_past_bound)
-    /// (true once per such push, for one consumer).
+    /// Takes the oldest job, sleeping until there is one (`finished`: the
+    /// consumer is done with the job it took last), also saying whether
+    /// this took the queue below half of `capacity` after a
+    /// [`push_past_bound`](Self::push_past_bound) (true once per such push,
+    /// for one consumer).
     pub(crate) fn pop_noting_room(&self, finished: bool) -> (T, bool) {
         let mut state = self.state.lock();
         if finished {

@@ -334,7 +334,7 @@ impl LoadBalancer for SmoothWeightedRoundRobin {
 ///
 /// That holds because a provider's points depend on nothing but its address
 /// and its own weight: `replicas × weight / 100` of them (rounded up), on
-/// Dubbo's weight scale where [`DEFAULT_WEIGHT`](super::DEFAULT_WEIGHT) 100
+/// Dubbo's weight scale where [`DEFAULT_WEIGHT`] 100
 /// is one provider's share. Weights above [`Self::MAX_WEIGHT`] count as that
 /// (the ring stays bounded: at most `replicas × 10` points per provider);
 /// weight 0 gets no point while another provider has some (all 0: each gets

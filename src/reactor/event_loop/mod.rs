@@ -300,7 +300,7 @@ pub(super) struct EventLoop {
     /// Links to connect at the end of this turn: their reconnect waits no
     /// delay (see `link_conn_gone`).
     connect_soon: Vec<u64>,
-    /// Connections whose reads stopped at [`READS_PER_TURN`] full reads
+    /// Connections whose reads stopped at [`READS_PER_TURN`](read::READS_PER_TURN) full reads
     /// with more to read (token, connection id, the read's `hangup`): read
     /// on at the end of this turn, after every other connection's events
     /// and the commands (see `read::read_frames`).
