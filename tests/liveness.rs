@@ -738,7 +738,13 @@ fn two_hundred_reconnects_leak_nothing() {
     }
     let took = started.elapsed();
     assert_eq!(ping(&client, 7).unwrap(), 7);
-    assert_eq!(proxy.accepted(), CYCLES + 1);
+    // One connection per attempt, and no other: the first, then one per
+    // `Reconnecting`. That is one per cycle, plus one per attempt that a
+    // loaded machine let fail (its handshake late): seen once at load ~8,
+    // 202 accepted for 201 connected.
+    let attempts = log.all(0, is_reconnecting).len();
+    assert!(attempts >= CYCLES, "{attempts} reconnect attempts");
+    assert_eq!(proxy.accepted(), attempts + 1);
     assert_eq!(log.all(0, is_disconnected).len(), CYCLES);
     assert_eq!(log.all(0, is_connected).len(), CYCLES + 1);
 
