@@ -10,6 +10,11 @@
 //! `max_idle` or shutdown — the first attempt is made at once); calls made
 //! meanwhile wait for the new connection up to their timeout.
 //!
+//! Here: the [`Client`] API and its calls' paths. In submodules: the link
+//! its event loop publishes to callers (`link`), the event loops clients
+//! share (`runtime`), and a call started without waiting
+//! ([`PendingCall`], `pending`).
+//!
 //! ```no_run
 //! use pulse::{Client, ClientConfig};
 //! let client = Client::connect("127.0.0.1:7000", ClientConfig::default())?;
@@ -20,23 +25,28 @@
 
 use std::marker::PhantomData;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+mod link;
+mod pending;
+mod runtime;
+
+pub(crate) use link::{Link, LinkState};
+pub use pending::PendingCall;
+pub(crate) use runtime::ClientRuntime;
 
 use crate::clock;
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
-use crate::event::{DisconnectReason, Event, EventHook, EventSink};
-use crate::protocol::{
-    Frame, HEADER_LEN, Kind, ResponseStatus, decode_text_body, encode_request, frame_pool,
-};
-use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Room, Runtime, SendError};
+use crate::event::{Event, EventHook, EventSink};
+use crate::protocol::{HEADER_LEN, Kind, ResponseStatus, encode_request};
+use crate::reactor::{CallSlot, Class, Command, ConnShared, LoopHandle, Room, SendError};
 
 /// Names a service: `name` plus `version` and `group` (both may be empty).
 ///
@@ -86,186 +96,6 @@ pub enum ConnectionState {
     Shutdown,
 }
 
-/// A link's state as its event loop publishes it to callers.
-pub(crate) enum LinkState {
-    Connecting {
-        attempt: u32,
-        last_error: Option<String>,
-    },
-    Ready(Arc<ConnShared>),
-    Failed(String),
-    Shutdown,
-}
-
-/// One provider a consumer keeps connected. Its event loop owns the
-/// connection and its backoff; callers only read the published state.
-pub(crate) struct Link {
-    id: u64,
-    /// Every address the provider's name resolved to, in the resolver's
-    /// order, without repeats. Never empty: `Client::open` refuses a name
-    /// that resolves to nothing.
-    addrs: Box<[SocketAddr]>,
-    /// Index in `addrs` of the address the connection, or the attempt in
-    /// progress, uses; always below `addrs.len()`
-    /// ([`use_address`](Self::use_address) keeps it so). Only the link's
-    /// loop changes it.
-    current: AtomicUsize,
-    config: ClientConfig,
-    events: EventSink,
-    state: Mutex<LinkState>,
-    changed: Condvar,
-    srtt_nanos: AtomicU64,
-}
-
-impl Link {
-    pub(crate) fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// The address the connection, or the attempt in progress, uses.
-    pub(crate) fn addr(&self) -> SocketAddr {
-        // In bounds: `current` is below `addrs.len()` (see the field).
-        self.addrs[self.current.load(Ordering::Relaxed)]
-    }
-
-    /// How many addresses the provider's name resolved to.
-    pub(crate) fn address_count(&self) -> usize {
-        self.addrs.len()
-    }
-
-    /// Makes the `index`th address (modulo their count) the one the next
-    /// attempt uses.
-    pub(crate) fn use_address(&self, index: usize) {
-        self.current
-            .store(index % self.addrs.len(), Ordering::Relaxed);
-    }
-
-    pub(crate) fn config(&self) -> &ClientConfig {
-        &self.config
-    }
-
-    pub(crate) fn events(&self) -> &EventSink {
-        &self.events
-    }
-
-    /// Publishes a new state and wakes callers waiting for a connection;
-    /// false, changing nothing, once the link is shut down. `Shutdown` is
-    /// final: [`Client::shutdown`] sets it before its loop has closed the
-    /// link, and a connect that completes in between must not make the link
-    /// usable again.
-    pub(crate) fn set_state(&self, state: LinkState) -> bool {
-        self.set_state_then(state, || {})
-    }
-
-    /// Makes `conn` the link's ready connection and emits `Connected`, unless
-    /// the link is shut down (false). The event goes out before the lock is
-    /// released, so it is in the events channel before any caller can use
-    /// the connection: whoever reads the events alongside calls' results
-    /// never sees an answer from a connection before its `connected`.
-    pub(crate) fn set_ready(&self, conn: Arc<ConnShared>) -> bool {
-        let peer = conn.peer;
-        self.set_state_then(LinkState::Ready(conn), || {
-            self.events.emit(Event::Connected { peer })
-        })
-    }
-
-    /// Takes the link out of `Ready` as its connection is closed, so that no
-    /// new call picks that connection, and emits `Disconnected` before any
-    /// caller can see the change: the event is in the channel before the
-    /// calls in flight fail with `ConnectionLost`. False, changing nothing,
-    /// once the link is shut down (the end is then reported once the
-    /// connection is gone, as for a connection that never became ready).
-    pub(crate) fn set_lost(&self, reason: &DisconnectReason) -> bool {
-        let state = LinkState::Connecting {
-            attempt: 0,
-            last_error: Some(reason.to_string()),
-        };
-        self.set_state_then(state, || {
-            self.events.emit(Event::Disconnected {
-                peer: self.addr(),
-                reason: reason.clone(),
-            })
-        })
-    }
-
-    /// [`set_state`](Self::set_state), running `announce` after the change
-    /// but while callers still cannot see it (the state's lock is held).
-    /// `announce` must not block or touch the link's state.
-    fn set_state_then(&self, state: LinkState, announce: impl FnOnce()) -> bool {
-        let changed = {
-            let mut current = self.state.lock();
-            let open = !matches!(*current, LinkState::Shutdown);
-            if open {
-                *current = state;
-                announce();
-            }
-            open
-        };
-        self.changed.notify_all();
-        changed
-    }
-
-    /// Whether [`Client::shutdown`] (or the loop, on `RemoveLink`) shut the
-    /// link down.
-    pub(crate) fn is_shut_down(&self) -> bool {
-        matches!(*self.state.lock(), LinkState::Shutdown)
-    }
-
-    pub(crate) fn set_srtt(&self, srtt: Duration) {
-        let nanos = u64::try_from(srtt.as_nanos()).unwrap_or(u64::MAX).max(1);
-        self.srtt_nanos.store(nanos, Ordering::Relaxed);
-    }
-
-    /// The ready connection, waiting for one until `deadline`. A connection
-    /// with id `dead` (found dead by the caller) is waited past, not returned.
-    fn ready_conn(
-        &self,
-        deadline: Instant,
-        started: Instant,
-        dead: Option<u64>,
-    ) -> Result<Arc<ConnShared>> {
-        let mut state = self.state.lock();
-        loop {
-            match &*state {
-                LinkState::Ready(conn) if Some(conn.id) != dead => return Ok(conn.clone()),
-                LinkState::Ready(_) => {
-                    if self.changed.wait_until(&mut state, deadline).timed_out() {
-                        return Err(Error::NotConnected {
-                            peer: self.addr(),
-                            waited: started.elapsed(),
-                            detail: "the connection died and no new one was ready in time".into(),
-                        });
-                    }
-                }
-                LinkState::Shutdown => return Err(Error::Shutdown),
-                LinkState::Failed(why) => {
-                    return Err(Error::NotConnected {
-                        peer: self.addr(),
-                        waited: started.elapsed(),
-                        detail: why.clone(),
-                    });
-                }
-                LinkState::Connecting { .. } => {
-                    if self.changed.wait_until(&mut state, deadline).timed_out() {
-                        let detail = match &*state {
-                            LinkState::Connecting {
-                                last_error: Some(e),
-                                ..
-                            } => format!("last attempt: {e}"),
-                            _ => "still connecting".to_string(),
-                        };
-                        return Err(Error::NotConnected {
-                            peer: self.addr(),
-                            waited: started.elapsed(),
-                            detail,
-                        });
-                    }
-                }
-            }
-        }
-    }
-}
-
 struct ClientInner {
     link: Arc<Link>,
     owner: LoopHandle,
@@ -300,7 +130,7 @@ impl ClientInner {
     fn begin_remove(&self) -> Closing {
         let (done, closed) = crossbeam_channel::bounded::<()>(0);
         self.owner.send(Command::RemoveLink {
-            link_id: self.link.id,
+            link_id: self.link.id(),
             done,
         });
         let wait = self.link.config().linger.saturating_add(REMOVE_WAIT);
@@ -351,86 +181,6 @@ impl Drop for ClientInner {
             // in the background.
             drop(self.begin_remove());
         }
-    }
-}
-
-/// The event-loop and timer threads that run clients' connections, shared
-/// by every client in the process whose settings give the same loops
-/// ([`LoopSettings`]): the first such client starts them (a loop's thread
-/// when the loop gets its first client), later ones take their loops in
-/// turn, and the threads stop (the loops closing what they still hold)
-/// when the last client using them and the last other handle are dropped. Sharing them keeps a consumer process at a loop per core
-/// however many providers it calls, as a provider is; Netty's clients
-/// share one event-loop group the same way.
-pub(crate) struct ClientRuntime {
-    runtime: Runtime,
-    /// Counts the clients given a loop, to hand the loops out in turn.
-    handed_out: AtomicUsize,
-}
-
-/// What a client runtime is started with: clients whose settings agree on
-/// these share one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LoopSettings {
-    event_loops: usize,
-    timer_tick: Duration,
-    busy_poll: Duration,
-    loop_cpus: Vec<usize>,
-}
-
-impl LoopSettings {
-    fn of(config: &ClientConfig) -> LoopSettings {
-        LoopSettings {
-            event_loops: config.event_loops,
-            timer_tick: config.connection.timer_tick,
-            busy_poll: config.connection.busy_poll,
-            loop_cpus: config.connection.loop_cpus.clone(),
-        }
-    }
-}
-
-/// The runtimes clients run on, by their settings. Weak: a runtime's
-/// clients own it, and the entry only lets the next client find it while
-/// one does. Entries whose runtime is gone are dropped as new ones are
-/// added, so the list is as long as the kinds of settings in use.
-static RUNTIMES: Mutex<Vec<(LoopSettings, Weak<ClientRuntime>)>> = Mutex::new(Vec::new());
-
-impl ClientRuntime {
-    /// The runtime for clients with `config`'s loop settings: the one that
-    /// runs already, or a new one (threads `pulse-client-loop-{i}` and the
-    /// timer thread).
-    pub(crate) fn shared(config: &ClientConfig) -> Result<Arc<ClientRuntime>> {
-        let settings = LoopSettings::of(config);
-        // Held while a runtime starts, so that two clients connecting at
-        // once do not start two. Dropping a runtime (joining its threads)
-        // never happens under it: only the upgraded `Arc`s can drop it,
-        // and they leave this function.
-        let mut runtimes = RUNTIMES.lock();
-        if let Some(running) = runtimes
-            .iter()
-            .filter(|(s, _)| *s == settings)
-            .find_map(|(_, runtime)| runtime.upgrade())
-        {
-            return Ok(running);
-        }
-        let runtime = Arc::new(ClientRuntime {
-            runtime: Runtime::start_lazily("pulse-client", config.event_loops, &config.connection)?,
-            handed_out: AtomicUsize::new(0),
-        });
-        runtimes.retain(|(_, runtime)| runtime.strong_count() > 0);
-        runtimes.push((settings, Arc::downgrade(&runtime)));
-        Ok(runtime)
-    }
-
-    /// The loop for the next client, its thread started if this is the
-    /// loop's first client: loops are handed out in turn, so a process
-    /// with fewer clients than loops runs only as many loops as clients.
-    fn next_loop(&self) -> Result<LoopHandle> {
-        let loops = self.runtime.loops();
-        let turn = self.handed_out.fetch_add(1, Ordering::Relaxed);
-        let index = turn % loops.len(); // `Runtime::start_lazily` made at least one
-        self.runtime.start_loop(index)?;
-        Ok(loops[index].clone())
     }
 }
 
@@ -539,33 +289,10 @@ impl Client {
                 addrs.push(addr);
             }
         }
-        if addrs.is_empty() {
-            return Err(Error::InvalidConfig(
-                "the provider address resolved to nothing".into(),
-            ));
-        }
-        // Port 0 means "any port" to bind; as a destination it can only be
-        // refused, attempt after attempt.
-        if let Some(addr) = addrs.iter().find(|a| a.port() == 0) {
-            return Err(Error::InvalidConfig(format!(
-                "the provider address {addr} has port 0: give the port the provider listens on"
-            )));
-        }
-        let runtime = ClientRuntime::shared(&config)?;
+        let link = Link::new(addrs, config, events)?;
+        let runtime = ClientRuntime::shared(link.config())?;
         let owner = runtime.next_loop()?;
-        let link = Arc::new(Link {
-            id: crate::next_id(),
-            addrs: addrs.into_boxed_slice(),
-            current: AtomicUsize::new(0),
-            events,
-            config,
-            state: Mutex::new(LinkState::Connecting {
-                attempt: 0,
-                last_error: None,
-            }),
-            changed: Condvar::new(),
-            srtt_nanos: AtomicU64::new(0),
-        });
+        let link = Arc::new(link);
         Ok(Client {
             inner: Arc::new(ClientInner {
                 link,
@@ -608,7 +335,7 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let timeout = self.inner.link.config.call_timeout;
+        let timeout = self.inner.link.config().call_timeout;
         self.call_timeout(service, method, args, timeout)
     }
 
@@ -678,7 +405,7 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let timeout = self.inner.link.config.call_timeout;
+        let timeout = self.inner.link.config().call_timeout;
         self.start_timeout(service, method, args, timeout)
     }
 
@@ -745,7 +472,7 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let timeout = self.inner.link.config.call_timeout;
+        let timeout = self.inner.link.config().call_timeout;
         self.start_deferred_timeout(service, method, args, timeout)
     }
 
@@ -850,7 +577,7 @@ impl Client {
         .map_err(|e| Error::Codec(format!("arguments could not be encoded: {e}")))?;
         // A provider with the same limit would close the connection on a
         // larger frame, failing every call on it: this call fails alone.
-        let max_body = self.inner.link.config.connection.max_frame_len;
+        let max_body = self.inner.link.config().connection.max_frame_len;
         let body_len = frame.len().saturating_sub(HEADER_LEN);
         if body_len > max_body as usize {
             return Err(Error::Codec(format!(
@@ -871,7 +598,7 @@ impl Client {
         timeout: Duration,
         write: Write,
     ) -> std::result::Result<PendingCall<R>, SendOnError> {
-        let config = &self.inner.link.config;
+        let config = self.inner.link.config();
         let slot = CallSlot::new();
         let waiting = match conn
             .calls
@@ -1024,7 +751,7 @@ impl Client {
         let started = Instant::now();
         let link = &self.inner.link;
         let (_, mut frame) = self.encode_call(Kind::OneWay, service, method, args)?;
-        let deadline = clock::deadline_after(started, link.config.call_timeout);
+        let deadline = clock::deadline_after(started, link.config().call_timeout);
         let mut dead = None;
         loop {
             let conn = link.ready_conn(deadline, started, dead)?;
@@ -1084,7 +811,7 @@ impl Client {
     ) -> std::result::Result<bool, SendOnError> {
         // Zero on one core, where the loop never polls on (see `OneWayPace`).
         let pace_window =
-            crate::reactor::poll_time_here(self.inner.link.config.connection.busy_poll);
+            crate::reactor::poll_time_here(self.inner.link.config().connection.busy_poll);
         loop {
             let by_loop = conn.one_way_pace.follows_within(started, pace_window);
             let sent = if by_loop {
@@ -1162,10 +889,7 @@ impl Client {
 
     /// Smoothed round-trip time of heartbeat pings, once one was answered.
     pub fn rtt(&self) -> Option<Duration> {
-        match self.inner.link.srtt_nanos.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(Duration::from_nanos(nanos)),
-        }
+        self.inner.link.srtt()
     }
 
     /// Calls waiting for a response on the current connection.
@@ -1182,7 +906,7 @@ impl Client {
     /// `ConnectionConfig::event_capacity`; when full, new events are dropped
     /// and logged): each event is received once, by one of the handles.
     pub fn events(&self) -> Receiver<Event> {
-        self.inner.link.events.receiver()
+        self.inner.link.events().receiver()
     }
 }
 
@@ -1243,158 +967,14 @@ fn send_error(conn: &ConnShared, error: SendError) -> Error {
     }
 }
 
-/// A call whose request is sent; [`PendingCall::wait`] returns its result.
-///
-/// Dropping it without waiting abandons the call (its slot is freed; a late
-/// response is discarded).
-pub struct PendingCall<R> {
-    conn: Arc<ConnShared>,
-    slot: Arc<CallSlot>,
-    id: u64,
-    deadline: Instant,
-    timeout: Duration,
-    /// `ClientConfig::spin_wait`.
-    spin: Duration,
-    waited: bool,
-    /// Started by `start_deferred`: counted in `ConnShared::deferred_open`
-    /// until dropped.
-    deferred: bool,
-    /// Its request was left to the loop to write (see `Client::send_on`).
-    by_loop: bool,
-    _result: PhantomData<fn() -> R>,
-}
-
-impl<R: DeserializeOwned> PendingCall<R> {
-    /// Blocks until the response arrives, the connection dies, or the call's
-    /// timeout passes. If the response is not there yet, it first writes the
-    /// requests that [`Client::start_deferred`] holds on the connection.
-    ///
-    /// # Errors
-    /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`; and
-    /// `Shutdown` when the client was shut down meanwhile, by
-    /// [`Client::shutdown`] or by dropping its last clone (a `PendingCall`
-    /// does not keep the client alive).
-    pub fn wait(mut self) -> Result<R> {
-        self.waited = true;
-        if !self.by_loop && !self.slot.is_done() {
-            // This request may be among those deferred (`start_deferred`):
-            // they go out now rather than wait for a write that may never
-            // come. A failed write closes the connection, which fails this
-            // call (ConnectionLost) through the loop.
-            let _ = self.conn.flush_held();
-        }
-        let outcome = match self.slot.wait_reading(self.deadline, self.spin, &self.conn) {
-            Some(outcome) => outcome,
-            None => {
-                self.conn.calls.remove(self.id);
-                // The response may have been delivered between the timeout and
-                // the removal: take it rather than lose it.
-                match self.slot.wait(Instant::now()) {
-                    Some(outcome) => outcome,
-                    None => return Err(Error::Timeout(self.timeout)),
-                }
-            }
-        };
-        decode_response(outcome?)
-    }
-}
-
-impl<R> Drop for PendingCall<R> {
-    fn drop(&mut self) {
-        if !self.waited {
-            self.conn.calls.remove(self.id);
-        }
-        if self.deferred {
-            self.conn.deferred_done();
-        }
-        CallSlot::recycle(&mut self.slot);
-    }
-}
-
-/// Decodes a response, then keeps its body's buffer for this thread's next
-/// request (see `frame_pool`): it came from the loop, and freeing it here
-/// would wait for the loop's allocator lock.
-fn decode_response<R: DeserializeOwned>(frame: Frame) -> Result<R> {
-    let result = decode_response_body(&frame);
-    frame_pool::recycle(frame.body);
-    result
-}
-
-fn decode_response_body<R: DeserializeOwned>(frame: &Frame) -> Result<R> {
-    match ResponseStatus::from_u8(frame.header.status) {
-        Some(ResponseStatus::Ok) => rmp_serde::from_slice(&frame.body).map_err(|e| {
-            Error::Codec(format!(
-                "the result does not decode as {}: {e}",
-                std::any::type_name::<R>()
-            ))
-        }),
-        Some(status) => Err(Error::Remote {
-            status,
-            message: decode_text_body(&frame.body),
-        }),
-        None => Err(Error::Protocol(format!(
-            "response with unknown status {}: {}",
-            frame.header.status,
-            decode_text_body(&frame.body)
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::time::{Duration, Instant};
 
-    use parking_lot::{Condvar, Mutex};
-
-    use super::{Link, LinkState};
-    use crate::event::EventSink;
+    use super::LinkState;
     use crate::{Client, ClientConfig, Server, ServerConfig, ServiceBuilder};
 
-    /// Clients whose loop settings agree run on one runtime, whose loops
-    /// start as clients are handed them; other settings get another
-    /// runtime; the runtime ends with the last of its clients, and the
-    /// next client with those settings starts a new one. (Settings no other
-    /// test uses, so that no other test's clients hold the runtime.)
-    #[test]
-    fn clients_share_the_runtime_of_their_loop_settings() {
-        let mut config = ClientConfig {
-            event_loops: 3,
-            ..ClientConfig::default()
-        };
-        config.connection.timer_tick = Duration::from_millis(7);
-        // Nothing listens there: the clients keep trying, which is enough.
-        let nowhere = "127.0.0.1:9";
-        let open = |config: &ClientConfig| Client::connect_lazy(nowhere, config.clone()).unwrap();
-        let runtime = |client: &Client| Arc::clone(&client.inner._runtime);
-
-        let a = open(&config);
-        assert_eq!(runtime(&a).runtime.loops().len(), 3);
-        // A loop's thread starts with its first client.
-        assert_eq!(runtime(&a).runtime.running_loops(), 1);
-        let b = open(&config);
-        assert!(Arc::ptr_eq(&runtime(&a), &runtime(&b)));
-        assert_eq!(runtime(&a).runtime.running_loops(), 2);
-        let mut other = config.clone();
-        other.connection.busy_poll = Duration::from_micros(77);
-        let c = open(&other);
-        assert!(!Arc::ptr_eq(&runtime(&a), &runtime(&c)));
-
-        let first = Arc::downgrade(&runtime(&a));
-        drop((a, b));
-        assert!(
-            first.upgrade().is_none(),
-            "the runtime outlived its clients"
-        );
-        let d = open(&config);
-        assert!(!std::ptr::eq(first.as_ptr(), Arc::as_ptr(&runtime(&d))));
-        drop((c, d));
-    }
-
-    /// `Shutdown` is final: what the loop publishes after a
-    /// `Client::shutdown` (a reconnect scheduled, a connect completing)
-    /// cannot replace it.
     /// Port 0 is no destination: refused at once rather than tried forever.
     #[test]
     fn a_provider_address_with_port_0_is_refused() {
@@ -1406,164 +986,6 @@ mod tests {
                 refused.err()
             );
         }
-    }
-
-    #[test]
-    fn a_shut_down_link_stays_shut_down() {
-        let link = connecting_link();
-        let connecting = |attempt| LinkState::Connecting {
-            attempt,
-            last_error: None,
-        };
-        assert!(link.set_state(connecting(1)));
-        assert!(!link.is_shut_down());
-        assert!(link.set_state(LinkState::Shutdown));
-        assert!(!link.set_state(connecting(2)));
-        assert!(!link.set_state(LinkState::Failed("gave up".into())));
-        assert!(link.is_shut_down());
-    }
-
-    /// A link still connecting, whose events go to a 16-slot channel.
-    fn connecting_link() -> Link {
-        Link {
-            id: 1,
-            addrs: Box::new(["127.0.0.1:1".parse().unwrap()]),
-            current: AtomicUsize::new(0),
-            events: EventSink::new(16, "client"),
-            config: ClientConfig::default(),
-            state: Mutex::new(LinkState::Connecting {
-                attempt: 0,
-                last_error: None,
-            }),
-            changed: Condvar::new(),
-            srtt_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// A connection's shared part over one end of a Unix socket pair, owned
-    /// by a loop that never runs (nothing here sends it a command).
-    fn idle_conn() -> Arc<crate::reactor::ConnShared> {
-        use socket2::{Domain, Socket, Type};
-        let (near, _far) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
-        let poll = mio::Poll::new().unwrap();
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
-        let owner = crate::reactor::LoopHandle::new(0, tx, waker);
-        let peer = "127.0.0.1:1".parse().unwrap();
-        Arc::new(crate::reactor::ConnShared::new(
-            0,
-            peer,
-            near,
-            1 << 20,
-            1 << 20,
-            owner,
-        ))
-    }
-
-    /// What `set_state_then` announces is announced while callers cannot
-    /// see the new state yet (the state's lock is still held), and nothing
-    /// is announced once the link is shut down.
-    #[test]
-    fn a_state_change_is_announced_before_callers_can_see_it() {
-        let link = connecting_link();
-        let mut announced = 0;
-        let ready = link.set_state_then(LinkState::Failed("test".into()), || {
-            announced += 1;
-            assert!(link.state.try_lock().is_none(), "announced after unlocking");
-        });
-        assert!(ready);
-        assert_eq!(announced, 1);
-        assert!(link.set_state(LinkState::Shutdown));
-        let changed = link.set_state_then(LinkState::Failed("late".into()), || announced += 1);
-        assert!(!changed);
-        assert_eq!(announced, 1, "a shut-down link announced a change");
-    }
-
-    /// A caller that finds the link ready finds its `Connected` already in
-    /// the events channel: a watcher spinning on the state's lock takes it
-    /// the moment `set_ready` lets go. Repeated, since the watcher need not
-    /// win that race every time (emitting after unlocking, when tried,
-    /// failed in the first round in three runs of three).
-    #[test]
-    fn connected_is_emitted_before_a_caller_can_see_the_link_ready() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let link = connecting_link();
-        let events = link.events.receiver();
-        let conn = idle_conn();
-        let peer = conn.peer;
-        for round in 0..200 {
-            assert!(link.set_state(LinkState::Connecting {
-                attempt: round,
-                last_error: None,
-            }));
-            while events.try_recv().is_ok() {}
-            let watching = AtomicBool::new(false);
-            let seen = std::thread::scope(|scope| {
-                let watcher = scope.spawn(|| {
-                    watching.store(true, Ordering::Release);
-                    loop {
-                        let state = link.state.lock();
-                        if matches!(*state, LinkState::Ready(_)) {
-                            return events.try_recv().ok();
-                        }
-                        drop(state);
-                        std::hint::spin_loop();
-                    }
-                });
-                while !watching.load(Ordering::Acquire) {
-                    std::hint::spin_loop();
-                }
-                assert!(link.set_ready(conn.clone()));
-                watcher.join().expect("the watcher thread")
-            });
-            assert_eq!(
-                seen,
-                Some(crate::Event::Connected { peer }),
-                "round {round}: the link was ready before its Connected was emitted"
-            );
-        }
-    }
-
-    /// `set_lost` takes a ready link out of `Ready` (no attempt made yet
-    /// since the healthy connection) and emits `Disconnected` with the
-    /// reason; on a shut-down link it changes and emits nothing, leaving
-    /// the report to the end of the connection.
-    #[test]
-    fn a_lost_connection_is_reported_as_the_link_leaves_ready() {
-        use crate::DisconnectReason;
-        let link = connecting_link();
-        let events = link.events.receiver();
-        let conn = idle_conn();
-        let peer = conn.peer;
-        assert!(link.set_ready(conn));
-        assert_eq!(
-            events.try_recv().ok(),
-            Some(crate::Event::Connected { peer })
-        );
-
-        assert!(link.set_lost(&DisconnectReason::HeartbeatTimeout));
-        assert_eq!(
-            events.try_recv().ok(),
-            Some(crate::Event::Disconnected {
-                peer,
-                reason: DisconnectReason::HeartbeatTimeout
-            })
-        );
-        match &*link.state.lock() {
-            LinkState::Connecting {
-                attempt: 0,
-                last_error: Some(e),
-            } => assert_eq!(*e, DisconnectReason::HeartbeatTimeout.to_string()),
-            _ => panic!("a lost link should be Connecting, no attempt made yet"),
-        }
-
-        assert!(link.set_state(LinkState::Shutdown));
-        assert!(!link.set_lost(&DisconnectReason::Shutdown));
-        assert!(
-            events.try_recv().is_err(),
-            "a shut-down link reported a loss"
-        );
-        assert!(link.is_shut_down());
     }
 
     /// A provider whose `t.sleep(ms)` runs on a worker and returns `ms`,
