@@ -13,8 +13,9 @@
 //! socket; the protocol subset here is small and the chunk decoder is a pure,
 //! unit-tested state machine.
 
+use super::resolve;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// Largest response head (status line and headers) accepted.
@@ -149,10 +150,9 @@ fn send(
     body: &str,
     deadline: Instant,
 ) -> Result<(TcpStream, u16, Head), String> {
-    let addrs: Vec<SocketAddr> = host
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
+    // Bounded by `deadline` (a kept answer when the resolver is slow or
+    // failing): `getaddrinfo` on this thread could not be.
+    let addrs = resolve::resolve(host, deadline)?;
     let mut last = format!("{host} resolved to no address");
     let mut sock = None;
     for addr in addrs {

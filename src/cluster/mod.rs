@@ -57,6 +57,7 @@ mod etcd;
 mod http;
 mod json;
 mod registry;
+mod resolve;
 
 pub use balance::{
     Candidate, ConsistentHash, LeastInflight, LoadBalancer, LowestRtt, Random, RoundRobin,
