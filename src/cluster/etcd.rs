@@ -38,7 +38,9 @@ const REQUIRE_LEADER: http::Headers<'static> = &[("Grpc-Metadata-Hasleader", "tr
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
     /// Client endpoints as `host:port` (e.g. `127.0.0.1:2379`), tried in
-    /// turn. At least one.
+    /// turn. At least one. A host name is resolved for each request within
+    /// the request's deadline, keeping its last good answer for when DNS
+    /// fails or hangs (`docs/CLUSTER.md`, "Endpoint names").
     pub endpoints: Vec<String>,
     /// The key prefix under which services are stored. Default
     /// `/pulse/services`.
@@ -900,8 +902,9 @@ impl EtcdLease {
     /// Stops the keep-alive thread and waits for it, so it cannot register
     /// again behind a revoke. The thread looks for the stop before each
     /// request and before each endpoint a request tries, so the wait is at
-    /// most the one attempt under way: `request_timeout` (plus resolving the
-    /// endpoint's name, if it is not an address). Usually it is nothing: the
+    /// most the one attempt under way: `request_timeout`, resolving the
+    /// endpoint's name included (`resolve` waits for a lookup only until the
+    /// request's deadline). Usually it is nothing: the
     /// thread is asleep between renewals.
     ///
     /// A re-registration stopped after its put was sent leaves its new lease
