@@ -287,7 +287,9 @@ mod tests {
 
     /// What a blocked fake lookup is told to return.
     enum Answer {
+        /// Succeed with these addresses.
         Addrs(Vec<SocketAddr>),
+        /// Fail with this error.
         Fail(&'static str),
     }
 
@@ -353,6 +355,7 @@ mod tests {
                 .0
         }
 
+        /// How many lookups were started.
         fn calls(&self) -> usize {
             self.calls.load(Ordering::SeqCst)
         }
@@ -379,6 +382,7 @@ mod tests {
             self.resolver.resolve(host, Instant::now() + SLACK)
         }
 
+        /// How many warnings the resolver logged.
         fn warnings(&self) -> usize {
             self.resolver.warnings.load(Ordering::Relaxed)
         }
@@ -425,6 +429,7 @@ mod tests {
         assert!(Duration::from_millis(shown) <= budget, "{err}");
     }
 
+    /// The socket address `s` (a literal of the test's).
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test addresses are literals")
     }
