@@ -72,7 +72,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Select, select};
 use parking_lot::Mutex;
 use pulse::cluster::{
-    CallOptions, ClusterClient, ClusterConfig, ClusterEvent, ConsistentHash, Endpoint,
+    CallOptions, ClusterClient, ClusterConfig, ClusterEvent, ConsistentHash, Endpoint, EtcdConfig,
     EtcdRegistry, LeastInflight, LoadBalancer, LowestRtt, Random, Registration, Registry,
     RoundRobin, ServiceKey, SmoothWeightedRoundRobin, StaticRegistry, WeightedRandom,
 };
@@ -89,11 +89,11 @@ Usage:
       Three providers (p0, p1, p2; weights 1, 2, 3) and a consumer in one process.
       p1 freezes after a third of the calls and thaws after two thirds.
   cluster provider --registry etcd://HOST:PORT [--addr ADDR] [--name NAME] [--weight N] [--ttl-s N]
-          [--heartbeat-ms N] [--max-missed N]
+          [--heartbeat-ms N] [--max-missed N] [--no-fail-fast]
       One provider: serves `whoami`, registers with a lease it keeps alive, runs until Ctrl-C or
       SIGTERM, then deregisters and shuts down gracefully.
   cluster consumer --registry etcd://HOST:PORT [--balancer NAME] [--calls N] [--interval-ms N]
-          [--heartbeat-ms N] [--max-missed N]
+          [--heartbeat-ms N] [--max-missed N] [--no-fail-fast]
       The consumer alone (--calls 0: forever).
 
 Options:
@@ -108,6 +108,9 @@ Options:
   --name NAME       provider: what `whoami` answers (default provider-PORT)
   --weight N        provider: its weight (default 100)
   --ttl-s N         provider: lease TTL in seconds (default 3)
+  --no-fail-fast    with etcd: start even when etcd does not answer; providers register,
+                    and the consumer lists them, once it does (EtcdConfig::fail_fast false;
+                    by default an etcd that is down stops the program at startup)
   -h, --help        this help
 ";
 
@@ -133,6 +136,8 @@ struct Options {
     name: Option<String>,
     weight: u32,
     ttl_s: u64,
+    /// `EtcdConfig::fail_fast`: `--no-fail-fast` clears it.
+    fail_fast: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
@@ -148,6 +153,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         name: None,
         weight: 100,
         ttl_s: 3,
+        fail_fast: true,
     };
     let mut calls_given = false;
     let mut it = args.iter();
@@ -178,6 +184,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             "--name" => o.name = Some(value(arg)?),
             "--weight" => o.weight = number(arg, value(arg)?)?.min(u64::from(u32::MAX)) as u32,
             "--ttl-s" => o.ttl_s = number(arg, value(arg)?)?.max(1),
+            "--no-fail-fast" => o.fail_fast = false,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -275,11 +282,15 @@ fn start_provider(o: &Options, addr: &str, name: String) -> pulse::Result<Server
         .bind(addr)
 }
 
-fn registry(url: &str) -> pulse::Result<Box<dyn Registry>> {
+/// The registry `url` names; an etcd one fails fast (at startup, when
+/// etcd does not answer) as `fail_fast` says.
+fn registry(url: &str, fail_fast: bool) -> pulse::Result<Box<dyn Registry>> {
     if url == "static" {
         Ok(Box::new(StaticRegistry::new()))
     } else {
-        Ok(Box::new(EtcdRegistry::from_url(url)?))
+        let mut config = EtcdConfig::from_url(url)?;
+        config.fail_fast = fail_fast;
+        Ok(Box::new(EtcdRegistry::new(config)?))
     }
 }
 
@@ -300,7 +311,7 @@ fn main() -> ExitCode {
     let result = match options.mode {
         Mode::Both => run_both(&options),
         Mode::Provider => run_provider(&options),
-        Mode::Consumer => registry(&options.registry)
+        Mode::Consumer => registry(&options.registry, options.fail_fast)
             .and_then(|r| run_consumer(&options, r.as_ref(), &BTreeMap::new(), None)),
     };
     match result {
@@ -314,7 +325,7 @@ fn main() -> ExitCode {
 }
 
 fn run_provider(o: &Options) -> pulse::Result<bool> {
-    let registry = registry(&o.registry)?;
+    let registry = registry(&o.registry, o.fail_fast)?;
     let probe =
         TcpListener::bind(&o.addr).map_err(|e| pulse::Error::io(format!("bind {}", o.addr), e))?;
     let addr = probe
@@ -385,7 +396,7 @@ fn stop_signal() -> Receiver<()> {
 
 /// Runs three providers behind proxies and the consumer; freezes p1 midway.
 fn run_both(o: &Options) -> pulse::Result<bool> {
-    let registry = registry(&o.registry)?;
+    let registry = registry(&o.registry, o.fail_fast)?;
     let service = ServiceKey::from(SERVICE);
     let mut servers = Vec::new();
     let mut proxies = Vec::new();
