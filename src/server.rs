@@ -124,6 +124,12 @@ impl ServerBuilder {
             "serving on {local_addr} with {} event loop(s)",
             config.event_loops
         );
+        let own_threads = workers
+            .iter()
+            .map(|w| w.thread().id())
+            .chain(runtime.loop_threads())
+            .collect();
+        let (stopping, stopped) = crossbeam_channel::bounded::<()>(0);
         Ok(Server {
             local_addr,
             shared,
@@ -131,7 +137,10 @@ impl ServerBuilder {
                 runtime,
                 workers,
                 workers_exited,
+                _stopping: stopping,
             })),
+            stopped,
+            own_threads,
         })
     }
 }
@@ -141,6 +150,9 @@ struct Running {
     workers: Vec<JoinHandle<()>>,
     /// Disconnected once every worker has ended (each holds a sender).
     workers_exited: Receiver<()>,
+    /// Dropped with this at the end of the shutdown, which disconnects
+    /// `Server::stopped`.
+    _stopping: crossbeam_channel::Sender<()>,
 }
 
 /// The reason of the Close(Normal) a server's shutdown sends.
@@ -172,7 +184,14 @@ const LOOP_STOP_GRACE: Duration = Duration::from_millis(250);
 pub struct Server {
     local_addr: SocketAddr,
     shared: Arc<ServerShared>,
+    /// Taken by the first `shutdown`, which drops it when it is done.
     state: Mutex<Option<Running>>,
+    /// Disconnected once the first `shutdown` is done (its `Running`
+    /// holds the sender): a later `shutdown`, or the drop, waits for that.
+    stopped: Receiver<()>,
+    /// The server's worker and event-loop threads: a `shutdown` called on
+    /// one of them (from a handler) cannot wait for the server's handlers.
+    own_threads: Box<[std::thread::ThreadId]>,
 }
 
 impl Server {
@@ -255,7 +274,8 @@ impl Server {
     }
 
     /// Graceful shutdown, bounded by `ServerConfig::shutdown_timeout`
-    /// (10 s by default). Idempotent; also done on drop.
+    /// (10 s by default). Idempotent (a later call waits for the first to
+    /// finish, below); also done on drop.
     ///
     /// At once it closes the listening socket (a consumer connecting now
     /// is refused), and every connection starts draining as at its
@@ -294,11 +314,24 @@ impl Server {
     /// stops the server, say), it cannot wait for that handler's thread to
     /// end: it returns at once, and the shutdown goes on on a thread of its
     /// own, the handler's answer still sent before the Close.
+    ///
+    /// Called again (from another thread, or by the drop) while a shutdown
+    /// is under way, it waits until that one is done, as its first caller
+    /// does: only then are the answers due written and the threads gone,
+    /// even when a handler started the shutdown and `main` then drops the
+    /// server and exits. On one of the server's own threads it returns at
+    /// once, as above.
     pub fn shutdown(&self) {
+        let on_own_thread = self.on_own_thread();
         let Some(running) = self.state.lock().take() else {
+            if !on_own_thread {
+                // Nothing is ever sent: this returns when the shutdown
+                // under way drops its `Running`.
+                let _ = self.stopped.recv();
+            }
             return;
         };
-        if running.owns_current_thread() {
+        if on_own_thread {
             // Handed over through a slot, so that it can be taken back here
             // if no thread can be started.
             let handover = Arc::new(Mutex::new(Some(running)));
@@ -311,7 +344,7 @@ impl Server {
                 .name("pulse-shutdown".into())
                 .spawn(move || {
                     if let Some(running) = slot.lock().take() {
-                        stop(running, &shared, addr);
+                        stop(running, &shared, addr, false);
                     }
                 });
             if let Err(e) = spawned {
@@ -322,21 +355,18 @@ impl Server {
                     "server on {addr}: no thread for its shutdown ({e}); shutting down here"
                 );
                 if let Some(running) = handover.lock().take() {
-                    stop(running, &self.shared, addr);
+                    stop(running, &self.shared, addr, true);
                 }
             }
             return;
         }
-        stop(running, &self.shared, self.local_addr);
+        stop(running, &self.shared, self.local_addr, false);
     }
-}
 
-impl Running {
     /// Whether the calling thread is one of this server's workers or event
     /// loops, which its shutdown waits for.
-    fn owns_current_thread(&self) -> bool {
-        let me = std::thread::current().id();
-        self.workers.iter().any(|w| w.thread().id() == me) || self.runtime.loop_on(me).is_some()
+    fn on_own_thread(&self) -> bool {
+        self.own_threads.contains(&std::thread::current().id())
     }
 }
 
@@ -344,13 +374,15 @@ impl Running {
 /// stop accepting, drain every connection, stop the workers, then the
 /// loops; the waits for handlers end at `shutdown_timeout` (for a loop in
 /// an inline handler, `linger` plus [`DRAIN_GRACE`] plus
-/// [`LOOP_STOP_GRACE`] later).
-fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr) {
+/// [`LOOP_STOP_GRACE`] later; at `linger` when `on_own_thread`, run by one
+/// of the server's own handlers). Dropping `running` at the end tells the
+/// later callers of `shutdown` that it is done.
+fn stop(mut running: Running, shared: &ServerShared, local_addr: SocketAddr, on_own_thread: bool) {
     let config = &shared.config;
     // On one of the server's own threads (a handler's shutdown with no
     // thread of its own), that handler's call cannot end while this
     // waits: the waits end at `linger` then.
-    let bound = if running.owns_current_thread() {
+    let bound = if on_own_thread {
         Some(
             config
                 .shutdown_timeout
@@ -936,8 +968,8 @@ mod tests {
             let server = server.ok_or("no server")?;
             // What `shutdown` does here when its thread cannot be spawned.
             if let Some(running) = server.state.lock().take() {
-                assert!(running.owns_current_thread());
-                stop(running, &server.shared, server.local_addr);
+                assert!(server.on_own_thread());
+                stop(running, &server.shared, server.local_addr, true);
             }
             let _ = done_tx.send(());
             Ok::<_, String>(())

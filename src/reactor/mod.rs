@@ -490,6 +490,18 @@ impl Runtime {
         }
     }
 
+    /// The threads of the event loops running now.
+    pub(crate) fn loop_threads(&self) -> Vec<std::thread::ThreadId> {
+        self.threads
+            .lock()
+            .iter()
+            .filter_map(|t| match t {
+                LoopThread::Running(h) => Some(h.thread().id()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The index of the running event loop whose thread is `id`, if any.
     pub(crate) fn loop_on(&self, id: std::thread::ThreadId) -> Option<usize> {
         self.threads
