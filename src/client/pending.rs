@@ -15,7 +15,9 @@ use crate::reactor::{CallSlot, ConnShared};
 /// A call whose request is sent; [`PendingCall::wait`] returns its result.
 ///
 /// Dropping it without waiting abandons the call (its slot is freed; a late
-/// response is discarded).
+/// response is discarded). The request was sent: the handler may still
+/// run, or the provider may refuse it (`Overloaded` past its
+/// `max_inflight`), and nobody learns which.
 pub struct PendingCall<R> {
     pub(super) conn: Arc<ConnShared>,
     pub(super) slot: Arc<CallSlot>,
