@@ -23,7 +23,8 @@ pub struct BackoffConfig {
     pub jitter: f64,
     /// How many attempts in a row (since the last reset) before
     /// [`Backoff::next_delay`] gives up and returns `None`. Default `None`:
-    /// retry forever.
+    /// retry forever. `Some(0)`: never reconnect (a client fails for good
+    /// at its first failed connect or lost connection).
     pub max_attempts: Option<u32>,
     /// How long a connection must stay up before the attempt count resets.
     /// Default 2 s. See the [`Backoff` docs](Backoff#probation).
