@@ -15,7 +15,7 @@ mod cluster_support;
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -48,11 +48,24 @@ fn etcd_binary() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
+/// A free loopback port, held by a socket bound to it but not listening:
+/// no other bind, and no outgoing connection's ephemeral port, takes it
+/// until the socket is dropped, and a connect to it is refused, as to a
+/// port nothing holds. An etcd started later (a test that starts its
+/// clients first) binds it once the socket is dropped; before, another
+/// process could take the port meanwhile and etcd exited at startup.
+fn reserved_port() -> (u16, socket2::Socket) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+    socket.bind(&any.into()).expect("bind a free port");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("the bound address")
+        .port();
+    (port, socket)
 }
 
 /// The advertised peer URL and cluster token that give a member the ID
@@ -72,6 +85,9 @@ struct Etcd {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// The sockets holding the client and peer ports until the first
+    /// [`spawn`](Self::spawn) (see [`reserved_port`]).
+    reserved: Vec<socket2::Socket>,
     /// Advertise [`HIGH_ID_PEER_URL`] with [`HIGH_ID_TOKEN`] (a member ID
     /// at or above 2^63) instead of the listened peer URL with the default
     /// token (an ID that depends on the free port chosen).
@@ -108,10 +124,13 @@ impl Etcd {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the etcd test directory");
+        let (client_port, client_hold) = reserved_port();
+        let (peer_port, peer_hold) = reserved_port();
         Etcd {
             child: None,
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port,
+            peer_port,
+            reserved: vec![client_hold, peer_hold],
             high_member_id,
             dir,
         }
@@ -147,6 +166,8 @@ impl Etcd {
             .append(true)
             .open(self.dir.join("etcd.log"))
             .expect("open the etcd log");
+        // The ports go to etcd now.
+        self.reserved.clear();
         let child = Command::new(etcd_binary())
             .arg("--name=pulse-test")
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
@@ -170,9 +191,15 @@ impl Etcd {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
+                // The log goes with the directory when the test ends: quote it.
+                let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 panic!(
-                    "etcd exited with {status} during startup; see {}",
-                    self.dir.join("etcd.log").display()
+                    "etcd exited with {status} during startup (client port {}, peer port {}); \
+                     the end of its log, last line first:\n{}",
+                    self.client_port,
+                    self.peer_port,
+                    tail.join("\n")
                 );
             }
             assert!(
