@@ -301,6 +301,73 @@ fn shutdown_leaves_a_loop_blocked_in_an_inline_handler() {
     assert_eq!(panics.count(), 0, "a thread panicked");
 }
 
+/// An inline handler blocking event loop 0 (which holds the listener)
+/// does not hold up the other loops' drain: an idle connection of loop 1
+/// gets its Close(Normal) at once, long before `shutdown_timeout`.
+///
+/// Before, the shutdown waited for loop 0 to close its listener before any
+/// loop started draining, up to `shutdown_timeout`: an outside check saw
+/// loop 1's idle connections served (their new requests run and answered)
+/// and closed only at the bound.
+#[test]
+fn a_blocked_loop_0_does_not_hold_up_the_other_loops_drain() {
+    let _shared = PROCESS.shared();
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    // Dropped (the test failing) or sent on, the handler returns.
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let service = ServiceBuilder::new("inline").method_inline("hold", move |_: ()| {
+        let _ = entered_tx.try_send(());
+        let _ = release_rx.recv_timeout(Duration::from_secs(60));
+        Ok::<_, String>("released")
+    });
+    let shutdown_timeout = Duration::from_secs(6);
+    let config = ServerConfig {
+        event_loops: 2,
+        shutdown_timeout: Some(shutdown_timeout),
+        linger: ms(100),
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![service]));
+    // Loop 0 hands accepted connections out in turn, from itself: the
+    // first connection is loop 0's, the second loop 1's.
+    let on_loop_0 = patient_client(&server);
+    let on_loop_1 = patient_client(&server);
+    let idle_events = on_loop_1.events();
+    let caller = thread::spawn(move || on_loop_0.call::<_, String>("inline", "hold", &()));
+    entered
+        .recv_timeout(PROMPTLY)
+        .expect("the inline handler started");
+
+    let started = Instant::now();
+    let shutdown = shutdown_in_thread(&server);
+    let closed = support::wait_event(&idle_events, shutdown_timeout, |e| {
+        matches!(e, pulse::Event::Disconnected { .. })
+    });
+    let took = started.elapsed();
+    // Released whatever happened above, so that every thread ends.
+    release.send(()).expect("the handler is still waiting");
+    assert!(
+        matches!(
+            &closed,
+            pulse::Event::Disconnected {
+                reason: DisconnectReason::PeerShutdown,
+                ..
+            }
+        ),
+        "{closed:?}"
+    );
+    assert!(
+        took < shutdown_timeout / 2,
+        "loop 1's idle connection was closed {took:?} after the shutdown started \
+         (shutdown_timeout {shutdown_timeout:?})"
+    );
+    let answer = caller.join().expect("the calling thread");
+    assert_eq!(answer.expect("the held call's answer"), "released");
+    shutdown
+        .recv_timeout(PROMPTLY)
+        .expect("the shutdown returned");
+}
+
 /// A connection already draining for `max_age` when the shutdown starts
 /// drains for the shutdown from then on: bounded by `shutdown_timeout`
 /// even when its `linger` (the bound of a `max_age` drain) is longer, and

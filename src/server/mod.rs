@@ -275,9 +275,9 @@ impl Server {
     /// worker threads are stopped and every thread is joined.
     ///
     /// At `shutdown_timeout` it stops waiting for handlers (a thread cannot
-    /// be stopped from outside): connections still open get Close(Normal)
-    /// without the answers still due (their consumers' calls fail with
-    /// `ConnectionLost`), worker threads still in a handler are left to
+    /// be stopped from outside): connections still open get
+    /// Close(Abandoned), without the answers still due (their consumers'
+    /// calls fail with `ConnectionLost`: they may have run), worker threads still in a handler are left to
     /// finish on their own (logged at error with their count; what they
     /// return goes nowhere), and this returns. With `shutdown_timeout`
     /// `None` it waits however long the handlers take.
@@ -294,9 +294,10 @@ impl Server {
     /// its handler returns; then it sends the answer, closes them
     /// (Close(Normal) behind the answers due) and exits, keeping the
     /// server's timer thread until then. One that never returns keeps its
-    /// thread and sockets for good, but no longer the shutdown. With
-    /// `shutdown_timeout` `None` the loops are waited for however long
-    /// their handlers take, too.
+    /// thread and sockets for good, but no longer the shutdown. The other
+    /// loops drain and close their connections meanwhile, as without it.
+    /// With `shutdown_timeout` `None` the loops are waited for however
+    /// long their handlers take, too.
     ///
     /// Called from one of this server's own handlers (an admin method that
     /// stops the server, say), it cannot wait for that handler's thread to

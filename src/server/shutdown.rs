@@ -57,9 +57,17 @@ pub(super) fn stop(
         config.shutdown_timeout
     };
     let deadline = bound.map(|bound| Instant::now() + bound);
-    stop_accepting(&running.runtime, deadline);
+    // The drain starts on every loop at once, without waiting for loop 0
+    // to close the listener first: an inline handler blocking loop 0 held
+    // up every other loop's drain (found by an outside check: idle
+    // connections of loop 1 kept being served and got their Close only at
+    // `shutdown_timeout`). Loop 0 takes the commands in order, so it closes
+    // the listener before it drains; a connection it accepts meanwhile for
+    // another loop drains there as it arrives (`EventLoop::adopt`).
+    let listener_closed = stop_accepting(&running.runtime);
     shared.shutting_down.store(true, Ordering::SeqCst);
     drain_connections(&running.runtime, deadline, config.linger);
+    wait_listener_closed(&listener_closed, deadline);
     let workers = std::mem::take(&mut running.workers);
     let left = stop_workers_until(&shared.jobs, workers, &running.workers_exited, deadline);
     // Jobs still queued (behind the handlers left running, or dispatched
@@ -115,15 +123,22 @@ pub(super) fn stop(
     log::info!("server on {local_addr} shut down");
 }
 
-/// Has loop 0 close the listening socket (so a consumer connecting now is
-/// refused, not left in the backlog), and waits for that: at most
-/// [`STOP_ACCEPTING_WAIT`] (loop 0 may be running an inline handler), and
-/// not past `deadline`.
-fn stop_accepting(runtime: &Runtime, deadline: Option<Instant>) {
+/// Asks loop 0 to close the listening socket (so a consumer connecting
+/// from then on is refused, not left in the backlog); the receiver learns
+/// when it has.
+fn stop_accepting(runtime: &Runtime) -> Receiver<()> {
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     runtime.loops()[0].send(Command::StopAccepting(done_tx));
+    done_rx
+}
+
+/// Waits for loop 0 to have closed the listener ([`stop_accepting`]): at
+/// most [`STOP_ACCEPTING_WAIT`] (loop 0 may be running an inline handler),
+/// and not past `deadline`. After the drain this is most often at once:
+/// loop 0 closed the listener before it drained.
+fn wait_listener_closed(closed: &Receiver<()>, deadline: Option<Instant>) {
     let wait = Instant::now() + STOP_ACCEPTING_WAIT;
-    let _ = done_rx.recv_deadline(deadline.map_or(wait, |d| d.min(wait)));
+    let _ = closed.recv_deadline(deadline.map_or(wait, |d| d.min(wait)));
 }
 
 /// Has every loop drain its connections (`Command::Drain`), closing those
