@@ -386,24 +386,49 @@ fn a_connection_draining_for_max_age_is_held_to_the_shutdown_timeout() {
         worker_threads: 2,
         ..ServerConfig::default()
     });
-    // The connection reaches max_age and drains, waiting for the blocked
-    // call: a request on it is refused from then on. (`start`, not `call`,
-    // which would send it again on the next connection.)
-    wait_until(PROMPTLY, "the max_age drain to start", || {
-        let pending = blocked
-            .client
-            .start::<_, u64>("slow", "sleep", &0)
-            .expect("start");
-        matches!(
-            pending.wait(),
-            Err(Error::Remote {
-                status: ResponseStatus::ShuttingDown,
-                ..
-            })
-        )
-    });
+    blocked.wait_for_the_max_age_drain();
     blocked.shut_down_giving_up("the max_age drain");
     blocked.release();
+}
+
+/// The other way round: when the `linger` of the `max_age` drain a
+/// shutdown takes over ends before `shutdown_timeout`, it is the bound
+/// that runs out, and the Close(Abandoned) names it. Before, it named
+/// `shutdown_timeout`, which had not run out (an outside check).
+#[test]
+fn a_max_age_drain_whose_linger_ends_first_names_linger_in_its_close() {
+    let _shared = PROCESS.shared();
+    let mut blocked = block_a_call(ServerConfig {
+        max_age: Some(ms(100)),
+        linger: ms(300),
+        shutdown_timeout: Some(Duration::from_secs(30)),
+        worker_threads: 2,
+        ..ServerConfig::default()
+    });
+    blocked.wait_for_the_max_age_drain();
+    let shutdown = shutdown_in_thread(&blocked.server);
+    let closed = support::wait_any_disconnected(&blocked.events);
+    // The worker still runs the blocked call: released, the shutdown ends.
+    blocked
+        .release
+        .send(())
+        .expect("the handler is still waiting");
+    assert_eq!(
+        closed,
+        DisconnectReason::PeerClosed {
+            status: Some(CloseStatus::Abandoned),
+            detail: "server shutting down: gave up waiting for 1 running call(s) (linger)".into()
+        }
+    );
+    let caller = blocked.caller.take().expect("the blocked call");
+    let result = caller.join().expect("the calling thread");
+    assert!(
+        matches!(result, Err(Error::ConnectionLost { .. })),
+        "the blocked call ended with {result:?}"
+    );
+    shutdown
+        .recv_timeout(PROMPTLY)
+        .expect("the shutdown returned");
 }
 
 /// A `shutdown` called while another is under way waits until that one is
@@ -536,6 +561,26 @@ fn block_a_call(config: ServerConfig) -> BlockedCall {
 }
 
 impl BlockedCall {
+    /// Waits until the connection reaches `max_age` and drains, waiting
+    /// for the blocked call: a request on it is refused from then on.
+    /// (`start`, not `call`, which would send it again on the next
+    /// connection.)
+    fn wait_for_the_max_age_drain(&self) {
+        wait_until(PROMPTLY, "the max_age drain to start", || {
+            let pending = self
+                .client
+                .start::<_, u64>("slow", "sleep", &0)
+                .expect("start");
+            matches!(
+                pending.wait(),
+                Err(Error::Remote {
+                    status: ResponseStatus::ShuttingDown,
+                    ..
+                })
+            )
+        });
+    }
+
     /// Shuts the server down, which must give up on the blocked call at
     /// its `shutdown_timeout` of 300 ms: `shutdown` returns within 3 s
     /// (else the handler is released, and the test fails naming `what` it

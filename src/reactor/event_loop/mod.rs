@@ -219,7 +219,7 @@ impl Drain {
             DrainCause::MaxAge => {
                 "this connection reached max_age and is closing; retry on a new one"
             }
-            DrainCause::Shutdown => "the server is shutting down",
+            DrainCause::Shutdown { .. } => "the server is shutting down",
         }
     }
 }
@@ -230,8 +230,10 @@ enum DrainCause {
     /// The connection reached `ServerConfig::max_age`; bounded by `linger`.
     MaxAge,
     /// Its server shuts down (`Command::Drain`); bounded by
-    /// `ServerConfig::shutdown_timeout`.
-    Shutdown,
+    /// `ServerConfig::shutdown_timeout`, or, with `linger_first`, by the
+    /// `linger` of the `max_age` drain it took over, which ends first (the
+    /// Close(Abandoned) then names `linger` as the bound that ran out).
+    Shutdown { linger_first: bool },
 }
 
 /// A server's shutdown drain on this loop (`Command::Drain`).

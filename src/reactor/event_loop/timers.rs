@@ -225,14 +225,14 @@ impl EventLoop {
         // bound is the earlier of the two (a `linger` longer than
         // `shutdown_timeout` must not hold the shutdown past it), and it
         // closes, and refuses requests meanwhile, as the shutdown's.
-        let until = match conn.drain {
+        let (until, linger_first) = match conn.drain {
             Some(Drain {
                 until: Some(aged), ..
-            }) => Some(until.map_or(aged, |t| t.min(aged))),
-            _ => until,
+            }) if until.is_none_or(|t| aged < t) => (Some(aged), true),
+            _ => (until, false),
         };
         conn.drain = Some(Drain {
-            cause: DrainCause::Shutdown,
+            cause: DrainCause::Shutdown { linger_first },
             until,
         });
         // Idempotent for a connection draining already.
@@ -262,10 +262,14 @@ impl EventLoop {
                 let text = format!("connection reached max_age {max_age:?}");
                 (text, DisconnectReason::MaxAge, "linger")
             }
-            DrainCause::Shutdown => (
+            DrainCause::Shutdown { linger_first } => (
                 SHUTDOWN_REASON.to_string(),
                 DisconnectReason::Shutdown,
-                "shutdown_timeout",
+                if linger_first {
+                    "linger"
+                } else {
+                    "shutdown_timeout"
+                },
             ),
         };
         // Looked at now, not when the bound was found passed: the loop
