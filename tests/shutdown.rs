@@ -60,6 +60,30 @@ fn slow_service() -> Slow {
     }
 }
 
+/// Service `inline` with one inline method, `hold`, which tells `entered`
+/// it started and returns `"released"` once the test sends on, or drops,
+/// `release` (at most a minute): it blocks its event loop until then.
+struct Hold {
+    service: ServiceBuilder,
+    entered: Receiver<()>,
+    release: Sender<()>,
+}
+
+fn inline_hold_service() -> Hold {
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let service = ServiceBuilder::new("inline").method_inline("hold", move |_: ()| {
+        let _ = entered_tx.try_send(());
+        let _ = release_rx.recv_timeout(Duration::from_secs(60));
+        Ok::<_, String>("released")
+    });
+    Hold {
+        service,
+        entered,
+        release,
+    }
+}
+
 /// A client with a long call timeout (no call here may end by it).
 fn patient_client(server: &Server) -> Client {
     let config = ClientConfig {
@@ -242,14 +266,11 @@ fn shutdown_leaves_a_loop_blocked_in_an_inline_handler() {
     let _alone = PROCESS.exclusive();
     let panics = PanicCount::install();
     let baseline = fd_count();
-    let (entered_tx, entered) = crossbeam_channel::bounded(1);
-    // Dropped (the test failing) or sent on, the handler returns.
-    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
-    let service = ServiceBuilder::new("inline").method_inline("hold", move |_: ()| {
-        let _ = entered_tx.try_send(());
-        let _ = release_rx.recv_timeout(Duration::from_secs(60));
-        Ok::<_, String>("released")
-    });
+    let Hold {
+        service,
+        entered,
+        release,
+    } = inline_hold_service();
     let config = ServerConfig {
         event_loops: 1,
         shutdown_timeout: Some(ms(300)),
@@ -312,14 +333,11 @@ fn shutdown_leaves_a_loop_blocked_in_an_inline_handler() {
 #[test]
 fn a_blocked_loop_0_does_not_hold_up_the_other_loops_drain() {
     let _shared = PROCESS.shared();
-    let (entered_tx, entered) = crossbeam_channel::bounded(1);
-    // Dropped (the test failing) or sent on, the handler returns.
-    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
-    let service = ServiceBuilder::new("inline").method_inline("hold", move |_: ()| {
-        let _ = entered_tx.try_send(());
-        let _ = release_rx.recv_timeout(Duration::from_secs(60));
-        Ok::<_, String>("released")
-    });
+    let Hold {
+        service,
+        entered,
+        release,
+    } = inline_hold_service();
     let shutdown_timeout = Duration::from_secs(6);
     let config = ServerConfig {
         event_loops: 2,
