@@ -457,8 +457,10 @@ impl Client {
     /// [`Client::flush`] first. The call's timeout counts from now.
     ///
     /// If the connection dies before the request is written, the call fails
-    /// with `ConnectionLost` like any other call in flight (not retried on
-    /// the next connection).
+    /// with `NotConnected`: not one byte of it was sent, so sending it again
+    /// is safe ([`Error::refused_before_running`]), but it is not resent by
+    /// itself. Once written, it fails with `ConnectionLost` like any other
+    /// call in flight.
     ///
     /// # Errors
     /// As [`Client::call`], for what fails before the request is queued.

@@ -41,7 +41,10 @@ impl<R: DeserializeOwned> PendingCall<R> {
     /// requests that [`Client::start_deferred`](super::Client::start_deferred) holds on the connection.
     ///
     /// # Errors
-    /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`; and
+    /// `Timeout`, `ConnectionLost`, `Remote`, `Codec`, `Protocol`;
+    /// `NotConnected` when the connection died before the request was
+    /// written (a deferred one, or one left in a write queue the network
+    /// stopped taking: it did not run); and
     /// `Shutdown` when the client was shut down meanwhile, by
     /// [`Client::shutdown`](super::Client::shutdown) or by dropping its last clone (a `PendingCall`
     /// does not keep the client alive).
