@@ -180,6 +180,18 @@ impl ConnectionConfig {
         if self.frame_timeout.is_some_and(|t| t < self.timer_tick) {
             return Err("frame_timeout must be at least one timer_tick".into());
         }
+        // A deadline fires up to a tick late as a matter of course: at or
+        // below the tick, every firing would look like this side's own
+        // stall, and the heartbeat would excuse a silent peer's misses.
+        if let Some(threshold) = self.heartbeat.stall_threshold
+            && threshold <= self.timer_tick
+        {
+            return Err(format!(
+                "heartbeat.stall_threshold ({threshold:?}) must exceed timer_tick ({:?}): \
+                 a deadline fires up to a tick late without any stall",
+                self.timer_tick
+            ));
+        }
         let heartbeat = &self.heartbeat;
         check_durations([
             ("timer_tick", Some(self.timer_tick)),
@@ -658,6 +670,15 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("worker_wake_delay"));
         c.worker_wake_delay = Duration::ZERO;
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_stall_threshold_must_exceed_the_timer_tick() {
+        let mut c = ConnectionConfig::default();
+        c.heartbeat.stall_threshold = Some(c.timer_tick);
+        assert!(c.validate().unwrap_err().contains("stall_threshold"));
+        c.heartbeat.stall_threshold = Some(c.timer_tick + Duration::from_millis(1));
+        c.validate().unwrap();
     }
 
     #[test]

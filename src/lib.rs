@@ -2,7 +2,8 @@
 //!
 //! A blocking, thread-per-core RPC runtime whose core promise is **connection
 //! liveness**: consumer and provider ping each other, a silent peer is found
-//! within `max_missed × heartbeat_interval` (plus one timer tick), the consumer
+//! within `max_missed × heartbeat_interval` (plus one timer tick and the
+//! miss grace, a tick + 1 ms by default), the consumer
 //! reconnects after releasing everything the dead connection owned, and the
 //! provider drops consumers that stopped answering.
 //!

@@ -48,7 +48,8 @@ pub struct HeartbeatConfig {
     pub send_pings: bool,
     /// How late a due deadline must be for the machine to conclude that this
     /// side stalled (see the [`Heartbeat` docs](Heartbeat#own-stalls)). `None`, the
-    /// default, means [`interval`](Self::interval). Must exceed the timer tick.
+    /// default, means [`interval`](Self::interval). Must exceed the timer tick
+    /// (`ConnectionConfig::validate` refuses it otherwise).
     pub stall_threshold: Option<Duration>,
     /// Extra time after each interval before it counts as missed, so that the
     /// answer to a ping sent at the same instant (or a tick late) can arrive
