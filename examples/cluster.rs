@@ -14,11 +14,13 @@
 //!   proxy's address. The consumer calls `whoami` every `--interval-ms` and
 //!   prints who answered. After a third of the calls, `p1`'s proxy starts
 //!   dropping every byte both ways (a frozen provider, as the network sees
-//!   it); after two thirds it passes bytes again. The output shows `p1` leave
-//!   the rotation at its second missed heartbeat, its connection declared dead
-//!   after `--max-missed` intervals, no call lost (`whoami` is idempotent, so
-//!   a call caught on `p1` is retried on another provider), and `p1` back
-//!   after the thaw.
+//!   it); after two thirds it passes bytes again. The output shows `p1`'s
+//!   missed heartbeats (from the second one the cluster client gives it no
+//!   new call), its connection declared dead after `--max-missed` intervals,
+//!   no call lost (`whoami` is idempotent, so a call caught on `p1` waits for
+//!   that and is retried on another provider), `p1` out of the rotation
+//!   (the `rotation` line is printed between calls, so it comes after the
+//!   call caught on `p1`), and `p1` back after the thaw.
 //! * **`provider --registry URL`** — one provider alone: serves `whoami` on
 //!   `--addr` (default `127.0.0.1:0`), registers in the registry with a lease
 //!   of `--ttl-s` seconds that it keeps alive, and serves until Ctrl-C or
@@ -52,6 +54,7 @@
 //! {"event":"empty_list_ignored","kept":2}                                  the registry listed none (empty protection)
 //! {"event":"provider_rejected","entry":"127.0.0.1:0","reason":"..."}       a listed entry that cannot be used
 //! {"event":"stopping"} / {"event":"deregistered"} / {"event":"stopped"}      provider, on Ctrl-C or SIGTERM
+//! {"event":"stopping"}, then the summary                                     consumer, on Ctrl-C or SIGTERM
 //! {"event":"summary","calls":90,"ok":90,"failed":0,"retried":1,"by_provider":{"p0":35,"p1":21,"p2":34}}
 //! ```
 //!
@@ -85,7 +88,7 @@ pulse cluster: one consumer, many providers, a registry, load balancing, failove
 
 Usage:
   cluster [--registry static|etcd://HOST:PORT] [--balancer NAME] [--calls N] [--interval-ms N]
-          [--heartbeat-ms N] [--max-missed N]
+          [--heartbeat-ms N] [--max-missed N] [--no-fail-fast]
       Three providers (p0, p1, p2; weights 1, 2, 3) and a consumer in one process.
       p1 freezes after a third of the calls and thaws after two thirds.
   cluster provider --registry etcd://HOST:PORT [--addr ADDR] [--name NAME] [--weight N] [--ttl-s N]
@@ -389,7 +392,7 @@ fn stop_signal() -> Receiver<()> {
     let (fire, stop) = crossbeam_channel::bounded::<()>(0);
     let mut fire = Some(fire);
     if let Err(e) = ctrlc::set_handler(move || drop(fire.take())) {
-        eprintln!("cluster: Ctrl-C will not stop the provider gracefully: {e}");
+        eprintln!("cluster: Ctrl-C will not stop gracefully: {e}");
     }
     stop
 }
@@ -466,6 +469,10 @@ fn run_consumer(
     let mut by_provider: BTreeMap<String, u64> = BTreeMap::new();
     let (mut ok, mut failed, mut retried) = (0u64, 0u64, 0u64);
     let mut seq = 0u64;
+    // Ctrl-C or SIGTERM ends the calls, between two of them, with the
+    // summary and a graceful close of every connection (the cluster
+    // client's drop), as `--calls` running out does.
+    let stop = stop_signal();
     while o.calls == 0 || seq < o.calls {
         if let Some(proxy) = freeze {
             if seq == o.calls / 3 {
@@ -507,7 +514,13 @@ fn run_consumer(
             }
         }
         seq += 1;
-        std::thread::sleep(Duration::from_millis(o.interval_ms));
+        if stop
+            .recv_timeout(Duration::from_millis(o.interval_ms))
+            .is_err_and(|e| e.is_disconnected())
+        {
+            output.line(json!({"event": "stopping"}));
+            break;
+        }
     }
     done.store(true, Ordering::Relaxed);
     let _ = printer.join();

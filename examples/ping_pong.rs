@@ -603,6 +603,9 @@ struct EventLine<'a> {
     attempt: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     delay_ms: Option<u64>,
+    /// `gave_up`: how many attempts failed in a row (as `cluster` prints it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
 }
 
 impl<'a> EventLine<'a> {
@@ -616,6 +619,7 @@ impl<'a> EventLine<'a> {
             detail: None,
             attempt: None,
             delay_ms: None,
+            attempts: None,
         };
         match event {
             Event::HeartbeatMissed { missed, .. } => line.missed = Some(*missed),
@@ -627,7 +631,7 @@ impl<'a> EventLine<'a> {
                 line.attempt = Some(*attempt);
                 line.delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
             }
-            Event::GaveUp { attempts, .. } => line.attempt = Some(*attempts),
+            Event::GaveUp { attempts, .. } => line.attempts = Some(*attempts),
             // `Connected` has nothing more to say; `Event` is non-exhaustive,
             // so a future kind still prints its name and peer.
             _ => {}
