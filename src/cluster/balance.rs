@@ -525,7 +525,9 @@ impl LoadBalancer for LowestRtt {
         let Some(lowest) = lowest else {
             return self.rng.below(candidates.len() as u64) as usize;
         };
-        let bound = lowest + self.slack;
+        // Saturating: any slack is accepted, `Duration::MAX` (share among
+        // all) included, and `+` panics past the largest `Duration`.
+        let bound = lowest.saturating_add(self.slack);
         random_among(&self.rng, candidates, |c| c.rtt.is_none_or(|r| r <= bound))
     }
 
@@ -739,5 +741,18 @@ mod tests {
             got[0] == 0 && got[2] > 350,
             "an unmeasured provider is probed: {got:?}"
         );
+    }
+
+    /// A slack of `Duration::MAX` shares the load among every measured
+    /// provider. It used to overflow and panic the calling thread (an
+    /// outside audit: a `ClusterClient` call panicked once RTTs were
+    /// measured).
+    #[test]
+    fn lowest_rtt_takes_any_slack() {
+        let mut c = cands(&[1, 1]);
+        c[0].rtt = Some(Duration::from_micros(50));
+        c[1].rtt = Some(Duration::from_millis(80));
+        let got = counts(&LowestRtt::with_slack(Duration::MAX), &c, 1000);
+        assert!(got[0] > 350 && got[1] > 350, "{got:?}");
     }
 }
