@@ -1443,6 +1443,36 @@ fn new_and_wait_ready_stop_waiting_once_every_provider_gave_up() {
     );
 }
 
+/// `wait_ready(n)` right after the registry grows to `n` providers waits
+/// for them: the new one is not applied yet, but nothing gave up. Before,
+/// it counted only the providers already applied and returned false at
+/// once (an outside audit: 20 times in 20, after about 4 µs).
+#[test]
+fn wait_ready_right_after_the_registry_grows_waits_for_the_new_provider() {
+    let _serial = serial();
+    let providers = start_providers(2);
+    let one = [Endpoint::new(providers[0].addr())];
+    let (registry, cluster) = cluster_with(one.to_vec(), RoundRobin::new(), config());
+    for round in 0..5 {
+        registry.set(
+            &service(),
+            [
+                Endpoint::new(providers[0].addr()),
+                Endpoint::new(providers[1].addr()),
+            ],
+        );
+        assert!(
+            cluster.wait_ready(2, PROMPTLY),
+            "round {round}: {:?}",
+            cluster.providers()
+        );
+        registry.set(&service(), one);
+        support::wait_until(PROMPTLY, "the second provider removed", || {
+            cluster.providers().len() == 1
+        });
+    }
+}
+
 /// Empty protection: when the registry suddenly lists no provider (every
 /// registration gone), the cluster client keeps the providers it knows and
 /// calls go on succeeding; with it off, it drops them and calls fail with

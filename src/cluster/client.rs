@@ -808,8 +808,9 @@ impl ClusterClient {
     /// gave up reconnecting ([`ConnectionState::Failed`], after
     /// `BackoffConfig::max_attempts` failed attempts), which they never
     /// undo by themselves. (A provider the registry lists later is not
-    /// waited for then. With no provider listed at all, it waits: the
-    /// registry may list some.)
+    /// waited for then. With fewer than `n` listed and none given up, or
+    /// none listed at all, it waits: the registry may list more, and a
+    /// provider just listed may not be applied yet.)
     pub fn wait_ready(&self, n: usize, timeout: Duration) -> bool {
         let shared = &self.inner.shared;
         let deadline = clock::deadline_after(Instant::now(), timeout);
@@ -833,12 +834,18 @@ impl ClusterClient {
                     )
                 })
                 .count();
-            if !providers.is_empty() && can_recover < n {
+            // Only when some gave up: a provider the registry listed a
+            // moment ago may not be applied yet (right after a
+            // `StaticRegistry::set`, say), and the set may still grow.
+            // Counting the listed ones alone returned false at once there
+            // (an outside audit: 20 times in 20).
+            let gave_up = providers.len() - can_recover;
+            if gave_up > 0 && can_recover < n {
                 log::debug!(
                     "cluster {}: {} of {} provider(s) gave up reconnecting; not waiting \
                      for {n} to be healthy",
                     shared.service,
-                    providers.len() - can_recover,
+                    gave_up,
                     providers.len()
                 );
                 return false;
