@@ -30,7 +30,7 @@ use pulse::config::{BackoffConfig, HeartbeatConfig, HeartbeatMode};
 use pulse::liveness::{Heartbeat, HeartbeatAction};
 use pulse::protocol::{
     CloseStatus, FrameDecoder, HEADER_LEN, Header, Kind, decode_text_body, encode_close,
-    encode_ok_response, encode_pong,
+    encode_ok_response, encode_ping, encode_pong,
 };
 use pulse::{
     Client, ClientConfig, ConnectionState, DisconnectReason, Error, Event, Server, ServerConfig,
@@ -38,7 +38,7 @@ use pulse::{
 };
 use support::process::{fd_count, open_sockets_to_port, socket_open, threads_named};
 use support::proxy::{Dir, PingSeen, Proxy};
-use support::raw_peer::FakeProvider;
+use support::raw_peer::{FakeProvider, RawPeer};
 use support::{SetOnDrop, ms, server_with, wait_until};
 
 /// The timer tick used everywhere (the default).
@@ -1571,6 +1571,39 @@ fn misses_in_100_intervals(
     failures
 }
 
+/// A consumer that does not ping (`send_pings: false`) relies on the
+/// provider's pings from the start: the provider's first Ping comes an
+/// interval after the connection opened, not held back by the consumer's
+/// handshake Ping as if the consumer pinged. Held, it came 1.5 intervals
+/// after the handshake: a non-pinging consumer with the default settings
+/// missed its first interval at every connect, and one of 600 ms × 2
+/// against a default provider reconnected every 1.2 s (an outside audit).
+///
+/// A held Ping cannot leave before 1.5 intervals; an unheld one leaves at
+/// one interval plus a tick, so the check has half an interval of slack.
+#[test]
+fn a_handshake_ping_does_not_hold_the_providers_pings() {
+    let _serial = serial_shared();
+    let interval = ms(400);
+    let server = start_server(server_config(interval, 3));
+    let mut raw = RawPeer::connect(server.local_addr());
+    let opened = Instant::now();
+    raw.send(&encode_ping(0)); // the handshake; no Ping after it
+    let deadline = opened + interval * 3;
+    let first_ping = loop {
+        match raw.read(deadline) {
+            Ok(Some(frame)) if frame.header.kind == Kind::Ping => break opened.elapsed(),
+            Ok(Some(_)) => {} // the handshake's Pong
+            other => panic!("no Ping from the provider within 3 intervals: {other:?}"),
+        }
+    };
+    assert!(
+        first_ping < interval * 3 / 2,
+        "the provider's first Ping came {first_ping:?} after the handshake (interval \
+         {interval:?}): held as if the consumer pinged"
+    );
+}
+
 /// A provider in Idle mode whose consumer pings (Fixed mode, the default)
 /// sends no Ping of its own: it holds its ping until half an interval after
 /// the consumer's next one is due (`Heartbeat::on_peer_ping`). Before that
@@ -1631,7 +1664,8 @@ fn an_idle_provider_does_not_race_its_consumers_pings() {
 /// The provider Pings among `pings` that left before their hold ran out,
 /// described: a provider holds its timer's ping until `hold` (1.5 intervals)
 /// after it read the consumer's last Ping, the one whose Pong came before
-/// the Ping in the stream. The proxy passed that Ping on before the provider
+/// the Ping in the stream (not the handshake's Ping 0, which holds
+/// nothing). The proxy passed that Ping on before the provider
 /// read it, and sees the provider's Ping after it was sent, so it sees at
 /// least the hold between the two, less a margin (20 ms: the provider's
 /// loop takes `now` just before it reads). Causal, so no scheduling delay
@@ -1653,6 +1687,10 @@ fn sent_before_the_hold<'a>(
                 .after_pong
                 .and_then(|id| Some((id, *passed_up.get(&id)?)));
             match answered {
+                // Ping 0 is the consumer's handshake, which holds nothing
+                // (see `a_handshake_ping_does_not_hold_the_providers_pings`):
+                // the hold starts at its first heartbeat Ping (ids from 1).
+                Some((0, _)) => None,
                 Some((_, at)) if ping.at - at >= hold => None,
                 Some((id, at)) => Some((
                     ping.at,

@@ -423,11 +423,20 @@ impl EventLoop {
                 let too_soon = conn
                     .last_ping_in
                     .is_some_and(|last| now.saturating_duration_since(last) < min_interval);
+                // A consumer's first Ping is its handshake, which it sends
+                // whether or not it pings afterwards (`send_pings: false`).
+                let handshake = conn.last_ping_in.is_none();
                 conn.last_ping_in = Some(now);
-                if let Role::Provider { .. } = conn.role {
-                    // The consumer pings: in Idle mode the provider then holds
-                    // its own pings instead of racing the consumer's next one.
-                    // Never on both sides (see `Heartbeat::on_peer_ping`).
+                if let Role::Provider { .. } = conn.role
+                    && !handshake
+                {
+                    // The consumer pings: the provider then holds its own
+                    // pings instead of racing the consumer's next one. Never
+                    // on both sides (see `Heartbeat::on_peer_ping`). Not for
+                    // the handshake: held 1.5 intervals from it, a consumer
+                    // that does not ping heard nothing for that long, missed
+                    // its first interval at every connect, and with a short
+                    // window reconnected again and again (an outside audit).
                     conn.heartbeat.on_peer_ping(now);
                 }
                 if !too_soon {
