@@ -282,6 +282,9 @@ pub(super) struct EventLoop {
     listener: Option<(Socket, Arc<ServerShared>)>,
     /// `accept` failed (see `accept_all`): when to try again.
     accept_retry: Option<Instant>,
+    /// `accept` failed and has not succeeded since: its error is logged
+    /// once, and its end too.
+    accept_failing: bool,
     next_loop: usize,
     /// Exit once no connection is left.
     exiting: bool,
@@ -334,6 +337,7 @@ impl EventLoop {
             links: HashMap::new(),
             listener: None,
             accept_retry: None,
+            accept_failing: false,
             next_loop: index,
             exiting: false,
             spare_read_buf: None,

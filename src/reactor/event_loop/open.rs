@@ -45,15 +45,22 @@ impl EventLoop {
                     // bring no new readiness edge, so waiting for one would
                     // leave them there until yet another consumer connects:
                     // try again after a pause (`EventLoop::wait` wakes for it).
-                    if self.accept_retry.is_none() {
-                        log::error!("accept failed, retrying every {ACCEPT_RETRY:?}: {e}");
-                    } else {
+                    // Logged once until an accept succeeds: each retry, and
+                    // each consumer connecting meanwhile, fails the same way
+                    // (an outside audit saw 466 lines a second in a storm).
+                    if self.accept_failing {
                         log::debug!("accept failed again: {e}");
+                    } else {
+                        log::error!("accept failed, retrying every {ACCEPT_RETRY:?}: {e}");
+                        self.accept_failing = true;
                     }
                     self.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
+            if std::mem::take(&mut self.accept_failing) {
+                log::info!("accepting connections again");
+            }
             let server = server.clone();
             let peer = match socket::std_addr(&addr) {
                 Ok(peer) => peer,
