@@ -4,14 +4,13 @@
 //! provider binds the first it can. The tests give lists of loopback
 //! addresses, which resolve to themselves, in the order a resolver would.
 
+mod liveness_support;
 mod support;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use liveness_support::FakeServer;
 use pulse::config::BackoffConfig;
 use pulse::{Client, ClientConfig, ConnectionState, Error, Event, Server, ServerConfig};
 use support::{PROMPTLY, demo_server, demo_service, ms, unused_loopback_addr, wait_event};
@@ -19,54 +18,8 @@ use support::{PROMPTLY, demo_server, demo_service, ms, unused_loopback_addr, wai
 /// A listener that is not a pulse provider: it accepts each connection and
 /// closes it at once (as a different service on the port would), counting
 /// them. A consumer's connect succeeds there and its handshake fails.
-struct Decoy {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Decoy {
-    fn start() -> Decoy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the decoy");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking decoy");
-        let addr = listener.local_addr().expect("the decoy's address");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, stopped) = (Arc::clone(&accepted), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        drop(stream);
-                    }
-                    Err(_) => std::thread::sleep(ms(2)),
-                }
-            }
-        });
-        Decoy {
-            addr,
-            accepted,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Decoy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+fn decoy() -> FakeServer {
+    FakeServer::start(|stream, _| drop(stream))
 }
 
 /// Backoff of 1–5 ms, so that failed rounds follow each other quickly.
@@ -85,8 +38,8 @@ fn quick_backoff(max_attempts: Option<u32>) -> BackoffConfig {
 #[test]
 fn a_client_connects_to_the_first_address_that_answers() {
     let server = demo_server();
-    let decoy = Decoy::start();
-    let addrs = [unused_loopback_addr(), decoy.addr, server.local_addr()];
+    let decoy = decoy();
+    let addrs = [unused_loopback_addr(), decoy.addr(), server.local_addr()];
     let client = Client::connect(&addrs[..], ClientConfig::default())
         .expect("connect through the third address");
     assert_eq!(client.peer_addr(), server.local_addr());
@@ -113,8 +66,8 @@ fn reconnects_go_straight_back_to_the_address_that_answered() {
         .service(demo_service())
         .bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0");
-    let decoy = Decoy::start();
-    let addrs = [decoy.addr, server.local_addr()];
+    let decoy = decoy();
+    let addrs = [decoy.addr(), server.local_addr()];
     let client = Client::connect(&addrs[..], ClientConfig::default()).expect("connect");
     let events = client.events();
     for cycle in 0..4 {
@@ -149,12 +102,13 @@ fn reconnects_go_straight_back_to_the_address_that_answered() {
 /// in its last error.
 #[test]
 fn a_round_of_addresses_counts_as_one_attempt() {
-    let (first, second) = (Decoy::start(), Decoy::start());
+    let (first, second) = (decoy(), decoy());
     let config = ClientConfig {
         backoff: quick_backoff(Some(2)),
         ..ClientConfig::default()
     };
-    let client = Client::connect_lazy(&[first.addr, second.addr][..], config).expect("a client");
+    let client =
+        Client::connect_lazy(&[first.addr(), second.addr()][..], config).expect("a client");
     let events = client.events();
     match wait_event(&events, PROMPTLY, |e| matches!(e, Event::GaveUp { .. })) {
         Event::GaveUp { attempts, .. } => assert_eq!(attempts, 2),
@@ -164,7 +118,7 @@ fn a_round_of_addresses_counts_as_one_attempt() {
     assert_eq!((first.accepted(), second.accepted()), (3, 3));
     match client.call::<_, u64>("demo", "ping", &1u64) {
         Err(Error::NotConnected { detail, .. }) => {
-            let named = [first.addr, second.addr]
+            let named = [first.addr(), second.addr()]
                 .iter()
                 .any(|a| detail.contains(&a.to_string()));
             assert!(named, "the last error names its address: {detail}");
