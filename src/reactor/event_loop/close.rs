@@ -228,18 +228,24 @@ impl EventLoop {
         let link = ctl.link.clone();
         let peer = link.addr();
         let retiring = ctl.removed || link.is_shut_down();
+        // With several addresses, which one the last error came from.
+        let last_error = if link.address_count() > 1 {
+            format!("{peer}: {reason}")
+        } else {
+            reason.to_string()
+        };
         if !was_ready && !retiring {
             // One address of the provider's name failed: the next one is
             // tried at once, within the same attempt (liveness::addresses).
             if let Some(next) = ctl.addresses.attempt_failed() {
                 link.use_address(next);
                 log::debug!(
-                    "{peer}: connect attempt failed: {reason}; trying {}",
+                    "{last_error}: connect attempt failed; trying {}",
                     link.addr()
                 );
                 link.set_state(LinkState::Connecting {
                     attempt: ctl.backoff.attempt(),
-                    last_error: Some(format!("{peer}: {reason}")),
+                    last_error: Some(last_error),
                 });
                 self.connect_soon.push(link_id);
                 return;
@@ -249,12 +255,6 @@ impl EventLoop {
         }
         // The round is over: its next one starts at the preferred address.
         link.use_address(ctl.addresses.current());
-        // With several addresses, which one the last error came from.
-        let last_error = if link.address_count() > 1 {
-            format!("{peer}: {reason}")
-        } else {
-            reason.to_string()
-        };
         if was_ready && closed_by_a_live_peer(&reason) {
             ctl.backoff.on_peer_closed_gracefully(now);
         } else if was_ready {
