@@ -386,6 +386,69 @@ fn a_blocked_loop_0_does_not_hold_up_the_other_loops_drain() {
         .expect("the shutdown returned");
 }
 
+/// A consumer told of the shutdown finds the listener closed, even when
+/// loop 0 (which owns the listener) is busy for a moment as the shutdown
+/// starts: the drain waits a little for loop 0 to close it first, so a
+/// consumer reconnecting at its Close is refused rather than accepted by
+/// the server that is going away.
+///
+/// Before, the drain started on every loop at once: loop 1's idle
+/// connection got its Close while loop 0 was still in its handler, and a
+/// connect made then was accepted into the listener's backlog (`make test`
+/// in CI failed so once, in
+/// `an_idle_connection_is_closed_at_once_while_a_busy_one_finishes`).
+#[test]
+fn the_listener_is_closed_before_a_connection_is_told_of_the_shutdown() {
+    let _shared = PROCESS.shared();
+    const LOOP_0_BUSY: Duration = Duration::from_millis(150);
+    let Hold {
+        service,
+        entered,
+        release,
+    } = inline_hold_service();
+    let config = ServerConfig {
+        event_loops: 2,
+        linger: ms(100),
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![service]));
+    let addr = server.local_addr();
+    // Loop 0 hands accepted connections out in turn, from itself: the
+    // first connection is loop 0's, the second loop 1's.
+    let on_loop_0 = patient_client(&server);
+    let on_loop_1 = patient_client(&server);
+    let idle_events = on_loop_1.events();
+    let caller = thread::spawn(move || on_loop_0.call::<_, String>("inline", "hold", &()));
+    entered
+        .recv_timeout(PROMPTLY)
+        .expect("the inline handler started");
+
+    let shutdown = shutdown_in_thread(&server);
+    let releaser = thread::spawn(move || {
+        thread::sleep(LOOP_0_BUSY);
+        release.send(())
+    });
+    assert_eq!(
+        wait_any_disconnected(&idle_events),
+        DisconnectReason::PeerShutdown
+    );
+    let reconnect = std::net::TcpStream::connect(addr);
+    releaser
+        .join()
+        .expect("the releasing thread")
+        .expect("the handler was still waiting");
+    assert!(
+        reconnect.is_err(),
+        "a connect made as loop 1's consumer got its Close was accepted \
+         (loop 0 was busy for {LOOP_0_BUSY:?} as the shutdown started)"
+    );
+    let answer = caller.join().expect("the calling thread");
+    assert_eq!(answer.expect("the held call's answer"), "released");
+    shutdown
+        .recv_timeout(PROMPTLY)
+        .expect("the shutdown returned");
+}
+
 /// A connection already draining for `max_age` when the shutdown starts
 /// drains for the shutdown from then on: bounded by `shutdown_timeout`
 /// even when its `linger` (the bound of a `max_age` drain) is longer, and

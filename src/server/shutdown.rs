@@ -17,6 +17,12 @@ const WORKER_STOP_GRACE: Duration = Duration::from_millis(100);
 /// How long `stop` waits for a loop to close its listener, at most.
 const STOP_ACCEPTING_WAIT: Duration = Duration::from_secs(5);
 
+/// How long the drain waits for loop 0 to have closed the listener before
+/// it starts, at most: long enough for a loop that is only busy (or not
+/// yet scheduled), short enough that an inline handler blocking loop 0
+/// delays the other loops' drain by no more than this.
+const LISTENER_FIRST_WAIT: Duration = Duration::from_millis(500);
+
 /// How long past `shutdown_timeout` plus `linger` the shutdown waits for
 /// the loops to have closed the connections still open at the timeout:
 /// their Close frames are out by `linger` after it, and the rest covers a
@@ -57,17 +63,30 @@ pub(super) fn stop(
         config.shutdown_timeout
     };
     let deadline = bound.map(|bound| Instant::now() + bound);
-    // The drain starts on every loop at once, without waiting for loop 0
-    // to close the listener first: an inline handler blocking loop 0 held
-    // up every other loop's drain (found by an outside check: idle
-    // connections of loop 1 kept being served and got their Close only at
-    // `shutdown_timeout`). Loop 0 takes the commands in order, so it closes
-    // the listener before it drains; a connection it accepts meanwhile for
-    // another loop drains there as it arrives (`EventLoop::adopt`).
+    // The listener is closed before any connection is told of the
+    // shutdown, so that a consumer reconnecting at its Close is refused
+    // rather than accepted by the server that is going away (the drain
+    // used to start on every loop at once: an idle connection of loop 1
+    // could get its Close, and its consumer connect again, before loop 0
+    // had taken its `StopAccepting`). That wait is short
+    // ([`LISTENER_FIRST_WAIT`]): an inline handler blocking loop 0 held up
+    // every other loop's drain until `shutdown_timeout` when it was not
+    // (found by an outside check). A shutdown run on one of the server's
+    // own threads may be on loop 0 itself, which cannot close the
+    // listener while it waits, so it does not wait. Loop 0 takes the
+    // commands in order, so it closes the listener before it drains; a
+    // connection it accepts meanwhile for another loop drains there as it
+    // arrives (`EventLoop::adopt`).
     let listener_closed = stop_accepting(&running.runtime);
     shared.shutting_down.store(true, Ordering::SeqCst);
+    let closed_first = !on_own_thread
+        && listener_closed
+            .recv_deadline(earliest(Instant::now() + LISTENER_FIRST_WAIT, deadline))
+            .is_ok();
     drain_connections(&running.runtime, deadline, config.linger);
-    wait_listener_closed(&listener_closed, deadline);
+    if !closed_first {
+        wait_listener_closed(&listener_closed, deadline);
+    }
     let workers = std::mem::take(&mut running.workers);
     let left = stop_workers_until(&shared.jobs, workers, &running.workers_exited, deadline);
     // Jobs still queued (behind the handlers left running, or dispatched
@@ -134,11 +153,15 @@ fn stop_accepting(runtime: &Runtime) -> Receiver<()> {
 
 /// Waits for loop 0 to have closed the listener ([`stop_accepting`]): at
 /// most [`STOP_ACCEPTING_WAIT`] (loop 0 may be running an inline handler),
-/// and not past `deadline`. After the drain this is most often at once:
-/// loop 0 closed the listener before it drained.
+/// and not past `deadline`. Called after the drain, when loop 0 had not
+/// closed it within [`LISTENER_FIRST_WAIT`].
 fn wait_listener_closed(closed: &Receiver<()>, deadline: Option<Instant>) {
-    let wait = Instant::now() + STOP_ACCEPTING_WAIT;
-    let _ = closed.recv_deadline(deadline.map_or(wait, |d| d.min(wait)));
+    let _ = closed.recv_deadline(earliest(Instant::now() + STOP_ACCEPTING_WAIT, deadline));
+}
+
+/// `at`, or `deadline` if that comes first.
+fn earliest(at: Instant, deadline: Option<Instant>) -> Instant {
+    deadline.map_or(at, |d| d.min(at))
 }
 
 /// Has every loop drain its connections (`Command::Drain`), closing those
