@@ -150,6 +150,14 @@ impl fmt::Display for Event {
 pub enum DisconnectReason {
     /// This side heard nothing for `max_missed` heartbeat intervals.
     HeartbeatTimeout,
+    /// A consumer's connect attempt: the TCP connect succeeded, but the
+    /// provider answered nothing to the handshake Ping for `max_missed`
+    /// heartbeat intervals. The peer is not a pulse provider, or it cannot
+    /// serve (out of file descriptors, with the connect left in its
+    /// listener's backlog; its accepting loop blocked). Only ever the last
+    /// error of a failed attempt (`Error::NotConnected`'s detail): the
+    /// connection was never ready, so no `Disconnected` carries it.
+    HandshakeTimeout,
     /// The peer sent Close with a status other than Normal, or closed the
     /// socket without a Close frame.
     PeerClosed {
@@ -184,6 +192,7 @@ impl DisconnectReason {
     pub fn as_str(&self) -> &'static str {
         match self {
             DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+            DisconnectReason::HandshakeTimeout => "handshake_timeout",
             DisconnectReason::PeerClosed { .. } => "peer_closed",
             DisconnectReason::PeerShutdown => "peer_shutdown",
             DisconnectReason::Io(_) => "io_error",

@@ -1980,6 +1980,44 @@ fn a_waiting_call_outlives_refused_attempts() {
     eprintln!("a call waited {took:?} through {attempts} refused attempts");
 }
 
+/// A provider that takes the TCP connect but never answers (one out of
+/// file descriptors, with the connect left in its backlog, looks so):
+/// each attempt ends after `max_missed` intervals with
+/// Close(HeartbeatTimeout, "no answer to the handshake for … ms …"), and
+/// `connect` fails `NotConnected` naming `handshake_timeout`. Before, both
+/// said `heartbeat_timeout` / "nothing received for", which pointed at a
+/// peer that went silent, not at one that never spoke.
+#[test]
+fn a_provider_that_never_answers_fails_the_connect_with_handshake_timeout() {
+    let _serial = serial_shared();
+    let (interval, max_missed) = (ms(100), 3);
+    let fake = FakeProvider::bind();
+    let config = ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..client_config(interval, max_missed)
+    };
+    let addr = fake.addr();
+    let connecting = thread::spawn(move || Client::connect(addr, config).map(|c| c.peer_addr()));
+
+    let mut first = fake.accept(Duration::from_secs(5));
+    let close = first.expect_close_then_end(Duration::from_secs(5));
+    assert_eq!(close.header.status, CloseStatus::HeartbeatTimeout as u8);
+    let text = decode_text_body(&close.body);
+    assert!(
+        text.starts_with("no answer to the handshake for ")
+            && text.ends_with(&format!(" ms ({max_missed} heartbeat intervals)")),
+        "the Close's reason: {text:?}"
+    );
+    match connecting.join().expect("the connecting thread") {
+        Err(Error::NotConnected { detail, .. }) => assert!(
+            detail.contains("last attempt: handshake_timeout"),
+            "NotConnected's detail: {detail}"
+        ),
+        Err(other) => panic!("expected NotConnected, got {other:?}"),
+        Ok(peer) => panic!("connected to {peer}, which never answers"),
+    }
+}
+
 // ----- 10. graceful rotation: max_age and max_idle ---------------------------------
 
 /// A graceful close by the provider (Close(Normal) at `max_age`) is no

@@ -342,12 +342,30 @@ impl EventLoop {
                 // (`PeerClosed`'s detail), and `{:?}` of a Duration prints
                 // nine digits of noise ("605.061839ms").
                 let intervals = if missed == 1 { "interval" } else { "intervals" };
-                let text = format!(
-                    "nothing received for {} ms ({missed} heartbeat {intervals})",
-                    silent_for.as_millis()
-                );
+                let silent_ms = silent_for.as_millis();
+                // A provider that accepted the TCP connect but never
+                // answered the handshake Ping is not a peer that went
+                // silent: it never spoke (not a pulse provider, or one
+                // that cannot serve, e.g. out of file descriptors with the
+                // connect left in its backlog). Same wire status, own name.
+                let (reason, text) = if conn.phase == Phase::Handshaking {
+                    (
+                        DisconnectReason::HandshakeTimeout,
+                        format!(
+                            "no answer to the handshake for {silent_ms} ms \
+                             ({missed} heartbeat {intervals})"
+                        ),
+                    )
+                } else {
+                    (
+                        DisconnectReason::HeartbeatTimeout,
+                        format!(
+                            "nothing received for {silent_ms} ms ({missed} heartbeat {intervals})"
+                        ),
+                    )
+                };
                 let close = Some((CloseStatus::HeartbeatTimeout, text));
-                self.close(token, DisconnectReason::HeartbeatTimeout, close, now);
+                self.close(token, reason, close, now);
                 return Flow::Closed;
             }
         }
