@@ -155,7 +155,15 @@ fn max_connections_refuses_the_next_connection_with_close_overloaded() {
 #[test]
 fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
     let _shared = MEMORY.shared();
-    let server = server(server_config());
+    // Four calls that hold their slots until this test lets them go (the
+    // sender dropped), not for a fixed time: no slot frees while the test
+    // looks, however slowly it runs.
+    let (release, held) = crossbeam_channel::bounded::<()>(0);
+    let gated = ServiceBuilder::new("gated").method("hold", move |n: u64| {
+        let _ = held.recv_timeout(PROMPTLY);
+        Ok::<_, String>(n)
+    });
+    let server = support::server_with(server_config(), vec![gated]);
     let client = Client::connect(
         server.local_addr(),
         ClientConfig {
@@ -164,11 +172,11 @@ fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
         },
     )
     .expect("connect");
-    let slow: Vec<_> = (0..4)
-        .map(|_| {
+    let slow: Vec<_> = (0..4u64)
+        .map(|n| {
             client
-                .start::<_, u64>("demo", "sleep", &2_000u64)
-                .expect("start a slow call")
+                .start::<_, u64>("gated", "hold", &n)
+                .expect("start a held call")
         })
         .collect();
     assert_eq!(client.inflight(), 4);
@@ -178,14 +186,20 @@ fn client_max_inflight_refuses_the_extra_call_with_overloaded() {
         Err(e) => panic!("expected Overloaded, got {e}"),
         Ok(_) => panic!("a 5th call was accepted with max_inflight 4"),
     }
-    // Well before a slot frees (2 s), with room for a slow machine.
+    // No slot frees until the release below, so a `start` that waited for
+    // room would wait for its call timeout (10 s) and then fail, or block
+    // until the handlers give up (PROMPTLY, 10 s) and then be accepted:
+    // half of that tells "at once" from "after waiting" with seconds of
+    // room for a stalled machine.
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "refused at once, not after waiting"
+        took < Duration::from_secs(5),
+        "refused after {took:?}, not at once"
     );
-    assert_eq!(client.inflight(), 4, "a slow call ended early");
-    for call in slow {
-        assert_eq!(call.wait().expect("the slow calls finish"), 2_000);
+    assert_eq!(client.inflight(), 4, "a held call ended early");
+    drop(release);
+    for (n, call) in slow.into_iter().enumerate() {
+        assert_eq!(call.wait().expect("the held calls finish"), n as u64);
     }
     assert_eq!(
         client
