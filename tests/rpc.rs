@@ -421,12 +421,17 @@ fn deferred_requests_go_out_in_batches_of_half_the_window() {
     // Held requests leave with any write on the connection, the client
     // loop's too: while it reads a batch's answers it corks the queue and
     // writes what was queued meanwhile. So each batch's answers are all in,
-    // and the loop quiet again, before the next batch starts.
+    // and the loop quiet again, before the next batch starts. Its turn's end
+    // cannot be seen from here (the loop's polling flag is private, and the
+    // other tests' client loops share its thread name), so a pause stands
+    // for it: the turn ends microseconds after the last answer unless the
+    // loop's thread is preempted, and 500 ms covers a stall of a few hundred
+    // ms on a loaded machine (it was 100 ms: little room on a shared CI box).
     let settled = |handled: usize| {
         wait_until(PROMPTLY, &format!("{handled} calls answered"), || {
             calls.load(Ordering::SeqCst) == handled && client.inflight() == 0
         });
-        thread::sleep(Duration::from_millis(100));
+        thread::sleep(Duration::from_millis(500));
     };
     // 100 started on an idle connection: 32 are written at the 32nd start,
     // 32 more at the 64th; the next batch would be 64 (half of 128), so the
