@@ -520,58 +520,136 @@ mod tests {
         timers.shutdown();
     }
 
+    /// Tries `attempt` up to 5 times, each with a timer thread of its own,
+    /// until one returns true: an attempt returns false when a stall (of
+    /// this thread or of the timer thread) let a deadline pass before the
+    /// commands it was about were applied, so that the attempt can tell
+    /// nothing. Real breakage fails inside an attempt, or makes every
+    /// attempt say nothing and fails here.
+    fn in_a_timely_attempt(what: &str, mut attempt: impl FnMut() -> bool) {
+        for n in 1..=5 {
+            if attempt() {
+                return;
+            }
+            eprintln!("{what}: attempt {n} told nothing (a deadline passed first); trying again");
+        }
+        panic!(
+            "{what}: none of 5 attempts saw the timer thread apply its commands before \
+             their deadline (stalled 5 times over, or the commands are not applied as they should)"
+        );
+    }
+
+    /// Whether `handle.armed()` reads `n` before `deadline`. The timer
+    /// thread stores `armed` after each advance, so reading it before
+    /// `deadline` means that advance reached no tick at or after it.
+    fn armed_before(handle: &TimerHandle<u64>, n: usize, deadline: Instant) -> bool {
+        while Instant::now() < deadline {
+            if handle.armed() == n {
+                return Instant::now() < deadline;
+            }
+            thread::sleep(ms(1));
+        }
+        false
+    }
+
     #[test]
     fn disarm_prevents_firing() {
-        let (timers, rx) = spawn(ms(1));
-        let handle = timers.handle();
-        let start = Instant::now();
-        // The disarm follows the arm at once; the margins only guard against
-        // this thread stalling for most of a second between two sends.
-        handle.arm(1, start + ms(600), 1);
-        handle.disarm(1);
-        handle.disarm(99); // never armed: a no-op
-        handle.arm(2, start + ms(700), 2);
-        let (_, batch) = rx.recv_timeout(PATIENCE).expect("sentinel fired");
-        assert_eq!(batch, vec![2], "the disarmed timer fired");
-        assert!(rx.try_recv().is_err());
-        assert_eq!(handle.armed(), 0);
+        in_a_timely_attempt("disarm_prevents_firing", || {
+            let (timers, rx) = spawn(ms(1));
+            let handle = timers.handle();
+            let start = Instant::now();
+            let due = start + ms(600);
+            handle.arm(1, due, 1);
+            handle.disarm(1);
+            handle.disarm(99); // never armed: a no-op
+            handle.arm(2, start + ms(700), 2);
+            handle.arm(3, start + ms(700), 3);
+            // Commands are applied in order, so `armed()` reads 2 only once
+            // all five are (before: 1, 0, 0, 1). Read before timer 1 is due,
+            // the disarm was applied before any advance could fire it: it
+            // must never fire. Otherwise a stall decides, and says nothing.
+            let in_time = armed_before(&handle, 2, due);
+            let mut fired = Vec::new();
+            while !(fired.contains(&2) && fired.contains(&3)) {
+                fired.extend(rx.recv_timeout(PATIENCE).expect("sentinels fired").1);
+            }
+            if !in_time {
+                return false;
+            }
+            fired.sort_unstable();
+            assert_eq!(fired, vec![2, 3], "the disarmed timer fired");
+            assert!(rx.try_recv().is_err());
+            assert_eq!(handle.armed(), 0);
+            true
+        });
     }
 
     #[test]
     fn rearm_replaces_deadline_and_value() {
-        let (timers, rx) = spawn(ms(1));
-        let handle = timers.handle();
-        let start = Instant::now();
-        handle.arm(7, start + ms(400), 100);
-        handle.arm(7, start + ms(500), 200);
-        let (fired_at, batch) = rx.recv_timeout(PATIENCE).expect("re-armed timer fired");
-        assert_eq!(batch, vec![200], "the replaced value fired");
-        assert!(
-            fired_at >= start + ms(500),
-            "fired at the replaced deadline"
-        );
-        // Re-arming earlier works too.
-        let start = Instant::now();
-        handle.arm(8, start + ms(60_000), 300);
-        handle.arm(8, start + ms(10), 400);
-        let (_, batch) = rx.recv_timeout(PATIENCE).expect("re-armed timer fired");
-        assert_eq!(batch, vec![400]);
-        wait_until("armed() == 0", || handle.armed() == 0);
-        assert!(rx.try_recv().is_err());
+        in_a_timely_attempt("rearm_replaces_deadline_and_value", || {
+            let (timers, rx) = spawn(ms(1));
+            let handle = timers.handle();
+            let start = Instant::now();
+            let first_due = start + ms(400);
+            handle.arm(7, first_due, 100);
+            handle.arm(7, start + ms(500), 200);
+            // A far marker: `armed()` reads 2 only once the re-arm is
+            // applied too (before: 1, 1). Read before the first deadline,
+            // the value 100 can never fire.
+            handle.arm(9, start + ms(60_000), 900);
+            if !armed_before(&handle, 2, first_due) {
+                return false;
+            }
+            handle.disarm(9);
+            let (fired_at, batch) = rx.recv_timeout(PATIENCE).expect("re-armed timer fired");
+            assert_eq!(batch, vec![200], "the replaced value fired");
+            assert!(
+                fired_at >= start + ms(500),
+                "fired at the replaced deadline"
+            );
+            // Re-arming earlier works too (no deadline can pass first here).
+            let start = Instant::now();
+            handle.arm(8, start + ms(60_000), 300);
+            handle.arm(8, start + ms(10), 400);
+            let (_, batch) = rx.recv_timeout(PATIENCE).expect("re-armed timer fired");
+            assert_eq!(batch, vec![400]);
+            wait_until("armed() == 0", || handle.armed() == 0);
+            assert!(rx.try_recv().is_err());
+            true
+        });
     }
 
     #[test]
     fn timers_due_in_one_tick_arrive_in_one_batch() {
-        let (timers, rx) = spawn(ms(10));
-        let handle = timers.handle();
-        let at = Instant::now() + ms(300);
-        for id in 0..1000 {
-            handle.arm(id, at, id);
-        }
-        let (fired_at, mut batch) = rx.recv_timeout(PATIENCE).expect("batch fired");
-        assert!(fired_at >= at);
-        batch.sort_unstable();
-        assert_eq!(batch, (0..1000).collect::<Vec<_>>());
+        in_a_timely_attempt("timers_due_in_one_tick_arrive_in_one_batch", || {
+            let (timers, rx) = spawn(ms(10));
+            let handle = timers.handle();
+            let at = Instant::now() + ms(300);
+            for id in 0..1000 {
+                handle.arm(id, at, id);
+            }
+            // `armed()` reads 1000 only while all of them are in the wheel
+            // and none has fired: the advance that reaches their tick then
+            // takes them all. Not read in time (a stall let some fire, or
+            // be armed, after the tick), the attempt says nothing.
+            let mut all_armed = false;
+            while !all_armed && rx.is_empty() {
+                all_armed = handle.armed() == 1000;
+                thread::sleep(ms(1));
+            }
+            let (fired_at, mut batch) = rx.recv_timeout(PATIENCE).expect("batch fired");
+            if !all_armed {
+                let mut seen = batch.len();
+                while seen < 1000 {
+                    seen += rx.recv_timeout(PATIENCE).expect("the rest fired").1.len();
+                }
+                return false;
+            }
+            assert!(fired_at >= at);
+            batch.sort_unstable();
+            assert_eq!(batch, (0..1000).collect::<Vec<_>>());
+            true
+        });
     }
 
     #[test]
