@@ -1453,11 +1453,24 @@ fn max_idle_closes_a_connection_without_calls_pings_do_not_count_a_running_call_
 fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reconnects() {
     let _shared = MEMORY.shared();
     let max_age = Duration::from_millis(500);
-    let server = server(ServerConfig {
-        max_age: Some(max_age),
-        linger: Duration::from_secs(5),
-        ..server_config()
+    // The call running across the age blocks in its handler until this
+    // test lets it go (the sender dropped), rather than for a fixed time:
+    // the drain lasts as long as the test needs, however slowly it runs.
+    let (release, held) = crossbeam_channel::bounded::<()>(0);
+    let (entered_tx, entered) = crossbeam_channel::unbounded::<()>();
+    let gated = ServiceBuilder::new("gated").method("hold", move |n: u64| {
+        let _ = entered_tx.send(());
+        let _ = held.recv_timeout(PROMPTLY);
+        Ok::<_, String>(n)
     });
+    let server = support::server_with(
+        ServerConfig {
+            max_age: Some(max_age),
+            linger: Duration::from_secs(5),
+            ..server_config()
+        },
+        vec![gated],
+    );
     let server_events = server.events();
 
     // A raw peer making no call gets Close(Normal) once the age is reached.
@@ -1481,17 +1494,44 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
     // `call` itself sends such a refused request again on the next
     // connection, within its timeout.
     let client = Client::connect(server.local_addr(), quick_reconnect_config()).expect("connect");
-    let connected = Instant::now();
     let events = client.events();
-    let slow = client
-        .start::<_, u64>("demo", "sleep", &1500u64)
-        .expect("start the slow call");
-    std::thread::sleep((max_age + Duration::from_millis(300)).saturating_sub(connected.elapsed()));
-    let refused = client
-        .start::<_, u64>("demo", "ping", &1u64)
-        .expect("start a call on the draining connection")
-        .wait();
-    match refused {
+    // By `call`: should a stall let the connection reach its age (with no
+    // call running it then closes at once) before the request is read, the
+    // request is refused and sent again on the next connection, whose age
+    // starts afresh.
+    let running = {
+        let client = client.clone();
+        std::thread::spawn(move || client.call::<_, u64>("gated", "hold", &1500u64))
+    };
+    entered
+        .recv_timeout(PROMPTLY)
+        .expect("the held call running");
+    // What an early age-out and reconnection reported is before the
+    // scenario: the held call runs on the connection open now.
+    drain(&events);
+    // From its age on, the connection drains: a request is refused
+    // ShuttingDown until the held call ends, which is when this test
+    // says. Each probe is answered (before the age) or refused; `start`,
+    // not `call`, which would send a refused one again on the next
+    // connection.
+    let mut refused = None;
+    support::wait_until_every(
+        Duration::from_millis(5),
+        PROMPTLY,
+        "the max_age drain to refuse a request",
+        || match client
+            .start::<_, u64>("demo", "ping", &1u64)
+            .expect("start a call on the connection")
+            .wait()
+        {
+            Ok(1) => false,
+            other => {
+                refused = Some(other);
+                true
+            }
+        },
+    );
+    match refused.expect("a probe was refused") {
         Err(Error::Remote { status, message }) => {
             assert_eq!(status, ResponseStatus::ShuttingDown, "{message}");
             assert!(message.contains("max_age"), "{message}");
@@ -1502,8 +1542,16 @@ fn max_age_closes_gracefully_after_the_running_call_finishes_and_the_client_reco
         let client = client.clone();
         std::thread::spawn(move || client.call::<_, u64>("demo", "ping", &3u64))
     };
+    // Time for that call to be refused by the draining connection before
+    // the release lets it close. Should it come later, it goes to the next
+    // connection at once and the assertions below hold all the same: this
+    // pause only gives the resending a chance to be what is tested.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(release);
     assert_eq!(
-        slow.wait()
+        running
+            .join()
+            .expect("the held caller")
             .expect("the call started before max_age finishes"),
         1500
     );
