@@ -57,9 +57,12 @@ pub struct ConnectionConfig {
     /// interval (the default is 1 s), like gRPC's keepalive enforcement. A
     /// side that pings must have a heartbeat interval of at least twice
     /// this (`validate`), so that its own pings, a tick late or early, are
-    /// never strikes to a peer with the same settings.
+    /// never strikes to a peer with the same settings. `Duration::ZERO`
+    /// turns the check off: no ping is then too early.
     pub min_ping_interval: Duration,
-    /// Consecutive too-early pings tolerated. Default 3.
+    /// Consecutive too-early pings tolerated (reads that bring one, pings in
+    /// one read counting once). Default 3; 0 closes the connection at the
+    /// first too-early ping.
     pub max_ping_strikes: u32,
     /// How long an event loop keeps polling without sleeping after a turn
     /// that moved calls (read a request or a response). A loop that sleeps
