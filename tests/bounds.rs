@@ -1128,6 +1128,57 @@ fn a_ping_flood_is_closed_with_too_many_pings_and_a_sane_rate_is_not() {
     });
 }
 
+/// The ping-rate settings at zero do what their docs say: `max_ping_strikes`
+/// 0 closes at the first too-early ping (1 at the second), and a
+/// `min_ping_interval` of zero turns the check off. Each ping here goes in
+/// a read of its own (the next is sent once the last is answered), and a
+/// 10 s `min_ping_interval` makes every ping after a connection's first too
+/// early, however the machine schedules them.
+#[test]
+fn ping_strikes_and_min_ping_interval_at_zero() {
+    let _shared = MEMORY.shared();
+    let strict = |strikes: u32| {
+        server(ServerConfig {
+            connection: pulse::ConnectionConfig {
+                min_ping_interval: Duration::from_secs(10),
+                // Twice `min_ping_interval`, as `validate` asks of a side
+                // that pings: the server sends none during the test.
+                heartbeat: heartbeat(30_000, 3),
+                max_ping_strikes: strikes,
+                ..Default::default()
+            },
+            ..server_config()
+        })
+    };
+    for strikes in [0u32, 1] {
+        let server = strict(strikes);
+        let mut peer = RawPeer::connect(server.local_addr());
+        // The first ping has no earlier one to be too close to; then one
+        // strike each, tolerated while at most `strikes`.
+        for seq in 0..=u64::from(strikes) {
+            assert_pings(&mut peer, seq);
+        }
+        peer.send(&encode_ping(99));
+        let close = peer.expect_close_then_end(PROMPTLY);
+        assert_close(&close, CloseStatus::TooManyPings, "pings");
+    }
+
+    let lenient = server(ServerConfig {
+        connection: pulse::ConnectionConfig {
+            min_ping_interval: Duration::ZERO,
+            max_ping_strikes: 0,
+            heartbeat: heartbeat(30_000, 3), // no Ping of its own meanwhile
+            ..Default::default()
+        },
+        ..server_config()
+    });
+    let mut peer = RawPeer::connect(lenient.local_addr());
+    for seq in 0..50 {
+        assert_pings(&mut peer, seq);
+    }
+    assert_eq!(lenient.connection_count(), 1);
+}
+
 // ----- slowloris ---------------------------------------------------------------------------
 
 #[test]
