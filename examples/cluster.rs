@@ -44,6 +44,7 @@
 //! ```text
 //! {"event":"provider","name":"p0","addr":"127.0.0.1:41000","weight":1}   one per provider at start
 //! {"event":"call","seq":7,"provider":"p1","addr":"127.0.0.1:41001","attempts":1,"rtt_us":180}
+//! {"event":"not_ready","wanted":3,"listed":0,"healthy":0,"note":"calling anyway"}  fewer healthy after 5 s
 //! {"event":"freeze","provider":"p1"}                                      no mode only
 //! {"event":"heartbeat_missed","peer":"127.0.0.1:41001","missed":1}
 //! {"event":"rotation","healthy":["p0","p2"]}                              whenever it changes
@@ -447,7 +448,17 @@ fn run_consumer(
     .idempotent(["whoami"]);
     let balancer = balancer(&o.balancer).map_err(pulse::Error::InvalidConfig)?;
     let cluster = ClusterClient::new(registry, SERVICE, balancer, config)?;
-    cluster.wait_ready(names.len().max(1), Duration::from_secs(5));
+    let wanted = names.len().max(1);
+    if !cluster.wait_ready(wanted, Duration::from_secs(5)) {
+        // Said, not silent: with `--no-fail-fast` and etcd down, the 5 s
+        // wait above printed nothing, and the calls then failed NoProvider.
+        let providers = cluster.providers();
+        print(json!({
+            "event": "not_ready", "wanted": wanted, "listed": providers.len(),
+            "healthy": providers.iter().filter(|p| p.healthy).count(),
+            "note": "calling anyway",
+        }));
+    }
 
     let name_of = |addr: SocketAddr| {
         names
