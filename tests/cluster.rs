@@ -1059,6 +1059,12 @@ fn an_unusable_endpoint_is_reported_once_and_named_in_no_provider() {
             cluster.providers().iter().any(|p| p.weight == weight)
         });
     }
+    // Applied is not connected: a call finding the provider still
+    // connecting fails NoProvider at once (seen 3 times in 4 loaded runs).
+    assert!(
+        cluster.wait_ready(1, PROMPTLY),
+        "the listed provider never became healthy"
+    );
     assert_eq!(cluster.call::<_, u32>("whoami", &()).unwrap(), 0);
     let again: Vec<ClusterEvent> = events
         .try_iter()
@@ -1317,10 +1323,14 @@ fn shutting_a_cluster_client_down_ends_its_calls_and_connections() {
 
 /// The linger of the shutdown tests: each close waits this long for a
 /// provider that never closes its side.
-const LINGER: Duration = Duration::from_millis(300);
+const LINGER: Duration = Duration::from_millis(500);
 /// How many such providers: closed one after another, they took
-/// `SILENT × LINGER` (1.8 s); at once, about one linger.
+/// `SILENT × LINGER` (3 s); at once, about one linger.
 const SILENT: usize = 6;
+/// The bound on closing all of them at once: half of closing them one
+/// after another, which leaves a loaded machine a second of scheduling
+/// past the one linger it takes.
+const ALL_AT_ONCE: Duration = Duration::from_millis(1_500);
 
 /// A cluster client (no failover config needed) over `fakes`, each of
 /// which has completed its handshake and then never reads, writes or
@@ -1363,7 +1373,7 @@ fn shutdown_closes_every_provider_at_once() {
     assert!(took >= LINGER * 3 / 4, "took {took:?}");
     // ... but for all of them together.
     assert!(
-        took < Duration::from_secs(1),
+        took < ALL_AT_ONCE,
         "shutting down {SILENT} providers that never close took {took:?} \
          (a linger is {LINGER:?})"
     );
@@ -1404,7 +1414,7 @@ fn removed_providers_do_not_hold_up_the_next_registry_update() {
     });
     let took = started.elapsed();
     assert!(
-        took < Duration::from_secs(1),
+        took < ALL_AT_ONCE,
         "the update after removing {SILENT} providers that never close came \
          after {took:?} (a linger is {LINGER:?})"
     );
