@@ -1989,6 +1989,54 @@ fn a_waiting_call_outlives_refused_attempts() {
     eprintln!("a call waited {took:?} through {attempts} refused attempts");
 }
 
+/// A peer that trickles the bytes of a frame it never finishes does not
+/// answer the handshake: the attempt still ends at the handshake's bound
+/// (`max_missed` intervals), not at `frame_timeout`. Before, any bytes
+/// counted as an answer's progress: an outside audit saw the attempt last
+/// 3.2 s for a 900 ms bound (until `frame_timeout`), and without
+/// `frame_timeout` as long as the trickle went on.
+#[test]
+fn a_peer_trickling_an_unfinished_frame_fails_the_handshake_in_its_bound() {
+    let _serial = serial_shared();
+    let (interval, max_missed) = (ms(100), 3);
+    // The header of a 1 MiB Response, a byte every 20 ms, then its body
+    // likewise: no whole frame for many seconds.
+    let trickler = FakeServer::start(|stream, stop| {
+        let frame_start = pulse::protocol::Header::new(Kind::Response, 0, 1, 1 << 20).encode();
+        let bytes = frame_start.iter().copied().chain(std::iter::repeat(0u8));
+        let until = Instant::now() + Duration::from_secs(5);
+        for byte in bytes {
+            if stop.load(Ordering::SeqCst) || Instant::now() >= until {
+                return;
+            }
+            if std::io::Write::write_all(&mut &stream, &[byte]).is_err() {
+                return; // the consumer gave up on this attempt
+            }
+            thread::sleep(ms(20));
+        }
+    });
+    let config = ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..client_config(interval, max_missed)
+    };
+    let started = Instant::now();
+    let outcome = Client::connect(trickler.addr(), config).map(|c| c.peer_addr());
+    let took = started.elapsed();
+    match outcome {
+        Err(Error::NotConnected { detail, .. }) => assert!(
+            detail.contains("last attempt: handshake_timeout"),
+            "NotConnected's detail after {took:?}: {detail}"
+        ),
+        Err(other) => panic!("expected NotConnected, got {other:?}"),
+        Ok(peer) => panic!("connected to {peer}, which never finishes a frame"),
+    }
+    assert!(
+        trickler.accepted() >= 2,
+        "the first attempt lasted the whole connect_timeout ({} accepted)",
+        trickler.accepted()
+    );
+}
+
 /// A provider that takes the TCP connect but never answers (one out of
 /// file descriptors, with the connect left in its backlog, looks so):
 /// each attempt ends after `max_missed` intervals with

@@ -284,6 +284,8 @@ impl EventLoop {
         };
         conn.phase = Phase::Ready;
         conn.was_ready = true;
+        // The bytes of the answering frame were not counted as they came.
+        conn.heartbeat.on_read(now);
         let Role::Consumer { link } = &conn.role else {
             return;
         };

@@ -305,8 +305,17 @@ impl EventLoop {
                 }
                 Ok(_) => {
                     reads += 1;
-                    // Any bytes, even of an unfinished frame, prove the peer alive.
-                    conn.heartbeat.on_read(now);
+                    // Any bytes, even of an unfinished frame, prove the peer
+                    // alive; but not before a whole frame answered the
+                    // handshake (`on_handshake_done`): a provider answers a
+                    // Ping at once, and a peer trickling bytes of a frame it
+                    // never finishes held the attempt past the handshake's
+                    // bound, until `frame_timeout` (an outside audit: 3.2 s
+                    // for a 900 ms bound; without `frame_timeout`, for as
+                    // long as the trickle went on).
+                    if conn.phase != Phase::Handshaking {
+                        conn.heartbeat.on_read(now);
+                    }
                     conn.reads = conn.reads.wrapping_add(1); // only compared for equality
                     just_read = true;
                 }
