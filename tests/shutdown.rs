@@ -84,6 +84,52 @@ fn inline_hold_service() -> Hold {
     }
 }
 
+/// A server with two event loops (`linger` 100 ms, `shutdown_timeout` as
+/// given) whose loop 0 is held in the inline `hold` handler by a call of
+/// its first consumer, and a second consumer, idle, on loop 1.
+struct Loop0Held {
+    server: Arc<Server>,
+    /// Ends the held handler (sent on, or dropped).
+    release: Sender<()>,
+    /// The events of the consumer on loop 1.
+    idle_events: Receiver<pulse::Event>,
+    /// The held call, answered `"released"` once the handler returns.
+    caller: thread::JoinHandle<pulse::Result<String>>,
+    /// Kept open for as long as the test holds this.
+    _on_loop_1: Client,
+}
+
+fn hold_loop_0(shutdown_timeout: Option<Duration>) -> Loop0Held {
+    let Hold {
+        service,
+        entered,
+        release,
+    } = inline_hold_service();
+    let config = ServerConfig {
+        event_loops: 2,
+        shutdown_timeout,
+        linger: ms(100),
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(server_with(config, vec![service]));
+    // Loop 0 hands accepted connections out in turn, from itself: the
+    // first connection is loop 0's, the second loop 1's.
+    let on_loop_0 = patient_client(&server);
+    let on_loop_1 = patient_client(&server);
+    let idle_events = on_loop_1.events();
+    let caller = thread::spawn(move || on_loop_0.call::<_, String>("inline", "hold", &()));
+    entered
+        .recv_timeout(PROMPTLY)
+        .expect("the inline handler started");
+    Loop0Held {
+        server,
+        release,
+        idle_events,
+        caller,
+        _on_loop_1: on_loop_1,
+    }
+}
+
 /// A client with a long call timeout (no call here may end by it).
 fn patient_client(server: &Server) -> Client {
     let config = ClientConfig {
@@ -343,28 +389,14 @@ fn shutdown_leaves_a_loop_blocked_in_an_inline_handler() {
 #[test]
 fn a_blocked_loop_0_does_not_hold_up_the_other_loops_drain() {
     let _shared = PROCESS.shared();
-    let Hold {
-        service,
-        entered,
-        release,
-    } = inline_hold_service();
     let shutdown_timeout = Duration::from_secs(6);
-    let config = ServerConfig {
-        event_loops: 2,
-        shutdown_timeout: Some(shutdown_timeout),
-        linger: ms(100),
-        ..ServerConfig::default()
-    };
-    let server = Arc::new(server_with(config, vec![service]));
-    // Loop 0 hands accepted connections out in turn, from itself: the
-    // first connection is loop 0's, the second loop 1's.
-    let on_loop_0 = patient_client(&server);
-    let on_loop_1 = patient_client(&server);
-    let idle_events = on_loop_1.events();
-    let caller = thread::spawn(move || on_loop_0.call::<_, String>("inline", "hold", &()));
-    entered
-        .recv_timeout(PROMPTLY)
-        .expect("the inline handler started");
+    let Loop0Held {
+        server,
+        release,
+        idle_events,
+        caller,
+        _on_loop_1,
+    } = hold_loop_0(Some(shutdown_timeout));
 
     let started = Instant::now();
     let shutdown = shutdown_in_thread(&server);
@@ -446,27 +478,14 @@ struct BusyLoop0Shutdown {
 /// idle connection, shut down; the handler is released `busy` later. At
 /// loop 1's Close(Normal), a connect is tried.
 fn shut_down_with_loop_0_busy(busy: Duration) -> BusyLoop0Shutdown {
-    let Hold {
-        service,
-        entered,
+    let Loop0Held {
+        server,
         release,
-    } = inline_hold_service();
-    let config = ServerConfig {
-        event_loops: 2,
-        linger: ms(100),
-        ..ServerConfig::default()
-    };
-    let server = Arc::new(server_with(config, vec![service]));
+        idle_events,
+        caller,
+        _on_loop_1,
+    } = hold_loop_0(ServerConfig::default().shutdown_timeout);
     let addr = server.local_addr();
-    // Loop 0 hands accepted connections out in turn, from itself: the
-    // first connection is loop 0's, the second loop 1's.
-    let on_loop_0 = patient_client(&server);
-    let on_loop_1 = patient_client(&server);
-    let idle_events = on_loop_1.events();
-    let caller = thread::spawn(move || on_loop_0.call::<_, String>("inline", "hold", &()));
-    entered
-        .recv_timeout(PROMPTLY)
-        .expect("the inline handler started");
 
     let started = Instant::now();
     let shutdown = shutdown_in_thread(&server);
