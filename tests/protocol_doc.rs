@@ -13,7 +13,7 @@ use std::time::Instant;
 use pulse::protocol::{
     CloseStatus, DEFAULT_MAX_FRAME_LEN, FrameDecoder, HEADER_LEN, Kind, ResponseStatus,
     decode_request_body, decode_text_body, encode_close, encode_error_response, encode_ok_response,
-    encode_ping, encode_pong, encode_request,
+    encode_ping, encode_pong, encode_pong_from, encode_request,
 };
 use serde::Serialize;
 use support::PROMPTLY;
@@ -91,6 +91,7 @@ fn every_hex_block_is_checked() {
         "close-example",
         "error-response-example",
         "ping-example",
+        "pong-does-not-ping-example",
         "pong-example",
         "request-example",
         "response-example",
@@ -173,6 +174,15 @@ fn error_response_example_is_what_a_server_answers() {
 fn ping_and_pong_examples_match_encoder() {
     assert_eq!(block("ping-example"), encode_ping(42));
     assert_eq!(block("pong-example"), encode_pong(42));
+    assert_eq!(block("pong-example"), encode_pong_from(42, true));
+    assert_eq!(
+        block("pong-does-not-ping-example"),
+        encode_pong_from(42, false)
+    );
+    assert_eq!(
+        block("pong-does-not-ping-example")[5],
+        pulse::protocol::DOES_NOT_PING
+    );
     assert_eq!(encode_ping(42).len(), HEADER_LEN);
 }
 

@@ -388,7 +388,9 @@ impl Heartbeat {
 
     /// Records that this side leaves the peer's bytes unread on purpose at
     /// `now` (pulse: a provider holding back one-way calls while its
-    /// handlers catch up): the peer's silence is this side's doing, so
+    /// handlers catch up), or that the peer cannot have answered yet (pulse:
+    /// this side's Ping still behind a long frame to a peer that does not
+    /// ping): the peer's silence is this side's doing, so
     /// evidence of life counts from `now`, as after a stall, but with no
     /// action. Pings are sent as before, so the peer keeps hearing from
     /// this side; with [`send_pings`](HeartbeatConfig::send_pings) `false`

@@ -205,14 +205,37 @@ pub(crate) fn encode_error_response_within(
     text_frame(Kind::Response, status as u8, id, message, max_text)
 }
 
-/// Encodes a whole Ping frame carrying sequence `seq`, empty body.
+/// Encodes a whole Ping frame carrying sequence `seq`, empty body, from a
+/// side that sends heartbeat Pings (status 0).
 pub fn encode_ping(seq: u64) -> Vec<u8> {
-    Header::new(Kind::Ping, 0, seq, 0).encode().to_vec()
+    encode_ping_from(seq, true)
 }
 
-/// Encodes a whole Pong frame answering the Ping with sequence `seq`, empty body.
+/// Encodes a whole Pong frame answering the Ping with sequence `seq`, empty
+/// body, from a side that sends heartbeat Pings (status 0).
 pub fn encode_pong(seq: u64) -> Vec<u8> {
-    Header::new(Kind::Pong, 0, seq, 0).encode().to_vec()
+    encode_pong_from(seq, true)
+}
+
+/// [`encode_ping`] from a side that says whether it `sends_pings`: status
+/// [`DOES_NOT_PING`](super::DOES_NOT_PING) when it does not.
+pub fn encode_ping_from(seq: u64, sends_pings: bool) -> Vec<u8> {
+    Header::new(Kind::Ping, heartbeat_status(sends_pings), seq, 0)
+        .encode()
+        .to_vec()
+}
+
+/// [`encode_pong`] from a side that says whether it `sends_pings`: status
+/// [`DOES_NOT_PING`](super::DOES_NOT_PING) when it does not.
+pub fn encode_pong_from(seq: u64, sends_pings: bool) -> Vec<u8> {
+    Header::new(Kind::Pong, heartbeat_status(sends_pings), seq, 0)
+        .encode()
+        .to_vec()
+}
+
+/// The status byte of a Ping or Pong (see [`DOES_NOT_PING`](super::DOES_NOT_PING)).
+fn heartbeat_status(sends_pings: bool) -> u8 {
+    if sends_pings { 0 } else { super::DOES_NOT_PING }
 }
 
 /// Encodes a whole Close frame (id 0) whose body is the str `reason`.

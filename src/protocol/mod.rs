@@ -13,7 +13,8 @@ mod header;
 
 pub use body::{
     BodyError, RequestBody, decode_request_body, decode_text_body, encode_close,
-    encode_error_response, encode_ok_response, encode_ping, encode_pong, encode_request,
+    encode_error_response, encode_ok_response, encode_ping, encode_ping_from, encode_pong,
+    encode_pong_from, encode_request,
 };
 pub(crate) use body::{encode_error_response_within, request_args};
 pub(crate) use decoder::FrameRef;
@@ -30,6 +31,12 @@ pub const HEADER_LEN: usize = 20;
 pub const CODEC_MSGPACK: u8 = 1;
 /// Default limit on `body_len` a receiver accepts: 16 MiB.
 pub const DEFAULT_MAX_FRAME_LEN: u32 = 16 * 1024 * 1024;
+/// The status byte of a Ping or Pong whose sender sends no heartbeat Pings
+/// of its own (it only answers the peer's): its silence then waits for the
+/// peer's Pings (docs/PROTOCOL.md, section 11). Otherwise `0`, which a
+/// receiver that does not know this flag reads, as it ignores the status
+/// of these kinds.
+pub const DOES_NOT_PING: u8 = 1;
 
 /// What a frame is, byte 3 of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -234,6 +234,8 @@ pub(crate) struct Outbound {
     max_bytes: usize,
     /// When bytes last left this side, as [`clock::to_nanos`].
     last_write: AtomicU64,
+    /// How many bytes left this side in all (handed to the kernel).
+    written_total: AtomicU64,
     /// The queue is closed or sealed (see [`refuses_frames`](Self::refuses_frames)):
     /// set under the lock with either, never cleared.
     refusing: AtomicBool,
@@ -246,6 +248,7 @@ impl Outbound {
             room: Condvar::new(),
             max_bytes,
             last_write: AtomicU64::new(0),
+            written_total: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
         }
     }
@@ -556,6 +559,26 @@ impl Outbound {
         clock::from_stamp(self.last_write.load(Ordering::Relaxed))
     }
 
+    /// Where in the byte stream a control frame just sent ends, at the
+    /// latest: the bytes written so far plus everything ahead of it, still
+    /// queued or being written (a frame partly written, the frames a writer
+    /// took, the control frames queued), but not the data frames it jumps.
+    /// Frames count with their [`charge`]s, a little over their lengths.
+    /// Both are read under the queue's lock: a writer adds what it wrote to
+    /// the total before it takes the lock to take it out of the queue, so
+    /// bytes it moves meanwhile are counted twice, never missed.
+    pub(crate) fn stream_end_at_most(&self) -> u64 {
+        let q = self.queue.lock();
+        let jumped: usize = q.data.iter().map(charge).sum();
+        let ahead = q.bytes.saturating_sub(jumped) as u64;
+        self.written_total.load(Ordering::Relaxed) + ahead
+    }
+
+    /// How many bytes this side has written to the socket in all.
+    pub(crate) fn written_total(&self) -> u64 {
+        self.written_total.load(Ordering::Relaxed)
+    }
+
     /// The writer's loop: take frames, write them unlocked, put back the rest.
     /// Entered with `writing` set; always clears it before returning.
     /// `mine`: the address of the sending thread's own frame, handed back in
@@ -597,6 +620,7 @@ impl Outbound {
             q.shrink_emptied();
             drop(q);
 
+            let started_at = offset;
             let outcome = write_all_or_block(socket, &batch, &mut offset);
             let (done, result) = match outcome {
                 Ok(done) => (done, Ok(())),
@@ -605,6 +629,12 @@ impl Outbound {
             if done > 0 || offset > 0 {
                 self.last_write
                     .store(clock::to_stamp(Instant::now()), Ordering::Relaxed);
+                // The frames written whole, less what of the first was
+                // written before, plus what of the next is written now.
+                let whole: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
+                let written = (whole + offset).saturating_sub(started_at);
+                self.written_total
+                    .fetch_add(written as u64, Ordering::Relaxed);
             }
 
             // `done <= batch.len()`: it counts frames of this batch written whole.
@@ -849,6 +879,40 @@ mod tests {
             out.flush(a).unwrap();
         }
         got
+    }
+
+    /// `written_total` counts the bytes that left, also of frames written
+    /// in parts; the place a control frame queued behind a long frame is
+    /// given at the latest (`stream_end_at_most`) is never before its end.
+    #[test]
+    fn bytes_written_are_counted_and_a_pings_place_is_never_underestimated() {
+        let (a, b) = pair();
+        let out = Outbound::new(1 << 20);
+        let big = vec![b'A'; 256 * 1024];
+        assert_eq!(out.send(&a, big.clone(), Class::Data), Ok(Flush::Blocked));
+        let part = out.written_total();
+        assert!(
+            part > 0 && part < big.len() as u64,
+            "{part} bytes of the long frame written at first"
+        );
+        assert_eq!(
+            out.send(&a, vec![b'P'; 20], Class::Control),
+            Ok(Flush::Blocked)
+        );
+        let mark = out.stream_end_at_most();
+        assert!(mark >= big.len() as u64 + 20, "{mark}");
+        // Data queued behind is jumped by a control frame: not counted.
+        let behind = vec![b'B'; 100 * 1024];
+        assert_eq!(
+            out.send(&a, behind.clone(), Class::Data),
+            Ok(Flush::Blocked)
+        );
+        assert_eq!(out.stream_end_at_most(), mark, "data behind the Ping");
+        let all = big.len() + 20 + behind.len();
+        let got = drain(&out, &a, &b, all);
+        assert_eq!(got.len(), all);
+        assert_eq!(out.written_total(), all as u64);
+        assert_eq!(out.stream_end_at_most(), all as u64, "nothing queued");
     }
 
     #[test]

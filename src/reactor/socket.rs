@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -70,4 +71,26 @@ pub(crate) fn tune_accepted(socket: &Socket) -> io::Result<()> {
 pub(crate) fn std_addr(addr: &SockAddr) -> io::Result<SocketAddr> {
     addr.as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket address"))
+}
+
+/// Bytes written to `socket` that the peer's kernel has not acknowledged
+/// yet, sent or not: Linux's `SIOCOUTQ` (the same request as `TIOCOUTQ`),
+/// the send queue from the first unacknowledged byte on. Bytes written
+/// less these are bytes the peer's kernel holds or its process has read.
+pub(crate) fn unacknowledged(socket: &Socket) -> io::Result<u64> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: `TIOCOUTQ` stores one `int` through its argument, which
+    // points at `bytes`, alive and writable for the whole call; the file
+    // descriptor belongs to `socket`, open while it is borrowed.
+    let done = unsafe {
+        libc::ioctl(
+            socket.as_raw_fd(),
+            libc::TIOCOUTQ,
+            &mut bytes as *mut libc::c_int,
+        )
+    };
+    if done == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(bytes).unwrap_or(0))
 }

@@ -74,6 +74,7 @@ impl Proxy {
             jitter_us: AtomicU64::new(0),
             rng: Mutex::new(0x9e37_79b9_7f4a_7c15),
             throttle_down: AtomicU64::new(0),
+            throttle_up: AtomicU64::new(0),
             cut: Mutex::new(None),
             pairs: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
@@ -149,6 +150,14 @@ impl Proxy {
     pub fn throttle(&self, bytes_per_sec: u64) {
         self.shared
             .throttle_down
+            .store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Limits consumer → provider bandwidth to `bytes_per_sec` per
+    /// connection (0 = unlimited).
+    pub fn throttle_up(&self, bytes_per_sec: u64) {
+        self.shared
+            .throttle_up
             .store(bytes_per_sec, Ordering::SeqCst);
     }
 
@@ -319,6 +328,8 @@ struct ProxyShared {
     rng: Mutex<u64>,
     /// Provider → consumer bytes per second; 0 = unlimited.
     throttle_down: AtomicU64,
+    /// Consumer → provider bytes per second; 0 = unlimited.
+    throttle_up: AtomicU64,
     cut: Mutex<Option<Cut>>,
     pairs: Mutex<Vec<Arc<Pair>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -486,10 +497,9 @@ fn pump_read(
     let mut last_due = Instant::now();
     let mut paced_until = Instant::now();
     loop {
-        let rate = if dir == Dir::Downstream {
-            shared.throttle_down.load(Ordering::SeqCst)
-        } else {
-            0
+        let rate = match dir {
+            Dir::Downstream => shared.throttle_down.load(Ordering::SeqCst),
+            Dir::Upstream => shared.throttle_up.load(Ordering::SeqCst),
         };
         // Throttled: small reads, each followed by a pause.
         let limit = if rate > 0 {

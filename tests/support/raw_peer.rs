@@ -53,6 +53,12 @@ impl RawPeer {
         }
     }
 
+    /// The socket, for a test that reads or writes raw bytes itself
+    /// (bytes the decoder already took are not in it).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// This end's address (the `peer` a server's events name).
     pub fn local_addr(&self) -> SocketAddr {
         self.stream.local_addr().expect("local_addr")

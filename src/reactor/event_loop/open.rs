@@ -13,7 +13,7 @@ use socket2::Socket;
 
 use crate::event::{DisconnectReason, Event};
 use crate::liveness::Heartbeat;
-use crate::protocol::{CloseStatus, encode_close, encode_ping};
+use crate::protocol::{CloseStatus, encode_close, encode_ping_from};
 use crate::reactor::conn::ConnShared;
 use crate::reactor::outbound::Class;
 use crate::reactor::{Command, socket};
@@ -190,6 +190,11 @@ impl EventLoop {
             frame_started: None,
             seen_taken: 0,
             last_ping_in: None,
+            peer_does_not_ping: false,
+            ping_mark: None,
+            ping_reached: false,
+            acked: 0,
+            acked_grew_at: Instant::now(),
             ping_strikes: 0,
             reads: 0,
             strike_read: 0,
@@ -269,7 +274,10 @@ impl EventLoop {
                 // The TCP handshake is done; ours is a Ping answered by any frame.
                 conn.phase = Phase::Handshaking;
                 conn.heartbeat = Heartbeat::new(conn.heartbeat.config().clone(), now);
-                let _ = conn.shared.send(encode_ping(0), Class::Control);
+                let sends_pings = conn.heartbeat.config().send_pings;
+                let _ = conn
+                    .shared
+                    .send(encode_ping_from(0, sends_pings), Class::Control);
                 conn.armed = None;
                 self.timer.disarm(conn.shared.id);
                 self.rearm(token);

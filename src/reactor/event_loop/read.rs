@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use crate::event::DisconnectReason;
 use crate::protocol::{
-    CloseStatus, FrameDecoder, FrameRef, Kind, ResponseStatus, decode_text_body,
-    encode_error_response, encode_pong,
+    CloseStatus, DOES_NOT_PING, FrameDecoder, FrameRef, Kind, ResponseStatus, decode_text_body,
+    encode_error_response, encode_pong_from,
 };
 use crate::reactor::conn::Reader;
 use crate::reactor::outbound::{Class, Flush};
@@ -436,6 +436,7 @@ impl EventLoop {
                 // whether or not it pings afterwards (`send_pings: false`).
                 let handshake = conn.last_ping_in.is_none();
                 conn.last_ping_in = Some(now);
+                conn.peer_does_not_ping = frame.header.status == DOES_NOT_PING;
                 if let Role::Provider { .. } = conn.role
                     && !handshake
                 {
@@ -464,13 +465,20 @@ impl EventLoop {
                     return Flow::Closed;
                 }
                 // Answered here, by the loop, never queued behind handlers.
-                let _ = conn.shared.send(encode_pong(id), Class::Control);
+                let sends_pings = conn.heartbeat.config().send_pings;
+                let _ = conn
+                    .shared
+                    .send(encode_pong_from(id, sends_pings), Class::Control);
                 // A Fixed-mode provider's own ping may ride along: queued
                 // after the Pong, it leaves in the same write (the read is
                 // corked).
                 self.heartbeat_actions(token, now)
             }
             Kind::Pong => {
+                conn.peer_does_not_ping = frame.header.status == DOES_NOT_PING;
+                // Its Ping reached the peer: no place in the stream to watch.
+                conn.ping_mark = None;
+                conn.ping_reached = false;
                 if let Some(rtt) = conn.heartbeat.on_pong(now, id)
                     && let Role::Consumer { link } = &conn.role
                 {

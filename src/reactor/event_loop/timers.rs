@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::event::{DisconnectReason, Event};
 use crate::liveness::HeartbeatAction;
-use crate::protocol::{CloseStatus, encode_ping};
+use crate::protocol::{CloseStatus, encode_ping_from};
 use crate::reactor::{TimerEvent, TimerTarget};
 
 use crossbeam_channel::Sender;
@@ -82,6 +82,8 @@ impl EventLoop {
                     // see `Heartbeat::excuse_silence`). Not once the consumer ended
                     // its stream: then only finished calls (resuming the
                     // reads) or the heartbeat's bound end the connection.
+                    conn.heartbeat.excuse_silence(now);
+                } else if conn.silence_waits_for_own_writes(now) {
                     conn.heartbeat.excuse_silence(now);
                 }
                 conn.heartbeat.handle_timeout(now);
@@ -301,16 +303,17 @@ impl EventLoop {
     }
 
     fn on_heartbeat_action(&mut self, token: usize, action: HeartbeatAction, now: Instant) -> Flow {
-        let Some(conn) = self.conns.get(token) else {
+        let Some(conn) = self.conns.get_mut(token) else {
             return Flow::Closed;
         };
         let peer = conn.shared.peer;
         match action {
             HeartbeatAction::SendPing { seq } => {
-                let _ = conn
-                    .shared
-                    .out
-                    .send_control_once(&conn.shared.socket, encode_ping(seq));
+                let _ = conn.shared.out.send_control_once(
+                    &conn.shared.socket,
+                    encode_ping_from(seq, conn.heartbeat.config().send_pings),
+                );
+                conn.ping_sent();
                 // A consumer whose callers read nothing for an interval
                 // gives back their read buffer (a provider never has one).
                 if let Role::Consumer { .. } = conn.role {
