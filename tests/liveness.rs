@@ -1151,6 +1151,22 @@ fn pings_and_pongs_say_whether_their_sender_pings() {
     }
 }
 
+/// Accepts the next consumer of `fake` and answers its handshake Ping
+/// with a Pong that says whether this provider `sends_pings`.
+fn accept_saying_whether_it_pings(fake: &FakeProvider, sends_pings: bool) -> RawPeer {
+    let mut peer = fake.accept(support::PROMPTLY);
+    match peer.read(Instant::now() + support::PROMPTLY) {
+        Ok(Some(ping)) if ping.header.kind == Kind::Ping => {
+            peer.send(&pulse::protocol::encode_pong_from(
+                ping.header.id,
+                sends_pings,
+            ));
+        }
+        other => panic!("expected the handshake Ping, got {other:?}"),
+    }
+    peer
+}
+
 /// A provider that stops reading (frozen) in the middle of a long
 /// request, after a handshake whose Pong says whether it pings, reached
 /// directly or through a proxy throttled to `throttle` bytes per second:
@@ -1168,16 +1184,7 @@ fn frozen_mid_upload(says_it_does_not_ping: bool, throttle: Option<u64>) -> Dura
     let client = Client::connect_lazy(addr, client_config(interval, max_missed)).expect("client");
     let log = EventLog::start("client", client.events());
     // Answers the handshake, then never reads nor writes again.
-    let mut frozen = fake.accept(support::PROMPTLY);
-    match frozen.read(Instant::now() + support::PROMPTLY) {
-        Ok(Some(ping)) if ping.header.kind == Kind::Ping => {
-            frozen.send(&pulse::protocol::encode_pong_from(
-                ping.header.id,
-                !says_it_does_not_ping,
-            ));
-        }
-        other => panic!("expected the handshake Ping, got {other:?}"),
-    }
+    let frozen = accept_saying_whether_it_pings(&fake, !says_it_does_not_ping);
     log.wait_for(0, support::PROMPTLY, "Connected", is_connected);
     // Far more than the socket buffers on the way hold.
     const SIZE: usize = 15 << 20;
@@ -1230,13 +1237,7 @@ fn a_peer_that_reads_and_never_answers_is_found_while_writes_go_on() {
     let log = EventLog::start("client", client.events());
     let stop = Arc::new(AtomicBool::new(false));
     let _stop = SetOnDrop(&stop);
-    let mut peer = fake.accept(support::PROMPTLY);
-    match peer.read(Instant::now() + support::PROMPTLY) {
-        Ok(Some(ping)) if ping.header.kind == Kind::Ping => {
-            peer.send(&pulse::protocol::encode_pong_from(ping.header.id, false));
-        }
-        other => panic!("expected the handshake Ping, got {other:?}"),
-    }
+    let peer = accept_saying_whether_it_pings(&fake, false);
     log.wait_for(0, support::PROMPTLY, "Connected", is_connected);
     // Reads and drops 2 MiB/s, at most 20 s.
     let sink = {
