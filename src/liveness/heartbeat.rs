@@ -44,7 +44,10 @@ pub struct HeartbeatConfig {
     /// pings once right after its own stall, and once an interval while it
     /// leaves the peer's bytes unread on purpose (see
     /// [`Heartbeat::excuse_silence`]), since the peer's pings then go
-    /// unanswered.
+    /// unanswered. A pulse side with `false` says so in the status of its
+    /// Pings and Pongs ([`DOES_NOT_PING`](crate::protocol::DOES_NOT_PING)),
+    /// so that its peer does not take its silence behind a long transfer to
+    /// it for death (docs/PROTOCOL.md, section 11).
     pub send_pings: bool,
     /// How late a due deadline must be for the machine to conclude that this
     /// side stalled (see the [`Heartbeat` docs](Heartbeat#own-stalls)). `None`, the
