@@ -85,6 +85,21 @@ enum Role {
     Provider { server: Arc<ServerShared> },
 }
 
+/// Where this side's oldest unanswered Ping is, on its way to a peer that
+/// said it does not ping (see `Conn::silence_waits_for_own_writes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PingWatch {
+    /// No Ping is watched: none sent since the last Pong, or the peer pings.
+    None,
+    /// It ends at this offset of the byte stream at the latest
+    /// (`Outbound::stream_end_at_most`), not yet acknowledged by the
+    /// peer's kernel.
+    Behind(u64),
+    /// The peer's kernel has it and it is not answered yet: no newer Ping
+    /// is watched, and the silence is not excused, until a Pong comes.
+    Reached,
+}
+
 /// The loop-owned state of one connection.
 struct Conn {
     shared: Arc<ConnShared>,
@@ -120,14 +135,9 @@ struct Conn {
     /// no heartbeat Pings of its own: its silence waits for this side's
     /// (see `Conn::silence_waits_for_own_writes`).
     peer_does_not_ping: bool,
-    /// Where this side's oldest Ping not yet known to have reached the
-    /// peer's kernel ends in the byte stream, at the latest
-    /// (`Outbound::stream_end_at_most`); kept only while the peer does not
-    /// ping (see `Conn::silence_waits_for_own_writes`).
-    ping_mark: Option<u64>,
-    /// That Ping reached the peer's kernel and is not answered yet: no new
-    /// place is kept, and the silence is not excused, until a Pong comes.
-    ping_reached: bool,
+    /// Where this side's oldest unanswered Ping is on its way to a peer
+    /// that does not ping (see `Conn::silence_waits_for_own_writes`).
+    ping_watch: PingWatch,
     /// The most bytes seen acknowledged by the peer's kernel, and when
     /// that count last grew.
     acked: u64,
@@ -180,11 +190,11 @@ impl Conn {
 
     /// Notes that this side just sent a Ping (queued or written): to a
     /// peer that does not ping, where it ends in the stream is kept, unless
-    /// an older unanswered Ping's place is still kept (the peer answers
+    /// an older unanswered Ping is still watched (the peer answers
     /// whichever Ping reaches it first).
     fn ping_sent(&mut self) {
-        if self.peer_does_not_ping && self.ping_mark.is_none() && !self.ping_reached {
-            self.ping_mark = Some(self.shared.out.stream_end_at_most());
+        if self.peer_does_not_ping && self.ping_watch == PingWatch::None {
+            self.ping_watch = PingWatch::Behind(self.shared.out.stream_end_at_most());
         }
     }
 
@@ -204,7 +214,7 @@ impl Conn {
     /// its receive buffer is full; an interval or two after the
     /// acknowledgements stop (they are looked at once per heartbeat
     /// check), its silence counts again. Once the Ping reached the peer's
-    /// kernel, it counts until the Pong (`ping_reached`), whatever this
+    /// kernel, it counts until the Pong (`PingWatch::Reached`), whatever this
     /// side writes meanwhile. Only a peer that said it does not
     /// ping is excused so: one that pings would be heard whatever this side
     /// writes, and one that has not said so yet may be one that froze
@@ -213,8 +223,7 @@ impl Conn {
     /// from 0.31 s to 4.4 s: a review caught it before it landed).
     fn silence_waits_for_own_writes(&mut self, now: Instant) -> bool {
         if self.phase != Phase::Ready || !self.peer_does_not_ping {
-            self.ping_mark = None;
-            self.ping_reached = false;
+            self.ping_watch = PingWatch::None;
             return false;
         }
         // Written first: bytes written between the two reads make the
@@ -228,7 +237,7 @@ impl Conn {
             self.acked = acked;
             self.acked_grew_at = now;
         }
-        let Some(mark) = self.ping_mark.filter(|_| !self.ping_reached) else {
+        let PingWatch::Behind(mark) = self.ping_watch else {
             return false;
         };
         if acked >= mark {
@@ -238,8 +247,7 @@ impl Conn {
             // the excuse would start over with each one and never end (a
             // review: a peer reading 1 MiB/s and never answering kept the
             // connection for good).
-            self.ping_mark = None;
-            self.ping_reached = true;
+            self.ping_watch = PingWatch::Reached;
             return false;
         }
         now.saturating_duration_since(self.acked_grew_at) < self.heartbeat.config().interval

@@ -20,7 +20,7 @@ use crate::reactor::{Command, socket};
 use crate::server::ServerShared;
 
 use super::close::LinkEnd;
-use super::{Conn, EventLoop, Phase, Role};
+use super::{Conn, EventLoop, Phase, PingWatch, Role};
 
 /// How long a loop waits before accepting again after `accept` failed (out
 /// of file descriptors, say): long enough not to spin on an error that
@@ -191,8 +191,7 @@ impl EventLoop {
             seen_taken: 0,
             last_ping_in: None,
             peer_does_not_ping: false,
-            ping_mark: None,
-            ping_reached: false,
+            ping_watch: PingWatch::None,
             acked: 0,
             acked_grew_at: Instant::now(),
             ping_strikes: 0,

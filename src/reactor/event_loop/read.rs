@@ -12,7 +12,7 @@ use crate::protocol::{
 use crate::reactor::conn::Reader;
 use crate::reactor::outbound::{Class, Flush};
 
-use super::{Conn, EventLoop, Flow, Phase, Role};
+use super::{Conn, EventLoop, Flow, Phase, PingWatch, Role};
 
 /// Reads of one connection the loop makes at most before it turns to its
 /// other connections and its commands (the rest is read at the end of the
@@ -477,8 +477,7 @@ impl EventLoop {
             Kind::Pong => {
                 conn.peer_does_not_ping = frame.header.status == DOES_NOT_PING;
                 // Its Ping reached the peer: no place in the stream to watch.
-                conn.ping_mark = None;
-                conn.ping_reached = false;
+                conn.ping_watch = PingWatch::None;
                 if let Some(rtt) = conn.heartbeat.on_pong(now, id)
                     && let Role::Consumer { link } = &conn.role
                 {
