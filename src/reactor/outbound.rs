@@ -620,8 +620,8 @@ impl Outbound {
             q.shrink_emptied();
             drop(q);
 
-            let started_at = offset;
-            let outcome = write_all_or_block(socket, &batch, &mut offset);
+            let mut sent = 0;
+            let outcome = write_all_or_block(socket, &batch, &mut offset, &mut sent);
             let (done, result) = match outcome {
                 Ok(done) => (done, Ok(())),
                 Err((done, e)) => (done, Err(e)),
@@ -629,12 +629,9 @@ impl Outbound {
             if done > 0 || offset > 0 {
                 self.last_write
                     .store(clock::to_stamp(Instant::now()), Ordering::Relaxed);
-                // The frames written whole, less what of the first was
-                // written before, plus what of the next is written now.
-                let whole: usize = batch[..done].iter().map(|(f, _)| f.len()).sum();
-                let written = (whole + offset).saturating_sub(started_at);
-                self.written_total
-                    .fetch_add(written as u64, Ordering::Relaxed);
+            }
+            if sent > 0 {
+                self.written_total.fetch_add(sent as u64, Ordering::Relaxed);
             }
 
             // `done <= batch.len()`: it counts frames of this batch written whole.
@@ -754,11 +751,13 @@ fn requeue_front(q: &mut Queue, frames: impl DoubleEndedIterator<Item = (Vec<u8>
 
 /// Writes `batch` (the first frame from `offset`) until everything is written
 /// or the socket would block. Returns how many frames were written whole;
-/// `offset` is left at the bytes written of the next one.
+/// `offset` is left at the bytes written of the next one, and the bytes
+/// written are added to `sent_bytes`.
 fn write_all_or_block(
     socket: &Socket,
     batch: &[(Vec<u8>, Class)],
     offset: &mut usize,
+    sent_bytes: &mut usize,
 ) -> Result<usize, (usize, io::Error)> {
     let mut done = 0;
     while done < batch.len() {
@@ -774,6 +773,7 @@ fn write_all_or_block(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err((done, e)),
         };
+        *sent_bytes += written;
         // Advance over whole frames, then into the partial one.
         while done < batch.len() {
             let left = batch[done].0.len() - *offset;
@@ -1082,10 +1082,13 @@ mod tests {
                 .map(|i| (vec![b'a' + i as u8; 3], Class::Data))
                 .collect();
             let mut offset = 1;
-            let written = write_all_or_block(&a, &frames, &mut offset).map_err(|(_, e)| e);
+            let mut sent = 0;
+            let written =
+                write_all_or_block(&a, &frames, &mut offset, &mut sent).map_err(|(_, e)| e);
             assert_eq!(written.unwrap(), count);
             let mut expected: Vec<u8> = frames.iter().flat_map(|(f, _)| f.clone()).collect();
             expected.remove(0);
+            assert_eq!(sent, expected.len(), "bytes counted, {count} frames");
             let out = Outbound::new(1);
             assert_eq!(
                 drain(&out, &a, &b, expected.len()),
